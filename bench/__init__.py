@@ -1,0 +1,1 @@
+"""`python -m bench`: side-by-side latency/memory comparisons, one section per subsystem."""

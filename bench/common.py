@@ -1,0 +1,128 @@
+"""Shared benchmark plumbing: the run context, timing, memory peaks, device copy bandwidth, tables.
+
+Every section module (``bench/<name>.py``) exposes ``run(ctx: BenchContext) -> list[dict]``; each
+dict is one table row. Rows compare implementations side by side in one run and carry ratios; an
+absolute time means something only on a GPU, with the card named (``ctx.device_name``).
+"""
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+
+@dataclass
+class BenchContext:
+    device: torch.device
+    quick: bool
+    model_dir: Path | None = None  # the tiny default checkpoint, or --model
+    notes: list[str] = field(default_factory=list)  # printed under the section's table
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    @property
+    def device_name(self) -> str:
+        if self.is_cuda:
+            return torch.cuda.get_device_name(self.device)
+        import platform
+
+        return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+    def note(self, text: str) -> None:
+        self.notes.append(text)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timeit(fn: Callable[[], object], device: torch.device, *, warmup: int = 3, iters: int = 10,
+           min_time_s: float = 0.0) -> float:
+    """Median wall time of ``fn()`` in seconds (CUDA events on GPU, perf_counter on CPU)."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    times: list[float] = []
+    start_all = time.perf_counter()
+    while len(times) < iters or (time.perf_counter() - start_all) < min_time_s:
+        if device.type == "cuda":
+            a = torch.cuda.Event(enable_timing=True)
+            b = torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        if len(times) >= 10 * max(iters, 1):
+            break
+    return statistics.median(times)
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_bytes(device: torch.device) -> int | None:
+    """Peak allocated device memory since the last reset; None on CPU (not tracked by torch)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return None
+
+
+_COPY_BW: dict[str, float] = {}
+
+
+def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
+    """Measured device-to-device copy bandwidth in bytes/s (read + write counted), cached per device."""
+    key = str(device)
+    if key not in _COPY_BW:
+        if device.type != "cuda":
+            nbytes = min(nbytes, 1 << 26)
+        n = nbytes // 4
+        src = torch.empty(n, dtype=torch.float32, device=device).fill_(1.0)
+        dst = torch.empty_like(src)
+        t = timeit(lambda: dst.copy_(src), device, warmup=3, iters=20)
+        _COPY_BW[key] = 2 * n * 4 / t
+        del src, dst
+    return _COPY_BW[key]
+
+
+def fmt(value: object) -> str:
+    if isinstance(value, float):
+        if value == 0:
+            return "0"
+        if abs(value) >= 100:
+            return f"{value:.0f}"
+        if abs(value) >= 1:
+            return f"{value:.2f}"
+        return f"{value:.3g}"
+    return str(value)
+
+
+def markdown_table(rows: list[dict]) -> str:
+    if not rows:
+        return "(no rows)"
+    cols: list[str] = []
+    for r in rows:
+        for k in r:
+            if k not in cols:
+                cols.append(k)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    for r in rows:
+        lines.append("| " + " | ".join(fmt(r.get(c, "")) for c in cols) + " |")
+    return "\n".join(lines)
