@@ -1,15 +1,14 @@
 """Builds the one distribution and its C++/CUDA extension ``mahalo_engine._C`` from ``csrc/``.
 
-C++ only against a CPU torch; C++ + CUDA where the installed torch has CUDA and nvcc is found.
-Always build with ``pip install --no-build-isolation``: the extension must link against the torch
-that will import it.
+C++ only against a CPU torch; C++ + CUDA where the installed torch has CUDA and nvcc is found
+(``MAHALO_NO_CUDA=1`` forces the C++-only build). Always build with ``pip install
+--no-build-isolation``: the extension must link against the torch that will import it.
+``mahalo_engine/ops.py`` compiles the same sources just in time when this build is absent.
 """
 import glob
 import os
 
 from setuptools import setup
-
-ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
 def _extensions():
@@ -19,20 +18,21 @@ def _extensions():
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
-    cxx_flags = ["-O3", "-std=c++17"]
+    # No -std flag: torch's BuildExtension adds the standard its own headers need.
+    common = dict(include_dirs=[os.path.abspath("csrc")], depends=sorted(glob.glob("csrc/*.h")))
     with_cuda = torch.version.cuda is not None and CUDA_HOME is not None
     if os.environ.get("MAHALO_NO_CUDA") == "1":
         with_cuda = False
     if with_cuda:
-        cu = sorted(glob.glob(os.path.join("csrc", "*.cu")))
         ext = CUDAExtension(
             "mahalo_engine._C",
-            cpp + cu,
+            cpp + sorted(glob.glob(os.path.join("csrc", "*.cu"))),
             define_macros=[("MAHALO_WITH_CUDA", None)],
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17"]},
+            extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]},
+            **common,
         )
     else:
-        ext = CppExtension("mahalo_engine._C", cpp, extra_compile_args={"cxx": cxx_flags})
+        ext = CppExtension("mahalo_engine._C", cpp, extra_compile_args={"cxx": ["-O3"]}, **common)
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 

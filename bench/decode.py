@@ -1,0 +1,166 @@
+"""Decode-step latency: our slot-cache decoder vs transformers on the same weights, batch and prompt.
+
+One "step" = a forward of one new token per sequence + LM head + greedy argmax, the core of a
+generate loop. Each timed call runs ``steps`` consecutive steps from the same prefilled state and
+reports the time per step. Implementations:
+
+- transformers with its DynamicCache, and with its StaticCache (both on their sdpa attention);
+- ours, eager (``Decoder.decode`` over a ``KVCache``);
+- ours replayed from a CUDA graph (GPU only): possible because decode has no host sync.
+
+Models: ``ctx.model_dir`` (the tiny default, or --model) and, on a GPU, a random-init model of
+Qwen2.5-0.5B's shape built from its config (nothing downloaded).
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+from typing import Callable
+
+import torch
+
+from bench.common import BenchContext, timeit
+from mahalo_engine.cache import KVCache
+from mahalo_engine.config import ModelConfig
+from mahalo_engine.models.decoder import Decoder
+from mahalo_engine.utils.loader import load_decoder
+
+BATCHES = (1, 8)
+QWEN25_05B = dict(  # Qwen2.5-0.5B's published shape
+    model_type="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864,
+    num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
+    rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True, hidden_act="silu",
+)
+
+
+def _models(ctx: BenchContext, dtype: torch.dtype):
+    """(label, transformers model, our Decoder) pairs sharing weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(ctx.model_dir, dtype=dtype, attn_implementation="sdpa")
+    yield ctx.model_dir.name, hf.to(ctx.device).eval(), load_decoder(ctx.model_dir, dtype=dtype, device=ctx.device)
+    if ctx.is_cuda:
+        cfg = AutoConfig.for_model(**QWEN25_05B)
+        cfg._attn_implementation = "sdpa"
+        torch.manual_seed(0)
+        with torch.device(ctx.device):
+            hf = AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
+            ours = Decoder(ModelConfig.from_dict(cfg.to_dict())).to(dtype)
+        ours.load_state_dict(hf.state_dict())
+        yield "qwen2.5-0.5B-shaped (random init)", hf, ours.eval()
+
+
+def _hf_cache_kw(model) -> str:
+    """transformers renamed ``past_key_values`` to ``cache`` in v5; use what this version takes."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _hf_runner(model, kind: str, prompt: torch.Tensor, steps: int, pool: int
+               ) -> tuple[Callable[[], None], torch.Tensor]:
+    """A closure running ``steps`` greedy steps from a prefilled cache (a fresh copy per call, made
+    outside the timing), and the first step's logits."""
+    from transformers import DynamicCache, StaticCache
+
+    key = _hf_cache_kw(model)
+    b, p = prompt.shape
+    if kind == "dynamic":
+        cache = DynamicCache(config=model.config)
+    else:
+        cache = StaticCache(config=model.config, max_cache_len=p + steps + 1)
+    with torch.no_grad():
+        out = model(input_ids=prompt, use_cache=True, **{key: cache})
+    first_ids = out.logits[:, -1].argmax(-1)
+    copies = [copy.deepcopy(cache) for _ in range(pool)]
+
+    @torch.no_grad()
+    def step_logits(c, ids):
+        return model(input_ids=ids[:, None], use_cache=True, **{key: c}).logits[:, -1]
+
+    first_logits = step_logits(copy.deepcopy(cache), first_ids).float()
+
+    @torch.no_grad()
+    def run():
+        c = copies.pop() if copies else copy.deepcopy(cache)
+        ids = first_ids
+        for _ in range(steps):
+            ids = step_logits(c, ids).argmax(-1)
+
+    return run, first_logits
+
+
+def _our_runner(model: Decoder, prompt: torch.Tensor, steps: int, graph: bool
+                ) -> tuple[Callable[[], None], torch.Tensor]:
+    b, p = prompt.shape
+    dtype = model.model.embed_tokens.weight.dtype
+    cache = KVCache.allocate(model.config, b, p + steps + 1, dtype=dtype, device=prompt.device)
+    slots = torch.arange(b, device=prompt.device)
+    hidden = model.prefill(cache, prompt.tolist(), slots)
+    first_ids = model.lm_head(hidden).argmax(-1)
+    saved = cache.lens.clone()
+    ids = first_ids.clone()
+
+    @torch.no_grad()
+    def step():
+        ids.copy_(model.lm_head(model.decode(cache, ids, slots)).argmax(-1))
+
+    with torch.no_grad():
+        first_logits = model.lm_head(model.decode(cache, ids, slots)).float()
+    if graph:
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(2):
+                step()
+        torch.cuda.current_stream().wait_stream(s)
+        captured = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(captured):
+            step()
+    do_step = captured.replay if graph else step
+
+    def run():
+        cache.lens.copy_(saved)
+        ids.copy_(first_ids)
+        for _ in range(steps):
+            do_step()
+
+    return run, first_logits
+
+
+def run(ctx: BenchContext) -> list[dict]:
+    dtype = torch.bfloat16 if ctx.is_cuda else torch.float32
+    prompt_len = (128 if ctx.quick else 512) if ctx.is_cuda else (32 if ctx.quick else 128)
+    steps = 8 if ctx.quick else 32
+    iters = 3 if ctx.quick else 10
+    rows: list[dict] = []
+    for label, hf, ours in _models(ctx, dtype):
+        vocab = ours.config.vocab_size
+        for b in BATCHES:
+            g = torch.Generator().manual_seed(b)
+            prompt = torch.randint(0, vocab, (b, prompt_len), generator=g).to(ctx.device)
+            impls = [("transformers DynamicCache", lambda: _hf_runner(hf, "dynamic", prompt, steps, iters + 3)),
+                     ("transformers StaticCache", lambda: _hf_runner(hf, "static", prompt, steps, iters + 3)),
+                     ("mahalo slot cache", lambda: _our_runner(ours, prompt, steps, graph=False))]
+            if ctx.is_cuda:
+                impls.append(("mahalo slot cache + CUDA graph",
+                              lambda: _our_runner(ours, prompt, steps, graph=True)))
+            base_time, base_logits = None, None
+            for name, make in impls:
+                fn, logits = make()
+                t = timeit(fn, ctx.device, warmup=1, iters=iters) / steps
+                if base_time is None:
+                    base_time, base_logits = t, logits
+                err = ((logits - base_logits).abs().max() / base_logits.abs().max()).item()
+                rows.append({
+                    "model": label, "B": b, "prompt": prompt_len, "impl": name,
+                    "ms/step": t * 1e3, "speedup vs HF dynamic": base_time / t,
+                    "rel Δlogits vs HF": err,
+                })
+                del fn
+    ctx.note(f"{steps} greedy steps per timed call after a {prompt_len}-token prompt; {dtype}. "
+             "'rel Δlogits' = max |logit difference| / max |logit| at the first decode step, "
+             "against transformers' DynamicCache run on the same weights.")
+    if not ctx.is_cuda:
+        ctx.note("CPU: absolute times mean little (tiny model, 2 cores, Python dispatch dominates); "
+                 "read the ratios, and the GPU table for real numbers.")
+    return rows

@@ -1,0 +1,118 @@
+"""The slot KV cache: one preallocated tensor ``[L, 2, S, n_kv, T_max, head_dim]`` holding every
+layer's K and V for S slots, and ``lens`` (int32 ``[S]``, on the same device): the number of valid
+positions of each slot.
+
+A slot is one running sequence. Positions ``>= lens[s]`` hold stale but finite values (the tensor
+is zero-initialised, and only model K/V or copies of them are written), which matters because
+attention multiplies masked-out V rows by an exact 0 and ``0 * nan`` would poison valid rows.
+Reading and writing go through index ops on slot/position tensors, so they work inside CUDA graph
+capture; this module owns the sizes, the allocation check and that indexing.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from mahalo_engine.config import ModelConfig
+
+
+def _available_bytes(device: torch.device) -> int | None:
+    """Free memory on ``device`` where it can be known (CUDA; Linux CPU via /proc/meminfo)."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free)
+    if device.type == "cpu" and os.path.exists("/proc/meminfo"):
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    return None
+
+
+@dataclass
+class KVCache:
+    data: torch.Tensor  # [L, 2, S, n_kv, T_max, head_dim]
+    lens: torch.Tensor  # int32 [S]
+
+    @property
+    def num_layers(self) -> int:
+        return self.data.shape[0]
+
+    @property
+    def num_slots(self) -> int:
+        return self.data.shape[2]
+
+    @property
+    def max_len(self) -> int:
+        return self.data.shape[4]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.data.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.data.device
+
+    @staticmethod
+    def shape(config: ModelConfig, num_slots: int, max_len: int) -> tuple[int, ...]:
+        return (config.num_hidden_layers, 2, num_slots, config.num_key_value_heads, max_len,
+                config.head_dim)
+
+    @staticmethod
+    def nbytes(config: ModelConfig, num_slots: int, max_len: int, dtype: torch.dtype) -> int:
+        """Bytes of the K/V tensor plus the lengths."""
+        n = 1
+        for s in KVCache.shape(config, num_slots, max_len):
+            n *= s
+        return n * torch.empty((), dtype=dtype).element_size() + 4 * num_slots
+
+    @classmethod
+    def allocate(cls, config: ModelConfig, num_slots: int, max_len: int, *, dtype: torch.dtype,
+                 device: torch.device | str) -> "KVCache":
+        """A zeroed cache with all lengths 0; ValueError (bytes needed/available) if it cannot fit."""
+        if not isinstance(num_slots, int) or num_slots <= 0:
+            raise ValueError(f"num_slots must be a positive int, got {num_slots!r}")
+        if not isinstance(max_len, int) or max_len <= 0:
+            raise ValueError(f"max_len must be a positive int, got {max_len!r}")
+        if not dtype.is_floating_point:
+            raise TypeError(f"cache dtype must be a floating type, got {dtype}")
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        need = cls.nbytes(config, num_slots, max_len, dtype)
+        shape = cls.shape(config, num_slots, max_len)
+        available = _available_bytes(device)
+        if available is not None and need > available:
+            raise ValueError(
+                f"KV cache {list(shape)} {dtype} needs {need:,} bytes ({need / 2**30:.2f} GiB) but "
+                f"only {available:,} bytes ({available / 2**30:.2f} GiB) are free on {device}; "
+                "use fewer slots or a shorter max_len"
+            )
+        try:
+            data = torch.zeros(shape, dtype=dtype, device=device)
+        except torch.OutOfMemoryError as e:
+            raise ValueError(
+                f"KV cache {list(shape)} {dtype} needs {need:,} bytes ({need / 2**30:.2f} GiB); "
+                f"allocation on {device} failed: {e}"
+            ) from e
+        return cls(data, torch.zeros(num_slots, dtype=torch.int32, device=device))
+
+    def write(self, layer: int, slots: torch.Tensor, positions: torch.Tensor, k: torch.Tensor,
+              v: torch.Tensor) -> None:
+        """Store ``k/v [M, n_kv, hd]`` at ``(slots[m], positions[m])`` of ``layer`` (one index op)."""
+        # Advanced indices around a slice put the indexed axis first: the target is [M, 2, n_kv, hd].
+        self.data[layer][:, slots, :, positions] = torch.stack((k, v), dim=1)
+
+    def read(self, layer: int, slots: torch.Tensor, length: int | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V ``[N, n_kv, length, hd]`` of ``slots`` (default length: max_len)."""
+        kv = self.data[layer] if length is None else self.data[layer, :, :, :, :length]
+        kv = kv.index_select(1, slots)
+        return kv[0], kv[1]
+
+    def reset(self, slots: torch.Tensor) -> None:
+        """Empty ``slots`` (lens = 0); their stale K/V is simply overwritten later."""
+        self.lens.index_fill_(0, slots, 0)

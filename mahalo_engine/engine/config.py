@@ -1,0 +1,133 @@
+"""Search options and result records: `SearchConfig`, `Step`, `SearchResult`, `Generation`.
+
+Plain dataclasses, validated on construction so that a bad option fails before any cache is
+allocated or any token decoded.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence, Union
+
+# A stop condition of a search: a string that ends the request once the generated text contains it,
+# or a predicate on the generated text (e.g. `boxed_closed`).
+StopCondition = Union[str, Callable[[str], bool]]
+
+
+@dataclass
+class SearchConfig:
+    """Options of `Engine.search` (PRM-guided step search).
+
+    candidates: K candidate steps per request and step (K = 1 is plain step-wise decoding).
+    boundary: where a step ends: a literal string (e.g. ``"\\n\\n"``), a preset name (``"math"``,
+        ``"sentence"``, ``"paragraph"``, ``"turn"``), a list of those, or a `Boundary`.
+    max_step_tokens / max_steps / max_new_tokens: caps per step, per request and on the total of
+        generated tokens per request.
+    temperature / top_k / seed: sampling of every candidate token (0 = greedy); each candidate slot
+        draws from its own random stream.
+    scorer: None (the engine's PRM), a loaded PRM, a `Scorer`, a list of ``(scorer, weight)`` pairs
+        (multi-objective guidance), or a callable ``f(prompts, responses) -> scores`` on texts.
+    selection_temperature: 0 picks the highest-scoring candidate (ties: lowest index); τ > 0 samples
+        the winner from softmax(score / τ).
+    stop: strings or predicates on the request's generated text checked after each committed step
+        (e.g. ``[boxed_closed]``); a match ends the request.
+    check_every: decode iterations between the host's "all candidates finished?" checks; the
+        device never waits on the host in between.
+    """
+
+    candidates: int = 5
+    boundary: Any = "\n\n"
+    max_step_tokens: int = 512
+    max_steps: int = 20
+    max_new_tokens: int = 4096
+    temperature: float = 1.0
+    top_k: int = 50
+    seed: int = 0
+    scorer: Any = None
+    selection_temperature: float = 0.0
+    stop: Sequence[StopCondition] = ()
+    check_every: int = 8
+
+    def __post_init__(self) -> None:
+        _positive_int("candidates", self.candidates)
+        _positive_int("max_step_tokens", self.max_step_tokens)
+        _positive_int("max_steps", self.max_steps)
+        _positive_int("max_new_tokens", self.max_new_tokens)
+        _positive_int("check_every", self.check_every)
+        check_sampling(self.temperature, self.top_k, self.seed)
+        if not (isinstance(self.selection_temperature, (int, float))
+                and math.isfinite(self.selection_temperature) and self.selection_temperature >= 0):
+            raise ValueError(f"selection_temperature must be a finite float >= 0, got "
+                             f"{self.selection_temperature!r}")
+        if isinstance(self.stop, (str, bytes)) or callable(self.stop):
+            self.stop = (self.stop,)
+        for s in self.stop:
+            if not (isinstance(s, str) and s) and not callable(s):
+                raise TypeError(f"stop conditions must be non-empty strings or callables on the "
+                                f"generated text, got {s!r}")
+
+
+def check_sampling(temperature: float, top_k: int, seed: int) -> None:
+    """Validate sampling options shared by `generate` and `search` (ValueError naming the value)."""
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
+            or not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be a finite float >= 0 (0 = greedy), got {temperature!r}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+        raise ValueError(f"top_k must be an int >= 0 (0 = no truncation), got {top_k!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be an int >= 0, got {seed!r}")
+
+
+def _positive_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+
+
+@dataclass
+class Step:
+    """One committed step: its text and token ids exactly as fed to the policy's cache, the winner's
+    score, every candidate's score (index = candidate), and why the winning candidate ended
+    (``boundary``, ``eos``, ``length`` = `max_step_tokens` or `max_new_tokens`, ``max_seq_len``)."""
+
+    text: str
+    token_ids: list[int]
+    score: float
+    candidate_scores: list[float]
+    finish_reason: str = "boundary"
+
+
+@dataclass
+class SearchResult:
+    """A searched response: generated text and token ids (prompt excluded), its steps, and why the
+    request ended: ``eos``, ``stop`` (a stop condition matched), ``max_steps``, ``max_new_tokens``
+    or ``max_seq_len`` (the cache is full: the request ends there instead of failing the batch)."""
+
+    text: str
+    token_ids: list[int]
+    steps: list[Step] = field(default_factory=list)
+    finish_reason: str = "max_steps"
+
+
+@dataclass
+class Generation:
+    """A generated response (prompt excluded) with each token's log-probability under the sampling
+    distribution, and why it ended: ``eos``, ``stop`` (a stop string), ``length``
+    (`max_new_tokens`) or ``max_seq_len``."""
+
+    text: str
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str = "length"
+
+
+def boxed_closed(text: str) -> bool:
+    """Stop condition for math: the text holds a ``\\boxed{...}`` whose braces are closed."""
+    start = text.find("\\boxed{")
+    while start != -1:
+        depth = 0
+        for ch in text[start + len("\\boxed"):]:
+            depth += (ch == "{") - (ch == "}")
+            if depth == 0:
+                return True
+        start = text.find("\\boxed{", start + 1)
+    return False

@@ -1,0 +1,370 @@
+"""`Engine`: batched generation and PRM-guided step search over one slot KV cache.
+
+Slot layout: with K candidates, request group g owns slots ``g*K .. g*K+K-1`` of the policy's
+cache (and of each scorer's cache). A request's prompt is prefilled into its first slot and
+forked into the others once, when the request starts; from then on every step decodes all
+candidate slots of all live requests in lockstep (`DecodeRunner`), scores them in one batch, and
+promotes each winner with ``kv_promote`` (only the step's new tokens are copied). Finished
+requests free their group for the next prompt. Nothing is re-encoded, by the policy or the PRM.
+"""
+from __future__ import annotations
+
+import gc
+import math
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+from mahalo_engine.cache import KVCache, _available_bytes
+from mahalo_engine.engine.boundary import (Boundary, CompiledBoundary, end_of_turn_id,
+                                           vocab_texts)
+from mahalo_engine.engine.config import (Generation, SearchConfig, SearchResult, Step,
+                                         check_sampling)
+from mahalo_engine.engine.graph_runner import (BOUNDARY, EOS, FULL, LENGTH, DecodeRunner)
+from mahalo_engine.engine.sampler import Sampler
+from mahalo_engine.engine.scorers import Candidates, Prompt, Scorer, as_scorer
+from mahalo_engine.ops import kv_fork, kv_promote
+
+GENERATE_CHECK_EVERY = 8  # decode steps between the host's "all finished?" checks in generate
+_STEP_REASON = {BOUNDARY: "boundary", EOS: "eos", LENGTH: "length", FULL: "max_seq_len"}
+_GEN_REASON = {BOUNDARY: "stop", EOS: "eos", LENGTH: "length", FULL: "max_seq_len"}
+
+
+@dataclass
+class _Live:
+    """A request being searched in a group of slots."""
+
+    index: int  # position in the caller's prompt list
+    committed: int  # tokens in the committed prefix (prompt + steps) before the current step
+    token_ids: list[int] = field(default_factory=list)
+    steps: list[Step] = field(default_factory=list)
+
+
+class Engine:
+    """Generation and step search for a `Policy`, with an optional default PRM (``prm``: a
+    `load_prm` model, a `Scorer`, ``[(scorer, weight), ...]`` or a callable on texts).
+
+    ``max_batch`` requests run at once (each with K candidate slots in `search`); sequences are
+    capped at ``max_seq_len`` tokens (prompt + generated). Caches are allocated on first use,
+    after checking that they fit. ``cuda_graphs`` captures the decode step on CUDA.
+    """
+
+    def __init__(self, policy: Any, *, prm: Any = None, max_batch: int = 8,
+                 max_seq_len: int = 4096, cuda_graphs: bool = True) -> None:
+        for name, value, low in (("max_batch", max_batch, 1), ("max_seq_len", max_seq_len, 2)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+        self.policy = policy
+        self.tokenizer = policy.tokenizer
+        self.prm = as_scorer(prm)
+        self.max_batch = max_batch
+        self.max_seq_len = max_seq_len
+        self.cuda_graphs = cuda_graphs
+        self.device = policy.heads.device
+        self.cache: KVCache | None = None
+        self._runner: DecodeRunner | None = None
+        self._sampler: Sampler | None = None
+        self._texts: list[str] | None = None
+        self._compiled: dict[Boundary, CompiledBoundary] = {}
+        self.eos_ids = _eos_ids(policy)
+
+    # -- public API ----------------------------------------------------------------------------
+
+    def generate(self, prompts: Sequence[Any], *, head_weights: Any = None,
+                 max_new_tokens: int = 256, temperature: float = 1.0, top_k: int = 0,
+                 seed: int = 0, stop: str | Sequence[str] | None = None,
+                 chat: bool = False) -> list[Generation]:
+        """Sample a continuation of each prompt (greedy at ``temperature=0``) until EOS, a
+        ``stop`` string, ``max_new_tokens`` or ``max_seq_len``. ``chat=True`` renders string
+        prompts as a user turn with the chat template (message lists always are)."""
+        check_sampling(temperature, top_k, seed)
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
+                or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+        stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
+        boundary = self._compile(Boundary(strings=stops))
+        reqs = self._prompts(prompts, chat)
+        weights = self.policy.weight_matrix(head_weights, len(reqs)).cpu()
+        runner = self._prepare(self.max_batch, None)
+        runner.set_boundary(boundary)
+        self._sampler.configure(temperature, top_k, seed)
+        out: list[Generation] = []
+        for first in range(0, len(reqs), self.max_batch):
+            wave = reqs[first:first + self.max_batch]
+            n = len(wave)
+            slots = runner.slots[:n]
+            runner.set_hidden(slots, self.policy.model.prefill(self.cache, [r.ids for r in wave],
+                                                               slots))
+            self._set_weights({i: weights[first + i] for i in range(n)})
+            runner.begin(slots, torch.full((n,), max_new_tokens))
+            runner.run(runner.bucket(n), GENERATE_CHECK_EVERY, self._confirmer(boundary))
+            toks, lps, reasons = runner.read(slots)
+            out += [Generation(self._text(t), t, lp, _GEN_REASON[r])
+                    for t, lp, r in zip(toks, lps, reasons)]
+        return out
+
+    def search(self, prompts: Sequence[Any], *, head_weights: Any = None,
+               config: SearchConfig | None = None, chat: bool = False,
+               progress: bool = False) -> list[SearchResult]:
+        """PRM-guided step search (see `SearchConfig`): each step samples K candidates per
+        request until a boundary, scores them, and commits the best."""
+        cfg = SearchConfig() if config is None else config
+        if not isinstance(cfg, SearchConfig):
+            raise TypeError(f"config must be a SearchConfig, got {type(cfg).__name__}")
+        k = cfg.candidates
+        scorer = self.prm if cfg.scorer is None else as_scorer(cfg.scorer)
+        if scorer is None and k > 1:
+            raise ValueError(f"search with candidates={k} needs a scorer to pick the winner: pass "
+                             f"prm= to Engine or scorer= to SearchConfig (or use candidates=1)")
+        boundary = self._compile(Boundary.parse(cfg.boundary))
+        reqs = self._prompts(prompts, chat)
+        weights = self.policy.weight_matrix(head_weights, len(reqs)).cpu()
+        runner = self._prepare(self.max_batch * k, scorer)
+        runner.set_boundary(boundary)
+        self._sampler.configure(cfg.temperature, cfg.top_k, cfg.seed)
+        confirm = self._confirmer(boundary)
+        selector = torch.Generator().manual_seed(cfg.seed)
+
+        results: list[SearchResult | None] = [None] * len(reqs)
+        live: list[_Live | None] = [None] * self.max_batch
+        queue = deque(range(len(reqs)))
+        bar = _progress(len(reqs), progress, "search")
+        while queue or any(live):
+            free = [g for g, x in enumerate(live) if x is None][: len(queue)]
+            if free:
+                self._admit([(g, queue.popleft()) for g in free], k, reqs, live, scorer, weights)
+            groups = [g for g, x in enumerate(live) if x is not None]
+            slots = torch.tensor([[g * k + j for j in range(k)] for g in groups])
+            flat = slots.reshape(-1).to(self.device)
+            caps = torch.tensor([min(cfg.max_step_tokens, cfg.max_new_tokens - len(live[g].token_ids))
+                                 for g in groups]).repeat_interleave(k)
+            runner.begin(flat, caps)
+            runner.run(runner.bucket((groups[-1] + 1) * k), cfg.check_every, confirm)
+            toks, _, reasons = runner.read(flat)
+            texts = [self._text(t) for t in toks]
+            scores = self._score(scorer, slots, toks, texts, flat, [live[g] for g in groups], reqs)
+            winners = _select(scores.view(len(groups), k), cfg.selection_temperature, selector)
+
+            keep_w, keep_g, keep_start = [], [], []
+            for i, g in enumerate(groups):
+                req, row = live[g], i * k + winners[i]
+                req.steps.append(Step(texts[row], toks[row], float(scores[row]),
+                                      scores[i * k:(i + 1) * k].tolist(),
+                                      _STEP_REASON[reasons[row]]))
+                req.token_ids += toks[row]
+                end = self._finished(req, reasons[row], float(scores[row]), scorer, cfg)
+                if end is None:
+                    keep_w.append(g * k + winners[i])
+                    keep_g.append(slots[i])
+                    keep_start.append(req.committed)
+                    req.committed += len(toks[row])
+                    continue
+                results[req.index] = SearchResult(self._text(req.token_ids), req.token_ids,
+                                                  req.steps, end)
+                live[g] = None
+                bar.update(1)
+            if keep_w and k > 1:
+                self._promote(torch.tensor(keep_w), torch.stack(keep_g), torch.tensor(keep_start),
+                              k, scorer)
+        bar.close()
+        return results
+
+    # -- search internals ---------------------------------------------------------------------
+
+    def _admit(self, admit: list[tuple[int, int]], k: int, reqs: list[Prompt],
+               live: list[_Live | None], scorer: Scorer | None, weights: torch.Tensor) -> None:
+        """Prefill new requests into their groups' first slots and fork them into the others."""
+        runner = self._runner
+        first = torch.tensor([g * k for g, _ in admit], device=self.device)
+        hidden = self.policy.model.prefill(self.cache, [reqs[r].ids for _, r in admit], first)
+        runner.set_hidden(first, hidden)
+        slots = first[:, None] + torch.arange(k, device=self.device)
+        if k > 1:
+            src = first.repeat_interleave(k - 1)
+            dst = slots[:, 1:].reshape(-1)
+            kv_fork(self.cache.data, self.cache.lens, src, dst)
+            runner.copy_hidden(src, dst)
+        for g, r in admit:
+            live[g] = _Live(r, len(reqs[r].ids))
+        self._set_weights({g * k + j: weights[x.index] for g, x in enumerate(live)
+                           if x is not None for j in range(k)})
+        if scorer is not None:
+            scorer.start(slots, [reqs[r] for _, r in admit])
+
+    def _score(self, scorer: Scorer | None, slots: torch.Tensor, toks: list[list[int]],
+               texts: list[str], flat: torch.Tensor, reqs_live: list[_Live],
+               reqs: list[Prompt]) -> torch.Tensor:
+        if scorer is None:
+            return torch.full((len(toks),), math.nan)
+        cands = Candidates(slots, toks, texts, self._runner.hidden.index_select(0, flat),
+                           [reqs[x.index] for x in reqs_live],
+                           [self._text(x.token_ids) for x in reqs_live])
+        scores = scorer.score(cands).float().cpu()
+        if scores.shape != (len(toks),) or torch.isnan(scores).any():
+            bad = torch.isnan(scores).nonzero().flatten().tolist() \
+                if scores.shape == (len(toks),) else scores.shape
+            raise ValueError(f"the scorer returned NaN or a wrong shape for candidates {bad} "
+                             f"(expected {len(toks)} scores)")
+        return scores
+
+    def _finished(self, req: _Live, reason: int, score: float, scorer: Scorer | None,
+                  cfg: SearchConfig) -> str | None:
+        """Why the request ends after its latest step, or None to go on."""
+        if reason == EOS:
+            return "eos"
+        # -inf: no candidate fit the PRM's cache.
+        if reason == FULL or (scorer is not None and score == -math.inf):
+            return "max_seq_len"
+        if cfg.stop:
+            text = self._text(req.token_ids)
+            if any((s in text) if isinstance(s, str) else s(text) for s in cfg.stop):
+                return "stop"
+        if len(req.token_ids) >= cfg.max_new_tokens:
+            return "max_new_tokens"
+        if len(req.steps) >= cfg.max_steps:
+            return "max_steps"
+        return None
+
+    def _promote(self, winners: torch.Tensor, groups: torch.Tensor, start: torch.Tensor, k: int,
+                 scorer: Scorer | None) -> None:
+        """Every slot of each continuing group (``groups [G,K]``) becomes a copy of its winner:
+        only positions from the group's committed length ``start`` on are copied."""
+        dev = self.device
+        winners, groups = winners.to(dev), groups.to(dev)
+        kv_promote(self.cache.data, self.cache.lens, winners, groups, start.to(dev))
+        self._runner.copy_hidden(winners.repeat_interleave(k), groups.reshape(-1))
+        if scorer is not None:
+            scorer.promote(winners, groups)
+
+    # -- shared internals ---------------------------------------------------------------------
+
+    def _prepare(self, num_slots: int, scorer: Scorer | None) -> DecodeRunner:
+        """The runner over a policy cache of at least ``num_slots`` slots, and the scorer's caches;
+        checks that everything new fits before allocating any of it."""
+        max_len = self.max_seq_len + 1  # one scratch position for paused slots
+        config, dtype = self.policy.config, self.policy.heads.dtype
+        grow = self.cache is None or self.cache.num_slots < num_slots
+        if grow:
+            self.cache = self._runner = self._sampler = None
+            gc.collect()
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+        policy_bytes = KVCache.nbytes(config, num_slots, max_len, dtype) if grow else 0
+        scorer_bytes = scorer.cache_nbytes(num_slots, self.max_seq_len) if scorer else 0
+        available = _available_bytes(self.device)
+        if available is not None and policy_bytes + scorer_bytes > available:
+            raise ValueError(
+                f"{num_slots} slots (max_batch={self.max_batch} x candidates="
+                f"{num_slots // self.max_batch}) x max_seq_len={self.max_seq_len} need "
+                f"{policy_bytes:,} bytes of policy KV cache + {scorer_bytes:,} bytes of PRM cache = "
+                f"{policy_bytes + scorer_bytes:,} bytes, but only {available:,} bytes are available "
+                f"on {self.device}; lower max_batch, candidates or max_seq_len")
+        if grow:
+            self.cache = KVCache.allocate(config, num_slots, max_len, dtype=dtype,
+                                          device=self.device)
+            self._sampler = Sampler(self.policy.heads, num_slots)
+            self._runner = DecodeRunner(self.policy.model, self.cache, self._sampler,
+                                        max_seq_len=self.max_seq_len, eos_ids=self.eos_ids,
+                                        cuda_graphs=self.cuda_graphs)
+        if scorer is not None:
+            scorer.prepare(num_slots, self.max_seq_len, self.policy)
+        return self._runner
+
+    def _set_weights(self, rows: dict[int, torch.Tensor]) -> None:
+        """Head weights per slot; unused slots repeat a used slot's weights, so that padding never
+        adds a distinct weight vector (which would defeat the shared-weights fast path)."""
+        filler = next(iter(rows.values()))
+        full = filler.expand(self.cache.num_slots, -1).clone()
+        for slot, w in rows.items():
+            full[slot] = w
+        self._sampler.set_weights(full)
+
+    def _compile(self, boundary: Boundary) -> CompiledBoundary:
+        if boundary not in self._compiled:
+            if self._texts is None:
+                self._texts = vocab_texts(self.tokenizer, self.policy.config.vocab_size)
+            eot = end_of_turn_id(self.tokenizer) if boundary.end_of_turn else None
+            self._compiled[boundary] = boundary.compile(self._texts, end_of_turn_id=eot,
+                                                        device=self.device)
+        return self._compiled[boundary]
+
+    def _confirmer(self, boundary: CompiledBoundary):
+        spec = boundary.boundary
+
+        def confirm(ids: list[int]) -> bool:
+            opts = dict(skip_special_tokens=False, clean_up_tokenization_spaces=False)
+            return spec.confirm(self.tokenizer.decode(ids, **opts),
+                                self.tokenizer.decode(ids[:-1], **opts), len(ids))
+
+        return confirm
+
+    def _text(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True,
+                                     clean_up_tokenization_spaces=False)
+
+    def _prompts(self, prompts: Sequence[Any], chat: bool) -> list[Prompt]:
+        """Tokenise prompts: strings (rendered as a user turn when ``chat``), chat message lists
+        (always rendered with the chat template) or token-id lists."""
+        if isinstance(prompts, (str, dict)) or not isinstance(prompts, (list, tuple)) or not prompts:
+            raise TypeError("prompts must be a non-empty list of strings, token-id lists or chat "
+                            f"message lists, got {type(prompts).__name__}")
+        tok, vocab = self.tokenizer, self.policy.config.vocab_size
+        out = []
+        for i, p in enumerate(prompts):
+            if isinstance(p, str) and chat:
+                p = [{"role": "user", "content": p}]
+            if isinstance(p, str):
+                prompt = Prompt(tok.encode(p), p)
+            elif isinstance(p, (list, tuple)) and p and all(isinstance(m, dict) for m in p):
+                if not getattr(tok, "chat_template", None):
+                    raise ValueError(f"prompt {i} is a chat but the tokenizer has no chat template")
+                text = tok.apply_chat_template(list(p), add_generation_prompt=True, tokenize=False)
+                prompt = Prompt(tok.encode(text, add_special_tokens=False), text, list(p))
+            elif isinstance(p, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool)
+                                                      for t in p):
+                bad = [t for t in p if not 0 <= t < vocab]
+                if bad:
+                    raise ValueError(f"prompt {i} has token ids {bad[:5]} outside [0, {vocab})")
+                prompt = Prompt(list(p), self._text(list(p)))
+            else:
+                raise TypeError(f"prompt {i} must be a string, a token-id list or a list of chat "
+                                f"messages, got {type(p).__name__}")
+            if not prompt.ids:
+                raise ValueError(f"prompt {i} is empty after tokenisation")
+            if len(prompt.ids) >= self.max_seq_len:
+                raise ValueError(f"prompt {i} has {len(prompt.ids)} tokens but max_seq_len is "
+                                 f"{self.max_seq_len}; a prompt must be shorter than max_seq_len "
+                                 f"to leave room for generated tokens")
+            out.append(prompt)
+        return out
+
+
+def _select(scores: torch.Tensor, tau: float, gen: torch.Generator) -> list[int]:
+    """Winner per row of ``scores [G, K]``: argmax (ties → lowest index; all NaN → 0), or a draw
+    from softmax(score / tau)."""
+    if tau == 0 or scores.isnan().all():
+        return torch.nan_to_num(scores, nan=-math.inf).argmax(dim=1).tolist()
+    probs = torch.softmax(scores / tau, dim=1)
+    first = torch.zeros_like(probs)
+    first[:, 0] = 1.0
+    unscorable = ~torch.isfinite(probs).all(dim=1, keepdim=True)  # every candidate -inf: take 0
+    picks = torch.multinomial(torch.where(unscorable, first, probs), 1, generator=gen)
+    return picks.squeeze(1).tolist()
+
+
+def _eos_ids(policy: Any) -> list[int]:
+    ids = set()
+    for src in (policy.config.eos_token_id, getattr(policy.tokenizer, "eos_token_id", None)):
+        if isinstance(src, int):
+            ids.add(src)
+        elif isinstance(src, (list, tuple)):
+            ids.update(int(t) for t in src)
+    return sorted(ids)
+
+
+def _progress(total: int, enabled: bool, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="prompt", disable=not enabled)

@@ -1,0 +1,205 @@
+"""The per-token decode loop shared by `generate` and `search`, and its CUDA graphs.
+
+`DecodeRunner` owns static per-slot device buffers (the hidden state to sample from, active
+flags, step lengths and caps, the tokens and log-probs of the current step, boundary automaton
+states, why each slot stopped). One step for slots ``[0, n)``: sample every slot's next token
+(its request's head weights, its own random stream), record it, feed it to the model (slots that
+stopped do not advance), then raise the stop flags (EOS, boundary, token cap, full cache) on the
+device. The host looks only every ``check_every`` steps: it confirms the boundary hits the
+tables cannot decide alone (resuming rejected slots) and ends the loop once no slot is active.
+
+On CUDA the step is captured once per (slot-count bucket, sampling options, boundary, shared-
+weights plan) in a `torch.cuda.CUDAGraph` and replayed; the random offset lives on the device, so
+replays draw fresh numbers. On CPU, or with ``cuda_graphs=False``, the same step runs eagerly.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Callable
+
+import torch
+
+from mahalo_engine.cache import KVCache
+from mahalo_engine.engine.boundary import CompiledBoundary
+from mahalo_engine.engine.sampler import Sampler
+
+# Why a slot stopped (``DecodeRunner.reason``); PENDING = a boundary the host must still confirm.
+RUNNING, EOS, BOUNDARY, PENDING, LENGTH, FULL = 0, 1, 2, 3, 4, 5
+MAX_AUTOMATA = 3  # strings, sentence, paragraph
+MAX_GRAPHS = 16  # captured graphs kept (LRU)
+
+
+class DecodeRunner:
+    def __init__(self, model: torch.nn.Module, cache: KVCache, sampler: Sampler, *,
+                 max_seq_len: int, eos_ids: list[int], cuda_graphs: bool) -> None:
+        if cache.max_len < max_seq_len + 1:
+            raise ValueError(f"the cache holds {cache.max_len} positions; the runner needs "
+                             f"max_seq_len + 1 = {max_seq_len + 1} (one scratch position)")
+        s, dev = cache.num_slots, cache.device
+        vocab = model.config.vocab_size
+        self.model, self.cache, self.sampler = model, cache, sampler
+        self.max_seq_len = max_seq_len
+        self.slots = torch.arange(s, device=dev)
+        self.hidden = torch.zeros(s, model.config.hidden_size, dtype=cache.dtype, device=dev)
+        self.active = torch.zeros(s, dtype=torch.bool, device=dev)
+        self.step_len = torch.zeros(s, dtype=torch.int64, device=dev)
+        self.step_cap = torch.zeros(s, dtype=torch.int64, device=dev)
+        self.reason = torch.zeros(s, dtype=torch.int64, device=dev)
+        # A step never exceeds max_seq_len - 1 tokens, so column step_len is always in range (a
+        # paused slot writes its discarded sample there).
+        self.tokens = torch.zeros(s, max_seq_len + 1, dtype=torch.int32, device=dev)
+        self.logprobs = torch.zeros(s, max_seq_len + 1, dtype=torch.float32, device=dev)
+        self.bstate = torch.zeros(s, MAX_AUTOMATA, dtype=torch.int64, device=dev)
+        self.eos = torch.zeros(vocab, dtype=torch.bool, device=dev)
+        for t in eos_ids:
+            if 0 <= t < vocab:
+                self.eos[t] = True
+        self.boundary: CompiledBoundary | None = None
+        self.use_graphs = cuda_graphs and dev.type == "cuda"
+        self._graphs: OrderedDict[tuple, tuple] = OrderedDict()
+        self._pool = None
+
+    # -- setup of a call / a step -----------------------------------------------------------
+
+    def set_boundary(self, boundary: CompiledBoundary) -> None:
+        if boundary.num_automata > MAX_AUTOMATA:
+            raise ValueError(f"at most {MAX_AUTOMATA} boundary automata, got {boundary.num_automata}")
+        self.boundary = boundary
+
+    def bucket(self, n: int) -> int:
+        """Slots to run for ``n`` live slots: a power of two under graphs (few captures), else n."""
+        if not self.use_graphs:
+            return n
+        b = 1
+        while b < n:
+            b *= 2
+        return min(b, self.cache.num_slots)
+
+    def set_hidden(self, slots: torch.Tensor, hidden: torch.Tensor) -> None:
+        self.hidden.index_copy_(0, slots, hidden.to(self.hidden.dtype))
+
+    def copy_hidden(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        self.hidden.index_copy_(0, dst, self.hidden.index_select(0, src))
+
+    def begin(self, slots: torch.Tensor, caps: torch.Tensor) -> None:
+        """Start a step (or a whole generation) on ``slots`` with per-slot token ``caps``."""
+        self.active.index_fill_(0, slots, True)
+        self.step_len.index_fill_(0, slots, 0)
+        self.reason.index_fill_(0, slots, RUNNING)
+        self.bstate.index_fill_(0, slots, 0)
+        self.step_cap.index_copy_(0, slots, caps.to(self.step_cap.device, torch.int64))
+
+    # -- the step ----------------------------------------------------------------------------
+
+    def _step(self, n: int, heads: torch.Tensor | None = None,
+              weights: torch.Tensor | None = None) -> None:
+        act = self.active[:n]
+        pos = self.step_len[:n]
+        hidden = self.hidden[:n]
+        tok, logprob = self.sampler.sample(hidden, heads, weights)
+        self.tokens[:n].scatter_(1, pos[:, None], tok[:, None].to(torch.int32))
+        self.logprobs[:n].scatter_(1, pos[:, None], logprob[:, None])
+        step_len = pos + act.long()
+        self.step_len[:n] = step_len
+        h = self.model.decode(self.cache, tok, self.slots[:n], advance=act)
+        self.hidden[:n] = torch.where(act[:, None], h.to(hidden.dtype), hidden)
+
+        d = self.boundary.num_automata
+        state = self.bstate[:n, :d]
+        new_state, hit, exact = self.boundary.step(state, tok, step_len)
+        if d:
+            self.bstate[:n, :d] = torch.where(act[:, None], new_state, state)
+        full = self.cache.lens[:n] >= self.max_seq_len
+        capped = step_len >= self.step_cap[:n]
+        zero = torch.zeros_like(step_len)
+        reason = torch.where(capped, LENGTH, zero)
+        reason = torch.where(full, FULL, reason)
+        reason = torch.where(hit, PENDING, reason)
+        reason = torch.where(exact, BOUNDARY, reason)
+        reason = torch.where(self.eos[tok], EOS, reason)
+        finish = act & (reason != RUNNING)
+        self.reason[:n] = torch.where(finish, reason, self.reason[:n])
+        self.active[:n] = act & ~finish
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def run(self, n: int, check_every: int, confirm: Callable[[list[int]], bool]) -> None:
+        """Step slots ``[0, n)`` until none is active; ``confirm(step_token_ids)`` decides each
+        boundary the tables flagged (False: the slot resumes where it paused)."""
+        step = self._graph_step(n) if self.use_graphs else (lambda: self._step(n))
+        while True:
+            for _ in range(check_every):
+                step()
+            flags = torch.stack((self.active[:n].long(), self.reason[:n])).cpu()
+            pending = (flags[1] == PENDING).nonzero().flatten()
+            resumed = self._confirm(pending, confirm) if len(pending) else False
+            if not resumed and not flags[0].any():
+                return
+
+    def _confirm(self, pending: torch.Tensor, confirm: Callable[[list[int]], bool]) -> bool:
+        idx = pending.to(self.slots.device)
+        info = torch.stack((self.step_len[idx], self.step_cap[idx],
+                            self.cache.lens.index_select(0, idx).long())).cpu()
+        width = int(info[0].max())
+        rows = self.tokens[idx, :width].cpu().tolist()
+        reasons, resume = [], []
+        for j, (n_tok, cap, length) in enumerate(info.t().tolist()):
+            if confirm(rows[j][:n_tok]):
+                reasons.append(BOUNDARY)
+            elif n_tok >= cap:
+                reasons.append(LENGTH)
+            elif length >= self.max_seq_len:
+                reasons.append(FULL)
+            else:
+                reasons.append(RUNNING)
+            resume.append(reasons[-1] == RUNNING)
+        self.reason[idx] = torch.tensor(reasons, device=idx.device)
+        self.active[idx] = torch.tensor(resume, device=idx.device)
+        return any(resume)
+
+    def read(self, slots: torch.Tensor) -> tuple[list[list[int]], list[list[float]], list[int]]:
+        """Each slot's step tokens, their log-probs, and why it stopped."""
+        info = torch.stack((self.step_len[slots], self.reason[slots])).cpu()
+        width = int(info[0].max())
+        toks = self.tokens[slots, :width].cpu().tolist()
+        lps = self.logprobs[slots, :width].cpu().tolist()
+        lens = info[0].tolist()
+        return ([t[:m] for t, m in zip(toks, lens)], [lp[:m] for lp, m in zip(lps, lens)],
+                info[1].tolist())
+
+    # -- CUDA graphs -------------------------------------------------------------------------
+
+    def _graph_step(self, n: int) -> Callable[[], None]:
+        heads, weights, plan = self.sampler.graph_operands(n)
+        key = (n, self.sampler.temperature, self.sampler.top_k, id(self.boundary), plan)
+        entry = self._graphs.get(key)
+        if entry is None:
+            entry = self._capture(n, heads, weights)
+            self._graphs[key] = entry
+            while len(self._graphs) > MAX_GRAPHS:
+                self._graphs.popitem(last=False)
+        else:
+            self._graphs.move_to_end(key)
+        return entry[0].replay
+
+    def _capture(self, n: int, heads: torch.Tensor, weights: torch.Tensor) -> tuple:
+        """Capture one step for slots ``[0, n)``. Warm-up and capture run with every slot paused
+        (no slot advances, writes land past each slot's valid length) and the random offset is
+        restored afterwards, so capturing does not change what a call returns."""
+        active, offset = self.active.clone(), self.sampler.offset.clone()
+        self.active.zero_()
+        side = torch.cuda.Stream(device=self.slots.device)
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):  # compiles the Triton kernels, settles the allocator
+                self._step(n, heads, weights)
+        torch.cuda.current_stream().wait_stream(side)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            self._step(n, heads, weights)
+        self.active.copy_(active)
+        self.sampler.offset.copy_(offset)
+        # The graph reads these tensors on replay: keep them alive with it.
+        return graph, heads, weights, self.boundary

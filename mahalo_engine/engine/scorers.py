@@ -1,0 +1,300 @@
+"""Candidate scorers for step search: a PRM with its own persistent slot cache, a value head on the
+policy's own hidden states, weighted combinations, and any callable on texts.
+
+The engine drives a scorer through four calls that mirror its policy cache:
+``prepare`` (allocate, once per cache size), ``start`` (new requests: their prompts enter the
+groups' slots), ``score`` (the K candidates of every live request, one batch) and ``promote``
+(the winners become every slot's committed text). Slot ``g*K + k`` is candidate k of group g in
+the policy's cache and in every scorer's cache alike.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+
+from mahalo_engine.cache import KVCache
+
+
+@dataclass
+class Prompt:
+    """A request's prompt: the policy's token ids, its text (the user's string, the rendered chat
+    template, or the decoded ids) and the chat messages when it came as a conversation."""
+
+    ids: list[int]
+    text: str
+    messages: list[dict] | None = None
+
+
+@dataclass
+class Candidates:
+    """The K candidates of G live requests (rows group-major: row ``g*K + k``)."""
+
+    slots: torch.Tensor  # int64 [G, K]: each candidate's slot
+    token_ids: list[list[int]]  # [G*K] the candidate step's tokens, as in the policy's cache
+    texts: list[str]  # [G*K] the candidate step's text
+    hidden: torch.Tensor  # [G*K, d] the policy's hidden state at each candidate's last token
+    prompts: list[Prompt]  # [G]
+    responses: list[str]  # [G] the text committed so far (steps before this one)
+
+    @property
+    def num_candidates(self) -> int:
+        return self.slots.shape[1]
+
+
+class Scorer:
+    """Base class: a stateless scorer only overrides `score`."""
+
+    def cache_nbytes(self, num_slots: int, max_len: int) -> int:
+        """Bytes `prepare` will allocate (the engine checks the total before allocating)."""
+        return 0
+
+    def prepare(self, num_slots: int, max_len: int, policy: Any) -> None:
+        """Allocate per-slot state for ``num_slots`` slots of up to ``max_len`` tokens."""
+
+    def start(self, slots: torch.Tensor, prompts: list[Prompt]) -> None:
+        """New requests enter groups ``slots [G,K]`` (every slot of a group holds the prompt)."""
+
+    def score(self, cands: Candidates) -> torch.Tensor:
+        """float32 ``[G*K]`` scores on the CPU; -inf marks a candidate that cannot be scored."""
+        raise NotImplementedError
+
+    def promote(self, winners: torch.Tensor, groups: torch.Tensor) -> None:
+        """Winner slots ``[G]`` become the committed state of their groups ``[G,K]``."""
+
+
+class ValueModelPRM(Scorer):
+    """A PRM (`load_prm`) scoring candidates over its own slot cache of each request's committed
+    text: the K candidates go in as one batched ragged ``extend`` (each into its own slot), the score
+    is read at each candidate's last token, and `promote` copies the winner's new tokens into its
+    siblings with ``kv_promote``. Nothing is ever re-encoded.
+
+    With the policy's tokenizer (same vocabulary) the candidate's token ids are fed as they are;
+    with another tokenizer each step's text is tokenised on its own and appended (as the PRM
+    trainers tokenise step data). A PRM without a tokenizer must share the policy's vocabulary.
+    """
+
+    def __init__(self, prm: Any) -> None:
+        self.prm = prm
+        self.cache: KVCache | None = None
+        self.same_tokens = True
+        self._committed: torch.Tensor | None = None  # lens before the last scoring extend
+
+    @property
+    def _dtype(self) -> torch.dtype:
+        return self.prm.model.model.embed_tokens.weight.dtype
+
+    @property
+    def _device(self) -> torch.device:
+        return self.prm.model.model.embed_tokens.weight.device
+
+    def cache_nbytes(self, num_slots: int, max_len: int) -> int:
+        return KVCache.nbytes(self.prm.config, num_slots, max_len, self._dtype)
+
+    def prepare(self, num_slots: int, max_len: int, policy: Any) -> None:
+        self.same_tokens = _shares_vocabulary(self.prm, policy)
+        if self.cache is None or self.cache.num_slots != num_slots or self.cache.max_len != max_len:
+            self.cache = None
+            self.cache = KVCache.allocate(self.prm.config, num_slots, max_len, dtype=self._dtype,
+                                          device=self._device)
+
+    def _prompt_ids(self, prompt: Prompt) -> list[int]:
+        if self.same_tokens:
+            return prompt.ids
+        tok = self.prm.tokenizer
+        if prompt.messages is not None and getattr(tok, "chat_template", None):
+            text = tok.apply_chat_template(prompt.messages, add_generation_prompt=True,
+                                           tokenize=False)
+            return tok.encode(text, add_special_tokens=False)
+        return tok.encode(prompt.text)
+
+    def start(self, slots: torch.Tensor, prompts: list[Prompt]) -> None:
+        from mahalo_engine.ops import kv_fork
+
+        ids = [self._prompt_ids(p) for p in prompts]
+        too_long = [(i, len(x)) for i, x in enumerate(ids) if len(x) >= self.cache.max_len]
+        if too_long:
+            raise ValueError(f"prompts (index, PRM tokens) {too_long} do not fit the PRM's "
+                             f"max_seq_len={self.cache.max_len}")
+        slots = slots.to(self._device)
+        self.prm.model.prefill(self.cache, ids, slots[:, 0])
+        if slots.shape[1] > 1:
+            k = slots.shape[1]
+            kv_fork(self.cache.data, self.cache.lens, slots[:, :1].expand(-1, k - 1).reshape(-1),
+                    slots[:, 1:].reshape(-1))
+
+    def score(self, cands: Candidates) -> torch.Tensor:
+        tok = self.prm.tokenizer
+        rows = cands.token_ids if self.same_tokens else \
+            [tok.encode(t, add_special_tokens=False) for t in cands.texts]
+        slots = cands.slots.reshape(-1).to(self._device)
+        self._committed = self.cache.lens.clone()
+        start = self._committed.index_select(0, slots).cpu()
+        scores = torch.full((len(rows),), -math.inf, dtype=torch.float32)
+        # A candidate whose PRM tokens do not fit the PRM cache, or that has none, is unscorable.
+        ok = [i for i, r in enumerate(rows) if r and int(start[i]) + len(r) <= self.cache.max_len]
+        if ok:
+            width = max(len(rows[i]) for i in ok)
+            ids = torch.zeros(len(ok), width, dtype=torch.long)
+            for j, i in enumerate(ok):
+                ids[j, : len(rows[i])] = torch.as_tensor(rows[i])
+            num_new = torch.tensor([len(rows[i]) for i in ok], device=self._device)
+            sel = torch.tensor(ok, device=self._device)
+            hidden = self.prm.model.extend(self.cache, ids.to(self._device), num_new, slots[sel])
+            last = hidden[torch.arange(len(ok), device=self._device), num_new - 1]
+            scores[ok] = self.prm.scores_from_hidden(last).float().cpu()
+        return scores
+
+    def promote(self, winners: torch.Tensor, groups: torch.Tensor) -> None:
+        from mahalo_engine.ops import kv_promote
+
+        if groups.shape[1] == 1:
+            return  # the one candidate's extend already committed it
+        dev = self._device
+        groups = groups.to(dev)
+        kv_promote(self.cache.data, self.cache.lens, winners.to(dev), groups,
+                   self._committed.index_select(0, groups[:, 0]))
+
+
+def _shares_vocabulary(prm: Any, policy: Any) -> bool:
+    """True when candidate token ids can be fed to the PRM as they are; False when step texts
+    must be re-tokenised by the PRM's tokenizer; ValueError when neither is possible."""
+    pv, qv = policy.config.vocab_size, prm.config.vocab_size
+    if prm.tokenizer is None:
+        if pv != qv:
+            raise ValueError(f"the PRM has vocabulary size {qv} and no tokenizer, the policy "
+                             f"{pv}: without a PRM tokenizer to re-tokenise step texts the "
+                             f"vocabularies must match")
+        return True
+    return qv >= pv and prm.tokenizer.get_vocab() == policy.tokenizer.get_vocab()
+
+
+class SharedBackbonePRM(Scorer):
+    """A value head trained on the policy's frozen backbone: it scores each candidate from the
+    policy's own hidden state at the candidate's last token. No second model, no second cache."""
+
+    def __init__(self, value_head: torch.nn.Module, kind: str) -> None:
+        from mahalo_engine.prm import apply_kind
+
+        apply_kind(torch.zeros(1), kind)  # validates kind
+        self.value_head = value_head
+        self.kind = kind
+
+    @classmethod
+    def load(cls, path: str, policy: Any) -> "SharedBackbonePRM":
+        """The value head of a PRM directory (or ``value_head.safetensors`` file) whose backbone is
+        the policy's; only the head is read."""
+        from pathlib import Path
+
+        from mahalo_engine.prm import VALUE_HEAD_FILE, load_value_head
+
+        p = Path(path)
+        head, kind = load_value_head(p / VALUE_HEAD_FILE if p.is_dir() else p)
+        if head.hidden_size != policy.config.hidden_size:
+            raise ValueError(f"value head {p} expects hidden size {head.hidden_size}, the policy "
+                             f"has {policy.config.hidden_size}")
+        return cls(head.to(policy.heads.device), kind)
+
+    @classmethod
+    def from_prm(cls, prm: Any, policy: Any) -> "SharedBackbonePRM":
+        """Reuse a loaded PRM's value head after checking that its backbone is the policy's."""
+        mine, theirs = policy.model.state_dict(), prm.model.state_dict()
+        differ = [k for k in theirs if not k.startswith("lm_head")
+                  and (k not in mine or mine[k].shape != theirs[k].shape
+                       or not torch.equal(mine[k].to(theirs[k].device), theirs[k]))]
+        if differ:
+            raise ValueError(f"the PRM's backbone is not the policy's (first differing tensors: "
+                             f"{differ[:3]}): a shared-backbone scorer needs the same weights")
+        return cls(prm.value_head, prm.kind)
+
+    def score(self, cands: Candidates) -> torch.Tensor:
+        from mahalo_engine.prm import apply_kind
+
+        param = next(self.value_head.parameters())
+        with torch.no_grad():
+            raw = self.value_head(cands.hidden.to(device=param.device, dtype=param.dtype))
+        return apply_kind(raw, self.kind).float().cpu()
+
+
+class WeightedScorer(Scorer):
+    """``Σ_i w_i · score_i``: several PRMs guiding one search (multi-objective guidance)."""
+
+    def __init__(self, parts: Sequence[tuple[Scorer, float]]) -> None:
+        if not parts:
+            raise ValueError("a weighted scorer needs at least one (scorer, weight) pair")
+        for scorer, w in parts:
+            if not isinstance(scorer, Scorer):
+                raise TypeError(f"expected a Scorer in (scorer, weight), got {type(scorer).__name__}")
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
+                raise ValueError(f"scorer weights must be finite numbers, got {w!r}")
+        if all(w == 0 for _, w in parts):
+            raise ValueError(f"scorer weights {[w for _, w in parts]} are all zero")
+        self.parts = [(s, float(w)) for s, w in parts]
+
+    def cache_nbytes(self, num_slots: int, max_len: int) -> int:
+        return sum(s.cache_nbytes(num_slots, max_len) for s, _ in self.parts)
+
+    def prepare(self, num_slots: int, max_len: int, policy: Any) -> None:
+        for s, _ in self.parts:
+            s.prepare(num_slots, max_len, policy)
+
+    def start(self, slots: torch.Tensor, prompts: list[Prompt]) -> None:
+        for s, _ in self.parts:
+            s.start(slots, prompts)
+
+    def score(self, cands: Candidates) -> torch.Tensor:
+        total = torch.zeros(len(cands.token_ids), dtype=torch.float32)
+        for s, w in self.parts:
+            if w:
+                total += w * s.score(cands)
+        return total
+
+    def promote(self, winners: torch.Tensor, groups: torch.Tensor) -> None:
+        for s, _ in self.parts:
+            s.promote(winners, groups)
+
+
+class CallableScorer(Scorer):
+    """Any Python callable ``fn(prompts, responses) -> scores`` on texts (a judge, a rule): one call
+    per step with every candidate, ``responses[i]`` = the committed text + candidate i's step.
+    Re-encoding, if any, is the callable's business."""
+
+    def __init__(self, fn: Callable[[list[str], list[str]], Sequence[float]]) -> None:
+        self.fn = fn
+
+    def score(self, cands: Candidates) -> torch.Tensor:
+        k = cands.num_candidates
+        prompts = [p.text for p in cands.prompts for _ in range(k)]
+        responses = [cands.responses[i // k] + t for i, t in enumerate(cands.texts)]
+        out = self.fn(prompts, responses)
+        try:
+            scores = torch.as_tensor([float(x) for x in out], dtype=torch.float32)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"scorer {self.fn!r} must return one number per candidate, got "
+                             f"{out!r}") from e
+        if scores.shape != (len(responses),):
+            raise ValueError(f"scorer {self.fn!r} returned {scores.numel()} scores for "
+                             f"{len(responses)} candidates")
+        return scores
+
+
+def as_scorer(spec: Any) -> Scorer | None:
+    """A `Scorer` from what users pass: None, a Scorer, a loaded PRM, ``[(scorer, weight), ...]``
+    (each scorer any of these) or a callable on texts."""
+    if spec is None or isinstance(spec, Scorer):
+        return spec
+    if hasattr(spec, "scores_from_hidden") and hasattr(spec, "model"):
+        return ValueModelPRM(spec)
+    if isinstance(spec, (list, tuple)):
+        parts = []
+        for item in spec:
+            if not (isinstance(item, (list, tuple)) and len(item) == 2):
+                raise TypeError(f"a list of scorers must hold (scorer, weight) pairs, got {item!r}")
+            parts.append((as_scorer(item[0]), item[1]))
+        return WeightedScorer(parts)
+    if callable(spec):
+        return CallableScorer(spec)
+    raise TypeError(f"cannot use {type(spec).__name__} as a scorer: expected a PRM from load_prm, "
+                    f"a Scorer, a list of (scorer, weight) pairs or a callable on texts")

@@ -1,0 +1,1 @@
+"""Building blocks of the decoder, one idea per module: RMSNorm, RoPE, attention, SwiGLU MLP."""

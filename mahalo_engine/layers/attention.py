@@ -1,0 +1,71 @@
+"""Grouped-query self-attention over torch SDPA, with optional q/k RMSNorm (Qwen3) and biases.
+
+GQA without copying K/V: the G query heads that share a KV head are folded into the query-length
+axis, so SDPA sees ``q [B, n_kv, G*T, hd]`` against ``k/v [B, n_kv, Tk, hd]``. Masks are boolean
+(True = attend), built by the caller from lengths/positions and folded once per call with
+``fold_mask``. Where K/V come from is the caller's business (``kv_update``): the new tokens alone
+(plain forward) or a slot cache the new K/V were just written into.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mahalo_engine.config import ModelConfig
+from mahalo_engine.layers.rmsnorm import RMSNorm
+from mahalo_engine.layers.rotary import apply_rotary
+
+# (layer index, k [B,T,n_kv,hd], v [B,T,n_kv,hd]) -> (k, v) as [B, n_kv, Tk, hd] to attend over.
+KVUpdate = Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def fold_mask(mask: torch.Tensor, groups: int) -> torch.Tensor:
+    """``[B, 1, T, Tk]`` → the mask for folded queries ``[B, 1, G*T, Tk]`` (row g*T + t = row t)."""
+    b, _, t, tk = mask.shape
+    if t == 1 or groups == 1:
+        return mask  # broadcasts over the folded axis as is
+    return mask.unsqueeze(2).expand(b, 1, groups, t, tk).reshape(b, 1, groups * t, tk)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads = config.num_attention_heads
+        self.n_kv = config.num_key_value_heads
+        self.groups = config.num_kv_groups
+        self.head_dim = hd = config.head_dim
+        d = config.hidden_size
+        self.q_proj = nn.Linear(d, self.n_heads * hd, bias=config.attention_bias)
+        self.k_proj = nn.Linear(d, self.n_kv * hd, bias=config.attention_bias)
+        self.v_proj = nn.Linear(d, self.n_kv * hd, bias=config.attention_bias)
+        self.o_proj = nn.Linear(self.n_heads * hd, d, bias=config.attention_out_bias)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(hd, config.rms_norm_eps)
+            self.k_norm = RMSNorm(hd, config.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
+                kv_update: KVUpdate | None = None) -> torch.Tensor:
+        """x ``[B,T,d]``, cos/sin ``[B,T,hd]``, mask folded ``[B,1,G*T|1,Tk]`` → ``[B,T,d]``."""
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim)
+        v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if kv_update is None:
+            k, v = k.transpose(1, 2), v.transpose(1, 2)
+        else:
+            k, v = kv_update(self.layer_idx, k, v)
+        # Head h = kv * G + g (transformers' repeat_kv order) → [B, n_kv, G*T, hd].
+        q = q.view(b, t, self.n_kv, self.groups, self.head_dim).permute(0, 2, 3, 1, 4)
+        q = q.reshape(b, self.n_kv, self.groups * t, self.head_dim)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        o = o.view(b, self.n_kv, self.groups, t, self.head_dim).permute(0, 3, 1, 2, 4)
+        return self.o_proj(o.reshape(b, t, self.n_heads * self.head_dim))

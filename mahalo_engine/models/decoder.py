@@ -1,0 +1,214 @@
+"""The native decoder for the Llama / Mistral / Qwen2 / Qwen3 families, with three ways to run it:
+
+- ``forward``: a full, differentiable pass without a cache (right padding, positions 0..T-1);
+- ``extend`` / ``prefill``: append ragged chunks of tokens to chosen cache slots;
+- ``decode``: one token per chosen slot, each at its own position. Shapes depend only on the
+  inputs' shapes and indexing is done with index ops, so a decode step performs no host sync and
+  can be captured in a CUDA graph.
+
+Parameter names equal transformers' (``model.layers.{i}.self_attn.q_proj.weight``, ...), so the
+state_dict is the Hugging Face checkpoint. All masks are built from positions with comparisons.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mahalo_engine.cache import KVCache
+from mahalo_engine.config import ModelConfig
+from mahalo_engine.layers.attention import Attention, KVUpdate, fold_mask
+from mahalo_engine.layers.mlp import SwiGLU
+from mahalo_engine.layers.rmsnorm import RMSNorm
+from mahalo_engine.layers.rotary import Rotary
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.sliding = config.sliding_layers[layer_idx]
+        self.self_attn = Attention(config, layer_idx)
+        self.mlp = SwiGLU(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                masks: dict[bool, torch.Tensor], kv_update: KVUpdate | None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, masks[self.sliding], kv_update)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DecoderModel(nn.Module):
+    """The backbone (``model.*`` in checkpoints): embeddings, layers, final norm."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary = Rotary(config)
+
+
+class Decoder(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = DecoderModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """Share lm_head's weight with the embedding when the config says so (call after re-materialising)."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    # -- masks ---------------------------------------------------------------------------------
+
+    def _masks(self, q_pos: torch.Tensor, k_pos: torch.Tensor, k_valid: torch.Tensor,
+               q_valid: torch.Tensor | None = None) -> dict[bool, torch.Tensor]:
+        """Folded boolean masks ``{sliding: [B,1,G*T|1,Tk]}`` from query positions ``[B,T]``, key
+        positions ``[Tk]`` and key validity ``[B,Tk]``: causal, valid keys, and for sliding layers
+        the last ``sliding_window`` positions only. Padded queries (``q_valid [B,T]`` False) attend
+        to key 0 alone, so that no row is empty (SDPA would return NaN for it)."""
+        causal = (k_pos[None, None, :] <= q_pos[:, :, None]) & k_valid[:, None, :]
+        masks = {False: causal}
+        if any(self.config.sliding_layers):
+            window = k_pos[None, None, :] > q_pos[:, :, None] - self.config.sliding_window
+            masks[True] = causal & window
+        if q_valid is not None:
+            padded = ~q_valid[:, :, None] & (k_pos == 0)[None, None, :]
+            masks = {s: m | padded for s, m in masks.items()}
+        g = self.config.num_kv_groups
+        return {s: fold_mask(m.unsqueeze(1), g) for s, m in masks.items()}
+
+    def _run(self, input_ids: torch.Tensor, positions: torch.Tensor, masks: dict[bool, torch.Tensor],
+             kv_update: KVUpdate | None) -> torch.Tensor:
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = self.model.rotary(positions, x.dtype)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, masks, kv_update)
+        return self.model.norm(x)
+
+    # -- no cache --------------------------------------------------------------------------------
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """Hidden states ``[B,T,d]`` after the final norm. ``attention_mask [B,T]``: 1 for real
+        tokens, right padding only; hidden at padded positions is undefined."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
+        b, t = input_ids.shape
+        pos = torch.arange(t, device=input_ids.device)
+        if attention_mask is None:
+            valid = torch.ones(b, t, dtype=torch.bool, device=input_ids.device)
+            masks = self._masks(pos.expand(b, t), pos, valid)
+        else:
+            valid = attention_mask.to(torch.bool)
+            masks = self._masks(pos.expand(b, t), pos, valid, q_valid=valid)
+        return self._run(input_ids, pos.expand(b, t), masks, None)
+
+    # -- slot cache ------------------------------------------------------------------------------
+
+    def _check_cache(self, cache: KVCache) -> None:
+        expected = KVCache.shape(self.config, cache.num_slots, cache.max_len)
+        if tuple(cache.data.shape) != expected:
+            raise ValueError(f"cache shape {tuple(cache.data.shape)} does not fit this model: "
+                             f"expected {expected}")
+        dtype = self.model.embed_tokens.weight.dtype
+        if cache.dtype != dtype:
+            raise TypeError(f"cache dtype {cache.dtype} differs from the model's {dtype}")
+
+    @torch.no_grad()
+    def extend(self, cache: KVCache, input_ids: torch.Tensor, num_new: torch.Tensor,
+               slots: torch.Tensor) -> torch.Tensor:
+        """Append ``num_new[n]`` tokens of row n (right-padded ``input_ids [N,T]``) to slot
+        ``slots[n]`` at positions ``lens[slot]...``; returns hidden ``[N,T,d]`` (undefined at padded
+        positions) and advances the slots' lens.
+
+        Validates on the host (one sync): slots distinct and in range, 0 <= num_new <= T, and the
+        new lengths within max_len. Padded tokens are not written to the cache.
+        """
+        self._check_cache(cache)
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [N, T], got shape {tuple(input_ids.shape)}")
+        n, t = input_ids.shape
+        dev = cache.device
+        slots = slots.to(device=dev, dtype=torch.long)
+        num_new = num_new.to(device=dev, dtype=torch.long)
+        if slots.shape != (n,) or num_new.shape != (n,):
+            raise ValueError(f"slots {tuple(slots.shape)} and num_new {tuple(num_new.shape)} must "
+                             f"both be [{n}] for input_ids {tuple(input_ids.shape)}")
+        slot_list = slots.tolist()
+        if len(set(slot_list)) != n or not all(0 <= s < cache.num_slots for s in slot_list):
+            raise ValueError(f"slots must be distinct and in [0, {cache.num_slots}), got {slot_list}")
+        start = cache.lens.index_select(0, slots).long()
+        new_list, start_list = num_new.tolist(), start.tolist()
+        bad = [(s, a, m) for s, a, m in zip(slot_list, start_list, new_list)
+               if not 0 <= m <= t or a + m > cache.max_len]
+        if bad:
+            raise ValueError(f"extend: (slot, len, num_new) {bad} need 0 <= num_new <= {t} and "
+                             f"len + num_new <= max_len={cache.max_len}")
+        length = max(a + m for a, m in zip(start_list, new_list))
+
+        offs = torch.arange(t, device=dev)
+        q_pos = start[:, None] + offs[None, :]  # [N,T]
+        k_pos = torch.arange(length, device=dev)
+        masks = self._masks(q_pos, k_pos, k_pos[None, :] < (start + num_new)[:, None],
+                            q_valid=offs[None, :] < num_new[:, None])
+        # Flat (row, t) indices of the real tokens, built on the host from the values checked above.
+        rows = torch.tensor([r for r, m in enumerate(new_list) for _ in range(m)], device=dev,
+                            dtype=torch.long)
+        cols = torch.tensor([c for m in new_list for c in range(m)], device=dev, dtype=torch.long)
+        w_slots, w_pos = slots[rows], q_pos[rows, cols]
+
+        def kv_update(layer: int, k: torch.Tensor, v: torch.Tensor):
+            cache.write(layer, w_slots, w_pos, k[rows, cols], v[rows, cols])
+            return cache.read(layer, slots, length)
+
+        hidden = self._run(input_ids.to(dev), q_pos, masks, kv_update)
+        cache.lens.index_add_(0, slots, num_new.to(torch.int32))
+        return hidden
+
+    @torch.no_grad()
+    def prefill(self, cache: KVCache, prompts: list[list[int]], slots: torch.Tensor | list[int]
+                ) -> torch.Tensor:
+        """Reset ``slots`` and encode one prompt into each; hidden ``[N,d]`` at each last token."""
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("prefill needs at least one prompt and no empty prompt")
+        dev = cache.device
+        slots = torch.as_tensor(slots, dtype=torch.long, device=dev)
+        if slots.shape != (len(prompts),):
+            raise ValueError(f"{len(prompts)} prompts but slots has shape {tuple(slots.shape)}")
+        lens = [len(p) for p in prompts]
+        ids = torch.zeros(len(prompts), max(lens), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, : len(p)] = torch.as_tensor(p, dtype=torch.long)
+        num_new = torch.tensor(lens, dtype=torch.long, device=dev)
+        cache.reset(slots)
+        hidden = self.extend(cache, ids.to(dev), num_new, slots)
+        return hidden[torch.arange(len(prompts), device=dev), num_new - 1]
+
+    @torch.no_grad()
+    def decode(self, cache: KVCache, input_ids: torch.Tensor, slots: torch.Tensor,
+               advance: torch.Tensor | None = None) -> torch.Tensor:
+        """One token per slot: ``input_ids [N]`` enters slot ``slots[n]`` at position
+        ``lens[slot]``; returns hidden ``[N,d]``; ``lens[slot] += advance[n]`` (all when None).
+
+        Graph-safe: no host sync, fixed shapes. Slots must be distinct and have ``lens < max_len``
+        (not checked here: checking would need a sync).
+        """
+        self._check_cache(cache)
+        n = input_ids.shape[0]
+        slots = slots.long()
+        pos = cache.lens.index_select(0, slots).long()  # [N]
+        k_pos = torch.arange(cache.max_len, device=cache.device)
+        masks = self._masks(pos[:, None], k_pos, k_pos[None, :] <= pos[:, None])
+
+        def kv_update(layer: int, k: torch.Tensor, v: torch.Tensor):
+            cache.write(layer, slots, pos, k[:, 0], v[:, 0])
+            return cache.read(layer, slots)
+
+        hidden = self._run(input_ids.reshape(n, 1), pos[:, None], masks, kv_update)
+        step = (torch.ones_like(slots, dtype=torch.int32) if advance is None
+                else advance.to(torch.int32))
+        cache.lens.index_add_(0, slots, step)
+        return hidden[:, 0]

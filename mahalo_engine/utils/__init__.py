@@ -1,0 +1,1 @@
+"""Support code: checkpoint loading and saving."""

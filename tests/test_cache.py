@@ -1,0 +1,178 @@
+"""The slot KV cache: ragged prefill, decode in any subset of slots, extend over a prefix and
+non-advancing decode all reproduce a plain forward; decode is graph-safe; sizes and errors."""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from mahalo_engine.cache import KVCache
+from mahalo_engine.config import ModelConfig
+from mahalo_engine.models.decoder import Decoder
+from mahalo_engine.tiny import tiny_checkpoint
+from mahalo_engine.utils.loader import load_decoder
+
+FAMILIES = {
+    "qwen2": ("qwen2", {}),
+    "qwen3-headdim-gqa4": ("qwen3", dict(head_dim=24, num_key_value_heads=1)),
+    "mistral-sliding": ("mistral", dict(num_heads=8, num_key_value_heads=2, sliding_window=5)),
+}
+
+
+def sequences(seed: int, lengths: list[int]) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 512, (n,), generator=g).tolist() for n in lengths]
+
+
+@pytest.mark.parametrize("case", list(FAMILIES))
+def test_prefill_decode_extend_reproduce_forward(case):
+    family, kw = FAMILIES[case]
+    path = tiny_checkpoint(family, **kw)
+    model = load_decoder(path)
+    ref_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    cache = KVCache.allocate(model.config, 6, 48, dtype=torch.float32, device="cpu")
+    seqs = sequences(0, [34, 26, 30])
+    slots = torch.tensor([4, 0, 2])  # not in order, not contiguous
+    cur = [9, 2, 14]  # ragged prompts
+    got: list[dict[int, torch.Tensor]] = [{} for _ in seqs]
+
+    h = model.prefill(cache, [s[:n] for s, n in zip(seqs, cur)], slots)
+    for i in range(3):
+        got[i][cur[i] - 1] = h[i]
+    assert cache.lens[slots].tolist() == cur
+
+    def decode(rows: list[int]):
+        ids = torch.tensor([seqs[i][cur[i]] for i in rows])
+        out = model.decode(cache, ids, slots[rows])
+        for j, i in enumerate(rows):
+            got[i][cur[i]] = out[j]
+            cur[i] += 1
+
+    for _ in range(4):  # N decode steps over all slots
+        decode([0, 1, 2])
+    decode([2, 0])  # subsets, in any order
+    decode([1])
+
+    new = [5, 1, 3]  # ragged extend over the existing prefixes
+    ids = torch.zeros(3, 5, dtype=torch.long)
+    for i in range(3):
+        ids[i, : new[i]] = torch.tensor(seqs[i][cur[i]: cur[i] + new[i]])
+    out = model.extend(cache, ids, torch.tensor(new), slots)
+    for i in range(3):
+        for t in range(new[i]):
+            got[i][cur[i] + t] = out[i, t]
+        cur[i] += new[i]
+    decode([0, 1, 2])  # and decode again after the extend
+    assert cache.lens[slots].tolist() == cur
+    assert cache.lens[[1, 3, 5]].tolist() == [0, 0, 0]
+
+    for i, s in enumerate(seqs):
+        ids = torch.tensor([s[: cur[i]]])
+        with torch.no_grad():
+            full = model(ids)[0]
+            ref_logits = ref_model(input_ids=ids).logits[0]
+        pos = sorted(got[i])
+        hidden = torch.stack([got[i][p] for p in pos])
+        torch.testing.assert_close(hidden, full[pos], rtol=0, atol=2e-5)
+        logits = model.lm_head(hidden)
+        err = (logits - ref_logits[pos]).abs().max() / ref_logits[pos].abs().max()
+        assert err <= 1e-4
+
+
+def test_decode_without_advance_keeps_length():
+    """advance=False leaves lens alone, and the next token overwrites the tentative one."""
+    model = load_decoder(tiny_checkpoint("qwen2"))
+    cache = KVCache.allocate(model.config, 2, 16, dtype=torch.float32, device="cpu")
+    a, b = sequences(1, [7, 7])
+    slots = torch.tensor([1, 0])
+    model.prefill(cache, [a[:5], b[:3]], slots)
+    junk = torch.tensor([11, 12])
+    model.decode(cache, junk, slots, advance=torch.tensor([False, True]))
+    assert cache.lens.tolist() == [4, 5]
+    out = model.decode(cache, torch.tensor([a[5], b[4]]), slots)  # b's junk became its 4th token
+    with torch.no_grad():
+        ref_a = model(torch.tensor([a[:6]]))[0, -1]
+        ref_b = model(torch.tensor([b[:3] + [12, b[4]]]))[0, -1]
+    torch.testing.assert_close(out, torch.stack([ref_a, ref_b]), rtol=0, atol=2e-5)
+
+
+def test_decode_is_graph_safe():
+    """Decode on the meta device: any host sync (.item/.tolist), nonzero/masked_select or other
+    data-dependent shape raises there, since meta tensors hold no data. Extend does sync."""
+    config = ModelConfig.from_pretrained(
+        tiny_checkpoint("mistral", num_heads=8, num_key_value_heads=2, sliding_window=5))
+    with torch.device("meta"):
+        model = Decoder(config)
+        cache = KVCache(torch.empty(KVCache.shape(config, 4, 32)), torch.zeros(4, dtype=torch.int32))
+        ids, slots = torch.zeros(3, dtype=torch.long), torch.zeros(3, dtype=torch.long)
+        hidden = model.decode(cache, ids, slots, advance=torch.ones(3, dtype=torch.bool))
+        assert hidden.shape == (3, config.hidden_size)
+        with pytest.raises(NotImplementedError):
+            model.extend(cache, ids[:, None], torch.ones(3, dtype=torch.long), slots)
+
+
+@pytest.mark.gpu
+def test_decode_replays_in_a_cuda_graph():
+    model = load_decoder(tiny_checkpoint("qwen2"), device="cuda")
+    cache = KVCache.allocate(model.config, 4, 64, dtype=torch.float32, device="cuda")
+    slots = torch.tensor([3, 1], device="cuda")
+    prompts = sequences(2, [9, 5])
+    model.prefill(cache, prompts, slots)
+    ids = torch.tensor([7, 8], device="cuda")
+    saved = cache.lens.clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):  # warm-up outside capture
+            model.decode(cache, ids, slots)
+    torch.cuda.current_stream().wait_stream(stream)
+    cache.lens.copy_(saved)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = model.decode(cache, ids, slots)
+    cache.lens.copy_(saved)
+    expect = []
+    for tokens in ([7, 8], [20, 21], [5, 6]):
+        ids.copy_(torch.tensor(tokens))
+        graph.replay()
+        expect.append(out.clone())
+    assert cache.lens[slots].tolist() == [12, 8]
+    for i, p in enumerate(prompts):
+        seq = p + [tok[i] for tok in ([7, 8], [20, 21], [5, 6])]
+        with torch.no_grad():
+            full = model(torch.tensor([seq], device="cuda"))[0]
+        torch.testing.assert_close(torch.stack([e[i] for e in expect]), full[-3:], rtol=1e-4, atol=1e-4)
+
+
+def test_nbytes_and_allocation_errors():
+    config = ModelConfig.from_pretrained(tiny_checkpoint("qwen3", head_dim=24, num_key_value_heads=1))
+    cache = KVCache.allocate(config, 3, 20, dtype=torch.bfloat16, device="cpu")
+    assert cache.data.shape == (2, 2, 3, 1, 20, 24) and cache.lens.dtype == torch.int32
+    assert (cache.num_slots, cache.max_len) == (3, 20)
+    assert KVCache.nbytes(config, 3, 20, torch.bfloat16) == cache.data.nbytes + cache.lens.nbytes
+    assert torch.count_nonzero(cache.data) == 0  # zeroed: stale positions are always finite
+    huge = 1 << 40
+    need = KVCache.nbytes(config, huge, 20, torch.float32)
+    with pytest.raises(ValueError, match=f"needs {need:,} bytes .* only [0-9,]+ bytes .* free"):
+        KVCache.allocate(config, huge, 20, dtype=torch.float32, device="cpu")
+    with pytest.raises(ValueError, match="num_slots"):
+        KVCache.allocate(config, 0, 20, dtype=torch.float32, device="cpu")
+    with pytest.raises(TypeError, match="floating"):
+        KVCache.allocate(config, 1, 20, dtype=torch.int32, device="cpu")
+
+
+def test_cache_misuse_errors():
+    model = load_decoder(tiny_checkpoint("qwen2"))
+    cache = KVCache.allocate(model.config, 2, 8, dtype=torch.float32, device="cpu")
+    with pytest.raises(ValueError, match=r"\(slot, len, num_new\) \[\(0, 0, 9\)\]"):
+        model.prefill(cache, [list(range(9))], [0])
+    model.prefill(cache, [list(range(6))], [1])
+    with pytest.raises(ValueError, match=r"\[\(1, 6, 3\)\].*max_len=8"):
+        model.extend(cache, torch.zeros(1, 3, dtype=torch.long), torch.tensor([3]), torch.tensor([1]))
+    with pytest.raises(ValueError, match="distinct"):
+        model.extend(cache, torch.zeros(2, 1, dtype=torch.long), torch.tensor([1, 1]), torch.tensor([0, 0]))
+    with pytest.raises(ValueError, match="distinct and in"):
+        model.extend(cache, torch.zeros(1, 1, dtype=torch.long), torch.tensor([1]), torch.tensor([2]))
+    with pytest.raises(TypeError, match="cache dtype torch.bfloat16"):
+        other = KVCache.allocate(model.config, 2, 8, dtype=torch.bfloat16, device="cpu")
+        model.decode(other, torch.zeros(1, dtype=torch.long), torch.tensor([0]))

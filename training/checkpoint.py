@@ -1,0 +1,200 @@
+"""Atomic file writes and resumable training checkpoints.
+
+A checkpoint is a directory ``<out>/checkpoints/step-<N>/`` holding ``model.safetensors`` (the
+trainable module's full state, float tensors as trained) and ``trainer_state.pt`` (optimizer,
+scheduler, RNG states, step, and the trainer's own arguments), written into a temporary directory
+and renamed into place; ``<out>/checkpoints/latest`` (itself replaced atomically) names the newest
+one. A crash at any point leaves the previous checkpoint intact. ``trainer_state.pt`` holds only
+tensors and plain Python values and is read with ``torch.load(weights_only=True)``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # some filesystems do not allow opening directories
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file in the same directory and ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_directory(final: str | Path) -> "_AtomicDir":
+    """Context manager yielding a temporary directory that is renamed to ``final`` on success
+    (replacing an existing ``final``); removed on failure."""
+    return _AtomicDir(Path(final))
+
+
+class _AtomicDir:
+    def __init__(self, final: Path) -> None:
+        self.final = final
+
+    def __enter__(self) -> Path:
+        self.final.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.tmp-", dir=self.final.parent))
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return
+        for f in self.tmp.iterdir():
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+        old = None
+        if self.final.exists():
+            old = self.final.with_name(f".{self.final.name}.old-{os.getpid()}")
+            os.replace(self.final, old)
+        os.replace(self.tmp, self.final)
+        _fsync_dir(self.final.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def publish_files(src_dir: Path, dst_dir: str | Path) -> None:
+    """Move every file of ``src_dir`` into ``dst_dir`` with ``os.replace`` (each file appears whole
+    or not at all), then remove ``src_dir``."""
+    dst = Path(dst_dir)
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in sorted(src_dir.iterdir()):
+        if not f.is_file():
+            raise ValueError(f"publish_files: {f} is not a plain file")
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(f, dst / f.name)
+    _fsync_dir(dst)
+    shutil.rmtree(src_dir, ignore_errors=True)
+
+
+def staging_dir(dst_dir: str | Path) -> Path:
+    """A fresh temporary directory beside ``dst_dir`` files (same filesystem, for ``publish_files``)."""
+    dst = Path(dst_dir)
+    dst.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=".staging-", dir=dst))
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(_as_tuple(state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_tuple(x: Any) -> Any:
+    return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def save_checkpoint(out_dir: str | Path, step: int, model_state: dict[str, torch.Tensor],
+                    trainer_state: dict[str, Any], *, keep: int = 1) -> Path:
+    """Write ``<out_dir>/checkpoints/step-<step>`` atomically, point ``latest`` at it, and keep only
+    the newest ``keep`` checkpoints. ``trainer_state`` must hold tensors and plain values only."""
+    from safetensors.torch import save_file
+
+    root = Path(out_dir) / "checkpoints"
+    final = root / f"step-{step}"
+    with atomic_directory(final) as tmp:
+        save_file(_unaliased(model_state), str(tmp / "model.safetensors"),
+                  metadata={"step": str(step)})
+        torch.save({**trainer_state, "step": step, "rng": rng_state()}, tmp / "trainer_state.pt")
+    atomic_write_text(root / "latest", final.name + "\n")
+    steps = sorted((int(p.name.split("-", 1)[1]) for p in root.glob("step-*")
+                    if p.is_dir() and p.name.split("-", 1)[1].isdigit()), reverse=True)
+    for old in steps[keep:]:
+        shutil.rmtree(root / f"step-{old}", ignore_errors=True)
+    return final
+
+
+def _unaliased(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """CPU copies safetensors accepts: tied weights (one storage, two names) are saved twice."""
+    out, seen = {}, set()
+    for k, v in state.items():
+        t = v.detach().cpu().contiguous()
+        ptr = t.untyped_storage().data_ptr()
+        out[k] = t.clone() if ptr in seen else t
+        seen.add(ptr)
+    return out
+
+
+def latest_checkpoint(out_dir: str | Path) -> Path | None:
+    """The checkpoint ``latest`` names under ``<out_dir>/checkpoints``, or None if there is none."""
+    root = Path(out_dir) / "checkpoints"
+    marker = root / "latest"
+    if not marker.is_file():
+        return None
+    path = root / marker.read_text().strip()
+    if not (path / "model.safetensors").is_file() or not (path / "trainer_state.pt").is_file():
+        raise FileNotFoundError(f"{marker} names {path.name}, which is missing or incomplete")
+    return path
+
+
+def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """``(model_state, trainer_state)`` of a checkpoint directory (RNG states not yet applied)."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    model_state = load_file(str(path / "model.safetensors"))
+    trainer_state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=True)
+    return model_state, trainer_state
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m training.checkpoint",
+                                description="Show the latest resumable checkpoint of a training "
+                                "output directory (what --resume would continue from).")
+    p.add_argument("out_dir", type=Path, help="a trainer's --out directory")
+    args = p.parse_args(argv)
+    ckpt = latest_checkpoint(args.out_dir)
+    if ckpt is None:
+        print(f"no checkpoint under {args.out_dir / 'checkpoints'}")
+        return 1
+    model_state, state = load_checkpoint(ckpt)
+    n_params = sum(t.numel() for t in model_state.values())
+    print(f"{ckpt}: step {state['step']}, {len(model_state)} tensors, {n_params:,} parameters, "
+          f"trainer {state.get('trainer', '?')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

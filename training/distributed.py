@@ -1,0 +1,134 @@
+"""Process-group set-up and model wrapping for ``torchrun`` launches.
+
+Launched by ``torchrun`` (RANK / WORLD_SIZE / LOCAL_RANK in the environment), the trainers join a
+process group (gloo on CPU, NCCL on CUDA) and wrap their trainable module in DDP, or FSDP2
+(``torch.distributed.fsdp.fully_shard``, one unit per decoder layer plus the root) on CUDA.
+Without those variables they run as one process. Global-batch semantics do not depend on the
+world size: the trainers split each global batch over ranks and normalise losses by global
+counts, and both wrappers average gradients over ranks.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(device: str | None = None) -> DistInfo:
+    """Join the torchrun process group if launched by torchrun; pick this rank's device.
+
+    ``device``: "cpu" or "cuda" (default: cuda when available). Under torchrun on CUDA, rank r
+    uses ``cuda:LOCAL_RANK``.
+    """
+    kind = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if kind not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' requested but torch sees no CUDA device")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = torch.device(f"cuda:{local}") if kind == "cuda" else torch.device("cpu")
+    if kind == "cuda":
+        torch.cuda.set_device(dev)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if kind == "cuda" else "gloo",
+                                timeout=datetime.timedelta(minutes=30))
+    return DistInfo(rank, world, local, dev)
+
+
+def wrap_model(module: nn.Module, info: DistInfo, strategy: str = "ddp", *,
+               mixed_precision: bool = False) -> nn.Module:
+    """DDP or FSDP2 around ``module`` when distributed; the module itself otherwise.
+
+    FSDP2 shards each decoder layer and the root (embeddings, norm, heads) over ranks; with
+    ``mixed_precision`` it computes in bf16 and reduces gradients in fp32. Only on CUDA.
+    """
+    if strategy not in ("ddp", "fsdp2"):
+        raise ValueError(f"strategy must be 'ddp' or 'fsdp2', got {strategy!r}")
+    if not info.distributed:
+        return module
+    if strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ids = [info.device.index] if info.device.type == "cuda" else None
+        return DDP(module, device_ids=ids)
+    if info.device.type != "cuda":
+        raise ValueError("FSDP2 is supported on CUDA only here; use --strategy ddp on CPU")
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+          if mixed_precision else MixedPrecisionPolicy())
+    for layer in module.decoder.model.layers:
+        fully_shard(layer, mp_policy=mp)
+    fully_shard(module, mp_policy=mp)
+    return module
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    return module.module if hasattr(module, "module") and isinstance(
+        module, nn.parallel.DistributedDataParallel) else module
+
+
+def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The full (unsharded) state dict on CPU, valid on every rank, for DDP, FSDP2 or a plain module."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True,
+                                                                 cpu_offload=True))
+
+
+def load_full_state_dict(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(module, state, options=StateDictOptions(full_state_dict=True, strict=True))
+
+
+def full_optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(module, optimizer,
+                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(module, optimizer, state,
+                             options=StateDictOptions(full_state_dict=True))
+
+
+def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    if info.distributed:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def barrier(info: DistInfo) -> None:
+    if info.distributed:
+        dist.barrier()
+
+
+def cleanup(info: DistInfo) -> None:
+    if info.distributed and dist.is_initialized():
+        dist.destroy_process_group()

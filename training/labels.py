@@ -1,0 +1,371 @@
+"""PRM label builders: hindsight relabelling, Monte-Carlo values, judge labels (Cases A/B), BT pairs (C).
+
+Every builder turns trajectories (a prompt plus a list of step strings) into training rows for
+``training.prm``: step data ``{"prompt", "completions", "labels"}`` or BT pairs
+``{"prompt", "chosen": [steps], "rejected": [steps]}``. Judges and verifiers are plain Python callables
+``fn(prompt: str, steps: list[str]) -> float | bool`` (a rule, a model, an API), named on the command
+line as ``module:function``. Rollouts come from the engine's batched sampler when it is installed,
+else from the policy's own sampling (see ``sample_continuations``).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import math
+import re
+import sys
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+from tqdm import tqdm
+
+from training.data import DataError, read_preferences, read_rollouts, read_trajectories
+
+log = logging.getLogger(__name__)
+
+Judge = Callable[[str, list[str]], "float | bool"]
+
+
+def hindsight_targets(step_rewards: Sequence[float], final_reward: float, gamma: float) -> list[float]:
+    """Hindsight-relabelled per-step targets ``r̃_t = r_t + γ^(n-t) · z`` for t = 1..n.
+
+    ``z`` is the final reward (e.g. 1 if the answer is correct, else 0); the last step gets
+    ``r_n + z`` and earlier steps a discounted share of it.
+    """
+    if not 0.0 <= gamma <= 1.0:
+        raise ValueError(f"gamma must lie in [0, 1], got {gamma}")
+    if not math.isfinite(final_reward):
+        raise ValueError(f"final_reward must be finite, got {final_reward}")
+    rewards = [float(r) for r in step_rewards]
+    bad = [r for r in rewards if not math.isfinite(r)]
+    if bad:
+        raise ValueError(f"step_rewards must be finite, got {bad}")
+    n = len(rewards)
+    return [r + gamma ** (n - t) * final_reward for t, r in enumerate(rewards, start=1)]
+
+
+def monte_carlo_values(rollouts: Iterable[dict[str, Any]], gamma: float) -> list[dict[str, Any]]:
+    """Step data whose label at step k is the Monte-Carlo value ``V_k`` of the prefix
+    ``(prompt, steps[:k])``: the mean relabelled return (``hindsight_targets``) over the rollouts
+    that pass through that prefix *as policy samples*.
+
+    A rollout's optional ``prefix_len`` (default 0) says how many of its leading steps were given
+    rather than sampled; it counts for prefix k only when ``k >= prefix_len``, so rollouts branched
+    later (forced through more of a trajectory) never bias an earlier prefix's value. Each distinct
+    trajectory becomes one row; one whose prefixes are not all covered is skipped with a warning.
+    """
+    sums: dict[tuple, list[float]] = {}  # (prompt, prefix steps) -> [sum of returns, count]
+    trajectories: OrderedDict[tuple, None] = OrderedDict()
+    for r in rollouts:
+        targets = hindsight_targets(r["step_rewards"], r["final_reward"], gamma)
+        steps = tuple(r["steps"])
+        for k in range(max(1, r.get("prefix_len", 0)), len(steps) + 1):
+            acc = sums.setdefault((r["prompt"], steps[:k]), [0.0, 0])
+            acc[0] += targets[k - 1]
+            acc[1] += 1
+        trajectories[(r["prompt"], steps)] = None
+    rows, skipped = [], 0
+    for prompt, steps in trajectories:
+        stats = [sums.get((prompt, steps[:k])) for k in range(1, len(steps) + 1)]
+        if any(s is None for s in stats):
+            skipped += 1
+            continue
+        rows.append({"prompt": prompt, "completions": list(steps),
+                     "labels": [s[0] / s[1] for s in stats]})
+    if skipped:
+        log.warning("skipped %d trajectories with a prefix that no sampled rollout passes through",
+                    skipped)
+    return rows
+
+
+def _judge_value(judge: Judge, prompt: str, steps: list[str]) -> float:
+    v = judge(prompt, list(steps))
+    v = float(v)
+    if not math.isfinite(v):
+        raise ValueError(f"judge returned a non-finite value {v} for prompt {prompt[:60]!r}")
+    return v
+
+
+def judge_vote_labels(prompt: str, steps: Sequence[str], continuations: Sequence[Sequence[list[str]]],
+                      judge: Judge) -> list[float]:
+    """Case A: label_k = mean over the rollouts from prefix k of ``judge(prompt, steps[:k] + rollout)``.
+
+    ``continuations[k-1]`` holds the M rollouts (each a list of steps) sampled after ``steps[:k]``.
+    With a 0/1 judge this is the fraction of votes for "good": a soft label for BCE.
+    """
+    if len(continuations) != len(steps):
+        raise ValueError(f"need one list of rollouts per step ({len(steps)}), got {len(continuations)}")
+    labels = []
+    for k, conts in enumerate(continuations, start=1):
+        if not conts:
+            raise ValueError(f"no rollouts for prefix {k} of prompt {prompt[:60]!r}")
+        labels.append(sum(_judge_value(judge, prompt, list(steps[:k]) + list(c)) for c in conts)
+                      / len(conts))
+    return labels
+
+
+def judge_prefix_labels(prompt: str, steps: Sequence[str], judge: Judge) -> list[float]:
+    """Case B: label_k = ``judge(prompt, steps[:k])``: the judge scores each prefix itself."""
+    return [_judge_value(judge, prompt, list(steps[:k])) for k in range(1, len(steps) + 1)]
+
+
+def split_steps(text: str, boundary: str | Sequence[str]) -> list[str]:
+    """Split ``text`` after each occurrence of a boundary string; every piece keeps its boundary, so
+    ``"".join(split_steps(t, b)) == t`` (the engine's steps end with their boundary the same way)."""
+    bounds = [boundary] if isinstance(boundary, str) else list(boundary)
+    if not bounds or any(not b for b in bounds):
+        raise ValueError(f"boundary must be a non-empty string or list of them, got {boundary!r}")
+    pattern = "|".join(re.escape(b) for b in sorted(bounds, key=len, reverse=True))
+    pieces, start = [], 0
+    for m in re.finditer(pattern, text):
+        pieces.append(text[start:m.end()])
+        start = m.end()
+    if start < len(text):
+        pieces.append(text[start:])
+    return pieces
+
+
+def bt_prefix_pairs(prompt: str, chosen: str, rejected: str,
+                    boundary: str | Sequence[str]) -> list[dict[str, Any]]:
+    """Case C: Bradley–Terry pairs of partial sequences from one preference pair.
+
+    Both responses are split into steps at ``boundary``; pair k (k = 1..max(n_c, n_r)) compares the
+    first k steps of the chosen response with the first k of the rejected one (the shorter side
+    stays whole once exhausted), so a PRM learns to rank partial responses as it will see them
+    during search. Identical pairs are dropped.
+    """
+    c, r = split_steps(chosen, boundary), split_steps(rejected, boundary)
+    if not c or not r:
+        raise ValueError(f"chosen and rejected must be non-empty for prompt {prompt[:60]!r}")
+    pairs, seen = [], set()
+    for k in range(1, max(len(c), len(r)) + 1):
+        key = (tuple(c[:k]), tuple(r[:k]))
+        if key[0] == key[1] or key in seen:
+            continue
+        seen.add(key)
+        pairs.append({"prompt": prompt, "chosen": c[:k], "rejected": r[:k]})
+    return pairs
+
+
+def sample_continuations(policy, prompt: str, prefixes: Sequence[Sequence[str]], m: int, *,
+                         boundary: str | Sequence[str], max_new_tokens: int, temperature: float,
+                         top_k: int, seed: int, chat_template: bool) -> list[list[list[str]]]:
+    """M sampled continuations (split into steps at ``boundary``) after each prefix.
+
+    Uses ``mahalo_engine.Engine.generate`` (batched, KV-cached) when the engine is installed;
+    otherwise samples with the policy's full forward, re-encoding every token (slow: a warning says
+    so). Returns ``out[j][i]``: the steps of continuation i after ``prefixes[j]``.
+    """
+    from training.data import encode_prompt
+
+    tok = policy.tokenizer
+    prompt_ids = encode_prompt(tok, prompt, chat_template)
+    contexts = [prompt_ids + [t for s in pre for t in tok(s, add_special_tokens=False)["input_ids"]]
+                for pre in prefixes]
+    flat = [ctx for ctx in contexts for _ in range(m)]
+    try:
+        from mahalo_engine.engine import Engine
+    except ImportError:
+        Engine = None
+    if Engine is not None:
+        engine = Engine(policy, max_batch=min(len(flat), 32),
+                        max_seq_len=max(len(c) for c in flat) + max_new_tokens, cuda_graphs=False)
+        gens = engine.generate(flat, max_new_tokens=max_new_tokens, temperature=temperature,
+                               top_k=top_k, seed=seed)
+        texts = [g.text for g in gens]
+    else:
+        log.warning("mahalo_engine.engine is not available: sampling rollouts with full re-encoding "
+                    "forwards (O(n^2) per rollout)")
+        texts = [_sample_by_reencoding(policy, ctx, max_new_tokens, temperature, top_k, seed + i)
+                 for i, ctx in enumerate(flat)]
+    steps = [split_steps(t, boundary) if t else [] for t in texts]
+    return [steps[j * m:(j + 1) * m] for j in range(len(prefixes))]
+
+
+def _sample_by_reencoding(policy, ids: list[int], max_new_tokens: int, temperature: float,
+                          top_k: int, seed: int) -> str:
+    import torch
+
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    eos = policy.config.eos_token_id
+    eos_set = set(eos if isinstance(eos, list) else [eos]) - {None}
+    device = policy.heads.device
+    seq, out = list(ids), []
+    for _ in range(max_new_tokens):
+        with torch.no_grad():
+            logits = policy.logits(torch.tensor([seq], device=device))[0, -1].float().cpu()
+        if temperature == 0:
+            nxt = int(logits.argmax())
+        else:
+            logits = logits / temperature
+            if top_k:
+                kth = logits.topk(min(top_k, logits.numel())).values[-1]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            nxt = int(torch.multinomial(logits.softmax(-1), 1, generator=gen))
+        if nxt in eos_set:
+            break
+        seq.append(nxt)
+        out.append(nxt)
+    return policy.tokenizer.decode(out)
+
+
+def load_callable(spec: str) -> Callable:
+    """``"package.module:function"`` -> the function (a judge or a verifier)."""
+    mod, sep, name = spec.partition(":")
+    if not sep or not mod or not name:
+        raise ValueError(f"expected 'module:function', got {spec!r}")
+    sys.path.insert(0, str(Path.cwd()))
+    try:
+        fn = getattr(importlib.import_module(mod), name)
+    except AttributeError as e:
+        raise ValueError(f"module {mod!r} has no attribute {name!r}") from e
+    finally:
+        sys.path.pop(0)
+    if not callable(fn):
+        raise TypeError(f"{spec} is not callable")
+    return fn
+
+
+def generate_rollouts(policy, trajectories: Iterable[dict[str, Any]], verifier: Judge, m: int, *,
+                      step_reward: Judge | None = None, **sampling: Any) -> list[dict[str, Any]]:
+    """Rollouts for ``monte_carlo_values``: each trajectory itself (``prefix_len = n``) plus M
+    continuations sampled after each proper prefix ``steps[:k]`` (``prefix_len = k``, k < n). Every
+    completed rollout gets ``final_reward = verifier(prompt, steps)`` and per-step rewards
+    ``step_reward(prompt, steps[:t])`` (0 without one)."""
+    out = []
+    for traj in tqdm(list(trajectories), desc="rollouts", unit="traj"):
+        prompt, steps = traj["prompt"], list(traj["steps"])
+        n = len(steps)
+        conts = sample_continuations(policy, prompt, [steps[:k] for k in range(1, n)], m, **sampling)
+        completed = [(steps, n)] + [(steps[:k] + c, k) for k, cs in enumerate(conts, start=1)
+                                    for c in cs]
+        for full, prefix_len in completed:
+            rewards = ([_judge_value(step_reward, prompt, full[:t]) for t in range(1, len(full) + 1)]
+                       if step_reward else [0.0] * len(full))
+            out.append({"prompt": prompt, "steps": full, "step_rewards": rewards,
+                        "final_reward": _judge_value(verifier, prompt, full),
+                        "prefix_len": prefix_len})
+    return out
+
+
+def _write_jsonl(rows: Iterable[dict[str, Any]], path: Path) -> int:
+    from training.checkpoint import atomic_write_text
+
+    lines = [json.dumps(r, ensure_ascii=False) for r in rows]
+    atomic_write_text(path, "".join(line + "\n" for line in lines))
+    return len(lines)
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m training.labels",
+        description="Build PRM training labels. Judges/verifiers are 'module:function' callables "
+        "fn(prompt: str, steps: list[str]) -> float. Output: step data "
+        '{"prompt","completions","labels"} or BT pairs {"prompt","chosen":[..],"rejected":[..]}.')
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    h = sub.add_parser("hindsight", help="one rollout -> per-step targets r_t + gamma^(n-t) z (M=1)")
+    m = sub.add_parser("mc", help="Monte-Carlo values: mean relabelled return over rollouts sharing "
+                       "each prefix")
+    for q in (h, m):
+        q.add_argument("--rollouts", type=Path, required=True,
+                       help='jsonl of {"prompt","steps","step_rewards","final_reward"}')
+        q.add_argument("--gamma", type=float, default=0.9, help="discount (default 0.9, the paper's)")
+        q.add_argument("--out", type=Path, required=True)
+
+    def sampling_args(q: argparse.ArgumentParser) -> None:
+        q.add_argument("--policy", type=Path, required=True, help="policy directory (load_policy)")
+        q.add_argument("--m", type=int, default=4, help="rollouts per prefix (default 4)")
+        q.add_argument("--boundary", default="\n\n", help='step boundary (default "\\n\\n")')
+        q.add_argument("--max-new-tokens", type=int, default=256)
+        q.add_argument("--temperature", type=float, default=1.0)
+        q.add_argument("--top-k", type=int, default=0)
+        q.add_argument("--seed", type=int, default=0)
+        q.add_argument("--chat-template", action="store_true",
+                       help="wrap string prompts in the tokenizer's chat template")
+        q.add_argument("--device", default="cpu")
+
+    r = sub.add_parser("rollouts", help="sample M rollouts from every prefix of each trajectory and "
+                       "score them with a verifier (input for 'mc')")
+    r.add_argument("--data", type=Path, required=True, help='jsonl of {"prompt","steps"}')
+    r.add_argument("--verifier", required=True, help="module:function giving the final reward z")
+    r.add_argument("--step-reward", default=None, help="module:function giving r_t (default 0)")
+    r.add_argument("--out", type=Path, required=True)
+    sampling_args(r)
+
+    a = sub.add_parser("judge-votes", help="Case A: a judge votes over M rollouts from each prefix "
+                       "(soft labels for --loss bce)")
+    a.add_argument("--data", type=Path, required=True, help='jsonl of {"prompt","steps"}')
+    a.add_argument("--judge", required=True, help="module:function returning 0/1 or [0,1]")
+    a.add_argument("--out", type=Path, required=True)
+    sampling_args(a)
+
+    b = sub.add_parser("judge-prefix", help="Case B: the judge scores each prefix itself")
+    b.add_argument("--data", type=Path, required=True, help='jsonl of {"prompt","steps"}')
+    b.add_argument("--judge", required=True, help="module:function returning a float label")
+    b.add_argument("--out", type=Path, required=True)
+
+    c = sub.add_parser("bt-pairs", help="Case C: Bradley-Terry pairs of chosen/rejected prefixes")
+    c.add_argument("--data", type=Path, required=True,
+                   help='preference jsonl {"prompt","chosen","rejected"} (string fields)')
+    c.add_argument("--boundary", default="\n\n", help='step boundary (default "\\n\\n")')
+    c.add_argument("--out", type=Path, required=True)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = _parse_args(argv)
+    if args.cmd in ("hindsight", "mc"):
+        rollouts = read_rollouts(args.rollouts)
+        if args.cmd == "hindsight":
+            rows = [{"prompt": r["prompt"], "completions": r["steps"],
+                     "labels": hindsight_targets(r["step_rewards"], r["final_reward"], args.gamma)}
+                    for r in rollouts]
+        else:
+            rows = monte_carlo_values(rollouts, args.gamma)
+    elif args.cmd == "bt-pairs":
+        rows = []
+        for pair in read_preferences([(None, args.data)], default_objective="bt").pairs:
+            if not all(isinstance(x, str) for x in (pair.prompt, pair.chosen, pair.rejected)):
+                raise DataError(f"{pair.source}: bt-pairs needs string prompt/chosen/rejected")
+            rows.extend(bt_prefix_pairs(pair.prompt, pair.chosen, pair.rejected, args.boundary))
+    else:
+        trajectories = read_trajectories(args.data)
+        if args.cmd == "judge-prefix":
+            judge = load_callable(args.judge)
+            rows = [{"prompt": t["prompt"], "completions": t["steps"],
+                     "labels": judge_prefix_labels(t["prompt"], t["steps"], judge)}
+                    for t in tqdm(trajectories, desc="judge", unit="traj")]
+        else:
+            from mahalo_engine.policy import load_policy
+
+            policy = load_policy(args.policy, device=args.device)
+            sampling = dict(boundary=args.boundary, max_new_tokens=args.max_new_tokens,
+                            temperature=args.temperature, top_k=args.top_k, seed=args.seed,
+                            chat_template=args.chat_template)
+            if args.cmd == "rollouts":
+                step_reward = load_callable(args.step_reward) if args.step_reward else None
+                rows = generate_rollouts(policy, trajectories, load_callable(args.verifier), args.m,
+                                         step_reward=step_reward, **sampling)
+            else:
+                judge = load_callable(args.judge)
+                rows = []
+                for t in tqdm(trajectories, desc="judge-votes", unit="traj"):
+                    steps = t["steps"]
+                    # The full trajectory is terminal: its own vote is the judge on itself.
+                    conts = sample_continuations(policy, t["prompt"],
+                                                 [steps[:k] for k in range(1, len(steps))],
+                                                 args.m, **sampling) + [[[]]]
+                    rows.append({"prompt": t["prompt"], "completions": steps,
+                                 "labels": judge_vote_labels(t["prompt"], steps, conts, judge)})
+    n = _write_jsonl(rows, args.out)
+    log.info("wrote %d rows to %s", n, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

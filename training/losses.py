@@ -1,0 +1,155 @@
+"""Training losses: MAH-DPO (multi-head sigmoid DPO) and the PRM losses (MSE, BCE, Bradley–Terry).
+
+``mah_dpo_loss`` follows DESIGN.md: for objective i, sigmoid DPO
+``-log σ(β((π_c - ref_c) - (π_r - ref_r)))`` over objective i's rows, then ``Σ_i α_i · mean_i(L_i)``.
+An objective with no rows in the batch contributes nothing (its entry in ``per_objective_losses`` is 0).
+The ``objective_counts`` option lets distributed / accumulated trainers divide each objective's sum
+by its count over the *global* batch, so that a local slice contributes exactly its share.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+def _check_logps(name: str, t: torch.Tensor, n: int | None) -> int:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != 1:
+        raise ValueError(f"{name} must be 1-D [N], got shape {tuple(t.shape)}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating tensor, got {t.dtype}")
+    if n is not None and t.shape[0] != n:
+        raise ValueError(f"{name} has {t.shape[0]} rows, expected {n} (same as policy_chosen_logps)")
+    return t.shape[0]
+
+
+def _resolve_alphas(alphas: Sequence[float] | torch.Tensor | None, num_objectives: int | None,
+                    objective_ids: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if alphas is not None:
+        a = torch.as_tensor(alphas, dtype=torch.float32, device=device).flatten()
+        if num_objectives is not None and a.numel() != num_objectives:
+            raise ValueError(f"alphas has {a.numel()} entries but num_objectives={num_objectives}")
+        if not torch.isfinite(a).all() or (a < 0).any():
+            raise ValueError(f"alphas must be finite and >= 0, got {a.tolist()}")
+        return a
+    if num_objectives is None:
+        if objective_ids.numel() == 0:
+            raise ValueError("empty batch: pass alphas or num_objectives to size the per-objective losses")
+        num_objectives = int(objective_ids.max()) + 1
+    if num_objectives <= 0:
+        raise ValueError(f"num_objectives must be positive, got {num_objectives}")
+    return torch.ones(num_objectives, dtype=torch.float32, device=device)
+
+
+def dpo_margins(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
+                ref_chosen_logps: torch.Tensor, ref_rejected_logps: torch.Tensor) -> torch.Tensor:
+    """Implicit reward margin per row before β: ``(π_c - ref_c) - (π_r - ref_r)`` in float32."""
+    return ((policy_chosen_logps.float() - ref_chosen_logps.float())
+            - (policy_rejected_logps.float() - ref_rejected_logps.float()))
+
+
+def mah_dpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    objective_ids: torch.Tensor,
+    *,
+    beta: float = 0.1,
+    alphas: Sequence[float] | torch.Tensor | None = None,
+    num_objectives: int | None = None,
+    objective_counts: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """MAH-DPO loss over a batch of preference pairs, each row belonging to one objective.
+
+    All log-prob tensors are ``[N]`` sequence log-probs (summed over response tokens); the policy's
+    come from the row's own objective head. ``objective_ids`` is an integer ``[N]`` in ``[0, H)``.
+    H is ``len(alphas)``, else ``num_objectives``, else ``max(objective_ids) + 1``; ``alphas``
+    defaults to 1 for every objective (the paper's equal mean over heads is ``α_i = 1/H``).
+    ``objective_counts`` (``[H]``): divide objective i's summed loss by this count instead of its
+    count in this batch (the trainers pass global-batch counts).
+
+    Returns ``(loss, per_objective_losses[H])``: the scalar ``Σ_i α_i · mean_i(L_i)`` and the
+    unweighted per-objective means (0 for an objective absent from the batch).
+    """
+    if not isinstance(beta, (int, float)) or not beta > 0:
+        raise ValueError(f"beta must be a positive number, got {beta!r}")
+    n = _check_logps("policy_chosen_logps", policy_chosen_logps, None)
+    _check_logps("policy_rejected_logps", policy_rejected_logps, n)
+    _check_logps("ref_chosen_logps", ref_chosen_logps, n)
+    _check_logps("ref_rejected_logps", ref_rejected_logps, n)
+    if not isinstance(objective_ids, torch.Tensor) or objective_ids.dtype not in (
+            torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+        raise TypeError(f"objective_ids must be an integer tensor, got "
+                        f"{getattr(objective_ids, 'dtype', type(objective_ids).__name__)}")
+    if objective_ids.shape != (n,):
+        raise ValueError(f"objective_ids must have shape ({n},), got {tuple(objective_ids.shape)}")
+    device = policy_chosen_logps.device
+    a = _resolve_alphas(alphas, num_objectives, objective_ids, device)
+    h = a.numel()
+    ids = objective_ids.to(device=device, dtype=torch.int64)
+    if n and (int(ids.min()) < 0 or int(ids.max()) >= h):
+        raise ValueError(f"objective_ids must lie in [0, {h}), got values in "
+                         f"[{int(ids.min())}, {int(ids.max())}]")
+
+    margins = dpo_margins(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+                          ref_rejected_logps)
+    per_row = -F.logsigmoid(beta * margins)
+    sums = torch.zeros(h, dtype=per_row.dtype, device=device).index_add(0, ids, per_row)
+    present = torch.bincount(ids, minlength=h)
+    if objective_counts is None:
+        counts = present.to(per_row.dtype)
+    else:
+        counts = torch.as_tensor(objective_counts, device=device).to(per_row.dtype).flatten()
+        if counts.numel() != h:
+            raise ValueError(f"objective_counts has {counts.numel()} entries, expected {h}")
+        short = (present > 0) & (counts < present.to(counts.dtype))
+        if short.any():
+            raise ValueError(f"objective_counts {counts.tolist()} is smaller than the rows present "
+                             f"in the batch {present.tolist()}")
+    per_objective = torch.where(present > 0, sums / counts.clamp(min=1), torch.zeros_like(sums))
+    return (a * per_objective).sum(), per_objective
+
+
+def _reduce(x: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == "mean":
+        return x.mean()
+    if reduction == "sum":
+        return x.sum()
+    if reduction == "none":
+        return x
+    raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+
+
+def _same_shape(a_name: str, a: torch.Tensor, b_name: str, b: torch.Tensor) -> None:
+    if a.shape != b.shape:
+        raise ValueError(f"{a_name} {tuple(a.shape)} and {b_name} {tuple(b.shape)} must have the "
+                         f"same shape")
+
+
+def bradley_terry_loss(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor, *,
+                       reduction: str = "mean") -> torch.Tensor:
+    """``-log σ(r_c - r_r)`` per pair of raw scalar rewards (equal shapes), reduced."""
+    _same_shape("chosen_scores", chosen_scores, "rejected_scores", rejected_scores)
+    return _reduce(-F.logsigmoid(chosen_scores.float() - rejected_scores.float()), reduction)
+
+
+def value_mse_loss(predictions: torch.Tensor, targets: torch.Tensor, *,
+                   reduction: str = "mean") -> torch.Tensor:
+    """Squared error between predicted values and value targets (equal shapes), reduced."""
+    _same_shape("predictions", predictions, "targets", targets)
+    return _reduce((predictions.float() - targets.float()).square(), reduction)
+
+
+def soft_bce_loss(logits: torch.Tensor, labels: torch.Tensor, *,
+                  reduction: str = "mean") -> torch.Tensor:
+    """Binary cross-entropy of raw logits against 0/1 or soft labels in [0, 1], reduced."""
+    _same_shape("logits", logits, "labels", labels)
+    if labels.numel() and (labels.min() < 0 or labels.max() > 1):
+        raise ValueError(f"BCE labels must lie in [0, 1], got values in "
+                         f"[{float(labels.min())}, {float(labels.max())}]")
+    return _reduce(F.binary_cross_entropy_with_logits(logits.float(), labels.float(),
+                                                      reduction="none"), reduction)

@@ -1,0 +1,291 @@
+"""``python -m training.mah_dpo``: Multi-Action-Head DPO on a shared backbone.
+
+Steps (DESIGN.md, with the reference implementation's costs removed):
+
+1. Reference log-probs of every pair under the SFT model (backbone + its unperturbed head) are
+   computed once, streaming over the data, and cached on disk under a key hashing the weights,
+   config, dtype and the exact token ids (so data, tokenizer and truncation settings are all
+   covered). No second model is resident while training.
+2. Heads start as the SFT head plus ``σ·N(0,1)`` (one generator seed per head). They are separate
+   tensors, so a tied checkpoint is untied by construction: the input embedding never moves with
+   a head. The backbone's own ``lm_head`` is dropped during training.
+3. Each step runs one forward over chosen and rejected rows together; every row is projected
+   through its own objective's head only, in chunks (``training.logps``).
+4. Loss ``Σ_i α_i · mean_i(L_i)`` over balanced global batches (``training.data.BalancedBatches``),
+   normalised by global counts so that any world size or micro-batching gives the same step.
+
+Output: the backbone as a Hugging Face directory (its ``lm_head`` is the heads' mean) plus
+``mahalo_heads.safetensors`` with the objective names; ``load_policy(out)`` loads it.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import sys
+from array import array
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from training import distributed as D
+from training.checkpoint import atomic_directory
+from training.data import (BalancedBatches, PreferenceData, TokenizedPair, collate_pairs, micro_batches,
+                           pad_id_of, parse_data_spec, read_preferences, shard, tokenize_pairs)
+from training.logps import PolicyLogps
+from training.losses import dpo_margins, mah_dpo_loss
+from training.model_io import build_decoder, hash_model_dir, save_policy_dir, strip_prefix, untied_config
+from training.trainer import Micro, Trainer, add_common_args, describe, finish_args, total_steps
+
+log = logging.getLogger(__name__)
+
+REF_CACHE_VERSION = 1
+
+
+def default_cache_dir() -> Path:
+    env = os.environ.get("MAHALO_CACHE")
+    return (Path(env) if env else Path.home() / ".cache" / "mahalo_engine") / "ref_logps"
+
+
+def init_heads(sft_head: torch.Tensor, num_heads: int, sigma: float, seeds: Sequence[int]) -> torch.Tensor:
+    """``[H,V,d]`` float32 heads: ``sft_head + sigma * N(0,1)``, head i drawn from its own CPU
+    generator seeded ``seeds[i]`` (device-independent, and the global RNG is left alone)."""
+    if len(seeds) != num_heads:
+        raise ValueError(f"{num_heads} heads need {num_heads} seeds, got {list(seeds)}")
+    if sigma < 0:
+        raise ValueError(f"sigma must be >= 0, got {sigma}")
+    base = sft_head.detach().float().cpu()
+    heads = torch.stack([base + sigma * torch.randn(base.shape, generator=torch.Generator().manual_seed(s))
+                         for s in seeds])
+    return heads.to(sft_head.device)
+
+
+def tokens_digest(items: Sequence[TokenizedPair]) -> str:
+    h = hashlib.sha256()
+    for it in items:
+        for ids in (it.prompt, it.chosen, it.rejected):
+            h.update(array("q", ids).tobytes())
+            h.update(b"|")
+    return h.hexdigest()
+
+
+def compute_reference_logps(decoder: torch.nn.Module, items: Sequence[TokenizedPair], *, pad_id: int,
+                            batch_size: int, chunk_tokens: int, info: D.DistInfo,
+                            autocast=None) -> torch.Tensor:
+    """``[N, 2]`` float32 (chosen, rejected) summed log-probs under the decoder's own ``lm_head``,
+    streamed in length-sorted batches, split over ranks and summed back together."""
+    import contextlib
+
+    from tqdm import tqdm
+
+    ref = PolicyLogps(decoder, chunk_tokens=chunk_tokens)
+    order = sorted(range(len(items)), key=lambda i: items[i].length)[info.rank::info.world_size]
+    out = torch.zeros(len(items), 2, dtype=torch.float32, device=info.device)
+    with torch.no_grad():
+        for chunk in tqdm(micro_batches(order, batch_size), desc="reference log-probs", unit="batch",
+                          disable=not info.is_main, leave=False):
+            batch = collate_pairs([items[i] for i in chunk], pad_id)
+            batch.head_ids.zero_()
+            batch = batch.to(info.device)
+            with autocast or contextlib.nullcontext():
+                lp = ref(batch.input_ids, batch.attention_mask, batch.labels, batch.head_ids)
+            idx = torch.tensor(chunk, device=info.device)
+            out[idx, 0] = lp[:len(chunk)].float()
+            out[idx, 1] = lp[len(chunk):].float()
+    return D.all_reduce_sum(out, info).cpu()
+
+
+def reference_logps(decoder: torch.nn.Module, items: Sequence[TokenizedPair], *, model_dir: Path,
+                    cache_dir: Path, pad_id: int, batch_size: int, chunk_tokens: int,
+                    info: D.DistInfo, bf16: bool, autocast=None) -> torch.Tensor:
+    """Cached ``compute_reference_logps``: the key hashes the model files, dtype, device type,
+    autocast and every token id; a hit skips the forward passes entirely."""
+    from safetensors.torch import load_file, save_file
+
+    dtype = decoder.model.embed_tokens.weight.dtype
+    key_src = json.dumps({"v": REF_CACHE_VERSION, "model": hash_model_dir(model_dir),
+                          "dtype": str(dtype), "device": info.device.type, "bf16": bf16,
+                          "tokens": tokens_digest(items), "n": len(items)}, sort_keys=True)
+    key = hashlib.sha256(key_src.encode()).hexdigest()
+    path = cache_dir / f"ref-logps-{key[:40]}" / "ref_logps.safetensors"
+    if path.is_file():
+        ref = load_file(str(path))["ref_logps"]
+        if tuple(ref.shape) != (len(items), 2):
+            raise ValueError(f"{path}: cached shape {tuple(ref.shape)}, expected ({len(items)}, 2)")
+        if info.is_main:
+            log.info("reference log-probs: cache hit %s", path)
+        return ref
+    ref = compute_reference_logps(decoder, items, pad_id=pad_id, batch_size=batch_size,
+                                  chunk_tokens=chunk_tokens, info=info, autocast=autocast)
+    if info.is_main:
+        with atomic_directory(path.parent) as tmp:
+            save_file({"ref_logps": ref.contiguous()}, str(tmp / path.name), metadata={"key": key_src})
+        log.info("reference log-probs: cached to %s", path)
+    D.barrier(info)
+    return ref
+
+
+def _parse_alphas(specs: Sequence[str], objectives: Sequence[str]) -> list[float]:
+    alphas = {o: 1.0 for o in objectives}
+    for s in specs:
+        name, sep, value = s.partition("=")
+        if not sep or name not in alphas:
+            raise ValueError(f"--alpha expects OBJECTIVE=WEIGHT with OBJECTIVE in {list(objectives)}, "
+                             f"got {s!r}")
+        try:
+            alphas[name] = float(value)
+        except ValueError:
+            raise ValueError(f"--alpha {s!r}: {value!r} is not a number") from None
+        if not alphas[name] >= 0:
+            raise ValueError(f"--alpha {s!r}: weights must be >= 0")
+    return [alphas[o] for o in objectives]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m training.mah_dpo",
+        description="Multi-Action-Head DPO: one LM head per objective on a shared backbone, "
+        "trained from an SFT model on per-objective preference pairs (TRL format "
+        '{"prompt","chosen","rejected"}). Run under torchrun for DDP/FSDP2.',
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", type=Path, required=True, help="SFT model directory (Hugging Face)")
+    p.add_argument("--data", action="append", required=True,
+                   help="OBJECTIVE=FILE.jsonl (repeat per objective), or FILE.jsonl whose rows "
+                   "carry an 'objective' field")
+    p.add_argument("--objectives", default=None,
+                   help="comma-separated head order (default: order of first appearance)")
+    p.add_argument("--alpha", action="append", default=[],
+                   help="OBJECTIVE=WEIGHT loss weight α_i (default 1 each; the paper's mean over "
+                   "heads is 1/H each)")
+    p.add_argument("--beta", type=float, default=0.1, help="DPO β")
+    p.add_argument("--sigma", type=float, default=1e-3, help="head init noise std")
+    p.add_argument("--init-seed", type=int, default=42,
+                   help="head i's noise uses seed INIT_SEED + 100*i (the paper's seeds)")
+    p.add_argument("--balance", choices=("truncate", "replacement"), default="truncate",
+                   help="truncate every objective to the smallest one per epoch (the paper), or "
+                   "re-draw smaller objectives up to the largest one's size")
+    p.add_argument("--ref-cache", type=Path, default=None,
+                   help="reference log-prob cache directory (default $MAHALO_CACHE/ref_logps or "
+                   "~/.cache/mahalo_engine/ref_logps)")
+    p.add_argument("--ref-batch-size", type=int, default=8, help="pairs per reference forward")
+    p.add_argument("--chunk-tokens", type=int, default=1024,
+                   help="positions per log-prob chunk (bounds the float32 logits to CHUNK x V)")
+    add_common_args(p, lr=5e-6, batch_size=8)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = finish_args(build_parser().parse_args(argv))
+    info = D.init_distributed(args.device)
+    try:
+        train(args, info)
+    finally:
+        D.cleanup(info)
+    return 0
+
+
+def train(args: argparse.Namespace, info: D.DistInfo) -> None:
+    from transformers import AutoTokenizer
+
+    from mahalo_engine.utils.loader import load_decoder
+
+    torch.manual_seed(args.seed)
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    data: PreferenceData = read_preferences(
+        [parse_data_spec(s) for s in args.data],
+        objectives=args.objectives.split(",") if args.objectives else None)
+    names = data.objectives
+    alphas = _parse_alphas(args.alpha, names)
+    items, stats = tokenize_pairs(tokenizer, data, max_length=args.max_length,
+                                  max_prompt_length=args.max_prompt_length,
+                                  chat_template=args.chat_template)
+    groups: list[list[int]] = [[] for _ in names]
+    for g, it in enumerate(items):
+        groups[it.objective].append(g)
+    if info.is_main:
+        log.info("objectives %s with %s pairs; %s", names, [len(g) for g in groups], stats)
+
+    decoder = load_decoder(args.model, dtype=torch.float32, device=info.device)
+    config = decoder.config
+    pad = pad_id_of(tokenizer, config.pad_token_id)
+    bf16 = info.device.type == "cuda" and args.bf16
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else None
+    ref = reference_logps(decoder, items, model_dir=args.model, cache_dir=args.ref_cache or default_cache_dir(),
+                          pad_id=pad, batch_size=args.ref_batch_size, chunk_tokens=args.chunk_tokens,
+                          info=info, bf16=bf16, autocast=autocast).to(info.device)
+
+    heads = init_heads(decoder.lm_head.weight, len(names), args.sigma,
+                       [args.init_seed + 100 * i for i in range(len(names))])
+    decoder.lm_head = None  # the heads replace it; dropping it also unties a tied checkpoint
+    module = PolicyLogps(decoder, heads, chunk_tokens=args.chunk_tokens)
+    run_config = {"data": sorted(args.data), "objectives": names, "batch_size": args.batch_size,
+                  "seed": args.seed, "balance": args.balance, "max_length": args.max_length,
+                  "max_prompt_length": args.max_prompt_length, "chat_template": args.chat_template,
+                  "beta": args.beta, "alphas": alphas, "model": str(args.model)}
+    trainer = Trainer("mah_dpo", module, info, args, config=run_config)
+    sampler = BalancedBatches([len(g) for g in groups], args.batch_size, mode=args.balance,
+                              seed=args.seed)
+    steps = total_steps(args, sampler.steps_per_epoch)
+    h = len(names)
+
+    def make_step(step: int) -> list[Micro]:
+        rows = [groups[o][i] for o, i in sampler.batch(step)]
+        counts = torch.bincount(torch.tensor([items[g].objective for g in rows]), minlength=h)
+        local = shard(rows, info.rank, info.world_size)
+        mbs = args.micro_batch_size or len(local)
+        return [_micro(trainer, items, ref, chunk, counts.to(info.device), pad, args.beta, alphas,
+                       info, describe([data.pairs[g].source for g in chunk]))
+                for chunk in micro_batches(local, mbs)]
+
+    def summarize(m: dict[str, torch.Tensor]) -> dict[str, float]:
+        out = {}
+        for i, name in enumerate(names):
+            n = float(m["count"][i])
+            if n:
+                out[f"{name}/loss"] = float(m["loss_sum"][i]) / n
+                out[f"{name}/margin"] = float(m["margin_sum"][i]) / n
+                out[f"{name}/acc"] = float(m["correct"][i]) / n
+        return out
+
+    trainer.run(steps, make_step, summarize)
+    state = D.full_state_dict(trainer.module)
+    if info.is_main:
+        final = build_decoder(untied_config(config), strip_prefix(state, "decoder.")
+                              | {"lm_head.weight": state["heads"].mean(0)})
+        save_policy_dir(args.out, final, tokenizer, state["heads"], names)
+    D.barrier(info)
+
+
+def _micro(trainer: Trainer, items: Sequence[TokenizedPair], ref: torch.Tensor, rows: list[int],
+           counts: torch.Tensor, pad: int, beta: float, alphas: list[float], info: D.DistInfo,
+           desc: str) -> Micro:
+    def run() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        batch = collate_pairs([items[g] for g in rows], pad).to(info.device)
+        n = len(rows)
+        logps = trainer.module(batch.input_ids, batch.attention_mask, batch.labels, batch.head_ids)
+        idx = torch.tensor(rows, device=info.device)
+        obj = batch.head_ids[:n]
+        ref_c, ref_r = ref[idx, 0], ref[idx, 1]
+        loss, _ = mah_dpo_loss(logps[:n], logps[n:], ref_c, ref_r, obj, beta=beta, alphas=alphas,
+                               objective_counts=counts)
+        with torch.no_grad():
+            margins = dpo_margins(logps[:n], logps[n:], ref_c, ref_r)
+            h = len(alphas)
+            metrics = {
+                "loss_sum": torch.zeros(h, device=info.device).index_add(0, obj, -F.logsigmoid(beta * margins)),
+                "margin_sum": torch.zeros(h, device=info.device).index_add(0, obj, beta * margins),
+                "correct": torch.zeros(h, device=info.device).index_add(0, obj, (margins > 0).float()),
+                "count": torch.bincount(obj, minlength=h).float(),
+            }
+        return loss * info.world_size, metrics
+
+    return Micro(run, desc)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""Model files the trainers read and write: hashing a checkpoint for cache keys, untying, and
+publishing a trained backbone (plus heads) as the Hugging Face directory ``load_policy`` reads."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mahalo_engine.config import ModelConfig
+from mahalo_engine.heads import save_heads
+from mahalo_engine.models.decoder import Decoder
+from mahalo_engine.utils.loader import save_checkpoint
+from training.checkpoint import publish_files, staging_dir
+
+log = logging.getLogger(__name__)
+
+
+def hash_model_dir(path: str | Path) -> str:
+    """sha256 over config.json and every safetensors file (and index) of a checkpoint directory."""
+    root = Path(path)
+    files = sorted([root / "config.json", *root.glob("*.safetensors"),
+                    *root.glob("*.safetensors.index.json")])
+    h = hashlib.sha256()
+    for f in files:
+        if not f.is_file():
+            raise FileNotFoundError(f"{f} is missing")
+        h.update(f.name.encode() + b"\0")
+        with f.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 24), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def untied_config(config: ModelConfig) -> ModelConfig:
+    """The same config with separate input embedding and LM head."""
+    return dataclasses.replace(config, tie_word_embeddings=False,
+                               raw={**config.raw, "tie_word_embeddings": False})
+
+
+def strip_prefix(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    out = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    if not out:
+        raise ValueError(f"no tensor starts with {prefix!r} in {sorted(state)[:5]}...")
+    return out
+
+
+def build_decoder(config: ModelConfig, state: dict[str, torch.Tensor]) -> Decoder:
+    """A CPU float32 ``Decoder`` holding ``state`` (HF names), loaded strictly."""
+    with torch.device("meta"):
+        model = Decoder(config)
+    model = model.to_empty(device="cpu")  # no random init of weights about to be overwritten
+    model.tie_weights()
+    missing, unexpected = model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
+    if config.tie_word_embeddings:
+        missing = [k for k in missing if k != "lm_head.weight"]
+    if missing or unexpected:
+        raise ValueError(f"state does not fit the decoder: missing {missing}, unexpected {unexpected}")
+    return model
+
+
+def save_policy_dir(out_dir: str | Path, model: Decoder, tokenizer, heads: torch.Tensor | None = None,
+                    objectives: list[str] | None = None) -> Path:
+    """Publish ``model`` (+ ``mahalo_heads.safetensors`` when ``heads`` is given) into ``out_dir``.
+
+    With heads the saved ``lm_head`` is their mean (the untied model's uniform mix, which is what
+    ``load_policy`` gives with ``head_weights=None``), so plain transformers loads the default
+    mixed policy. Files are staged and moved in one by one with ``os.replace``.
+    """
+    if heads is not None:
+        if objectives is None:
+            raise ValueError("objectives are required with heads")
+        if model.config.tie_word_embeddings:
+            raise ValueError("a multi-head policy needs an untied backbone (untied_config)")
+        with torch.no_grad():
+            model.lm_head.weight.copy_(heads.float().mean(0))
+    tmp = staging_dir(out_dir)
+    try:
+        save_checkpoint(tmp, model, tokenizer)
+        if heads is not None:
+            save_heads(tmp / "mahalo_heads.safetensors", heads.float(), objectives)
+    except BaseException:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    publish_files(tmp, out_dir)
+    log.info("saved %s", out_dir)
+    return Path(out_dir)
+
+
+def freeze(module: nn.Module) -> None:
+    for p in module.parameters():
+        p.requires_grad_(False)

@@ -1,0 +1,207 @@
+"""``python -m training.prm``: train a value head (PRM) on a decoder backbone.
+
+A sequence is the prompt's tokens followed by each step's tokens, each step tokenised on its own
+(``training.data.tokenize_steps``), exactly as the engine feeds a PRM; the head is read at each
+step's last token, so no marker token (with an untrained embedding) is involved. Losses:
+
+- ``mse``: regression on value targets (hindsight / Monte-Carlo values) -> ``kind=value``;
+- ``bce``: 0/1 or soft judge labels on the head's logit -> ``kind=binary`` (score = sigmoid);
+- ``bt``: Bradley–Terry on pairs of partial sequences ``{"prompt","chosen":[steps],"rejected":[steps]}``,
+  read at each side's last token -> ``kind=bt``.
+
+The backbone is frozen by default (the paper's value model); ``--train-backbone`` trains it too.
+Output: the backbone directory plus ``value_head.safetensors``, loadable by ``load_prm``.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mahalo_engine.prm import ValueHead, save_prm
+from training import distributed as D
+from training.data import (micro_batches, pad_id_of, read_step_pairs, read_steps, shard,
+                           shuffled_batch, tokenize_step_pairs, tokenize_steps)
+from training.losses import bradley_terry_loss, soft_bce_loss, value_mse_loss
+from training.model_io import build_decoder, freeze, strip_prefix
+from training.trainer import Micro, Trainer, add_common_args, describe, finish_args, total_steps
+
+log = logging.getLogger(__name__)
+
+KIND_OF_LOSS = {"mse": "value", "bce": "binary", "bt": "bt"}
+
+
+class ValueTraining(nn.Module):
+    """Backbone + value head -> the head's raw output at chosen ``(row, col)`` positions."""
+
+    def __init__(self, decoder: nn.Module, value_head: ValueHead, train_backbone: bool) -> None:
+        super().__init__()
+        self.decoder = decoder
+        self.value_head = value_head
+        self.train_backbone = train_backbone
+        if not train_backbone:
+            freeze(decoder)
+        elif decoder.lm_head.weight is not decoder.model.embed_tokens.weight:
+            decoder.lm_head.weight.requires_grad_(False)  # unused by a PRM
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows: torch.Tensor,
+                cols: torch.Tensor) -> torch.Tensor:
+        with contextlib.nullcontext() if self.train_backbone else torch.no_grad():
+            hidden = self.decoder(input_ids, attention_mask)
+        with torch.autocast(input_ids.device.type, enabled=False):  # the head stays float32
+            return self.value_head(hidden[rows, cols].float())
+
+
+def _pad(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    t = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), t), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), t), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, :len(s)] = 1
+    return ids, mask
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m training.prm",
+        description="Train a PRM value head on a backbone: --loss mse (value targets), bce (0/1 or "
+        'soft labels) on step data {"prompt","completions","labels"}; bt on pairs '
+        '{"prompt","chosen":[steps],"rejected":[steps]}. Run under torchrun for DDP.',
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", type=Path, required=True, help="backbone directory (Hugging Face)")
+    p.add_argument("--data", type=Path, required=True, help="step data or BT pair jsonl")
+    p.add_argument("--loss", choices=tuple(KIND_OF_LOSS), default="mse")
+    p.add_argument("--head", choices=("mlp", "linear"), default="mlp",
+                   help="value head: 2-layer MLP (Linear-ReLU-Linear) or linear")
+    p.add_argument("--mlp-hidden", type=int, default=None, help="MLP width (default: hidden size)")
+    p.add_argument("--train-backbone", action="store_true",
+                   help="train the backbone too (default: frozen, only the head trains)")
+    p.add_argument("--step-separator", default="\n\n",
+                   help="appended to each step before tokenising unless the step already ends "
+                   "with it (match the engine's boundary)")
+    add_common_args(p, lr=5e-5, batch_size=16, optimizer="adamw", max_length=2048)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = finish_args(build_parser().parse_args(argv))
+    info = D.init_distributed(args.device)
+    try:
+        train(args, info)
+    finally:
+        D.cleanup(info)
+    return 0
+
+
+def train(args: argparse.Namespace, info: D.DistInfo) -> None:
+    from transformers import AutoTokenizer
+
+    from mahalo_engine.utils.loader import load_decoder
+
+    torch.manual_seed(args.seed)
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    tok_kw = dict(max_length=args.max_length, max_prompt_length=args.max_prompt_length,
+                  chat_template=args.chat_template, step_separator=args.step_separator)
+    if args.loss == "bt":
+        examples = read_step_pairs(args.data)
+        items, stats = tokenize_step_pairs(tokenizer, examples, **tok_kw)
+    else:
+        examples = read_steps(args.data)
+        items, stats = tokenize_steps(tokenizer, examples, **tok_kw)
+        if args.loss == "bce":
+            bad = [(e.source, v) for e, it in zip(examples, items) for v in it.labels if not 0 <= v <= 1]
+            if bad:
+                raise ValueError(f"--loss bce needs labels in [0, 1]; {bad[0][0]} has {bad[0][1]}")
+    if info.is_main:
+        log.info("%d examples; %s", len(items), stats)
+
+    decoder = load_decoder(args.model, dtype=torch.float32, device=info.device)
+    config = decoder.config
+    pad = pad_id_of(tokenizer, config.pad_token_id)
+    torch.manual_seed(args.seed)  # the head's init
+    head = ValueHead(config.hidden_size, args.head, args.mlp_hidden).to(info.device)
+    module = ValueTraining(decoder, head, args.train_backbone)
+    trainer = Trainer("prm", module, info, args,
+                      config={"data": str(args.data), "loss": args.loss, "batch_size": args.batch_size,
+                              "seed": args.seed, "max_length": args.max_length,
+                              "max_prompt_length": args.max_prompt_length,
+                              "chat_template": args.chat_template, "step_separator": args.step_separator,
+                              "model": str(args.model), "head": args.head})
+    steps = total_steps(args, len(items) // args.batch_size)
+
+    def make_step(step: int) -> list[Micro]:
+        rows = shuffled_batch(len(items), args.batch_size, args.seed, step)
+        count = len(rows) if args.loss == "bt" else sum(len(items[g].labels) for g in rows)
+        local = shard(rows, info.rank, info.world_size)
+        return [_micro(trainer, items, chunk, count, args.loss, pad, info,
+                       describe([examples[g].source for g in chunk]))
+                for chunk in micro_batches(local, args.micro_batch_size or len(local))]
+
+    def summarize(m: dict[str, torch.Tensor]) -> dict[str, float]:
+        n = max(float(m["count"]), 1.0)
+        out = {args.loss: float(m["loss_sum"]) / n}
+        if "correct" in m:  # agreement with the label's side of 0.5 (bce) / the preferred side (bt)
+            out["acc"] = float(m["correct"]) / n
+        return out
+
+    trainer.run(steps, make_step, summarize)
+    state = D.full_state_dict(trainer.module)
+    if info.is_main:
+        final_head = ValueHead(config.hidden_size, args.head, args.mlp_hidden)
+        final_head.load_state_dict(strip_prefix(state, "value_head."))
+        _save(args.out, build_decoder(config, strip_prefix(state, "decoder.")), final_head,
+              KIND_OF_LOSS[args.loss], tokenizer)
+    D.barrier(info)
+
+
+def _save(out: Path, decoder, head: ValueHead, kind: str, tokenizer) -> None:
+    from training.checkpoint import publish_files, staging_dir
+
+    tmp = staging_dir(out)
+    save_prm(tmp, decoder, head, kind, tokenizer)
+    publish_files(tmp, out)
+    log.info("saved PRM (%s) to %s", kind, out)
+
+
+def _micro(trainer: Trainer, items, rows: list[int], global_count: int, loss_kind: str, pad: int,
+           info: D.DistInfo, desc: str) -> Micro:
+    dev = info.device
+
+    def run() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if loss_kind == "bt":
+            seqs = [items[g][0] for g in rows] + [items[g][1] for g in rows]
+            ids, mask = _pad(seqs, pad)
+            r = torch.arange(len(seqs))
+            c = torch.tensor([len(s) - 1 for s in seqs])
+            raw = trainer.module(ids.to(dev), mask.to(dev), r.to(dev), c.to(dev))
+            n = len(rows)
+            per = bradley_terry_loss(raw[:n], raw[n:], reduction="none")
+            extra = {"correct": (raw[:n] > raw[n:]).float().sum()}
+        else:
+            ids, mask = _pad([items[g].ids for g in rows], pad)
+            r = torch.tensor([i for i, g in enumerate(rows) for _ in items[g].positions])
+            c = torch.tensor([p for g in rows for p in items[g].positions])
+            target = torch.tensor([v for g in rows for v in items[g].labels], device=dev)
+            raw = trainer.module(ids.to(dev), mask.to(dev), r.to(dev), c.to(dev))
+            if loss_kind == "mse":
+                per = value_mse_loss(raw, target, reduction="none")
+                extra = {}
+            else:
+                per = soft_bce_loss(raw, target, reduction="none")
+                extra = {"correct": ((raw > 0) == (target > 0.5)).float().sum()}
+        loss = per.sum() / global_count * info.world_size
+        return loss, {"loss_sum": per.detach().sum(), "count": torch.tensor(float(per.numel()), device=dev),
+                      **{k: v.detach() for k, v in extra.items()}}
+
+    return Micro(run, desc)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

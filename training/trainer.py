@@ -1,0 +1,247 @@
+"""The optimisation loop shared by the SFT, MAH-DPO and PRM trainers.
+
+A trainer supplies, for each global step, one ``Micro`` per micro-batch of this rank: a closure
+returning ``(loss, metric sums)`` where ``loss`` is already normalised by *global* counts and
+multiplied by the world size (DDP/FSDP2 average gradients over ranks). This module owns the rest:
+optimizer (RMSprop, the paper's choice, or AdamW) and linear warmup, gradient accumulation
+(``no_sync`` until the last micro-batch), bf16 autocast on CUDA, gradient clipping, the
+non-finite-loss stop, metric reduction and logging (a tqdm bar on rank 0 plus ``log.jsonl``),
+periodic atomic checkpoints and ``--resume``.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from training import checkpoint as ckpt
+from training import distributed as D
+
+log = logging.getLogger(__name__)
+
+# Arguments that must not change between a run and its --resume (they define the batches).
+RESUME_KEYS = ("data", "batch_size", "seed", "balance", "max_length", "max_prompt_length",
+               "chat_template", "objectives", "loss", "step_separator")
+
+
+def add_common_args(p: argparse.ArgumentParser, *, lr: float, batch_size: int,
+                    optimizer: str = "rmsprop", max_length: int = 1024) -> None:
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--lr", type=float, default=lr, help=f"peak learning rate (default {lr})")
+    g.add_argument("--optimizer", choices=("rmsprop", "adamw"), default=optimizer,
+                   help=f"default {optimizer}")
+    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--warmup-steps", type=int, default=0,
+                   help="linear warmup steps, then constant lr (the paper: 150)")
+    g.add_argument("--max-grad-norm", type=float, default=10.0,
+                   help="gradient clipping norm (default 10, the paper's); 0 disables")
+    g.add_argument("--batch-size", type=int, default=batch_size,
+                   help=f"global batch per optimizer step, over all ranks (default {batch_size})")
+    g.add_argument("--micro-batch-size", type=int, default=None,
+                   help="rows per forward on each rank (default: the whole local batch)")
+    g.add_argument("--epochs", type=float, default=1.0, help="passes over the data (default 1)")
+    g.add_argument("--max-steps", type=int, default=None, help="train exactly N optimizer steps (overrides --epochs; "
+                   "the data is cycled through fresh shuffles)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute decoder layer activations in the backward")
+    g.add_argument("--no-bf16", dest="bf16", action="store_false",
+                   help="disable bf16 autocast (on by default on CUDA; never used on CPU)")
+    d = p.add_argument_group("data")
+    d.add_argument("--max-length", type=int, default=max_length,
+                   help=f"max tokens per sequence (default {max_length})")
+    d.add_argument("--max-prompt-length", type=int, default=None,
+                   help="prompts are cut (oldest tokens first) no shorter than this when a "
+                   "sequence is too long (default: max-length // 2)")
+    d.add_argument("--chat-template", action="store_true",
+                   help="wrap string prompts in the tokenizer's chat template as a user turn")
+    r = p.add_argument_group("run")
+    r.add_argument("--out", type=Path, required=True, help="output directory")
+    r.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                   help="default: cuda when available")
+    r.add_argument("--strategy", choices=("ddp", "fsdp2"), default="ddp",
+                   help="under torchrun: DDP (gloo on CPU, NCCL on CUDA) or FSDP2 (CUDA only)")
+    r.add_argument("--save-every", type=int, default=0,
+                   help="write a resumable checkpoint every N steps (0: only at the end)")
+    r.add_argument("--keep-checkpoints", type=int, default=1)
+    r.add_argument("--resume", action="store_true",
+                   help="continue from the latest checkpoint under --out")
+    r.add_argument("--log-every", type=int, default=1)
+
+
+def finish_args(args: argparse.Namespace) -> argparse.Namespace:
+    if args.max_prompt_length is None:
+        args.max_prompt_length = args.max_length // 2
+    if args.micro_batch_size is not None and args.micro_batch_size <= 0:
+        raise ValueError(f"--micro-batch-size must be positive, got {args.micro_batch_size}")
+    return args
+
+
+def total_steps(args: argparse.Namespace, steps_per_epoch: int) -> int:
+    if steps_per_epoch <= 0:
+        raise ValueError("no full global batch fits in the data; lower --batch-size")
+    if args.max_steps is not None:
+        if args.max_steps <= 0:
+            raise ValueError(f"--max-steps must be positive, got {args.max_steps}")
+        return args.max_steps
+    return max(1, int(args.epochs * steps_per_epoch))
+
+
+@dataclass
+class Micro:
+    """One micro-batch: ``run()`` -> ``(loss, {metric: summed tensor})``; ``desc`` names it in
+    errors (e.g. the examples it holds)."""
+
+    run: Callable[[], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+    desc: str
+
+
+class Trainer:
+    def __init__(self, name: str, module: nn.Module, info: D.DistInfo, args: argparse.Namespace,
+                 *, config: dict[str, Any]) -> None:
+        self.name, self.info, self.args = name, info, args
+        self.out = Path(args.out)
+        self.config = config
+        self.bf16 = info.device.type == "cuda" and args.bf16
+        if args.gradient_checkpointing:
+            from training.logps import enable_gradient_checkpointing
+
+            enable_gradient_checkpointing(module.decoder)
+        self.module = D.wrap_model(module, info, args.strategy, mixed_precision=self.bf16)
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("nothing to train: every parameter is frozen")
+        if args.optimizer == "rmsprop":
+            self.optimizer = torch.optim.RMSprop(params, lr=args.lr, weight_decay=args.weight_decay)
+        else:
+            self.optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+        warm = args.warmup_steps
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: min(1.0, (s + 1) / warm) if warm > 0 else 1.0)
+        self.start_step = 0
+        if args.resume:
+            self._resume()
+
+    def autocast(self):
+        """bf16 autocast on CUDA (off with --no-bf16), a no-op on CPU."""
+        if self.bf16 and self.args.strategy != "fsdp2":  # FSDP2 casts through its MP policy
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    # -- checkpoints ------------------------------------------------------------------------------
+
+    def _resume(self) -> None:
+        path = ckpt.latest_checkpoint(self.out)
+        if path is None:
+            raise FileNotFoundError(f"--resume: no checkpoint under {self.out / 'checkpoints'}")
+        model_state, state = ckpt.load_checkpoint(path)
+        if state.get("trainer") != self.name:
+            raise ValueError(f"{path} was written by {state.get('trainer')!r}, not {self.name!r}")
+        saved = state.get("config", {})
+        changed = [k for k in RESUME_KEYS if saved.get(k) != self.config.get(k)]
+        if changed:
+            raise ValueError(f"--resume: {', '.join(f'{k} was {saved.get(k)!r}, now {self.config.get(k)!r}' for k in changed)}")
+        D.load_full_state_dict(self.module, model_state)
+        D.load_optimizer_state(self.module, self.optimizer, state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        ckpt.set_rng_state(state["rng"])
+        self.start_step = int(state["step"])
+        if self.info.is_main:
+            log.info("resumed from %s at step %d", path, self.start_step)
+
+    def save(self, step: int) -> None:
+        model_state = D.full_state_dict(self.module)
+        optim_state = D.full_optimizer_state(self.module, self.optimizer)
+        if self.info.is_main:
+            ckpt.save_checkpoint(self.out, step, model_state,
+                                 {"trainer": self.name, "config": self.config,
+                                  "optimizer": optim_state, "scheduler": self.scheduler.state_dict()},
+                                 keep=self.args.keep_checkpoints)
+        D.barrier(self.info)
+
+    # -- the loop ---------------------------------------------------------------------------------
+
+    def _no_sync(self, last: bool):
+        if last or not isinstance(self.module, nn.parallel.DistributedDataParallel):
+            return contextlib.nullcontext()
+        return self.module.no_sync()
+
+    def _check_finite(self, loss: torch.Tensor, step: int, m: int, micro: Micro) -> None:
+        bad = (~torch.isfinite(loss.detach())).float().reshape(1)
+        D.all_reduce_sum(bad, self.info)  # every rank stops together
+        if bad.item() > 0:
+            where = f"this rank's micro-batch {m} ({micro.desc})" if not torch.isfinite(loss) \
+                else "another rank's micro-batch"
+            raise FloatingPointError(f"non-finite loss {loss.item()} at step {step + 1}, {where}; "
+                                     f"lower --lr or check the data")
+
+    def run(self, num_steps: int, make_step: Callable[[int], Sequence[Micro]],
+            summarize: Callable[[dict[str, torch.Tensor]], dict[str, float]]) -> None:
+        """Steps ``start_step .. num_steps-1``; ``summarize`` turns globally summed metrics into
+        the logged numbers."""
+        self.module.train()
+        bar = tqdm(total=num_steps, initial=self.start_step, desc=self.name, unit="step",
+                   disable=not self.info.is_main, dynamic_ncols=True)
+        log_path = self.out / "log.jsonl"
+        for step in range(self.start_step, num_steps):
+            t0 = time.perf_counter()
+            micros = make_step(step)
+            sums: dict[str, torch.Tensor] = {}
+            total = torch.zeros((), device=self.info.device)
+            for m, micro in enumerate(micros):
+                with self._no_sync(m == len(micros) - 1):
+                    with self.autocast():
+                        loss, metrics = micro.run()
+                    self._check_finite(loss, step, m, micro)
+                    loss.backward()
+                total += loss.detach().float() / self.info.world_size
+                for k, v in metrics.items():
+                    sums[k] = sums[k] + v.detach() if k in sums else v.detach().clone()
+            grad_norm = None
+            if self.args.max_grad_norm > 0:
+                grad_norm = torch.nn.utils.clip_grad_norm_(
+                    [p for p in self.module.parameters() if p.requires_grad], self.args.max_grad_norm)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+
+            if (step + 1) % self.args.log_every == 0 or step + 1 == num_steps:
+                packed = torch.cat([total.reshape(1)] + [sums[k].float().reshape(-1) for k in sorted(sums)])
+                D.all_reduce_sum(packed, self.info)
+                out, i = {}, 1
+                for k in sorted(sums):
+                    n = sums[k].numel()
+                    out[k] = packed[i:i + n].reshape(sums[k].shape)
+                    i += n
+                record = {"step": step + 1, "loss": float(packed[0]), "lr": self.scheduler.get_last_lr()[0],
+                          **summarize(out), "step_time_s": time.perf_counter() - t0}
+                if grad_norm is not None:
+                    record["grad_norm"] = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor")
+                                                else grad_norm)
+                if self.info.is_main:
+                    self.out.mkdir(parents=True, exist_ok=True)
+                    with log_path.open("a") as f:
+                        f.write(json.dumps(record) + "\n")
+                    bar.set_postfix({k: f"{v:.3g}" for k, v in record.items()
+                                     if isinstance(v, float) and k != "step_time_s"}, refresh=False)
+            bar.update(1)
+            if self.args.save_every and (step + 1) % self.args.save_every == 0 and step + 1 < num_steps:
+                self.save(step + 1)
+        bar.close()
+        if num_steps > self.start_step or not (self.out / "checkpoints" / "latest").exists():
+            self.save(num_steps)
+
+
+def describe(sources: Sequence[str], limit: int = 6) -> str:
+    """``"a.jsonl:3, b.jsonl:17, ..."``: where a micro-batch's examples come from."""
+    shown = ", ".join(sources[:limit])
+    return shown + (f", ... ({len(sources)} examples)" if len(sources) > limit else "")

@@ -1,0 +1,112 @@
+"""Argument validation shared by the Triton launchers and the pure-torch reference.
+
+Every check raises ``ValueError`` (``TypeError`` for a non-tensor where a tensor is required) naming
+the argument, the value it got and what was expected. Value checks that read device memory (finite
+weights) live with the caller, because they need a host read that CUDA-graph capture forbids.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+MAX_TOP_K = 128  # per-tile top-k keeps at most this many candidates per row (power of two)
+LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_MAX_SEED = 2**63  # Philox key is 64 bits; int64 tensors hold [0, 2**63)
+
+
+def _require_tensor(name: str, value: object) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    return value
+
+
+def check_projection(hidden: torch.Tensor, heads: torch.Tensor, weights: torch.Tensor) -> None:
+    """Shapes, dtypes and devices of ``hidden [B,d]``, ``heads [H,V,d]``, ``weights [B,H]``."""
+    _require_tensor("hidden", hidden)
+    if hidden.dim() != 2 or hidden.shape[0] < 1 or hidden.shape[1] < 1:
+        raise ValueError(f"hidden must have shape [B, d] with B, d >= 1, got {tuple(hidden.shape)}")
+    if hidden.dtype not in LOGIT_DTYPES:
+        raise ValueError(f"hidden dtype {hidden.dtype} is not supported; expected one of {LOGIT_DTYPES}")
+    check_mixture(heads, weights)
+    if heads.shape[2] != hidden.shape[1]:
+        raise ValueError(f"heads has hidden size {heads.shape[2]} (shape {tuple(heads.shape)}) but "
+                         f"hidden has {hidden.shape[1]} (shape {tuple(hidden.shape)})")
+    if weights.shape[0] != hidden.shape[0]:
+        raise ValueError(f"weights has {weights.shape[0]} rows (shape {tuple(weights.shape)}) but "
+                         f"hidden has B = {hidden.shape[0]} (shape {tuple(hidden.shape)})")
+    if heads.dtype != hidden.dtype:
+        raise ValueError(f"heads dtype {heads.dtype} must equal hidden dtype {hidden.dtype}")
+    if heads.device != hidden.device:
+        raise ValueError(f"heads is on {heads.device} but hidden is on {hidden.device}; "
+                         "all inputs must be on one device")
+
+
+def check_mixture(heads: torch.Tensor, weights: torch.Tensor) -> None:
+    """``heads [H,V,d]`` and ``weights [B,H]``: shapes, dtypes, one device."""
+    _require_tensor("heads", heads)
+    _require_tensor("weights", weights)
+    if heads.dim() != 3 or min(heads.shape) < 1:
+        raise ValueError(f"heads must have shape [H, V, d] with H, V, d >= 1, got {tuple(heads.shape)}")
+    if heads.dtype not in LOGIT_DTYPES:
+        raise ValueError(f"heads dtype {heads.dtype} is not supported; expected one of {LOGIT_DTYPES}")
+    if weights.dim() != 2 or weights.shape[1] != heads.shape[0]:
+        raise ValueError(f"weights must have shape [B, H] with H = {heads.shape[0]} heads, got "
+                         f"{tuple(weights.shape)}")
+    if not weights.dtype.is_floating_point:
+        raise ValueError(f"weights must be a floating-point tensor, got dtype {weights.dtype}")
+    if weights.device != heads.device:
+        raise ValueError(f"weights is on {weights.device} but heads is on {heads.device}; "
+                         "all inputs must be on one device")
+
+
+def check_finite_weights(weights_host: torch.Tensor) -> None:
+    """``weights_host`` is a host copy of the weights (the caller decides when a host read is allowed).
+
+    Non-finite weights are rejected. Negative weights are accepted: the kernels' arithmetic is
+    defined for any real mixture, and the policy (``Policy.weight_matrix``) is where the
+    non-negative, sum-to-one convention is enforced.
+    """
+    finite = torch.isfinite(weights_host)
+    if not bool(finite.all()):
+        bad = (~finite).nonzero()[0].tolist()
+        raise ValueError(f"weights must be finite, got {weights_host[tuple(bad)].item()} at "
+                         f"index {tuple(bad)}")
+
+
+def check_out(out: torch.Tensor | None, hidden: torch.Tensor, V: int) -> None:
+    if out is None:
+        return
+    _require_tensor("out", out)
+    B = hidden.shape[0]
+    if out.dtype != torch.float32 or tuple(out.shape) != (B, V) or out.device != hidden.device:
+        raise ValueError(f"out must be float32 [{B}, {V}] on {hidden.device}, got {out.dtype} "
+                         f"{tuple(out.shape)} on {out.device}")
+    if not out.is_contiguous():
+        raise ValueError(f"out must be contiguous, got strides {out.stride()}")
+
+
+def check_sampling(temperature: float, top_k: int, seed: int | torch.Tensor,
+                   offset: int | torch.Tensor | None, device: torch.device) -> None:
+    """Temperature >= 0 and finite; 0 <= top_k <= MAX_TOP_K; seed/offset ints or 1-element int64
+    tensors on ``device`` (tensors are read on the device, so a CUDA graph replays fresh numbers)."""
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
+        raise ValueError(f"temperature must be a real number, got {temperature!r}")
+    if not math.isfinite(float(temperature)) or temperature < 0:
+        raise ValueError(f"temperature must be finite and >= 0 (0 = greedy), got {temperature!r}")
+    if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral):
+        raise ValueError(f"top_k must be an int, got {top_k!r}")
+    if not 0 <= top_k <= MAX_TOP_K:
+        raise ValueError(f"top_k must be in [0, {MAX_TOP_K}] (0 = no truncation), got {top_k}")
+    for name, value in (("seed", seed), ("offset", offset)):
+        if value is None and name == "offset":
+            continue
+        if isinstance(value, torch.Tensor):
+            if value.dtype != torch.int64 or value.numel() != 1 or value.device != device:
+                raise ValueError(f"{name} tensor must be int64 with one element on {device}, got "
+                                 f"{value.dtype} shape {tuple(value.shape)} on {value.device}")
+        elif isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise ValueError(f"{name} must be an int or a 1-element int64 tensor, got {value!r}")
+        elif not 0 <= value < _MAX_SEED:
+            raise ValueError(f"{name} must be in [0, 2**63), got {value}")
