@@ -55,6 +55,10 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         raise SystemExit(f"unknown section(s) {unknown}; choose from {list(SECTIONS)}")
 
+    if device.type == "cpu":
+        # Two shared cores make multi-threaded CPU timings swing wildly; one thread is steadier and
+        # fair to both sides of every comparison.
+        torch.set_num_threads(1)
     model_dir = args.model
     if model_dir is None:
         from mahalo_engine.tiny import tiny_checkpoint

@@ -38,7 +38,8 @@ def _models(ctx: BenchContext, dtype: torch.dtype):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_pretrained(ctx.model_dir, dtype=dtype, attn_implementation="sdpa")
-    yield ctx.model_dir.name, hf.to(ctx.device).eval(), load_decoder(ctx.model_dir, dtype=dtype, device=ctx.device)
+    ours = load_decoder(ctx.model_dir, dtype=dtype, device=ctx.device)
+    yield ctx.model_dir.name, hf.to(ctx.device).eval(), ours
     if ctx.is_cuda:
         cfg = AutoConfig.for_model(**QWEN25_05B)
         cfg._attn_implementation = "sdpa"
@@ -56,10 +57,10 @@ def _hf_cache_kw(model) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
-def _hf_runner(model, kind: str, prompt: torch.Tensor, steps: int, pool: int
-               ) -> tuple[Callable[[], None], torch.Tensor]:
-    """A closure running ``steps`` greedy steps from a prefilled cache (a fresh copy per call, made
-    outside the timing), and the first step's logits."""
+def _hf_runner(model, kind: str, prompt: torch.Tensor, first_ids: torch.Tensor, steps: int,
+               pool: int) -> tuple[Callable[[], None], torch.Tensor]:
+    """A closure running ``steps`` greedy steps, fed ``first_ids`` first, from a prefilled cache
+    (a fresh copy per call, made outside the timing), and the first step's logits."""
     from transformers import DynamicCache, StaticCache
 
     key = _hf_cache_kw(model)
@@ -69,8 +70,7 @@ def _hf_runner(model, kind: str, prompt: torch.Tensor, steps: int, pool: int
     else:
         cache = StaticCache(config=model.config, max_cache_len=p + steps + 1)
     with torch.no_grad():
-        out = model(input_ids=prompt, use_cache=True, **{key: cache})
-    first_ids = out.logits[:, -1].argmax(-1)
+        model(input_ids=prompt, use_cache=True, **{key: cache})
     copies = [copy.deepcopy(cache) for _ in range(pool)]
 
     @torch.no_grad()
@@ -89,41 +89,51 @@ def _hf_runner(model, kind: str, prompt: torch.Tensor, steps: int, pool: int
     return run, first_logits
 
 
-def _our_runner(model: Decoder, prompt: torch.Tensor, steps: int, graph: bool
-                ) -> tuple[Callable[[], None], torch.Tensor]:
+def _our_runner(model: Decoder, prompt: torch.Tensor, first_ids: torch.Tensor, steps: int,
+                graph: bool) -> tuple[Callable[[], None], torch.Tensor]:
+    """Like ``_hf_runner`` for our decoder; with ``graph`` each step is a CUDA graph replay."""
     b, p = prompt.shape
     dtype = model.model.embed_tokens.weight.dtype
     cache = KVCache.allocate(model.config, b, p + steps + 1, dtype=dtype, device=prompt.device)
     slots = torch.arange(b, device=prompt.device)
-    hidden = model.prefill(cache, prompt.tolist(), slots)
-    first_ids = model.lm_head(hidden).argmax(-1)
+    model.prefill(cache, prompt.tolist(), slots)
     saved = cache.lens.clone()
     ids = first_ids.clone()
 
     @torch.no_grad()
-    def step():
-        ids.copy_(model.lm_head(model.decode(cache, ids, slots)).argmax(-1))
+    def step() -> torch.Tensor:
+        logits = model.lm_head(model.decode(cache, ids, slots))
+        ids.copy_(logits.argmax(-1))
+        return logits
 
-    with torch.no_grad():
-        first_logits = model.lm_head(model.decode(cache, ids, slots)).float()
     if graph:
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up outside capture, as CUDA graphs require
             for _ in range(2):
                 step()
-        torch.cuda.current_stream().wait_stream(s)
+        torch.cuda.current_stream().wait_stream(side)
         captured = torch.cuda.CUDAGraph()
         with torch.cuda.graph(captured):
-            step()
-    do_step = captured.replay if graph else step
+            static_logits = step()
 
-    def run():
+        def do_step() -> torch.Tensor:
+            captured.replay()
+            return static_logits
+    else:
+        do_step = step
+
+    def reset() -> None:
         cache.lens.copy_(saved)
         ids.copy_(first_ids)
+
+    def run() -> None:
+        reset()
         for _ in range(steps):
             do_step()
 
+    reset()
+    first_logits = do_step().float().clone()
     return run, first_logits
 
 
@@ -137,13 +147,17 @@ def run(ctx: BenchContext) -> list[dict]:
         vocab = ours.config.vocab_size
         for b in BATCHES:
             g = torch.Generator().manual_seed(b)
-            prompt = torch.randint(0, vocab, (b, prompt_len), generator=g).to(ctx.device)
-            impls = [("transformers DynamicCache", lambda: _hf_runner(hf, "dynamic", prompt, steps, iters + 3)),
-                     ("transformers StaticCache", lambda: _hf_runner(hf, "static", prompt, steps, iters + 3)),
-                     ("mahalo slot cache", lambda: _our_runner(ours, prompt, steps, graph=False))]
+            prompt = torch.randint(0, vocab, (b, prompt_len + 1), generator=g).to(ctx.device)
+            prompt, first = prompt[:, :-1].contiguous(), prompt[:, -1]  # same first token for all
+            pool = iters + 1  # one fresh cache copy per timed call (warmup=1)
+            impls = [
+                ("transformers DynamicCache", lambda: _hf_runner(hf, "dynamic", prompt, first, steps, pool)),
+                ("transformers StaticCache", lambda: _hf_runner(hf, "static", prompt, first, steps, pool)),
+                ("mahalo slot cache", lambda: _our_runner(ours, prompt, first, steps, graph=False)),
+            ]
             if ctx.is_cuda:
                 impls.append(("mahalo slot cache + CUDA graph",
-                              lambda: _our_runner(ours, prompt, steps, graph=True)))
+                              lambda: _our_runner(ours, prompt, first, steps, graph=True)))
             base_time, base_logits = None, None
             for name, make in impls:
                 fn, logits = make()

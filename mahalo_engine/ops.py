@@ -66,6 +66,10 @@ def _jit_build() -> Path:
     return build_dir
 
 
+def _has_cuda_kernel() -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key("mahalo::kv_copy_ranges", "CUDA")
+
+
 def _load_extension() -> str:
     """Register ``torch.ops.mahalo.*``; returns "prebuilt" or "jit" (how they were obtained)."""
     if os.environ.get("MAHALO_JIT_BUILD") != "1":
@@ -76,8 +80,9 @@ def _load_extension() -> str:
                 raise
         else:
             path = Path(module.__file__)
-            stale = [p.name for p in _CSRC.glob("*") if p.stat().st_mtime > path.stat().st_mtime] \
-                if _CSRC.is_dir() else []
+            built = ["*.h", "*.cpp"] + (["*.cu"] if _has_cuda_kernel() else [])
+            stale = sorted(p.name for pattern in built for p in _CSRC.glob(pattern)
+                           if p.stat().st_mtime > path.stat().st_mtime)
             if stale:
                 logger.warning("prebuilt %s is older than csrc/%s; rebuild with "
                                "`pip install --no-build-isolation --no-deps -e .`", path, stale)
@@ -90,8 +95,7 @@ def _load_extension() -> str:
 
 LOADED_FROM = _load_extension()
 
-if torch.cuda.is_available() and not torch._C._dispatch_has_kernel_for_dispatch_key(
-        "mahalo::kv_copy_ranges", "CUDA"):
+if torch.cuda.is_available() and not _has_cuda_kernel():
     logger.warning("mahalo ops were built without CUDA (LOADED_FROM=%s): CUDA caches will fail; "
                    "rebuild where nvcc is found (CUDA_HOME)", LOADED_FROM)
 
@@ -107,10 +111,10 @@ def kv_copy_ranges(cache: torch.Tensor, src: torch.Tensor, dst: torch.Tensor,
     """For each pair p: ``cache[:, :, dst[p], :, start[p]:end[p]] = cache[:, :, src[p], :, start[p]:end[p]]``.
 
     One launch covers every layer, K and V, all kv heads and all pairs. ``src/dst/start/end`` are
-    int32 or int64 ``[P]`` tensors (one dtype, any stride) on the cache's device. dst slots must be distinct and
-    never a src slot. ``check=True`` validates everything (a host sync) and raises ``ValueError``
-    naming the offending pair; without it, a pair outside the cache is skipped by the kernels
-    (they never write out of bounds) and metadata errors still raise ``ValueError``.
+    int32 or int64 ``[P]`` tensors (one dtype, any stride) on the cache's device. dst slots must be
+    distinct and never a src slot. ``check=True`` validates everything (a host sync) and raises
+    ``ValueError`` naming the offending pair; without it, a pair outside the cache is skipped by
+    the kernels (they never write out of bounds) and metadata errors still raise ``ValueError``.
     """
     if check:
         _check_copy_args(cache, src, dst, start, end)

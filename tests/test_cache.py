@@ -164,10 +164,11 @@ def test_nbytes_and_allocation_errors():
 def test_cache_misuse_errors():
     model = load_decoder(tiny_checkpoint("qwen2"))
     cache = KVCache.allocate(model.config, 2, 8, dtype=torch.float32, device="cpu")
-    with pytest.raises(ValueError, match=r"\(slot, len, num_new\) \[\(0, 0, 9\)\]"):
-        model.prefill(cache, [list(range(9))], [0])
     model.prefill(cache, [list(range(6))], [1])
-    with pytest.raises(ValueError, match=r"\[\(1, 6, 3\)\].*max_len=8"):
+    with pytest.raises(ValueError, match=r"prompt lengths \[2, 9\] exceed the cache's max_len=8"):
+        model.prefill(cache, [[1, 2], list(range(9))], [0, 1])
+    assert cache.lens.tolist() == [0, 6]  # nothing was reset
+    with pytest.raises(ValueError, match=r"\(slot, len, num_new\) \[\(1, 6, 3\)\].*max_len=8"):
         model.extend(cache, torch.zeros(1, 3, dtype=torch.long), torch.tensor([3]), torch.tensor([1]))
     with pytest.raises(ValueError, match="distinct"):
         model.extend(cache, torch.zeros(2, 1, dtype=torch.long), torch.tensor([1, 1]), torch.tensor([0, 0]))

@@ -91,7 +91,8 @@ def test_unexpected_tensor_is_named(tmp_path):
 
 def test_rotary_inv_freq_from_old_conversions_is_skipped(tmp_path):
     path = copy_ckpt(tmp_path, "llama")
-    rewrite_weights(path, lambda t: t.__setitem__("model.layers.0.self_attn.rotary_emb.inv_freq", torch.ones(8)))
+    name = "model.layers.0.self_attn.rotary_emb.inv_freq"
+    rewrite_weights(path, lambda t: t.__setitem__(name, torch.ones(8)))
     ref = load_decoder(tiny_checkpoint("llama"))
     got = load_decoder(path)
     assert all(torch.equal(a, b) for a, b in zip(got.state_dict().values(), ref.state_dict().values()))

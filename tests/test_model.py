@@ -22,8 +22,10 @@ LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_fr
 # hidden/heads; rope default / linear / llama3; sliding windows shorter than the sequence.
 CASES = {
     "qwen2": ("qwen2", {}),
-    "qwen2-mha-linear": ("qwen2", dict(num_key_value_heads=4, rope_scaling={"rope_type": "linear", "factor": 4.0})),
-    "llama-tied-gqa3": ("llama", dict(tie_word_embeddings=True, hidden_size=48, num_heads=6, num_key_value_heads=2)),
+    "qwen2-mha-linear": ("qwen2", dict(num_key_value_heads=4,
+                                       rope_scaling={"rope_type": "linear", "factor": 4.0})),
+    "llama-tied-gqa3": ("llama", dict(tie_word_embeddings=True, hidden_size=48, num_heads=6,
+                                      num_key_value_heads=2)),
     "llama-llama3-rope": ("llama", dict(rope_scaling=LLAMA3, rope_theta=500000.0)),
     "qwen3-headdim-gqa4": ("qwen3", dict(head_dim=24, num_key_value_heads=1)),
     "qwen3-tied-sliding": ("qwen3", dict(tie_word_embeddings=True, sliding_window=6, num_layers=3)),
@@ -242,3 +244,14 @@ def test_heads_file_roundtrip_and_validation(tmp_path):
     save_heads(wrong, torch.randn(2, 500, 64), ["acc", "eng"])
     with pytest.raises(ValueError, match=r"heads must have shape \[H, 512, 64\].*\(2, 500, 64\)"):
         load_policy(tiny_checkpoint("qwen2"), heads=wrong)
+
+
+def test_forward_rejects_masks_that_are_not_right_padding():
+    model = load_policy(tiny_checkpoint("qwen2")).model
+    ids = torch.zeros(2, 4, dtype=torch.long)
+    with pytest.raises(ValueError, match="right padding only"):
+        model(ids, torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]]))
+    with pytest.raises(ValueError, match="right padding only"):
+        model(ids, torch.tensor([[2, 1, 1, 0], [1, 1, 1, 1]]))
+    with pytest.raises(ValueError, match=r"attention_mask shape \(2, 3\)"):
+        model(ids, torch.ones(2, 3))

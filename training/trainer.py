@@ -210,6 +210,7 @@ class Trainer:
             if self.args.max_grad_norm > 0:
                 grad_norm = torch.nn.utils.clip_grad_norm_(
                     [p for p in self.module.parameters() if p.requires_grad], self.args.max_grad_norm)
+            lr = self.scheduler.get_last_lr()[0]  # the rate this step used
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
@@ -222,7 +223,7 @@ class Trainer:
                     n = sums[k].numel()
                     out[k] = packed[i:i + n].reshape(sums[k].shape)
                     i += n
-                record = {"step": step + 1, "loss": float(packed[0]), "lr": self.scheduler.get_last_lr()[0],
+                record = {"step": step + 1, "loss": float(packed[0]), "lr": lr,
                           **summarize(out), "step_time_s": time.perf_counter() - t0}
                 if grad_norm is not None:
                     record["grad_norm"] = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor")

@@ -125,6 +125,7 @@ class ValueModelPRM(Scorer):
             kv_fork(self.cache.data, self.cache.lens, slots[:, :1].expand(-1, k - 1).reshape(-1),
                     slots[:, 1:].reshape(-1))
 
+    @torch.no_grad()
     def score(self, cands: Candidates) -> torch.Tensor:
         tok = self.prm.tokenizer
         rows = cands.token_ids if self.same_tokens else \
@@ -209,12 +210,12 @@ class SharedBackbonePRM(Scorer):
                              f"{differ[:3]}): a shared-backbone scorer needs the same weights")
         return cls(prm.value_head, prm.kind)
 
+    @torch.no_grad()
     def score(self, cands: Candidates) -> torch.Tensor:
         from mahalo_engine.prm import apply_kind
 
         param = next(self.value_head.parameters())
-        with torch.no_grad():
-            raw = self.value_head(cands.hidden.to(device=param.device, dtype=param.dtype))
+        raw = self.value_head(cands.hidden.to(device=param.device, dtype=param.dtype))
         return apply_kind(raw, self.kind).float().cpu()
 
 

@@ -1,10 +1,13 @@
 """Grouped-query self-attention over torch SDPA, with optional q/k RMSNorm (Qwen3) and biases.
 
-GQA without copying K/V: the G query heads that share a KV head are folded into the query-length
-axis, so SDPA sees ``q [B, n_kv, G*T, hd]`` against ``k/v [B, n_kv, Tk, hd]``. Masks are boolean
-(True = attend), built by the caller from lengths/positions and folded once per call with
-``fold_mask``. Where K/V come from is the caller's business (``kv_update``): the new tokens alone
-(plain forward) or a slot cache the new K/V were just written into.
+GQA is handled per query length, so that no path pays for a large copy:
+- one new token per sequence (decode): the G query heads sharing a KV head are folded into SDPA's
+  query axis (a free view), so K/V are read as stored, never expanded;
+- several tokens: K/V heads are expanded G-fold (``[B, H, Tk, hd]``, small next to a
+  ``[B, H, T, Tk]`` score matrix) so SDPA's fused kernels apply, with ``is_causal`` when no mask
+  is given and a boolean mask (True = attend) broadcast over heads otherwise.
+Where K/V come from is the caller's business (``kv_update``): the new tokens alone (plain forward)
+or a slot cache the new K/V were just written into.
 """
 from __future__ import annotations
 
@@ -20,14 +23,6 @@ from mahalo_engine.layers.rotary import apply_rotary
 
 # (layer index, k [B,T,n_kv,hd], v [B,T,n_kv,hd]) -> (k, v) as [B, n_kv, Tk, hd] to attend over.
 KVUpdate = Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-
-
-def fold_mask(mask: torch.Tensor, groups: int) -> torch.Tensor:
-    """``[B, 1, T, Tk]`` → the mask for folded queries ``[B, 1, G*T, Tk]`` (row g*T + t = row t)."""
-    b, _, t, tk = mask.shape
-    if t == 1 or groups == 1:
-        return mask  # broadcasts over the folded axis as is
-    return mask.unsqueeze(2).expand(b, 1, groups, t, tk).reshape(b, 1, groups * t, tk)
 
 
 class Attention(nn.Module):
@@ -49,9 +44,10 @@ class Attention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
-                kv_update: KVUpdate | None = None) -> torch.Tensor:
-        """x ``[B,T,d]``, cos/sin ``[B,T,hd]``, mask folded ``[B,1,G*T|1,Tk]`` → ``[B,T,d]``."""
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor | None, kv_update: KVUpdate | None = None) -> torch.Tensor:
+        """x ``[B,T,d]``, cos/sin ``[B|1,T,hd]``, mask ``[B|1,1,T,Tk]`` bool or None (= causal
+        over the T new tokens alone) → ``[B,T,d]``."""
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim)
@@ -63,9 +59,15 @@ class Attention(nn.Module):
             k, v = k.transpose(1, 2), v.transpose(1, 2)
         else:
             k, v = kv_update(self.layer_idx, k, v)
-        # Head h = kv * G + g (transformers' repeat_kv order) → [B, n_kv, G*T, hd].
-        q = q.view(b, t, self.n_kv, self.groups, self.head_dim).permute(0, 2, 3, 1, 4)
-        q = q.reshape(b, self.n_kv, self.groups * t, self.head_dim)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        o = o.view(b, self.n_kv, self.groups, t, self.head_dim).permute(0, 3, 1, 2, 4)
+        if t == 1:
+            # Head h = kv * G + g (transformers' repeat_kv order): a view [B, n_kv, G, hd].
+            q = q.view(b, self.n_kv, self.groups, self.head_dim)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        else:
+            if self.groups > 1:
+                k = k.repeat_interleave(self.groups, dim=1)
+                v = v.repeat_interleave(self.groups, dim=1)
+            o = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask,
+                                               is_causal=mask is None)
+            o = o.transpose(1, 2)
         return self.o_proj(o.reshape(b, t, self.n_heads * self.head_dim))

@@ -16,7 +16,7 @@ from torch import nn
 
 from mahalo_engine.cache import KVCache
 from mahalo_engine.config import ModelConfig
-from mahalo_engine.layers.attention import Attention, KVUpdate, fold_mask
+from mahalo_engine.layers.attention import Attention, KVUpdate
 from mahalo_engine.layers.mlp import SwiGLU
 from mahalo_engine.layers.rmsnorm import RMSNorm
 from mahalo_engine.layers.rotary import Rotary
@@ -32,7 +32,7 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                masks: dict[bool, torch.Tensor], kv_update: KVUpdate | None) -> torch.Tensor:
+                masks: dict[bool, torch.Tensor | None], kv_update: KVUpdate | None) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, masks[self.sliding], kv_update)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -63,13 +63,15 @@ class Decoder(nn.Module):
 
     # -- masks ---------------------------------------------------------------------------------
 
-    def _masks(self, q_pos: torch.Tensor, k_pos: torch.Tensor, k_valid: torch.Tensor,
+    def _masks(self, q_pos: torch.Tensor, k_pos: torch.Tensor, k_valid: torch.Tensor | None,
                q_valid: torch.Tensor | None = None) -> dict[bool, torch.Tensor]:
-        """Folded boolean masks ``{sliding: [B,1,G*T|1,Tk]}`` from query positions ``[B,T]``, key
-        positions ``[Tk]`` and key validity ``[B,Tk]``: causal, valid keys, and for sliding layers
-        the last ``sliding_window`` positions only. Padded queries (``q_valid [B,T]`` False) attend
-        to key 0 alone, so that no row is empty (SDPA would return NaN for it)."""
-        causal = (k_pos[None, None, :] <= q_pos[:, :, None]) & k_valid[:, None, :]
+        """Boolean masks ``{sliding: [B,1,T,Tk]}`` from query positions ``[B,T]``, key positions
+        ``[Tk]`` and key validity ``[B,Tk]`` (None: all valid): causal, valid keys, and for sliding
+        layers the last ``sliding_window`` positions only. Padded queries (``q_valid [B,T]`` False)
+        also attend to key 0, so that no row is empty (SDPA would return NaN for it)."""
+        causal = k_pos[None, None, :] <= q_pos[:, :, None]
+        if k_valid is not None:
+            causal = causal & k_valid[:, None, :]
         masks = {False: causal}
         if any(self.config.sliding_layers):
             window = k_pos[None, None, :] > q_pos[:, :, None] - self.config.sliding_window
@@ -77,10 +79,10 @@ class Decoder(nn.Module):
         if q_valid is not None:
             padded = ~q_valid[:, :, None] & (k_pos == 0)[None, None, :]
             masks = {s: m | padded for s, m in masks.items()}
-        g = self.config.num_kv_groups
-        return {s: fold_mask(m.unsqueeze(1), g) for s, m in masks.items()}
+        return {s: m.unsqueeze(1) for s, m in masks.items()}
 
-    def _run(self, input_ids: torch.Tensor, positions: torch.Tensor, masks: dict[bool, torch.Tensor],
+    def _run(self, input_ids: torch.Tensor, positions: torch.Tensor,
+             masks: dict[bool, torch.Tensor | None],
              kv_update: KVUpdate | None) -> torch.Tensor:
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.model.rotary(positions, x.dtype)
@@ -96,15 +98,16 @@ class Decoder(nn.Module):
         tokens, right padding only; hidden at padded positions is undefined."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
-        b, t = input_ids.shape
-        pos = torch.arange(t, device=input_ids.device)
-        if attention_mask is None:
-            valid = torch.ones(b, t, dtype=torch.bool, device=input_ids.device)
-            masks = self._masks(pos.expand(b, t), pos, valid)
-        else:
-            valid = attention_mask.to(torch.bool)
-            masks = self._masks(pos.expand(b, t), pos, valid, q_valid=valid)
-        return self._run(input_ids, pos.expand(b, t), masks, None)
+        if attention_mask is not None:
+            _check_right_padded(attention_mask, input_ids.shape)
+        t = input_ids.shape[1]
+        pos = torch.arange(t, device=input_ids.device)[None, :]
+        # Right padding never reaches a real token through a causal mask, so real positions need
+        # no padding mask: plain causal attention (fused kernels), plus a window where layers slide.
+        masks: dict[bool, torch.Tensor | None] = {False: None}
+        if any(self.config.sliding_layers):
+            masks[True] = self._masks(pos, pos[0], None)[True]
+        return self._run(input_ids, pos, masks, None)
 
     # -- slot cache ------------------------------------------------------------------------------
 
@@ -137,17 +140,17 @@ class Decoder(nn.Module):
         if slots.shape != (n,) or num_new.shape != (n,):
             raise ValueError(f"slots {tuple(slots.shape)} and num_new {tuple(num_new.shape)} must "
                              f"both be [{n}] for input_ids {tuple(input_ids.shape)}")
-        slot_list = slots.tolist()
+        # Clamped so that an out-of-range slot is reported below instead of faulting on the device.
+        start = cache.lens.index_select(0, slots.clamp(0, cache.num_slots - 1)).long()
+        slot_list, new_list, start_list = torch.stack((slots, num_new, start)).tolist()  # the sync
         if len(set(slot_list)) != n or not all(0 <= s < cache.num_slots for s in slot_list):
             raise ValueError(f"slots must be distinct and in [0, {cache.num_slots}), got {slot_list}")
-        start = cache.lens.index_select(0, slots).long()
-        new_list, start_list = num_new.tolist(), start.tolist()
         bad = [(s, a, m) for s, a, m in zip(slot_list, start_list, new_list)
                if not 0 <= m <= t or a + m > cache.max_len]
         if bad:
             raise ValueError(f"extend: (slot, len, num_new) {bad} need 0 <= num_new <= {t} and "
                              f"len + num_new <= max_len={cache.max_len}")
-        length = max(a + m for a, m in zip(start_list, new_list))
+        length = max(1, max(a + m for a, m in zip(start_list, new_list)))  # >= 1: no empty rows
 
         offs = torch.arange(t, device=dev)
         q_pos = start[:, None] + offs[None, :]  # [N,T]
@@ -179,6 +182,8 @@ class Decoder(nn.Module):
         if slots.shape != (len(prompts),):
             raise ValueError(f"{len(prompts)} prompts but slots has shape {tuple(slots.shape)}")
         lens = [len(p) for p in prompts]
+        if max(lens) > cache.max_len:  # checked before the slots are reset
+            raise ValueError(f"prompt lengths {lens} exceed the cache's max_len={cache.max_len}")
         ids = torch.zeros(len(prompts), max(lens), dtype=torch.long)
         for i, p in enumerate(prompts):
             ids[i, : len(p)] = torch.as_tensor(p, dtype=torch.long)
@@ -201,7 +206,7 @@ class Decoder(nn.Module):
         slots = slots.long()
         pos = cache.lens.index_select(0, slots).long()  # [N]
         k_pos = torch.arange(cache.max_len, device=cache.device)
-        masks = self._masks(pos[:, None], k_pos, k_pos[None, :] <= pos[:, None])
+        masks = self._masks(pos[:, None], k_pos, None)  # causal = the slot's own length
 
         def kv_update(layer: int, k: torch.Tensor, v: torch.Tensor):
             cache.write(layer, slots, pos, k[:, 0], v[:, 0])
@@ -212,3 +217,13 @@ class Decoder(nn.Module):
                 else advance.to(torch.int32))
         cache.lens.index_add_(0, slots, step)
         return hidden[:, 0]
+
+
+def _check_right_padded(attention_mask: torch.Tensor, shape: torch.Size) -> None:
+    """ValueError unless ``attention_mask`` is ``[B,T]`` of ones then zeros per row (one sync)."""
+    if attention_mask.shape != shape:
+        raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape "
+                         f"{tuple(shape)}")
+    m = attention_mask.to(torch.int8)
+    if bool(((m != 0) & (m != 1)).any() | (m[:, 1:] > m[:, :-1]).any()):
+        raise ValueError("attention_mask must be 0/1 with right padding only (ones, then zeros)")

@@ -1,0 +1,360 @@
+"""Engine.generate / Engine.search on tiny local checkpoints (fp32, CPU), each against an independent
+reference: transformers' greedy generate, full re-encodes (`prm.score_full`, `policy.logits`, a
+fresh prefill), single-request runs."""
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from mahalo_engine.cache import KVCache
+from mahalo_engine.engine import (Engine, SearchConfig, SharedBackbonePRM, boxed_closed)
+from mahalo_engine.policy import Policy, load_policy
+from mahalo_engine.prm import ValueHead, ValueModel, load_prm, save_prm
+from mahalo_engine.tiny import tiny_checkpoint
+from mahalo_engine.utils.loader import load_decoder
+
+PROMPTS = ["Question: How many clips", "The quick brown fox jumps over", "Step 1:"]
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def _prm(tmp, name, backbone_dir, *, kind="value", seed=0):
+    from transformers import AutoTokenizer
+
+    torch.manual_seed(seed)
+    model = load_decoder(backbone_dir, dtype=torch.float32)
+    save_prm(tmp / name, model, ValueHead(model.config.hidden_size), kind,
+             AutoTokenizer.from_pretrained(backbone_dir))
+    return load_prm(tmp / name, dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def ckpt():
+    return tiny_checkpoint("qwen2")
+
+
+@pytest.fixture(scope="module")
+def policy(ckpt):
+    return load_policy(ckpt, dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def prms(tmp_path_factory, ckpt):
+    tmp = tmp_path_factory.mktemp("prms")
+    return {
+        # Another backbone, same tokenizer: candidate ids are fed as they are.
+        "other": _prm(tmp, "other", tiny_checkpoint("qwen2", seed=1)),
+        # The policy's own backbone: usable as a shared-backbone scorer.
+        "own": _prm(tmp, "own", ckpt, kind="binary", seed=1),
+        # Another tokenizer (vocabulary 400): step texts are re-tokenised.
+        "bridge": _prm(tmp, "bridge", tiny_checkpoint("llama", seed=2, vocab_size=400), seed=2),
+    }
+
+
+@pytest.fixture(scope="module")
+def engine(policy, prms):
+    return Engine(policy, prm=prms["other"], max_batch=3, max_seq_len=96)
+
+
+def _ids(policy, prompt):
+    return policy.tokenizer.encode(prompt)
+
+
+def _committed(prompt_ids, steps, upto):
+    out = list(prompt_ids)
+    for s in steps[:upto]:
+        out += s.token_ids
+    return out
+
+
+# -- generation ---------------------------------------------------------------------------------
+
+
+def test_greedy_generate_matches_transformers(engine, policy, ckpt):
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+    gens = engine.generate(PROMPTS, temperature=0, max_new_tokens=12)  # ragged, one batch
+    for prompt, gen in zip(PROMPTS, gens):
+        ids = torch.tensor([_ids(policy, prompt)])
+        ref = hf.generate(ids, max_new_tokens=12, do_sample=False)[0, ids.shape[1]:].tolist()
+        assert gen.token_ids == ref
+        assert gen.finish_reason == ("eos" if ref[-1] in engine.eos_ids else "length")
+        # log-probs under T=0 are those of softmax(z): check them against a full forward
+        logits = policy.logits(torch.tensor([_ids(policy, prompt) + ref]))[0]
+        logp = torch.log_softmax(logits[ids.shape[1] - 1:-1], dim=-1)
+        assert torch.allclose(torch.tensor(gen.logprobs), logp[torch.arange(len(ref)), ref],
+                              atol=1e-4)
+
+
+def test_generate_stop_strings(engine):
+    full = engine.generate(PROMPTS, temperature=0, max_new_tokens=16)
+    tok = engine.tokenizer
+    for gen in full:
+        stop = tok.decode(gen.token_ids[4:6])  # a string that occurs in the greedy output
+        (cut,) = engine.generate([PROMPTS[full.index(gen)]], temperature=0, max_new_tokens=16,
+                                 stop=[stop])
+        # The shortest prefix of the unstopped output whose text contains the stop string.
+        n = next(i for i in range(1, 17) if stop in tok.decode(gen.token_ids[:i]))
+        assert cut.token_ids == gen.token_ids[:n] and cut.finish_reason == "stop"
+
+
+def test_head_weights_per_request_match_alone(policy):
+    model = policy.model
+    noise = torch.randn(policy.heads.shape[1:], generator=torch.Generator().manual_seed(0))
+    two = Policy(model, policy.tokenizer, torch.cat([policy.heads, policy.heads + 0.05 * noise]),
+                 ["acc", "eng"])
+    eng = Engine(two, max_batch=2, max_seq_len=64)
+    weights = [[1.0, 0.0], [0.3, 0.7]]
+    batch = eng.generate(PROMPTS[:2], head_weights=weights, temperature=0, max_new_tokens=8)
+    for prompt, w, gen in zip(PROMPTS[:2], weights, batch):
+        alone = eng.generate([prompt], head_weights=w, temperature=0, max_new_tokens=8)[0]
+        assert gen.token_ids == alone.token_ids
+        # Independent reference: greedy over full forwards with the mixed heads.
+        ids = _ids(policy, prompt)
+        for _ in range(8):
+            ids.append(int(two.logits(torch.tensor([ids]), head_weights=w)[0, -1].argmax()))
+        assert gen.token_ids == ids[-8:]
+    # search, one candidate: the same per request in a batch as alone
+    cfg = SearchConfig(candidates=1, temperature=0, boundary=" ", max_new_tokens=8, check_every=2)
+    both = eng.search(PROMPTS[:2], head_weights=weights, config=cfg)
+    for prompt, w, res in zip(PROMPTS[:2], weights, both):
+        assert res.token_ids == eng.search([prompt], head_weights=w, config=cfg)[0].token_ids
+
+
+# -- search -------------------------------------------------------------------------------------
+
+
+def test_search_one_candidate_greedy_equals_generate(engine):
+    cfg = SearchConfig(candidates=1, temperature=0, boundary=" ", max_new_tokens=14,
+                       max_steps=50, check_every=3)
+    gens = engine.generate(PROMPTS, temperature=0, max_new_tokens=14)
+    for gen, res in zip(gens, engine.search(PROMPTS, config=cfg)):
+        assert res.token_ids == gen.token_ids
+        assert [t for s in res.steps for t in s.token_ids] == res.token_ids
+        for s in res.steps[:-1]:  # every step but the last ends at its boundary
+            assert s.finish_reason == "boundary" and " " in engine.tokenizer.decode(s.token_ids)
+
+
+def test_step_scores_equal_full_rescoring(engine, policy, prms):
+    prm = prms["other"]
+    cfg = SearchConfig(candidates=3, boundary=" ", max_steps=3, max_step_tokens=8, seed=3,
+                       check_every=2)
+    for prompt, res in zip(PROMPTS, engine.search(PROMPTS, config=cfg)):
+        assert len(res.steps) == 3 and res.finish_reason == "max_steps"
+        for i, step in enumerate(res.steps):
+            ref = prm.score_full([_committed(_ids(policy, prompt), res.steps, i + 1)]).item()
+            assert abs(step.score - ref) < 1e-4
+            assert step.score == max(step.candidate_scores)
+            assert step.candidate_scores.index(step.score) == \
+                max(range(3), key=lambda j: (step.candidate_scores[j], -j))
+
+
+def test_reencoding_prm_with_another_tokenizer(engine, prms):
+    prm = prms["bridge"]
+    cfg = SearchConfig(candidates=2, boundary=" ", max_steps=3, max_step_tokens=8, scorer=prm,
+                       check_every=2)
+    for prompt, res in zip(PROMPTS[:2], engine.search(PROMPTS[:2], config=cfg)):
+        ids = prm.tokenizer.encode(prompt)  # prompt, then each step's text tokenised on its own
+        for step in res.steps:
+            ids += prm.tokenizer.encode(step.text, add_special_tokens=False)
+            assert abs(step.score - prm.score_full([ids]).item()) < 1e-4
+
+
+def test_policy_cache_after_promote_equals_fresh_prefill(policy, prms):
+    eng = Engine(policy, prm=prms["other"], max_batch=1, max_seq_len=96)
+    k = 3
+    (res,) = eng.search([PROMPTS[0]], config=SearchConfig(candidates=k, boundary=" ", max_steps=3,
+                                                          max_step_tokens=8, check_every=2))
+    assert len(res.steps) == 3
+    # The last step was not promoted (the request ended); the one before was: every slot of the
+    # group holds prompt + steps 1-2 and then its own last candidate.
+    committed = _committed(_ids(policy, PROMPTS[0]), res.steps, 2)
+    n = len(committed)
+    fresh = KVCache.allocate(policy.config, 1, 96, dtype=torch.float32, device="cpu")
+    policy.model.prefill(fresh, [committed], torch.tensor([0]))
+    nxt = res.steps[2].token_ids[0]
+    ref = policy.logits(torch.tensor([committed + [nxt]]))[0, -1]
+    for slot in range(k):
+        assert torch.allclose(eng.cache.data[:, :, slot, :, :n], fresh.data[:, :, 0, :, :n],
+                              atol=1e-5)
+        eng.cache.lens[slot] = n
+        hidden = policy.model.decode(eng.cache, torch.tensor([nxt]), torch.tensor([slot]))
+        assert torch.allclose(hidden @ policy.heads[0].T, ref, atol=1e-4)
+
+
+def test_same_seed_same_result(engine):
+    cfg = dict(candidates=3, boundary=" ", max_steps=2, max_step_tokens=6, check_every=2)
+    a = engine.search(PROMPTS[:2], config=SearchConfig(seed=7, **cfg))
+    b = engine.search(PROMPTS[:2], config=SearchConfig(seed=7, **cfg))
+    c = engine.search(PROMPTS[:2], config=SearchConfig(seed=8, **cfg))
+    assert a == b
+    assert [r.token_ids for r in a] != [r.token_ids for r in c]
+    g1 = engine.generate(PROMPTS, temperature=1.0, top_k=20, seed=4, max_new_tokens=6)
+    assert g1 == engine.generate(PROMPTS, temperature=1.0, top_k=20, seed=4, max_new_tokens=6)
+
+
+def test_shared_backbone_weighted_and_callable_scorers(engine, policy, prms):
+    own, other = prms["own"], prms["other"]
+    shared = SharedBackbonePRM.from_prm(own, policy)
+    base = dict(candidates=3, boundary=" ", max_steps=2, max_step_tokens=6, check_every=2)
+    for res, prompt in zip(engine.search(PROMPTS[:2], config=SearchConfig(scorer=shared, **base)),
+                           PROMPTS):
+        for i, step in enumerate(res.steps):
+            ids = _committed(_ids(policy, prompt), res.steps, i + 1)
+            assert abs(step.score - own.score_full([ids]).item()) < 1e-4
+    with pytest.raises(ValueError, match="not the policy's"):
+        SharedBackbonePRM.from_prm(other, policy)
+    assert SharedBackbonePRM.load(own.path, policy).kind == "binary"
+
+    weighted = SearchConfig(scorer=[(other, 0.7), (shared, 0.3)], **base)
+    for res, prompt in zip(engine.search(PROMPTS[:2], config=weighted), PROMPTS):
+        for i, step in enumerate(res.steps):
+            ids = [_committed(_ids(policy, prompt), res.steps, i + 1)]
+            ref = 0.7 * other.score_full(ids).item() + 0.3 * own.score_full(ids).item()
+            assert abs(step.score - ref) < 1e-4
+
+    seen = []
+
+    def longest(prompts, responses):  # a "judge" on texts
+        seen.append((prompts, responses))
+        return [len(r) for r in responses]
+
+    for res in engine.search(PROMPTS[:2], config=SearchConfig(scorer=longest, **base)):
+        for step in res.steps:
+            assert step.score == max(step.candidate_scores)
+    prompts, responses = seen[0]
+    assert prompts == [PROMPTS[0]] * 3 + [PROMPTS[1]] * 3 and len(responses) == 6
+
+
+def test_selection_by_softmax_temperature(engine):
+    base = dict(candidates=3, boundary=" ", max_steps=2, max_step_tokens=6, seed=1, check_every=2)
+    argmax = engine.search(PROMPTS[:1], config=SearchConfig(**base))
+    sharp = engine.search(PROMPTS[:1], config=SearchConfig(selection_temperature=1e-6, **base))
+    assert argmax == sharp
+
+
+def test_stop_conditions_and_max_new_tokens(engine):
+    cfg = SearchConfig(candidates=2, boundary=" ", max_steps=20, max_step_tokens=4, check_every=2,
+                       max_new_tokens=7)
+    for res in engine.search(PROMPTS[:2], config=cfg):
+        assert res.finish_reason in ("max_new_tokens", "eos") and len(res.token_ids) <= 7
+    first = engine.search(PROMPTS[:1], config=SearchConfig(candidates=2, boundary=" ", max_steps=1,
+                                                          check_every=2))[0]
+    stop = first.steps[0].text[:2]
+    res = engine.search(PROMPTS[:1], config=SearchConfig(candidates=2, boundary=" ", max_steps=5,
+                                                        check_every=2, stop=[stop]))[0]
+    assert res.finish_reason == "stop" and len(res.steps) == 1
+    assert boxed_closed("so \\boxed{\\frac{1}{2}} done") and not boxed_closed("\\boxed{\\frac{1}")
+
+
+def test_max_seq_len_ends_the_request_not_the_batch(policy, prms):
+    long_prompt = "The quick brown fox jumps over the lazy dog. " * 2
+    n_long = len(_ids(policy, long_prompt))
+    eng = Engine(policy, prm=prms["other"], max_batch=2, max_seq_len=n_long + 5)
+    cfg = SearchConfig(candidates=2, boundary=" ", max_steps=2, max_step_tokens=3, check_every=2)
+    short, long = eng.search(["Step 1:", long_prompt], config=cfg)
+    assert long.finish_reason == "max_seq_len" and n_long + len(long.token_ids) == n_long + 5
+    assert short.finish_reason in ("max_steps", "eos")
+    (gen,) = eng.generate([long_prompt], temperature=0, max_new_tokens=50)
+    assert gen.finish_reason == "max_seq_len" and len(gen.token_ids) == 5
+
+
+# -- errors -------------------------------------------------------------------------------------
+
+
+def test_errors(engine, policy, prms):
+    with pytest.raises(ValueError, match="candidates must be an int >= 1, got 0"):
+        SearchConfig(candidates=0)
+    with pytest.raises(ValueError, match="unknown boundary 'sentense'"):
+        engine.search(PROMPTS[:1], config=SearchConfig(boundary="sentense"))
+    with pytest.raises(ValueError, match="needs a scorer"):
+        Engine(policy).search(PROMPTS[:1], config=SearchConfig(candidates=2))
+    with pytest.raises(ValueError, match=r"prompt 1 has \d+ tokens but max_seq_len is 6"):
+        Engine(policy, max_seq_len=6).generate(["ab", PROMPTS[1]])
+    with pytest.raises(ValueError, match="temperature"):
+        engine.generate(PROMPTS, temperature=-1.0)
+    with pytest.raises(TypeError, match="prompts must be"):
+        engine.generate("a bare string")
+    # The caches do not fit: an error with the bytes, raised before anything is allocated.
+    huge = Engine(policy, prm=prms["other"], max_batch=4096, max_seq_len=1 << 20)
+    with pytest.raises(ValueError, match=r"need [\d,]+ bytes of policy KV cache \+ [\d,]+ bytes of "
+                                         r"PRM cache .* only [\d,]+ bytes are available"):
+        huge.search(PROMPTS[:1], config=SearchConfig(candidates=5))
+    assert huge.cache is None and prms["other"].path  # nothing allocated
+    # A PRM without a tokenizer must share the policy's vocabulary.
+    bridge = prms["bridge"]
+    bare = ValueModel(bridge.model, bridge.value_head, "value", tokenizer=None)
+    with pytest.raises(ValueError, match="vocabulary size 400 and no tokenizer"):
+        engine.search(PROMPTS[:1], config=SearchConfig(candidates=2, scorer=bare))
+    with pytest.raises(ValueError, match="3 scores for 6 candidates|returned 3 scores"):
+        engine.search(PROMPTS[:2], config=SearchConfig(candidates=3, boundary=" ",
+                                                      scorer=lambda p, r: [0.0, 1.0, 2.0]))
+    with pytest.raises(ValueError, match="NaN"):
+        engine.search(PROMPTS[:1], config=SearchConfig(candidates=2, boundary=" ",
+                                                      scorer=lambda p, r: [math.nan] * len(r)))
+
+
+# -- chat ---------------------------------------------------------------------------------------
+
+
+def _chatml(messages):
+    text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+    return text + "<|im_start|>assistant\n"
+
+
+@pytest.mark.skipif(not (DATA / "tutoring_prefixes.jsonl").is_file(),
+                    reason=f"real data not found at {DATA} (absent outside the project's workspace)")
+def test_chat_turn_boundary_on_tutoring_prefixes(policy, prms):
+    dialogues = [json.loads(line)["messages"] for line in
+                 (DATA / "tutoring_prefixes.jsonl").read_text().splitlines() if line.strip()]
+    tok = policy.tokenizer
+    eot = tok.convert_tokens_to_ids("<|im_end|>")
+    # Make the random policy end its turn now and then: point the end-of-turn row of the head at
+    # the mean hidden direction of these dialogues.
+    ids = [tok.encode(_chatml(m), add_special_tokens=False) for m in dialogues]
+    with torch.no_grad():
+        mean = torch.cat([policy.model(torch.tensor([x]))[0] for x in ids]).mean(0)
+    heads = policy.heads.clone()
+    heads[0, eot] = 5.0 * mean / mean.norm() ** 2
+    talker = Policy(policy.model, tok, heads, policy.objectives)
+    prm = prms["other"]
+    eng = Engine(talker, prm=prm, max_batch=4, max_seq_len=max(map(len, ids)) + 64)
+    cfg = SearchConfig(candidates=2, boundary="turn", max_step_tokens=24, max_steps=2, seed=0,
+                       check_every=4)
+    results = eng.search(dialogues, config=cfg, chat=True)
+    ended = 0
+    for prompt_ids, res in zip(ids, results):
+        for i, step in enumerate(res.steps):
+            if step.finish_reason == "eos":  # <|im_end|>: the turn is over, so is the request
+                assert step.token_ids[-1] == eot and eot not in step.token_ids[:-1]
+                assert res.finish_reason == "eos" and i == len(res.steps) - 1
+                ended += 1
+            else:
+                assert step.finish_reason == "length" and len(step.token_ids) == 24
+            ref = prm.score_full([_committed(prompt_ids, res.steps, i + 1)]).item()
+            assert abs(step.score - ref) < 1e-4  # the PRM saw the rendered chat prompt
+    assert ended >= 2
+
+
+# -- CUDA graphs --------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+def test_cuda_graphs_match_eager(ckpt, tmp_path):
+    policy = load_policy(ckpt, dtype=torch.float32, device="cuda")
+    prm = _prm(tmp_path, "prm", tiny_checkpoint("qwen2", seed=1))
+    prm = load_prm(prm.path, dtype=torch.float32, device="cuda")
+    graphs = Engine(policy, prm=prm, max_batch=3, max_seq_len=96, cuda_graphs=True)
+    eager = Engine(policy, prm=prm, max_batch=3, max_seq_len=96, cuda_graphs=False)
+    for kw in (dict(temperature=0), dict(temperature=1.0, top_k=20, seed=3)):
+        assert graphs.generate(PROMPTS, max_new_tokens=12, **kw) == \
+            eager.generate(PROMPTS, max_new_tokens=12, **kw)
+    cfg = SearchConfig(candidates=3, boundary=" ", max_steps=3, max_step_tokens=8, seed=2)
+    a, b = graphs.search(PROMPTS, config=cfg), eager.search(PROMPTS, config=cfg)
+    assert [r.token_ids for r in a] == [r.token_ids for r in b]
+    for ra, rb in zip(a, b):
+        for sa, sb in zip(ra.steps, rb.steps):
+            assert sa.candidate_scores == pytest.approx(sb.candidate_scores, abs=1e-4)
+    assert graphs._runner._graphs  # the decode step was captured and replayed

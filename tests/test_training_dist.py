@@ -1,0 +1,114 @@
+"""Distributed and resumable training: DDP with 2 gloo processes equals one process with the same
+global batch; --resume continues bit-identically on CPU; checkpoints are written atomically."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mahalo_engine.tiny import tiny_checkpoint
+from training import mah_dpo
+from training.checkpoint import latest_checkpoint
+
+# DDP sums gradients over ranks in another order than one process sums its micro-batches, so
+# parameters agree to float32 rounding, amplified a little by RMSprop's normalised steps.
+DDP_ATOL = 1e-4
+
+
+def _data(tmp_path):
+    rows = {"acc": [], "eng": []}
+    for i in range(8):
+        p = f"Question: {i} + {2 * i} = ?\nAnswer:"
+        rows["acc"].append({"prompt": p, "chosen": f" {3 * i}", "rejected": f" {3 * i + 2}"})
+        rows["eng"].append({"prompt": p, "chosen": " Nice one, well done!", "rejected": f" {3 * i}."})
+    paths = {}
+    for k, v in rows.items():
+        paths[k] = tmp_path / f"{k}.jsonl"
+        paths[k].write_text("".join(json.dumps(r) + "\n" for r in v))
+    return paths
+
+
+def _args(tmp_path, out, extra=()):
+    d = _data(tmp_path)
+    return ["--model", str(tiny_checkpoint("qwen2")), "--data", f"acc={d['acc']}", "--data",
+            f"eng={d['eng']}", "--out", str(out), "--ref-cache", str(tmp_path / "cache"),
+            "--batch-size", "8", "--lr", "1e-3", "--warmup-steps", "2", *extra]
+
+
+def _tensors(out):
+    return {**load_file(str(out / "model.safetensors")),
+            **{"heads": load_file(str(out / "mahalo_heads.safetensors"))["heads"]}}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_two_gloo_processes_equal_one_process(tmp_path):
+    one = tmp_path / "one"
+    # one process, the global batch of 8 pairs as 4 accumulated micro-batches of 2
+    mah_dpo.main(_args(tmp_path, one, ["--max-steps", "3", "--micro-batch-size", "2"]))
+    two = tmp_path / "two"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "training.mah_dpo",
+           *_args(tmp_path, two, ["--max-steps", "3", "--device", "cpu"])]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = _tensors(one), _tensors(two)
+    assert a.keys() == b.keys()
+    moved = max((a[k] - load_file(str(tiny_checkpoint("qwen2") / "model.safetensors"))[k]).abs().max()
+                for k in a if k.startswith("model.layers"))
+    assert moved > 100 * DDP_ATOL  # the runs really trained
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=DDP_ATOL, msg=k)
+    la = [json.loads(x) for x in (one / "log.jsonl").read_text().splitlines()]
+    lb = [json.loads(x) for x in (two / "log.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in la] == pytest.approx([r["loss"] for r in lb], abs=1e-4)
+
+
+def test_resume_continues_bit_identically(tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    mah_dpo.main(_args(tmp_path, straight, ["--max-steps", "4", "--micro-batch-size", "4"]))
+    mah_dpo.main(_args(tmp_path, resumed, ["--max-steps", "2", "--micro-batch-size", "4", "--save-every", "1"]))
+    ckpt = latest_checkpoint(resumed)
+    assert ckpt.name == "step-2" and [p.name for p in ckpt.parent.glob("step-*")] == ["step-2"]
+    mah_dpo.main(_args(tmp_path, resumed, ["--max-steps", "4", "--micro-batch-size", "4", "--resume"]))
+    a, b = _tensors(straight), _tensors(resumed)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    la = (straight / "log.jsonl").read_text().splitlines()
+    lb = (resumed / "log.jsonl").read_text().splitlines()
+    strip = lambda r: {k: v for k, v in json.loads(r).items() if k != "step_time_s"}  # noqa: E731
+    assert [strip(r) for r in la] == [strip(r) for r in lb]
+    # a run that changes the batches cannot resume from it
+    with pytest.raises(ValueError, match="batch_size was 8, now 4"):
+        mah_dpo.main(_args(tmp_path, resumed, ["--max-steps", "5", "--resume", "--batch-size", "4"]))
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    from training import checkpoint
+
+    checkpoint.save_checkpoint(tmp_path, 1, {"w": torch.ones(2)}, {"trainer": "t"})
+    calls = {"n": 0}
+    real = torch.save
+
+    def crash(*a, **k):  # dies while writing the second checkpoint
+        calls["n"] += 1
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save_checkpoint(tmp_path, 2, {"w": torch.zeros(2)}, {"trainer": "t"})
+    monkeypatch.setattr(torch, "save", real)
+    path = latest_checkpoint(tmp_path)
+    assert path.name == "step-1" and calls["n"] == 1
+    state, meta = checkpoint.load_checkpoint(path)
+    assert torch.equal(state["w"], torch.ones(2)) and meta["step"] == 1
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step-1"]

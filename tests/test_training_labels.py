@@ -1,0 +1,86 @@
+"""PRM label builders: hindsight targets, Monte-Carlo values, judge labels, BT prefix pairs, CLI."""
+import json
+
+import pytest
+
+from training import hindsight_targets
+from training.labels import (bt_prefix_pairs, judge_prefix_labels, judge_vote_labels, main,
+                             monte_carlo_values, split_steps)
+
+
+def test_hindsight_targets_hand_values():
+    # r̃_t = r_t + γ^(n-t) z, n = 3
+    assert hindsight_targets([0.0, 0.5, 0.0], 1.0, 0.9) == pytest.approx([0.81, 0.5 + 0.9, 1.0])
+    assert hindsight_targets([0.1, 0.2], 0.0, 0.5) == pytest.approx([0.1, 0.2])
+    assert hindsight_targets([], 1.0, 0.9) == []
+    with pytest.raises(ValueError, match="gamma"):
+        hindsight_targets([0.0], 1.0, 1.5)
+    with pytest.raises(ValueError, match="finite"):
+        hindsight_targets([float("nan")], 1.0, 0.9)
+
+
+def test_monte_carlo_values_pool_only_rollouts_sampled_through_a_prefix():
+    g = 0.5
+    rollouts = [
+        # the trajectory itself (given, prefix_len = n): only its full prefix counts
+        {"prompt": "p", "steps": ["a", "b", "c"], "step_rewards": [0, 0, 0], "final_reward": 1.0,
+         "prefix_len": 3},
+        # two rollouts branched after "a"
+        {"prompt": "p", "steps": ["a", "x"], "step_rewards": [0, 0], "final_reward": 0.0, "prefix_len": 1},
+        {"prompt": "p", "steps": ["a", "b", "y"], "step_rewards": [0, 0, 0], "final_reward": 1.0,
+         "prefix_len": 1},
+        # one rollout branched after "a","b"
+        {"prompt": "p", "steps": ["a", "b", "z"], "step_rewards": [0, 0, 0], "final_reward": 0.0,
+         "prefix_len": 2},
+    ]
+    rows = {tuple(r["completions"]): r["labels"] for r in monte_carlo_values(rollouts, g)}
+    # V(a): rollouts sampled from prefix len <= 1 through "a": x (0) and y (relabelled g^2 * 1)
+    v_a = (0.0 + g ** 2) / 2
+    # V(a,b): y (g * 1) and z (0); the given trajectory (prefix_len 3) does not count here
+    v_ab = (g + 0.0) / 2
+    assert rows[("a", "b", "c")] == pytest.approx([v_a, v_ab, 1.0])
+    assert rows[("a", "x")] == pytest.approx([v_a, 0.0])
+    assert rows[("a", "b", "z")] == pytest.approx([v_a, v_ab, 0.0])
+
+
+def test_judge_labels_case_a_and_b():
+    judge = lambda prompt, steps: float("good" in steps[-1])  # noqa: E731
+    steps = ["s1", "s2"]
+    conts = [[["good"], ["bad"], ["good"], ["bad"]], [["good"]]]
+    assert judge_vote_labels("q", steps, conts, judge) == [0.5, 1.0]
+    assert judge_prefix_labels("q", ["good", "meh", "good!"], judge) == [1.0, 0.0, 1.0]
+    with pytest.raises(ValueError, match="one list of rollouts per step"):
+        judge_vote_labels("q", steps, conts[:1], judge)
+
+
+def test_split_steps_keeps_boundaries_and_bt_pairs():
+    text = "First.\n\nSecond.\n\nThird"
+    assert split_steps(text, "\n\n") == ["First.\n\n", "Second.\n\n", "Third"]
+    assert "".join(split_steps(text, ["\n\n", "."])) == text
+    pairs = bt_prefix_pairs("q", "A.\n\nB.\n\nC.", "X.\n\nY.", "\n\n")
+    assert [(p["chosen"], p["rejected"]) for p in pairs] == [
+        (["A.\n\n"], ["X.\n\n"]),
+        (["A.\n\n", "B.\n\n"], ["X.\n\n", "Y."]),
+        (["A.\n\n", "B.\n\n", "C."], ["X.\n\n", "Y."]),
+    ]
+
+
+def test_labels_cli_mc_and_bt_pairs(tmp_path):
+    roll = tmp_path / "r.jsonl"
+    roll.write_text("\n".join(json.dumps(r) for r in [
+        {"prompt": "p", "steps": ["a", "b"], "step_rewards": [0, 0], "final_reward": 1.0},
+        {"prompt": "p", "steps": ["a", "c"], "step_rewards": [0, 0], "final_reward": 0.0},
+    ]) + "\n")
+    out = tmp_path / "steps.jsonl"
+    assert main(["mc", "--rollouts", str(roll), "--gamma", "0.9", "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert rows[0]["labels"] == pytest.approx([0.45, 1.0])
+    assert rows[1]["labels"] == pytest.approx([0.45, 0.0])
+
+    prefs = tmp_path / "p.jsonl"
+    prefs.write_text(json.dumps({"prompt": "q", "chosen": "A.\n\nB.", "rejected": "X."}) + "\n")
+    out = tmp_path / "pairs.jsonl"
+    assert main(["bt-pairs", "--data", str(prefs), "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert rows == [{"prompt": "q", "chosen": ["A.\n\n"], "rejected": ["X."]},
+                    {"prompt": "q", "chosen": ["A.\n\n", "B."], "rejected": ["X."]}]
