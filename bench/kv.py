@@ -84,7 +84,6 @@ def _promote_rows(ctx: BenchContext, name: str, shape: tuple[int, int, int],
         base = peak_memory_bytes(dev)
         t_deep = timeit(lambda: [copy.deepcopy(running) for _ in range(K)], dev, **slow)
         peak = peak_memory_bytes(dev)
-        del running
 
         moved = 2 * (K - 1) * STEP * _token_bytes(*shape)  # read + write
         row = {
@@ -97,7 +96,6 @@ def _promote_rows(ctx: BenchContext, name: str, shape: tuple[int, int, int],
         if peak is not None:
             row["deepcopy_extra_MB"] = (peak - base) / 2**20
         rows.append(row)
-    del cache
     return rows
 
 
@@ -119,7 +117,6 @@ def _copy_ranges_rows(ctx: BenchContext, name: str, shape: tuple[int, int, int],
         moved = 2 * pairs * length * _token_bytes(*shape)
         rows.append({"case": "copy_ranges", "model": name, "tokens": length, "pairs": pairs,
                      "copy_us": t * 1e6, **_bandwidth(ctx, moved, t, bandwidth)})
-        del cache
     return rows
 
 

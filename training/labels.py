@@ -4,8 +4,7 @@ Every builder turns trajectories (a prompt plus a list of step strings) into tra
 ``training.prm``: step data ``{"prompt", "completions", "labels"}`` or BT pairs
 ``{"prompt", "chosen": [steps], "rejected": [steps]}``. Judges and verifiers are plain Python callables
 ``fn(prompt: str, steps: list[str]) -> float | bool`` (a rule, a model, an API), named on the command
-line as ``module:function``. Rollouts come from the engine's batched sampler when it is installed,
-else from the policy's own sampling (see ``sample_continuations``).
+line as ``module:function``. Rollouts are sampled by the engine (``Engine.generate``: batched, KV-cached).
 """
 from __future__ import annotations
 
@@ -153,63 +152,25 @@ def bt_prefix_pairs(prompt: str, chosen: str, rejected: str,
 def sample_continuations(policy, prompt: str, prefixes: Sequence[Sequence[str]], m: int, *,
                          boundary: str | Sequence[str], max_new_tokens: int, temperature: float,
                          top_k: int, seed: int, chat_template: bool) -> list[list[list[str]]]:
-    """M sampled continuations (split into steps at ``boundary``) after each prefix.
-
-    Uses ``mahalo_engine.Engine.generate`` (batched, KV-cached) when the engine is installed;
-    otherwise samples with the policy's full forward, re-encoding every token (slow: a warning says
-    so). Returns ``out[j][i]``: the steps of continuation i after ``prefixes[j]``.
-    """
+    """M continuations sampled by the engine (batched, KV-cached) after each prefix, each split
+    into steps at ``boundary``. Returns ``out[j][i]``: the steps of continuation i after
+    ``prefixes[j]``. The prefix steps are tokenised one by one, as the engine and PRM see them."""
+    from mahalo_engine.engine import Engine
     from training.data import encode_prompt
 
+    if not prefixes:
+        return []
     tok = policy.tokenizer
     prompt_ids = encode_prompt(tok, prompt, chat_template)
     contexts = [prompt_ids + [t for s in pre for t in tok(s, add_special_tokens=False)["input_ids"]]
                 for pre in prefixes]
     flat = [ctx for ctx in contexts for _ in range(m)]
-    try:
-        from mahalo_engine.engine import Engine
-    except ImportError:
-        Engine = None
-    if Engine is not None:
-        engine = Engine(policy, max_batch=min(len(flat), 32),
-                        max_seq_len=max(len(c) for c in flat) + max_new_tokens, cuda_graphs=False)
-        gens = engine.generate(flat, max_new_tokens=max_new_tokens, temperature=temperature,
-                               top_k=top_k, seed=seed)
-        texts = [g.text for g in gens]
-    else:
-        log.warning("mahalo_engine.engine is not available: sampling rollouts with full re-encoding "
-                    "forwards (O(n^2) per rollout)")
-        texts = [_sample_by_reencoding(policy, ctx, max_new_tokens, temperature, top_k, seed + i)
-                 for i, ctx in enumerate(flat)]
-    steps = [split_steps(t, boundary) if t else [] for t in texts]
+    engine = Engine(policy, max_batch=min(len(flat), 32),
+                    max_seq_len=max(len(c) for c in flat) + max_new_tokens + 1, cuda_graphs=False)
+    gens = engine.generate(flat, max_new_tokens=max_new_tokens, temperature=temperature,
+                           top_k=top_k, seed=seed)
+    steps = [split_steps(g.text, boundary) if g.text else [] for g in gens]
     return [steps[j * m:(j + 1) * m] for j in range(len(prefixes))]
-
-
-def _sample_by_reencoding(policy, ids: list[int], max_new_tokens: int, temperature: float,
-                          top_k: int, seed: int) -> str:
-    import torch
-
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    eos = policy.config.eos_token_id
-    eos_set = set(eos if isinstance(eos, list) else [eos]) - {None}
-    device = policy.heads.device
-    seq, out = list(ids), []
-    for _ in range(max_new_tokens):
-        with torch.no_grad():
-            logits = policy.logits(torch.tensor([seq], device=device))[0, -1].float().cpu()
-        if temperature == 0:
-            nxt = int(logits.argmax())
-        else:
-            logits = logits / temperature
-            if top_k:
-                kth = logits.topk(min(top_k, logits.numel())).values[-1]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-            nxt = int(torch.multinomial(logits.softmax(-1), 1, generator=gen))
-        if nxt in eos_set:
-            break
-        seq.append(nxt)
-        out.append(nxt)
-    return policy.tokenizer.decode(out)
 
 
 def load_callable(spec: str) -> Callable:

@@ -112,6 +112,45 @@ def _unpack_keys(keys):
     return bits.to(tl.float32, bitcast=True), cols
 
 
+@triton.jit
+def _bitonic_step(x, R: tl.constexpr, N: tl.constexpr, J: tl.constexpr, S: tl.constexpr,
+                  ASC_FIRST: tl.constexpr):
+    """One compare-and-swap layer of a bitonic network on the rows of int64 ``x [R, N]``.
+
+    Partners sit J apart. The block of 2**S elements holding position p is ordered descending when
+    bit S of p equals ASC_FIRST (so blocks alternate, the first one descending unless ASC_FIRST).
+    Only elementwise ops and a sum over a size-2 axis (partner = pair sum - self, exact in wrapping
+    int64 arithmetic): cheap in the interpreter, unlike a custom-combine reduction.
+    """
+    G: tl.constexpr = N // (2 * J)
+    y = tl.reshape(x, (R, G, 2, J))
+    partner = tl.sum(y, axis=2, keep_dims=True) - y
+    right = tl.arange(0, 2)[None, None, :, None] == 1
+    pos = tl.arange(0, G)[None, :, None, None] * (2 * J)
+    descending = ((pos >> S) & 1) == ASC_FIRST
+    keep_max = descending != right
+    y = tl.where(keep_max, tl.maximum(y, partner), tl.minimum(y, partner))
+    return tl.reshape(y, (R, N))
+
+
+@triton.jit
+def _top_keys(x, R: tl.constexpr, N: tl.constexpr, LOG_N: tl.constexpr, LOG_K: tl.constexpr,
+              ASC_FIRST: tl.constexpr):
+    """The 2**LOG_K largest keys of each row of ``x [R, 2**LOG_N]``, sorted descending (ascending
+    if ASC_FIRST): sort runs of K, then repeatedly keep the elementwise max of opposite-ordered run
+    pairs (the top K of the pair, as a bitonic run) and re-merge it."""
+    K: tl.constexpr = 1 << LOG_K
+    for s in tl.static_range(1, LOG_K + 1):
+        for t in tl.static_range(s):
+            x = _bitonic_step(x, R, N, 1 << (s - 1 - t), s, ASC_FIRST)
+    for level in tl.static_range(LOG_N - LOG_K):
+        x = tl.reshape(tl.max(tl.reshape(x, (R, (N >> level) // (2 * K), 2, K)), axis=2),
+                       (R, (N >> level) // 2))
+        for t in tl.static_range(LOG_K):
+            x = _bitonic_step(x, R, (N >> level) // 2, K >> (t + 1), LOG_K, ASC_FIRST)
+    return x
+
+
 @triton.jit(do_not_specialize=["seed", "offset"])
 def _sample_partials_kernel(hidden_ptr, weights_ptr, heads_ptr, seed, offset,
                             part_max_ptr, part_sumexp_ptr, part_best_ptr, part_token_ptr,
@@ -120,9 +159,11 @@ def _sample_partials_kernel(hidden_ptr, weights_ptr, heads_ptr, seed, offset,
                             stride_xb, stride_xd, stride_wb, stride_wh, stride_hh, stride_hv,
                             stride_hd, inv_temp, n_tiles, tiles_per_part, n_parts,
                             MODE: tl.constexpr, SEED_IS_PTR: tl.constexpr,
-                            OFFSET_IS_PTR: tl.constexpr, KPAD: tl.constexpr,
-                            BLOCK_B: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
-                            DOT_PRECISION: tl.constexpr):
+                            OFFSET_IS_PTR: tl.constexpr, LOG_KPAD: tl.constexpr,
+                            BLOCK_B: tl.constexpr, LOG_BLOCK_V: tl.constexpr,
+                            BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    KPAD: tl.constexpr = 1 << LOG_KPAD
+    BLOCK_V: tl.constexpr = 1 << LOG_BLOCK_V
     part = tl.program_id(1)
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = rows < B
@@ -152,9 +193,13 @@ def _sample_partials_kernel(hidden_ptr, weights_ptr, heads_ptr, seed, offset,
         run_sumexp = run_sumexp * tl.exp(run_max - new_max) + tl.sum(tl.exp(s - new_max[:, None]), axis=1)
         run_max = new_max
         if MODE == MODE_TOPK:
-            tile_top = tl.topk(_pack_keys(s, cols[None, :]), KPAD)
-            both = tl.reshape(tl.join(run_keys, tile_top), (BLOCK_B, 2 * KPAD))
-            run_keys = tl.topk(both, KPAD)
+            # run_keys (descending) vs the tile's top KPAD (ascending): their elementwise max is
+            # the top KPAD of both, as a bitonic run; one merge sorts it descending again.
+            tile_top = _top_keys(_pack_keys(s, cols[None, :]), BLOCK_B, BLOCK_V, LOG_BLOCK_V,
+                                 LOG_KPAD, 1)
+            run_keys = tl.maximum(run_keys, tile_top)
+            for t in tl.static_range(LOG_KPAD):
+                run_keys = _bitonic_step(run_keys, BLOCK_B, KPAD, KPAD >> (t + 1), LOG_KPAD, 0)
         else:
             if MODE == MODE_GUMBEL:
                 rows2 = tl.broadcast_to(rows[:, None], (BLOCK_B, BLOCK_V))

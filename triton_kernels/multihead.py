@@ -137,7 +137,8 @@ def multihead_sample(hidden: torch.Tensor, heads: torch.Tensor, weights: torch.T
         hidden, weights, heads, seed, offset, part_max, part_sumexp, part_best, part_token,
         part_scaled, part_keys, *_projection_args(hidden, heads, weights),
         1.0 / temperature if temperature > 0 else 1.0, n_tiles, tiles_per_part, n_parts,
-        MODE=mode, KPAD=kpad, BLOCK_B=cfg.block_b, BLOCK_V=cfg.block_v, BLOCK_K=cfg.block_k,
+        MODE=mode, LOG_KPAD=kpad.bit_length() - 1, BLOCK_B=cfg.block_b,
+        LOG_BLOCK_V=cfg.block_v.bit_length() - 1, BLOCK_K=cfg.block_k,
         DOT_PRECISION=DOT_PRECISION, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages, **rng)
 
