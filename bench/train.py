@@ -149,6 +149,32 @@ def _measure(ctx: BenchContext, make, iters: int) -> tuple[float, int | None]:
     return t, peak
 
 
+def _model_rows(ctx: BenchContext, label: str, decoder: Decoder, shape: tuple[int, int, int],
+                autocast, iters: int) -> list[dict]:
+    b, prompt, resp = shape
+    v = decoder.config.vocab_size
+    t = prompt + resp
+    rows = []
+    for h in (2, 3):
+        batch = _batch(b, prompt, resp, v, h, ctx.device)
+        t_ours, m_ours = _measure(
+            ctx, lambda: _ours_step(decoder, h, batch, 0.1, autocast, ctx.device), iters)
+        t_ref, m_ref = _measure(
+            ctx, lambda: _reference_step(decoder, h, batch, 0.1, autocast, ctx.device), iters)
+        rows.append({
+            "model": label, "H": h, "pairs": b, "tokens/seq": t,
+            "ours_ms": t_ours * 1e3, "reference_ms": t_ref * 1e3, "speedup": t_ref / t_ours,
+            "ours_peak_MiB": _mib(m_ours), "reference_peak_MiB": _mib(m_ref),
+            "memory_ratio": (m_ref / m_ours) if m_ours else "n/a",
+            # float32 logits alive at once: ours one chunk (<= 1024 positions) x V; the
+            # reference's [H,B,T,V] for policy and reference, chosen and rejected, each with
+            # its log_softmax copy
+            "logits_MiB_ours": min(2 * b * resp, 1024) * v * 4 / 2**20,
+            "logits_MiB_reference": 4 * h * b * t * v * 4 * 2 / 2**20,
+        })
+    return rows
+
+
 def _mib(x: int | None) -> str | float:
     return "n/a" if x is None else x / 2**20
 
@@ -175,28 +201,8 @@ def run(ctx: BenchContext) -> list[dict]:
     autocast = ((lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if ctx.is_cuda
                 else contextlib.nullcontext)
     iters = 3 if ctx.quick else 10
-    for label, make, (b, prompt, resp) in models:
-        decoder = make()
-        v = decoder.config.vocab_size
-        t = prompt + resp
-        for h in (2, 3):
-            batch = _batch(b, prompt, resp, v, h, ctx.device)
-            t_ours, m_ours = _measure(
-                ctx, lambda: _ours_step(decoder, h, batch, 0.1, autocast, ctx.device), iters)
-            t_ref, m_ref = _measure(
-                ctx, lambda: _reference_step(decoder, h, batch, 0.1, autocast, ctx.device), iters)
-            rows.append({
-                "model": label, "H": h, "pairs": b, "tokens/seq": t,
-                "ours_ms": t_ours * 1e3, "reference_ms": t_ref * 1e3, "speedup": t_ref / t_ours,
-                "ours_peak_MiB": _mib(m_ours), "reference_peak_MiB": _mib(m_ref),
-                "memory_ratio": (m_ref / m_ours) if m_ours else "n/a",
-                # float32 logits alive at once: ours one chunk (<= 1024 positions) x V; the
-                # reference's [H,B,T,V] for policy and reference, chosen and rejected, each with
-                # its log_softmax copy
-                "logits_MiB_ours": min(2 * b * resp, 1024) * v * 4 / 2**20,
-                "logits_MiB_reference": 4 * h * b * t * v * 4 * 2 / 2**20,
-            })
-        del decoder
+    for label, make, shape in models:
+        rows += _model_rows(ctx, label, make(), shape, autocast, iters)
     ctx.note("ours = one chosen+rejected forward, per-row head, chunked checkpointed log-probs, "
              "precomputed reference log-probs; reference = the paper's trainer structure (two "
              "policy forwards with all H heads everywhere + a resident reference model run twice).")

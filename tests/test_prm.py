@@ -153,3 +153,13 @@ def test_bce_rejects_labels_outside_unit_interval(tmp_path):
     with pytest.raises(ValueError, match=r"labels in \[0, 1\]; .*s\.jsonl:1 has 2\.0"):
         prm_train.main(["--model", str(tiny_checkpoint("qwen2")), "--data", str(data), "--loss", "bce",
                         "--out", str(tmp_path / "o"), "--batch-size", "1"])
+
+
+@pytest.mark.gpu
+def test_score_full_bf16_on_cuda_matches_cpu(tmp_path):
+    out, _ = _tiny_prm(tmp_path)
+    seqs = [[5, 17, 42, 9], [3, 3, 8]]
+    cpu = load_prm(out).score_full(seqs)
+    gpu = load_prm(out, dtype=torch.bfloat16, device="cuda").score_full(seqs)
+    assert gpu.device.type == "cuda" and gpu.dtype == torch.float32
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=0.05, atol=0.05)

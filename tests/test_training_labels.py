@@ -84,3 +84,33 @@ def test_labels_cli_mc_and_bt_pairs(tmp_path):
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert rows == [{"prompt": "q", "chosen": ["A.\n\n"], "rejected": ["X."]},
                     {"prompt": "q", "chosen": ["A.\n\n", "B."], "rejected": ["X."]}]
+
+
+def test_rollouts_and_judge_votes_sampled_by_the_engine(tmp_path, monkeypatch):
+    from mahalo_engine.tiny import tiny_checkpoint
+
+    (tmp_path / "rules.py").write_text(
+        "def verifier(prompt, steps):\n    return float(steps[-1] == 'It is 4.')\n"
+        "def judge(prompt, steps):\n    return float(len(steps) == 2)\n")
+    monkeypatch.chdir(tmp_path)
+    traj = tmp_path / "traj.jsonl"
+    traj.write_text(json.dumps({"prompt": "Question: 2 + 2 = ?", "steps": ["We add.\n\n", "It is 4."]}) + "\n")
+    policy = str(tiny_checkpoint("qwen2"))
+    common = ["--policy", policy, "--data", str(traj), "--m", "3", "--max-new-tokens", "8", "--seed", "1"]
+    assert main(["rollouts", *common, "--verifier", "rules:verifier", "--out", "roll.jsonl"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "roll.jsonl").read_text().splitlines()]
+    assert len(rows) == 1 + 3  # the trajectory + M rollouts after its one proper prefix
+    assert rows[0]["steps"] == ["We add.\n\n", "It is 4."] and rows[0]["prefix_len"] == 2
+    assert rows[0]["final_reward"] == 1.0
+    for r in rows[1:]:
+        assert r["prefix_len"] == 1 and r["steps"][0] == "We add.\n\n"
+        assert r["final_reward"] == float(r["steps"][-1] == "It is 4.")
+    assert main(["mc", "--rollouts", "roll.jsonl", "--out", "mc.jsonl"]) == 0
+    v1 = [json.loads(line) for line in (tmp_path / "mc.jsonl").read_text().splitlines()][0]["labels"]
+    expected_v1 = sum(0.9 ** (len(r["steps"]) - 1) * r["final_reward"] for r in rows[1:]) / 3
+    assert v1 == pytest.approx([expected_v1, 1.0])
+
+    assert main(["judge-votes", *common, "--judge", "rules:judge", "--out", "votes.jsonl"]) == 0
+    (row,) = [json.loads(line) for line in (tmp_path / "votes.jsonl").read_text().splitlines()]
+    # prefix 1: the judge's votes over the same 3 samples (same seed); prefix 2: the judge on itself
+    assert row["labels"] == pytest.approx([sum(float(len(r["steps"]) == 2) for r in rows[1:]) / 3, 1.0])

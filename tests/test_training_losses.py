@@ -128,3 +128,27 @@ def test_head_without_rows_gets_zero_gradient():
     loss.backward()
     assert torch.count_nonzero(heads.grad[1]) == 0
     assert torch.count_nonzero(heads.grad[0]) > 0 and torch.count_nonzero(heads.grad[2]) > 0
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    from mahalo_engine.tiny import tiny_checkpoint
+    from mahalo_engine.utils.loader import load_decoder
+    from training.logps import PolicyLogps, enable_gradient_checkpointing
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 500, (3, 12), generator=g)
+    labels = ids.clone()
+    labels[:, :5] = IGNORE
+    mask = torch.ones_like(ids)
+    mask[2, 9:] = 0
+    labels[2, 9:] = IGNORE
+    grads = []
+    for ckpt in (False, True):
+        dec = load_decoder(tiny_checkpoint("qwen2"), dtype=torch.float32)
+        if ckpt:
+            enable_gradient_checkpointing(dec)
+        model = PolicyLogps(dec, chunk_tokens=4)
+        model(ids, mask, labels, torch.zeros(3, dtype=torch.long)).sum().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    for n in grads[0]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-5, atol=1e-6, msg=n)

@@ -182,3 +182,32 @@ def test_every_cli_has_help(name, capsys):
         mod.main(["--help"])
     assert e.value.code == 0
     assert f"python -m training.{name}" in capsys.readouterr().out
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("launch", ["plain", "torchrun-fsdp2"])
+def test_mah_dpo_on_cuda_bf16(tmp_path, launch):
+    """bf16 autocast (plain) or FSDP2 with bf16 mixed precision over NCCL (one rank) on the GPU."""
+    import os
+    import subprocess
+    import sys
+
+    acc, eng = _pairs(tmp_path)
+    out = tmp_path / "out"
+    args = ["--model", str(tiny_checkpoint("qwen2")), "--data", f"acc={acc}", "--data", f"eng={eng}",
+            "--out", str(out), "--ref-cache", str(tmp_path / "cache"), "--batch-size", "8",
+            "--lr", "1e-3", "--max-steps", "12", "--beta", "0.5", "--device", "cuda"]
+    if launch == "plain":
+        mah_dpo.main(args)
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1",
+               "--master_port", "29571", "-m", "training.mah_dpo", *args, "--strategy", "fsdp2",
+               "--gradient-checkpointing"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in log)
+    assert log[-1]["acc/acc"] >= 0.75 and log[-1]["eng/acc"] >= 0.75
+    policy = load_policy(out, device="cuda")
+    assert policy.objectives == ["acc", "eng"]
+    assert torch.isfinite(policy.logits(torch.tensor([[1, 2, 3]]))).all()

@@ -621,7 +621,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--model", type=Path, required=True, help="directory with the tokenizer")
     s.add_argument("--data", action="append", required=True, help="OBJECTIVE=FILE or FILE")
     s.add_argument("--max-length", type=int, default=1024)
-    s.add_argument("--max-prompt-length", type=int, default=512)
+    s.add_argument("--max-prompt-length", type=int, default=None,
+                   help="default: max-length // 2 (as the trainers)")
     s.add_argument("--chat-template", action="store_true")
     args = p.parse_args(argv)
     if args.cmd == "convert-pairs":
@@ -638,7 +639,7 @@ def main(argv: list[str] | None = None) -> int:
     data = read_preferences([parse_data_spec(s) for s in args.data])
     tok = AutoTokenizer.from_pretrained(args.model)
     items, stats = tokenize_pairs(tok, data, max_length=args.max_length,
-                                  max_prompt_length=args.max_prompt_length,
+                                  max_prompt_length=args.max_prompt_length or args.max_length // 2,
                                   chat_template=args.chat_template)
     for i, name in enumerate(data.objectives):
         lens = sorted(it.length for it in items if it.objective == i)

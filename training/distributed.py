@@ -2,7 +2,8 @@
 
 Launched by ``torchrun`` (RANK / WORLD_SIZE / LOCAL_RANK in the environment), the trainers join a
 process group (gloo on CPU, NCCL on CUDA) and wrap their trainable module in DDP, or FSDP2
-(``torch.distributed.fsdp.fully_shard``, one unit per decoder layer plus the root) on CUDA.
+(``torch.distributed.fsdp.fully_shard``, one unit per decoder layer plus the root); under
+torchrun this holds for one process too, so ``--nproc_per_node 1`` exercises the same path.
 Without those variables they run as one process. Global-batch semantics do not depend on the
 world size: the trainers split each global batch over ranks and normalise losses by global
 counts, and both wrappers average gradients over ranks.
@@ -24,14 +25,11 @@ class DistInfo:
     world_size: int
     local_rank: int
     device: torch.device
+    distributed: bool = False  # launched by torchrun: a process group exists (even of size 1)
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
 
 
 def init_distributed(device: str | None = None) -> DistInfo:
@@ -45,24 +43,26 @@ def init_distributed(device: str | None = None) -> DistInfo:
         raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
     if kind == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' requested but torch sees no CUDA device")
+    launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
     dev = torch.device(f"cuda:{local}") if kind == "cuda" else torch.device("cpu")
     if kind == "cuda":
         torch.cuda.set_device(dev)
-    if world > 1 and not dist.is_initialized():
+    if launched and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if kind == "cuda" else "gloo",
                                 timeout=datetime.timedelta(minutes=30))
-    return DistInfo(rank, world, local, dev)
+    return DistInfo(rank, world, local, dev, launched)
 
 
 def wrap_model(module: nn.Module, info: DistInfo, strategy: str = "ddp", *,
                mixed_precision: bool = False) -> nn.Module:
-    """DDP or FSDP2 around ``module`` when distributed; the module itself otherwise.
+    """DDP or FSDP2 around ``module`` under torchrun; the module itself otherwise.
 
     FSDP2 shards each decoder layer and the root (embeddings, norm, heads) over ranks; with
-    ``mixed_precision`` it computes in bf16 and reduces gradients in fp32. Only on CUDA.
+    ``mixed_precision`` (CUDA) it computes in bf16 and reduces gradients in fp32. FSDP2 is meant
+    for CUDA/NCCL; it also runs on CPU/gloo, which is how the tests check it.
     """
     if strategy not in ("ddp", "fsdp2"):
         raise ValueError(f"strategy must be 'ddp' or 'fsdp2', got {strategy!r}")
@@ -73,8 +73,6 @@ def wrap_model(module: nn.Module, info: DistInfo, strategy: str = "ddp", *,
 
         ids = [info.device.index] if info.device.type == "cuda" else None
         return DDP(module, device_ids=ids)
-    if info.device.type != "cuda":
-        raise ValueError("FSDP2 is supported on CUDA only here; use --strategy ddp on CPU")
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
@@ -85,13 +83,10 @@ def wrap_model(module: nn.Module, info: DistInfo, strategy: str = "ddp", *,
     return module
 
 
-def unwrap(module: nn.Module) -> nn.Module:
-    return module.module if hasattr(module, "module") and isinstance(
-        module, nn.parallel.DistributedDataParallel) else module
-
-
 def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
-    """The full (unsharded) state dict on CPU, valid on every rank, for DDP, FSDP2 or a plain module."""
+    """The full (unsharded) state dict on CPU for DDP, FSDP2 or a plain module. Complete on rank
+    0 (the only rank that writes); under FSDP2 other ranks get an empty dict. Collective: every
+    rank must call it."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True,

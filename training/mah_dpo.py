@@ -112,13 +112,16 @@ def reference_logps(decoder: torch.nn.Module, items: Sequence[TokenizedPair], *,
                           "tokens": tokens_digest(items), "n": len(items)}, sort_keys=True)
     key = hashlib.sha256(key_src.encode()).hexdigest()
     path = cache_dir / f"ref-logps-{key[:40]}" / "ref_logps.safetensors"
-    if path.is_file():
-        ref = load_file(str(path))["ref_logps"]
-        if tuple(ref.shape) != (len(items), 2):
-            raise ValueError(f"{path}: cached shape {tuple(ref.shape)}, expected ({len(items)}, 2)")
+    # Rank 0 decides and shares, so ranks without the file (no shared disk) never diverge.
+    hit = torch.tensor([float(info.is_main and path.is_file())], device=info.device)
+    if D.all_reduce_sum(hit, info).item() > 0:
+        ref = torch.zeros(len(items), 2, device=info.device)
         if info.is_main:
+            ref = load_file(str(path))["ref_logps"].to(info.device)
+            if tuple(ref.shape) != (len(items), 2):
+                raise ValueError(f"{path}: cached shape {tuple(ref.shape)}, expected ({len(items)}, 2)")
             log.info("reference log-probs: cache hit %s", path)
-        return ref
+        return D.all_reduce_sum(ref, info).cpu()
     ref = compute_reference_logps(decoder, items, pad_id=pad_id, batch_size=batch_size,
                                   chunk_tokens=chunk_tokens, info=info, autocast=autocast)
     if info.is_main:
@@ -150,8 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m training.mah_dpo",
         description="Multi-Action-Head DPO: one LM head per objective on a shared backbone, "
         "trained from an SFT model on per-objective preference pairs (TRL format "
-        '{"prompt","chosen","rejected"}). Run under torchrun for DDP/FSDP2.',
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        '{"prompt","chosen","rejected"}). Run under torchrun for DDP/FSDP2.')
     p.add_argument("--model", type=Path, required=True, help="SFT model directory (Hugging Face)")
     p.add_argument("--data", action="append", required=True,
                    help="OBJECTIVE=FILE.jsonl (repeat per objective), or FILE.jsonl whose rows "
@@ -161,19 +163,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", action="append", default=[],
                    help="OBJECTIVE=WEIGHT loss weight α_i (default 1 each; the paper's mean over "
                    "heads is 1/H each)")
-    p.add_argument("--beta", type=float, default=0.1, help="DPO β")
-    p.add_argument("--sigma", type=float, default=1e-3, help="head init noise std")
+    p.add_argument("--beta", type=float, default=0.1, help="DPO β (default 0.1)")
+    p.add_argument("--sigma", type=float, default=1e-3, help="head init noise std σ (default 1e-3)")
     p.add_argument("--init-seed", type=int, default=42,
-                   help="head i's noise uses seed INIT_SEED + 100*i (the paper's seeds)")
+                   help="head i's noise uses seed INIT_SEED + 100*i (default 42: the paper's seeds)")
     p.add_argument("--balance", choices=("truncate", "replacement"), default="truncate",
                    help="truncate every objective to the smallest one per epoch (the paper), or "
-                   "re-draw smaller objectives up to the largest one's size")
+                   "re-draw smaller objectives up to the largest one's size (default truncate)")
     p.add_argument("--ref-cache", type=Path, default=None,
                    help="reference log-prob cache directory (default $MAHALO_CACHE/ref_logps or "
                    "~/.cache/mahalo_engine/ref_logps)")
-    p.add_argument("--ref-batch-size", type=int, default=8, help="pairs per reference forward")
+    p.add_argument("--ref-batch-size", type=int, default=8, help="pairs per reference forward (default 8)")
     p.add_argument("--chunk-tokens", type=int, default=1024,
-                   help="positions per log-prob chunk (bounds the float32 logits to CHUNK x V)")
+                   help="positions per log-prob chunk (bounds the float32 logits to CHUNK x V; "
+                   "default 1024)")
     add_common_args(p, lr=5e-6, batch_size=8)
     return p
 
@@ -218,6 +221,10 @@ def train(args: argparse.Namespace, info: D.DistInfo) -> None:
     ref = reference_logps(decoder, items, model_dir=args.model, cache_dir=args.ref_cache or default_cache_dir(),
                           pad_id=pad, batch_size=args.ref_batch_size, chunk_tokens=args.chunk_tokens,
                           info=info, bf16=bf16, autocast=autocast).to(info.device)
+    bad = (~torch.isfinite(ref)).any(1).nonzero(as_tuple=True)[0].tolist()
+    if bad:
+        raise ValueError(f"non-finite reference log-probs for {len(bad)} pairs under {args.model}: "
+                         f"{describe([data.pairs[g].source for g in bad])}")
 
     heads = init_heads(decoder.lm_head.weight, len(names), args.sigma,
                        [args.init_seed + 100 * i for i in range(len(names))])

@@ -53,8 +53,9 @@ class ValueTraining(nn.Module):
                 cols: torch.Tensor) -> torch.Tensor:
         with contextlib.nullcontext() if self.train_backbone else torch.no_grad():
             hidden = self.decoder(input_ids, attention_mask)
-        with torch.autocast(input_ids.device.type, enabled=False):  # the head stays float32
-            return self.value_head(hidden[rows, cols].float())
+        weight = self.value_head[0].weight  # float32, or bf16 under FSDP2 mixed precision
+        with torch.autocast(input_ids.device.type, enabled=False):  # no autocast of the head
+            return self.value_head(hidden[rows, cols].to(weight.dtype))
 
 
 def _pad(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,19 +73,19 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m training.prm",
         description="Train a PRM value head on a backbone: --loss mse (value targets), bce (0/1 or "
         'soft labels) on step data {"prompt","completions","labels"}; bt on pairs '
-        '{"prompt","chosen":[steps],"rejected":[steps]}. Run under torchrun for DDP.',
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        '{"prompt","chosen":[steps],"rejected":[steps]}. Run under torchrun for DDP.')
     p.add_argument("--model", type=Path, required=True, help="backbone directory (Hugging Face)")
     p.add_argument("--data", type=Path, required=True, help="step data or BT pair jsonl")
-    p.add_argument("--loss", choices=tuple(KIND_OF_LOSS), default="mse")
+    p.add_argument("--loss", choices=tuple(KIND_OF_LOSS), default="mse",
+                   help="mse -> kind=value, bce -> kind=binary, bt -> kind=bt (default mse)")
     p.add_argument("--head", choices=("mlp", "linear"), default="mlp",
-                   help="value head: 2-layer MLP (Linear-ReLU-Linear) or linear")
+                   help="value head: 2-layer MLP (Linear-ReLU-Linear, default) or linear")
     p.add_argument("--mlp-hidden", type=int, default=None, help="MLP width (default: hidden size)")
     p.add_argument("--train-backbone", action="store_true",
                    help="train the backbone too (default: frozen, only the head trains)")
     p.add_argument("--step-separator", default="\n\n",
                    help="appended to each step before tokenising unless the step already ends "
-                   "with it (match the engine's boundary)")
+                   "with it (match the engine's boundary; default \\n\\n)")
     add_common_args(p, lr=5e-5, batch_size=16, optimizer="adamw", max_length=2048)
     return p
 

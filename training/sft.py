@@ -28,12 +28,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m training.sft",
         description='Supervised fine-tuning on {"prompt","completion"} jsonl (loss on completion '
-        "tokens only). Run under torchrun for DDP/FSDP2.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        "tokens only). Run under torchrun for DDP/FSDP2.")
     p.add_argument("--model", type=Path, required=True, help="base model directory (Hugging Face)")
     p.add_argument("--data", type=Path, required=True, help="jsonl of {prompt, completion}")
     p.add_argument("--chunk-tokens", type=int, default=1024,
-                   help="positions per log-prob chunk (bounds the float32 logits to CHUNK x V)")
+                   help="positions per log-prob chunk (bounds the float32 logits to CHUNK x V; "
+                   "default 1024)")
     add_common_args(p, lr=1e-5, batch_size=8, optimizer="adamw")
     return p
 

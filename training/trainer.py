@@ -39,7 +39,7 @@ def add_common_args(p: argparse.ArgumentParser, *, lr: float, batch_size: int,
     g.add_argument("--lr", type=float, default=lr, help=f"peak learning rate (default {lr})")
     g.add_argument("--optimizer", choices=("rmsprop", "adamw"), default=optimizer,
                    help=f"default {optimizer}")
-    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--weight-decay", type=float, default=0.0, help="default 0")
     g.add_argument("--warmup-steps", type=int, default=0,
                    help="linear warmup steps, then constant lr (the paper: 150)")
     g.add_argument("--max-grad-norm", type=float, default=10.0,
@@ -51,7 +51,7 @@ def add_common_args(p: argparse.ArgumentParser, *, lr: float, batch_size: int,
     g.add_argument("--epochs", type=float, default=1.0, help="passes over the data (default 1)")
     g.add_argument("--max-steps", type=int, default=None, help="train exactly N optimizer steps (overrides --epochs; "
                    "the data is cycled through fresh shuffles)")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="data order seed (default 0)")
     g.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute decoder layer activations in the backward")
     g.add_argument("--no-bf16", dest="bf16", action="store_false",
@@ -69,13 +69,16 @@ def add_common_args(p: argparse.ArgumentParser, *, lr: float, batch_size: int,
     r.add_argument("--device", choices=("cpu", "cuda"), default=None,
                    help="default: cuda when available")
     r.add_argument("--strategy", choices=("ddp", "fsdp2"), default="ddp",
-                   help="under torchrun: DDP (gloo on CPU, NCCL on CUDA) or FSDP2 (CUDA only)")
+                   help="under torchrun: DDP (default) or FSDP2 (fully_shard per decoder layer); "
+                   "gloo on CPU, NCCL on CUDA")
     r.add_argument("--save-every", type=int, default=0,
                    help="write a resumable checkpoint every N steps (0: only at the end)")
-    r.add_argument("--keep-checkpoints", type=int, default=1)
+    r.add_argument("--keep-checkpoints", type=int, default=1,
+                   help="resumable checkpoints kept under OUT/checkpoints (default 1)")
     r.add_argument("--resume", action="store_true",
                    help="continue from the latest checkpoint under --out")
-    r.add_argument("--log-every", type=int, default=1)
+    r.add_argument("--log-every", type=int, default=1,
+                   help="log every N-th step's metrics to log.jsonl and the progress bar")
 
 
 def finish_args(args: argparse.Namespace) -> argparse.Namespace:
@@ -149,13 +152,19 @@ class Trainer:
         saved = state.get("config", {})
         changed = [k for k in RESUME_KEYS if saved.get(k) != self.config.get(k)]
         if changed:
-            raise ValueError(f"--resume: {', '.join(f'{k} was {saved.get(k)!r}, now {self.config.get(k)!r}' for k in changed)}")
+            diffs = ", ".join(f"{k} was {saved.get(k)!r}, now {self.config.get(k)!r}" for k in changed)
+            raise ValueError(f"--resume from {path}: {diffs}")
         D.load_full_state_dict(self.module, model_state)
         D.load_optimizer_state(self.module, self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         ckpt.set_rng_state(state["rng"])
         self.start_step = int(state["step"])
         if self.info.is_main:
+            log_path = self.out / "log.jsonl"
+            if log_path.is_file():  # drop records of steps past the checkpoint (a crashed run's)
+                kept = [line for line in log_path.read_text().splitlines()
+                        if line and json.loads(line)["step"] <= self.start_step]
+                ckpt.atomic_write_text(log_path, "".join(line + "\n" for line in kept))
             log.info("resumed from %s at step %d", path, self.start_step)
 
     def save(self, step: int) -> None:
@@ -176,11 +185,12 @@ class Trainer:
         return self.module.no_sync()
 
     def _check_finite(self, loss: torch.Tensor, step: int, m: int, micro: Micro) -> None:
-        bad = (~torch.isfinite(loss.detach())).float().reshape(1)
-        D.all_reduce_sum(bad, self.info)  # every rank stops together
-        if bad.item() > 0:
-            where = f"this rank's micro-batch {m} ({micro.desc})" if not torch.isfinite(loss) \
-                else "another rank's micro-batch"
+        local_bad = not bool(torch.isfinite(loss.detach()))
+        flag = torch.tensor([float(local_bad)], device=loss.device)
+        D.all_reduce_sum(flag, self.info)  # every rank stops together, none hangs in a collective
+        if flag.item() > 0:
+            where = (f"micro-batch {m} ({micro.desc})" if local_bad
+                     else "a micro-batch on another rank")
             raise FloatingPointError(f"non-finite loss {loss.item()} at step {step + 1}, {where}; "
                                      f"lower --lr or check the data")
 

@@ -1,10 +1,9 @@
 """Triton kernels: the fused H-head projection, and projection + log-sum-exp + sampling.
 
 Projection (the "stacked GEMM"): ``z[b,v] = Σ_i w[b,i] · Σ_k h[b,k] · W_i[v,k]`` is one GEMM over
-``K = H·d`` with row scales; each program owns a ``[BLOCK_B, BLOCK_V]`` tile of ``z`` and walks K
-head by head. The weight ``w[b,i]`` is applied in fp32 to the head's fp32 partial product rather
-than to ``h`` before the dot, so no ``w·h`` product is rounded to bf16; the heads are still read
-exactly once per row tile. Decoding (B ≤ 64) is bound by reading ``H·V·d`` weights, so rows share
+``K = H·d`` whose A operand is ``[w[b,1]·h[b], …, w[b,H]·h[b]]`` (formed on load, never stored);
+each program owns a ``[BLOCK_B, BLOCK_V]`` tile of ``z`` and runs one pipelined loop over K with
+fp32 accumulation. Decoding (B ≤ 64) is bound by reading the ``H·V·d`` weights, so all rows share
 one tile (``BLOCK_B`` up to 64) and the row-tile axis is the fastest grid axis (L2 reuse for B > 64).
 
 Sampling never writes ``[B,V]``. ``_sample_partials_kernel`` gives each program a chunk of V tiles
@@ -27,38 +26,45 @@ import triton.language as tl
 MODE_GREEDY = 0  # argmax of z/T; T = 0 is passed as inv_temp = 1 (log-probs under T = 1)
 MODE_GUMBEL = 1  # argmax of z/T + Gumbel noise = an exact draw from softmax(z/T)
 MODE_TOPK = 2  # Gumbel-max restricted to the top_k largest z/T
-
-_LOW_BITS = 0x7FFFFFFF  # low word of a packed key holds _LOW_BITS - index (index < 2**31)
-_MIN_KEY = -(2**63)
+# Kernels may only read globals that are constexpr.
+_GUMBEL = tl.constexpr(MODE_GUMBEL)
+_TOPK = tl.constexpr(MODE_TOPK)
+_MIN_KEY = tl.constexpr(-(2**63))
 
 
 @triton.jit
 def _project_tile(hidden_ptr, weights_ptr, heads_ptr, rows, cols, B, V, D, H,
                   stride_xb, stride_xd, stride_wb, stride_wh, stride_hh, stride_hv, stride_hd,
                   BLOCK_B: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
-                  DOT_PRECISION: tl.constexpr):
-    """fp32 ``[BLOCK_B, BLOCK_V]`` tile of ``Σ_i w[rows,i] · hidden[rows] @ heads[i, cols].T``."""
+                  DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """fp32 ``[BLOCK_B, BLOCK_V]`` tile of ``Σ_i w[rows,i] · hidden[rows] @ heads[i, cols].T``.
+
+    One flat reduction loop over K = H·d (head i, then d), so the loads of every head are
+    software-pipelined as one stream; the A operand is ``w[b,i] · h[b]`` formed in fp32 and cast to
+    the heads' dtype just before the dot (one rounding, like bf16 ``h`` itself).
+    """
     row_ok = rows < B
     col_ok = cols < V
     ks = tl.arange(0, BLOCK_K)
     x_rows = hidden_ptr + rows.to(tl.int64)[:, None] * stride_xb
     head_rows = heads_ptr + cols.to(tl.int64)[:, None] * stride_hv
-    mix_ptrs = weights_ptr + rows.to(tl.int64) * stride_wb
+    mix_rows = weights_ptr + rows.to(tl.int64) * stride_wb
+    n_k = tl.cdiv(D, BLOCK_K)
     acc = tl.zeros((BLOCK_B, BLOCK_V), dtype=tl.float32)
-    for _ in range(H):
-        part = tl.zeros((BLOCK_B, BLOCK_V), dtype=tl.float32)
-        for k0 in range(0, D, BLOCK_K):
-            k = k0 + ks
-            k_ok = k < D
-            x = tl.load(x_rows + k[None, :] * stride_xd, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            w = tl.load(head_rows + k[None, :] * stride_hd, mask=col_ok[:, None] & k_ok[None, :],
-                        other=0.0)
-            part = tl.dot(x, tl.trans(w), part, input_precision=DOT_PRECISION)
-        mix = tl.load(mix_ptrs, mask=row_ok, other=0.0)
-        acc += mix[:, None] * part
-        # Pointer increments (64-bit) instead of i * stride: H·V·d can exceed 2**31 elements.
-        head_rows += stride_hh
-        mix_ptrs += stride_wh
+    for step in range(0, H * n_k):
+        head = step // n_k
+        k = (step - head * n_k) * BLOCK_K + ks
+        k_ok = k < D
+        mix = tl.load(mix_rows + head * stride_wh, mask=row_ok, other=0.0)
+        x = tl.load(x_rows + k[None, :] * stride_xd, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        x = (x.to(tl.float32) * mix[:, None]).to(x.dtype)
+        # int64 head offset: H·V·d can exceed 2**31 elements.
+        w = tl.load(head_rows + head.to(tl.int64) * stride_hh + k[None, :] * stride_hd,
+                    mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+        if UPCAST_DOT:  # interpreter only: its bf16 dot multiplies raw bits (triton#11584)
+            x = x.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
     return acc
 
 
@@ -67,12 +73,12 @@ def _logits_kernel(hidden_ptr, weights_ptr, heads_ptr, out_ptr, B, V, D, H,
                    stride_xb, stride_xd, stride_wb, stride_wh, stride_hh, stride_hv, stride_hd,
                    stride_ob,
                    BLOCK_B: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
-                   DOT_PRECISION: tl.constexpr):
+                   DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     z = _project_tile(hidden_ptr, weights_ptr, heads_ptr, rows, cols, B, V, D, H,
                       stride_xb, stride_xd, stride_wb, stride_wh, stride_hh, stride_hv, stride_hd,
-                      BLOCK_B, BLOCK_V, BLOCK_K, DOT_PRECISION)
+                      BLOCK_B, BLOCK_V, BLOCK_K, DOT_PRECISION, UPCAST_DOT)
     ptrs = out_ptr + rows.to(tl.int64)[:, None] * stride_ob + cols[None, :]
     tl.store(ptrs, z, mask=(rows < B)[:, None] & (cols < V)[None, :])
 
@@ -98,17 +104,18 @@ def _gumbel(seed, offset, rows, cols):
 
 @triton.jit
 def _pack_keys(s, cols):
-    """int64 keys ordered like (s, -col): float bits made order-preserving in the high word."""
+    """int64 keys ordered like (s, -col): float bits made order-preserving in the high word,
+    0x7FFFFFFF - col (col < 2**31) in the low word."""
     bits = s.to(tl.int32, bitcast=True)
     ordered = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
-    return (ordered.to(tl.int64) << 32) | (_LOW_BITS - cols).to(tl.int64)
+    return (ordered.to(tl.int64) << 32) | (0x7FFFFFFF - cols).to(tl.int64)
 
 
 @triton.jit
 def _unpack_keys(keys):
     ordered = (keys >> 32).to(tl.int32)
     bits = tl.where(ordered >= 0, ordered, ordered ^ 0x7FFFFFFF)
-    cols = _LOW_BITS - (keys & _LOW_BITS).to(tl.int32)
+    cols = 0x7FFFFFFF - (keys & 0x7FFFFFFF).to(tl.int32)
     return bits.to(tl.float32, bitcast=True), cols
 
 
@@ -161,14 +168,15 @@ def _sample_partials_kernel(hidden_ptr, weights_ptr, heads_ptr, seed, offset,
                             MODE: tl.constexpr, SEED_IS_PTR: tl.constexpr,
                             OFFSET_IS_PTR: tl.constexpr, LOG_KPAD: tl.constexpr,
                             BLOCK_B: tl.constexpr, LOG_BLOCK_V: tl.constexpr,
-                            BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                            BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                            UPCAST_DOT: tl.constexpr):
     KPAD: tl.constexpr = 1 << LOG_KPAD
     BLOCK_V: tl.constexpr = 1 << LOG_BLOCK_V
     part = tl.program_id(1)
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = rows < B
     lanes = tl.arange(0, BLOCK_V)
-    if MODE == MODE_GUMBEL:
+    if MODE == _GUMBEL:
         seed_v = _scalar_arg(seed, SEED_IS_PTR)
         offset_v = _scalar_arg(offset, OFFSET_IS_PTR)
 
@@ -185,14 +193,14 @@ def _sample_partials_kernel(hidden_ptr, weights_ptr, heads_ptr, seed, offset,
         cols = tile * BLOCK_V + lanes
         z = _project_tile(hidden_ptr, weights_ptr, heads_ptr, rows, cols, B, V, D, H,
                           stride_xb, stride_xd, stride_wb, stride_wh, stride_hh, stride_hv,
-                          stride_hd, BLOCK_B, BLOCK_V, BLOCK_K, DOT_PRECISION)
+                          stride_hd, BLOCK_B, BLOCK_V, BLOCK_K, DOT_PRECISION, UPCAST_DOT)
         s = tl.where((cols < V)[None, :], z * inv_temp, float("-inf"))
         # Online log-sum-exp; the first tile of a part always holds a valid column, so new_max is
         # finite and exp(-inf - new_max) = 0 never meets -inf - -inf.
         new_max = tl.maximum(run_max, tl.max(s, axis=1))
         run_sumexp = run_sumexp * tl.exp(run_max - new_max) + tl.sum(tl.exp(s - new_max[:, None]), axis=1)
         run_max = new_max
-        if MODE == MODE_TOPK:
+        if MODE == _TOPK:
             # run_keys (descending) vs the tile's top KPAD (ascending): their elementwise max is
             # the top KPAD of both, as a bitonic run; one merge sorts it descending again.
             tile_top = _top_keys(_pack_keys(s, cols[None, :]), BLOCK_B, BLOCK_V, LOG_BLOCK_V,
@@ -201,7 +209,7 @@ def _sample_partials_kernel(hidden_ptr, weights_ptr, heads_ptr, seed, offset,
             for t in tl.static_range(LOG_KPAD):
                 run_keys = _bitonic_step(run_keys, BLOCK_B, KPAD, KPAD >> (t + 1), LOG_KPAD, 0)
         else:
-            if MODE == MODE_GUMBEL:
+            if MODE == _GUMBEL:
                 rows2 = tl.broadcast_to(rows[:, None], (BLOCK_B, BLOCK_V))
                 cols2 = tl.broadcast_to(cols[None, :], (BLOCK_B, BLOCK_V))
                 score = s + _gumbel(seed_v, offset_v, rows2, cols2)
@@ -218,7 +226,7 @@ def _sample_partials_kernel(hidden_ptr, weights_ptr, heads_ptr, seed, offset,
     slot = rows.to(tl.int64) * n_parts + part
     tl.store(part_max_ptr + slot, run_max, mask=row_ok)
     tl.store(part_sumexp_ptr + slot, run_sumexp, mask=row_ok)
-    if MODE == MODE_TOPK:
+    if MODE == _TOPK:
         k = tl.arange(0, KPAD)
         tl.store(part_keys_ptr + slot[:, None] * KPAD + k[None, :], run_keys, mask=row_ok[:, None])
     else:
@@ -230,43 +238,49 @@ def _sample_partials_kernel(hidden_ptr, weights_ptr, heads_ptr, seed, offset,
 @triton.jit(do_not_specialize=["seed", "offset"])
 def _sample_finish_kernel(part_max_ptr, part_sumexp_ptr, part_best_ptr, part_token_ptr,
                           part_scaled_ptr, cand_keys_ptr, seed, offset, tokens_ptr, logprobs_ptr,
-                          n_parts, top_k,
+                          B, n_parts, top_k,
                           MODE: tl.constexpr, SEED_IS_PTR: tl.constexpr,
-                          OFFSET_IS_PTR: tl.constexpr, BLOCK_P: tl.constexpr,
-                          TOPK_PAD: tl.constexpr):
-    row = tl.program_id(0)
-    base = row.to(tl.int64) * n_parts
-    ps = tl.arange(0, BLOCK_P)
-    run_max = float("-inf")
-    run_sumexp = 0.0
-    best = float("-inf")
-    token = 0
-    scaled = 0.0
+                          OFFSET_IS_PTR: tl.constexpr, BLOCK_R: tl.constexpr,
+                          BLOCK_P: tl.constexpr, TOPK_PAD: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < B
+    base = rows.to(tl.int64) * n_parts
+    run_max = tl.full((BLOCK_R,), float("-inf"), tl.float32)
+    run_sumexp = tl.zeros((BLOCK_R,), tl.float32)
+    best = tl.full((BLOCK_R,), float("-inf"), tl.float32)
+    token = tl.zeros((BLOCK_R,), tl.int32)
+    scaled = tl.zeros((BLOCK_R,), tl.float32)
     for p0 in range(0, n_parts, BLOCK_P):
-        p = p0 + ps
-        ok = p < n_parts
-        m = tl.load(part_max_ptr + base + p, mask=ok, other=float("-inf"))
-        se = tl.load(part_sumexp_ptr + base + p, mask=ok, other=0.0)
-        new_max = tl.maximum(run_max, tl.max(m, axis=0))
-        run_sumexp = run_sumexp * tl.exp(run_max - new_max) + tl.sum(se * tl.exp(m - new_max), axis=0)
+        p = p0 + tl.arange(0, BLOCK_P)
+        ok = row_ok[:, None] & (p < n_parts)[None, :]
+        idx = base[:, None] + p[None, :]
+        m = tl.load(part_max_ptr + idx, mask=ok, other=float("-inf"))
+        m = tl.where(row_ok[:, None], m, 0.0)  # keep padded rows finite (no -inf - -inf)
+        se = tl.load(part_sumexp_ptr + idx, mask=ok, other=0.0)
+        new_max = tl.maximum(run_max, tl.max(m, axis=1))
+        run_sumexp = run_sumexp * tl.exp(run_max - new_max) + tl.sum(se * tl.exp(m - new_max[:, None]), axis=1)
         run_max = new_max
-        if MODE != MODE_TOPK:
-            b = tl.load(part_best_ptr + base + p, mask=ok, other=float("-inf"))
-            j = tl.argmax(b, axis=0)  # lowest part among ties = lowest vocabulary index
-            take = tl.max(b, axis=0) > best
-            best = tl.where(take, tl.max(b, axis=0), best)
-            token = tl.where(take, tl.load(part_token_ptr + base + p0 + j), token)
-            scaled = tl.where(take, tl.load(part_scaled_ptr + base + p0 + j), scaled)
-    if MODE == MODE_TOPK:
+        if MODE != _TOPK:
+            b = tl.load(part_best_ptr + idx, mask=ok, other=float("-inf"))
+            b_max = tl.max(b, axis=1)
+            at = base + p0 + tl.argmax(b, axis=1)  # lowest part among ties = lowest vocabulary index
+            take = b_max > best
+            best = tl.where(take, b_max, best)
+            token = tl.where(take, tl.load(part_token_ptr + at, mask=take, other=0), token)
+            scaled = tl.where(take, tl.load(part_scaled_ptr + at, mask=take, other=0.0), scaled)
+    if MODE == _TOPK:
         j = tl.arange(0, TOPK_PAD)
-        ok = j < top_k
-        keys = tl.load(cand_keys_ptr + row.to(tl.int64) * top_k + j, mask=ok, other=_MIN_KEY)
+        ok = row_ok[:, None] & (j < top_k)[None, :]
+        keys = tl.load(cand_keys_ptr + rows.to(tl.int64)[:, None] * top_k + j[None, :], mask=ok,
+                       other=_MIN_KEY)
         s, cols = _unpack_keys(keys)
         cols = tl.where(ok, cols, 0)
-        noise = _gumbel(_scalar_arg(seed, SEED_IS_PTR), _scalar_arg(offset, OFFSET_IS_PTR),
-                        cols * 0 + row, cols)
-        pick = tl.argmax(tl.where(ok, s + noise, float("-inf")), axis=0)
-        token = tl.sum(tl.where(j == pick, cols, 0), axis=0)
-        scaled = tl.sum(tl.where(j == pick, s, 0.0), axis=0)
-    tl.store(tokens_ptr + row, token.to(tl.int64))
-    tl.store(logprobs_ptr + row, scaled - (run_max + tl.log(run_sumexp)))
+        rows2 = tl.broadcast_to(rows[:, None], (BLOCK_R, TOPK_PAD))
+        noise = _gumbel(_scalar_arg(seed, SEED_IS_PTR), _scalar_arg(offset, OFFSET_IS_PTR), rows2, cols)
+        pick = tl.argmax(tl.where(ok, s + noise, float("-inf")), axis=1)
+        chosen = j[None, :] == pick[:, None]
+        token = tl.sum(tl.where(chosen, cols, 0), axis=1)
+        scaled = tl.sum(tl.where(chosen, s, 0.0), axis=1)
+    tl.store(tokens_ptr + rows, token.to(tl.int64), mask=row_ok)
+    lse = run_max + tl.log(tl.where(row_ok, run_sumexp, 1.0))  # padded rows: no log(0)
+    tl.store(logprobs_ptr + rows, scaled - lse, mask=row_ok)

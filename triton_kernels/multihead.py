@@ -35,10 +35,11 @@ def _use_triton(device: torch.device) -> bool:
 
 @dataclass(frozen=True)
 class LaunchConfig:
-    block_b: int  # rows per program; B ≤ 64 → one row tile, so the heads are read once
+    block_b: int  # rows per program; B ≤ 64 → one row tile on GPU, so the heads are read once
     block_v: int  # vocabulary columns per tile
     block_k: int  # reduction step over d
-    max_parts: int  # sampling: at most this many V chunks (programs per row tile)
+    max_parts: int  # sampling: at most this many V chunks (programs per row tile), top-k only on GPU
+    finish_elems: int  # finish kernel: rows × parts held by one program
     num_warps: int = 4
     num_stages: int = 3
 
@@ -50,14 +51,24 @@ def _num_sms(device: torch.device) -> int:
 
 def launch_config(B: int, V: int, d: int, dtype: torch.dtype, device: torch.device,
                   kpad: int = 1) -> LaunchConfig:
-    """Tile sizes. GPU values are untuned defaults for an H100 (memory-bound decode); the
-    interpreter gets small chunks so that tests cross tile and chunk boundaries."""
-    block_b = 16 if B <= 16 else 32 if B <= 32 else 64
+    """Tile sizes. GPU values are untuned defaults for an H100 (memory-bound decode). The
+    interpreter pays per program and per op, not per element: it gets wide row tiles, and few V
+    chunks so that tests still cross tile and chunk boundaries."""
     block_v = max(kpad, min(128, max(16, triton.next_power_of_2(V))))
     block_k = min(64 if dtype != torch.float32 else 32, max(16, triton.next_power_of_2(d)))
-    # A few resident programs per SM stream the heads; each writes one small partial per row.
-    max_parts = 4 * _num_sms(device) if device.type == "cuda" else 2
-    return LaunchConfig(block_b, block_v, block_k, max_parts)
+    if device.type == "cuda":
+        block_b = 16 if B <= 16 else 32 if B <= 32 else 64
+        # Greedy/sampling: one tile per program (its partials are 4 numbers per row). Top-k: a few
+        # programs per SM, each merging several tiles, so its kpad candidates per row stay few.
+        max_parts = 4 * _num_sms(device) if kpad > 1 else triton.cdiv(V, block_v)
+        return LaunchConfig(block_b, block_v, block_k, max_parts, 4096)
+    return LaunchConfig(min(256, max(16, triton.next_power_of_2(B))), block_v, block_k, 2, 1 << 16)
+
+
+def _upcast_dot(hidden: torch.Tensor) -> bool:
+    # Triton's interpreter multiplies the raw bits of bf16 dot operands (triton-lang/triton#11584):
+    # there, and only there, the kernels upcast them to fp32 (exact) before the dot.
+    return hidden.device.type == "cpu" and hidden.dtype == torch.bfloat16
 
 
 def _projection_args(hidden: torch.Tensor, heads: torch.Tensor, weights: torch.Tensor) -> tuple:
@@ -86,6 +97,7 @@ def multihead_logits(hidden: torch.Tensor, heads: torch.Tensor, weights: torch.T
     _logits_kernel[grid](hidden, weights, heads, out, *_projection_args(hidden, heads, weights),
                          out.stride(0), BLOCK_B=cfg.block_b, BLOCK_V=cfg.block_v,
                          BLOCK_K=cfg.block_k, DOT_PRECISION=DOT_PRECISION,
+                         UPCAST_DOT=_upcast_dot(hidden),
                          num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
 
@@ -139,7 +151,7 @@ def multihead_sample(hidden: torch.Tensor, heads: torch.Tensor, weights: torch.T
         1.0 / temperature if temperature > 0 else 1.0, n_tiles, tiles_per_part, n_parts,
         MODE=mode, LOG_KPAD=kpad.bit_length() - 1, BLOCK_B=cfg.block_b,
         LOG_BLOCK_V=cfg.block_v.bit_length() - 1, BLOCK_K=cfg.block_k,
-        DOT_PRECISION=DOT_PRECISION, num_warps=cfg.num_warps,
+        DOT_PRECISION=DOT_PRECISION, UPCAST_DOT=_upcast_dot(hidden), num_warps=cfg.num_warps,
         num_stages=cfg.num_stages, **rng)
 
     # Global top-k of the per-chunk candidates: exact (each chunk kept its own top kpad ≥ top_k).
@@ -148,8 +160,10 @@ def multihead_sample(hidden: torch.Tensor, heads: torch.Tensor, weights: torch.T
         cand = torch.topk(part_keys.view(B, -1), top_k, dim=1, sorted=False).values.contiguous()
     tokens = torch.empty(B, dtype=torch.int64, device=dev)
     logprobs = torch.empty(B, dtype=torch.float32, device=dev)
-    _sample_finish_kernel[(B,)](
+    block_p = min(1024, triton.next_power_of_2(n_parts))
+    block_r = min(triton.next_power_of_2(B), max(1, cfg.finish_elems // max(block_p, kpad)))
+    _sample_finish_kernel[(triton.cdiv(B, block_r),)](
         part_max, part_sumexp, part_best, part_token, part_scaled, cand, seed, offset, tokens,
-        logprobs, n_parts, top_k, MODE=mode, BLOCK_P=min(1024, triton.next_power_of_2(n_parts)),
-        TOPK_PAD=kpad, num_warps=4, **rng)
+        logprobs, B, n_parts, top_k, MODE=mode, BLOCK_R=block_r, BLOCK_P=block_p, TOPK_PAD=kpad,
+        num_warps=4, **rng)
     return tokens, logprobs

@@ -1,0 +1,369 @@
+"""Fused multi-head projection and sampling (triton_kernels) against float64 and torch references.
+
+Runs the Triton kernels on CUDA, or in Triton's interpreter on CPU with TRITON_INTERPRET=1; on CPU
+without it the kernel tests skip (the launchers then run the reference, tested here too).
+"""
+import logging
+import math
+import os
+
+import pytest
+import torch
+
+import triton_kernels
+from triton_kernels import merge_cache, merge_shared_heads, multihead_logits, multihead_sample
+from triton_kernels import reference
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+needs_triton = pytest.mark.skipif(
+    DEVICE.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1",
+    reason="Triton kernels need a CUDA device or TRITON_INTERPRET=1 (CPU interpreter); without "
+    "either the launchers run triton_kernels.reference")
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+
+
+def make_inputs(B, H, V, d, dtype=torch.float32, *, seed=0, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(B, d, generator=g)
+    heads = torch.randn(H, V, d, generator=g) * (scale / math.sqrt(d))
+    weights = torch.rand(B, H, generator=g) + 0.1  # distinct rows: the general (unmerged) path
+    return hidden.to(DEVICE, dtype), heads.to(DEVICE, dtype), weights.to(DEVICE)
+
+
+def logits64(hidden, heads, weights):
+    return torch.einsum("bh,hvd,bd->bv", weights.double(), heads.double(), hidden.double())
+
+
+def rel_err(z, ref):
+    return ((z.double() - ref).abs().max() / ref.abs().max()).item()
+
+
+def tv_bound(p: torch.Tensor, n: int, delta: float = 1e-6) -> float:
+    """Upper bound on TV(empirical of n draws from p, p) that fails with probability < delta.
+
+    E|p̂_i - p_i| ≤ sqrt(p_i(1-p_i)/n), so E[TV] ≤ ½ Σ_i sqrt(p_i(1-p_i)/n); TV changes by at most
+    1/n when one draw changes, so McDiarmid gives P(TV ≥ E[TV] + t) ≤ exp(-2nt²).
+    """
+    p = p.double()
+    return 0.5 * torch.sqrt(p * (1 - p) / n).sum().item() + math.sqrt(math.log(1 / delta) / (2 * n))
+
+
+def tv_distance(tokens: torch.Tensor, p: torch.Tensor) -> float:
+    counts = torch.bincount(tokens.cpu(), minlength=p.numel()).double()
+    return 0.5 * (counts / tokens.numel() - p.double().cpu()).abs().sum().item()
+
+
+def identical_rows(n, V, d, *, H=1, seed=0, scale=3.0):
+    hidden, heads, weights = make_inputs(1, H, V, d, seed=seed, scale=scale)
+    return hidden.expand(n, d), heads, weights.expand(n, H), logits64(hidden, heads, weights)[0]
+
+
+# ----------------------------------------------------------------------------------- logits
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("B,H,V,d", [(1, 1, 37, 24), (5, 3, 300, 40), (70, 2, 130, 72),
+                                     (300, 8, 40, 20)])
+def test_logits_match_float64(B, H, V, d, dtype):
+    hidden, heads, weights = make_inputs(B, H, V, d, dtype)
+    out = torch.full((B, V), float("nan"), device=DEVICE)  # poison: every element must be written
+    z = multihead_logits(hidden, heads, weights, out=out)
+    assert z is out and z.dtype == torch.float32 and bool(torch.isfinite(z).all())
+    assert rel_err(z, logits64(hidden, heads, weights)) <= TOL[dtype]
+
+
+@needs_triton
+def test_logits_strided_inputs_and_fresh_output():
+    hidden, heads, weights = make_inputs(6, 3, 150, 34)
+    wide = torch.zeros(6, 68, device=DEVICE)
+    wide[:, ::2] = hidden  # hidden with stride 2 along d
+    heads_t = heads.transpose(0, 1).contiguous().transpose(0, 1)  # [H,V,d] view, V-major storage
+    weights_t = weights.t().contiguous().t()
+    z = multihead_logits(wide[:, ::2], heads_t, weights_t)
+    assert z.shape == (6, 150) and z.is_contiguous()
+    assert rel_err(z, logits64(hidden, heads, weights)) <= 1e-5
+
+
+def test_reference_logits_match_float64():
+    hidden, heads, weights = make_inputs(5, 3, 300, 40)
+    assert rel_err(reference.multihead_logits(hidden, heads, weights),
+                   logits64(hidden, heads, weights)) <= 1e-5
+
+
+# ----------------------------------------------------------------------------------- greedy / log-probs
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("temperature,top_k", [(0.0, 0), (0.0, 7), (0.6, 1)])
+def test_greedy_is_argmax_with_untruncated_logprobs(dtype, temperature, top_k):
+    hidden, heads, weights = make_inputs(70, 3, 300, 40, dtype, scale=3.0)
+    z = logits64(hidden, heads, weights)
+    tokens, logprobs = multihead_sample(hidden, heads, weights, temperature=temperature, top_k=top_k)
+    assert tokens.dtype == torch.int64 and logprobs.dtype == torch.float32
+    top2 = z.topk(2, dim=1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 1e-3 * z.abs().max()  # rows without a near-tie
+    assert clear.sum() > 60
+    assert torch.equal(tokens[clear], z.argmax(dim=1)[clear])
+    scaled = z / (temperature if temperature > 0 else 1.0)
+    expected = torch.log_softmax(scaled, dim=1).gather(1, tokens[:, None]).squeeze(1)
+    atol = 1e-4 if dtype == torch.float32 else 0.05 * scaled.abs().max().item()
+    torch.testing.assert_close(logprobs.double(), expected, atol=atol, rtol=0)
+
+
+@needs_triton
+def test_greedy_ties_go_to_lowest_index():
+    hidden, heads, weights = make_inputs(4, 1, 200, 16)
+    heads[:, 150:] = heads[:, 3:53]  # columns 150.. duplicate columns 3..52 exactly
+    heads[:, 3] = heads[:, 3] + 100 * hidden[0] / hidden[0].norm()  # row 0's max at column 3
+    heads[:, 150] = heads[:, 3]  # tie in another tile and chunk
+    heads[:, 60] = heads[:, 3]  # tie in the same tile
+    tokens, _ = multihead_sample(hidden, heads, weights, temperature=0.0)
+    assert tokens[0].item() == 3
+
+
+@needs_triton
+@pytest.mark.parametrize("top_k", [0, 6])
+def test_sampled_logprobs_are_untruncated(top_k):
+    hidden, heads, weights = make_inputs(64, 2, 300, 40, scale=3.0)
+    tokens, logprobs = multihead_sample(hidden, heads, weights, temperature=0.7, top_k=top_k, seed=5)
+    expected = torch.log_softmax(logits64(hidden, heads, weights) / 0.7, dim=1)
+    torch.testing.assert_close(logprobs.double(), expected.gather(1, tokens[:, None]).squeeze(1),
+                               atol=1e-4, rtol=0)
+
+
+# ----------------------------------------------------------------------------------- distributions
+
+N_DRAWS = 4000
+T_DIST = 0.8
+
+
+@pytest.fixture(scope="module")
+def plain_draws():
+    hidden, heads, weights, z = identical_rows(N_DRAWS, 200, 16)
+    tokens, _ = multihead_sample(hidden, heads, weights, temperature=T_DIST, seed=11)
+    return tokens, z
+
+
+@needs_triton
+def test_sampling_matches_softmax_distribution(plain_draws):
+    tokens, z = plain_draws
+    p = torch.softmax(z / T_DIST, dim=0)
+    assert tv_distance(tokens, p) <= tv_bound(p, N_DRAWS)
+
+
+@needs_triton
+def test_distribution_check_fails_for_wrong_temperature(plain_draws):
+    tokens, z = plain_draws
+    wrong = torch.softmax(z / (1.25 * T_DIST), dim=0)
+    right = torch.softmax(z / T_DIST, dim=0)
+    assert 0.5 * (wrong - right).abs().sum().item() > 2 * tv_bound(wrong, N_DRAWS)
+    assert tv_distance(tokens, wrong) > tv_bound(wrong, N_DRAWS)
+
+
+@needs_triton
+def test_top_k_matches_renormalised_distribution():
+    top_k, T = 20, 1.5
+    hidden, heads, weights, z = identical_rows(N_DRAWS, 300, 16, seed=1)
+    tokens, _ = multihead_sample(hidden, heads, weights, temperature=T, top_k=top_k, seed=3)
+    keep = reference.top_k_mask(z[None], top_k)[0].cpu()
+    assert bool(keep[tokens.cpu()].all()), "sampled outside the top k"
+    p = torch.softmax((z.cpu() / T).masked_fill(~keep, float("-inf")), dim=0)
+    assert tv_distance(tokens, p) <= tv_bound(p, N_DRAWS)
+
+
+@needs_triton
+@pytest.mark.parametrize("top_k", [3, 100, 128])
+def test_top_k_never_leaves_the_top_k(top_k):
+    hidden, heads, weights = make_inputs(64, 2, 400, 24, scale=0.3)  # flat: all k are reachable
+    tokens, _ = multihead_sample(hidden, heads, weights, temperature=1.0, top_k=top_k, seed=9)
+    keep = reference.top_k_mask(logits64(hidden, heads, weights), top_k)
+    assert bool(keep.gather(1, tokens[:, None]).all())
+
+
+@needs_triton
+def test_top_k_ties_go_to_lowest_indices():
+    hidden, heads, weights = make_inputs(256, 1, 160, 16)
+    heads[:] = heads[:, :1]  # every column identical: all logits tie
+    tokens, logprobs = multihead_sample(hidden, heads, weights, temperature=1.0, top_k=4, seed=2)
+    assert set(tokens.tolist()) == {0, 1, 2, 3}
+    torch.testing.assert_close(logprobs, torch.full_like(logprobs, -math.log(160)))
+
+
+def test_reference_sampling_matches_distribution():
+    hidden, heads, weights, z = identical_rows(N_DRAWS, 200, 16)
+    tokens, _ = reference.multihead_sample(hidden, heads, weights, temperature=T_DIST, seed=1)
+    p = torch.softmax(z / T_DIST, dim=0)
+    assert tv_distance(tokens, p) <= tv_bound(p, N_DRAWS)
+
+
+# ----------------------------------------------------------------------------------- seeds
+
+
+@needs_triton
+@pytest.mark.parametrize("top_k", [0, 8])
+def test_same_seed_same_tokens_new_offset_new_tokens(top_k):
+    hidden, heads, weights = make_inputs(256, 2, 200, 16, scale=0.5)
+    draw = lambda **kw: multihead_sample(hidden, heads, weights, temperature=1.0, top_k=top_k, **kw)[0]
+    first = draw(seed=7, offset=3)
+    assert torch.equal(first, draw(seed=7, offset=3))
+    # Near-uniform over 200 (or 8) tokens: an independent redraw repeats a row's token rarely.
+    repeat = 1 / (top_k or 200)
+    for other in (draw(seed=7, offset=4), draw(seed=8, offset=3)):
+        assert (other == first).float().mean().item() < repeat + 0.15
+
+
+@needs_triton
+@pytest.mark.parametrize("top_k", [0, 8])
+def test_device_seed_and_offset_are_read_on_device(top_k):
+    hidden, heads, weights = make_inputs(64, 2, 200, 16, scale=0.5)
+    seed_t = torch.tensor([7], dtype=torch.int64, device=DEVICE)
+    offset_t = torch.tensor([3], dtype=torch.int64, device=DEVICE)
+    draw = lambda s, o: multihead_sample(hidden, heads, weights, temperature=1.0, top_k=top_k,
+                                         seed=s, offset=o)[0]
+    assert torch.equal(draw(seed_t, offset_t), draw(7, 3))
+    offset_t.add_(1)  # what a CUDA-graph step does between replays
+    assert torch.equal(draw(seed_t, offset_t), draw(7, 4))
+    assert not torch.equal(draw(7, 4), draw(7, 3))
+
+
+# ----------------------------------------------------------------------------------- shared weights
+
+
+@pytest.fixture
+def fresh_merge_cache(monkeypatch):
+    monkeypatch.setattr(merge_cache, "max_bytes", 1 << 30)
+    merge_cache.clear()
+    yield merge_cache
+    merge_cache.clear()
+
+
+def shared_weight_inputs(dtype=torch.float32):
+    hidden, heads, _ = make_inputs(6, 3, 300, 40, dtype, scale=3.0)
+    rows = torch.tensor([[0.2, 0.5, 0.3], [0.6, 0.0, 0.4]], device=DEVICE)
+    return hidden, heads, rows[torch.tensor([0, 1, 1, 0, 0, 1])]  # U = 2 < H = 3
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_shared_weights_path_equals_general_path(fresh_merge_cache, monkeypatch, dtype):
+    hidden, heads, weights = shared_weight_inputs(dtype)
+    z_fast = multihead_logits(hidden, heads, weights)
+    greedy_fast = multihead_sample(hidden, heads, weights, temperature=0.0)
+    drawn_fast = multihead_sample(hidden, heads, weights, temperature=1.0, seed=4)
+    assert fresh_merge_cache.merges == 1  # merged once, then reused by the sampling calls
+    monkeypatch.setattr(merge_cache, "max_bytes", 0)  # 0 disables the fast path
+    z_general = multihead_logits(hidden, heads, weights)
+    assert fresh_merge_cache.merges == 1
+    ref = logits64(hidden, heads, weights)
+    assert rel_err(z_fast, ref) <= TOL[dtype] and rel_err(z_general, ref) <= TOL[dtype]
+    if dtype == torch.float32:
+        assert rel_err(z_fast, z_general.double()) <= 1e-5
+        for fast, kw in ((greedy_fast, dict(temperature=0.0)), (drawn_fast, dict(temperature=1.0, seed=4))):
+            tokens, logprobs = multihead_sample(hidden, heads, weights, **kw)
+            assert torch.equal(tokens, fast[0])  # same Philox numbers per (row, token)
+            torch.testing.assert_close(logprobs, fast[1], atol=1e-5, rtol=0)
+
+
+@needs_triton
+def test_merge_cache_invalidates_on_in_place_updates(fresh_merge_cache):
+    hidden, heads, weights = shared_weight_inputs()
+    multihead_logits(hidden, heads, weights)
+    heads.mul_(-2.0)  # new version of the same tensor: cached merges are stale
+    assert rel_err(multihead_logits(hidden, heads, weights), logits64(hidden, heads, weights)) <= 1e-5
+    weights.copy_(weights.flip(1))  # same weights tensor, new values: the cached plan is stale
+    assert rel_err(multihead_logits(hidden, heads, weights), logits64(hidden, heads, weights)) <= 1e-5
+    assert fresh_merge_cache.merges == 3
+
+
+@needs_triton
+def test_merge_cache_is_bounded_and_warns_over_budget(fresh_merge_cache, monkeypatch, caplog):
+    hidden, heads, weights = shared_weight_inputs()
+    one_set = 2 * heads.shape[1] * heads.shape[2] * heads.element_size()  # U = 2 merged heads
+    monkeypatch.setattr(merge_cache, "max_bytes", one_set)
+    multihead_logits(hidden, heads, weights)
+    other = weights.flip(1).contiguous()
+    assert rel_err(multihead_logits(hidden, heads, other), logits64(hidden, heads, other)) <= 1e-5
+    assert fresh_merge_cache.merges == 2 and fresh_merge_cache.nbytes <= one_set
+    monkeypatch.setattr(merge_cache, "max_bytes", one_set - 1)
+    with caplog.at_level(logging.WARNING, logger="triton_kernels.merge"):
+        z = multihead_logits(hidden, heads, weights.clone())
+    assert "merge cache budget" in caplog.text and fresh_merge_cache.merges == 2
+    assert rel_err(z, logits64(hidden, heads, weights)) <= 1e-5
+
+
+@needs_triton
+def test_merge_shared_heads_gives_capturable_inputs(fresh_merge_cache):
+    hidden, heads, weights = shared_weight_inputs()
+    heads_eff, weights_eff = merge_shared_heads(heads, weights)
+    assert heads_eff.shape == (2, 300, 40) and weights_eff.shape == (6, 2)
+    assert rel_err(multihead_logits(hidden, heads_eff, weights_eff),
+                   logits64(hidden, heads, weights)) <= 1e-5
+
+
+# ----------------------------------------------------------------------------------- checks and dispatch
+
+
+def _bad(name):
+    hidden, heads, weights = make_inputs(3, 2, 50, 8)
+    kw = dict(hidden=hidden, heads=heads, weights=weights)
+    if name == "hidden":
+        kw["hidden"] = hidden[:, :5]
+    elif name == "heads":
+        kw["heads"] = heads.to(torch.float16)
+    elif name == "weights":
+        kw["weights"] = weights[:, :1]
+    elif name == "finite":
+        kw["weights"] = weights.clone().index_fill_(1, torch.tensor([1], device=DEVICE), float("inf"))
+    elif name == "int_weights":
+        kw["weights"] = weights.long()
+    return kw
+
+
+@pytest.mark.parametrize("name,match", [
+    ("hidden", "hidden size 8"), ("heads", "heads dtype torch.float16"),
+    ("weights", r"weights must have shape \[B, H\]"), ("finite", "weights must be finite, got inf"),
+    ("int_weights", "weights must be a floating-point"),
+])
+def test_bad_inputs_raise_value_error(name, match):
+    kw = _bad(name)
+    for fn in (multihead_logits, multihead_sample):
+        with pytest.raises(ValueError, match=match):
+            fn(kw["hidden"], kw["heads"], kw["weights"])
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(top_k=129), r"top_k must be in \[0, 128\].*129"), (dict(top_k=-1), "top_k"),
+    (dict(temperature=-0.5), "temperature must be finite and >= 0"),
+    (dict(temperature=float("nan")), "temperature"), (dict(seed=-3), r"seed must be in \[0, 2\*\*63\)"),
+    (dict(offset=torch.zeros(2, dtype=torch.int64)), "offset tensor must be int64 with one element"),
+    (dict(seed=torch.zeros(1, dtype=torch.int32)), "seed tensor must be int64"),
+])
+def test_bad_sampling_arguments_raise_value_error(kwargs, match):
+    hidden, heads, weights = make_inputs(3, 2, 50, 8)
+    kwargs = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+    with pytest.raises(ValueError, match=match):
+        multihead_sample(hidden, heads, weights, **kwargs)
+
+
+def test_bad_out_raises_value_error():
+    hidden, heads, weights = make_inputs(3, 2, 50, 8)
+    with pytest.raises(ValueError, match=r"out must be float32 \[3, 50\]"):
+        multihead_logits(hidden, heads, weights, out=torch.empty(3, 49, device=DEVICE))
+
+
+@pytest.mark.skipif(DEVICE.type == "cuda", reason="the CPU dispatch rule")
+@pytest.mark.parametrize("interpret", ["0", "1"])
+def test_cpu_dispatch_follows_triton_interpret(monkeypatch, interpret):
+    if interpret == "1" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the kernels are built for the interpreter only when TRITON_INTERPRET=1 at import")
+    hidden, heads, weights = make_inputs(3, 2, 50, 8)
+    calls = []
+    monkeypatch.setattr(reference, "multihead_logits", lambda *a, **k: calls.append(a) or "ref")
+    monkeypatch.setenv("TRITON_INTERPRET", interpret)
+    z = triton_kernels.multihead_logits(hidden, heads, weights)
+    if interpret == "0":
+        assert z == "ref" and len(calls) == 1
+    else:
+        assert not calls and rel_err(z, logits64(hidden, heads, weights)) <= 1e-5
