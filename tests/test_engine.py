@@ -185,7 +185,7 @@ def test_policy_cache_after_promote_equals_fresh_prefill(policy, prms):
 
 
 def test_same_seed_same_result(engine):
-    cfg = dict(candidates=3, boundary=" ", max_steps=2, max_step_tokens=6, check_every=2)
+    cfg = dict(candidates=3, boundary=" ", max_steps=2, max_step_tokens=6, check_every=2, top_k=0)
     a = engine.search(PROMPTS[:2], config=SearchConfig(seed=7, **cfg))
     b = engine.search(PROMPTS[:2], config=SearchConfig(seed=7, **cfg))
     c = engine.search(PROMPTS[:2], config=SearchConfig(seed=8, **cfg))
@@ -198,7 +198,7 @@ def test_same_seed_same_result(engine):
 def test_shared_backbone_weighted_and_callable_scorers(engine, policy, prms):
     own, other = prms["own"], prms["other"]
     shared = SharedBackbonePRM.from_prm(own, policy)
-    base = dict(candidates=3, boundary=" ", max_steps=2, max_step_tokens=6, check_every=2)
+    base = dict(candidates=3, boundary=" ", max_steps=2, max_step_tokens=6, check_every=2, top_k=0)
     for res, prompt in zip(engine.search(PROMPTS[:2], config=SearchConfig(scorer=shared, **base)),
                            PROMPTS):
         for i, step in enumerate(res.steps):
@@ -229,7 +229,8 @@ def test_shared_backbone_weighted_and_callable_scorers(engine, policy, prms):
 
 
 def test_selection_by_softmax_temperature(engine):
-    base = dict(candidates=3, boundary=" ", max_steps=2, max_step_tokens=6, seed=1, check_every=2)
+    base = dict(candidates=3, boundary=" ", max_steps=2, max_step_tokens=6, seed=1, check_every=2,
+                top_k=0)
     argmax = engine.search(PROMPTS[:1], config=SearchConfig(**base))
     sharp = engine.search(PROMPTS[:1], config=SearchConfig(selection_temperature=1e-6, **base))
     assert argmax == sharp
@@ -237,14 +238,13 @@ def test_selection_by_softmax_temperature(engine):
 
 def test_stop_conditions_and_max_new_tokens(engine):
     cfg = SearchConfig(candidates=2, boundary=" ", max_steps=20, max_step_tokens=4, check_every=2,
-                       max_new_tokens=7)
+                       max_new_tokens=7, top_k=0)
     for res in engine.search(PROMPTS[:2], config=cfg):
         assert res.finish_reason in ("max_new_tokens", "eos") and len(res.token_ids) <= 7
-    first = engine.search(PROMPTS[:1], config=SearchConfig(candidates=2, boundary=" ", max_steps=1,
-                                                          check_every=2))[0]
+    base = dict(candidates=2, boundary=" ", check_every=2, top_k=0)
+    first = engine.search(PROMPTS[:1], config=SearchConfig(max_steps=1, **base))[0]
     stop = first.steps[0].text[:2]
-    res = engine.search(PROMPTS[:1], config=SearchConfig(candidates=2, boundary=" ", max_steps=5,
-                                                        check_every=2, stop=[stop]))[0]
+    res = engine.search(PROMPTS[:1], config=SearchConfig(max_steps=5, stop=[stop], **base))[0]
     assert res.finish_reason == "stop" and len(res.steps) == 1
     assert boxed_closed("so \\boxed{\\frac{1}{2}} done") and not boxed_closed("\\boxed{\\frac{1}")
 
@@ -253,10 +253,11 @@ def test_max_seq_len_ends_the_request_not_the_batch(policy, prms):
     long_prompt = "The quick brown fox jumps over the lazy dog. " * 2
     n_long = len(_ids(policy, long_prompt))
     eng = Engine(policy, prm=prms["other"], max_batch=2, max_seq_len=n_long + 5)
-    cfg = SearchConfig(candidates=2, boundary=" ", max_steps=2, max_step_tokens=3, check_every=2)
+    # max_step_tokens * max_steps = 9 > 5 free positions for the long prompt, < those of the short
+    cfg = SearchConfig(candidates=2, boundary=" ", max_steps=3, max_step_tokens=3, check_every=2)
     short, long = eng.search(["Step 1:", long_prompt], config=cfg)
-    assert long.finish_reason == "max_seq_len" and n_long + len(long.token_ids) == n_long + 5
-    assert short.finish_reason in ("max_steps", "eos")
+    assert long.finish_reason == "max_seq_len" and len(long.token_ids) == 5
+    assert short.finish_reason in ("max_steps", "eos") and len(short.token_ids) <= 9
     (gen,) = eng.generate([long_prompt], temperature=0, max_new_tokens=50)
     assert gen.finish_reason == "max_seq_len" and len(gen.token_ids) == 5
 

@@ -28,7 +28,8 @@ def check_projection(hidden: torch.Tensor, heads: torch.Tensor, weights: torch.T
     if hidden.dim() != 2 or hidden.shape[0] < 1 or hidden.shape[1] < 1:
         raise ValueError(f"hidden must have shape [B, d] with B, d >= 1, got {tuple(hidden.shape)}")
     if hidden.dtype not in LOGIT_DTYPES:
-        raise ValueError(f"hidden dtype {hidden.dtype} is not supported; expected one of {LOGIT_DTYPES}")
+        raise ValueError(f"hidden dtype {hidden.dtype} is not supported; expected one of "
+                         f"{LOGIT_DTYPES}")
     check_mixture(heads, weights)
     if heads.shape[2] != hidden.shape[1]:
         raise ValueError(f"heads has hidden size {heads.shape[2]} (shape {tuple(heads.shape)}) but "
@@ -48,9 +49,11 @@ def check_mixture(heads: torch.Tensor, weights: torch.Tensor) -> None:
     _require_tensor("heads", heads)
     _require_tensor("weights", weights)
     if heads.dim() != 3 or min(heads.shape) < 1:
-        raise ValueError(f"heads must have shape [H, V, d] with H, V, d >= 1, got {tuple(heads.shape)}")
+        raise ValueError(f"heads must have shape [H, V, d] with H, V, d >= 1, got "
+                         f"{tuple(heads.shape)}")
     if heads.dtype not in LOGIT_DTYPES:
-        raise ValueError(f"heads dtype {heads.dtype} is not supported; expected one of {LOGIT_DTYPES}")
+        raise ValueError(f"heads dtype {heads.dtype} is not supported; expected one of "
+                         f"{LOGIT_DTYPES}")
     if weights.dim() != 2 or weights.shape[1] != heads.shape[0]:
         raise ValueError(f"weights must have shape [B, H] with H = {heads.shape[0]} heads, got "
                          f"{tuple(weights.shape)}")
@@ -62,7 +65,7 @@ def check_mixture(heads: torch.Tensor, weights: torch.Tensor) -> None:
 
 
 def check_finite_weights(weights_host: torch.Tensor) -> None:
-    """``weights_host`` is a host copy of the weights (the caller decides when a host read is allowed).
+    """``weights_host``: a host copy of the weights (the caller decides when it may read them).
 
     Non-finite weights are rejected. Negative weights are accepted: the kernels' arithmetic is
     defined for any real mixture, and the policy (``Policy.weight_matrix``) is where the
@@ -90,7 +93,7 @@ def check_out(out: torch.Tensor | None, hidden: torch.Tensor, V: int) -> None:
 def check_sampling(temperature: float, top_k: int, seed: int | torch.Tensor,
                    offset: int | torch.Tensor | None, device: torch.device) -> None:
     """Temperature >= 0 and finite; 0 <= top_k <= MAX_TOP_K; seed/offset ints or 1-element int64
-    tensors on ``device`` (tensors are read on the device, so a CUDA graph replays fresh numbers)."""
+    tensors on ``device`` (read on the device, so a CUDA graph replay sees their new values)."""
     if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
         raise ValueError(f"temperature must be a real number, got {temperature!r}")
     if not math.isfinite(float(temperature)) or temperature < 0:

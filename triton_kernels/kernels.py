@@ -9,10 +9,11 @@ one tile (``BLOCK_B`` up to 64) and the row-tile axis is the fastest grid axis (
 Sampling never writes ``[B,V]``. ``_sample_partials_kernel`` gives each program a chunk of V tiles
 and writes, per row and chunk: the running max and sum-exp of ``s = z/T`` (online LSE), and either
 the best ``(score, index, s)`` — score ``s`` for greedy, ``s + Gumbel`` for sampling — or, for top-k,
-the chunk's best ``KPAD`` candidates packed as int64 keys (``s`` order-preserving in the high word,
-``~index`` in the low word: one integer sort orders by ``s`` then lower index). The launcher merges
-top-k candidates with ``torch.topk`` over ``[B, n_parts·KPAD]`` keys, and ``_sample_finish_kernel``
-(one program per row) reduces the partials to the token and ``log softmax(z/T)`` at it.
+the chunk's best ``KPAD`` candidates as int64 keys (``s`` made order-preserving in the high word,
+``0x7FFFFFFF - index`` in the low word, so one integer order ranks by ``s``, then lower index),
+kept across tiles by a bitonic network. The launcher takes the global top-k of the candidates with
+``torch.topk`` over ``[B, n_parts·KPAD]`` keys, and ``_sample_finish_kernel`` reduces the partials
+of a block of rows to each row's token and ``log softmax(z/T)`` at it.
 
 Randomness: Philox-4x32 keyed by the 64-bit ``seed``, counter ``(vocab index, row, offset lo, offset
 hi)``: every (seed, offset, row, index) gets its own uniform, so the plain and top-k paths and the
@@ -56,7 +57,8 @@ def _project_tile(hidden_ptr, weights_ptr, heads_ptr, rows, cols, B, V, D, H,
         k = (step - head * n_k) * BLOCK_K + ks
         k_ok = k < D
         mix = tl.load(mix_rows + head * stride_wh, mask=row_ok, other=0.0)
-        x = tl.load(x_rows + k[None, :] * stride_xd, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        x = tl.load(x_rows + k[None, :] * stride_xd, mask=row_ok[:, None] & k_ok[None, :],
+                    other=0.0)
         x = (x.to(tl.float32) * mix[:, None]).to(x.dtype)
         # int64 head offset: H·V·d can exceed 2**31 elements.
         w = tl.load(head_rows + head.to(tl.int64) * stride_hh + k[None, :] * stride_hd,
@@ -92,7 +94,7 @@ def _scalar_arg(value, IS_PTR: tl.constexpr):
 
 @triton.jit
 def _gumbel(seed, offset, rows, cols):
-    """Gumbel(0,1) noise, one independent draw per (seed, offset, row, col); rows/cols same shape."""
+    """Gumbel(0,1) noise: one independent draw per (seed, offset, row, col); same-shape rows/cols."""
     zero = rows.to(tl.uint32) * 0
     off_lo = zero + (offset & 0xFFFFFFFF).to(tl.uint32)
     off_hi = zero + ((offset >> 32) & 0x7FFFFFFF).to(tl.uint32)
@@ -198,7 +200,8 @@ def _sample_partials_kernel(hidden_ptr, weights_ptr, heads_ptr, seed, offset,
         # Online log-sum-exp; the first tile of a part always holds a valid column, so new_max is
         # finite and exp(-inf - new_max) = 0 never meets -inf - -inf.
         new_max = tl.maximum(run_max, tl.max(s, axis=1))
-        run_sumexp = run_sumexp * tl.exp(run_max - new_max) + tl.sum(tl.exp(s - new_max[:, None]), axis=1)
+        run_sumexp = (run_sumexp * tl.exp(run_max - new_max)
+                      + tl.sum(tl.exp(s - new_max[:, None]), axis=1))
         run_max = new_max
         if MODE == _TOPK:
             # run_keys (descending) vs the tile's top KPAD (ascending): their elementwise max is
@@ -258,12 +261,13 @@ def _sample_finish_kernel(part_max_ptr, part_sumexp_ptr, part_best_ptr, part_tok
         m = tl.where(row_ok[:, None], m, 0.0)  # keep padded rows finite (no -inf - -inf)
         se = tl.load(part_sumexp_ptr + idx, mask=ok, other=0.0)
         new_max = tl.maximum(run_max, tl.max(m, axis=1))
-        run_sumexp = run_sumexp * tl.exp(run_max - new_max) + tl.sum(se * tl.exp(m - new_max[:, None]), axis=1)
+        run_sumexp = (run_sumexp * tl.exp(run_max - new_max)
+                      + tl.sum(se * tl.exp(m - new_max[:, None]), axis=1))
         run_max = new_max
         if MODE != _TOPK:
             b = tl.load(part_best_ptr + idx, mask=ok, other=float("-inf"))
             b_max = tl.max(b, axis=1)
-            at = base + p0 + tl.argmax(b, axis=1)  # lowest part among ties = lowest vocabulary index
+            at = base + p0 + tl.argmax(b, axis=1)  # lowest part among ties: lowest token index
             take = b_max > best
             best = tl.where(take, b_max, best)
             token = tl.where(take, tl.load(part_token_ptr + at, mask=take, other=0), token)
@@ -276,7 +280,8 @@ def _sample_finish_kernel(part_max_ptr, part_sumexp_ptr, part_best_ptr, part_tok
         s, cols = _unpack_keys(keys)
         cols = tl.where(ok, cols, 0)
         rows2 = tl.broadcast_to(rows[:, None], (BLOCK_R, TOPK_PAD))
-        noise = _gumbel(_scalar_arg(seed, SEED_IS_PTR), _scalar_arg(offset, OFFSET_IS_PTR), rows2, cols)
+        noise = _gumbel(_scalar_arg(seed, SEED_IS_PTR), _scalar_arg(offset, OFFSET_IS_PTR), rows2,
+                        cols)
         pick = tl.argmax(tl.where(ok, s + noise, float("-inf")), axis=1)
         chosen = j[None, :] == pick[:, None]
         token = tl.sum(tl.where(chosen, cols, 0), axis=1)

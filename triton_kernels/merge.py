@@ -13,8 +13,9 @@ one rounding (relative 2**-9 / 2**-12 per element), i.e. the two paths agree to 
 bit for bit. It does not apply to per-head outputs (per-head log-probs, probability mixtures) and
 not to training (per-head gradients).
 
-A merge reads H heads and writes U, so it pays after about (H+U)/(H-U) steps with the same weight
-vectors; the cache keeps it across steps. Cache: LRU over merged tensors, bounded by
+Merging reads up to H heads and writes one per distinct vector, about U·(H+1) head transfers,
+against H-U saved per step: it pays after about U·(H+1)/(H-U) steps with the same weight vectors
+((H+1)/(H-1) for U = 1), and the cache keeps it across steps. Cache: LRU over merged tensors, bounded by
 ``MergeCache.max_bytes`` (``MAHALO_MERGE_CACHE_BYTES``, default 2 GiB; 0 disables the fast path).
 Keys: the heads tensor's identity (a weak reference, ``data_ptr``, ``_version``) and the distinct
 weight rows, so an in-place update of the heads (``heads.copy_``) invalidates its entries. Inference
@@ -40,7 +41,7 @@ from triton_kernels.checks import check_finite_weights, check_mixture
 
 log = logging.getLogger(__name__)
 
-_MERGE_CHUNK_BYTES = 64 << 20  # fp32 scratch per merge step, so a merge never holds a whole fp32 head
+_MERGE_CHUNK_BYTES = 64 << 20  # fp32 scratch per merge step: never a whole fp32 head
 _MAX_PLANS = 16
 
 
@@ -164,8 +165,10 @@ def plan_heads(heads: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor
     if weights.is_cuda and torch.cuda.is_current_stream_capturing():
         return heads, weights.detach().to(torch.float32).contiguous()
     plan = _plans.get(id(weights))
-    if (plan is not None and plan.weights_ref() is weights and plan.weights_version is not None
-            and plan.weights_version == _version(weights) and plan.heads_key == _HeadsKey.of(heads)):
+    fresh = (plan is not None and plan.weights_ref() is weights
+             and plan.weights_version is not None and plan.weights_version == _version(weights)
+             and plan.heads_key == _HeadsKey.of(heads))
+    if fresh:
         _plans.move_to_end(id(weights))
     else:
         plan = _make_plan(heads, weights)

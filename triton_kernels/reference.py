@@ -37,7 +37,9 @@ def multihead_logits(hidden: torch.Tensor, heads: torch.Tensor, weights: torch.T
 def _generator(seed: int | torch.Tensor, offset: int | torch.Tensor | None,
                device: torch.device) -> torch.Generator:
     seed = int(seed.item()) if isinstance(seed, torch.Tensor) else seed
-    offset = 0 if offset is None else int(offset.item()) if isinstance(offset, torch.Tensor) else offset
+    if isinstance(offset, torch.Tensor):
+        offset = int(offset.item())
+    offset = 0 if offset is None else offset
     gen = torch.Generator(device=device)
     # One 63-bit seed per (seed, offset) pair, so a new offset gives a new, independent stream.
     gen.manual_seed((seed * 0x9E3779B97F4A7C15 + offset * 0xBF58476D1CE4E5B9) % (2**63))
@@ -45,7 +47,7 @@ def _generator(seed: int | torch.Tensor, offset: int | torch.Tensor | None,
 
 
 def top_k_mask(scaled: torch.Tensor, top_k: int) -> torch.Tensor:
-    """Bool ``[B,V]``: the ``top_k`` largest entries per row, ties to the lower index (stable sort)."""
+    """Bool ``[B,V]``: the ``top_k`` largest entries per row, ties to the lower index."""
     order = torch.sort(scaled, dim=-1, descending=True, stable=True).indices[:, :top_k]
     return torch.zeros_like(scaled, dtype=torch.bool).scatter_(1, order, True)
 

@@ -58,7 +58,8 @@ class Engine:
                 raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
         self.policy = policy
         self.tokenizer = policy.tokenizer
-        self.prm = as_scorer(prm)
+        self._scorers: dict[int, tuple[Any, Scorer]] = {}  # one PRM wrapper (cache) per PRM
+        self.prm = as_scorer(prm, self._scorers)
         self.max_batch = max_batch
         self.max_seq_len = max_seq_len
         self.cuda_graphs = cuda_graphs
@@ -75,7 +76,7 @@ class Engine:
     def generate(self, prompts: Sequence[Any], *, head_weights: Any = None,
                  max_new_tokens: int = 256, temperature: float = 1.0, top_k: int = 0,
                  seed: int = 0, stop: str | Sequence[str] | None = None,
-                 chat: bool = False) -> list[Generation]:
+                 chat: bool = False, progress: bool = False) -> list[Generation]:
         """Sample a continuation of each prompt (greedy at ``temperature=0``) until EOS, a
         ``stop`` string, ``max_new_tokens`` or ``max_seq_len``. ``chat=True`` renders string
         prompts as a user turn with the chat template (message lists always are)."""
@@ -91,6 +92,7 @@ class Engine:
         runner.set_boundary(boundary)
         self._sampler.configure(temperature, top_k, seed)
         out: list[Generation] = []
+        bar = _progress(len(reqs), progress, "generate")
         for first in range(0, len(reqs), self.max_batch):
             wave = reqs[first:first + self.max_batch]
             n = len(wave)
@@ -103,6 +105,8 @@ class Engine:
             toks, lps, reasons = runner.read(slots)
             out += [Generation(self._text(t), t, lp, _GEN_REASON[r])
                     for t, lp, r in zip(toks, lps, reasons)]
+            bar.update(n)
+        bar.close()
         return out
 
     def search(self, prompts: Sequence[Any], *, head_weights: Any = None,
@@ -114,7 +118,7 @@ class Engine:
         if not isinstance(cfg, SearchConfig):
             raise TypeError(f"config must be a SearchConfig, got {type(cfg).__name__}")
         k = cfg.candidates
-        scorer = self.prm if cfg.scorer is None else as_scorer(cfg.scorer)
+        scorer = self.prm if cfg.scorer is None else as_scorer(cfg.scorer, self._scorers)
         if scorer is None and k > 1:
             raise ValueError(f"search with candidates={k} needs a scorer to pick the winner: pass "
                              f"prm= to Engine or scorer= to SearchConfig (or use candidates=1)")
@@ -214,8 +218,10 @@ class Engine:
         """Why the request ends after its latest step, or None to go on."""
         if reason == EOS:
             return "eos"
-        # -inf: no candidate fit the PRM's cache.
-        if reason == FULL or (scorer is not None and score == -math.inf):
+        # The cache is full (a step may also end at a boundary on the very last position), or no
+        # candidate fit the PRM's cache (score -inf).
+        if reason == FULL or req.committed + len(req.steps[-1].token_ids) >= self.max_seq_len \
+                or (scorer is not None and score == -math.inf):
             return "max_seq_len"
         if cfg.stop:
             text = self._text(req.token_ids)

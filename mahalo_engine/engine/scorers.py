@@ -281,19 +281,24 @@ class CallableScorer(Scorer):
         return scores
 
 
-def as_scorer(spec: Any) -> Scorer | None:
+def as_scorer(spec: Any, memo: dict[int, tuple[Any, Scorer]] | None = None) -> Scorer | None:
     """A `Scorer` from what users pass: None, a Scorer, a loaded PRM, ``[(scorer, weight), ...]``
-    (each scorer any of these) or a callable on texts."""
+    (each scorer any of these) or a callable on texts. ``memo`` keeps one `ValueModelPRM` (and its
+    cache) per PRM object across calls."""
     if spec is None or isinstance(spec, Scorer):
         return spec
     if hasattr(spec, "scores_from_hidden") and hasattr(spec, "model"):
-        return ValueModelPRM(spec)
+        if memo is None:
+            return ValueModelPRM(spec)
+        if id(spec) not in memo or memo[id(spec)][0] is not spec:
+            memo[id(spec)] = (spec, ValueModelPRM(spec))
+        return memo[id(spec)][1]
     if isinstance(spec, (list, tuple)):
         parts = []
         for item in spec:
             if not (isinstance(item, (list, tuple)) and len(item) == 2):
                 raise TypeError(f"a list of scorers must hold (scorer, weight) pairs, got {item!r}")
-            parts.append((as_scorer(item[0]), item[1]))
+            parts.append((as_scorer(item[0], memo), item[1]))
         return WeightedScorer(parts)
     if callable(spec):
         return CallableScorer(spec)

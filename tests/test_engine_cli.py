@@ -1,0 +1,81 @@
+"""`python -m mahalo_engine search|generate`: the CLI returns what the Python API returns."""
+import json
+
+import pytest
+import torch
+
+from mahalo_engine.__main__ import main
+from mahalo_engine.engine import Engine, SearchConfig
+from mahalo_engine.policy import load_policy
+from mahalo_engine.prm import ValueHead, load_prm, save_prm
+from mahalo_engine.tiny import tiny_checkpoint
+from mahalo_engine.utils.loader import load_decoder
+
+COMMON = ["--device", "cpu", "--dtype", "float32", "--max-seq-len", "96", "--max-batch", "2"]
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    tmp = tmp_path_factory.mktemp("cli")
+    src = tiny_checkpoint("qwen2", seed=1)
+    torch.manual_seed(0)
+    backbone = load_decoder(src, dtype=torch.float32)
+    save_prm(tmp / "prm", backbone, ValueHead(backbone.config.hidden_size), "value",
+             AutoTokenizer.from_pretrained(src))
+    return tiny_checkpoint("qwen2"), tmp / "prm", tmp
+
+
+def test_search_cli_matches_python(dirs, capsys):
+    model, prm_dir, tmp = dirs
+    prompts = tmp / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "Question: How many clips"}) + "\n"
+                       + json.dumps({"messages": [{"role": "user", "content": "Hi!"}]}) + "\n")
+    out = tmp / "search.jsonl"
+    argv = ["search", "--model", str(model), "--prm", str(prm_dir), "--prompts", str(prompts),
+            "-k", "2", "--boundary", " ", "--max-steps", "2", "--max-step-tokens", "5",
+            "--check-every", "2", "--seed", "3", "--out", str(out), *COMMON]
+    assert main(argv) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+
+    policy = load_policy(model, dtype=torch.float32)
+    engine = Engine(policy, prm=load_prm(prm_dir, dtype=torch.float32), max_batch=2,
+                    max_seq_len=96)
+    ref = engine.search(["Question: How many clips", [{"role": "user", "content": "Hi!"}]],
+                        config=SearchConfig(candidates=2, boundary=" ", max_steps=2,
+                                            max_step_tokens=5, check_every=2, seed=3))
+    assert [r["token_ids"] for r in rows] == [r.token_ids for r in ref]
+    assert [[s["score"] for s in r["steps"]] for r in rows] == \
+        [[s.score for s in r.steps] for r in ref]
+
+    # Printed form: one block per request, one line per step with its scores.
+    assert main([a for a in argv if a not in ("--out", str(out))]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("=== request") == 2 and "--- step 1: score" in printed
+
+
+def test_generate_cli_matches_python(dirs, capsys):
+    model, _, tmp = dirs
+    out = tmp / "gen.jsonl"
+    assert main(["generate", "--model", str(model), "--prompt", "The quick", "--temperature", "0",
+                 "--max-new-tokens", "6", "--out", str(out), *COMMON]) == 0
+    (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+    policy = load_policy(model, dtype=torch.float32)
+    ref = Engine(policy, max_seq_len=96).generate(["The quick"], temperature=0, max_new_tokens=6)
+    assert row["token_ids"] == ref[0].token_ids and row["finish_reason"] == ref[0].finish_reason
+
+
+def test_cli_errors_and_help(dirs, capsys):
+    model, _, tmp = dirs
+    with pytest.raises(SystemExit) as e:
+        main(["search", "--help"])
+    assert e.value.code == 0 and "--boundary" in capsys.readouterr().out
+    bad = tmp / "bad.jsonl"
+    bad.write_text('{"prompt": "ok"}\n{not json\n')
+    with pytest.raises(SystemExit, match="bad.jsonl:2: not valid JSON"):
+        main(["generate", "--model", str(model), "--prompts", str(bad), *COMMON])
+    with pytest.raises(SystemExit):  # --prompt and --prompts are exclusive
+        main(["generate", "--model", str(model), "--prompt", "a", "--prompts", str(bad)])
+    with pytest.raises(SystemExit, match="expected comma-separated numbers|2"):
+        main(["generate", "--model", str(model), "--prompt", "a", "--weights", "0.7,x"])

@@ -1,0 +1,143 @@
+"""Every Triton kernel of triton_kernels compiles ahead of time for sm_90 (H100), on any machine.
+
+The interpreter never lowers a kernel, so a GPU-only compile error (a non-constexpr global, a
+shape the backend rejects, too much shared memory) would otherwise first show up on a GPU. The
+compile runs in a subprocess without TRITON_INTERPRET (under it ``triton.jit`` builds interpreter
+objects that cannot be compiled); it needs ptxas, which Triton ships.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from triton_kernels.multihead import DOT_PRECISION, launch_config, sampling_mode
+
+H100_SMEM_PER_BLOCK = 227 * 1024  # opt-in maximum of dynamic shared memory per block on sm_90
+
+# Argument values as the launchers pass them for a decode step of a Qwen2.5-0.5B-shaped policy
+# (V = 151936, d = 896, H = 3) on an H100 (132 SMs): a tensor is its pointer type, a number is
+# specialised the way Triton's JIT does at launch (== 1 → constexpr, multiple of 16 → divisibility
+# hint). Tiles and warps come from the launcher's own launch_config.
+V, D, H, NUM_SMS = 151936, 896, 3, 132
+_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+_PROJ = dict(V=V, D=D, H=H, stride_xb=D, stride_xd=1, stride_wh=1, stride_hh=V * D, stride_hv=D,
+             stride_hd=1)
+_PARTS = dict(part_max_ptr="*fp32", part_sumexp_ptr="*fp32", part_best_ptr="*fp32",
+              part_token_ptr="*i32", part_scaled_ptr="*fp32")
+_NOT_SPECIALISED = {"seed", "offset"}  # do_not_specialize in triton_kernels.kernels
+
+
+def _logits(B, dtype):
+    cfg = launch_config(B, V, D, dtype, num_sms=NUM_SMS)
+    args = dict(hidden_ptr="*" + _TYPES[dtype], weights_ptr="*fp32", heads_ptr="*" + _TYPES[dtype],
+                out_ptr="*fp32", B=B, stride_wb=H, stride_ob=V, **_PROJ)
+    consts = dict(BLOCK_B=cfg.block_b, BLOCK_V=cfg.block_v, BLOCK_K=cfg.block_k,
+                  DOT_PRECISION=DOT_PRECISION, UPCAST_DOT=False)
+    return [("_logits_kernel", args, consts, cfg.num_warps, cfg.num_stages)]
+
+
+def _sample(B, dtype, temperature, top_k, rng_ptr):
+    """The two kernels of one multihead_sample call."""
+    mode, kpad = sampling_mode(temperature, top_k, V)
+    cfg = launch_config(B, V, D, dtype, num_sms=NUM_SMS, kpad=kpad)
+    rng = dict(seed="*i64", offset="*i64") if rng_ptr else dict(seed=12345, offset=7)
+    flags = dict(MODE=mode, SEED_IS_PTR=rng_ptr, OFFSET_IS_PTR=rng_ptr)
+    args = dict(hidden_ptr="*" + _TYPES[dtype], weights_ptr="*fp32", heads_ptr="*" + _TYPES[dtype],
+                part_keys_ptr="*i64", B=B, stride_wb=H, inv_temp=1.25, n_tiles=cfg.n_tiles,
+                tiles_per_part=cfg.tiles_per_part, n_parts=cfg.n_parts, **rng, **_PARTS, **_PROJ)
+    consts = dict(LOG_KPAD=kpad.bit_length() - 1, BLOCK_B=cfg.block_b,
+                  LOG_BLOCK_V=cfg.block_v.bit_length() - 1, BLOCK_K=cfg.block_k,
+                  DOT_PRECISION=DOT_PRECISION, UPCAST_DOT=False, **flags)
+    finish_args = dict(cand_keys_ptr="*i64", tokens_ptr="*i64", logprobs_ptr="*fp32", B=B,
+                       n_parts=cfg.n_parts, top_k=top_k, **rng, **_PARTS)
+    finish_consts = dict(BLOCK_R=cfg.finish_rows, BLOCK_P=cfg.finish_parts, TOPK_PAD=kpad, **flags)
+    return [("_sample_partials_kernel", args, consts, cfg.num_warps, cfg.num_stages),
+            ("_sample_finish_kernel", finish_args, finish_consts, 4, 3)]
+
+
+# The launcher's GPU configurations: B ≤ 16 / ≤ 32 / ≤ 64 row tiles, bf16/fp16/fp32, greedy,
+# Gumbel sampling and top-k (up to KPAD = 128), seed/offset as ints or device pointers.
+CALLS = {
+    "logits-bf16-b1": _logits(1, torch.bfloat16),
+    "logits-bf16-b64": _logits(64, torch.bfloat16),
+    "logits-fp16-b32": _logits(32, torch.float16),
+    "logits-fp32-b8": _logits(8, torch.float32),
+    "greedy-bf16-b64": _sample(64, torch.bfloat16, 0.0, 0, False),
+    "sample-bf16-b8-device-rng": _sample(8, torch.bfloat16, 0.8, 0, True),
+    "sample-fp32-b8": _sample(8, torch.float32, 1.0, 0, False),
+    "topk128-bf16-b64-device-rng": _sample(64, torch.bfloat16, 1.0, 128, True),
+    "topk50-fp16-b8": _sample(8, torch.float16, 0.7, 50, False),
+}
+
+
+def _specialise(fn, args: dict, consts: dict) -> tuple[dict, dict, dict]:
+    signature, constexprs, attrs = {}, dict(consts), {}
+    for i, name in enumerate(fn.arg_names):
+        value = args.get(name)
+        if name in consts:
+            signature[name] = "constexpr"
+        elif isinstance(value, str):  # a tensor: torch allocations are 16-byte aligned
+            signature[name] = value
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(value, float):
+            signature[name] = "fp32"
+        elif value == 1 and name not in _NOT_SPECIALISED:
+            signature[name], constexprs[name] = "constexpr", 1
+        else:
+            signature[name] = "i32" if -2**31 <= value < 2**31 else "i64"
+            if value % 16 == 0 and name not in _NOT_SPECIALISED:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    return signature, constexprs, attrs
+
+
+def compile_all() -> dict:
+    """Compile every call's kernels for sm_90: {name: [{"shared", "cubin"} or {"error"}, ...]}."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    from triton_kernels import kernels
+
+    target = GPUTarget("cuda", 90, 32)
+    results = {}
+    for name, launches in CALLS.items():
+        results[name] = []
+        for kernel_name, args, consts, num_warps, num_stages in launches:
+            fn = getattr(kernels, kernel_name)
+            try:
+                signature, constexprs, attrs = _specialise(fn, args, consts)
+                src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs,
+                                                attrs=attrs)
+                compiled = triton.compile(src, target=target,
+                                          options=dict(num_warps=num_warps, num_stages=num_stages))
+                results[name].append({"kernel": kernel_name, "shared": compiled.metadata.shared,
+                                      "cubin": len(compiled.asm["cubin"])})
+            except Exception as exc:  # reported per call by the tests below
+                results[name].append({"kernel": kernel_name, "error": f"{type(exc).__name__}: {exc}"})
+    return results
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9 warns when unset
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    proc = subprocess.run([sys.executable, __file__], capture_output=True, text=True, env=env,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("name", list(CALLS))
+def test_kernels_compile_for_sm90(compiled, name):
+    for result in compiled[name]:
+        assert "error" not in result, f"{result['kernel']}: {result.get('error')}"
+        assert result["cubin"] > 0
+        assert result["shared"] <= H100_SMEM_PER_BLOCK, result
+
+
+if __name__ == "__main__":
+    print(json.dumps(compile_all()))
