@@ -55,11 +55,12 @@ def _setup(ctx: BenchContext, dtype: torch.dtype):
         label = ctx.model_dir.name
     cfg._attn_implementation = "sdpa"
     torch.manual_seed(0)
+    if not shaped:
+        hf = AutoModelForCausalLM.from_pretrained(ctx.model_dir, dtype=dtype, config=cfg)
+        hf = hf.to(ctx.device)
     with torch.device(ctx.device):
         if shaped:
             hf = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
-        else:
-            hf = AutoModelForCausalLM.from_pretrained(ctx.model_dir, dtype=dtype, config=cfg)
         mcfg = ModelConfig.from_dict(cfg.to_dict())
         ours = Decoder(mcfg).to(dtype)
         ours.load_state_dict(hf.state_dict())
@@ -196,10 +197,11 @@ def run(ctx: BenchContext) -> list[dict]:
             res = engine.search(prompts, config=cfg)
             return sum(len(r.token_ids) for r in res), sum(len(r.steps) for r in res)
 
+        repeats = 2 if ctx.is_cuda else 3
         results = {
-            "ours": _measure(ctx, ours, repeats=3),
+            "ours": _measure(ctx, ours, repeats=repeats),
             "re-encode": _measure(ctx, lambda: _reencode(tok, hf, prm, prompts, k, steps,
-                                                          step_tokens), repeats=3),
+                                                          step_tokens), repeats=repeats),
         }
         if paper is None:
             paper = _measure(ctx, lambda: _paper_loop(tok, hf, prm, prompts[:1], k, steps,
@@ -219,12 +221,14 @@ def run(ctx: BenchContext) -> list[dict]:
         row["ours/paper"] = speed["ours"] / speed["paper"]
         row["paper/re-encode"] = speed["paper"] / speed["re-encode"]
         rows.append(row)
-        del engine
     ctx.note(f"{steps} steps of <= {step_tokens} tokens, boundary {BOUNDARY!r}, prompts of "
              f"{prompt_len} tokens, T=1, top-k {TOP_K}; tok/s counts committed tokens; ms/step is "
              "the time for every request to advance one step. The paper loop ran on one request "
              "(its rate does not depend on B). Ratios are tok/s speed-ups.")
-    if not ctx.is_cuda:
+    if ctx.is_cuda:
+        ctx.note("Peak memory includes the resident models: the policy twice (ours and "
+                 "transformers' copy of the same weights) and the PRM.")
+    else:
         ctx.note("CPU: a tiny model, so times are dominated by Python and launch overheads; "
                  "absolute numbers and ratios mean little here. Peak memory is tracked on CUDA "
                  "only.")

@@ -14,7 +14,8 @@ def _floats(text: str) -> list[float]:
     try:
         return [float(x) for x in text.split(",")]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") \
+            from None
 
 
 def _unescape(text: str) -> str:
@@ -120,7 +121,15 @@ def _requests(args: argparse.Namespace) -> tuple[list[Any], list[list[float]] | 
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return _run(args)
+    except (ValueError, TypeError, FileNotFoundError) as e:  # bad input: a message, no traceback
+        parser.exit(2, f"{parser.prog} {args.command}: error: {e}\n")
+
+
+def _run(args: argparse.Namespace) -> int:
     import torch
 
     from mahalo_engine.engine import Engine, SearchConfig, boxed_closed

@@ -9,7 +9,8 @@ from mahalo_engine.engine.boundary import PRESETS, Boundary, end_of_turn_id, voc
 
 # A crafted vocabulary: each id's text as it appears mid-sequence.
 TEXTS = ["a", "\n", "\n\n", ".", " b", " e.g.", '"', " ", "\nx", "1.", "Hello", "x\n\ny", "!",
-         " word", "\n\nSo", ")", "?", " Dr.", "-", "abc", "bcd", "ab", "<|im_end|>", "\ufffd", "。"]
+         " word", "\n\nSo", ")", "?", " Dr.", "-", "abc", "bcd", "ab", "<|im_end|>", "\ufffd",
+         "。"]
 ID = {t: i for i, t in enumerate(TEXTS)}
 EOT = ID["<|im_end|>"]
 

@@ -1,6 +1,6 @@
-"""Engine.generate / Engine.search on tiny local checkpoints (fp32, CPU), each against an independent
-reference: transformers' greedy generate, full re-encodes (`prm.score_full`, `policy.logits`, a
-fresh prefill), single-request runs."""
+"""Engine.generate / Engine.search on tiny local checkpoints (fp32, CPU), each against an
+independent reference: transformers' greedy generate, full re-encodes (`prm.score_full`,
+`policy.logits`, a fresh prefill), single-request runs."""
 import json
 import math
 from pathlib import Path
@@ -306,15 +306,20 @@ def _chatml(messages):
 
 
 @pytest.mark.skipif(not (DATA / "tutoring_prefixes.jsonl").is_file(),
-                    reason=f"real data not found at {DATA} (absent outside the project's workspace)")
+                    reason=f"real data not found at {DATA} (absent outside the project's "
+                           "workspace)")
 def test_chat_turn_boundary_on_tutoring_prefixes(policy, prms):
     dialogues = [json.loads(line)["messages"] for line in
                  (DATA / "tutoring_prefixes.jsonl").read_text().splitlines() if line.strip()]
     tok = policy.tokenizer
     eot = tok.convert_tokens_to_ids("<|im_end|>")
+    # Dialogues under 2048 tokens (all but the longest), to keep the CPU run short.
+    ids = [tok.encode(_chatml(m), add_special_tokens=False) for m in dialogues]
+    dialogues = [m for m, x in zip(dialogues, ids) if len(x) < 2048]
+    ids = [x for x in ids if len(x) < 2048]
+    assert len(dialogues) >= 3
     # Make the random policy end its turn now and then: point the end-of-turn row of the head at
     # the mean hidden direction of these dialogues.
-    ids = [tok.encode(_chatml(m), add_special_tokens=False) for m in dialogues]
     with torch.no_grad():
         mean = torch.cat([policy.model(torch.tensor([x]))[0] for x in ids]).mean(0)
     heads = policy.heads.clone()
@@ -340,6 +345,29 @@ def test_chat_turn_boundary_on_tutoring_prefixes(policy, prms):
 
 
 # -- CUDA graphs --------------------------------------------------------------------------------
+
+
+def test_graph_operands_merge_shared_weights(policy):
+    """What a captured graph samples with: merged heads while rows share fewer weight vectors than
+    there are heads (keyed by every row's weights), else the live weights buffer."""
+    from mahalo_engine.engine.sampler import Sampler
+
+    noise = torch.randn(policy.heads.shape[1:], generator=torch.Generator().manual_seed(1))
+    heads = torch.cat([policy.heads, policy.heads + 0.05 * noise])
+    sampler = Sampler(heads, 4)
+    sampler.configure(0.0, 0, 0)
+    hidden = torch.randn(4, heads.shape[2], generator=torch.Generator().manual_seed(2))
+    shared = torch.tensor([[0.3, 0.7]] * 4)
+    sampler.set_weights(shared)
+    h, w, key = sampler.graph_operands(4)
+    assert h.shape[0] == 1 and key == tuple(tuple(r) for r in shared.tolist())
+    assert torch.equal(sampler.sample(hidden, h, w)[0], sampler.sample(hidden)[0])
+    ref = (0.3 * hidden @ heads[0].T + 0.7 * hidden @ heads[1].T).argmax(dim=1)
+    assert torch.equal(sampler.sample(hidden, h, w)[0], ref)
+    sampler.set_weights(torch.tensor([[1.0, 0.0], [0.0, 1.0]] * 2))
+    h, w, key = sampler.graph_operands(4)
+    assert h is heads and w is sampler.view(4) and key is None
+
 
 
 @pytest.mark.gpu

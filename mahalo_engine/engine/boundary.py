@@ -30,7 +30,8 @@ _SENTENCE_END = ".!?"
 _SENTENCE_RE = re.compile(r"[.!?][" + re.escape(_CLOSERS) + r"]*\s*$")
 _PARAGRAPH_RE = re.compile(r"\n{2,}$")
 # A line holding only a list marker: "-", "*", "1.", "2)", "A)", "b.", "Step 3:".
-_LIST_MARKER_RE = re.compile(r"(?:[-*+\u2022]|\d+[.)]|[A-Za-z][.)]|Step\s*\d+\s*[:.]?)", re.IGNORECASE)
+_LIST_MARKER_RE = re.compile(r"(?:[-*+\u2022]|\d+[.)]|[A-Za-z][.)]|Step\s*\d+\s*[:.]?)",
+                             re.IGNORECASE)
 DEFAULT_ABBREVIATIONS = (
     "e.g.", "i.e.", "etc.", "vs.", "cf.", "al.", "approx.", "dr.", "mr.", "mrs.", "ms.", "prof.",
     "sr.", "jr.", "st.", "no.", "fig.", "eq.", "inc.", "ltd.", "co.", "u.s.", "a.m.", "p.m.",
@@ -140,8 +141,9 @@ class Boundary:
         ids = list(self.token_ids)
         if self.end_of_turn:
             if end_of_turn_id is None:
-                raise ValueError("boundary end_of_turn needs the chat template's end-of-turn token, "
-                                 "but none was found (does the tokenizer have a chat template?)")
+                raise ValueError("boundary end_of_turn needs the chat template's end-of-turn "
+                                 "token, but none was found (does the tokenizer have a chat "
+                                 "template?)")
             ids.append(end_of_turn_id)
         for t in ids:
             if not 0 <= t < vocab:

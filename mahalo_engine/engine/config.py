@@ -27,8 +27,8 @@ class SearchConfig:
         draws from its own random stream.
     scorer: None (the engine's PRM), a loaded PRM, a `Scorer`, a list of ``(scorer, weight)`` pairs
         (multi-objective guidance), or a callable ``f(prompts, responses) -> scores`` on texts.
-    selection_temperature: 0 picks the highest-scoring candidate (ties: lowest index); τ > 0 samples
-        the winner from softmax(score / τ).
+    selection_temperature: 0 picks the highest-scoring candidate (ties: lowest index); τ > 0
+        samples the winner from softmax(score / τ).
     stop: strings or predicates on the request's generated text checked after each committed step
         (e.g. ``[boxed_closed]``); a match ends the request.
     check_every: decode iterations between the host's "all candidates finished?" checks; the
@@ -71,7 +71,8 @@ def check_sampling(temperature: float, top_k: int, seed: int) -> None:
     """Validate sampling options shared by `generate` and `search` (ValueError naming the value)."""
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
             or not math.isfinite(temperature) or temperature < 0:
-        raise ValueError(f"temperature must be a finite float >= 0 (0 = greedy), got {temperature!r}")
+        raise ValueError(f"temperature must be a finite float >= 0 (0 = greedy), got "
+                         f"{temperature!r}")
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
         raise ValueError(f"top_k must be an int >= 0 (0 = no truncation), got {top_k!r}")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:

@@ -142,7 +142,8 @@ class Engine:
             groups = [g for g, x in enumerate(live) if x is not None]
             slots = torch.tensor([[g * k + j for j in range(k)] for g in groups])
             flat = slots.reshape(-1).to(self.device)
-            caps = torch.tensor([min(cfg.max_step_tokens, cfg.max_new_tokens - len(live[g].token_ids))
+            caps = torch.tensor([min(cfg.max_step_tokens,
+                                     cfg.max_new_tokens - len(live[g].token_ids))
                                  for g in groups]).repeat_interleave(k)
             runner.begin(flat, caps)
             runner.run(runner.bucket((groups[-1] + 1) * k), cfg.check_every, confirm)
@@ -264,9 +265,9 @@ class Engine:
             raise ValueError(
                 f"{num_slots} slots (max_batch={self.max_batch} x candidates="
                 f"{num_slots // self.max_batch}) x max_seq_len={self.max_seq_len} need "
-                f"{policy_bytes:,} bytes of policy KV cache + {scorer_bytes:,} bytes of PRM cache = "
-                f"{policy_bytes + scorer_bytes:,} bytes, but only {available:,} bytes are available "
-                f"on {self.device}; lower max_batch, candidates or max_seq_len")
+                f"{policy_bytes:,} bytes of policy KV cache + {scorer_bytes:,} bytes of PRM cache "
+                f"= {policy_bytes + scorer_bytes:,} bytes, but only {available:,} bytes are "
+                f"available on {self.device}; lower max_batch, candidates or max_seq_len")
         if grow:
             self.cache = KVCache.allocate(config, num_slots, max_len, dtype=dtype,
                                           device=self.device)
@@ -313,7 +314,8 @@ class Engine:
     def _prompts(self, prompts: Sequence[Any], chat: bool) -> list[Prompt]:
         """Tokenise prompts: strings (rendered as a user turn when ``chat``), chat message lists
         (always rendered with the chat template) or token-id lists."""
-        if isinstance(prompts, (str, dict)) or not isinstance(prompts, (list, tuple)) or not prompts:
+        if isinstance(prompts, (str, dict)) or not isinstance(prompts, (list, tuple)) \
+                or not prompts:
             raise TypeError("prompts must be a non-empty list of strings, token-id lists or chat "
                             f"message lists, got {type(prompts).__name__}")
         tok, vocab = self.tokenizer, self.policy.config.vocab_size

@@ -63,7 +63,8 @@ class DecodeRunner:
 
     def set_boundary(self, boundary: CompiledBoundary) -> None:
         if boundary.num_automata > MAX_AUTOMATA:
-            raise ValueError(f"at most {MAX_AUTOMATA} boundary automata, got {boundary.num_automata}")
+            raise ValueError(f"at most {MAX_AUTOMATA} boundary automata, got "
+                             f"{boundary.num_automata}")
         self.boundary = boundary
 
     def bucket(self, n: int) -> int:

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 
 from mahalo_engine.cache import KVCache
+from mahalo_engine.ops import kv_fork, kv_promote
+from mahalo_engine.prm import VALUE_HEAD_FILE, apply_kind, load_value_head
 
 
 @dataclass
@@ -48,7 +51,7 @@ class Scorer:
     """Base class: a stateless scorer only overrides `score`."""
 
     def cache_nbytes(self, num_slots: int, max_len: int) -> int:
-        """Bytes `prepare` will allocate (the engine checks the total before allocating)."""
+        """Bytes `prepare` would newly allocate (the engine checks the total before allocating)."""
         return 0
 
     def prepare(self, num_slots: int, max_len: int, policy: Any) -> None:
@@ -67,9 +70,9 @@ class Scorer:
 
 class ValueModelPRM(Scorer):
     """A PRM (`load_prm`) scoring candidates over its own slot cache of each request's committed
-    text: the K candidates go in as one batched ragged ``extend`` (each into its own slot), the score
-    is read at each candidate's last token, and `promote` copies the winner's new tokens into its
-    siblings with ``kv_promote``. Nothing is ever re-encoded.
+    text: the K candidates go in as one batched ragged ``extend`` (each into its own slot), the
+    score is read at each candidate's last token, and `promote` copies the winner's new tokens into
+    its siblings with ``kv_promote``. Nothing is ever re-encoded.
 
     With the policy's tokenizer (same vocabulary) the candidate's token ids are fed as they are;
     with another tokenizer each step's text is tokenised on its own and appended (as the PRM
@@ -90,13 +93,19 @@ class ValueModelPRM(Scorer):
     def _device(self) -> torch.device:
         return self.prm.model.model.embed_tokens.weight.device
 
+    def _allocated(self, num_slots: int, max_len: int) -> bool:
+        return self.cache is not None and (self.cache.num_slots, self.cache.max_len) == \
+            (num_slots, max_len)
+
     def cache_nbytes(self, num_slots: int, max_len: int) -> int:
+        if self._allocated(num_slots, max_len):
+            return 0
         return KVCache.nbytes(self.prm.config, num_slots, max_len, self._dtype)
 
     def prepare(self, num_slots: int, max_len: int, policy: Any) -> None:
         self.same_tokens = _shares_vocabulary(self.prm, policy)
-        if self.cache is None or self.cache.num_slots != num_slots or self.cache.max_len != max_len:
-            self.cache = None
+        if not self._allocated(num_slots, max_len):
+            self.cache = None  # free the old cache before allocating the new one
             self.cache = KVCache.allocate(self.prm.config, num_slots, max_len, dtype=self._dtype,
                                           device=self._device)
 
@@ -111,8 +120,6 @@ class ValueModelPRM(Scorer):
         return tok.encode(prompt.text)
 
     def start(self, slots: torch.Tensor, prompts: list[Prompt]) -> None:
-        from mahalo_engine.ops import kv_fork
-
         ids = [self._prompt_ids(p) for p in prompts]
         too_long = [(i, len(x)) for i, x in enumerate(ids) if len(x) >= self.cache.max_len]
         if too_long:
@@ -149,8 +156,6 @@ class ValueModelPRM(Scorer):
         return scores
 
     def promote(self, winners: torch.Tensor, groups: torch.Tensor) -> None:
-        from mahalo_engine.ops import kv_promote
-
         if groups.shape[1] == 1:
             return  # the one candidate's extend already committed it
         dev = self._device
@@ -177,20 +182,14 @@ class SharedBackbonePRM(Scorer):
     policy's own hidden state at the candidate's last token. No second model, no second cache."""
 
     def __init__(self, value_head: torch.nn.Module, kind: str) -> None:
-        from mahalo_engine.prm import apply_kind
-
         apply_kind(torch.zeros(1), kind)  # validates kind
         self.value_head = value_head
         self.kind = kind
 
     @classmethod
-    def load(cls, path: str, policy: Any) -> "SharedBackbonePRM":
+    def load(cls, path: str | Path, policy: Any) -> "SharedBackbonePRM":
         """The value head of a PRM directory (or ``value_head.safetensors`` file) whose backbone is
         the policy's; only the head is read."""
-        from pathlib import Path
-
-        from mahalo_engine.prm import VALUE_HEAD_FILE, load_value_head
-
         p = Path(path)
         head, kind = load_value_head(p / VALUE_HEAD_FILE if p.is_dir() else p)
         if head.hidden_size != policy.config.hidden_size:
@@ -212,8 +211,6 @@ class SharedBackbonePRM(Scorer):
 
     @torch.no_grad()
     def score(self, cands: Candidates) -> torch.Tensor:
-        from mahalo_engine.prm import apply_kind
-
         param = next(self.value_head.parameters())
         raw = self.value_head(cands.hidden.to(device=param.device, dtype=param.dtype))
         return apply_kind(raw, self.kind).float().cpu()
@@ -227,7 +224,8 @@ class WeightedScorer(Scorer):
             raise ValueError("a weighted scorer needs at least one (scorer, weight) pair")
         for scorer, w in parts:
             if not isinstance(scorer, Scorer):
-                raise TypeError(f"expected a Scorer in (scorer, weight), got {type(scorer).__name__}")
+                raise TypeError(f"expected a Scorer in (scorer, weight), got "
+                                f"{type(scorer).__name__}")
             if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
                 raise ValueError(f"scorer weights must be finite numbers, got {w!r}")
         if all(w == 0 for _, w in parts):
