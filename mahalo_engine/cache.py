@@ -18,7 +18,7 @@ import torch
 from mahalo_engine.config import ModelConfig
 
 
-def _available_bytes(device: torch.device) -> int | None:
+def available_bytes(device: torch.device) -> int | None:
     """Free memory on ``device`` where it can be known (CUDA; Linux CPU via /proc/meminfo)."""
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
@@ -84,7 +84,7 @@ class KVCache:
             device = torch.device("cuda", torch.cuda.current_device())
         need = cls.nbytes(config, num_slots, max_len, dtype)
         shape = cls.shape(config, num_slots, max_len)
-        available = _available_bytes(device)
+        available = available_bytes(device)
         if available is not None and need > available:
             raise ValueError(
                 f"KV cache {list(shape)} {dtype} needs {need:,} bytes ({need / 2**30:.2f} GiB) but "

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 import torch
 
-from mahalo_engine.cache import KVCache, _available_bytes
+from mahalo_engine.cache import KVCache, available_bytes
 from mahalo_engine.engine.boundary import (Boundary, CompiledBoundary, end_of_turn_id,
                                            vocab_texts)
 from mahalo_engine.engine.config import (Generation, SearchConfig, SearchResult, Step,
@@ -260,7 +260,7 @@ class Engine:
                 torch.cuda.empty_cache()
         policy_bytes = KVCache.nbytes(config, num_slots, max_len, dtype) if grow else 0
         scorer_bytes = scorer.cache_nbytes(num_slots, self.max_seq_len) if scorer else 0
-        available = _available_bytes(self.device)
+        available = available_bytes(self.device)
         if available is not None and policy_bytes + scorer_bytes > available:
             raise ValueError(
                 f"{num_slots} slots (max_batch={self.max_batch} x candidates="
