@@ -59,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
         # Two shared cores make multi-threaded CPU timings swing wildly; one thread is steadier and
         # fair to both sides of every comparison.
         torch.set_num_threads(1)
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()  # its weight-loading bars clutter the tables
     model_dir = args.model
     if model_dir is None:
         from mahalo_engine.tiny import tiny_checkpoint
