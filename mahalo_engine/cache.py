@@ -5,8 +5,9 @@ positions of each slot.
 A slot is one running sequence. Positions ``>= lens[s]`` hold stale but finite values (the tensor
 is zero-initialised, and only model K/V or copies of them are written), which matters because
 attention multiplies masked-out V rows by an exact 0 and ``0 * nan`` would poison valid rows.
-Reading and writing go through index ops on slot/position tensors, so they work inside CUDA graph
-capture; this module owns the sizes, the allocation check and that indexing.
+Writing goes through one index op on slot/position tensors, reading through a gather or (for a
+contiguous slot range) a view, so both work inside CUDA graph capture; this module owns the sizes,
+the allocation check and that indexing.
 """
 from __future__ import annotations
 
@@ -106,11 +107,12 @@ class KVCache:
         # Advanced indices around a slice put the indexed axis first: the target is [M, 2, n_kv, hd].
         self.data[layer][:, slots, :, positions] = torch.stack((k, v), dim=1)
 
-    def read(self, layer: int, slots: torch.Tensor, length: int | None = None
+    def read(self, layer: int, slots: torch.Tensor | slice, length: int | None = None
              ) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V ``[N, n_kv, length, hd]`` of ``slots`` (default length: max_len)."""
-        kv = self.data[layer] if length is None else self.data[layer, :, :, :, :length]
-        kv = kv.index_select(1, slots)
+        """K and V ``[N, n_kv, length, hd]`` of ``slots`` (default length: max_len): gathered
+        (a copy) for a tensor of slot indices, a view of the cache for ``slice(start, stop)``."""
+        kv = self.data[layer, :, :, :, :length]
+        kv = kv[:, slots] if isinstance(slots, slice) else kv.index_select(1, slots)
         return kv[0], kv[1]
 
     def reset(self, slots: torch.Tensor) -> None:

@@ -1,5 +1,7 @@
 """The slot KV cache: ragged prefill, decode in any subset of slots, extend over a prefix and
-non-advancing decode all reproduce a plain forward; decode is graph-safe; sizes and errors."""
+non-advancing decode all reproduce a plain forward; decode over a contiguous slot range and a
+bounded prefix (``kv_len``) equals the gathered full-length decode, and the engine's decode loop
+uses it; decode is graph-safe; sizes and errors."""
 from __future__ import annotations
 
 import pytest
@@ -96,6 +98,80 @@ def test_decode_without_advance_keeps_length():
     torch.testing.assert_close(out, torch.stack([ref_a, ref_b]), rtol=0, atol=2e-5)
 
 
+@pytest.mark.parametrize("case", list(FAMILIES))
+def test_range_decode_over_a_bounded_prefix_equals_the_gathered_full_read(case):
+    """slots=slice + kv_len (K/V viewed in place, attention over [0, kv_len)) against the gathered
+    full-length decode (itself checked against transformers above): same hidden, same cache."""
+    family, kw = FAMILIES[case]
+    model = load_decoder(tiny_checkpoint(family, **kw))
+    full, bounded = (KVCache.allocate(model.config, 6, 64, dtype=torch.float32, device="cpu")
+                     for _ in range(2))
+    slots = torch.tensor([1, 2, 3, 4])
+    for cache in (full, bounded):
+        model.prefill(cache, sequences(3, [2, 13, 7, 20]), slots)  # ragged
+    g = torch.Generator().manual_seed(4)
+    for step in range(6):
+        ids = torch.randint(0, 512, (4,), generator=g)
+        advance = torch.tensor([True, step % 2 == 0, True, step < 3])
+        kv_len = int(bounded.lens[1:5].max()) + 1  # the tightest legal bound
+        ref = model.decode(full, ids, slots, advance)
+        got = model.decode(bounded, ids, slice(1, 5), advance, kv_len=kv_len, check=True)
+        torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
+    assert torch.equal(bounded.lens, full.lens) and bounded.lens.tolist() == [0, 8, 16, 13, 23, 0]
+    torch.testing.assert_close(bounded.data, full.data, rtol=0, atol=1e-5)
+    # The bound matters: one position short, the longest slot misses its own new token.
+    ids = torch.tensor([5, 6, 7, 8])
+    short = int(bounded.lens[1:5].max())
+    with pytest.raises(ValueError, match=rf"\(slot, len\) \[\(4, 23\)\].*len < kv_len={short}"):
+        model.decode(bounded, ids, slice(1, 5), kv_len=short, check=True)
+    saved = (bounded.data.clone(), bounded.lens.clone())
+    bad = model.decode(bounded, ids, slice(1, 5), kv_len=short)
+    bounded.data.copy_(saved[0]), bounded.lens.copy_(saved[1])
+    good = model.decode(bounded, ids, slice(1, 5), kv_len=short + 1)
+    torch.testing.assert_close(bad[:3], good[:3], rtol=0, atol=1e-5)
+    assert (bad[3] - good[3]).abs().max() > 1e-3
+
+
+def test_engine_decode_loop_reads_a_growing_bounded_prefix(monkeypatch):
+    """Greedy generation and step search long enough to cross kv_len buckets: the runner's decode
+    steps read slot ranges over power-of-two prefixes shorter than the cache, each advancing slot
+    inside its prefix, and every generated token is still the argmax of a full forward over the
+    text so far, with its log-prob; search (one candidate, greedy) gives the same tokens."""
+    from mahalo_engine.engine import Engine, SearchConfig
+    from mahalo_engine.engine.engine import GENERATE_CHECK_EVERY as C
+    from mahalo_engine.policy import load_policy
+
+    policy = load_policy(tiny_checkpoint("qwen2"), dtype=torch.float32)
+    model, seen = policy.model, []
+    real_decode = model.decode
+
+    def decode(cache, input_ids, slots, advance=None, *, kv_len=None):
+        assert isinstance(slots, slice) and slots.start == 0
+        seen.append((kv_len, int((cache.lens[slots] * advance).max())))
+        return real_decode(cache, input_ids, slots, advance, kv_len=kv_len)
+
+    monkeypatch.setattr(model, "decode", decode)
+    engine = Engine(policy, max_batch=2, max_seq_len=300)  # the cache holds 301 positions
+    prompts = sequences(5, [60 - C, 30])  # C steps fit in 64 positions, 2C do not
+    gens = engine.generate(prompts, temperature=0, max_new_tokens=2 * C)
+    assert [k for k, _ in seen] == [64] * C + [128] * C
+    assert all(n < k for k, n in seen)
+    for p, gen in zip(prompts, gens):
+        seq = torch.tensor([p + gen.token_ids])
+        with torch.no_grad():
+            logp = torch.log_softmax(policy.logits(seq)[0, len(p) - 1:-1], dim=-1)
+        chosen = logp[torch.arange(len(gen.token_ids)), gen.token_ids]
+        assert (chosen >= logp.max(dim=-1).values - 1e-4).all()  # greedy, up to exact ties
+        torch.testing.assert_close(torch.tensor(gen.logprobs), chosen, rtol=0, atol=1e-4)
+
+    seen.clear()  # search: each step's run starts from the committed lengths
+    config = SearchConfig(candidates=1, temperature=0, max_step_tokens=5, check_every=3,
+                          max_new_tokens=2 * C)
+    found = engine.search(prompts, config=config)
+    assert {k for k, _ in seen} == {64, 128} and all(n < k for k, n in seen)
+    assert [r.token_ids for r in found] == [g.token_ids for g in gens]
+
+
 def test_decode_is_graph_safe():
     """Decode on the meta device: any host sync (.item/.tolist), nonzero/masked_select or other
     data-dependent shape raises there, since meta tensors hold no data. Extend does sync."""
@@ -107,15 +183,23 @@ def test_decode_is_graph_safe():
         ids, slots = torch.zeros(3, dtype=torch.long), torch.zeros(3, dtype=torch.long)
         hidden = model.decode(cache, ids, slots, advance=torch.ones(3, dtype=torch.bool))
         assert hidden.shape == (3, config.hidden_size)
+        hidden = model.decode(cache, ids, slice(1, 4), advance=torch.ones(3, dtype=torch.bool),
+                              kv_len=16)  # the in-place view over a bounded prefix
+        assert hidden.shape == (3, config.hidden_size)
+        with pytest.raises(NotImplementedError):  # the host check does sync
+            model.decode(cache, ids, slice(1, 4), kv_len=16, check=True)
         with pytest.raises(NotImplementedError):
             model.extend(cache, ids[:, None], torch.ones(3, dtype=torch.long), slots)
 
 
 @pytest.mark.gpu
-def test_decode_replays_in_a_cuda_graph():
+@pytest.mark.parametrize("contiguous", [False, True])
+def test_decode_replays_in_a_cuda_graph(contiguous):
     model = load_decoder(tiny_checkpoint("qwen2"), device="cuda")
     cache = KVCache.allocate(model.config, 4, 64, dtype=torch.float32, device="cuda")
-    slots = torch.tensor([3, 1], device="cuda")
+    slots = torch.tensor([1, 2] if contiguous else [3, 1], device="cuda")
+    # The range form reads K/V in place over a prefix that the 3 replays below stay inside.
+    read, kv_len = (slice(1, 3), 16) if contiguous else (slots, None)
     prompts = sequences(2, [9, 5])
     model.prefill(cache, prompts, slots)
     ids = torch.tensor([7, 8], device="cuda")
@@ -124,12 +208,12 @@ def test_decode_replays_in_a_cuda_graph():
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         for _ in range(2):  # warm-up outside capture
-            model.decode(cache, ids, slots)
+            model.decode(cache, ids, read, kv_len=kv_len)
     torch.cuda.current_stream().wait_stream(stream)
     cache.lens.copy_(saved)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = model.decode(cache, ids, slots)
+        out = model.decode(cache, ids, read, kv_len=kv_len)
     cache.lens.copy_(saved)
     expect = []
     for tokens in ([7, 8], [20, 21], [5, 6]):
@@ -174,6 +258,19 @@ def test_cache_misuse_errors():
         model.extend(cache, torch.zeros(2, 1, dtype=torch.long), torch.tensor([1, 1]), torch.tensor([0, 0]))
     with pytest.raises(ValueError, match="distinct and in"):
         model.extend(cache, torch.zeros(1, 1, dtype=torch.long), torch.tensor([1]), torch.tensor([2]))
+    ids = torch.zeros(2, dtype=torch.long)
+    for bad in (slice(1, 3), slice(0, 1), slice(0, 2, 2), slice(-1, 1)):
+        with pytest.raises(ValueError, match=r"must be a range slice\(start, start \+ 2\) within "
+                                             r"the cache's 2 slots"):
+            model.decode(cache, ids, bad)
+    for bad in (0, 9, 4.0, True):
+        with pytest.raises(ValueError, match=rf"kv_len must be an int in \[1, max_len=8\], got {bad}"):
+            model.decode(cache, ids, slice(0, 2), kv_len=bad)
+    with pytest.raises(ValueError, match=r"distinct and in \[0, 2\), got \[1, 1\]"):
+        model.decode(cache, ids, torch.tensor([1, 1]), check=True)
+    with pytest.raises(ValueError, match=r"\(slot, len\) \[\(1, 6\)\] need len < max_len=8"):
+        model.decode(cache, ids, slice(0, 2), kv_len=6, check=True)
+    assert cache.lens.tolist() == [0, 6]  # nothing was decoded
     with pytest.raises(TypeError, match="cache dtype torch.bfloat16"):
         other = KVCache.allocate(model.config, 2, 8, dtype=torch.bfloat16, device="cpu")
         model.decode(other, torch.zeros(1, dtype=torch.long), torch.tensor([0]))

@@ -401,6 +401,22 @@ def test_cuda_few_long_and_many_short_ranges(num_pairs, max_len):
     assert_same(cache.cpu(), expected)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("layers, num_pairs", [(1, 70_000), (32_770, 2)], ids=["pairs", "rows"])
+def test_more_than_65535_pairs_or_rows(device, layers, num_pairs):
+    # The CUDA grid caps gridDim.z (pairs) and gridDim.y (layer, K|V, head rows) at 65535; its
+    # grid-stride loops must reach the pairs and rows beyond (here 70000 pairs, or 65540 rows).
+    host = make_cache((layers, 2, 2 * num_pairs, 1, 3, 1), torch.float32)
+    src = torch.arange(num_pairs)
+    dst = src + num_pairs
+    start, end = torch.ones_like(src), torch.full_like(src, 3)
+    expected = host.clone()
+    expected[:, :, dst, :, 1:] = host[:, :, src, :, 1:]
+    cache = host.to(device)
+    ops.kv_copy_ranges(cache, *(t.to(device) for t in (src, dst, start, end)))
+    assert_same(cache.cpu(), expected)
+
+
 @pytest.mark.gpu
 def test_cuda_fork_promote_no_host_sync_and_graph_replay():
     shape = (2, 2, 8, 2, 64, 64)

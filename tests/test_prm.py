@@ -147,6 +147,23 @@ def test_prm_bce_and_bt_first_step_loss_matches_hand_value(tmp_path, loss, kind)
     assert log[loss] == pytest.approx(sum(terms) / len(terms), rel=1e-4)
 
 
+def test_prm_with_trained_backbone_moves_the_backbone_and_scores_as_saved(tmp_path):
+    model = tiny_checkpoint("qwen2")
+    out = tmp_path / "out"
+    prm_train.main(["--model", str(model), "--data", str(_steps(tmp_path, n=4)), "--loss", "mse",
+                    "--out", str(out), "--max-steps", "2", "--batch-size", "4", "--lr", "1e-2",
+                    "--train-backbone", "--head", "linear"])
+    base = load_file(str(model / "model.safetensors"))
+    saved = load_file(str(out / "model.safetensors"))
+    assert not torch.equal(base["model.layers.0.mlp.up_proj.weight"], saved["model.layers.0.mlp.up_proj.weight"])
+    assert torch.equal(base["lm_head.weight"], saved["lm_head.weight"])  # unused by a PRM: frozen
+    prm = load_prm(out)
+    ids = [5, 17, 42, 9]
+    with torch.no_grad():  # the loaded PRM scores with the trained backbone and head
+        expected = prm.value_head(load_decoder(out, dtype=torch.float32)(torch.tensor([ids]))[0, -1])
+    assert prm.score_full([ids]).item() == pytest.approx(expected.item(), abs=1e-5)
+
+
 def test_bce_rejects_labels_outside_unit_interval(tmp_path):
     data = tmp_path / "s.jsonl"
     data.write_text(json.dumps({"prompt": "q", "completions": ["a"], "labels": [2.0]}) + "\n")

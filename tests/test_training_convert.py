@@ -67,6 +67,17 @@ def test_convert_rejects_bad_checkpoints(tmp_path):
     with pytest.raises(ValueError, match=r"missing \['model.layers.1.mlp.up_proj.weight'\]"):
         convert(pt, model, tmp_path / "o4", objectives=["a", "b"])
 
+    k = "base_model.model.layers.0.mlp.down_proj.weight"
+    torch.save({"state": {**state, k: state[k][:, :-1]}}, pt)
+    with pytest.raises(ValueError, match=r"mis-shaped \['model.layers.0.mlp.down_proj.weight: "):
+        convert(pt, model, tmp_path / "o5", objectives=["a", "b"])
+
+    short = {**state, **{f"heads.{i}.weight": state[f"heads.{i}.weight"][:-1] for i in range(2)}}
+    short["base_model.lm_head.weight"] = short["heads.0.weight"]
+    torch.save({"state": short}, pt)
+    with pytest.raises(ValueError, match=r"heads.N.weight are \(\d+, \d+\), but .*config.json expects"):
+        convert(pt, model, tmp_path / "o6", objectives=["a", "b"])
+
 
 class _Payload:
     def __reduce__(self):

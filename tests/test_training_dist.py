@@ -57,10 +57,11 @@ def test_two_gloo_processes_equal_one_process(tmp_path, strategy):
     mah_dpo.main(_args(tmp_path, one, ["--max-steps", "3", "--micro-batch-size", "2"]))
     two = tmp_path / "two"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # two ranks of 4 pairs each, accumulated as uneven micro-batches of 3 and 1
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "training.mah_dpo",
            *_args(tmp_path, two, ["--max-steps", "3", "--device", "cpu", "--strategy", strategy,
-                                  "--gradient-checkpointing"])]
+                                  "--gradient-checkpointing", "--micro-batch-size", "3"])]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = _tensors(one), _tensors(two)
@@ -73,6 +74,9 @@ def test_two_gloo_processes_equal_one_process(tmp_path, strategy):
     la = [json.loads(x) for x in (one / "log.jsonl").read_text().splitlines()]
     lb = [json.loads(x) for x in (two / "log.jsonl").read_text().splitlines()]
     assert [r["loss"] for r in la] == pytest.approx([r["loss"] for r in lb], abs=1e-4)
+    # RMSprop's update hardly depends on the gradient's scale, so compare the gradients' norm too:
+    # a rank or micro-batch weighted wrongly changes it
+    assert [r["grad_norm"] for r in la] == pytest.approx([r["grad_norm"] for r in lb], rel=1e-4)
 
 
 def test_resume_continues_bit_identically(tmp_path):
@@ -92,6 +96,34 @@ def test_resume_continues_bit_identically(tmp_path):
     # a run that changes the batches cannot resume from it
     with pytest.raises(ValueError, match="batch_size was 8, now 4"):
         mah_dpo.main(_args(tmp_path, resumed, ["--max-steps", "5", "--resume", "--batch-size", "4"]))
+    # a fresh run into it would append to its log and could prune its own checkpoint
+    with pytest.raises(ValueError, match=r"already holds a training run .*log\.jsonl.*--resume"):
+        mah_dpo.main(_args(tmp_path, resumed, ["--max-steps", "1"]))
+
+
+def test_gradients_are_clipped_and_accumulated_before_the_step(tmp_path):
+    """Two micro-batches' gradients add up, the sum is clipped to --max-grad-norm, then the
+    optimizer steps; bf16 autocast stays off on the CPU even though --bf16 is the default."""
+    import argparse
+
+    from training.distributed import DistInfo
+    from training.trainer import Micro, Trainer, add_common_args, finish_args
+
+    p = argparse.ArgumentParser()
+    add_common_args(p, lr=0.1, batch_size=2)
+    args = finish_args(p.parse_args(["--out", str(tmp_path), "--max-grad-norm", "0.5"]))
+    module = torch.nn.Linear(3, 1, bias=False)
+    trainer = Trainer("toy", module, DistInfo(0, 1, 0, torch.device("cpu")), args, config={})
+    assert trainer.bf16 is False and args.bf16 is True
+    seen = []
+    trainer.optimizer.register_step_pre_hook(lambda *_: seen.append(module.weight.grad.clone()))
+    g1, g2 = torch.tensor([3.0, 0.0, 1.0]), torch.tensor([1.0, 2.0, -3.0])  # sum (4, 2, -2)
+    micros = [Micro(lambda g=g: ((module.weight[0] * g).sum(), {}), f"m{i}") for i, g in enumerate((g1, g2))]
+    trainer.run(1, lambda step: micros, lambda m: {})
+    total = g1 + g2
+    torch.testing.assert_close(seen[0][0], total * 0.5 / total.norm())
+    log = json.loads((tmp_path / "log.jsonl").read_text())
+    assert log["grad_norm"] == pytest.approx(total.norm().item())
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
@@ -114,3 +146,14 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     state, meta = checkpoint.load_checkpoint(path)
     assert torch.equal(state["w"], torch.ones(2)) and meta["step"] == 1
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step-1"]
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--keep-checkpoints", "0"], "--keep-checkpoints must be >= 1"),
+    (["--log-every", "0"], "--log-every must be >= 1"),
+    (["--epochs", "0"], "--epochs must be positive"),
+    (["--micro-batch-size", "0"], "--micro-batch-size must be positive"),
+])
+def test_bad_trainer_arguments_are_errors(tmp_path, argv, match):
+    with pytest.raises(ValueError, match=match):
+        mah_dpo.main(_args(tmp_path, tmp_path / "out", argv))

@@ -124,6 +124,29 @@ def test_reference_logps_cached_equal_recomputed(tmp_path, monkeypatch):
     shorter = [type(it)(it.prompt[1:], it.chosen, it.rejected, it.objective) for it in items]
     with pytest.raises(AssertionError, match="cache miss"):  # other tokens, other key
         mah_dpo.reference_logps(decoder, shorter, **kw)
+    # the same tokens split differently between prompt and response: other key
+    moved = [type(it)(it.prompt[:-1], it.prompt[-1:] + it.chosen, it.prompt[-1:] + it.rejected,
+                      it.objective) for it in items]
+    with pytest.raises(AssertionError, match="cache miss"):
+        mah_dpo.reference_logps(decoder, moved, **kw)
+    # other weights (one tensor nudged), or another config, under the same directory name: other key
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    other = tmp_path / "other_model"
+    shutil.copytree(model, other)
+    weights = load_file(str(other / "model.safetensors"))
+    weights["model.norm.weight"] = weights["model.norm.weight"] + 1e-3
+    save_file(weights, str(other / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(AssertionError, match="cache miss"):
+        mah_dpo.reference_logps(decoder, items, **{**kw, "model_dir": other})
+    shutil.copy(model / "model.safetensors", other / "model.safetensors")
+    assert torch.equal(mah_dpo.reference_logps(decoder, items, **{**kw, "model_dir": other}), first)
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "rms_norm_eps": 1e-5}))
+    with pytest.raises(AssertionError, match="cache miss"):
+        mah_dpo.reference_logps(decoder, items, **{**kw, "model_dir": other})
 
 
 def test_tied_checkpoint_is_untied_and_embedding_untouched(tmp_path):

@@ -58,7 +58,7 @@ def _sample(B, dtype, temperature, top_k, rng_ptr):
             ("_sample_finish_kernel", finish_args, finish_consts, 4, 3)]
 
 
-# The launcher's GPU configurations: B ≤ 16 / ≤ 32 / ≤ 64 row tiles, bf16/fp16/fp32, greedy,
+# The launcher's GPU configurations: B = 1, ≤ 16 / ≤ 32 / ≤ 64 row tiles, bf16/fp16/fp32, greedy,
 # Gumbel sampling and top-k (up to KPAD = 128), seed/offset as ints or device pointers.
 CALLS = {
     "logits-bf16-b1": _logits(1, torch.bfloat16),
@@ -66,6 +66,7 @@ CALLS = {
     "logits-fp16-b32": _logits(32, torch.float16),
     "logits-fp32-b8": _logits(8, torch.float32),
     "greedy-bf16-b64": _sample(64, torch.bfloat16, 0.0, 0, False),
+    "sample-bf16-b1-device-rng": _sample(1, torch.bfloat16, 0.8, 0, True),  # finish: 1 row/program
     "sample-bf16-b8-device-rng": _sample(8, torch.bfloat16, 0.8, 0, True),
     "sample-fp32-b8": _sample(8, torch.float32, 1.0, 0, False),
     "topk128-bf16-b64-device-rng": _sample(64, torch.bfloat16, 1.0, 128, True),

@@ -9,10 +9,11 @@ import os
 
 import pytest
 import torch
+import triton
 
 import triton_kernels
 from triton_kernels import merge_cache, merge_shared_heads, multihead_logits, multihead_sample
-from triton_kernels import reference
+from triton_kernels import multihead, reference
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 needs_triton = pytest.mark.skipif(
@@ -85,6 +86,31 @@ def test_logits_strided_inputs_and_fresh_output():
     assert rel_err(z, logits64(hidden, heads, weights)) <= 1e-5
 
 
+@needs_triton
+@pytest.mark.parametrize("which", ["head", "vocab"])
+def test_offsets_past_2_31_elements(which, monkeypatch):
+    """A heads view whose element offsets pass 2**31 while every stride fits in int32 (as with
+    H·V·d > 2**31 for V = 151936, d = 4096, H ≥ 4): an int32 product wraps to a wrong address.
+    The storage spans 4-5 GB but only the viewed elements are touched (on CPU the rest stays
+    uncommitted zero pages)."""
+    H, V, d = 3, 40, 24
+    strides = (2**30 + 64, d, 1) if which == "head" else (d, 2**26 + 64, 1)
+    span = sum((n - 1) * s for n, s in zip((H, V, d), strides)) + 1
+    assert span > 2**31 and max(strides) < 2**31
+    storage = torch.empty(span, dtype=torch.bfloat16, device=DEVICE)
+    heads = storage.as_strided((H, V, d), strides)
+    _, small, weights = make_inputs(4, H, V, d, torch.bfloat16, scale=3.0)
+    heads.copy_(small)
+    hidden = make_inputs(4, H, V, d, torch.bfloat16)[0]
+    monkeypatch.setattr(merge_cache, "max_bytes", 0)  # the kernel must read all H heads itself
+    ref = logits64(hidden, heads, weights)
+    assert rel_err(multihead_logits(hidden, heads, weights), ref) <= TOL[torch.bfloat16]
+    tokens, _ = multihead_sample(hidden, heads, weights, temperature=0.0)
+    top2 = ref.topk(2, dim=1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 2 * TOL[torch.bfloat16] * ref.abs().max()
+    assert clear.any() and torch.equal(tokens[clear], ref.argmax(dim=1)[clear])
+
+
 def test_reference_logits_match_float64():
     hidden, heads, weights = make_inputs(5, 3, 300, 40)
     assert rel_err(reference.multihead_logits(hidden, heads, weights),
@@ -131,6 +157,33 @@ def test_sampled_logprobs_are_untruncated(top_k):
     tokens, logprobs = multihead_sample(hidden, heads, weights, temperature=0.7, top_k=top_k, seed=5)
     expected = torch.log_softmax(logits64(hidden, heads, weights) / 0.7, dim=1)
     torch.testing.assert_close(logprobs.double(), expected.gather(1, tokens[:, None]).squeeze(1),
+                               atol=1e-4, rtol=0)
+
+
+@needs_triton
+@pytest.mark.parametrize("temperature,top_k", [(0.9, 0), (0.9, 5)])  # greedy shares the finish path
+def test_sampling_does_not_depend_on_the_launch_config(monkeypatch, temperature, top_k):
+    """GPU configs take paths the interpreter's defaults skip: many partials per row (the finish
+    kernel loops over several BLOCK_P chunks, the last partly masked), several V tiles per top-k
+    partial, several finish programs. Philox numbers are per (row, token), so the tokens must not
+    change with the tiling."""
+    hidden, heads, weights = make_inputs(20, 2, 300, 40, scale=3.0)
+    draw = lambda: multihead_sample(hidden, heads, weights, temperature=temperature, top_k=top_k,
+                                    seed=3, offset=1)
+    tokens = draw()[0]
+
+    def gpu_like(hidden, heads, kpad=1):
+        block_v = max(16, kpad)
+        n_tiles = triton.cdiv(heads.shape[1], block_v)
+        per_part = 3 if kpad > 1 else 1  # as launch_config does on a GPU
+        return multihead.LaunchConfig(16, block_v, 16, 4, 1, n_tiles, per_part,
+                                      triton.cdiv(n_tiles, per_part), 4, 4)
+
+    monkeypatch.setattr(multihead, "_config", gpu_like)
+    tokens_gpu, logprobs_gpu = draw()
+    assert torch.equal(tokens_gpu, tokens)
+    expected = torch.log_softmax(logits64(hidden, heads, weights) / temperature, dim=1)
+    torch.testing.assert_close(logprobs_gpu.double(), expected.gather(1, tokens[:, None])[:, 0],
                                atol=1e-4, rtol=0)
 
 

@@ -71,6 +71,9 @@ def split_reference_state(state: dict[str, torch.Tensor]) -> tuple[dict[str, tor
         raise ValueError("multi-head state without heads.N.weight tensors")
     if sorted(heads) != list(range(len(heads))):
         raise ValueError(f"head indices must be 0..H-1, got {sorted(heads)}")
+    shapes = {f"heads.{i}.weight": tuple(w.shape) for i, w in sorted(heads.items())}
+    if len(set(shapes.values())) != 1:
+        raise ValueError(f"heads of different shapes: {shapes}")
     stacked = torch.stack([heads[i] for i in range(len(heads))])
     lm = state.get("base_model.lm_head.weight")
     if lm is not None and not torch.equal(lm, stacked[0]):
@@ -94,13 +97,11 @@ def convert(policy_pt: str | Path, base: str | Path, out: str | Path, *,
         if objectives is None or len(objectives) != heads.shape[0]:
             raise ValueError(f"{policy_pt} holds {heads.shape[0]} heads: pass --objectives with "
                              f"{heads.shape[0]} comma-separated names, got {objectives}")
+        if tuple(heads.shape[1:]) != (config.vocab_size, config.hidden_size):
+            raise ValueError(f"heads.N.weight are {tuple(heads.shape[1:])}, but {base}/config.json "
+                             f"expects ({config.vocab_size}, {config.hidden_size})")
         config = untied_config(config)
         backbone["lm_head.weight"] = heads.float().mean(0)
-    elif config.tie_word_embeddings and "lm_head.weight" in backbone:
-        if not torch.equal(backbone["lm_head.weight"], backbone.get("model.embed_tokens.weight")):
-            raise ValueError("the config ties embeddings but lm_head.weight differs from "
-                             "model.embed_tokens.weight in the state")
-        del backbone["lm_head.weight"]
     model = build_decoder(config, backbone).to(dtype)
     tokenizer = AutoTokenizer.from_pretrained(base)
     return save_policy_dir(out, model, tokenizer, heads.to(dtype) if heads is not None else None,

@@ -23,11 +23,12 @@ import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import torch
 
 IGNORE = -100  # label value of positions that carry no loss
+T = TypeVar("T")
 
 
 class DataError(ValueError):
@@ -99,6 +100,14 @@ def _finite(where: str, key: str, v: Any) -> float:
     return float(v)
 
 
+def _read_rows(path: str | Path, parse: Callable[[str, dict[str, Any]], T]) -> list[T]:
+    """``parse(where, obj)`` for every row of a jsonl file; a file without rows is a ``DataError``."""
+    rows = [parse(where, obj) for where, obj in iter_jsonl(path)]
+    if not rows:
+        raise DataError(f"{path}: no examples (empty file)")
+    return rows
+
+
 def _steps(where: str, obj: dict, key: str) -> list[str]:
     v = _field(where, obj, key, (str, list))
     steps = [v] if isinstance(v, str) else v
@@ -149,28 +158,24 @@ def read_preferences(specs: Sequence[tuple[str | None, Path]], *, objectives: Se
     otherwise each row needs an ``objective`` field (or ``default_objective`` applies). Head order is
     ``objectives`` when given, else the order of first appearance. An empty file or an objective
     without rows is an error."""
-    pairs: list[PreferencePair] = []
-    order: list[str] = []
-    for name, path in specs:
-        n_before = len(pairs)
-        for where, obj in iter_jsonl(path):
-            if name is not None:
-                objective = name
-            elif "objective" in obj:
-                objective = _field(where, obj, "objective", str)
-            elif default_objective is not None:
-                objective = default_objective
-            else:
-                raise DataError(f"{where}: missing field 'objective' (or name the file's objective: "
-                                f"--data NAME={path})")
-            if not objective or "," in objective:
-                raise DataError(f"{where}: objective name {objective!r} must be non-empty, no commas")
-            pairs.append(PreferencePair(_prompt(where, obj), _response(where, obj, "chosen"),
-                                        _response(where, obj, "rejected"), objective, where))
-            if objective not in order:
-                order.append(objective)
-        if len(pairs) == n_before:
-            raise DataError(f"{path}: no examples (empty file)")
+    def parse(name: str | None, path: Path, where: str, obj: dict[str, Any]) -> PreferencePair:
+        if name is not None:
+            objective = name
+        elif "objective" in obj:
+            objective = _field(where, obj, "objective", str)
+        elif default_objective is not None:
+            objective = default_objective
+        else:
+            raise DataError(f"{where}: missing field 'objective' (or name the file's objective: "
+                            f"--data NAME={path})")
+        if not objective or "," in objective:
+            raise DataError(f"{where}: objective name {objective!r} must be non-empty, no commas")
+        return PreferencePair(_prompt(where, obj), _response(where, obj, "chosen"),
+                              _response(where, obj, "rejected"), objective, where)
+
+    pairs = [pair for name, path in specs
+             for pair in _read_rows(path, lambda w, o, name=name, path=path: parse(name, path, w, o))]
+    order = list(dict.fromkeys(p.objective for p in pairs))  # order of first appearance
     if objectives is not None:
         unknown = sorted(set(order) - set(objectives))
         if unknown:
@@ -193,10 +198,7 @@ class SFTExample:
 
 
 def read_sft(path: str | Path) -> list[SFTExample]:
-    rows = [SFTExample(_prompt(w, o), _response(w, o, "completion"), w) for w, o in iter_jsonl(path)]
-    if not rows:
-        raise DataError(f"{path}: no examples (empty file)")
-    return rows
+    return _read_rows(path, lambda w, o: SFTExample(_prompt(w, o), _response(w, o, "completion"), w))
 
 
 @dataclass(frozen=True)
@@ -209,17 +211,15 @@ class StepExample:
 
 def read_steps(path: str | Path) -> list[StepExample]:
     """Step data with float labels (value targets or 0/1 / soft judge labels), one per step."""
-    rows = []
-    for w, o in iter_jsonl(path):
+    def parse(w: str, o: dict[str, Any]) -> StepExample:
         steps = _steps(w, o, "completions")
         labels = _field(w, o, "labels", list)
         if len(labels) != len(steps):
             raise DataError(f"{w}: {len(labels)} labels for {len(steps)} completions")
-        rows.append(StepExample(_prompt(w, o), steps,
-                                [_finite(w, f"labels[{i}]", v) for i, v in enumerate(labels)], w))
-    if not rows:
-        raise DataError(f"{path}: no examples (empty file)")
-    return rows
+        return StepExample(_prompt(w, o), steps,
+                           [_finite(w, f"labels[{i}]", v) for i, v in enumerate(labels)], w)
+
+    return _read_rows(path, parse)
 
 
 @dataclass(frozen=True)
@@ -232,16 +232,12 @@ class StepPair:
 
 def read_step_pairs(path: str | Path) -> list[StepPair]:
     """Bradley–Terry pairs of (partial) responses, each a list of steps or one string."""
-    rows = [StepPair(_prompt(w, o), _steps(w, o, "chosen"), _steps(w, o, "rejected"), w)
-            for w, o in iter_jsonl(path)]
-    if not rows:
-        raise DataError(f"{path}: no examples (empty file)")
-    return rows
+    return _read_rows(path, lambda w, o: StepPair(_prompt(w, o), _steps(w, o, "chosen"),
+                                                  _steps(w, o, "rejected"), w))
 
 
 def read_rollouts(path: str | Path) -> list[dict[str, Any]]:
-    rows = []
-    for w, o in iter_jsonl(path):
+    def parse(w: str, o: dict[str, Any]) -> dict[str, Any]:
         prompt = _field(w, o, "prompt", str)
         steps = _steps(w, o, "steps")
         rewards = _field(w, o, "step_rewards", list)
@@ -251,22 +247,18 @@ def read_rollouts(path: str | Path) -> list[dict[str, Any]]:
         if not isinstance(prefix_len, int) or isinstance(prefix_len, bool) or not (
                 0 <= prefix_len <= len(steps)):
             raise DataError(f"{w}: prefix_len must be an int in [0, {len(steps)}], got {prefix_len!r}")
-        rows.append({"prompt": prompt, "steps": steps,
-                     "step_rewards": [_finite(w, f"step_rewards[{i}]", v) for i, v in enumerate(rewards)],
-                     "final_reward": _finite(w, "final_reward", o.get("final_reward")),
-                     "prefix_len": prefix_len})
-    if not rows:
-        raise DataError(f"{path}: no examples (empty file)")
-    return rows
+        return {"prompt": prompt, "steps": steps,
+                "step_rewards": [_finite(w, f"step_rewards[{i}]", v) for i, v in enumerate(rewards)],
+                "final_reward": _finite(w, "final_reward", o.get("final_reward")),
+                "prefix_len": prefix_len}
+
+    return _read_rows(path, parse)
 
 
 def read_trajectories(path: str | Path) -> list[dict[str, Any]]:
     """``{"prompt": str, "steps": [str, ...]}`` rows (input of the judge / rollout label builders)."""
-    rows = [{"prompt": _field(w, o, "prompt", str), "steps": _steps(w, o, "steps")}
-            for w, o in iter_jsonl(path)]
-    if not rows:
-        raise DataError(f"{path}: no examples (empty file)")
-    return rows
+    return _read_rows(path, lambda w, o: {"prompt": _field(w, o, "prompt", str),
+                                          "steps": _steps(w, o, "steps")})
 
 
 def paper_pairs_to_trl(src: str | Path) -> list[dict[str, str]]:

@@ -35,15 +35,15 @@ import torch.nn.functional as F
 from training import distributed as D
 from training.checkpoint import atomic_directory
 from training.data import (BalancedBatches, PreferenceData, TokenizedPair, collate_pairs, micro_batches,
-                           pad_id_of, parse_data_spec, read_preferences, shard, tokenize_pairs)
+                           pad_id_of, parse_data_spec, read_preferences, tokenize_pairs)
 from training.logps import PolicyLogps
 from training.losses import dpo_margins, mah_dpo_loss
 from training.model_io import build_decoder, hash_model_dir, save_policy_dir, strip_prefix, untied_config
-from training.trainer import Micro, Trainer, add_common_args, describe, finish_args, total_steps
+from training.trainer import Micro, Trainer, add_common_args, cli_main, describe, total_steps
 
 log = logging.getLogger(__name__)
 
-REF_CACHE_VERSION = 1
+REF_CACHE_VERSION = 2
 
 
 def default_cache_dir() -> Path:
@@ -65,11 +65,12 @@ def init_heads(sft_head: torch.Tensor, num_heads: int, sigma: float, seeds: Sequ
 
 
 def tokens_digest(items: Sequence[TokenizedPair]) -> str:
+    """sha256 of every pair's (prompt, chosen, rejected) ids, each sequence length-prefixed so no
+    two different token layouts hash the same byte stream."""
     h = hashlib.sha256()
     for it in items:
         for ids in (it.prompt, it.chosen, it.rejected):
-            h.update(array("q", ids).tobytes())
-            h.update(b"|")
+            h.update(array("q", [len(ids), *ids]).tobytes())
     return h.hexdigest()
 
 
@@ -182,23 +183,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args = finish_args(build_parser().parse_args(argv))
-    info = D.init_distributed(args.device)
-    try:
-        train(args, info)
-    finally:
-        D.cleanup(info)
-    return 0
+    return cli_main(build_parser(), train, argv)
 
 
-def train(args: argparse.Namespace, info: D.DistInfo) -> None:
-    from transformers import AutoTokenizer
-
+def train(args: argparse.Namespace, info: D.DistInfo, tokenizer) -> None:
     from mahalo_engine.utils.loader import load_decoder
 
-    torch.manual_seed(args.seed)
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
     data: PreferenceData = read_preferences(
         [parse_data_spec(s) for s in args.data],
         objectives=args.objectives.split(",") if args.objectives else None)
@@ -243,11 +233,9 @@ def train(args: argparse.Namespace, info: D.DistInfo) -> None:
     def make_step(step: int) -> list[Micro]:
         rows = [groups[o][i] for o, i in sampler.batch(step)]
         counts = torch.bincount(torch.tensor([items[g].objective for g in rows]), minlength=h)
-        local = shard(rows, info.rank, info.world_size)
-        mbs = args.micro_batch_size or len(local)
         return [_micro(trainer, items, ref, chunk, counts.to(info.device), pad, args.beta, alphas,
                        info, describe([data.pairs[g].source for g in chunk]))
-                for chunk in micro_batches(local, mbs)]
+                for chunk in trainer.micro_rows(rows)]
 
     def summarize(m: dict[str, torch.Tensor]) -> dict[str, float]:
         out = {}
@@ -260,8 +248,8 @@ def train(args: argparse.Namespace, info: D.DistInfo) -> None:
         return out
 
     trainer.run(steps, make_step, summarize)
-    state = D.full_state_dict(trainer.module)
-    if info.is_main:
+    state = trainer.final_state()
+    if state is not None:
         final = build_decoder(untied_config(config), strip_prefix(state, "decoder.")
                               | {"lm_head.weight": state["heads"].mean(0)})
         save_policy_dir(args.out, final, tokenizer, state["heads"], names)

@@ -54,11 +54,21 @@ def build_decoder(config: ModelConfig, state: dict[str, torch.Tensor]) -> Decode
         model = Decoder(config)
     model = model.to_empty(device="cpu")  # no random init of weights about to be overwritten
     model.tie_weights()
-    missing, unexpected = model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
-    if config.tie_word_embeddings:
-        missing = [k for k in missing if k != "lm_head.weight"]
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = sorted(set(expected) - set(state) - ({"lm_head.weight"} if config.tie_word_embeddings
+                                                    else set()))
+    unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
         raise ValueError(f"state does not fit the decoder: missing {missing}, unexpected {unexpected}")
+    wrong = [f"{k}: {tuple(v.shape)}, expected {expected[k]}" for k, v in sorted(state.items())
+             if tuple(v.shape) != expected[k]]
+    if wrong:
+        raise ValueError(f"state does not fit the decoder: mis-shaped {wrong}")
+    if (config.tie_word_embeddings and "lm_head.weight" in state
+            and not torch.equal(state["lm_head.weight"], state["model.embed_tokens.weight"])):
+        raise ValueError("the config ties embeddings but lm_head.weight differs from "
+                         "model.embed_tokens.weight (one would silently overwrite the other)")
+    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
     return model
 
 

@@ -25,11 +25,11 @@ from torch import nn
 
 from mahalo_engine.prm import ValueHead, save_prm
 from training import distributed as D
-from training.data import (micro_batches, pad_id_of, read_step_pairs, read_steps, shard,
-                           shuffled_batch, tokenize_step_pairs, tokenize_steps)
+from training.data import (pad_id_of, read_step_pairs, read_steps, shuffled_batch, tokenize_step_pairs,
+                           tokenize_steps)
 from training.losses import bradley_terry_loss, soft_bce_loss, value_mse_loss
 from training.model_io import build_decoder, freeze, strip_prefix
-from training.trainer import Micro, Trainer, add_common_args, describe, finish_args, total_steps
+from training.trainer import Micro, Trainer, add_common_args, cli_main, describe, total_steps
 
 log = logging.getLogger(__name__)
 
@@ -91,23 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args = finish_args(build_parser().parse_args(argv))
-    info = D.init_distributed(args.device)
-    try:
-        train(args, info)
-    finally:
-        D.cleanup(info)
-    return 0
+    return cli_main(build_parser(), train, argv)
 
 
-def train(args: argparse.Namespace, info: D.DistInfo) -> None:
-    from transformers import AutoTokenizer
-
+def train(args: argparse.Namespace, info: D.DistInfo, tokenizer) -> None:
     from mahalo_engine.utils.loader import load_decoder
 
-    torch.manual_seed(args.seed)
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
     tok_kw = dict(max_length=args.max_length, max_prompt_length=args.max_prompt_length,
                   chat_template=args.chat_template, step_separator=args.step_separator)
     if args.loss == "bt":
@@ -140,10 +129,9 @@ def train(args: argparse.Namespace, info: D.DistInfo) -> None:
     def make_step(step: int) -> list[Micro]:
         rows = shuffled_batch(len(items), args.batch_size, args.seed, step)
         count = len(rows) if args.loss == "bt" else sum(len(items[g].labels) for g in rows)
-        local = shard(rows, info.rank, info.world_size)
         return [_micro(trainer, items, chunk, count, args.loss, pad, info,
                        describe([examples[g].source for g in chunk]))
-                for chunk in micro_batches(local, args.micro_batch_size or len(local))]
+                for chunk in trainer.micro_rows(rows)]
 
     def summarize(m: dict[str, torch.Tensor]) -> dict[str, float]:
         n = max(float(m["count"]), 1.0)
@@ -153,8 +141,8 @@ def train(args: argparse.Namespace, info: D.DistInfo) -> None:
         return out
 
     trainer.run(steps, make_step, summarize)
-    state = D.full_state_dict(trainer.module)
-    if info.is_main:
+    state = trainer.final_state()
+    if state is not None:
         final_head = ValueHead(config.hidden_size, args.head, args.mlp_hidden)
         final_head.load_state_dict(strip_prefix(state, "value_head."))
         _save(args.out, build_decoder(config, strip_prefix(state, "decoder.")), final_head,

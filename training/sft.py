@@ -15,11 +15,10 @@ from pathlib import Path
 import torch
 
 from training import distributed as D
-from training.data import (collate, micro_batches, pad_id_of, read_sft, shard, shuffled_batch,
-                           tokenize_sft)
+from training.data import collate, pad_id_of, read_sft, shuffled_batch, tokenize_sft
 from training.logps import PolicyLogps
 from training.model_io import build_decoder, save_policy_dir, strip_prefix
-from training.trainer import Micro, Trainer, add_common_args, describe, finish_args, total_steps
+from training.trainer import Micro, Trainer, add_common_args, cli_main, describe, total_steps
 
 log = logging.getLogger(__name__)
 
@@ -39,23 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args = finish_args(build_parser().parse_args(argv))
-    info = D.init_distributed(args.device)
-    try:
-        train(args, info)
-    finally:
-        D.cleanup(info)
-    return 0
+    return cli_main(build_parser(), train, argv)
 
 
-def train(args: argparse.Namespace, info: D.DistInfo) -> None:
-    from transformers import AutoTokenizer
-
+def train(args: argparse.Namespace, info: D.DistInfo, tokenizer) -> None:
     from mahalo_engine.utils.loader import load_decoder
 
-    torch.manual_seed(args.seed)
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
     examples = read_sft(args.data)
     items, stats = tokenize_sft(tokenizer, examples, max_length=args.max_length,
                                 max_prompt_length=args.max_prompt_length,
@@ -75,17 +63,16 @@ def train(args: argparse.Namespace, info: D.DistInfo) -> None:
     def make_step(step: int) -> list[Micro]:
         rows = shuffled_batch(len(items), args.batch_size, args.seed, step)
         tokens = sum(len(items[g].completion) for g in rows)  # the global normaliser
-        local = shard(rows, info.rank, info.world_size)
         return [_micro(trainer, items, chunk, tokens, pad, info,
                        describe([examples[g].source for g in chunk]))
-                for chunk in micro_batches(local, args.micro_batch_size or len(local))]
+                for chunk in trainer.micro_rows(rows)]
 
     def summarize(m: dict[str, torch.Tensor]) -> dict[str, float]:
         return {"nll_per_token": float(m["nll"]) / max(float(m["tokens"]), 1.0)}
 
     trainer.run(steps, make_step, summarize)
-    state = D.full_state_dict(trainer.module)
-    if info.is_main:
+    state = trainer.final_state()
+    if state is not None:
         save_policy_dir(args.out, build_decoder(config, strip_prefix(state, "decoder.")), tokenizer)
     D.barrier(info)
 

@@ -6,7 +6,8 @@ multiplied by the world size (DDP/FSDP2 average gradients over ranks). This modu
 optimizer (RMSprop, the paper's choice, or AdamW) and linear warmup, gradient accumulation
 (``no_sync`` until the last micro-batch), bf16 autocast on CUDA, gradient clipping, the
 non-finite-loss stop, metric reduction and logging (a tqdm bar on rank 0 plus ``log.jsonl``),
-periodic atomic checkpoints and ``--resume``.
+periodic atomic checkpoints and ``--resume``. ``cli_main`` is the trainers' common entry point
+(process group, ``--out`` check, seeding, tokenizer).
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from tqdm import tqdm
 
 from training import checkpoint as ckpt
 from training import distributed as D
+from training.data import micro_batches, shard
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +88,47 @@ def finish_args(args: argparse.Namespace) -> argparse.Namespace:
         args.max_prompt_length = args.max_length // 2
     if args.micro_batch_size is not None and args.micro_batch_size <= 0:
         raise ValueError(f"--micro-batch-size must be positive, got {args.micro_batch_size}")
+    for name, low in (("keep_checkpoints", 1), ("log_every", 1), ("save_every", 0),
+                      ("warmup_steps", 0), ("batch_size", 1)):
+        if getattr(args, name) < low:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
+    if not args.epochs > 0:
+        raise ValueError(f"--epochs must be positive, got {args.epochs}")
     return args
+
+
+def check_out_dir(out: Path, resume: bool, info: D.DistInfo) -> None:
+    """A fresh run (no ``--resume``) refuses an ``--out`` that holds another run's log or
+    checkpoints: it would append to that log, and pruning by step number could delete its own
+    newest checkpoint in favour of the old run's. Every rank raises together."""
+    stale = []
+    if info.is_main and not resume:
+        stale = [str(p) for p in (out / "log.jsonl", out / "checkpoints") if p.exists()]
+    flag = torch.tensor([float(bool(stale))], device=info.device)
+    if D.all_reduce_sum(flag, info).item() > 0:
+        where = ", ".join(stale) if stale else f"{out} (seen by rank 0)"
+        raise ValueError(f"--out {out} already holds a training run ({where}); pass --resume to "
+                         f"continue it, or choose another --out")
+
+
+def cli_main(parser: argparse.ArgumentParser,
+             train: Callable[[argparse.Namespace, D.DistInfo, Any], None],
+             argv: list[str] | None) -> int:
+    """The trainers' shared entry point: parse the arguments, join the torchrun process group (if
+    launched by torchrun), check ``--out``, seed, load ``--model``'s tokenizer, then
+    ``train(args, info, tokenizer)``; the group is left even when training fails."""
+    from transformers import AutoTokenizer
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = finish_args(parser.parse_args(argv))
+    info = D.init_distributed(args.device)
+    try:
+        check_out_dir(Path(args.out), args.resume, info)
+        torch.manual_seed(args.seed)
+        train(args, info, AutoTokenizer.from_pretrained(args.model))
+    finally:
+        D.cleanup(info)
+    return 0
 
 
 def total_steps(args: argparse.Namespace, steps_per_epoch: int) -> int:
@@ -179,7 +221,20 @@ class Trainer:
 
     # -- the loop ---------------------------------------------------------------------------------
 
+    def micro_rows(self, rows: Sequence) -> list[list]:
+        """This rank's share of a global batch, cut into ``--micro-batch-size`` pieces (the last
+        may be smaller: losses are normalised by global counts, so that is exact)."""
+        local = shard(rows, self.info.rank, self.info.world_size)
+        return micro_batches(local, self.args.micro_batch_size or len(local))
+
+    def final_state(self) -> dict[str, torch.Tensor] | None:
+        """The trained module's full state dict on rank 0, None on the others (collective)."""
+        state = D.full_state_dict(self.module)
+        return state if self.info.is_main else None
+
     def _no_sync(self, last: bool):
+        # FSDP2 reduce-scatters every micro-batch on purpose: skipping the sync would keep every
+        # layer's unsharded gradient alive, which is the memory FSDP exists to save.
         if last or not isinstance(self.module, nn.parallel.DistributedDataParallel):
             return contextlib.nullcontext()
         return self.module.no_sync()

@@ -58,11 +58,12 @@ def launch_config(B: int, V: int, d: int, dtype: torch.dtype, *, num_sms: int | 
                   kpad: int = 1) -> LaunchConfig:
     """Tiles for a GPU with ``num_sms`` SMs, or for the interpreter (``num_sms=None``).
 
-    GPU values are untuned defaults for an H100 decoding (memory-bound); with Triton 3.9 every
-    sm_90 build in tests/test_triton_compile.py is free of register spills (cuobjdump
-    -res-usage). The interpreter pays per program
-    and per op, not per element: it gets wide row tiles, and two V chunks so that tests still cross
-    tile and chunk boundaries.
+    GPU values are untuned defaults for an H100 decoding (memory-bound). The sm_90 builds of
+    tests/test_triton_compile.py use no stack with Triton 3.9 (cuobjdump -res-usage); with
+    Triton 3.6 (the GPU machines') three use 8-24 bytes of stack (the top-k partials kernel at
+    KPAD = 128, B = 64: 255 registers and 24 bytes). The interpreter pays per program and per op,
+    not per element: it gets wide row tiles, and two V chunks so that tests still cross tile and
+    chunk boundaries.
     """
     block_v = max(kpad, min(128, max(16, triton.next_power_of_2(V))))
     block_k = min(64 if dtype != torch.float32 else 32, max(16, triton.next_power_of_2(d)))

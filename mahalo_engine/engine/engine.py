@@ -101,7 +101,8 @@ class Engine:
                                                                slots))
             self._set_weights({i: weights[first + i] for i in range(n)})
             runner.begin(slots, torch.full((n,), max_new_tokens))
-            runner.run(runner.bucket(n), GENERATE_CHECK_EVERY, self._confirmer(boundary))
+            runner.run(runner.bucket(n), GENERATE_CHECK_EVERY, self._confirmer(boundary),
+                       longest=max(len(r.ids) for r in wave))
             toks, lps, reasons = runner.read(slots)
             out += [Generation(self._text(t), t, lp, _GEN_REASON[r])
                     for t, lp, r in zip(toks, lps, reasons)]
@@ -146,7 +147,9 @@ class Engine:
                                      cfg.max_new_tokens - len(live[g].token_ids))
                                  for g in groups]).repeat_interleave(k)
             runner.begin(flat, caps)
-            runner.run(runner.bucket((groups[-1] + 1) * k), cfg.check_every, confirm)
+            # Every slot of a live group holds its committed prefix (prefill + fork, or promote).
+            runner.run(runner.bucket((groups[-1] + 1) * k), cfg.check_every, confirm,
+                       longest=max(live[g].committed for g in groups))
             toks, _, reasons = runner.read(flat)
             texts = [self._text(t) for t in toks]
             scores = self._score(scorer, slots, toks, texts, flat, [live[g] for g in groups], reqs)

@@ -8,13 +8,20 @@ stopped do not advance), then raise the stop flags (EOS, boundary, token cap, fu
 device. The host looks only every ``check_every`` steps: it confirms the boundary hits the
 tables cannot decide alone (resuming rejected slots) and ends the loop once no slot is active.
 
-On CUDA the step is captured once per (slot-count bucket, sampling options, boundary, shared-
-weights plan) in a `torch.cuda.CUDAGraph` and replayed; the random offset lives on the device, so
-replays draw fresh numbers. On CPU, or with ``cuda_graphs=False``, the same step runs eagerly.
+Attention reads only a prefix ``[0, kv_len)`` of the cache, viewed in place (slots ``[0, n)`` are
+contiguous): with the live slots' longest length L known on the host at a check (it comes with
+the flags, no extra sync), the next ``check_every`` steps stay below L + check_every, rounded up to
+a power-of-two bucket (`kv_bucket`). So a step costs what the live lengths need, not max_seq_len.
+
+On CUDA the step is captured once per (slot-count bucket, kv_len bucket, sampling options,
+boundary, shared-weights plan) in a `torch.cuda.CUDAGraph` and replayed; the random offset lives on
+the device, so replays draw fresh numbers. On CPU, or with ``cuda_graphs=False``, the same step
+runs eagerly.
 """
 from __future__ import annotations
 
 from collections import OrderedDict
+from functools import partial
 from typing import Callable
 
 import torch
@@ -26,7 +33,19 @@ from mahalo_engine.engine.sampler import Sampler
 # Why a slot stopped (``DecodeRunner.reason``); PENDING = a boundary the host must still confirm.
 RUNNING, EOS, BOUNDARY, PENDING, LENGTH, FULL = 0, 1, 2, 3, 4, 5
 MAX_AUTOMATA = 3  # strings, sentence, paragraph
-MAX_GRAPHS = 16  # captured graphs kept (LRU)
+KV_BUCKET_MIN = 64  # smallest attended prefix
+# Captured graphs kept (LRU). A call walks up at most log2(max_len / KV_BUCKET_MIN) + 1 kv buckets
+# (8 for max_seq_len 4096) per slot bucket, and all graphs share one memory pool.
+MAX_GRAPHS = 32
+
+
+def kv_bucket(need: int, max_len: int) -> int:
+    """The attended prefix for steps that need ``need`` positions: the next power of two >=
+    KV_BUCKET_MIN (few distinct shapes, few graph captures), at most ``max_len``."""
+    b = KV_BUCKET_MIN
+    while b < need:
+        b *= 2
+    return min(b, max_len)
 
 
 class DecodeRunner:
@@ -92,7 +111,7 @@ class DecodeRunner:
 
     # -- the step ----------------------------------------------------------------------------
 
-    def _step(self, n: int, heads: torch.Tensor | None = None,
+    def _step(self, n: int, kv_len: int, heads: torch.Tensor | None = None,
               weights: torch.Tensor | None = None) -> None:
         act = self.active[:n]
         pos = self.step_len[:n]
@@ -102,7 +121,7 @@ class DecodeRunner:
         self.logprobs[:n].scatter_(1, pos[:, None], logprob[:, None])
         step_len = pos + act.long()
         self.step_len[:n] = step_len
-        h = self.model.decode(self.cache, tok, self.slots[:n], advance=act)
+        h = self.model.decode(self.cache, tok, slice(0, n), advance=act, kv_len=kv_len)
         self.hidden[:n] = torch.where(act[:, None], h.to(hidden.dtype), hidden)
 
         d = self.boundary.num_automata
@@ -124,18 +143,31 @@ class DecodeRunner:
 
     # -- the loop ----------------------------------------------------------------------------
 
-    def run(self, n: int, check_every: int, confirm: Callable[[list[int]], bool]) -> None:
+    def run(self, n: int, check_every: int, confirm: Callable[[list[int]], bool],
+            longest: int) -> None:
         """Step slots ``[0, n)`` until none is active; ``confirm(step_token_ids)`` decides each
-        boundary the tables flagged (False: the slot resumes where it paused)."""
-        step = self._graph_step(n) if self.use_graphs else (lambda: self._step(n))
+        boundary the tables flagged (False: the slot resumes where it paused). ``longest``: the
+        host's bound on the cache length of every active slot (e.g. the longest prompt)."""
         while True:
+            # Step j < check_every of a chunk writes an active slot's token at <= longest + j.
+            kv_len = kv_bucket(longest + check_every, self.cache.max_len)
+            step = (self._graph_step(n, kv_len) if self.use_graphs
+                    else partial(self._step, n, kv_len))
             for _ in range(check_every):
                 step()
-            flags = torch.stack((self.active[:n].long(), self.reason[:n])).cpu()
+            flags = torch.stack((self.active[:n].long(), self.reason[:n],
+                                 self.cache.lens[:n].long())).cpu()
+            active, lens = flags[0].bool(), flags[2]
+            # A slot still active advanced at every step of the chunk: lens <= kv_len held
+            # throughout iff it holds now. Catches a caller's wrong `longest`.
+            if active.any() and int(lens[active].max()) > kv_len:
+                raise RuntimeError(f"a slot of length {int(lens[active].max())} decoded over "
+                                   f"kv_len={kv_len}: run() was given longest={longest}, too small")
             pending = (flags[1] == PENDING).nonzero().flatten()
             resumed = self._confirm(pending, confirm) if len(pending) else False
-            if not resumed and not flags[0].any():
+            if not resumed and not active.any():
                 return
+            longest = int(lens[active | (flags[1] == PENDING)].max())
 
     def _confirm(self, pending: torch.Tensor, confirm: Callable[[list[int]], bool]) -> bool:
         idx = pending.to(self.slots.device)
@@ -170,12 +202,12 @@ class DecodeRunner:
 
     # -- CUDA graphs -------------------------------------------------------------------------
 
-    def _graph_step(self, n: int) -> Callable[[], None]:
+    def _graph_step(self, n: int, kv_len: int) -> Callable[[], None]:
         heads, weights, plan = self.sampler.graph_operands(n)
-        key = (n, self.sampler.temperature, self.sampler.top_k, id(self.boundary), plan)
+        key = (n, kv_len, self.sampler.temperature, self.sampler.top_k, id(self.boundary), plan)
         entry = self._graphs.get(key)
         if entry is None:
-            entry = self._capture(n, heads, weights)
+            entry = self._capture(n, kv_len, heads, weights)
             self._graphs[key] = entry
             while len(self._graphs) > MAX_GRAPHS:
                 self._graphs.popitem(last=False)
@@ -183,23 +215,24 @@ class DecodeRunner:
             self._graphs.move_to_end(key)
         return entry[0].replay
 
-    def _capture(self, n: int, heads: torch.Tensor, weights: torch.Tensor) -> tuple:
-        """Capture one step for slots ``[0, n)``. Warm-up and capture run with every slot paused
-        (no slot advances, writes land past each slot's valid length) and the random offset is
-        restored afterwards, so capturing does not change what a call returns."""
+    def _capture(self, n: int, kv_len: int, heads: torch.Tensor, weights: torch.Tensor) -> tuple:
+        """Capture one step for slots ``[0, n)`` attending over ``[0, kv_len)``. Warm-up and
+        capture run with every slot paused (no slot advances, writes land past each slot's valid
+        length) and the random offset is restored afterwards, so capturing does not change what a
+        call returns."""
         active, offset = self.active.clone(), self.sampler.offset.clone()
         self.active.zero_()
         side = torch.cuda.Stream(device=self.slots.device)
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):  # compiles the Triton kernels, settles the allocator
-                self._step(n, heads, weights)
+                self._step(n, kv_len, heads, weights)
         torch.cuda.current_stream().wait_stream(side)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            self._step(n, heads, weights)
+            self._step(n, kv_len, heads, weights)
         self.active.copy_(active)
         self.sampler.offset.copy_(offset)
         # The graph reads these tensors on replay: keep them alive with it.

@@ -21,7 +21,8 @@ from mahalo_engine.config import ModelConfig
 from mahalo_engine.layers.rmsnorm import RMSNorm
 from mahalo_engine.layers.rotary import apply_rotary
 
-# (layer index, k [B,T,n_kv,hd], v [B,T,n_kv,hd]) -> (k, v) as [B, n_kv, Tk, hd] to attend over.
+# (layer index, k [B,T,n_kv,hd], v [B,T,n_kv,hd]) -> (k, v) as [B, n_kv, Tk, hd] to attend over;
+# any strides with a unit last one (SDPA takes strided inputs): e.g. a view into the slot cache.
 KVUpdate = Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 

@@ -2,9 +2,10 @@
 
 - ``forward``: a full, differentiable pass without a cache (right padding, positions 0..T-1);
 - ``extend`` / ``prefill``: append ragged chunks of tokens to chosen cache slots;
-- ``decode``: one token per chosen slot, each at its own position. Shapes depend only on the
-  inputs' shapes and indexing is done with index ops, so a decode step performs no host sync and
-  can be captured in a CUDA graph.
+- ``decode``: one token per chosen slot, each at its own position, attending over a host-given
+  prefix ``[0, kv_len)`` of the cache; a contiguous slot range is read as a view, not gathered.
+  Shapes depend only on the inputs' shapes and ``kv_len``, and indexing is done with index ops,
+  so a decode step performs no host sync and can be captured in a CUDA graph.
 
 Parameter names equal transformers' (``model.layers.{i}.self_attn.q_proj.weight``, ...), so the
 state_dict is the Hugging Face checkpoint. All masks are built from positions with comparisons.
@@ -193,30 +194,74 @@ class Decoder(nn.Module):
         return hidden[torch.arange(len(prompts), device=dev), num_new - 1]
 
     @torch.no_grad()
-    def decode(self, cache: KVCache, input_ids: torch.Tensor, slots: torch.Tensor,
-               advance: torch.Tensor | None = None) -> torch.Tensor:
+    def decode(self, cache: KVCache, input_ids: torch.Tensor, slots: torch.Tensor | slice,
+               advance: torch.Tensor | None = None, *, kv_len: int | None = None,
+               check: bool = False) -> torch.Tensor:
         """One token per slot: ``input_ids [N]`` enters slot ``slots[n]`` at position
         ``lens[slot]``; returns hidden ``[N,d]``; ``lens[slot] += advance[n]`` (all when None).
 
-        Graph-safe: no host sync, fixed shapes. Slots must be distinct and have ``lens < max_len``
-        (not checked here: checking would need a sync).
+        ``slots``: N distinct slot indices (a tensor), or a contiguous range ``slice(start,
+        start + N)``, whose K/V are then read as a view of the cache instead of gathered (copied).
+        ``kv_len``: attention covers positions ``[0, kv_len)`` only (None: max_len). The caller
+        guarantees ``lens[slot] < kv_len <= max_len`` for every slot that advances; a slot that
+        does not advance and breaks it still writes its K/V at ``lens[slot]``, but its hidden is
+        undefined (finite). ``lens < max_len`` always.
+
+        Graph-safe: no host sync, shapes fixed by ``(N, kv_len)``; so the contract is not checked
+        unless ``check=True`` (host syncs: for eager debugging, never under graph capture).
         """
         self._check_cache(cache)
         n = input_ids.shape[0]
-        slots = slots.long()
-        pos = cache.lens.index_select(0, slots).long()  # [N]
-        k_pos = torch.arange(cache.max_len, device=cache.device)
+        kv_len = cache.max_len if kv_len is None else kv_len
+        if isinstance(kv_len, bool) or not isinstance(kv_len, int) \
+                or not 1 <= kv_len <= cache.max_len:
+            raise ValueError(f"kv_len must be an int in [1, max_len={cache.max_len}], "
+                             f"got {kv_len!r}")
+        if isinstance(slots, slice):
+            start, stop = _slot_range(slots, n, cache.num_slots)
+            ids = torch.arange(start, stop, device=cache.device)
+        else:
+            ids = slots = slots.long()
+        step = (torch.ones_like(ids, dtype=torch.int32) if advance is None
+                else advance.to(torch.int32))
+        if check:
+            _check_decode(cache, ids, step, kv_len)
+        pos = cache.lens.index_select(0, ids).long()  # [N]
+        k_pos = torch.arange(kv_len, device=cache.device)
         masks = self._masks(pos[:, None], k_pos, None)  # causal = the slot's own length
 
         def kv_update(layer: int, k: torch.Tensor, v: torch.Tensor):
-            cache.write(layer, slots, pos, k[:, 0], v[:, 0])
-            return cache.read(layer, slots)
+            cache.write(layer, ids, pos, k[:, 0], v[:, 0])
+            return cache.read(layer, slots, kv_len)
 
         hidden = self._run(input_ids.reshape(n, 1), pos[:, None], masks, kv_update)
-        step = (torch.ones_like(slots, dtype=torch.int32) if advance is None
-                else advance.to(torch.int32))
-        cache.lens.index_add_(0, slots, step)
+        cache.lens.index_add_(0, ids, step)
         return hidden[:, 0]
+
+
+def _slot_range(slots: slice, n: int, num_slots: int) -> tuple[int, int]:
+    """``(start, stop)`` of a slot range for N tokens; ValueError unless it is ``slice(start,
+    start + n)`` with ``0 <= start`` and ``start + n <= num_slots``."""
+    start, stop = slots.start or 0, slots.stop
+    if slots.step not in (None, 1) or not isinstance(start, int) or stop != start + n \
+            or not 0 <= start <= num_slots - n:
+        raise ValueError(f"slots {slots} must be a range slice(start, start + {n}) within the "
+                         f"cache's {num_slots} slots for {n} input_ids")
+    return start, stop
+
+
+def _check_decode(cache: KVCache, ids: torch.Tensor, step: torch.Tensor, kv_len: int) -> None:
+    """Host check of decode's contract (syncs): distinct slots in range, ``lens < max_len``, and
+    ``lens < kv_len`` where the slot advances."""
+    slot_list, adv = torch.stack((ids, step.long())).tolist()
+    if len(set(slot_list)) != len(slot_list) or not all(0 <= s < cache.num_slots
+                                                        for s in slot_list):
+        raise ValueError(f"slots must be distinct and in [0, {cache.num_slots}), got {slot_list}")
+    bad = [(s, m) for s, m, a in zip(slot_list, cache.lens[ids].tolist(), adv)
+           if m >= cache.max_len or (a and m >= kv_len)]
+    if bad:
+        raise ValueError(f"decode: (slot, len) {bad} need len < max_len={cache.max_len} and, "
+                         f"where the slot advances, len < kv_len={kv_len}")
 
 
 def _check_right_padded(attention_mask: torch.Tensor, shape: torch.Size) -> None:
