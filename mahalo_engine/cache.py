@@ -20,10 +20,15 @@ from mahalo_engine.config import ModelConfig
 
 
 def available_bytes(device: torch.device) -> int | None:
-    """Free memory on ``device`` where it can be known (CUDA; Linux CPU via /proc/meminfo)."""
+    """Free memory on ``device`` where it can be known (CUDA; Linux CPU via /proc/meminfo).
+
+    On CUDA this includes what torch's caching allocator has reserved but not handed out (e.g.
+    the per-tensor buffers of checkpoint loading): the driver counts it as used, yet an
+    allocation reuses it."""
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
-        return int(free)
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return int(free + cached)
     if device.type == "cpu" and os.path.exists("/proc/meminfo"):
         with open("/proc/meminfo") as f:
             for line in f:

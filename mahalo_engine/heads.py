@@ -25,12 +25,15 @@ def _check_objectives(objectives: list[str], num_heads: int) -> None:
         raise ValueError(f"objective names must be distinct, got {objectives}")
 
 
-def check_heads(heads: torch.Tensor, config: ModelConfig) -> None:
-    """ValueError unless ``heads`` is ``[H, vocab_size, hidden_size]`` for ``config``, H >= 1."""
+def check_heads(heads: torch.Tensor, config: ModelConfig, what: str = "heads") -> None:
+    """ValueError unless ``heads`` is a floating ``[H, vocab_size, hidden_size]`` tensor for
+    ``config``, H >= 1 (``what`` names them in the message)."""
     v, d = config.vocab_size, config.hidden_size
     if heads.dim() != 3 or heads.shape[0] < 1 or tuple(heads.shape[1:]) != (v, d):
-        raise ValueError(f"heads must have shape [H, {v}, {d}] (H >= 1) for this model, got "
+        raise ValueError(f"{what} must have shape [H, {v}, {d}] (H >= 1) for this model, got "
                          f"{tuple(heads.shape)}")
+    if not heads.is_floating_point():
+        raise TypeError(f"{what} must be a floating-point tensor, got {heads.dtype}")
 
 
 def save_heads(path: str | Path, heads: torch.Tensor, objectives: list[str]) -> Path:

@@ -44,8 +44,14 @@ class Policy:
         h = self.num_heads
         if head_weights is None:
             return torch.full((batch, h), 1.0 / h, dtype=torch.float32, device=self.heads.device)
-        w = torch.as_tensor(head_weights, dtype=torch.float64).cpu() \
-            if not isinstance(head_weights, torch.Tensor) else head_weights.detach().double().cpu()
+        if isinstance(head_weights, torch.Tensor):
+            w = head_weights.detach().double().cpu()
+        else:
+            try:
+                w = torch.as_tensor(head_weights, dtype=torch.float64)
+            except (TypeError, ValueError) as e:  # ragged rows, strings, ...
+                raise ValueError(f"head_weights {_show(head_weights)} must be one list of {h} "
+                                 f"numbers or one such list per row ({e})") from e
         if w.dim() == 1:
             w = w.expand(batch, -1)
         if w.dim() != 2 or w.shape[1] != h:
@@ -67,24 +73,42 @@ class Policy:
     def logits(self, input_ids: torch.Tensor, head_weights: HeadWeights = None,
                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """float32 ``[B,T,V]``: the weighted sum of the heads' logits after a full forward (no
-        cache). With a single head this equals transformers' logits."""
+        cache). With a single head this equals transformers' logits.
+
+        ``Σ_i w_i W_i h = (Σ_i w_i W_i) h``: the heads are merged once per distinct weight row and
+        applied with one matmul, so neither ``[H,B,T,V]`` per-head logits nor H matmuls over all
+        tokens are ever made; the extra memory is one merged head ``[V,d]``."""
         device = self.heads.device
         input_ids = input_ids.to(device)
         weights = self.weight_matrix(head_weights, input_ids.shape[0])
         with torch.no_grad():
             hidden = self.model(input_ids, None if attention_mask is None else attention_mask.to(device))
-            out = torch.zeros(*input_ids.shape, self.config.vocab_size, dtype=torch.float32,
+            mixes, row_mix = torch.unique(weights, dim=0, return_inverse=True)
+            if len(mixes) == 1:
+                return torch.nn.functional.linear(hidden, self._merged_head(mixes[0])).float()
+            out = torch.empty(*input_ids.shape, self.config.vocab_size, dtype=torch.float32,
                               device=device)
-            for i in range(self.num_heads):
-                z = torch.nn.functional.linear(hidden, self.heads[i]).float()
-                out += weights[:, i, None, None] * z
+            for m, w in enumerate(mixes):
+                rows = (row_mix == m).nonzero().squeeze(1)
+                out[rows] = torch.nn.functional.linear(hidden[rows], self._merged_head(w)).float()
         return out
+
+    def _merged_head(self, weights: torch.Tensor) -> torch.Tensor:
+        """``Σ_i w_i W_i`` as one ``[V,d]`` head in the heads' dtype, for normalised float32
+        ``weights [H]``: accumulated in float32 and rounded once; a one-hot mix is its head as is."""
+        if weights.max() == 1:  # normalised and non-negative: one-hot
+            return self.heads[int(weights.argmax())]
+        merged = torch.zeros(self.heads.shape[1:], dtype=torch.float32, device=self.heads.device)
+        for i, w in enumerate(weights.tolist()):
+            if w:
+                merged.add_(self.heads[i], alpha=w)  # mixed-dtype in-place add: no fp32 copy of W_i
+        return merged.to(self.heads.dtype)
 
 
 def _show(w: HeadWeights) -> str:
     if isinstance(w, torch.Tensor):
         return f"tensor{w.tolist()}"
-    return repr(list(w) if not isinstance(w, (list, tuple)) else w)
+    return repr(w)
 
 
 def load_policy(path: str | Path, *, heads: str | Path | None = None,
@@ -104,7 +128,7 @@ def load_policy(path: str | Path, *, heads: str | Path | None = None,
         head_tensor, objectives = model.lm_head.weight.detach().unsqueeze(0), ["lm_head"]
     else:
         head_tensor, objectives = load_heads(heads, device=weight.device)
-        check_heads(head_tensor, model.config)
+        check_heads(head_tensor, model.config, what=f"heads in {heads}")
         if not torch.isfinite(head_tensor).all():
             raise ValueError(f"heads file {heads} holds non-finite values")
         head_tensor = head_tensor.to(weight.dtype)

@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM
 
 from mahalo_engine.config import ModelConfig
 from mahalo_engine.heads import load_heads, save_heads
+from mahalo_engine.layers.rotary import inverse_frequencies
 from mahalo_engine.models.decoder import Decoder
 from mahalo_engine.policy import load_policy
 from mahalo_engine.tiny import tiny_checkpoint
@@ -148,6 +149,96 @@ def test_legacy_rope_layout_parses_like_v5():
     legacy["rope_scaling"] = params
     a, b = ModelConfig.from_dict(raw), ModelConfig.from_dict(legacy)
     assert (a.rope_theta, a.rope_scaling) == (b.rope_theta, b.rope_scaling) == (500000.0, LLAMA3)
+
+
+# config.json files of released checkpoints (as published, transformers v4 layout), trimmed of
+# keys that no code reads. Variants cover the old "type" key, a window on a subset of layers,
+# Mistral v0.1's window on every layer and the linear rope type.
+LLAMA31_8B = {
+    "architectures": ["LlamaForCausalLM"], "attention_bias": False, "bos_token_id": 128000,
+    "eos_token_id": [128001, 128008, 128009], "hidden_act": "silu", "hidden_size": 4096,
+    "intermediate_size": 14336, "max_position_embeddings": 131072, "mlp_bias": False,
+    "model_type": "llama", "num_attention_heads": 32, "num_hidden_layers": 32,
+    "num_key_value_heads": 8, "rms_norm_eps": 1e-05, "rope_theta": 500000.0,
+    "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                     "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+    "tie_word_embeddings": False, "torch_dtype": "bfloat16", "vocab_size": 128256,
+}
+QWEN25_7B = {
+    "architectures": ["Qwen2ForCausalLM"], "bos_token_id": 151643, "eos_token_id": 151645,
+    "hidden_act": "silu", "hidden_size": 3584, "intermediate_size": 18944,
+    "max_position_embeddings": 32768, "max_window_layers": 28, "model_type": "qwen2",
+    "num_attention_heads": 28, "num_hidden_layers": 28, "num_key_value_heads": 4,
+    "rms_norm_eps": 1e-06, "rope_theta": 1000000.0, "sliding_window": 131072,
+    "tie_word_embeddings": False, "torch_dtype": "bfloat16", "use_sliding_window": False,
+    "vocab_size": 152064,
+}
+QWEN3_06B = {
+    "architectures": ["Qwen3ForCausalLM"], "attention_bias": False, "bos_token_id": 151643,
+    "eos_token_id": 151645, "head_dim": 128, "hidden_act": "silu", "hidden_size": 1024,
+    "intermediate_size": 3072, "max_position_embeddings": 40960, "max_window_layers": 28,
+    "model_type": "qwen3", "num_attention_heads": 16, "num_hidden_layers": 28,
+    "num_key_value_heads": 8, "rms_norm_eps": 1e-06, "rope_scaling": None, "rope_theta": 1000000,
+    "sliding_window": None, "tie_word_embeddings": True, "torch_dtype": "bfloat16",
+    "use_sliding_window": False, "vocab_size": 151936,
+}
+MISTRAL_7B_V03 = {
+    "architectures": ["MistralForCausalLM"], "bos_token_id": 1, "eos_token_id": 2,
+    "hidden_act": "silu", "hidden_size": 4096, "intermediate_size": 14336,
+    "max_position_embeddings": 32768, "model_type": "mistral", "num_attention_heads": 32,
+    "num_hidden_layers": 32, "num_key_value_heads": 8, "rms_norm_eps": 1e-05,
+    "rope_theta": 1000000.0, "sliding_window": None, "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16", "vocab_size": 32768,
+}
+REAL_CONFIGS = {
+    "llama-3.1-8b": LLAMA31_8B,
+    "llama-3.2-1b-type-key": {**LLAMA31_8B, "hidden_size": 2048, "intermediate_size": 8192,
+                              "num_hidden_layers": 16, "head_dim": 64, "tie_word_embeddings": True,
+                              "rope_scaling": {**LLAMA31_8B["rope_scaling"], "factor": 32.0,
+                                               "rope_type": None, "type": "llama3"}},
+    "llama-linear-type-key": {**LLAMA31_8B, "rope_theta": 10000.0,
+                              "rope_scaling": {"type": "linear", "factor": 4.0}},
+    "qwen2.5-7b": QWEN25_7B,
+    "qwen2.5-sliding-upper-layers": {**QWEN25_7B, "use_sliding_window": True,
+                                     "sliding_window": 4096, "max_window_layers": 20},
+    "qwen3-0.6b": QWEN3_06B,
+    "mistral-7b-v0.3": MISTRAL_7B_V03,
+    "mistral-7b-v0.1": {**MISTRAL_7B_V03, "rope_theta": 10000.0, "sliding_window": 4096},
+}
+
+
+@pytest.mark.parametrize("name", list(REAL_CONFIGS))
+def test_real_configs_read_as_transformers_reads_them(name):
+    """Released configs against transformers' own reading of them, on the meta device (no
+    memory): the same tensor names and shapes (biases, head_dim, tie), the same RoPE inverse
+    frequencies, the same sliding layers; and transformers v5's re-saved layout
+    (``rope_parameters``, ``dtype``) parses to the same config."""
+    from transformers import AutoConfig
+
+    raw = {k: v for k, v in REAL_CONFIGS[name].items() if v is not None or k != "rope_type"}
+    if isinstance(raw.get("rope_scaling"), dict):
+        raw["rope_scaling"] = {k: v for k, v in raw["rope_scaling"].items() if v is not None}
+    ours = ModelConfig.from_dict(raw)
+    hf_config = AutoConfig.for_model(**raw)
+    with torch.device("meta"):
+        hf = AutoModelForCausalLM.from_config(hf_config)
+        mine = Decoder(ours)
+    assert ({k: t.shape for k, t in mine.state_dict().items()}
+            == {k: t.shape for k, t in hf.state_dict().items()})
+    hf_rotary = type(hf.model.rotary_emb)(hf_config)  # off the meta device
+    assert hf_rotary.attention_scaling == 1.0
+    torch.testing.assert_close(inverse_frequencies(ours), hf_rotary.inv_freq, rtol=0, atol=0)
+    window = getattr(hf_config, "sliding_window", None)
+    if ours.model_type == "mistral":  # one window for every layer
+        hf_sliding = [window is not None] * ours.num_hidden_layers
+    else:
+        types = getattr(hf_config, "layer_types", None) or ["full_attention"] * ours.num_hidden_layers
+        hf_sliding = [t == "sliding_attention" and window is not None for t in types]
+    assert list(ours.sliding_layers) == hf_sliding and ours.sliding_window == window
+    assert (ours.eos_token_id, ours.bos_token_id) == (raw["eos_token_id"], raw["bos_token_id"])
+    v5 = hf_config.to_diff_dict()
+    assert "rope_parameters" in v5 and "rope_scaling" not in v5 and "dtype" in v5
+    assert dataclasses.replace(ModelConfig.from_dict(v5), raw={}) == dataclasses.replace(ours, raw={})
 
 
 def _mixed_heads_policy(tmp_path):

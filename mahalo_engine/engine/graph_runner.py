@@ -179,10 +179,10 @@ class DecodeRunner:
         for j, (n_tok, cap, length) in enumerate(info.t().tolist()):
             if confirm(rows[j][:n_tok]):
                 reasons.append(BOUNDARY)
+            elif length >= self.max_seq_len:  # same priority as on the device: FULL over LENGTH
+                reasons.append(FULL)
             elif n_tok >= cap:
                 reasons.append(LENGTH)
-            elif length >= self.max_seq_len:
-                reasons.append(FULL)
             else:
                 reasons.append(RUNNING)
             resume.append(reasons[-1] == RUNNING)

@@ -230,7 +230,18 @@ class WeightedScorer(Scorer):
                 raise ValueError(f"scorer weights must be finite numbers, got {w!r}")
         if all(w == 0 for _, w in parts):
             raise ValueError(f"scorer weights {[w for _, w in parts]} are all zero")
-        self.parts = [(s, float(w)) for s, w in parts]
+        # One part per scorer object (nested weighted scorers flattened): a stateful scorer listed
+        # twice (the same PRM under two weights) would otherwise extend and promote its cache
+        # twice per step. Zero-weight parts are dropped: they would never be scored.
+        merged: dict[int, list] = {}
+        for scorer, w in parts:
+            inner = scorer.parts if isinstance(scorer, WeightedScorer) else [(scorer, 1.0)]
+            for part, v in inner:
+                merged.setdefault(id(part), [part, 0.0])[1] += float(w) * v
+        self.parts = [(s, w) for s, w in merged.values() if w != 0]
+        if not self.parts:
+            raise ValueError(f"scorer weights {[w for _, w in parts]} cancel out: every scorer's "
+                             f"total weight is zero")
 
     def cache_nbytes(self, num_slots: int, max_len: int) -> int:
         return sum(s.cache_nbytes(num_slots, max_len) for s, _ in self.parts)
@@ -246,8 +257,7 @@ class WeightedScorer(Scorer):
     def score(self, cands: Candidates) -> torch.Tensor:
         total = torch.zeros(len(cands.token_ids), dtype=torch.float32)
         for s, w in self.parts:
-            if w:
-                total += w * s.score(cands)
+            total += w * s.score(cands)
         return total
 
     def promote(self, winners: torch.Tensor, groups: torch.Tensor) -> None:
