@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from mahalo_engine.cache import KVCache
-from mahalo_engine.engine import (Engine, SearchConfig, SharedBackbonePRM, boxed_closed)
+from mahalo_engine.engine import (Engine, SearchConfig, SharedBackbonePRM, WeightedScorer,
+                                  boxed_closed)
 from mahalo_engine.policy import Policy, load_policy
 from mahalo_engine.prm import ValueHead, ValueModel, load_prm, save_prm
 from mahalo_engine.tiny import tiny_checkpoint
@@ -149,6 +150,8 @@ def test_step_scores_equal_full_rescoring(engine, policy, prms):
             assert step.score == max(step.candidate_scores)
             assert step.candidate_scores.index(step.score) == \
                 max(range(3), key=lambda j: (step.candidate_scores[j], -j))
+        # Each candidate slot draws from its own random stream: the candidates differ.
+        assert any(len(set(step.candidate_scores)) == 3 for step in res.steps)
 
 
 def test_reencoding_prm_with_another_tokenizer(engine, prms):
@@ -184,6 +187,28 @@ def test_policy_cache_after_promote_equals_fresh_prefill(policy, prms):
         assert torch.allclose(hidden @ policy.heads[0].T, ref, atol=1e-4)
 
 
+def test_every_candidate_slot_stays_exact_across_promotes_and_reused_groups(policy, prms):
+    """Greedy candidates of a request are identical, so each must equal greedy generation whatever
+    slot wins: a judge forces the last candidate (promote from a non-first slot), the PRM must give
+    every candidate the same score, and 3 requests share 2 groups (a request ends while the other
+    goes on; the third reuses the freed group's stale slots)."""
+    prm = prms["other"]
+    eng = Engine(policy, prm=prm, max_batch=2, max_seq_len=64)
+    k = 3
+    last = SearchConfig(candidates=k, temperature=0, boundary=" ", max_new_tokens=10,
+                        max_steps=50, check_every=2,
+                        scorer=[(prm, 1.0), (lambda p, r: [10.0 * (i % k) for i in range(len(r))],
+                                             1.0)])
+    gens = eng.generate(PROMPTS, temperature=0, max_new_tokens=10)
+    for prompt, gen, res in zip(PROMPTS, gens, eng.search(PROMPTS, config=last)):
+        assert res.token_ids == gen.token_ids
+        for i, step in enumerate(res.steps):
+            prm_scores = [c - 10.0 * j for j, c in enumerate(step.candidate_scores)]
+            ref = prm.score_full([_committed(_ids(policy, prompt), res.steps, i + 1)]).item()
+            assert prm_scores == pytest.approx([ref] * k, abs=1e-4)
+            assert step.score == pytest.approx(ref + 10.0 * (k - 1), abs=1e-4)
+
+
 def test_same_seed_same_result(engine):
     cfg = dict(candidates=3, boundary=" ", max_steps=2, max_step_tokens=6, check_every=2, top_k=0)
     a = engine.search(PROMPTS[:2], config=SearchConfig(seed=7, **cfg))
@@ -215,6 +240,16 @@ def test_shared_backbone_weighted_and_callable_scorers(engine, policy, prms):
             ref = 0.7 * other.score_full(ids).item() + 0.3 * own.score_full(ids).item()
             assert abs(step.score - ref) < 1e-4
 
+    # The same PRM listed twice is one part (its cache is extended and promoted once per step);
+    # a zero-weight part is dropped.
+    twice = WeightedScorer([(engine.prm, 0.4), (engine.prm, 0.6), (shared, 0.0)])
+    assert twice.parts == [(engine.prm, 1.0)]
+    for res, prompt in zip(engine.search(PROMPTS[:1], config=SearchConfig(
+            scorer=[(other, 0.4), (other, 0.6), (own, 0.0)], **base)), PROMPTS):
+        for i, step in enumerate(res.steps):
+            ids = [_committed(_ids(policy, prompt), res.steps, i + 1)]
+            assert abs(step.score - other.score_full(ids).item()) < 1e-4
+
     seen = []
 
     def longest(prompts, responses):  # a "judge" on texts
@@ -234,6 +269,19 @@ def test_selection_by_softmax_temperature(engine):
     argmax = engine.search(PROMPTS[:1], config=SearchConfig(**base))
     sharp = engine.search(PROMPTS[:1], config=SearchConfig(selection_temperature=1e-6, **base))
     assert argmax == sharp
+    # Ties go to the lowest index: with equal scores the first candidate's step is committed.
+    seen = []
+
+    def flat(prompts, responses):
+        seen.append(responses)
+        return [1.0] * len(responses)
+
+    (res,) = engine.search(PROMPTS[:1], config=SearchConfig(scorer=flat, **base))
+    assert len(set(seen[0])) > 1  # the candidates differ, so the pick is observable
+    done = ""
+    for step, responses in zip(res.steps, seen):
+        assert responses[0] == done + step.text
+        done += step.text
 
 
 def test_stop_conditions_and_max_new_tokens(engine):
@@ -329,6 +377,10 @@ def test_chat_turn_boundary_on_tutoring_prefixes(policy, prms):
     eng = Engine(talker, prm=prm, max_batch=4, max_seq_len=max(map(len, ids)) + 64)
     cfg = SearchConfig(candidates=2, boundary="turn", max_step_tokens=24, max_steps=2, seed=0,
                        check_every=4)
+    # chat=True renders a string prompt as a user turn with the template's generation prompt.
+    (as_chat,) = eng.generate(["Hi!"], chat=True, temperature=0, max_new_tokens=4)
+    chat_ids = tok.encode(_chatml([{"role": "user", "content": "Hi!"}]), add_special_tokens=False)
+    assert as_chat == eng.generate([chat_ids], temperature=0, max_new_tokens=4)[0]
     results = eng.search(dialogues, config=cfg, chat=True)
     ended = 0
     for prompt_ids, res in zip(ids, results):

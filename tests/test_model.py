@@ -124,6 +124,35 @@ def test_low_precision_close_to_transformers(dtype):
     assert rel_err(got[valid], ref[valid]) <= 2 * ref_err
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_norm_and_rope_equal_transformers_bitwise(dtype):
+    """RMSNorm and RoPE run in float32 and round once, exactly as transformers does: equal bits
+    in bf16/fp16, at positions far enough out (up to 8000) that low-precision angles would show."""
+    from transformers import AutoConfig
+    from transformers.models.llama import modeling_llama as hf_llama
+
+    from mahalo_engine.layers.rmsnorm import RMSNorm
+    from mahalo_engine.layers.rotary import Rotary, apply_rotary
+
+    path = tiny_checkpoint("llama", rope_scaling=LLAMA3, rope_theta=500000.0)
+    config, hf_config = ModelConfig.from_pretrained(path), AutoConfig.from_pretrained(path)
+    g = torch.Generator().manual_seed(0)
+    x = (3 * torch.randn(2, 5, 64, generator=g)).to(dtype)
+    ours, ref = RMSNorm(64, 1e-6).to(dtype), hf_llama.LlamaRMSNorm(64, eps=1e-6).to(dtype)
+    with torch.no_grad():
+        ours.weight.copy_(1 + 0.1 * torch.randn(64, generator=g))
+        ref.weight.copy_(ours.weight)
+        assert torch.equal(ours(x), ref(x))
+
+    positions = torch.tensor([[0, 1, 17, 1000, 4097, 8000]])
+    q = torch.randn(1, 6, 4, 16, generator=g).to(dtype)  # [B, T, heads, head_dim]
+    cos, sin = Rotary(config)(positions, dtype)
+    ref_cos, ref_sin = hf_llama.LlamaRotaryEmbedding(hf_config)(q, positions)
+    assert torch.equal(cos, ref_cos) and torch.equal(sin, ref_sin)
+    ref_q, _ = hf_llama.apply_rotary_pos_emb(q.transpose(1, 2), q.transpose(1, 2), ref_cos, ref_sin)
+    assert torch.equal(apply_rotary(q, cos, sin), ref_q.transpose(1, 2))
+
+
 def test_config_errors_list_what_is_supported():
     base = ModelConfig.from_pretrained(tiny_checkpoint("llama")).raw
     with pytest.raises(ValueError, match="unsupported model_type 'gpt2'.*llama, mistral, qwen2, qwen3"):
@@ -194,8 +223,9 @@ REAL_CONFIGS = {
     "llama-3.1-8b": LLAMA31_8B,
     "llama-3.2-1b-type-key": {**LLAMA31_8B, "hidden_size": 2048, "intermediate_size": 8192,
                               "num_hidden_layers": 16, "head_dim": 64, "tie_word_embeddings": True,
-                              "rope_scaling": {**LLAMA31_8B["rope_scaling"], "factor": 32.0,
-                                               "rope_type": None, "type": "llama3"}},
+                              "rope_scaling": {"factor": 32.0, "low_freq_factor": 1.0,
+                                               "high_freq_factor": 4.0, "type": "llama3",
+                                               "original_max_position_embeddings": 8192}},
     "llama-linear-type-key": {**LLAMA31_8B, "rope_theta": 10000.0,
                               "rope_scaling": {"type": "linear", "factor": 4.0}},
     "qwen2.5-7b": QWEN25_7B,
@@ -215,9 +245,7 @@ def test_real_configs_read_as_transformers_reads_them(name):
     (``rope_parameters``, ``dtype``) parses to the same config."""
     from transformers import AutoConfig
 
-    raw = {k: v for k, v in REAL_CONFIGS[name].items() if v is not None or k != "rope_type"}
-    if isinstance(raw.get("rope_scaling"), dict):
-        raw["rope_scaling"] = {k: v for k, v in raw["rope_scaling"].items() if v is not None}
+    raw = REAL_CONFIGS[name]
     ours = ModelConfig.from_dict(raw)
     hf_config = AutoConfig.for_model(**raw)
     with torch.device("meta"):

@@ -126,6 +126,9 @@ def cli_main(parser: argparse.ArgumentParser,
         check_out_dir(Path(args.out), args.resume, info)
         torch.manual_seed(args.seed)
         train(args, info, AutoTokenizer.from_pretrained(args.model))
+        # Every rank reaches this point before any leaves the group: a rank tearing gloo down
+        # while its peer is still in a collective can abort the peer.
+        D.barrier(info)
     finally:
         D.cleanup(info)
     return 0
