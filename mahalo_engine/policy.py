@@ -77,7 +77,7 @@ class Policy:
 
         ``Σ_i w_i W_i h = (Σ_i w_i W_i) h``: the heads are merged once per distinct weight row and
         applied with one matmul, so neither ``[H,B,T,V]`` per-head logits nor H matmuls over all
-        tokens are ever made; the extra memory is one merged head ``[V,d]``."""
+        tokens are ever made; the extra memory is one merged head (float32 ``[V,d]`` while built)."""
         device = self.heads.device
         input_ids = input_ids.to(device)
         weights = self.weight_matrix(head_weights, input_ids.shape[0])
@@ -116,7 +116,8 @@ def load_policy(path: str | Path, *, heads: str | Path | None = None,
                 ) -> Policy:
     """A ``Policy`` from a Hugging Face directory. ``heads``: a heads file; default
     ``<path>/mahalo_heads.safetensors`` if present, else the checkpoint's lm_head as the one head
-    (objective ``"lm_head"``). ``dtype`` None keeps the checkpoint's; ``device`` None is the CPU."""
+    (objective ``"lm_head"``). ``dtype`` None: config.json's dtype, else the stored one (as
+    transformers' ``"auto"``); ``device`` None is the CPU."""
     from transformers import AutoTokenizer
 
     root = Path(path)

@@ -228,6 +228,21 @@ def test_decode_replays_in_a_cuda_graph(contiguous):
         torch.testing.assert_close(torch.stack([e[i] for e in expect]), full[-3:], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.gpu
+def test_available_bytes_counts_blocks_cached_by_torch():
+    """Memory torch's allocator holds but does not use (e.g. left by checkpoint loading) is free
+    for the cache: the driver reports it as used, available_bytes must not."""
+    from mahalo_engine.cache import available_bytes
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    block = 512 * 2**20
+    x = torch.empty(block, dtype=torch.uint8, device=device)
+    del x  # back to torch's cache, not to the driver
+    free, _ = torch.cuda.mem_get_info(device)
+    assert available_bytes(device) >= free + block
+    torch.cuda.empty_cache()
+
+
 def test_nbytes_and_allocation_errors():
     config = ModelConfig.from_pretrained(tiny_checkpoint("qwen3", head_dim=24, num_key_value_heads=1))
     cache = KVCache.allocate(config, 3, 20, dtype=torch.bfloat16, device="cpu")

@@ -179,9 +179,14 @@ def test_policy_cache_after_promote_equals_fresh_prefill(policy, prms):
     policy.model.prefill(fresh, [committed], torch.tensor([0]))
     nxt = res.steps[2].token_ids[0]
     ref = policy.logits(torch.tensor([committed + [nxt]]))[0, -1]
+    full = torch.log_softmax(policy.logits(torch.tensor([committed]))[0, -1], dim=-1)
     for slot in range(k):
         assert torch.allclose(eng.cache.data[:, :, slot, :, :n], fresh.data[:, :, 0, :, :n],
                               atol=1e-5)
+        # The promote also handed every slot the winner's hidden state: each slot's first token of
+        # step 3 was drawn (T=1) from the committed text's next-token distribution.
+        first = int(eng._runner.tokens[slot, 0])
+        assert abs(float(eng._runner.logprobs[slot, 0]) - float(full[first])) < 1e-4
         eng.cache.lens[slot] = n
         hidden = policy.model.decode(eng.cache, torch.tensor([nxt]), torch.tensor([slot]))
         assert torch.allclose(hidden @ policy.heads[0].T, ref, atol=1e-4)
@@ -191,7 +196,8 @@ def test_every_candidate_slot_stays_exact_across_promotes_and_reused_groups(poli
     """Greedy candidates of a request are identical, so each must equal greedy generation whatever
     slot wins: a judge forces the last candidate (promote from a non-first slot), the PRM must give
     every candidate the same score, and 3 requests share 2 groups (a request ends while the other
-    goes on; the third reuses the freed group's stale slots)."""
+    goes on; the third reuses the freed group's stale slots; the last one left moves down into
+    the free first group)."""
     prm = prms["other"]
     eng = Engine(policy, prm=prm, max_batch=2, max_seq_len=64)
     k = 3
@@ -324,6 +330,8 @@ def test_errors(engine, policy, prms):
         Engine(policy, max_seq_len=6).generate(["ab", PROMPTS[1]])
     with pytest.raises(ValueError, match="temperature"):
         engine.generate(PROMPTS, temperature=-1.0)
+    with pytest.raises(ValueError, match=r"top_k must be an int in \[0, 128\].*got 200"):
+        SearchConfig(top_k=200)
     with pytest.raises(TypeError, match="prompts must be"):
         engine.generate("a bare string")
     # The caches do not fit: an error with the bytes, raised before anything is allocated.
@@ -337,11 +345,18 @@ def test_errors(engine, policy, prms):
     bare = ValueModel(bridge.model, bridge.value_head, "value", tokenizer=None)
     with pytest.raises(ValueError, match="vocabulary size 400 and no tokenizer"):
         engine.search(PROMPTS[:1], config=SearchConfig(candidates=2, scorer=bare))
+    # A prompt that fits the policy but not the PRM's own tokenizer fails before any step runs.
+    assert len(_ids(policy, PROMPTS[1])) < 16 <= len(bridge.tokenizer.encode(PROMPTS[1]))
+    with pytest.raises(ValueError, match=r"prompts \(index, PRM tokens\) \[\(1, \d+\)\] do not fit"):
+        Engine(policy, max_batch=1, max_seq_len=16).search(
+            ["Step 1:", PROMPTS[1]], config=SearchConfig(candidates=2, scorer=bridge))
     with pytest.raises(ValueError, match="3 scores for 6 candidates|returned 3 scores"):
         engine.search(PROMPTS[:2], config=SearchConfig(candidates=3, boundary=" ",
+                                                      max_step_tokens=2,
                                                       scorer=lambda p, r: [0.0, 1.0, 2.0]))
     with pytest.raises(ValueError, match="NaN"):
         engine.search(PROMPTS[:1], config=SearchConfig(candidates=2, boundary=" ",
+                                                      max_step_tokens=2,
                                                       scorer=lambda p, r: [math.nan] * len(r)))
 
 
@@ -432,10 +447,22 @@ def test_cuda_graphs_match_eager(ckpt, tmp_path):
     for kw in (dict(temperature=0), dict(temperature=1.0, top_k=20, seed=3)):
         assert graphs.generate(PROMPTS, max_new_tokens=12, **kw) == \
             eager.generate(PROMPTS, max_new_tokens=12, **kw)
+        # Long enough that the attended prefix outgrows its first bucket (64) mid-run: a capture
+        # for the next kv_len bucket between replays.
+        assert graphs.generate(PROMPTS, max_new_tokens=80, **kw) == \
+            eager.generate(PROMPTS, max_new_tokens=80, **kw)
+    assert {key[1] for key in graphs._runner._graphs} >= {64, 97}  # kv_len buckets captured
     cfg = SearchConfig(candidates=3, boundary=" ", max_steps=3, max_step_tokens=8, seed=2)
     a, b = graphs.search(PROMPTS, config=cfg), eager.search(PROMPTS, config=cfg)
     assert [r.token_ids for r in a] == [r.token_ids for r in b]
     for ra, rb in zip(a, b):
         for sa, sb in zip(ra.steps, rb.steps):
             assert sa.candidate_scores == pytest.approx(sb.candidate_scores, abs=1e-4)
-    assert graphs._runner._graphs  # the decode step was captured and replayed
+    # Two heads under one shared weight vector: the graph samples from the merged head.
+    noise = torch.randn(policy.heads.shape[1:], generator=torch.Generator().manual_seed(0))
+    two = Policy(policy.model, policy.tokenizer,
+                 torch.cat([policy.heads, policy.heads + 0.05 * noise.to(policy.heads.device)]),
+                 ["acc", "eng"])
+    runs = [Engine(two, max_batch=3, max_seq_len=96, cuda_graphs=g).generate(
+        PROMPTS, head_weights=[0.3, 0.7], max_new_tokens=12, temperature=0) for g in (True, False)]
+    assert runs[0] == runs[1]

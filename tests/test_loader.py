@@ -116,9 +116,16 @@ def test_sharded_errors_are_named(tmp_path):
     with pytest.raises(ValueError, match="'model.layers.0.mlp.ghost.weight' is listed for .* not stored"):
         load_decoder(out)
     del index["weight_map"]["model.layers.0.mlp.ghost.weight"]
-    # A tensor absent from the index.
-    del index["weight_map"]["model.layers.1.input_layernorm.weight"]
+    # A tensor absent from the index but stored in a shard: unexpected, not silently skipped.
+    shard = index["weight_map"].pop("model.layers.1.input_layernorm.weight")
     index_file.write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=rf"{shard} stores tensors that model.safetensors.index.json "
+                                         r"does not list for it: \['model.layers.1.input_layernorm"):
+        load_decoder(out)
+    # Absent from both.
+    tensors = load_file(str(out / shard))
+    del tensors["model.layers.1.input_layernorm.weight"]
+    save_file(tensors, str(out / shard), metadata={"format": "pt"})
     with pytest.raises(ValueError, match=r"missing tensors: \['model.layers.1.input_layernorm.weight'\]"):
         load_decoder(out)
     # A shard file that is gone.
@@ -132,6 +139,39 @@ def test_sharded_errors_are_named(tmp_path):
         load_decoder(empty)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_loading_allocates_the_model_once_without_random_init(monkeypatch, dtype):
+    """The model is built on the meta device and materialised once, in the target dtype, by the
+    checkpoint's tensors: no parameter is ever randomly initialised in real memory (for a 7B
+    model that would be a second copy and minutes of wasted init), none is made in another
+    dtype first, and every parameter ends up holding the checkpoint's values."""
+    from torch import nn
+
+    real = []
+    for cls in (nn.Linear, nn.Embedding):
+        original = cls.reset_parameters
+
+        def reset(self, _original=original):
+            real.extend(p.device.type for p in self.parameters(recurse=False) if not p.is_meta)
+            _original(self)
+
+        monkeypatch.setattr(cls, "reset_parameters", reset)
+    created = []
+    original_empty = nn.Module.to_empty
+
+    def to_empty(self, *, device, recurse=True):
+        created.append({p.dtype for p in self.parameters()})
+        return original_empty(self, device=device, recurse=recurse)
+
+    monkeypatch.setattr(nn.Module, "to_empty", to_empty)
+    path = tiny_checkpoint("qwen3", tie_word_embeddings=True)
+    model = load_decoder(path, dtype=dtype)
+    assert real == [] and created == [{dtype}]
+    ref = load_file(str(path / "model.safetensors"))
+    for name, t in model.state_dict().items():
+        assert torch.equal(t, ref.get(name, ref["model.embed_tokens.weight"]).to(dtype)), name
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_dtype_option(dtype):
     path = tiny_checkpoint("qwen2")
@@ -143,6 +183,33 @@ def test_dtype_option(dtype):
     assert model.model.rotary.inv_freq.dtype == torch.float32
     with pytest.raises(TypeError, match="dtype must be one of"):
         load_decoder(path, dtype=torch.float64)
+
+
+def test_default_dtype_is_transformers_auto(tmp_path):
+    """dtype=None reads config.json's ``dtype`` (v5) or ``torch_dtype`` (v4) as transformers'
+    default ``"auto"`` does (fp32 tensors on disk here), else keeps the stored dtype."""
+    path = copy_ckpt(tmp_path)
+    raw = json.loads((path / "config.json").read_text())
+    raw = {k: v for k, v in raw.items() if k not in ("dtype", "torch_dtype")}
+    stored = load_file(str(path / "model.safetensors"))["model.norm.weight"]
+    for key, name in (("dtype", "bfloat16"), ("torch_dtype", "float16"), (None, None),
+                      ("dtype", "float64")):
+        (path / "config.json").write_text(json.dumps({**raw, key: name} if key else raw))
+        if name == "float64":
+            with pytest.raises(TypeError, match="config.json names dtype 'float64'"):
+                load_decoder(path)
+            assert load_decoder(path, dtype=torch.float32).lm_head.weight.dtype == torch.float32
+            continue
+        hf = AutoModelForCausalLM.from_pretrained(path)
+        model = load_decoder(path)
+        assert model.lm_head.weight.dtype == hf.dtype == getattr(torch, name or "float32")
+        assert torch.equal(model.model.norm.weight, stored.to(hf.dtype))
+    # Saving records the model's dtype under every dtype key config.json has.
+    (path / "config.json").write_text(json.dumps({**raw, "dtype": "float32", "torch_dtype": "float32"}))
+    out = save_checkpoint(tmp_path / "resaved", load_decoder(path, dtype=torch.float16))
+    saved = json.loads((out / "config.json").read_text())
+    assert (saved["dtype"], saved["torch_dtype"]) == ("float16", "float16")
+    assert load_decoder(out).lm_head.weight.dtype == torch.float16
 
 
 @pytest.mark.gpu

@@ -308,6 +308,40 @@ def test_mixed_heads_equal_weighted_sum_of_transformers_logits(tmp_path):
     assert rel_err(policy.logits(ids, attention_mask=mask)[valid], expect[valid]) <= 1e-4
 
 
+def test_mixing_is_one_matmul_per_distinct_weight_row(tmp_path, monkeypatch):
+    """Heads are merged before the projection: one [V,d] matmul per distinct weight row, never H
+    of them (nor [H,B,T,V] per-head logits); in bf16 too the mix equals the weighted sum of the
+    heads' logits up to bf16 rounding."""
+    path, heads = _mixed_heads_policy(tmp_path)
+    policy = load_policy(path, dtype=torch.bfloat16)
+    calls = []
+    real_linear = torch.nn.functional.linear
+
+    def linear(x, weight, bias=None):
+        if weight.shape == heads.shape[1:]:
+            calls.append(x.shape[0])
+        return real_linear(x, weight, bias)
+
+    monkeypatch.setattr(torch.nn.functional, "linear", linear)
+    ids = torch.randint(0, 512, (4, 9), generator=torch.Generator().manual_seed(1))
+    weights = [[2.0, 1.0, 1.0], [0.0, 3.0, 1.0], [2.0, 1.0, 1.0], [1.0, 1.0, 1.0]]
+    got = policy.logits(ids, weights)
+    assert sorted(calls) == [1, 1, 2]  # rows 0 and 2 share a mix
+    calls.clear()
+    assert torch.equal(policy.logits(ids, [0, 1, 0]), policy.logits(ids, [[0, 7, 0]] * 4))
+    assert calls == [4, 4]
+    monkeypatch.undo()
+    with torch.no_grad():
+        hidden = policy.model(ids).float()
+    w = policy.weight_matrix(weights, 4)
+    expect = torch.einsum("bh,bhtv->btv", w, torch.einsum("btd,hvd->bhtv", hidden,
+                                                            policy.heads.float()))
+    assert rel_err(got, expect) <= 1e-2  # bf16 rounding of the merged head and of the logits
+    with torch.no_grad():
+        one = torch.nn.functional.linear(policy.model(ids), policy.heads[1]).float()
+    assert torch.equal(policy.logits(ids, [0, 1, 0]), one)  # a one-hot mix is that head, exactly
+
+
 def test_single_head_default_is_the_checkpoint_lm_head():
     policy = load_policy(tiny_checkpoint("qwen2"))
     assert policy.objectives == ["lm_head"]
@@ -328,7 +362,11 @@ def test_weight_matrix_validates_and_normalises():
                      ([1.0, -0.5], r"\[1.0, -0.5\] must be non-negative"),
                      ([float("nan"), 1.0], "must be finite"), ([float("inf"), 1.0], "must be finite"),
                      ([0, 0], r"\[0, 0\]: a row is all zero"),
-                     ([[1, 1], [1, 1], [1, 1]], "3 rows"), ([[1, 1], [0, 0]], "all zero")]:
+                     ([[1, 1], [1, 1], [1, 1]], "3 rows"), ([[1, 1], [0, 0]], "all zero"),
+                     ([[1, 1], [1]], r"\[\[1, 1\], \[1\]\] must be one list of 2 numbers or one "
+                                     r"such list per row"),
+                     (["acc", 1.0], r"\['acc', 1.0\] must be one list of 2"),
+                     (0.5, "0.5 must hold 2 weights per row")]:
         with pytest.raises(ValueError, match=msg):
             policy.weight_matrix(bad, 2)
 
@@ -361,7 +399,12 @@ def test_heads_file_roundtrip_and_validation(tmp_path):
 
     wrong = tmp_path / "wrong.safetensors"
     save_heads(wrong, torch.randn(2, 500, 64), ["acc", "eng"])
-    with pytest.raises(ValueError, match=r"heads must have shape \[H, 512, 64\].*\(2, 500, 64\)"):
+    with pytest.raises(ValueError, match=r"heads in .*wrong.safetensors must have shape "
+                                         r"\[H, 512, 64\].*\(2, 500, 64\)"):
+        load_policy(tiny_checkpoint("qwen2"), heads=wrong)
+    save_heads(wrong, torch.zeros(2, 512, 64, dtype=torch.int32), ["acc", "eng"])
+    with pytest.raises(TypeError, match=r"wrong.safetensors must be a floating-point tensor, got "
+                                        r"torch.int32"):
         load_policy(tiny_checkpoint("qwen2"), heads=wrong)
 
 

@@ -9,6 +9,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence, Union
 
+from triton_kernels.checks import MAX_TOP_K
+
 # A stop condition of a search: a string that ends the request once the generated text contains it,
 # or a predicate on the generated text (e.g. `boxed_closed`).
 StopCondition = Union[str, Callable[[str], bool]]
@@ -73,8 +75,9 @@ def check_sampling(temperature: float, top_k: int, seed: int) -> None:
             or not math.isfinite(temperature) or temperature < 0:
         raise ValueError(f"temperature must be a finite float >= 0 (0 = greedy), got "
                          f"{temperature!r}")
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
-        raise ValueError(f"top_k must be an int >= 0 (0 = no truncation), got {top_k!r}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 0 <= top_k <= MAX_TOP_K:
+        raise ValueError(f"top_k must be an int in [0, {MAX_TOP_K}] (0 = no truncation; the fused "
+                         f"sampler keeps at most {MAX_TOP_K} candidates per row), got {top_k!r}")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be an int >= 0, got {seed!r}")
 

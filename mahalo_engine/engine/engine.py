@@ -5,7 +5,9 @@ cache (and of each scorer's cache). A request's prompt is prefilled into its fir
 forked into the others once, when the request starts; from then on every step decodes all
 candidate slots of all live requests in lockstep (`DecodeRunner`), scores them in one batch, and
 promotes each winner with ``kv_promote`` (only the step's new tokens are copied). Finished
-requests free their group for the next prompt. Nothing is re-encoded, by the policy or the PRM.
+requests free their group for the next prompt; once none is queued, the last live groups move
+down into the free ones, so the lockstep decode covers only live slots. Nothing is re-encoded,
+by the policy or the PRM.
 """
 from __future__ import annotations
 
@@ -127,6 +129,8 @@ class Engine:
         reqs = self._prompts(prompts, chat)
         weights = self.policy.weight_matrix(head_weights, len(reqs)).cpu()
         runner = self._prepare(self.max_batch * k, scorer)
+        if scorer is not None:  # e.g. a prompt too long for a PRM's own tokenizer: fail up front
+            scorer.check_prompts(reqs)
         runner.set_boundary(boundary)
         self._sampler.configure(cfg.temperature, cfg.top_k, cfg.seed)
         confirm = self._confirmer(boundary)
@@ -140,6 +144,7 @@ class Engine:
             free = [g for g, x in enumerate(live) if x is None][: len(queue)]
             if free:
                 self._admit([(g, queue.popleft()) for g in free], k, reqs, live, scorer, weights)
+            self._compact(k, live, scorer, weights)
             groups = [g for g, x in enumerate(live) if x is not None]
             slots = torch.tensor([[g * k + j for j in range(k)] for g in groups])
             flat = slots.reshape(-1).to(self.device)
@@ -196,10 +201,36 @@ class Engine:
             runner.copy_hidden(src, dst)
         for g, r in admit:
             live[g] = _Live(r, len(reqs[r].ids))
-        self._set_weights({g * k + j: weights[x.index] for g, x in enumerate(live)
-                           if x is not None for j in range(k)})
+        self._set_live_weights(k, live, weights)
         if scorer is not None:
             scorer.start(slots, [reqs[r] for _, r in admit])
+
+    def _compact(self, k: int, live: list[_Live | None], scorer: Scorer | None,
+                 weights: torch.Tensor) -> None:
+        """Move the last live groups down into free groups (once no queued request will fill
+        them): the decode loop runs slots ``[0, (last live group + 1) * K)``, so it would otherwise
+        keep computing finished requests' slots. Between steps every slot of a live group holds
+        the committed prefix, so one slot per group is forked into the K new ones."""
+        free = [g for g, x in enumerate(live) if x is None]
+        used = [g for g, x in enumerate(live) if x is not None]
+        moves = []
+        while free and used and free[0] < used[-1]:
+            moves.append((used.pop(), free.pop(0)))
+        if not moves:
+            return
+        src = torch.tensor([h * k for h, _ in moves], device=self.device).repeat_interleave(k)
+        dst = torch.tensor([f * k + j for _, f in moves for j in range(k)], device=self.device)
+        kv_fork(self.cache.data, self.cache.lens, src, dst)
+        self._runner.copy_hidden(src, dst)
+        for h, f in moves:
+            live[f], live[h] = live[h], None
+        self._set_live_weights(k, live, weights)
+        if scorer is not None:
+            scorer.move(src, dst)
+
+    def _set_live_weights(self, k: int, live: list[_Live | None], weights: torch.Tensor) -> None:
+        self._set_weights({g * k + j: weights[x.index] for g, x in enumerate(live)
+                           if x is not None for j in range(k)})
 
     def _score(self, scorer: Scorer | None, slots: torch.Tensor, toks: list[list[int]],
                texts: list[str], flat: torch.Tensor, reqs_live: list[_Live],

@@ -1,11 +1,12 @@
 """Candidate scorers for step search: a PRM with its own persistent slot cache, a value head on the
 policy's own hidden states, weighted combinations, and any callable on texts.
 
-The engine drives a scorer through four calls that mirror its policy cache:
+The engine drives a scorer through calls that mirror its policy cache:
 ``prepare`` (allocate, once per cache size), ``start`` (new requests: their prompts enter the
-groups' slots), ``score`` (the K candidates of every live request, one batch) and ``promote``
-(the winners become every slot's committed text). Slot ``g*K + k`` is candidate k of group g in
-the policy's cache and in every scorer's cache alike.
+groups' slots), ``score`` (the K candidates of every live request, one batch), ``promote``
+(the winners become every slot's committed text) and ``move`` (requests change groups).
+Slot ``g*K + k`` is candidate k of group g in the policy's cache and in every scorer's cache
+alike.
 """
 from __future__ import annotations
 
@@ -57,6 +58,9 @@ class Scorer:
     def prepare(self, num_slots: int, max_len: int, policy: Any) -> None:
         """Allocate per-slot state for ``num_slots`` slots of up to ``max_len`` tokens."""
 
+    def check_prompts(self, prompts: list[Prompt]) -> None:
+        """ValueError, before anything is decoded, for prompts this scorer cannot take."""
+
     def start(self, slots: torch.Tensor, prompts: list[Prompt]) -> None:
         """New requests enter groups ``slots [G,K]`` (every slot of a group holds the prompt)."""
 
@@ -66,6 +70,10 @@ class Scorer:
 
     def promote(self, winners: torch.Tensor, groups: torch.Tensor) -> None:
         """Winner slots ``[G]`` become the committed state of their groups ``[G,K]``."""
+
+    def move(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Slot ``dst[p]`` takes the committed state of slot ``src[p]`` (requests moved to other
+        groups between steps)."""
 
 
 class ValueModelPRM(Scorer):
@@ -94,8 +102,10 @@ class ValueModelPRM(Scorer):
         return self.prm.model.model.embed_tokens.weight.device
 
     def _allocated(self, num_slots: int, max_len: int) -> bool:
-        return self.cache is not None and (self.cache.num_slots, self.cache.max_len) == \
-            (num_slots, max_len)
+        # More slots than needed is fine (like the policy's cache: a search with fewer candidates
+        # after one with more reuses it instead of reallocating).
+        return self.cache is not None and self.cache.num_slots >= num_slots \
+            and self.cache.max_len == max_len
 
     def cache_nbytes(self, num_slots: int, max_len: int) -> int:
         if self._allocated(num_slots, max_len):
@@ -119,12 +129,18 @@ class ValueModelPRM(Scorer):
             return tok.encode(text, add_special_tokens=False)
         return tok.encode(prompt.text)
 
+    def check_prompts(self, prompts: list[Prompt]) -> None:
+        if self.same_tokens:
+            return  # the policy's ids, which the engine checked against max_seq_len
+        lens = [len(self._prompt_ids(p)) for p in prompts]
+        too_long = [(i, n) for i, n in enumerate(lens) if n >= self.cache.max_len]
+        if too_long:
+            raise ValueError(f"prompts (index, PRM tokens) {too_long} do not fit the PRM's cache "
+                             f"of max_seq_len={self.cache.max_len}: the PRM's tokenizer needs "
+                             f"fewer than that, to leave room for steps")
+
     def start(self, slots: torch.Tensor, prompts: list[Prompt]) -> None:
         ids = [self._prompt_ids(p) for p in prompts]
-        too_long = [(i, len(x)) for i, x in enumerate(ids) if len(x) >= self.cache.max_len]
-        if too_long:
-            raise ValueError(f"prompts (index, PRM tokens) {too_long} do not fit the PRM's "
-                             f"max_seq_len={self.cache.max_len}")
         slots = slots.to(self._device)
         self.prm.model.prefill(self.cache, ids, slots[:, 0])
         if slots.shape[1] > 1:
@@ -162,6 +178,11 @@ class ValueModelPRM(Scorer):
         groups = groups.to(dev)
         kv_promote(self.cache.data, self.cache.lens, winners.to(dev), groups,
                    self._committed.index_select(0, groups[:, 0]))
+
+
+    def move(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        dev = self._device
+        kv_fork(self.cache.data, self.cache.lens, src.to(dev), dst.to(dev))
 
 
 def _shares_vocabulary(prm: Any, policy: Any) -> bool:
@@ -250,6 +271,10 @@ class WeightedScorer(Scorer):
         for s, _ in self.parts:
             s.prepare(num_slots, max_len, policy)
 
+    def check_prompts(self, prompts: list[Prompt]) -> None:
+        for s, _ in self.parts:
+            s.check_prompts(prompts)
+
     def start(self, slots: torch.Tensor, prompts: list[Prompt]) -> None:
         for s, _ in self.parts:
             s.start(slots, prompts)
@@ -263,6 +288,10 @@ class WeightedScorer(Scorer):
     def promote(self, winners: torch.Tensor, groups: torch.Tensor) -> None:
         for s, _ in self.parts:
             s.promote(winners, groups)
+
+    def move(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        for s, _ in self.parts:
+            s.move(src, dst)
 
 
 class CallableScorer(Scorer):

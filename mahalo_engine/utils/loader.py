@@ -56,6 +56,10 @@ def _disk_shapes(files: dict[str, Path]) -> tuple[dict[str, tuple[int, ...]], di
     for f, names in by_file.items():
         with safe_open(str(f), framework="pt") as h:
             present = set(h.keys())
+            unlisted = sorted(n for n in present - set(names) if not _IGNORED.search(n))
+            if unlisted:  # a sharded checkpoint's tensor that the index forgot
+                raise ValueError(f"{f} stores tensors that {INDEX_FILE} does not list for it: "
+                                 f"{unlisted}")
             for name in names:
                 if name not in present:
                     raise ValueError(f"tensor {name!r} is listed for {f.name} but not stored in it")
@@ -68,11 +72,28 @@ def _disk_shapes(files: dict[str, Path]) -> tuple[dict[str, tuple[int, ...]], di
 _SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
 
+def _default_dtype(config: ModelConfig, stored: str) -> torch.dtype:
+    """transformers' ``dtype="auto"``: the config's ``dtype`` (v5) or ``torch_dtype`` (v4) key,
+    else the dtype ``model.embed_tokens.weight`` is stored in."""
+    name = config.raw.get("dtype") or config.raw.get("torch_dtype")
+    if name is not None:
+        by_name = {v: k for k, v in _DTYPE_NAMES.items()}
+        if name not in by_name:
+            raise TypeError(f"config.json names dtype {name!r}; supported: {list(by_name)} "
+                            "(or pass dtype=)")
+        return by_name[name]
+    if stored not in _SAFETENSORS_DTYPES:
+        raise TypeError(f"model.embed_tokens.weight is stored as {stored}; pass dtype= one of "
+                        f"{list(_DTYPE_NAMES.values())}")
+    return _SAFETENSORS_DTYPES[stored]
+
+
 def load_decoder(path: str | Path, *, dtype: torch.dtype | None = None,
                  device: torch.device | str | None = None, config: ModelConfig | None = None
                  ) -> Decoder:
-    """Build a ``Decoder`` from a Hugging Face directory. ``dtype`` None keeps the checkpoint's
-    dtype (that of ``model.embed_tokens.weight``); ``device`` None is the CPU."""
+    """Build a ``Decoder`` from a Hugging Face directory. ``dtype`` None is transformers'
+    ``"auto"``: the dtype config.json names, else that of ``model.embed_tokens.weight`` on disk.
+    ``device`` None is the CPU."""
     root = Path(path)
     config = config or ModelConfig.from_pretrained(root)
     device = torch.device(device or "cpu")
@@ -96,11 +117,7 @@ def load_decoder(path: str | Path, *, dtype: torch.dtype | None = None,
         raise ValueError(f"checkpoint {root} has mis-shaped tensors: {wrong}")
 
     if dtype is None:
-        name = dtypes["model.embed_tokens.weight"]
-        if name not in _SAFETENSORS_DTYPES:
-            raise TypeError(f"model.embed_tokens.weight is stored as {name}; pass dtype= one of "
-                            f"{list(_DTYPE_NAMES.values())}")
-        dtype = _SAFETENSORS_DTYPES[name]
+        dtype = _default_dtype(config, dtypes["model.embed_tokens.weight"])
     if dtype not in _DTYPE_NAMES:
         raise TypeError(f"dtype must be one of {list(_DTYPE_NAMES)}, got {dtype}")
     model = model.to(dtype=dtype).to_empty(device=device)
@@ -165,8 +182,10 @@ def save_checkpoint(out_dir: str | Path, model: Decoder, tokenizer=None, *,
 
     raw = dict(config.raw)
     dtype_name = _DTYPE_NAMES[model.model.embed_tokens.weight.dtype]
-    # transformers v5 writes "dtype", older versions "torch_dtype": keep whichever is there.
-    raw["torch_dtype" if "torch_dtype" in raw else "dtype"] = dtype_name
+    # transformers v5 writes "dtype", older versions "torch_dtype": update whichever are there,
+    # since load_decoder's default dtype reads them.
+    for key in [k for k in ("dtype", "torch_dtype") if k in raw] or ["dtype"]:
+        raw[key] = dtype_name
     (out / "config.json").write_text(json.dumps(raw, indent=2, sort_keys=True))
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
