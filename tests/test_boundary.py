@@ -19,9 +19,11 @@ def ids(*texts):
     return [ID[t] for t in texts]
 
 
-def first_stop(boundary, stream, texts=TEXTS, eot=EOT):
+def first_stop(boundary, stream, texts=TEXTS, eot=EOT, decode=None):
     """Where a step ends the way the engine decides it: one table lookup per token on the device;
-    a table hit is confirmed on the host with the decoded text, and a rejected slot resumes."""
+    a table hit is confirmed on the host with the decoded text, and a rejected slot resumes (in
+    the automaton states of its text where the tables cannot know them)."""
+    decode = decode or (lambda ids: "".join(texts[j] for j in ids))
     cb = boundary.compile(texts, end_of_turn_id=eot)
     state = torch.zeros(1, cb.num_automata, dtype=torch.long)
     for i, t in enumerate(stream):
@@ -29,10 +31,11 @@ def first_stop(boundary, stream, texts=TEXTS, eot=EOT):
         if exact.item():
             return i
         if hit.item():
-            text = "".join(texts[j] for j in stream[: i + 1])
-            prev = "".join(texts[j] for j in stream[:i])
-            if boundary.confirm(text, prev, i + 1):
+            text = decode(stream[: i + 1])
+            if boundary.confirm(text, decode(stream[:i]), i + 1):
                 return i
+            if cb.resume_from_text:
+                state = torch.tensor([cb.states_after(text)])
     return None
 
 
@@ -159,3 +162,22 @@ def test_real_tokenizer_texts_and_end_of_turn():
     stop = first_stop(Boundary.parse("math"), stream, texts=texts, eot=eot)
     assert tok.decode(stream[: stop + 1]).endswith("\n\n")
     assert "\n\n" not in tok.decode(stream[:stop])
+
+
+def test_boundary_completed_after_a_utf8_character_split_over_byte_tokens():
+    """The character "。" is three byte tokens here: the tables cannot follow a partial character,
+    so they hand each byte token to the host, which resumes the slot in the state of the decoded
+    text; the "\\n" that follows then completes "。\\n" on the device."""
+    from transformers import AutoTokenizer
+
+    from mahalo_engine.tiny import tiny_checkpoint
+
+    tok = AutoTokenizer.from_pretrained(tiny_checkpoint("qwen2"))
+    texts = vocab_texts(tok, 600)
+    stream = tok.encode("We add 3\u3002\nNext", add_special_tokens=False)
+    assert sum(texts[t] == "\ufffd" for t in stream) >= 2  # the character is split
+    boundary = Boundary(strings=("\u3002\n",))
+    stop = first_stop(boundary, stream, texts=texts, eot=None, decode=tok.decode)
+    assert stop is not None and tok.decode(stream[: stop + 1]) == "We add 3\u3002\n"
+    assert boundary.compile(texts).resume_from_text
+    assert not Boundary(strings=("\n\n",)).compile(texts).resume_from_text  # ASCII: exact tables

@@ -215,9 +215,13 @@ def test_every_candidate_slot_stays_exact_across_promotes_and_reused_groups(poli
             assert step.score == pytest.approx(ref + 10.0 * (k - 1), abs=1e-4)
 
 
-def test_same_seed_same_result(engine):
+def test_same_seed_same_result(policy, prms):
+    engine = Engine(policy, prm=prms["other"], max_batch=2, max_seq_len=64)
     cfg = dict(candidates=3, boundary=" ", max_steps=2, max_step_tokens=6, check_every=2, top_k=0)
-    a = engine.search(PROMPTS[:2], config=SearchConfig(seed=7, **cfg))
+    # The first call allocates the engine's state under inference mode; later calls outside it
+    # must still be able to update that state in place.
+    with torch.inference_mode():
+        a = engine.search(PROMPTS[:2], config=SearchConfig(seed=7, **cfg))
     b = engine.search(PROMPTS[:2], config=SearchConfig(seed=7, **cfg))
     c = engine.search(PROMPTS[:2], config=SearchConfig(seed=8, **cfg))
     assert a == b
@@ -316,6 +320,28 @@ def test_max_seq_len_ends_the_request_not_the_batch(policy, prms):
     assert gen.finish_reason == "max_seq_len" and len(gen.token_ids) == 5
 
 
+def test_confirmation_resumes_a_slot_in_the_state_of_its_text(engine, policy):
+    """A slot the tables stopped inside a character split over byte tokens is rejected by the
+    host, and resumes in the boundary automaton's state after its decoded text, not the tables'
+    restart state (so the "\\n" of "。\\n" can complete the boundary next)."""
+    from mahalo_engine.engine.boundary import Boundary
+    from mahalo_engine.engine.graph_runner import PENDING, RUNNING
+
+    boundary = engine._compile(Boundary(strings=("\u3002\n",)))
+    runner = engine._prepare(1, None)
+    runner.set_boundary(boundary)
+    step = policy.tokenizer.encode("We add 3\u3002", add_special_tokens=False)
+    slot = torch.tensor([0])
+    runner.begin(slot, torch.tensor([50]))
+    engine.cache.lens[0] = len(step)
+    runner.tokens[0, : len(step)] = torch.tensor(step)
+    runner.step_len[0] = len(step)
+    runner.reason[0], runner.active[0] = PENDING, False
+    assert runner._confirm(slot, engine._confirmer(boundary))
+    assert int(runner.reason[0]) == RUNNING and bool(runner.active[0])
+    assert int(runner.bstate[0, 0]) == boundary.states_after("We add 3\u3002")[0] != 0
+
+
 # -- errors -------------------------------------------------------------------------------------
 
 
@@ -347,7 +373,7 @@ def test_errors(engine, policy, prms):
         engine.search(PROMPTS[:1], config=SearchConfig(candidates=2, scorer=bare))
     # A prompt that fits the policy but not the PRM's own tokenizer fails before any step runs.
     assert len(_ids(policy, PROMPTS[1])) < 16 <= len(bridge.tokenizer.encode(PROMPTS[1]))
-    with pytest.raises(ValueError, match=r"prompts \(index, PRM tokens\) \[\(1, \d+\)\] do not fit"):
+    with pytest.raises(ValueError, match=r"prompts \(index, PRM tokens\) \[\(1, \d+\)\] do not "):
         Engine(policy, max_batch=1, max_seq_len=16).search(
             ["Step 1:", PROMPTS[1]], config=SearchConfig(candidates=2, scorer=bridge))
     with pytest.raises(ValueError, match="3 scores for 6 candidates|returned 3 scores"):

@@ -50,9 +50,14 @@ def test_search_cli_matches_python(dirs, capsys):
         [[s.score for s in r.steps] for r in ref]
 
     # Printed form: one block per request, one line per step with its scores.
-    assert main([a for a in argv if a not in ("--out", str(out))]) == 0
+    printed_argv = [a for a in argv if a not in ("--out", str(out))]
+    printed_argv[printed_argv.index("--max-steps") + 1] = "1"  # one step is enough to print
+    assert main(printed_argv) == 0
     printed = capsys.readouterr().out
     assert printed.count("=== request") == 2 and "--- step 1: score" in printed
+    first = ref[0].steps[0]
+    assert f"--- step 1: score {first.score:.4g} (candidates " \
+           f"{', '.join(f'{c:.4g}' for c in first.candidate_scores)}; " in printed
 
 
 def test_generate_cli_matches_python(dirs, capsys):

@@ -13,7 +13,8 @@ token ids. `Boundary.compile` turns it into `CompiledBoundary`, tables over the 
 
 The tables can only over-report (a guard such as "e.g." or a bare list marker "1." needs the text),
 so a slot that stops on them is confirmed on the host with the decoded step text once, when it
-stops; a rejected slot resumes decoding where it paused.
+stops; a rejected slot resumes decoding where it paused (in the automaton states of that text when
+the tables could not follow it: a character split over byte tokens).
 """
 from __future__ import annotations
 
@@ -162,7 +163,8 @@ class Boundary:
             table = torch.zeros(len(automata), n_states, vocab, dtype=torch.int32)
             for d, a in enumerate(automata):
                 table[d, : a.n_states] = torch.from_numpy(a.token_table(texts))
-        return CompiledBoundary(self, exact.to(device), None if table is None else table.to(device))
+        return CompiledBoundary(self, exact.to(device), None if table is None else table.to(device),
+                                tuple(automata))
 
 
 # Preset boundaries by name; "sentence" is the paper's human-values chunker (sentence end or
@@ -183,6 +185,7 @@ class CompiledBoundary:
     boundary: Boundary
     exact: torch.Tensor  # bool [V]
     table: torch.Tensor | None  # int32 [D, n_states, V]
+    automata: tuple["_Automaton", ...] = field(default=(), repr=False)  # host side, as in table
     _dfa_index: torch.Tensor | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -192,6 +195,18 @@ class CompiledBoundary:
     @property
     def num_automata(self) -> int:
         return 0 if self.table is None else self.table.shape[0]
+
+    @property
+    def resume_from_text(self) -> bool:
+        """True when a slot the host resumes must take its automaton states from the decoded text
+        (`states_after`): after a token holding an incomplete UTF-8 character the tables cannot
+        know the state (they report a hit and restart), e.g. a ``"。"`` split over byte tokens
+        before the ``"\\n"`` of a boundary ``"。\\n"``."""
+        return any(a.wildcard_hits for a in self.automata)
+
+    def states_after(self, text: str) -> list[int]:
+        """Each automaton's state after reading a step's decoded ``text`` (host side)."""
+        return [a.run(0, text)[0] for a in self.automata]
 
     @property
     def vocab_size(self) -> int:

@@ -302,15 +302,18 @@ class Engine:
                 f"{policy_bytes:,} bytes of policy KV cache + {scorer_bytes:,} bytes of PRM cache "
                 f"= {policy_bytes + scorer_bytes:,} bytes, but only {available:,} bytes are "
                 f"available on {self.device}; lower max_batch, candidates or max_seq_len")
-        if grow:
-            self.cache = KVCache.allocate(config, num_slots, max_len, dtype=dtype,
-                                          device=self.device)
-            self._sampler = Sampler(self.policy.heads, num_slots)
-            self._runner = DecodeRunner(self.policy.model, self.cache, self._sampler,
-                                        max_seq_len=self.max_seq_len, eos_ids=self.eos_ids,
-                                        cuda_graphs=self.cuda_graphs)
-        if scorer is not None:
-            scorer.prepare(num_slots, self.max_seq_len, self.policy)
+        # Normal tensors even when called under torch.inference_mode(): the engine updates its
+        # state in place on later calls, which inference tensors forbid outside that mode.
+        with torch.inference_mode(False):
+            if grow:
+                self.cache = KVCache.allocate(config, num_slots, max_len, dtype=dtype,
+                                              device=self.device)
+                self._sampler = Sampler(self.policy.heads, num_slots)
+                self._runner = DecodeRunner(self.policy.model, self.cache, self._sampler,
+                                            max_seq_len=self.max_seq_len, eos_ids=self.eos_ids,
+                                            cuda_graphs=self.cuda_graphs)
+            if scorer is not None:
+                scorer.prepare(num_slots, self.max_seq_len, self.policy)
         return self._runner
 
     def _set_weights(self, rows: dict[int, torch.Tensor]) -> None:
@@ -334,10 +337,10 @@ class Engine:
     def _confirmer(self, boundary: CompiledBoundary):
         spec = boundary.boundary
 
-        def confirm(ids: list[int]) -> bool:
+        def confirm(ids: list[int]) -> tuple[bool, str]:
             opts = dict(skip_special_tokens=False, clean_up_tokenization_spaces=False)
-            return spec.confirm(self.tokenizer.decode(ids, **opts),
-                                self.tokenizer.decode(ids[:-1], **opts), len(ids))
+            text = self.tokenizer.decode(ids, **opts)
+            return spec.confirm(text, self.tokenizer.decode(ids[:-1], **opts), len(ids)), text
 
         return confirm
 

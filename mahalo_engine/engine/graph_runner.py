@@ -143,11 +143,12 @@ class DecodeRunner:
 
     # -- the loop ----------------------------------------------------------------------------
 
-    def run(self, n: int, check_every: int, confirm: Callable[[list[int]], bool],
+    def run(self, n: int, check_every: int, confirm: Callable[[list[int]], tuple[bool, str]],
             longest: int) -> None:
         """Step slots ``[0, n)`` until none is active; ``confirm(step_token_ids)`` decides each
-        boundary the tables flagged (False: the slot resumes where it paused). ``longest``: the
-        host's bound on the cache length of every active slot (e.g. the longest prompt)."""
+        boundary the tables flagged and returns ``(confirmed, decoded step text)`` (not confirmed:
+        the slot resumes where it paused). ``longest``: the host's bound on the cache length of
+        every active slot (e.g. the longest prompt)."""
         while True:
             # Step j < check_every of a chunk writes an active slot's token at <= longest + j.
             kv_len = kv_bucket(longest + check_every, self.cache.max_len)
@@ -169,15 +170,18 @@ class DecodeRunner:
                 return
             longest = int(lens[active | (flags[1] == PENDING)].max())
 
-    def _confirm(self, pending: torch.Tensor, confirm: Callable[[list[int]], bool]) -> bool:
+    def _confirm(self, pending: torch.Tensor,
+                 confirm: Callable[[list[int]], tuple[bool, str]]) -> bool:
         idx = pending.to(self.slots.device)
         info = torch.stack((self.step_len[idx], self.step_cap[idx],
                             self.cache.lens.index_select(0, idx).long())).cpu()
         width = int(info[0].max())
         rows = self.tokens[idx, :width].cpu().tolist()
-        reasons, resume = [], []
+        reasons, resume, texts = [], [], []
         for j, (n_tok, cap, length) in enumerate(info.t().tolist()):
-            if confirm(rows[j][:n_tok]):
+            confirmed, text = confirm(rows[j][:n_tok])
+            texts.append(text)
+            if confirmed:
                 reasons.append(BOUNDARY)
             elif length >= self.max_seq_len:  # same priority as on the device: FULL over LENGTH
                 reasons.append(FULL)
@@ -188,6 +192,11 @@ class DecodeRunner:
             resume.append(reasons[-1] == RUNNING)
         self.reason[idx] = torch.tensor(reasons, device=idx.device)
         self.active[idx] = torch.tensor(resume, device=idx.device)
+        if any(resume) and self.boundary.resume_from_text:
+            again = [j for j, r in enumerate(resume) if r]
+            d = self.boundary.num_automata
+            states = [self.boundary.states_after(texts[j]) for j in again]
+            self.bstate[idx[again], :d] = torch.tensor(states, device=idx.device)
         return any(resume)
 
     def read(self, slots: torch.Tensor) -> tuple[list[list[int]], list[list[float]], list[int]]:
