@@ -26,15 +26,17 @@ def sequences(seed: int, lengths: list[int]) -> list[list[int]]:
     return [torch.randint(0, 512, (n,), generator=g).tolist() for n in lengths]
 
 
+@pytest.mark.parametrize("slot_ids", [[4, 0, 2], [1, 2, 3]], ids=["scattered", "range"])
 @pytest.mark.parametrize("case", list(FAMILIES))
-def test_prefill_decode_extend_reproduce_forward(case):
+def test_prefill_decode_extend_reproduce_forward(case, slot_ids):
     family, kw = FAMILIES[case]
     path = tiny_checkpoint(family, **kw)
     model = load_decoder(path)
     ref_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     cache = KVCache.allocate(model.config, 6, 48, dtype=torch.float32, device="cpu")
     seqs = sequences(0, [34, 26, 30])
-    slots = torch.tensor([4, 0, 2])  # not in order, not contiguous
+    # not in order and not contiguous (gathered reads), or an ascending range (read in place)
+    slots = torch.tensor(slot_ids)
     cur = [9, 2, 14]  # ragged prompts
     got: list[dict[int, torch.Tensor]] = [{} for _ in seqs]
 
@@ -66,7 +68,8 @@ def test_prefill_decode_extend_reproduce_forward(case):
         cur[i] += new[i]
     decode([0, 1, 2])  # and decode again after the extend
     assert cache.lens[slots].tolist() == cur
-    assert cache.lens[[1, 3, 5]].tolist() == [0, 0, 0]
+    others = [s for s in range(6) if s not in slot_ids]
+    assert cache.lens[others].tolist() == [0, 0, 0]
 
     for i, s in enumerate(seqs):
         ids = torch.tensor([s[: cur[i]]])

@@ -163,10 +163,14 @@ class Decoder(nn.Module):
                             dtype=torch.long)
         cols = torch.tensor([c for m in new_list for c in range(m)], device=dev, dtype=torch.long)
         w_slots, w_pos = slots[rows], q_pos[rows, cols]
+        # Ascending contiguous slots (the engine's usual case) are read in place, not gathered:
+        # a gather would copy every slot's whole prefix in every layer.
+        first = slot_list[0]
+        reads = slice(first, first + n) if slot_list == list(range(first, first + n)) else slots
 
         def kv_update(layer: int, k: torch.Tensor, v: torch.Tensor):
             cache.write(layer, w_slots, w_pos, k[rows, cols], v[rows, cols])
-            return cache.read(layer, slots, length)
+            return cache.read(layer, reads, length)
 
         hidden = self._run(input_ids.to(dev), q_pos, masks, kv_update)
         cache.lens.index_add_(0, slots, num_new.to(torch.int32))
