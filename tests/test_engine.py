@@ -463,6 +463,32 @@ def test_graph_operands_merge_shared_weights(policy):
 
 
 
+def test_sampler_reads_its_temperature_buffer_at_each_draw(policy):
+    """The per-slot temperatures are a device buffer the kernels read (as a captured step does on
+    replay): writing it in place changes what the next draw samples, slot by slot."""
+    from mahalo_engine.engine.sampler import Sampler
+    from triton_kernels import multihead_sample
+
+    sampler = Sampler(policy.heads, 6)
+    sampler.configure(0.5, 0, 3)
+    weights = policy.weight_matrix(None, 6)
+    sampler.set_weights(weights)
+    hidden = 3 * torch.randn(6, policy.heads.shape[2], generator=torch.Generator().manual_seed(4))
+    draw = lambda t: multihead_sample(hidden, policy.heads, weights, temperature=t, seed=3,
+                                      offset=0)
+    first, _ = sampler.sample(hidden)
+    assert torch.equal(first, draw(0.5)[0])
+    sampler.offset.zero_()  # the same random numbers as the first draw
+    sampler.temperature[0::2] = 0.0
+    sampler.temperature[1::2] = 4.0
+    tokens, logprobs = sampler.sample(hidden)
+    for rows, t in ((slice(0, None, 2), 0.0), (slice(1, None, 2), 4.0)):
+        expected = draw(t)
+        assert torch.equal(tokens[rows], expected[0][rows])
+        torch.testing.assert_close(logprobs[rows], expected[1][rows], atol=1e-5, rtol=0)
+    assert not torch.equal(tokens, first)
+
+
 @pytest.mark.gpu
 def test_cuda_graphs_match_eager(ckpt, tmp_path):
     policy = load_policy(ckpt, dtype=torch.float32, device="cuda")
@@ -478,6 +504,11 @@ def test_cuda_graphs_match_eager(ckpt, tmp_path):
         assert graphs.generate(PROMPTS, max_new_tokens=80, **kw) == \
             eager.generate(PROMPTS, max_new_tokens=80, **kw)
     assert {key[1] for key in graphs._runner._graphs} >= {64, 97}  # kv_len buckets captured
+    # The temperature is a device buffer, not part of a graph's key: a new one replays the graphs.
+    captured = set(graphs._runner._graphs)
+    kw = dict(max_new_tokens=12, temperature=0.6, top_k=20, seed=4)
+    assert graphs.generate(PROMPTS, **kw) == eager.generate(PROMPTS, **kw)
+    assert set(graphs._runner._graphs) == captured
     cfg = SearchConfig(candidates=3, boundary=" ", max_steps=3, max_step_tokens=8, seed=2)
     a, b = graphs.search(PROMPTS, config=cfg), eager.search(PROMPTS, config=cfg)
     assert [r.token_ids for r in a] == [r.token_ids for r in b]

@@ -39,27 +39,32 @@ def _logits(B, dtype):
     return [("_logits_kernel", args, consts, cfg.num_warps, cfg.num_stages)]
 
 
-def _sample(B, dtype, temperature, top_k, rng_ptr):
-    """The two kernels of one multihead_sample call."""
-    mode, kpad = sampling_mode(temperature, top_k, V)
+def _sample(B, dtype, temperature, top_k, rng_ptr, temp_stride=None):
+    """The two kernels of one multihead_sample call; ``temp_stride`` not None: the temperature is
+    a float32 device tensor (stride 1: one per row, 0: one for all rows), ``temperature`` unused."""
+    temp_ptr = temp_stride is not None
+    mode, kpad = sampling_mode(torch.zeros(()) if temp_ptr else temperature, top_k, V)
     cfg = launch_config(B, V, D, dtype, num_sms=NUM_SMS, kpad=kpad)
     rng = dict(seed="*i64", offset="*i64") if rng_ptr else dict(seed=12345, offset=7)
-    flags = dict(MODE=mode, SEED_IS_PTR=rng_ptr, OFFSET_IS_PTR=rng_ptr)
+    temp = dict(temp_ptr="*fp32", stride_t=temp_stride if temp_ptr else 0)
+    flags = dict(MODE=mode, SEED_IS_PTR=rng_ptr, OFFSET_IS_PTR=rng_ptr, TEMP_IS_PTR=temp_ptr)
     args = dict(hidden_ptr="*" + _TYPES[dtype], weights_ptr="*fp32", heads_ptr="*" + _TYPES[dtype],
-                part_keys_ptr="*i64", B=B, stride_wb=H, inv_temp=1.25, n_tiles=cfg.n_tiles,
-                tiles_per_part=cfg.tiles_per_part, n_parts=cfg.n_parts, **rng, **_PARTS, **_PROJ)
+                part_keys_ptr="*i64", B=B, stride_wb=H, inv_temp=1.0 if temp_ptr else 1.25,
+                n_tiles=cfg.n_tiles, tiles_per_part=cfg.tiles_per_part, n_parts=cfg.n_parts,
+                **rng, **temp, **_PARTS, **_PROJ)
     consts = dict(LOG_KPAD=kpad.bit_length() - 1, BLOCK_B=cfg.block_b,
                   LOG_BLOCK_V=cfg.block_v.bit_length() - 1, BLOCK_K=cfg.block_k,
                   DOT_PRECISION=DOT_PRECISION, UPCAST_DOT=False, **flags)
     finish_args = dict(cand_keys_ptr="*i64", tokens_ptr="*i64", logprobs_ptr="*fp32", B=B,
-                       n_parts=cfg.n_parts, top_k=top_k, **rng, **_PARTS)
+                       n_parts=cfg.n_parts, top_k=top_k, **rng, **temp, **_PARTS)
     finish_consts = dict(BLOCK_R=cfg.finish_rows, BLOCK_P=cfg.finish_parts, TOPK_PAD=kpad, **flags)
     return [("_sample_partials_kernel", args, consts, cfg.num_warps, cfg.num_stages),
             ("_sample_finish_kernel", finish_args, finish_consts, 4, 3)]
 
 
 # The launcher's GPU configurations: B = 1, ≤ 16 / ≤ 32 / ≤ 64 row tiles, bf16/fp16/fp32, greedy,
-# Gumbel sampling and top-k (up to KPAD = 128), seed/offset as ints or device pointers.
+# Gumbel sampling and top-k (up to KPAD = 128), seed/offset as ints or device pointers, the
+# temperature as a float or a device tensor (per row, or one for all rows).
 CALLS = {
     "logits-bf16-b1": _logits(1, torch.bfloat16),
     "logits-bf16-b64": _logits(64, torch.bfloat16),
@@ -71,6 +76,11 @@ CALLS = {
     "sample-fp32-b8": _sample(8, torch.float32, 1.0, 0, False),
     "topk128-bf16-b64-device-rng": _sample(64, torch.bfloat16, 1.0, 128, True),
     "topk50-fp16-b8": _sample(8, torch.float16, 0.7, 50, False),
+    "sample-bf16-b64-device-temps": _sample(64, torch.bfloat16, None, 0, True, temp_stride=1),
+    "sample-bf16-b1-device-temp": _sample(1, torch.bfloat16, None, 0, True, temp_stride=0),
+    "top1-fp16-b8-device-temp": _sample(8, torch.float16, None, 1, False, temp_stride=0),
+    "topk128-bf16-b64-device-temps": _sample(64, torch.bfloat16, None, 128, True, temp_stride=1),
+    "topk20-fp32-b8-device-temps": _sample(8, torch.float32, None, 20, True, temp_stride=1),
 }
 
 

@@ -307,6 +307,82 @@ def test_cuda_graph_replay_draws_fresh_numbers(top_k):
         torch.testing.assert_close(logprobs, expected[1])
 
 
+# ----------------------------------------------------------------------------- temperature tensors
+
+TEMPS = [0.0, 0.5, 1.25, 0.7]  # 0.7 is not an fp32 number: the float calls get float(fp32(0.7))
+SAMPLERS = [pytest.param(multihead_sample, marks=needs_triton, id="kernels"),
+            pytest.param(reference.multihead_sample, id="reference")]
+
+
+@pytest.mark.parametrize("sample", SAMPLERS)
+@pytest.mark.parametrize("top_k", [0, 7, 1])
+def test_per_row_temperatures_equal_per_row_float_calls(sample, top_k):
+    """A [B] tensor mixing greedy (0) and sampling rows: each row gets exactly what a float call
+    at its temperature gives it (same batch, seed and offset, so the same random numbers)."""
+    hidden, heads, weights = make_inputs(40, 2, 300, 24, scale=3.0)
+    temps = torch.tensor(TEMPS, device=DEVICE)[torch.arange(40, device=DEVICE) % len(TEMPS)]
+    tokens, logprobs = sample(hidden, heads, weights, temperature=temps, top_k=top_k, seed=3,
+                              offset=2)
+    for t in temps.unique().tolist():
+        rows = temps == t
+        ref_tokens, ref_logprobs = sample(hidden, heads, weights, temperature=t, top_k=top_k,
+                                          seed=3, offset=2)
+        assert torch.equal(tokens[rows], ref_tokens[rows]), t
+        torch.testing.assert_close(logprobs[rows], ref_logprobs[rows], atol=1e-5, rtol=0)
+    if top_k != 1:  # the sampling rows did sample: not all of them took the argmax
+        greedy = sample(hidden, heads, weights, temperature=0.0)[0]
+        assert not torch.equal(tokens[temps > 0], greedy[temps > 0])
+
+
+@pytest.mark.parametrize("sample", SAMPLERS)
+@pytest.mark.parametrize("shape", [(), (1,)])
+@pytest.mark.parametrize("t,top_k", [(0.0, 0), (0.75, 0), (0.0, 5), (0.75, 5)])
+def test_one_temperature_tensor_equals_the_float_call(sample, shape, t, top_k):
+    hidden, heads, weights = make_inputs(24, 2, 200, 16, scale=3.0)
+    temperature = torch.full(shape, t, device=DEVICE)
+    tokens, logprobs = sample(hidden, heads, weights, temperature=temperature, top_k=top_k,
+                              seed=5, offset=1)
+    ref_tokens, ref_logprobs = sample(hidden, heads, weights, temperature=t, top_k=top_k, seed=5,
+                                      offset=1)
+    assert torch.equal(tokens, ref_tokens)
+    torch.testing.assert_close(logprobs, ref_logprobs, atol=1e-5, rtol=0)
+
+
+@needs_triton
+def test_zero_temperature_rows_of_top_k_break_ties_to_lowest_index():
+    """T = 0 rows under top-k pick from the merged candidates, which come in no set order."""
+    hidden, heads, weights = make_inputs(16, 1, 160, 16)
+    heads[:] = heads[:, :1]  # every column identical: all logits tie
+    temps = torch.tensor([0.0, 1.0], device=DEVICE).repeat(8)
+    tokens, _ = multihead_sample(hidden, heads, weights, temperature=temps, top_k=4, seed=2)
+    assert tokens[temps == 0].eq(0).all() and tokens[temps > 0].lt(4).all()
+
+
+@pytest.mark.gpu
+def test_cuda_graph_replay_reads_the_temperature_buffer():
+    hidden, heads, weights = make_inputs(8, 2, 1000, 64, torch.bfloat16, scale=0.5)
+    temperature = torch.zeros(8, device=DEVICE)
+    offset = torch.tensor([4], dtype=torch.int64, device=DEVICE)
+    call = lambda: multihead_sample(hidden, heads, weights, temperature=temperature, top_k=8,
+                                    seed=5, offset=offset)
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        call()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        tokens, logprobs = call()
+    for values in ([0.0] * 8, [1.5] * 8, [0.0, 0.75] * 4):  # fp32 numbers: as the float calls
+        temperature.copy_(torch.tensor(values))
+        graph.replay()
+        for t in set(values):
+            rows = temperature == t
+            expected = multihead_sample(hidden, heads, weights, temperature=t, top_k=8, seed=5,
+                                        offset=4)
+            assert torch.equal(tokens[rows], expected[0][rows])
+            torch.testing.assert_close(logprobs[rows], expected[1][rows], atol=1e-5, rtol=0)
+
+
 # ----------------------------------------------------------------------------------- shared weights
 
 
@@ -419,12 +495,24 @@ def test_bad_inputs_raise_value_error(name, match):
     (dict(temperature=float("nan")), "temperature"), (dict(seed=-3), r"seed must be in \[0, 2\*\*63\)"),
     (dict(offset=torch.zeros(2, dtype=torch.int64)), "offset tensor must be int64 with one element"),
     (dict(seed=torch.zeros(1, dtype=torch.int32)), "seed tensor must be int64"),
+    (dict(temperature=torch.ones(3, dtype=torch.float64)), "temperature tensor must be float32"),
+    (dict(temperature=torch.ones(4)), r"shape \[\], \[1\] or \[3\] .* got .* shape \[4\]"),
+    (dict(temperature=torch.ones(3, 1)), r"shape \[3, 1\]"),
+    (dict(temperature="0.5"), "temperature must be a real number or a float32 tensor"),
 ])
 def test_bad_sampling_arguments_raise_value_error(kwargs, match):
     hidden, heads, weights = make_inputs(3, 2, 50, 8)
     kwargs = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
     with pytest.raises(ValueError, match=match):
         multihead_sample(hidden, heads, weights, **kwargs)
+
+
+@pytest.mark.parametrize("sample", [multihead_sample, reference.multihead_sample])
+def test_temperature_tensor_on_another_device_raises_value_error(sample):
+    hidden, heads, weights = make_inputs(3, 2, 50, 8)
+    match = f"temperature tensor must be .* on {DEVICE}, got .* on meta"
+    with pytest.raises(ValueError, match=match):
+        sample(hidden, heads, weights, temperature=torch.ones(3, device="meta"))
 
 
 def test_bad_out_raises_value_error():

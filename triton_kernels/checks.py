@@ -90,14 +90,32 @@ def check_out(out: torch.Tensor | None, hidden: torch.Tensor, V: int) -> None:
         raise ValueError(f"out must be contiguous, got strides {out.stride()}")
 
 
-def check_sampling(temperature: float, top_k: int, seed: int | torch.Tensor,
-                   offset: int | torch.Tensor | None, device: torch.device) -> None:
-    """Temperature >= 0 and finite; 0 <= top_k <= MAX_TOP_K; seed/offset ints or 1-element int64
-    tensors on ``device`` (read on the device, so a CUDA graph replay sees their new values)."""
+def check_temperature(temperature: float | torch.Tensor, batch: int, device: torch.device) -> None:
+    """A real number >= 0 and finite (0 = greedy), or a float32 tensor on ``device`` of shape
+    ``[]``/``[1]`` (one temperature for every row) or ``[batch]`` (one per row).
+
+    A tensor's values are read on the device only (no host sync, so a CUDA graph can capture a call
+    and replay it with new values): a negative or non-finite entry is the caller's responsibility.
+    """
+    if isinstance(temperature, torch.Tensor):
+        if (temperature.dtype != torch.float32 or temperature.device != device
+                or tuple(temperature.shape) not in ((), (1,), (batch,))):
+            raise ValueError(f"temperature tensor must be float32 of shape [], [1] or [{batch}] "
+                             f"on {device}, got {temperature.dtype} shape "
+                             f"{list(temperature.shape)} on {temperature.device}")
+        return
     if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
-        raise ValueError(f"temperature must be a real number, got {temperature!r}")
+        raise ValueError(f"temperature must be a real number or a float32 tensor, got "
+                         f"{temperature!r}")
     if not math.isfinite(float(temperature)) or temperature < 0:
         raise ValueError(f"temperature must be finite and >= 0 (0 = greedy), got {temperature!r}")
+
+
+def check_sampling(temperature: float | torch.Tensor, top_k: int, seed: int | torch.Tensor,
+                   offset: int | torch.Tensor | None, device: torch.device, batch: int) -> None:
+    """``check_temperature``; 0 <= top_k <= MAX_TOP_K; seed/offset ints or 1-element int64
+    tensors on ``device`` (read on the device, so a CUDA graph replay sees their new values)."""
+    check_temperature(temperature, batch, device)
     if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral):
         raise ValueError(f"top_k must be an int, got {top_k!r}")
     if not 0 <= top_k <= MAX_TOP_K:

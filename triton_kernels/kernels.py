@@ -20,6 +20,12 @@ hi)``: every (seed, offset, row, index) gets its own uniform, so the plain and t
 merged-heads path see the same noise for the same token. ``seed``/``offset`` are kernel scalars or
 pointers to 1-element int64 tensors read on the device (``*_IS_PTR``), so a CUDA-graph replay
 after ``offset.add_(1)`` draws fresh numbers.
+
+Temperature: the kernel scalar ``inv_temp`` = 1/T (a float T = 0 runs MODE_GREEDY at scale 1), or,
+with ``TEMP_IS_PTR``, float32 temperatures read on the device, one per row (``stride_t`` 1) or one
+for all rows (``stride_t`` 0), so a replay samples at whatever the buffer holds. The mode then
+comes from ``top_k`` alone, and a row whose T is 0 is greedy inside the sampling modes: scale 1 and
+no Gumbel noise (top-k: its largest candidate key), the same token and log-prob as MODE_GREEDY.
 """
 import triton
 import triton.language as tl
@@ -90,6 +96,16 @@ def _scalar_arg(value, IS_PTR: tl.constexpr):
     if IS_PTR:
         return tl.load(value).to(tl.int64)
     return value.to(tl.int64)
+
+
+@triton.jit
+def _row_temperature(temp_ptr, stride_t, rows, row_ok):
+    """``(sampled, inv_temp)`` per row from the device temperatures (``stride_t`` 0: one for all
+    rows): T > 0 samples at scale 1/T, correctly rounded (div_rn) like the host's fp32(1/T) for a
+    float; T = 0 is greedy at scale 1, as for a float 0."""
+    t = tl.load(temp_ptr + rows.to(tl.int64) * stride_t, mask=row_ok, other=1.0)
+    sampled = t > 0
+    return sampled, tl.math.div_rn(1.0, tl.where(sampled, t, 1.0))
 
 
 @triton.jit
@@ -166,9 +182,11 @@ def _sample_partials_kernel(hidden_ptr, weights_ptr, heads_ptr, seed, offset,
                             part_scaled_ptr, part_keys_ptr,
                             B, V, D, H,
                             stride_xb, stride_xd, stride_wb, stride_wh, stride_hh, stride_hv,
-                            stride_hd, inv_temp, n_tiles, tiles_per_part, n_parts,
+                            stride_hd, inv_temp, temp_ptr, stride_t, n_tiles, tiles_per_part,
+                            n_parts,
                             MODE: tl.constexpr, SEED_IS_PTR: tl.constexpr,
-                            OFFSET_IS_PTR: tl.constexpr, LOG_KPAD: tl.constexpr,
+                            OFFSET_IS_PTR: tl.constexpr, TEMP_IS_PTR: tl.constexpr,
+                            LOG_KPAD: tl.constexpr,
                             BLOCK_B: tl.constexpr, LOG_BLOCK_V: tl.constexpr,
                             BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
                             UPCAST_DOT: tl.constexpr):
@@ -181,6 +199,8 @@ def _sample_partials_kernel(hidden_ptr, weights_ptr, heads_ptr, seed, offset,
     if MODE == _GUMBEL:
         seed_v = _scalar_arg(seed, SEED_IS_PTR)
         offset_v = _scalar_arg(offset, OFFSET_IS_PTR)
+    if TEMP_IS_PTR:
+        sampled, row_inv_temp = _row_temperature(temp_ptr, stride_t, rows, row_ok)
 
     run_max = tl.full((BLOCK_B,), float("-inf"), tl.float32)
     run_sumexp = tl.zeros((BLOCK_B,), tl.float32)
@@ -196,7 +216,11 @@ def _sample_partials_kernel(hidden_ptr, weights_ptr, heads_ptr, seed, offset,
         z = _project_tile(hidden_ptr, weights_ptr, heads_ptr, rows, cols, B, V, D, H,
                           stride_xb, stride_xd, stride_wb, stride_wh, stride_hh, stride_hv,
                           stride_hd, BLOCK_B, BLOCK_V, BLOCK_K, DOT_PRECISION, UPCAST_DOT)
-        s = tl.where((cols < V)[None, :], z * inv_temp, float("-inf"))
+        if TEMP_IS_PTR:
+            z = z * row_inv_temp[:, None]
+        else:
+            z = z * inv_temp
+        s = tl.where((cols < V)[None, :], z, float("-inf"))
         # Online log-sum-exp; the first tile of a part always holds a valid column, so new_max is
         # finite and exp(-inf - new_max) = 0 never meets -inf - -inf.
         new_max = tl.maximum(run_max, tl.max(s, axis=1))
@@ -215,7 +239,10 @@ def _sample_partials_kernel(hidden_ptr, weights_ptr, heads_ptr, seed, offset,
             if MODE == _GUMBEL:
                 rows2 = tl.broadcast_to(rows[:, None], (BLOCK_B, BLOCK_V))
                 cols2 = tl.broadcast_to(cols[None, :], (BLOCK_B, BLOCK_V))
-                score = s + _gumbel(seed_v, offset_v, rows2, cols2)
+                noise = _gumbel(seed_v, offset_v, rows2, cols2)
+                if TEMP_IS_PTR:
+                    noise = tl.where(sampled[:, None], noise, 0.0)
+                score = s + noise
             else:
                 score = s
             tile_best = tl.max(score, axis=1)
@@ -240,10 +267,11 @@ def _sample_partials_kernel(hidden_ptr, weights_ptr, heads_ptr, seed, offset,
 
 @triton.jit(do_not_specialize=["seed", "offset"])
 def _sample_finish_kernel(part_max_ptr, part_sumexp_ptr, part_best_ptr, part_token_ptr,
-                          part_scaled_ptr, cand_keys_ptr, seed, offset, tokens_ptr, logprobs_ptr,
-                          B, n_parts, top_k,
+                          part_scaled_ptr, cand_keys_ptr, seed, offset, temp_ptr, stride_t,
+                          tokens_ptr, logprobs_ptr, B, n_parts, top_k,
                           MODE: tl.constexpr, SEED_IS_PTR: tl.constexpr,
-                          OFFSET_IS_PTR: tl.constexpr, BLOCK_R: tl.constexpr,
+                          OFFSET_IS_PTR: tl.constexpr, TEMP_IS_PTR: tl.constexpr,
+                          BLOCK_R: tl.constexpr,
                           BLOCK_P: tl.constexpr, TOPK_PAD: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < B
@@ -283,6 +311,11 @@ def _sample_finish_kernel(part_max_ptr, part_sumexp_ptr, part_best_ptr, part_tok
         noise = _gumbel(_scalar_arg(seed, SEED_IS_PTR), _scalar_arg(offset, OFFSET_IS_PTR), rows2,
                         cols)
         pick = tl.argmax(tl.where(ok, s + noise, float("-inf")), axis=1)
+        if TEMP_IS_PTR:
+            # A T = 0 row is greedy: its largest key, i.e. the largest s, ties to the lower index
+            # (the candidates come in no particular order, so an argmax of s alone would not do).
+            sampled, _ = _row_temperature(temp_ptr, stride_t, rows, row_ok)
+            pick = tl.where(sampled, pick, tl.argmax(keys, axis=1))
         chosen = j[None, :] == pick[:, None]
         token = tl.sum(tl.where(chosen, cols, 0), axis=1)
         scaled = tl.sum(tl.where(chosen, s, 0.0), axis=1)

@@ -8,7 +8,8 @@ Both launchers validate their arguments (``ValueError`` naming the argument), th
 shared-weights plan (``triton_kernels.merge``: U < H distinct weight rows → U merged heads). Neither
 synchronises with the host once the plan for a weights tensor is known, and with a precomputed
 plan (``merge_shared_heads``) both are capturable in a CUDA graph: ``seed``/``offset`` may be
-1-element int64 device tensors that the kernels read on the device.
+1-element int64 device tensors and ``temperature`` a float32 device tensor (one value, or one per
+row), all read by the kernels on the device.
 """
 from __future__ import annotations
 
@@ -86,9 +87,13 @@ def launch_config(B: int, V: int, d: int, dtype: torch.dtype, *, num_sms: int | 
                         finish_rows, finish_parts)
 
 
-def sampling_mode(temperature: float, top_k: int, V: int) -> tuple[int, int]:
-    """``(mode, kpad)``: greedy, Gumbel sampling, or top-k (``kpad``: power of 2 ≥ top_k)."""
-    if temperature == 0 or top_k == 1:
+def sampling_mode(temperature: float | torch.Tensor, top_k: int, V: int) -> tuple[int, int]:
+    """``(mode, kpad)``: greedy, Gumbel sampling, or top-k (``kpad``: power of 2 ≥ top_k).
+
+    A temperature tensor is not read on the host: its mode depends on ``top_k`` only, and its
+    T = 0 rows are greedy inside the sampling modes (see triton_kernels.kernels)."""
+    greedy = not isinstance(temperature, torch.Tensor) and temperature == 0
+    if greedy or top_k == 1:
         return MODE_GREEDY, 1  # top-1 of z/T is the argmax, at any T > 0
     if 0 < top_k < V:
         return MODE_TOPK, triton.next_power_of_2(top_k)
@@ -139,7 +144,8 @@ def multihead_logits(hidden: torch.Tensor, heads: torch.Tensor, weights: torch.T
 
 
 def multihead_sample(hidden: torch.Tensor, heads: torch.Tensor, weights: torch.Tensor, *,
-                     temperature: float = 1.0, top_k: int = 0, seed: int | torch.Tensor = 0,
+                     temperature: float | torch.Tensor = 1.0, top_k: int = 0,
+                     seed: int | torch.Tensor = 0,
                      offset: int | torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused projection + sampling: ``(tokens int64 [B], logprobs float32 [B])``.
 
@@ -148,12 +154,16 @@ def multihead_sample(hidden: torch.Tensor, heads: torch.Tensor, weights: torch.T
     index). ``logprobs`` = ``log_softmax(z/T)`` at the token, untruncated (T = 0 → T = 1). ``seed``
     and ``offset`` (None = 0) are ints or 1-element int64 tensors on the inputs' device; the same
     (seed, offset) gives the same tokens, and every row draws independent numbers.
+    ``temperature`` may also be a float32 tensor on the inputs' device, ``[]``/``[1]`` (every row)
+    or ``[B]`` (per row; 0 = that row greedy), read on the device like ``seed``/``offset``: a
+    captured CUDA graph samples at whatever it holds at replay. Its values are not validated
+    (that would read them on the host): negative or non-finite entries are the caller's bug.
     """
     if not _use_triton(hidden.device):
         return reference.multihead_sample(hidden, heads, weights, temperature=temperature,
                                           top_k=top_k, seed=seed, offset=offset)
     check_projection(hidden, heads, weights)
-    check_sampling(temperature, top_k, seed, offset, hidden.device)
+    check_sampling(temperature, top_k, seed, offset, hidden.device, hidden.shape[0])
     heads, weights = plan_heads(heads, weights)
     B, V = hidden.shape[0], heads.shape[1]
     offset = 0 if offset is None else offset
@@ -171,12 +181,18 @@ def multihead_sample(hidden: torch.Tensor, heads: torch.Tensor, weights: torch.T
         part_token = torch.empty(B, cfg.n_parts, dtype=torch.int32, device=dev)
         part_keys = part_max  # unused
     rng = dict(SEED_IS_PTR=isinstance(seed, torch.Tensor),
-               OFFSET_IS_PTR=isinstance(offset, torch.Tensor))
+               OFFSET_IS_PTR=isinstance(offset, torch.Tensor),
+               TEMP_IS_PTR=isinstance(temperature, torch.Tensor))
+    if rng["TEMP_IS_PTR"]:  # stride 0: one temperature for every row
+        inv_temp, temp = 1.0, temperature
+        stride_t = temperature.stride(0) if temperature.numel() > 1 else 0
+    else:  # the kernels never read temp (part_max is a placeholder pointer)
+        inv_temp, temp, stride_t = 1.0 / temperature if temperature > 0 else 1.0, part_max, 0
     _sample_partials_kernel[(triton.cdiv(B, cfg.block_b), cfg.n_parts)](
         hidden, weights, heads, seed, offset, part_max, part_sumexp, part_best, part_token,
-        part_scaled, part_keys, *_projection_args(hidden, heads, weights),
-        1.0 / temperature if temperature > 0 else 1.0, cfg.n_tiles, cfg.tiles_per_part,
-        cfg.n_parts, MODE=mode, LOG_KPAD=kpad.bit_length() - 1, BLOCK_B=cfg.block_b,
+        part_scaled, part_keys, *_projection_args(hidden, heads, weights), inv_temp, temp,
+        stride_t, cfg.n_tiles, cfg.tiles_per_part, cfg.n_parts, MODE=mode,
+        LOG_KPAD=kpad.bit_length() - 1, BLOCK_B=cfg.block_b,
         LOG_BLOCK_V=cfg.block_v.bit_length() - 1, BLOCK_K=cfg.block_k,
         DOT_PRECISION=DOT_PRECISION, UPCAST_DOT=_upcast_dot(hidden), num_warps=cfg.num_warps,
         num_stages=cfg.num_stages, **rng)
@@ -188,7 +204,7 @@ def multihead_sample(hidden: torch.Tensor, heads: torch.Tensor, weights: torch.T
     tokens = torch.empty(B, dtype=torch.int64, device=dev)
     logprobs = torch.empty(B, dtype=torch.float32, device=dev)
     _sample_finish_kernel[(triton.cdiv(B, cfg.finish_rows),)](
-        part_max, part_sumexp, part_best, part_token, part_scaled, cand, seed, offset, tokens,
-        logprobs, B, cfg.n_parts, top_k, MODE=mode, BLOCK_R=cfg.finish_rows,
+        part_max, part_sumexp, part_best, part_token, part_scaled, cand, seed, offset, temp,
+        stride_t, tokens, logprobs, B, cfg.n_parts, top_k, MODE=mode, BLOCK_R=cfg.finish_rows,
         BLOCK_P=cfg.finish_parts, TOPK_PAD=kpad, num_warps=4, **rng)
     return tokens, logprobs

@@ -4,7 +4,8 @@ Same signatures as the Triton launchers in ``triton_kernels.multihead``. This is
 is tested against and what the engine runs on CPU without ``TRITON_INTERPRET=1``.
 
 - ``multihead_logits``: ``z[b] = Σ_i w[b,i] · W_i h[b]`` in float32.
-- ``multihead_sample``: temperature ``T`` (0 = greedy), optional top-k truncation (the ``top_k``
+- ``multihead_sample``: temperature ``T`` (0 = greedy; a float, or a float32 tensor with one
+  value for every row or one per row), optional top-k truncation (the ``top_k``
   largest ``z/T``, ties to the lower vocabulary index), a draw from ``softmax`` over what is left,
   and the drawn token's log-probability under the *untruncated* ``log_softmax(z/T)`` (T=0 → T=1).
   The random stream here is torch's generator seeded from ``(seed, offset)``: same distribution as
@@ -53,23 +54,32 @@ def top_k_mask(scaled: torch.Tensor, top_k: int) -> torch.Tensor:
 
 
 def multihead_sample(hidden: torch.Tensor, heads: torch.Tensor, weights: torch.Tensor, *,
-                     temperature: float = 1.0, top_k: int = 0, seed: int | torch.Tensor = 0,
+                     temperature: float | torch.Tensor = 1.0, top_k: int = 0,
+                     seed: int | torch.Tensor = 0,
                      offset: int | torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample one token per row from ``softmax(z/T)`` (top-k truncated if ``top_k > 0``).
 
+    ``temperature``: a float, or a float32 tensor ``[]``/``[1]`` (every row) or ``[B]`` (per row).
     Returns ``(tokens int64 [B], logprobs float32 [B])``; logprobs are under the untruncated
-    ``log_softmax(z/T)`` with T=0 read as T=1.
+    ``log_softmax(z/T)`` with T=0 read as T=1 (the row is then greedy).
     """
-    check_sampling(temperature, top_k, seed, offset, hidden.device)
+    check_sampling(temperature, top_k, seed, offset, hidden.device, hidden.shape[0])
     z = multihead_logits(hidden, heads, weights)
-    scaled = z / temperature if temperature > 0 else z
-    logprobs = torch.log_softmax(scaled, dim=-1)
-    if temperature == 0:
-        tokens = torch.argmax(scaled, dim=-1)
+    if isinstance(temperature, torch.Tensor):
+        t = temperature.reshape(-1, 1)  # [1, 1] (every row) or [B, 1]
+        greedy = (t == 0)[:, 0]
+        scaled = z / torch.where(greedy[:, None], 1.0, t)
     else:
+        greedy = torch.tensor([temperature == 0], device=z.device)
+        scaled = z / temperature if temperature > 0 else z
+    logprobs = torch.log_softmax(scaled, dim=-1)
+    tokens = torch.argmax(scaled, dim=-1)
+    # A tensor's values stay on the device: every row draws, greedy rows keep their argmax.
+    if isinstance(temperature, torch.Tensor) or temperature > 0:
         if 0 < top_k < scaled.shape[1]:
             scaled = scaled.masked_fill(~top_k_mask(scaled, top_k), float("-inf"))
         probs = torch.softmax(scaled, dim=-1)
         gen = _generator(seed, offset, hidden.device)
-        tokens = torch.multinomial(probs, 1, generator=gen).squeeze(1)
+        drawn = torch.multinomial(probs, 1, generator=gen).squeeze(1)
+        tokens = torch.where(greedy, tokens, drawn)
     return tokens, logprobs.gather(1, tokens[:, None]).squeeze(1)

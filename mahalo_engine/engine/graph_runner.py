@@ -13,10 +13,10 @@ contiguous): with the live slots' longest length L known on the host at a check 
 the flags, no extra sync), the next ``check_every`` steps stay below L + check_every, rounded up to
 a power-of-two bucket (`kv_bucket`). So a step costs what the live lengths need, not max_seq_len.
 
-On CUDA the step is captured once per (slot-count bucket, kv_len bucket, sampling options,
-boundary, shared-weights plan) in a `torch.cuda.CUDAGraph` and replayed; the random offset lives on
-the device, so replays draw fresh numbers. On CPU, or with ``cuda_graphs=False``, the same step
-runs eagerly.
+On CUDA the step is captured once per (slot-count bucket, kv_len bucket, top_k (1 when greedy),
+boundary, shared-weights plan) in a `torch.cuda.CUDAGraph` and replayed; the random offset and the
+temperatures live on the device, so replays draw fresh numbers at the current temperatures. On
+CPU, or with ``cuda_graphs=False``, the same step runs eagerly.
 """
 from __future__ import annotations
 
@@ -213,7 +213,7 @@ class DecodeRunner:
 
     def _graph_step(self, n: int, kv_len: int) -> Callable[[], None]:
         heads, weights, plan = self.sampler.graph_operands(n)
-        key = (n, kv_len, self.sampler.temperature, self.sampler.top_k, id(self.boundary), plan)
+        key = (n, kv_len, self.sampler.top_k, id(self.boundary), plan)
         entry = self._graphs.get(key)
         if entry is None:
             entry = self._capture(n, kv_len, heads, weights)

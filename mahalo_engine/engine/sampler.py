@@ -1,9 +1,12 @@
-"""Sampling glue: static device buffers (per-slot head weights, seed, offset) around
-``triton_kernels.multihead_sample``.
+"""Sampling glue: static device buffers (per-slot head weights and temperatures, seed, offset)
+around ``triton_kernels.multihead_sample``.
 
 Row n of a sampling call is slot n, so each slot draws from its own random stream
 ``(seed, offset, slot)``; the offset is a device tensor advanced in place after every draw, so
-a replayed CUDA graph draws fresh numbers and a run is reproducible from its seed.
+a replayed CUDA graph draws fresh numbers and a run is reproducible from its seed. The kernels
+read the temperatures on the device too (0 = that slot greedy), so a captured step serves every
+temperature: only ``top_k`` (the kernels' mode and tile shapes; 1 for a greedy call) is part of
+a graph's key.
 The weights buffer is written only when a slot's weights change (from the host, where they are
 known), so the launcher's shared-weights plan — U distinct weight vectors < H heads → U merged
 heads — is computed once per change, not per token.
@@ -23,15 +26,20 @@ class Sampler:
         self.weights_host = torch.zeros(num_slots, heads.shape[0], dtype=torch.float32)
         self.seed = torch.zeros(1, dtype=torch.int64, device=dev)
         self.offset = torch.zeros(1, dtype=torch.int64, device=dev)
-        self.temperature = 1.0
+        self.temperature = torch.ones(num_slots, dtype=torch.float32, device=dev)
         self.top_k = 0
         # One persistent view per row count: the launcher remembers its plan per weights tensor.
         self._views: dict[int, torch.Tensor] = {}
 
     def configure(self, temperature: float, top_k: int, seed: int) -> None:
-        """Sampling options of one call; restarts the random streams at (seed, offset 0)."""
-        self.temperature = float(temperature)
-        self.top_k = int(top_k)
+        """Sampling options of one call (one temperature for every slot); restarts the random
+        streams at (seed, offset 0)."""
+        self.temperature.fill_(temperature)
+        # Greedy ignores top_k, and top_k = 1 selects the kernels' greedy mode at any temperature
+        # (no noise, no top-k merge): a greedy call gets the cheapest step. Slots then stay greedy
+        # whatever the buffer holds; after a sampling configure, writing 0 (or T > 0) into a
+        # slot's entry makes it greedy (or sample at T) from the next draw on.
+        self.top_k = 1 if temperature == 0 else int(top_k)
         self.seed.fill_(seed)
         self.offset.zero_()
 
@@ -67,7 +75,7 @@ class Sampler:
         n = hidden.shape[0]
         out = multihead_sample(hidden, self.heads if heads is None else heads,
                                self.view(n) if weights is None else weights,
-                               temperature=self.temperature, top_k=self.top_k, seed=self.seed,
+                               temperature=self.temperature[:n], top_k=self.top_k, seed=self.seed,
                                offset=self.offset)
         self.offset.add_(1)
         return out
