@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from mahalo_engine.utils.paths import cache_dir
+
 logger = logging.getLogger(__name__)
 
 _CSRC = Path(__file__).resolve().parent.parent / "csrc"
@@ -26,10 +28,7 @@ _INDEX_DTYPES = (torch.int32, torch.int64)
 
 
 def _jit_build_dir(with_cuda: bool) -> Path:
-    root = os.environ.get("MAHALO_EXT_DIR")
-    if root is None:
-        cache_home = os.environ.get("XDG_CACHE_HOME", os.path.join(os.path.expanduser("~"), ".cache"))
-        root = os.path.join(cache_home, "mahalo_engine", "torch_extensions")
+    root = os.environ.get("MAHALO_EXT_DIR") or cache_dir("torch_extensions")
     flavour = f"cu{torch.version.cuda}" if with_cuda else "cpu"
     return Path(root) / f"torch{torch.__version__.split('+')[0]}-{flavour}"
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from mahalo_engine.config import SUPPORTED_MODEL_TYPES
+from mahalo_engine.utils.paths import cache_dir
 
 FAMILIES = SUPPORTED_MODEL_TYPES
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
@@ -185,12 +186,6 @@ def make_tiny_checkpoint(
     return out
 
 
-def _cache_root() -> Path:
-    env = os.environ.get("MAHALO_CACHE")
-    base = Path(env) if env else Path.home() / ".cache" / "mahalo_engine"
-    return base / "tiny"
-
-
 def tiny_checkpoint(family: str = "qwen2", **kw: Any) -> Path:
     """The directory of ``make_tiny_checkpoint(family, **kw)``, built once and cached on disk.
 
@@ -199,7 +194,7 @@ def tiny_checkpoint(family: str = "qwen2", **kw: Any) -> Path:
     """
     key_src = json.dumps({"family": family, "v": _RECIPE_VERSION, **kw}, sort_keys=True, default=str)
     key = f"{family}-{hashlib.sha256(key_src.encode()).hexdigest()[:16]}"
-    root = _cache_root()
+    root = cache_dir("tiny")
     final = root / key
     if final.is_dir():
         return final

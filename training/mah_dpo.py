@@ -23,7 +23,6 @@ import argparse
 import hashlib
 import json
 import logging
-import os
 import sys
 from array import array
 from pathlib import Path
@@ -32,6 +31,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from mahalo_engine.utils import paths
 from training import distributed as D
 from training.checkpoint import atomic_directory
 from training.data import (BalancedBatches, PreferenceData, TokenizedPair, collate_pairs, micro_batches,
@@ -44,11 +44,6 @@ from training.trainer import Micro, Trainer, add_common_args, cli_main, describe
 log = logging.getLogger(__name__)
 
 REF_CACHE_VERSION = 2
-
-
-def default_cache_dir() -> Path:
-    env = os.environ.get("MAHALO_CACHE")
-    return (Path(env) if env else Path.home() / ".cache" / "mahalo_engine") / "ref_logps"
 
 
 def init_heads(sft_head: torch.Tensor, num_heads: int, sigma: float, seeds: Sequence[int]) -> torch.Tensor:
@@ -208,7 +203,7 @@ def train(args: argparse.Namespace, info: D.DistInfo, tokenizer) -> None:
     pad = pad_id_of(tokenizer, config.pad_token_id)
     bf16 = info.device.type == "cuda" and args.bf16
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else None
-    ref = reference_logps(decoder, items, model_dir=args.model, cache_dir=args.ref_cache or default_cache_dir(),
+    ref = reference_logps(decoder, items, model_dir=args.model, cache_dir=args.ref_cache or paths.cache_dir("ref_logps"),
                           pad_id=pad, batch_size=args.ref_batch_size, chunk_tokens=args.chunk_tokens,
                           info=info, bf16=bf16, autocast=autocast).to(info.device)
     bad = (~torch.isfinite(ref)).any(1).nonzero(as_tuple=True)[0].tolist()
