@@ -131,3 +131,48 @@ def check_sampling(temperature: float | torch.Tensor, top_k: int, seed: int | to
             raise ValueError(f"{name} must be an int or a 1-element int64 tensor, got {value!r}")
         elif not 0 <= value < _MAX_SEED:
             raise ValueError(f"{name} must be in [0, 2**63), got {value}")
+
+
+CASCADE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def check_cascade(q: torch.Tensor, prefix_k: torch.Tensor, prefix_v: torch.Tensor,
+                  prefix_lens: torch.Tensor, suffix_k: torch.Tensor, suffix_v: torch.Tensor,
+                  suffix_lens: torch.Tensor) -> None:
+    """Shapes, dtypes and devices of a cascade decode attention call (no device read):
+    ``q [R,K,H,hd]``, ``prefix_k/v [R,n_kv,Tp,hd]``, ``prefix_lens [R]``, ``suffix_k/v
+    [R,K,n_kv,Ts,hd]``, ``suffix_lens [R,K]``; H a multiple of n_kv; one float dtype; int lens."""
+    named = {"q": q, "prefix_k": prefix_k, "prefix_v": prefix_v, "prefix_lens": prefix_lens,
+             "suffix_k": suffix_k, "suffix_v": suffix_v, "suffix_lens": suffix_lens}
+    for name, t in named.items():
+        _require_tensor(name, t)
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+    if q.dim() != 4:
+        raise ValueError(f"q must be [R, K, H, head_dim], got shape {tuple(q.shape)}")
+    r, k, h, hd = q.shape
+    if q.dtype not in CASCADE_DTYPES:
+        raise ValueError(f"q dtype {q.dtype} is not supported; expected one of {CASCADE_DTYPES}")
+    if prefix_k.dim() != 4 or prefix_k.shape[0] != r or prefix_k.shape[3] != hd:
+        raise ValueError(f"prefix_k must be [R={r}, n_kv, Tp, head_dim={hd}], got shape "
+                         f"{tuple(prefix_k.shape)}")
+    n_kv = prefix_k.shape[1]
+    if n_kv < 1 or h % n_kv:
+        raise ValueError(f"q has {h} heads, not a multiple of prefix_k's {n_kv} KV heads")
+    if suffix_k.dim() != 5 or tuple(suffix_k.shape[:3]) != (r, k, n_kv) or suffix_k.shape[4] != hd:
+        raise ValueError(f"suffix_k must be [R={r}, K={k}, n_kv={n_kv}, Ts, head_dim={hd}], got "
+                         f"shape {tuple(suffix_k.shape)}")
+    for name, kt, vt in (("prefix", prefix_k, prefix_v), ("suffix", suffix_k, suffix_v)):
+        if vt.shape != kt.shape:
+            raise ValueError(f"{name}_v shape {tuple(vt.shape)} differs from {name}_k's "
+                             f"{tuple(kt.shape)}")
+        for name_t, t in ((f"{name}_k", kt), (f"{name}_v", vt)):
+            if t.dtype != q.dtype:
+                raise ValueError(f"{name_t} dtype {t.dtype} differs from q's {q.dtype}")
+            if t.stride(-1) != 1:
+                raise ValueError(f"{name_t} must have a unit last stride, got {t.stride()}")
+    for name, t, shape in (("prefix_lens", prefix_lens, (r,)), ("suffix_lens", suffix_lens, (r, k))):
+        if t.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"{name} must be int32 or int64, got {t.dtype}")
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name} must have shape {list(shape)}, got {tuple(t.shape)}")

@@ -1,6 +1,7 @@
-"""Pure-torch definitions of the multi-head projection and sampling (the readable spec).
+"""Pure-torch definitions of the multi-head projection, sampling and cascade attention (the
+readable spec).
 
-Same signatures as the Triton launchers in ``triton_kernels.multihead``. This is what every kernel
+Same signatures as the Triton launchers in ``triton_kernels.multihead`` / ``triton_kernels.cascade``. This is what every kernel
 is tested against and what the engine runs on CPU without ``TRITON_INTERPRET=1``.
 
 - ``multihead_logits``: ``z[b] = Σ_i w[b,i] · W_i h[b]`` in float32.
@@ -10,13 +11,15 @@ is tested against and what the engine runs on CPU without ``TRITON_INTERPRET=1``
   and the drawn token's log-probability under the *untruncated* ``log_softmax(z/T)`` (T=0 → T=1).
   The random stream here is torch's generator seeded from ``(seed, offset)``: same distribution as
   the kernel's Philox/Gumbel stream, not the same numbers.
+- ``cascade_decode_attention``: one decode token per candidate over its request's shared prefix
+  and its own suffix, as two partial softmaxes merged by log-sum-exp (``triton_kernels.cascade``).
 """
 from __future__ import annotations
 
 import torch
 
-from triton_kernels.checks import (check_finite_weights, check_out, check_projection,
-                                   check_sampling)
+from triton_kernels.checks import (check_cascade, check_finite_weights, check_out,
+                                   check_projection, check_sampling)
 
 
 def multihead_logits(hidden: torch.Tensor, heads: torch.Tensor, weights: torch.Tensor, *,
@@ -83,3 +86,76 @@ def multihead_sample(hidden: torch.Tensor, heads: torch.Tensor, weights: torch.T
         drawn = torch.multinomial(probs, 1, generator=gen).squeeze(1)
         tokens = torch.where(greedy, tokens, drawn)
     return tokens, logprobs.gather(1, tokens[:, None]).squeeze(1)
+
+
+# ---- cascade (shared-prefix) decode attention ---------------------------------------------------
+#
+# K candidates of one request share its committed prefix; each also has its own short suffix (the
+# current step's tokens). One new query token per candidate attends ``prefix[:plen[r]]`` and
+# ``suffix[r, k, :slen[r, k]]``: attention is computed over each part separately, giving a partial
+# output normalised within the part and its log-sum-exp, and the two merge exactly by
+# ``o = e^(lse_p - lse) o_p + e^(lse_s - lse) o_s`` with ``lse = logaddexp(lse_p, lse_s)``.
+
+
+def attend_partial(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor,
+                   scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention of ``q [N, n_kv, Q, hd]`` over the first ``lens[n]`` keys of
+    ``k/v [N, n_kv, T, hd]`` → float32 ``(o [N, n_kv, Q, hd], lse [N, n_kv, Q])``.
+
+    Keys at ``>= lens[n]`` are never read into the result (masked with ``where``, so NaN/inf there
+    cannot leak); an empty row gives ``o = 0``, ``lse = -inf``.
+    """
+    valid = torch.arange(k.shape[2], device=k.device)[None, :] < lens.reshape(-1, 1)  # [N, T]
+    kf = torch.where(valid[:, None, :, None], k.float(), 0.0)
+    vf = torch.where(valid[:, None, :, None], v.float(), 0.0)
+    s = torch.einsum("nhqd,nhtd->nhqt", q.float(), kf) * scale
+    s = s.masked_fill(~valid[:, None, None, :], float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)  # -inf on an empty row
+    p = torch.exp(s - torch.where(torch.isinf(lse), 0.0, lse)[..., None])  # exp(-inf) = 0
+    return torch.einsum("nhqt,nhtd->nhqd", p, vf), lse
+
+
+def merge_partials(o_a: torch.Tensor, lse_a: torch.Tensor, o_b: torch.Tensor, lse_b: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge two normalised partial attentions ``o [..., hd]`` with log-sum-exps ``lse [...]``.
+
+    Exact when one side is empty (``lse = -inf``): its weight is ``exp(-inf) = 0`` and the other's
+    ``exp(0) = 1``. Both empty → ``o = 0``, ``lse = -inf``.
+    """
+    lse = torch.logaddexp(lse_a, lse_b)
+    ref = torch.where(torch.isinf(lse), 0.0, lse)
+    w_a = torch.exp(lse_a - ref)[..., None]
+    w_b = torch.exp(lse_b - ref)[..., None]
+    return w_a * o_a + w_b * o_b, lse
+
+
+def cascade_decode_attention(q: torch.Tensor, prefix_k: torch.Tensor, prefix_v: torch.Tensor,
+                             prefix_lens: torch.Tensor, suffix_k: torch.Tensor,
+                             suffix_v: torch.Tensor, suffix_lens: torch.Tensor, *,
+                             scale: float | None = None) -> torch.Tensor:
+    """One decode token per candidate over a shared prefix and a per-candidate suffix.
+
+    ``q [R, K, H, hd]`` (R requests × K candidates, H = n_kv·G query heads, head ``h = kv·G + g``);
+    ``prefix_k/v [R, n_kv, Tp, hd]`` with ``prefix_lens`` int ``[R]``; ``suffix_k/v [R, K, n_kv,
+    Ts, hd]`` with ``suffix_lens`` int ``[R, K]`` (the current token's K/V already written).
+    Returns ``[R, K, H, hd]`` in ``q``'s dtype: ``softmax(q·[Kp; Ks]ᵀ·scale)·[Vp; Vs]`` over the
+    valid positions of both parts (default ``scale = hd^-0.5``).
+    """
+    check_cascade(q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix_v, suffix_lens)
+    r, k, h, hd = q.shape
+    n_kv = prefix_k.shape[1]
+    g = h // n_kv
+    scale = hd ** -0.5 if scale is None else scale
+    # Prefix: all K·G queries of a KV head at once (the prefix read once per request).
+    qp = q.reshape(r, k, n_kv, g, hd).permute(0, 2, 1, 3, 4).reshape(r, n_kv, k * g, hd)
+    o_p, lse_p = attend_partial(qp, prefix_k, prefix_v, prefix_lens, scale)
+    o_p = o_p.reshape(r, n_kv, k, g, hd).permute(0, 2, 1, 3, 4)  # [R, K, n_kv, G, hd]
+    lse_p = lse_p.reshape(r, n_kv, k, g).permute(0, 2, 1, 3)
+    # Suffix: each candidate's G queries per KV head over its own tokens.
+    qs = q.reshape(r * k, n_kv, g, hd)
+    ts = suffix_k.shape[3]
+    o_s, lse_s = attend_partial(qs, suffix_k.reshape(r * k, n_kv, ts, hd),
+                                suffix_v.reshape(r * k, n_kv, ts, hd), suffix_lens.reshape(-1),
+                                scale)
+    o, _ = merge_partials(o_p, lse_p, o_s.reshape(r, k, n_kv, g, hd), lse_s.reshape(r, k, n_kv, g))
+    return o.reshape(r, k, h, hd).to(q.dtype)

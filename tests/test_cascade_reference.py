@@ -1,0 +1,122 @@
+"""Cascade (shared-prefix) decode attention reference against float64 attention over the
+concatenated prefix + suffix K/V, computed per (request, candidate, head) with plain loops."""
+import math
+
+import pytest
+import torch
+
+from triton_kernels.reference import attend_partial, cascade_decode_attention, merge_partials
+
+TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
+
+
+def make_case(r, k, n_kv, g, hd, tp, ts, plens, slens, dtype=torch.float32, *, seed=0,
+              poison=float("nan"), device="cpu"):
+    """Random q / prefix / suffix with every unused cache position set to ``poison``."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(r, k, n_kv * g, hd, generator=gen)
+    pk, pv = torch.randn(2, r, n_kv, tp, hd, generator=gen) * 2
+    sk, sv = torch.randn(2, r, k, n_kv, ts, hd, generator=gen) * 2
+    plen = torch.tensor(plens, dtype=torch.int32)
+    slen = torch.tensor(slens, dtype=torch.int32).reshape(r, k)
+    for i in range(r):
+        pk[i, :, plens[i]:] = poison
+        pv[i, :, plens[i]:] = poison
+        for c in range(k):
+            sk[i, c, :, slen[i, c]:] = poison
+            sv[i, c, :, slen[i, c]:] = poison
+    to = dict(device=device, dtype=dtype)
+    return (q.to(**to), pk.to(**to), pv.to(**to), plen.to(device), sk.to(**to), sv.to(**to),
+            slen.to(device))
+
+
+def attention64(q, pk, pv, plen, sk, sv, slen):
+    """float64 softmax attention of each candidate's query over cat(prefix[:plen], suffix[:slen])."""
+    r, k, h, hd = q.shape
+    n_kv = pk.shape[1]
+    g = h // n_kv
+    out = torch.zeros(r, k, h, hd, dtype=torch.float64)
+    for i in range(r):
+        for c in range(k):
+            for head in range(h):
+                kv = head // g
+                keys = torch.cat((pk[i, kv, :plen[i]], sk[i, c, kv, :slen[i, c]])).double().cpu()
+                vals = torch.cat((pv[i, kv, :plen[i]], sv[i, c, kv, :slen[i, c]])).double().cpu()
+                if keys.shape[0] == 0:
+                    continue
+                p = torch.softmax(keys @ q[i, c, head].double().cpu() / math.sqrt(hd), dim=0)
+                out[i, c, head] = p @ vals
+    return out
+
+
+def assert_close(out, ref, dtype):
+    assert out.shape == ref.shape
+    assert torch.isfinite(out).all()
+    err = (out.double().cpu() - ref).abs().max().item()
+    assert err <= TOL[dtype] * max(1.0, ref.abs().max().item()), err
+
+
+# (R, K, n_kv, G, hd, Tp, Ts, prefix lens, suffix lens): GQA 1..8, head_dim 64/80/128,
+# prefix 0 / 1 / odd / long, suffix 0..Ts (0 with a non-empty prefix and vice versa).
+CASES = {
+    "mha-hd64": (2, 3, 2, 1, 64, 40, 5, [0, 37], [1, 5, 3, 0, 2, 4]),
+    "gqa2-hd80-prefix1": (1, 4, 2, 2, 80, 8, 6, [1], [0, 1, 6, 3]),
+    "gqa4-hd128-odd": (2, 2, 1, 4, 128, 33, 4, [33, 17], [4, 1, 2, 3]),
+    "gqa7-hd64-long": (1, 5, 1, 7, 64, 300, 3, [299], [1, 2, 3, 0, 3]),
+    "gqa8-hd80-k1": (3, 1, 1, 8, 80, 20, 2, [0, 1, 19], [2, 1, 2]),
+    "gqa3-hd64-empty-suffixes": (1, 3, 2, 3, 64, 9, 3, [9], [0, 0, 0]),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_reference_matches_float64_over_concatenation(name, dtype):
+    r, k, n_kv, g, hd, tp, ts, plens, slens = CASES[name]
+    args = make_case(r, k, n_kv, g, hd, tp, ts, plens, slens, dtype, seed=len(name))
+    out = cascade_decode_attention(*args)
+    assert out.dtype == dtype
+    assert_close(out, attention64(*args), dtype)
+
+
+def test_merge_is_exact_when_one_side_is_empty():
+    gen = torch.Generator().manual_seed(1)
+    o = torch.randn(3, 4, 16, generator=gen)
+    lse = torch.randn(3, 4, generator=gen)
+    empty_o, empty_lse = torch.zeros_like(o), torch.full_like(lse, float("-inf"))
+    for merged, merged_lse in (merge_partials(o, lse, empty_o, empty_lse),
+                               merge_partials(empty_o, empty_lse, o, lse)):
+        assert torch.equal(merged, o) and torch.equal(merged_lse, lse)
+    both, both_lse = merge_partials(empty_o, empty_lse, empty_o, empty_lse)
+    assert torch.equal(both, empty_o) and torch.isneginf(both_lse).all()
+
+
+def test_merge_equals_attention_over_the_union():
+    """Splitting keys anywhere and merging gives the same as one softmax over all of them."""
+    gen = torch.Generator().manual_seed(2)
+    q = torch.randn(1, 2, 3, 32, generator=gen, dtype=torch.float64)
+    k, v = torch.randn(2, 1, 2, 11, 32, generator=gen, dtype=torch.float64)
+    full, lse_full = attend_partial(q, k, v, torch.tensor([11]), 0.2)
+    a = attend_partial(q, k[:, :, :4], v[:, :, :4], torch.tensor([4]), 0.2)
+    b = attend_partial(q, k[:, :, 4:], v[:, :, 4:], torch.tensor([7]), 0.2)
+    merged, lse = merge_partials(*a, *b)
+    torch.testing.assert_close(merged, full.to(merged.dtype), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(lse, lse_full.to(lse.dtype), rtol=1e-6, atol=1e-6)
+
+
+def test_poison_beyond_lengths_never_leaks():
+    args = make_case(1, 2, 1, 2, 64, 12, 4, [5], [2, 3], poison=float("inf"))
+    assert_close(cascade_decode_attention(*args), attention64(*args), torch.float32)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(q=torch.zeros(1, 2, 3, 64)), "not a multiple"),
+    (dict(prefix_lens=torch.zeros(2, dtype=torch.int32)), "prefix_lens must have shape"),
+    (dict(suffix_lens=torch.zeros(1, 2)), "suffix_lens must be int32 or int64"),
+    (dict(suffix_k=torch.zeros(1, 2, 3, 4, 64)), "suffix_k must be"),
+])
+def test_bad_arguments_are_named(bad, match):
+    names = ["q", "prefix_k", "prefix_v", "prefix_lens", "suffix_k", "suffix_v", "suffix_lens"]
+    args = dict(zip(names, make_case(1, 2, 2, 2, 64, 8, 4, [3], [1, 2])))
+    args.update(bad)
+    with pytest.raises(ValueError, match=match):
+        cascade_decode_attention(**args)
