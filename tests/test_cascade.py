@@ -1,11 +1,20 @@
-"""Cascade (shared-prefix) decode attention reference against float64 attention over the
-concatenated prefix + suffix K/V, computed per (request, candidate, head) with plain loops."""
+"""Cascade (shared-prefix) decode attention: the reference and the Triton kernel against float64
+attention over the concatenated prefix + suffix K/V, computed per (request, candidate, head) with
+plain loops. The kernel runs on CUDA, or in Triton's interpreter on CPU with TRITON_INTERPRET=1
+(small shapes: the interpreter pays per program and per op)."""
 import math
+import os
 
 import pytest
 import torch
 
+from triton_kernels import cascade
 from triton_kernels.reference import attend_partial, cascade_decode_attention, merge_partials
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+needs_triton = pytest.mark.skipif(
+    DEVICE.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1",
+    reason="Triton kernels need a CUDA device or TRITON_INTERPRET=1 (CPU interpreter)")
 
 TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
 
@@ -120,3 +129,74 @@ def test_bad_arguments_are_named(bad, match):
     args.update(bad)
     with pytest.raises(ValueError, match=match):
         cascade_decode_attention(**args)
+
+
+# ---- Triton kernel -----------------------------------------------------------------------------
+
+# Smaller than CASES where the interpreter is slow; the long prefix spans several splits (chunk 32
+# in the interpreter) and tiles, and the suffix crosses a 16-key tile.
+KERNEL_CASES = {
+    "mha-hd64": (2, 3, 2, 1, 64, 40, 5, [0, 37], [1, 5, 3, 0, 2, 4]),
+    "gqa2-hd80-prefix1": (1, 4, 2, 2, 80, 8, 6, [1], [0, 1, 6, 3]),
+    "gqa4-hd128-odd": (2, 2, 1, 4, 128, 33, 4, [33, 17], [4, 1, 2, 3]),
+    "gqa7-hd64-long-split": (1, 5, 1, 7, 64, 131, 19, [129], [1, 19, 17, 0, 3]),
+    "gqa8-hd80-k1": (3, 1, 1, 8, 80, 20, 2, [0, 1, 19], [2, 1, 2]),
+    "gqa3-hd64-empty-suffixes": (1, 3, 2, 3, 64, 9, 3, [9], [0, 0, 0]),
+}
+
+
+@needs_triton
+@pytest.mark.parametrize("name", list(KERNEL_CASES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_kernel_matches_float64_over_concatenation(name, dtype):
+    r, k, n_kv, g, hd, tp, ts, plens, slens = KERNEL_CASES[name]
+    args = make_case(r, k, n_kv, g, hd, tp, ts, plens, slens, dtype, seed=len(name) + 7,
+                     device=DEVICE)
+    out = cascade.cascade_decode_attention(*args)
+    assert out.dtype == dtype
+    assert_close(out, attention64(*args), dtype)
+    # Same function as the reference (fp32: up to summation order).
+    if dtype == torch.float32:
+        torch.testing.assert_close(out, cascade_decode_attention(*args), rtol=1e-5, atol=1e-5)
+
+
+@needs_triton
+def test_kernel_reads_strided_cache_views_and_writes_out():
+    """K/V as slices of slot caches ``[L, 2, S, n_kv, T, hd]`` (the engine's views), int32 lens
+    slices, a prefix bound tighter than the cache, and a preallocated ``out``."""
+    r, k, n_kv, g, hd = 2, 3, 2, 2, 64
+    gen = torch.Generator().manual_seed(3)
+    pcache = torch.randn(2, 2, r + 1, n_kv, 50, hd, generator=gen).to(DEVICE)
+    scache = torch.randn(2, 2, (r + 1) * k, n_kv, 8, hd, generator=gen).to(DEVICE)
+    plen = torch.tensor([7, 30, 0], dtype=torch.int32, device=DEVICE)[:r]
+    slen = torch.tensor([1, 2, 3, 4, 5, 6, 0, 0, 0], dtype=torch.int32, device=DEVICE)[:r * k]
+    q = torch.randn(r, k, n_kv * g, hd, generator=gen).to(DEVICE)
+    pk, pv = pcache[1, 0, :r, :, :32], pcache[1, 1, :r, :, :32]  # bound 32 >= every plen
+    sk = scache[1, 0, :r * k].view(r, k, n_kv, 8, hd)
+    sv = scache[1, 1, :r * k].view(r, k, n_kv, 8, hd)
+    out = torch.full_like(q, float("nan"))
+    args = (q, pk, pv, plen, sk, sv, slen.view(r, k))
+    assert cascade.cascade_decode_attention(*args, out=out) is out
+    assert_close(out, attention64(*args), torch.float32)
+
+
+@needs_triton
+def test_kernel_matches_reference_with_one_side_empty():
+    """Empty suffixes (every candidate at step start) and an empty prefix: the merge passes the
+    other side through."""
+    for plens, slens in (([12], [0, 0]), ([0], [3, 1])):
+        args = make_case(1, 2, 1, 2, 64, 12, 3, plens, slens, device=DEVICE)
+        torch.testing.assert_close(cascade.cascade_decode_attention(*args),
+                                   cascade_decode_attention(*args), rtol=1e-5, atol=1e-5)
+
+
+def test_launch_config_splits_long_prefixes_on_gpu():
+    """Few (request, KV head) pairs over a long prefix get many splits; a large batch gets one;
+    chunks stay multiples of the key tile and cover the bound."""
+    few = cascade.launch_config(1, 5, 2, 7, 64, 8192, torch.bfloat16, num_sms=132)
+    many = cascade.launch_config(64, 5, 8, 4, 128, 8192, torch.bfloat16, num_sms=132)
+    assert few.n_splits > 8 and many.n_splits == 1
+    for cfg in (few, many):
+        assert cfg.chunk % cfg.block_n == 0 and cfg.chunk * cfg.n_splits >= 8192
+        assert cfg.chunk * (cfg.n_splits - 1) < 8192
+    assert cascade.launch_config(1, 5, 2, 7, 64, 0, torch.float32, num_sms=132).n_splits == 0

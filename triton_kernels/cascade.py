@@ -1,0 +1,140 @@
+"""Launcher of cascade (shared-prefix) decode attention: K candidates read their prefix once.
+
+``cascade_decode_attention`` has the signature and semantics of
+``triton_kernels.reference.cascade_decode_attention`` and dispatches the same way as the
+multi-head launchers (CUDA → Triton; CPU → Triton's interpreter under ``TRITON_INTERPRET=1``,
+else the reference). The grid and the split of the prefix into chunks (split-K) depend only on
+shapes: the prefix bound is ``prefix_k.shape[2]`` (pass a view ``[..., :kv_len, :]`` to bound it
+tighter), and the true lengths are read on the device, so a launch never syncs with the host and
+is legal inside CUDA-graph capture. Tile sizes come from ``launch_config`` (one small table,
+never autotuned), which the sm_90 compile test uses too.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from triton_kernels import reference
+from triton_kernels.cascade_kernels import _cascade_merge_kernel, _cascade_partials_kernel
+from triton_kernels.checks import check_cascade
+from triton_kernels.multihead import DOT_PRECISION, _num_sms, _use_triton
+
+LOG2E = 1.4426950408889634
+# A prefix chunk shorter than this costs more in partials and merging than it gains in programs.
+MIN_CHUNK_GPU = 256
+TARGET_PROGRAMS_PER_SM = 2
+
+
+@dataclass(frozen=True)
+class CascadeConfig:
+    """Every launch parameter of one call (the sm_90 compile test builds the same ones)."""
+
+    block_q: int  # prefix programs: K·G query rows of one KV head (≥ 16 for tensor-core dots)
+    block_g: int  # suffix program: G query rows of one candidate
+    block_d: int  # head_dim padded to a power of two
+    block_n: int  # prefix keys per tile
+    block_ns: int  # suffix keys per tile
+    chunk: int  # prefix positions per split (a multiple of block_n)
+    n_splits: int  # prefix splits (programs per (request, KV head), plus one for the suffixes)
+    num_warps: int
+    num_stages: int
+
+
+def launch_config(r: int, k: int, n_kv: int, g: int, head_dim: int, max_prefix: int,
+                  dtype: torch.dtype, *, num_sms: int | None) -> CascadeConfig:
+    """Tiles for a GPU with ``num_sms`` SMs, or for the interpreter (``num_sms=None``).
+
+    GPU: enough prefix splits that ``R·n_kv·(n_splits+1)`` programs fill every SM about twice,
+    but never chunks under ``MIN_CHUNK_GPU`` positions. Interpreter: small key tiles and chunks of
+    two tiles, so that tests with short prefixes still cross tile and split boundaries.
+    """
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_q = max(16, triton.next_power_of_2(k * g))
+    block_g = max(16, triton.next_power_of_2(g))
+    if num_sms is None:
+        block_n, block_ns, min_chunk, want = 16, 16, 32, 1
+        num_warps = 4
+    else:
+        # The [block_q, block_d] fp32 accumulator and the K/V tiles must fit the registers without
+        # spilling (tests/test_cascade_compile.py): at most 64 × 128 elements per K/V tile, a
+        # quarter of that for fp32 (its IEEE dots run on FMA units and hold operands in registers).
+        tile_elems = 64 * 128 if dtype != torch.float32 else 16 * 128
+        block_n = max(16, min(64, tile_elems // block_d))
+        if block_q * block_d > 64 * 128:
+            block_n = min(block_n, 32)
+        block_ns = 16
+        min_chunk, want = MIN_CHUNK_GPU, TARGET_PROGRAMS_PER_SM * num_sms
+        num_warps = 4 if block_q * block_d <= 64 * 128 else 8
+    max_splits = triton.cdiv(max_prefix, min_chunk) if max_prefix > 0 else 0
+    n_splits = min(max_splits, max(1, triton.cdiv(want, max(1, r * n_kv))))
+    if num_sms is None:
+        n_splits = max_splits
+    chunk = block_n * triton.cdiv(triton.cdiv(max_prefix, max(1, n_splits)), block_n) \
+        if n_splits else block_n
+    n_splits = triton.cdiv(max_prefix, chunk)
+    return CascadeConfig(block_q, block_g, block_d, block_n, block_ns, chunk, n_splits,
+                         num_warps, 2)
+
+
+def _check_strides(q: torch.Tensor, prefix_k, prefix_v, suffix_k, suffix_v, out) -> None:
+    if q.stride(-1) != 1:
+        raise ValueError(f"q must have a unit last stride, got strides {q.stride()}")
+    for name, a, b in (("prefix", prefix_k, prefix_v), ("suffix", suffix_k, suffix_v)):
+        if a.stride() != b.stride():
+            raise ValueError(f"{name}_v strides {b.stride()} differ from {name}_k's {a.stride()}; "
+                             "K and V must be views of one cache")
+    if out.shape != q.shape or out.dtype != q.dtype or out.device != q.device \
+            or out.stride(-1) != 1:
+        raise ValueError(f"out must be {tuple(q.shape)} {q.dtype} on {q.device} with a unit last "
+                         f"stride, got {tuple(out.shape)} {out.dtype} on {out.device}")
+
+
+def cascade_decode_attention(q: torch.Tensor, prefix_k: torch.Tensor, prefix_v: torch.Tensor,
+                             prefix_lens: torch.Tensor, suffix_k: torch.Tensor,
+                             suffix_v: torch.Tensor, suffix_lens: torch.Tensor, *,
+                             scale: float | None = None, out: torch.Tensor | None = None,
+                             config: CascadeConfig | None = None) -> torch.Tensor:
+    """Attention of one new token per candidate over its request's prefix and its own suffix.
+
+    ``q [R, K, H, hd]``; ``prefix_k/v [R, n_kv, Tp, hd]`` (any strides with a unit last one, K
+    and V with equal strides: views of one cache), ``prefix_lens`` int ``[R]`` (≤ Tp);
+    ``suffix_k/v [R, K, n_kv, Ts, hd]``, ``suffix_lens`` int ``[R, K]`` (≤ Ts, the current token
+    included). Returns ``[R, K, H, hd]`` in q's dtype (into ``out`` if given). Lengths are not
+    validated (that would read them on the host): out-of-range values are the caller's bug.
+    """
+    if not _use_triton(q.device):
+        o = reference.cascade_decode_attention(q, prefix_k, prefix_v, prefix_lens, suffix_k,
+                                               suffix_v, suffix_lens, scale=scale)
+        return o if out is None else out.copy_(o)
+    check_cascade(q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix_v, suffix_lens)
+    out = torch.empty_like(q) if out is None else out
+    _check_strides(q, prefix_k, prefix_v, suffix_k, suffix_v, out)
+    r, k, h, hd = q.shape
+    n_kv = prefix_k.shape[1]
+    g = h // n_kv
+    if config is None:
+        config = launch_config(r, k, n_kv, g, hd, prefix_k.shape[2], q.dtype,
+                               num_sms=_num_sms(q.device) if q.is_cuda else None)
+    scale = hd ** -0.5 if scale is None else scale
+    n_parts = config.n_splits + 1
+    part_o = torch.empty(r * n_kv, n_parts, k * g, hd, dtype=torch.float32, device=q.device)
+    part_lse = torch.empty(r * n_kv, n_parts, k * g, dtype=torch.float32, device=q.device)
+    upcast = q.device.type == "cpu" and q.dtype == torch.bfloat16  # see multihead._upcast_dot
+    _cascade_partials_kernel[(r * n_kv, n_parts)](
+        q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix_v, suffix_lens, part_o, part_lse,
+        n_kv, k, config.chunk, config.n_splits, scale * LOG2E,
+        q.stride(0), q.stride(1), q.stride(2),
+        prefix_k.stride(0), prefix_k.stride(1), prefix_k.stride(2),
+        suffix_k.stride(0), suffix_k.stride(1), suffix_k.stride(2), suffix_k.stride(3),
+        prefix_lens.stride(0), suffix_lens.stride(0), suffix_lens.stride(1),
+        G=g, HEAD_DIM=hd, BLOCK_D=config.block_d, BLOCK_Q=config.block_q,
+        BLOCK_G=config.block_g, BLOCK_N=config.block_n, BLOCK_NS=config.block_ns,
+        DOT_PRECISION=DOT_PRECISION, UPCAST_DOT=upcast, num_warps=config.num_warps,
+        num_stages=config.num_stages)
+    _cascade_merge_kernel[(r * n_kv,)](
+        part_o, part_lse, out, n_kv, k, n_parts, out.stride(0), out.stride(1), out.stride(2),
+        G=g, HEAD_DIM=hd, BLOCK_D=config.block_d, BLOCK_Q=config.block_q,
+        num_warps=config.num_warps)
+    return out

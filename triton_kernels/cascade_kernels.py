@@ -1,0 +1,180 @@
+"""Triton kernels of cascade (shared-prefix) decode attention: partials, then a log-sum-exp merge.
+
+Request r has one prefix (its committed text, ``plen[r]`` tokens) and K candidates, each with one
+new query token (H = n_kv·G heads) and its own suffix (``slen[r, k]`` tokens, the current one
+included). ``_cascade_partials_kernel`` runs on a grid ``(R·n_kv, n_splits + 1)``:
+
+- programs ``split < n_splits`` own one chunk of the prefix of one (request, KV head): the K·G
+  queries that share that KV head are one ``[BLOCK_Q, hd]`` tile, so each prefix K/V tile is read
+  once and multiplied against every candidate's queries (the prefix read once per request, not
+  once per candidate). Chunks past ``plen`` (read on the device) are empty.
+- the program ``split == n_splits`` owns the suffixes: for each candidate, its G queries over its
+  own few tokens.
+
+Each writes a normalised partial output and its log-sum-exp (base 2; ``-inf`` when empty) per
+query row. ``_cascade_merge_kernel`` folds the ``n_splits + 1`` partials of each row by their
+log-sum-exps (an empty partial weighs exactly 0). Lengths are read on the device and the grid
+depends only on shapes and the host-side prefix bound, so a launch is CUDA-graph safe.
+Positions at or past a length are never loaded (masked loads), so stale or poisoned cache memory
+cannot leak into the result.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _attend_tile(q, k_base, v_base, stride_t, lo, hi, qk_scale, m, l, acc, dims, d_ok,
+                 BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """Online softmax of ``q`` over keys ``[lo, hi)``, in base 2 (``qk_scale`` = scale·log2 e,
+    applied to the fp32 scores so that q is not rounded a second time)."""
+    for start in range(lo, hi, BLOCK_N):
+        n = start + tl.arange(0, BLOCK_N)
+        n_ok = n < hi
+        offs = n.to(tl.int64)[:, None] * stride_t + dims[None, :]
+        kv_mask = n_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_base + offs, mask=kv_mask, other=0.0)
+        v = tl.load(v_base + offs, mask=kv_mask, other=0.0)
+        if UPCAST_DOT:  # interpreter only: its bf16 dot multiplies raw bits (triton#11584)
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        s = tl.where(n_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))  # finite: every tile has a valid key
+        alpha = tl.exp2(m - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l = l * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m = m_new
+    return m, l, acc
+
+
+@triton.jit
+def _store_partial(o_ptr, lse_ptr, rows, row_ok, m, l, acc, dims, d_ok, HEAD_DIM: tl.constexpr):
+    empty = l == 0.0
+    o = acc / tl.where(empty, 1.0, l)[:, None]
+    lse = tl.where(empty, float("-inf"), m + tl.log2(tl.where(empty, 1.0, l)))
+    tl.store(o_ptr + rows[:, None] * HEAD_DIM + dims[None, :], o,
+             mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(lse_ptr + rows, lse, mask=row_ok)
+
+
+@triton.jit
+def _prefix_partial(q_base, pk_ptr, pv_ptr, plen_ptr, part_o_ptr, part_lse_ptr, r, kvh, split,
+                    K, chunk, qk_scale, stride_qk, stride_qh, stride_pr, stride_ph, stride_pt,
+                    stride_pl, G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                    BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                    UPCAST_DOT: tl.constexpr):
+    """One prefix chunk for all K·G queries of one (request, KV head)."""
+    dims = tl.arange(0, BLOCK_D)
+    d_ok = dims < HEAD_DIM
+    rows = tl.arange(0, BLOCK_Q)
+    row_ok = rows < K * G
+    cand = rows // G
+    q = tl.load(q_base + cand[:, None] * stride_qk + (rows - cand * G)[:, None] * stride_qh
+                + dims[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    if UPCAST_DOT:
+        q = q.to(tl.float32)
+    plen = tl.load(plen_ptr + r * stride_pl)
+    lo = split * chunk
+    hi = tl.minimum(lo + chunk, plen)
+    m = tl.full((BLOCK_Q,), float("-inf"), tl.float32)
+    l = tl.zeros((BLOCK_Q,), tl.float32)
+    acc = tl.zeros((BLOCK_Q, BLOCK_D), tl.float32)
+    base = r.to(tl.int64) * stride_pr + kvh.to(tl.int64) * stride_ph
+    m, l, acc = _attend_tile(q, pk_ptr + base, pv_ptr + base, stride_pt, lo, hi, qk_scale, m, l,
+                             acc, dims, d_ok, BLOCK_N, DOT_PRECISION, UPCAST_DOT)
+    _store_partial(part_o_ptr, part_lse_ptr, rows, row_ok, m, l, acc, dims, d_ok, HEAD_DIM)
+
+
+@triton.jit
+def _suffix_partials(q_base, sk_ptr, sv_ptr, slen_ptr, part_o_ptr, part_lse_ptr, r, kvh, K,
+                     qk_scale, stride_qk, stride_qh, stride_sr, stride_sk, stride_sh, stride_st,
+                     stride_lr, stride_lk, G: tl.constexpr, HEAD_DIM: tl.constexpr,
+                     BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_NS: tl.constexpr,
+                     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """Each candidate's G queries of one (request, KV head) over that candidate's own suffix."""
+    dims = tl.arange(0, BLOCK_D)
+    d_ok = dims < HEAD_DIM
+    rows = tl.arange(0, BLOCK_G)
+    row_ok = rows < G
+    for c in range(0, K):
+        q = tl.load(q_base + c * stride_qk + rows[:, None] * stride_qh + dims[None, :],
+                    mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        if UPCAST_DOT:
+            q = q.to(tl.float32)
+        slen = tl.load(slen_ptr + r * stride_lr + c * stride_lk)
+        m = tl.full((BLOCK_G,), float("-inf"), tl.float32)
+        l = tl.zeros((BLOCK_G,), tl.float32)
+        acc = tl.zeros((BLOCK_G, BLOCK_D), tl.float32)
+        # c·stride_sk stays small (K·n_kv·Ts·hd); the request offset may exceed 2**31.
+        base = r.to(tl.int64) * stride_sr + c * stride_sk + kvh.to(tl.int64) * stride_sh
+        m, l, acc = _attend_tile(q, sk_ptr + base, sv_ptr + base, stride_st, 0, slen, qk_scale,
+                                 m, l, acc, dims, d_ok, BLOCK_NS, DOT_PRECISION, UPCAST_DOT)
+        _store_partial(part_o_ptr + c * G * HEAD_DIM, part_lse_ptr + c * G, rows, row_ok, m, l,
+                       acc, dims, d_ok, HEAD_DIM)
+
+
+@triton.jit
+def _cascade_partials_kernel(
+        q_ptr, pk_ptr, pv_ptr, plen_ptr, sk_ptr, sv_ptr, slen_ptr, part_o_ptr, part_lse_ptr,
+        n_kv, K, chunk, n_splits, qk_scale,
+        stride_qr, stride_qk, stride_qh,
+        stride_pr, stride_ph, stride_pt,
+        stride_sr, stride_sk, stride_sh, stride_st,
+        stride_pl, stride_lr, stride_lk,
+        G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr,
+        BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_NS: tl.constexpr,
+        DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    r = pid // n_kv
+    kvh = pid - r * n_kv
+    q_base = q_ptr + r.to(tl.int64) * stride_qr + (kvh * G).to(tl.int64) * stride_qh
+    # Partials of this (request, KV head): [n_splits + 1, K·G, HEAD_DIM] fp32, row = cand·G + g.
+    part = (pid.to(tl.int64) * (n_splits + 1) + split) * K * G
+    if split < n_splits:
+        _prefix_partial(q_base, pk_ptr, pv_ptr, plen_ptr, part_o_ptr + part * HEAD_DIM,
+                        part_lse_ptr + part, r, kvh, split, K, chunk, qk_scale, stride_qk,
+                        stride_qh, stride_pr, stride_ph, stride_pt, stride_pl, G, HEAD_DIM,
+                        BLOCK_D, BLOCK_Q, BLOCK_N, DOT_PRECISION, UPCAST_DOT)
+    else:
+        _suffix_partials(q_base, sk_ptr, sv_ptr, slen_ptr, part_o_ptr + part * HEAD_DIM,
+                         part_lse_ptr + part, r, kvh, K, qk_scale, stride_qk, stride_qh,
+                         stride_sr, stride_sk, stride_sh, stride_st, stride_lr, stride_lk, G,
+                         HEAD_DIM, BLOCK_D, BLOCK_G, BLOCK_NS, DOT_PRECISION, UPCAST_DOT)
+
+
+@triton.jit
+def _cascade_merge_kernel(part_o_ptr, part_lse_ptr, out_ptr, n_kv, K, n_parts,
+                          stride_or, stride_ok, stride_oh,
+                          G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                          BLOCK_Q: tl.constexpr):
+    """``out[r, cand, kvh·G + g] = Σ_j 2^(lse_j - lse) o_j`` over the ``n_parts`` partials."""
+    pid = tl.program_id(0)
+    r = pid // n_kv
+    kvh = pid - r * n_kv
+    rows = tl.arange(0, BLOCK_Q)
+    row_ok = rows < K * G
+    dims = tl.arange(0, BLOCK_D)
+    d_ok = dims < HEAD_DIM
+    mask = row_ok[:, None] & d_ok[None, :]
+    m = tl.full((BLOCK_Q,), float("-inf"), tl.float32)
+    den = tl.zeros((BLOCK_Q,), tl.float32)
+    acc = tl.zeros((BLOCK_Q, BLOCK_D), tl.float32)
+    for j in range(0, n_parts):
+        part = (pid.to(tl.int64) * n_parts + j) * K * G
+        lse = tl.load(part_lse_ptr + part + rows, mask=row_ok, other=float("-inf"))
+        o = tl.load(part_o_ptr + (part + rows[:, None]) * HEAD_DIM + dims[None, :], mask=mask,
+                    other=0.0)
+        m_new = tl.maximum(m, lse)
+        ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # all empty so far: weights 0, not nan
+        alpha = tl.exp2(m - ref)
+        w = tl.exp2(lse - ref)
+        den = den * alpha + w
+        acc = acc * alpha[:, None] + w[:, None] * o
+        m = m_new
+    o = acc / tl.where(den == 0.0, 1.0, den)[:, None]
+    cand = rows // G
+    tl.store(out_ptr + r.to(tl.int64) * stride_or + cand[:, None] * stride_ok
+             + (kvh * G + rows - cand * G)[:, None] * stride_oh + dims[None, :],
+             o.to(out_ptr.dtype.element_ty), mask=mask)
