@@ -1,4 +1,5 @@
-"""Batched KV-cache copies for step search: ``kv_copy_ranges``, ``kv_fork`` and ``kv_promote``.
+"""Batched KV-cache copies for step search: ``kv_copy_ranges``, ``kv_fork``, ``kv_promote`` and
+(between two caches of different slot lengths) ``kv_append_ranges`` / ``kv_append``.
 
 Owns the Python face of the ``torch.ops.mahalo.*`` custom ops built from ``csrc/``: loading the
 extension (the prebuilt ``mahalo_engine._C``, else a just-in-time ninja build of ``csrc/`` into a
@@ -159,6 +160,49 @@ def kv_promote(cache: torch.Tensor, lens: torch.Tensor, winners: torch.Tensor,
     lens.index_copy_(0, dst, new_len)
 
 
+@torch.library.register_fake("mahalo::kv_append_ranges")
+def _kv_append_ranges_fake(dst, src, src_slot, dst_slot, dst_start, count) -> None:
+    return None
+
+
+def kv_append_ranges(dst: torch.Tensor, src: torch.Tensor, src_slot: torch.Tensor,
+                     dst_slot: torch.Tensor, dst_start: torch.Tensor, count: torch.Tensor,
+                     *, check: bool = False) -> None:
+    """For each pair p: ``dst[:, :, dst_slot[p], :, dst_start[p]:dst_start[p] + count[p]] =
+    src[:, :, src_slot[p], :, :count[p]]`` (two caches ``[L, 2, S, n_kv, T, hd]`` sharing L, n_kv,
+    hd and dtype; S and T may differ). One launch for every pair, layer, K/V and head.
+
+    Index tensors: one int dtype, ``[P]``, on the caches' device. ``check=True`` validates the
+    values (a host sync) and raises ``ValueError`` naming the pair; without it a pair outside
+    either cache is skipped by the kernels (never written out of bounds). dst slots must be
+    distinct.
+    """
+    if check:
+        _check_append_args(dst, src, src_slot, dst_slot, dst_start, count)
+    torch.ops.mahalo.kv_append_ranges(dst, src, src_slot, dst_slot, dst_start, count)
+
+
+def kv_append(dst: torch.Tensor, dst_lens: torch.Tensor, src: torch.Tensor,
+              src_lens: torch.Tensor, src_slot: torch.Tensor, dst_slot: torch.Tensor, *,
+              check: bool = False) -> None:
+    """Append all ``src_lens[src_slot[p]]`` tokens of slot ``src_slot[p]`` of ``src`` to slot
+    ``dst_slot[p]`` of ``dst`` (at ``dst_lens[dst_slot[p]]``); ``dst_lens`` grows in place.
+
+    Graph-safe: counts and starts are gathered on the device with fixed shapes.
+    """
+    if check:
+        _check_lens(dst, dst_lens)
+        _check_lens(src, src_lens)
+        _check_index(src, "src_slot", src_slot)
+        _check_slots("src_slot", src_slot.tolist(), src.shape[2], "pair")
+        _check_index(dst, "dst_slot", dst_slot)
+        _check_slots("dst_slot", dst_slot.tolist(), dst.shape[2], "pair")
+    count = src_lens.index_select(0, src_slot).to(src_slot.dtype)
+    start = dst_lens.index_select(0, dst_slot).to(src_slot.dtype)
+    kv_append_ranges(dst, src, src_slot, dst_slot.to(src_slot.dtype), start, count, check=check)
+    dst_lens.index_add_(0, dst_slot, count.to(dst_lens.dtype))
+
+
 # ---- checks (check=True only: they read index values on the host) ----
 
 def _check_cache(cache: torch.Tensor) -> None:
@@ -258,3 +302,24 @@ def _check_promote_args(cache, lens, winners, groups, start) -> None:
         if not 0 <= a[i] <= n[w[i]] <= max_len:
             raise ValueError(f"group {i}: start {a[i]} and winner length lens[{w[i]}]={n[w[i]]} must "
                              f"satisfy 0 <= start <= length <= T_max={max_len}")
+
+
+
+def _check_append_args(dst, src, src_slot, dst_slot, dst_start, count) -> None:
+    _check_cache(dst)
+    _check_cache(src)
+    names = {"src_slot": src_slot, "dst_slot": dst_slot, "dst_start": dst_start, "count": count}
+    for name, t in names.items():
+        _check_index(dst, name, t)
+        if t.dtype != src_slot.dtype or t.numel() != src_slot.numel():
+            raise ValueError(f"{name} ({t.dtype}, {t.numel()} entries) must match src_slot "
+                             f"({src_slot.dtype}, {src_slot.numel()} entries)")
+    s, d, a, n = (t.tolist() for t in (src_slot, dst_slot, dst_start, count))
+    _check_slots("src", s, src.shape[2], "pair")
+    _check_slots("dst", d, dst.shape[2], "pair")
+    for p in range(len(s)):
+        if not (0 <= n[p] <= src.shape[4] and 0 <= a[p] and a[p] + n[p] <= dst.shape[4]):
+            raise ValueError(f"pair {p}: count {n[p]} at dst_start {a[p]} must satisfy 0 <= count "
+                             f"<= src T={src.shape[4]} and dst_start + count <= dst T={dst.shape[4]}")
+    if len(set(d)) != len(d):
+        raise ValueError(f"dst slots {d} must be distinct")
