@@ -7,7 +7,9 @@ GQA is handled per query length, so that no path pays for a large copy:
   ``[B, H, T, Tk]`` score matrix) so SDPA's fused kernels apply, with ``is_causal`` when no mask
   is given and a boolean mask (True = attend) broadcast over heads otherwise.
 Where K/V come from is the caller's business (``kv_update``): the new tokens alone (plain forward)
-or a slot cache the new K/V were just written into.
+or a slot cache the new K/V were just written into. A caller whose cache is not one K/V tensor per
+sequence (the shared-prefix layout) passes ``attend`` instead: it stores the new K/V and returns
+the attention output itself (cascade attention).
 """
 from __future__ import annotations
 
@@ -24,6 +26,9 @@ from mahalo_engine.layers.rotary import apply_rotary
 # (layer index, k [B,T,n_kv,hd], v [B,T,n_kv,hd]) -> (k, v) as [B, n_kv, Tk, hd] to attend over;
 # any strides with a unit last one (SDPA takes strided inputs): e.g. a view into the slot cache.
 KVUpdate = Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+# (layer index, q [B,T,H,hd], k [B,T,n_kv,hd], v [B,T,n_kv,hd]) -> attention output [B,T,H,hd]
+# (q and k after rotary/norm): stores the new K/V and attends in the caller's own way.
+Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class Attention(nn.Module):
@@ -46,7 +51,8 @@ class Attention(nn.Module):
             self.q_norm = self.k_norm = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask: torch.Tensor | None, kv_update: KVUpdate | None = None) -> torch.Tensor:
+                mask: torch.Tensor | None, kv_update: KVUpdate | None = None,
+                attend: Attend | None = None) -> torch.Tensor:
         """x ``[B,T,d]``, cos/sin ``[B|1,T,hd]``, mask ``[B|1,1,T,Tk]`` bool or None (= causal
         over the T new tokens alone) → ``[B,T,d]``."""
         b, t, _ = x.shape
@@ -56,6 +62,9 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if attend is not None:
+            o = attend(self.layer_idx, q, k, v)
+            return self.o_proj(o.reshape(b, t, self.n_heads * self.head_dim))
         if kv_update is None:
             k, v = k.transpose(1, 2), v.transpose(1, 2)
         else:

@@ -4,6 +4,8 @@
 - ``extend`` / ``prefill``: append ragged chunks of tokens to chosen cache slots;
 - ``decode``: one token per chosen slot, each at its own position, attending over a host-given
   prefix ``[0, kv_len)`` of the cache; a contiguous slot range is read as a view, not gathered.
+  On a `SharedPrefixCache` the token enters its candidate's suffix and attention is cascade
+  attention (the group's prefix read once for its K candidates, ``triton_kernels.cascade``).
   Shapes depend only on the inputs' shapes and ``kv_len``, and indexing is done with index ops,
   so a decode step performs no host sync and can be captured in a CUDA graph.
 
@@ -16,8 +18,10 @@ import torch
 from torch import nn
 
 from mahalo_engine.cache import KVCache
+from mahalo_engine.shared_cache import SharedPrefixCache
+from triton_kernels.cascade import cascade_decode_attention
 from mahalo_engine.config import ModelConfig
-from mahalo_engine.layers.attention import Attention, KVUpdate
+from mahalo_engine.layers.attention import Attend, Attention, KVUpdate
 from mahalo_engine.layers.mlp import SwiGLU
 from mahalo_engine.layers.rmsnorm import RMSNorm
 from mahalo_engine.layers.rotary import Rotary
@@ -33,8 +37,10 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                masks: dict[bool, torch.Tensor | None], kv_update: KVUpdate | None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, masks[self.sliding], kv_update)
+                masks: dict[bool, torch.Tensor | None], kv_update: KVUpdate | None,
+                attend: Attend | None = None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, masks[self.sliding], kv_update,
+                               attend)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -84,11 +90,11 @@ class Decoder(nn.Module):
 
     def _run(self, input_ids: torch.Tensor, positions: torch.Tensor,
              masks: dict[bool, torch.Tensor | None],
-             kv_update: KVUpdate | None) -> torch.Tensor:
+             kv_update: KVUpdate | None, attend: Attend | None = None) -> torch.Tensor:
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.model.rotary(positions, x.dtype)
         for layer in self.model.layers:
-            x = layer(x, cos, sin, masks, kv_update)
+            x = layer(x, cos, sin, masks, kv_update, attend)
         return self.model.norm(x)
 
     # -- no cache --------------------------------------------------------------------------------
@@ -198,9 +204,9 @@ class Decoder(nn.Module):
         return hidden[torch.arange(len(prompts), device=dev), num_new - 1]
 
     @torch.no_grad()
-    def decode(self, cache: KVCache, input_ids: torch.Tensor, slots: torch.Tensor | slice,
-               advance: torch.Tensor | None = None, *, kv_len: int | None = None,
-               check: bool = False) -> torch.Tensor:
+    def decode(self, cache: KVCache | SharedPrefixCache, input_ids: torch.Tensor,
+               slots: torch.Tensor | slice, advance: torch.Tensor | None = None, *,
+               kv_len: int | None = None, check: bool = False) -> torch.Tensor:
         """One token per slot: ``input_ids [N]`` enters slot ``slots[n]`` at position
         ``lens[slot]``; returns hidden ``[N,d]``; ``lens[slot] += advance[n]`` (all when None).
 
@@ -213,7 +219,12 @@ class Decoder(nn.Module):
 
         Graph-safe: no host sync, shapes fixed by ``(N, kv_len)``; so the contract is not checked
         unless ``check=True`` (host syncs: for eager debugging, never under graph capture).
+
+        A `SharedPrefixCache` takes a slot range starting at a group's first candidate (see
+        `decode_shared`).
         """
+        if isinstance(cache, SharedPrefixCache):
+            return self.decode_shared(cache, input_ids, slots, advance, kv_len=kv_len)
         self._check_cache(cache)
         n = input_ids.shape[0]
         kv_len = cache.max_len if kv_len is None else kv_len
@@ -241,6 +252,71 @@ class Decoder(nn.Module):
         hidden = self._run(input_ids.reshape(n, 1), pos[:, None], masks, kv_update)
         cache.lens.index_add_(0, ids, step)
         return hidden[:, 0]
+
+
+    @torch.no_grad()
+    def decode_shared(self, cache: SharedPrefixCache, input_ids: torch.Tensor, slots: slice,
+                      advance: torch.Tensor | None = None, *, kv_len: int | None = None
+                      ) -> torch.Tensor:
+        """`decode` on the shared-prefix layout: token n enters candidate slot ``start + n`` at
+        suffix position ``suffix.lens[slot]`` (absolute position: its group's prefix length plus
+        that), and attends over the group's prefix ``[0, prefix.lens[g])`` (bounded by
+        ``kv_len``) and its own suffix. ``slots = slice(start, start + N)`` with ``start`` a
+        multiple of K; a partial last group runs whole (its extra candidates do not advance) so
+        that every group's prefix is read once for all its candidates. Graph-safe like `decode`;
+        the caller keeps active slots' suffix lengths below ``step_len``.
+        """
+        for part in (cache.prefix, cache.suffix):
+            self._check_cache(part)
+        window = self.config.sliding_window
+        if any(self.config.sliding_layers) and window is not None and window < cache.max_len:
+            raise ValueError(f"the shared_prefix layout has no sliding-window attention: "
+                             f"sliding_window={window} < max_len={cache.max_len}; use the fork "
+                             "layout for this model")
+        n, k = input_ids.shape[0], cache.k
+        if not isinstance(slots, slice):
+            raise ValueError("decode on a SharedPrefixCache takes a slot range slice(start, "
+                             f"start + N), got {type(slots).__name__}")
+        start, _ = _slot_range(slots, n, cache.num_slots)
+        kv_len = cache.max_len if kv_len is None else kv_len
+        if isinstance(kv_len, bool) or not isinstance(kv_len, int) \
+                or not 1 <= kv_len <= cache.max_len:
+            raise ValueError(f"kv_len must be an int in [1, max_len={cache.max_len}], "
+                             f"got {kv_len!r}")
+        if start % k:
+            raise ValueError(f"slot range must start at a group's first candidate (a multiple of "
+                             f"K={k}), got start={start}")
+        first, groups = start // k, -(-n // k)
+        m = groups * k
+        if start + m > cache.num_slots:
+            raise ValueError(f"slots [{start}, {start + n}) end in a partial group past the "
+                             f"cache's {cache.num_slots} candidate slots")
+        dev = cache.device
+        ids = torch.arange(start, start + m, device=dev)
+        step = torch.zeros(m, dtype=torch.int32, device=dev)
+        step[:n] = 1 if advance is None else advance.to(torch.int32)
+        tokens = torch.zeros(m, dtype=input_ids.dtype, device=dev)
+        tokens[:n] = input_ids
+        plen = cache.prefix.lens[first:first + groups]
+        slen = cache.suffix.lens[start:start + m].long()
+        pos = plen.long().repeat_interleave(k) + slen  # absolute positions [m]
+        seen = (slen + 1).view(groups, k)  # the new token included
+        n_kv, hd = self.config.num_key_value_heads, self.config.head_dim
+        ts = cache.step_len
+
+        def attend(layer: int, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor):
+            cache.suffix.write(layer, ids, slen, k_new[:, 0], v_new[:, 0])
+            pk, pv = cache.prefix.read(layer, slice(first, first + groups), kv_len)
+            sk, sv = cache.suffix.read(layer, slice(start, start + m))
+            o = cascade_decode_attention(q.view(groups, k, -1, hd), pk, pv, plen,
+                                         sk.view(groups, k, n_kv, ts, hd),
+                                         sv.view(groups, k, n_kv, ts, hd), seen)
+            return o.view(m, 1, -1, hd)
+
+        hidden = self._run(tokens.reshape(m, 1), pos[:, None], {False: None, True: None}, None,
+                           attend)
+        cache.suffix.lens[start:start + m] += step
+        return hidden[:n, 0]
 
 
 def _slot_range(slots: slice, n: int, num_slots: int) -> tuple[int, int]:
