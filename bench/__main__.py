@@ -23,6 +23,8 @@ SECTIONS = {
     "kv": "KV-cache promote cost vs prefix length: ours vs deepcopy vs whole-slot copies",
     "train": "MAH-DPO step time/memory: ours vs the reference structure",
     "search": "PRM-guided step search: ours vs re-encode vs the paper's loop",
+    "attention": "K-candidate decode attention vs prefix length: cascade (shared prefix) vs SDPA "
+                 "on the forked layout, with the bandwidth floor",
 }
 
 

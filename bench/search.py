@@ -1,7 +1,9 @@
 """PRM-guided step search: ours vs re-encoding vs the paper's loop, same policy, PRM, K, boundary
 and token caps (the paper's sampling: T = 1, top-k 50).
 
-- ours: `Engine.search` — K candidate slots per request forked once from the running cache,
+- ours: `Engine.search` (default ``cache_layout="fork"``; "ours shared_prefix" is the same
+  search in the shared-prefix layout: one prefix per request, cascade attention) — K candidate
+  slots per request forked once from the running cache,
   decoded in lockstep (fused multi-head sampling, CUDA graphs on GPU), scored by one ragged
   extend over the PRM's persistent cache, winners promoted by copying only the step's tokens.
 - re-encode: per step, transformers ``generate`` from the full token sequence with
@@ -195,13 +197,17 @@ def run(ctx: BenchContext) -> list[dict]:
         cfg = SearchConfig(candidates=k, boundary=BOUNDARY, max_steps=steps,
                            max_step_tokens=step_tokens, temperature=1.0, top_k=TOP_K)
 
-        def ours():
+        shared = Engine(policy, prm=prm, max_batch=batch, cache_layout="shared_prefix",
+                        max_seq_len=prompt_len + steps * step_tokens + 8)
+
+        def ours(engine=engine):
             res = engine.search(prompts, config=cfg)
             return sum(len(r.token_ids) for r in res), sum(len(r.steps) for r in res)
 
         repeats = 2 if ctx.is_cuda else 3
         results = {
             "ours": _measure(ctx, ours, repeats=repeats),
+            "ours shared_prefix": _measure(ctx, lambda: ours(shared), repeats=repeats),
             "re-encode": _measure(ctx, lambda: _reencode(tok, hf, prm, prompts, k, steps,
                                                           step_tokens), repeats=repeats),
         }
@@ -219,6 +225,7 @@ def run(ctx: BenchContext) -> list[dict]:
             row[f"{name} ms/step"] = 1e3 * wall * batch / n_steps
             if peak is not None:
                 row[f"{name} peak MiB"] = peak / 2**20
+        row["shared_prefix/fork"] = speed["ours shared_prefix"] / speed["ours"]
         row["ours/re-encode"] = speed["ours"] / speed["re-encode"]
         row["ours/paper"] = speed["ours"] / speed["paper"]
         row["paper/re-encode"] = speed["paper"] / speed["re-encode"]

@@ -1,13 +1,16 @@
 """`Engine`: batched generation and PRM-guided step search over one slot KV cache.
 
 Slot layout: with K candidates, request group g owns slots ``g*K .. g*K+K-1`` of the policy's
-cache (and of each scorer's cache). A request's prompt is prefilled into its first slot and
-forked into the others once, when the request starts; from then on every step decodes all
+cache (and of each scorer's cache); `engine.slots` owns that mapping and applies every slot event
+(admit, step start, promote, move) to the cache, the runner and the scorer. Every step decodes all
 candidate slots of all live requests in lockstep (`DecodeRunner`), scores them in one batch, and
-promotes each winner with ``kv_promote`` (only the step's new tokens are copied). Finished
-requests free their group for the next prompt; once none is queued, the last live groups move
-down into the free ones, so the lockstep decode covers only live slots. Nothing is re-encoded,
-by the policy or the PRM.
+commits each winner. ``cache_layout="fork"``: each slot holds a copy of the committed text
+(prefill + fork once; ``kv_promote`` copies only a step's new tokens). ``"shared_prefix"``: one
+prefix slot per request plus K short candidate slots, read by cascade attention; a commit
+appends the winner's step to the prefix. Finished requests free their group for the next prompt;
+once none is queued, the last live groups move down into the free ones, so the lockstep decode
+covers only live slots. Nothing is re-encoded, by the policy or the PRM. `generate` always runs
+on a plain slot cache.
 """
 from __future__ import annotations
 
@@ -26,8 +29,8 @@ from mahalo_engine.engine.config import (Generation, SearchConfig, SearchResult,
                                          check_sampling)
 from mahalo_engine.engine.graph_runner import (BOUNDARY, EOS, FULL, LENGTH, DecodeRunner)
 from mahalo_engine.engine.sampler import Sampler
+from mahalo_engine.engine import slots as slot_layouts
 from mahalo_engine.engine.scorers import Candidates, Prompt, Scorer, as_scorer
-from mahalo_engine.ops import kv_fork, kv_promote
 
 GENERATE_CHECK_EVERY = 8  # decode steps between the host's "all finished?" checks in generate
 _STEP_REASON = {BOUNDARY: "boundary", EOS: "eos", LENGTH: "length", FULL: "max_seq_len"}
@@ -51,13 +54,21 @@ class Engine:
     ``max_batch`` requests run at once (each with K candidate slots in `search`); sequences are
     capped at ``max_seq_len`` tokens (prompt + generated). Caches are allocated on first use,
     after checking that they fit. ``cuda_graphs`` captures the decode step on CUDA.
+    ``cache_layout`` (search only): ``"fork"`` (K full copies of each request's text) or
+    ``"shared_prefix"`` (one copy + K step-sized candidate slots, cascade attention; KV memory
+    ``max_seq_len + K·max_step_tokens`` per request instead of ``K·max_seq_len``).
     """
 
     def __init__(self, policy: Any, *, prm: Any = None, max_batch: int = 8,
-                 max_seq_len: int = 4096, cuda_graphs: bool = True) -> None:
+                 max_seq_len: int = 4096, cuda_graphs: bool = True,
+                 cache_layout: str = "fork") -> None:
         for name, value, low in (("max_batch", max_batch, 1), ("max_seq_len", max_seq_len, 2)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+        if cache_layout not in slot_layouts.CACHE_LAYOUTS:
+            raise ValueError(f"cache_layout must be one of {slot_layouts.CACHE_LAYOUTS}, got "
+                             f"{cache_layout!r}")
+        self.cache_layout = cache_layout
         self.policy = policy
         self.tokenizer = policy.tokenizer
         self._scorers: dict[int, tuple[Any, Scorer]] = {}  # one PRM wrapper (cache) per PRM
@@ -66,7 +77,8 @@ class Engine:
         self.max_seq_len = max_seq_len
         self.cuda_graphs = cuda_graphs
         self.device = policy.heads.device
-        self.cache: KVCache | None = None
+        self.cache: Any = None  # KVCache, or SharedPrefixCache while searching in that layout
+        self._slots: slot_layouts.Slots | None = None
         self._runner: DecodeRunner | None = None
         self._sampler: Sampler | None = None
         self._texts: list[str] | None = None
@@ -128,7 +140,10 @@ class Engine:
         boundary = self._compile(Boundary.parse(cfg.boundary))
         reqs = self._prompts(prompts, chat)
         weights = self.policy.weight_matrix(head_weights, len(reqs)).cpu()
-        runner = self._prepare(self.max_batch * k, scorer)
+        runner = self._prepare(self.max_batch * k, scorer, layout=self.cache_layout, k=k,
+                               step_len=cfg.max_step_tokens + 1)  # + a paused slot's scratch
+        self._slots = slot_layouts.owner(self.cache_layout, self.policy.model, self.cache, runner,
+                                         k, scorer)
         if scorer is not None:  # e.g. a prompt too long for a PRM's own tokenizer: fail up front
             scorer.check_prompts(reqs)
         runner.set_boundary(boundary)
@@ -146,12 +161,12 @@ class Engine:
                 self._admit([(g, queue.popleft()) for g in free], k, reqs, live, scorer, weights)
             self._compact(k, live, scorer, weights)
             groups = [g for g, x in enumerate(live) if x is not None]
-            slots = torch.tensor([[g * k + j for j in range(k)] for g in groups])
+            slots = self._slots.slots(groups)
             flat = slots.reshape(-1).to(self.device)
             caps = torch.tensor([min(cfg.max_step_tokens,
                                      cfg.max_new_tokens - len(live[g].token_ids))
                                  for g in groups]).repeat_interleave(k)
-            runner.begin(flat, caps)
+            self._slots.begin_step(flat, caps)
             # Every slot of a live group holds its committed prefix (prefill + fork, or promote).
             runner.run(runner.bucket((groups[-1] + 1) * k), cfg.check_every, confirm,
                        longest=max(live[g].committed for g in groups))
@@ -160,7 +175,7 @@ class Engine:
             scores = self._score(scorer, slots, toks, texts, flat, [live[g] for g in groups], reqs)
             winners = _select(scores.view(len(groups), k), cfg.selection_temperature, selector)
 
-            keep_w, keep_g, keep_start = [], [], []
+            keep_w, keep_g, keep_start = [], [], []  # winner slot, group, committed length
             for i, g in enumerate(groups):
                 req, row = live[g], i * k + winners[i]
                 req.steps.append(Step(texts[row], toks[row], float(scores[row]),
@@ -169,8 +184,8 @@ class Engine:
                 req.token_ids += toks[row]
                 end = self._finished(req, reasons[row], float(scores[row]), scorer, cfg)
                 if end is None:
-                    keep_w.append(g * k + winners[i])
-                    keep_g.append(slots[i])
+                    keep_w.append(int(slots[i, winners[i]]))
+                    keep_g.append(g)
                     keep_start.append(req.committed)
                     req.committed += len(toks[row])
                     continue
@@ -178,9 +193,8 @@ class Engine:
                                                   req.steps, end)
                 live[g] = None
                 bar.update(1)
-            if keep_w and k > 1:
-                self._promote(torch.tensor(keep_w), torch.stack(keep_g), torch.tensor(keep_start),
-                              k, scorer)
+            if keep_w:
+                self._slots.promote(keep_w, keep_g, keep_start)
         bar.close()
         return results
 
@@ -188,29 +202,17 @@ class Engine:
 
     def _admit(self, admit: list[tuple[int, int]], k: int, reqs: list[Prompt],
                live: list[_Live | None], scorer: Scorer | None, weights: torch.Tensor) -> None:
-        """Prefill new requests into their groups' first slots and fork them into the others."""
-        runner = self._runner
-        first = torch.tensor([g * k for g, _ in admit], device=self.device)
-        hidden = self.policy.model.prefill(self.cache, [reqs[r].ids for _, r in admit], first)
-        runner.set_hidden(first, hidden)
-        slots = first[:, None] + torch.arange(k, device=self.device)
-        if k > 1:
-            src = first.repeat_interleave(k - 1)
-            dst = slots[:, 1:].reshape(-1)
-            kv_fork(self.cache.data, self.cache.lens, src, dst)
-            runner.copy_hidden(src, dst)
+        """Prefill new requests into their groups (every candidate slot starts from the prompt)."""
+        self._slots.admit([g for g, _ in admit], [reqs[r] for _, r in admit])
         for g, r in admit:
             live[g] = _Live(r, len(reqs[r].ids))
         self._set_live_weights(k, live, weights)
-        if scorer is not None:
-            scorer.start(slots, [reqs[r] for _, r in admit])
 
     def _compact(self, k: int, live: list[_Live | None], scorer: Scorer | None,
                  weights: torch.Tensor) -> None:
         """Move the last live groups down into free groups (once no queued request will fill
         them): the decode loop runs slots ``[0, (last live group + 1) * K)``, so it would otherwise
-        keep computing finished requests' slots. Between steps every slot of a live group holds
-        the committed prefix, so one slot per group is forked into the K new ones."""
+        keep computing finished requests' slots."""
         free = [g for g, x in enumerate(live) if x is None]
         used = [g for g, x in enumerate(live) if x is not None]
         moves = []
@@ -218,15 +220,10 @@ class Engine:
             moves.append((used.pop(), free.pop(0)))
         if not moves:
             return
-        src = torch.tensor([h * k for h, _ in moves], device=self.device).repeat_interleave(k)
-        dst = torch.tensor([f * k + j for _, f in moves for j in range(k)], device=self.device)
-        kv_fork(self.cache.data, self.cache.lens, src, dst)
-        self._runner.copy_hidden(src, dst)
+        self._slots.move(moves)
         for h, f in moves:
             live[f], live[h] = live[h], None
         self._set_live_weights(k, live, weights)
-        if scorer is not None:
-            scorer.move(src, dst)
 
     def _set_live_weights(self, k: int, live: list[_Live | None], weights: torch.Tensor) -> None:
         self._set_weights({g * k + j: weights[x.index] for g, x in enumerate(live)
@@ -268,37 +265,37 @@ class Engine:
             return "max_steps"
         return None
 
-    def _promote(self, winners: torch.Tensor, groups: torch.Tensor, start: torch.Tensor, k: int,
-                 scorer: Scorer | None) -> None:
-        """Every slot of each continuing group (``groups [G,K]``) becomes a copy of its winner:
-        only positions from the group's committed length ``start`` on are copied."""
-        dev = self.device
-        winners, groups = winners.to(dev), groups.to(dev)
-        kv_promote(self.cache.data, self.cache.lens, winners, groups, start.to(dev))
-        self._runner.copy_hidden(winners.repeat_interleave(k), groups.reshape(-1))
-        if scorer is not None:
-            scorer.promote(winners, groups)
-
     # -- shared internals ---------------------------------------------------------------------
 
-    def _prepare(self, num_slots: int, scorer: Scorer | None) -> DecodeRunner:
-        """The runner over a policy cache of at least ``num_slots`` slots, and the scorer's caches;
-        checks that everything new fits before allocating any of it."""
+    def _prepare(self, num_slots: int, scorer: Scorer | None, *, layout: str = "fork",
+                 k: int = 1, step_len: int = 1) -> DecodeRunner:
+        """The runner over a policy cache of at least ``num_slots`` slots (``layout``; for
+        shared_prefix: groups of ``k`` candidate slots of ``step_len`` positions), and the
+        scorer's caches; checks that everything new fits before allocating any of it."""
         max_len = self.max_seq_len + 1  # one scratch position for paused slots
         config, dtype = self.policy.config, self.policy.heads.dtype
-        grow = self.cache is None or self.cache.num_slots < num_slots
+        groups = num_slots // k
+        if layout == "shared_prefix":
+            fits = isinstance(self.cache, slot_layouts.SharedPrefixCache) \
+                and self.cache.k == k and self.cache.num_groups >= groups \
+                and self.cache.step_len >= step_len
+        else:
+            fits = isinstance(self.cache, KVCache) and self.cache.num_slots >= num_slots
+        grow = not fits
         if grow:
             self.cache = self._runner = self._sampler = None
             gc.collect()
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
-        policy_bytes = KVCache.nbytes(config, num_slots, max_len, dtype) if grow else 0
+        policy_bytes = slot_layouts.nbytes(layout, config, groups, k, max_len, step_len,
+                                           dtype) if grow else 0
         scorer_bytes = scorer.cache_nbytes(num_slots, self.max_seq_len) if scorer else 0
         available = available_bytes(self.device)
         if available is not None and policy_bytes + scorer_bytes > available:
             raise ValueError(
                 f"{num_slots} slots (max_batch={self.max_batch} x candidates="
-                f"{num_slots // self.max_batch}) x max_seq_len={self.max_seq_len} need "
+                f"{num_slots // self.max_batch}, {layout} layout) x max_seq_len="
+                f"{self.max_seq_len} need "
                 f"{policy_bytes:,} bytes of policy KV cache + {scorer_bytes:,} bytes of PRM cache "
                 f"= {policy_bytes + scorer_bytes:,} bytes, but only {available:,} bytes are "
                 f"available on {self.device}; lower max_batch, candidates or max_seq_len")
@@ -306,8 +303,8 @@ class Engine:
         # state in place on later calls, which inference tensors forbid outside that mode.
         with torch.inference_mode(False):
             if grow:
-                self.cache = KVCache.allocate(config, num_slots, max_len, dtype=dtype,
-                                              device=self.device)
+                self.cache = slot_layouts.allocate(layout, config, groups, k, max_len, step_len,
+                                                   dtype=dtype, device=self.device)
                 self._sampler = Sampler(self.policy.heads, num_slots)
                 self._runner = DecodeRunner(self.policy.model, self.cache, self._sampler,
                                             max_seq_len=self.max_seq_len, eos_ids=self.eos_ids,

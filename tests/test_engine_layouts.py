@@ -1,0 +1,79 @@
+"""Engine(cache_layout="shared_prefix") against the fork layout and independent references:
+greedy generation (identical candidates must each equal it), a fixed-seed sampled search (the
+same random stream per candidate slot in both layouts), PRM step scores against full re-encodes
+(`prm.score_full`), and the KV bytes allocated against the layout's formula."""
+import pytest
+import torch
+
+from mahalo_engine.engine import Engine, SearchConfig
+from mahalo_engine.policy import load_policy
+from mahalo_engine.prm import ValueHead, load_prm, save_prm
+from mahalo_engine.tiny import FAMILIES, tiny_checkpoint
+from mahalo_engine.utils.loader import load_decoder
+
+PROMPTS = ["Question: How many clips", "The quick brown fox jumps over", "Step 1:"]
+K = 3
+
+
+def _last_candidate(prompts, responses):
+    """Scores 0, 10, 20, ... by candidate index: the last candidate always wins (a promote
+    from a non-first slot)."""
+    return [10.0 * (i % K) for i in range(len(responses))]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_greedy_search_is_identical_between_layouts(family):
+    policy = load_policy(tiny_checkpoint(family), dtype=torch.float32)
+    cfg = SearchConfig(candidates=K, temperature=0, boundary=" ", max_new_tokens=10, max_steps=50,
+                       check_every=2, scorer=_last_candidate)
+    # 3 requests over 2 groups: a group is reused and the last request moves down.
+    runs = {layout: Engine(policy, max_batch=2, max_seq_len=64, cache_layout=layout)
+            for layout in ("fork", "shared_prefix")}
+    gens = runs["fork"].generate(PROMPTS, temperature=0, max_new_tokens=10)
+    fork, shared = (runs[layout].search(PROMPTS, config=cfg) for layout in runs)
+    assert shared == fork
+    for gen, res in zip(gens, shared):
+        assert res.token_ids == gen.token_ids
+
+
+def test_fixed_seed_sampled_search_is_identical_between_layouts():
+    policy = load_policy(tiny_checkpoint("qwen2"), dtype=torch.float32)
+    cfg = SearchConfig(candidates=K, temperature=1.0, top_k=20, boundary=" ", max_steps=4,
+                       max_step_tokens=6, check_every=2, seed=5,
+                       scorer=lambda p, r: [float(len(x) % 7) for x in r])
+    fork, shared = (Engine(policy, max_batch=2, max_seq_len=64, cache_layout=layout)
+                    .search(PROMPTS, config=cfg) for layout in ("fork", "shared_prefix"))
+    assert shared == fork
+    assert any(len(set(s.candidate_scores)) > 1 for r in shared for s in r.steps)
+
+
+def test_step_scores_equal_full_rescoring_in_shared_layout(tmp_path):
+    ckpt = tiny_checkpoint("qwen2")
+    policy = load_policy(ckpt, dtype=torch.float32)
+    from transformers import AutoTokenizer
+
+    torch.manual_seed(0)
+    backbone = tiny_checkpoint("qwen2", seed=1)
+    save_prm(tmp_path / "prm", load_decoder(backbone, dtype=torch.float32),
+             ValueHead(policy.config.hidden_size), "value", AutoTokenizer.from_pretrained(backbone))
+    prm = load_prm(tmp_path / "prm", dtype=torch.float32)
+    engine = Engine(policy, prm=prm, max_batch=3, max_seq_len=96, cache_layout="shared_prefix")
+    cfg = SearchConfig(candidates=K, boundary=" ", max_steps=3, max_step_tokens=8, seed=3,
+                       check_every=2)
+    for prompt, res in zip(PROMPTS, engine.search(PROMPTS, config=cfg)):
+        committed = policy.tokenizer.encode(prompt)
+        for step in res.steps:
+            committed += step.token_ids
+            assert abs(step.score - prm.score_full([committed]).item()) < 1e-4
+            assert step.score == max(step.candidate_scores)
+    # KV bytes: max_batch * (max_seq_len + 1 + K * (max_step_tokens + 1)) positions.
+    c = policy.config
+    per_pos = c.num_hidden_layers * 2 * c.num_key_value_heads * c.head_dim * 4
+    allocated = engine.cache.prefix.data.nbytes + engine.cache.suffix.data.nbytes
+    assert allocated == 3 * (96 + 1 + K * (8 + 1)) * per_pos
+
+
+def test_unknown_layout_is_named():
+    policy = load_policy(tiny_checkpoint("qwen2"), dtype=torch.float32)
+    with pytest.raises(ValueError, match="cache_layout must be one of"):
+        Engine(policy, cache_layout="paged")
