@@ -200,3 +200,17 @@ def test_launch_config_splits_long_prefixes_on_gpu():
         assert cfg.chunk % cfg.block_n == 0 and cfg.chunk * cfg.n_splits >= 8192
         assert cfg.chunk * (cfg.n_splits - 1) < 8192
     assert cascade.launch_config(1, 5, 2, 7, 64, 0, torch.float32, num_sms=132).n_splits == 0
+
+
+# ---- the CPU fast path (torch's fused CPU flash attention per part) ----------------------------
+
+@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_fast_path_matches_float64(name, dtype):
+    from mahalo_engine.layers.cascade_cpu import cascade_decode_attention_cpu
+
+    r, k, n_kv, g, hd, tp, ts, plens, slens = CASES[name]
+    # Finite stale values (the cache's contract: positions past a length hold stale K/V).
+    args = make_case(r, k, n_kv, g, hd, tp, ts, plens, slens, dtype, seed=len(name) + 3,
+                     poison=1e4)
+    assert_close(cascade_decode_attention_cpu(*args), attention64(*args), dtype)

@@ -6,7 +6,7 @@
   prefix ``[0, kv_len)`` of the cache; a contiguous slot range is read as a view, not gathered.
   On a `SharedPrefixCache` the token enters its candidate's suffix and attention is cascade
   attention (the group's prefix read once for its K candidates: ``triton_kernels.cascade`` on
-  CUDA, its pure-torch reference on CPU).
+  CUDA, ``layers.cascade_cpu`` on CPU).
   Shapes depend only on the inputs' shapes and ``kv_len``, and indexing is done with index ops,
   so a decode step performs no host sync and can be captured in a CUDA graph.
 
@@ -20,9 +20,10 @@ from torch import nn
 
 from mahalo_engine.cache import KVCache
 from mahalo_engine.shared_cache import SharedPrefixCache
-from triton_kernels import cascade, reference
+from triton_kernels import cascade
 from mahalo_engine.config import ModelConfig
 from mahalo_engine.layers.attention import Attend, Attention, KVUpdate
+from mahalo_engine.layers.cascade_cpu import cascade_decode_attention_cpu
 from mahalo_engine.layers.mlp import SwiGLU
 from mahalo_engine.layers.rmsnorm import RMSNorm
 from mahalo_engine.layers.rotary import Rotary
@@ -304,10 +305,11 @@ class Decoder(nn.Module):
         seen = (slen + 1).view(groups, k)  # the new token included
         n_kv, hd = self.config.num_key_value_heads, self.config.head_dim
         ts = cache.step_len
-        # The Triton kernel on CUDA; on CPU the reference, even under TRITON_INTERPRET=1 (the
-        # interpreter would take seconds per step; tests/test_cascade.py checks the two agree).
+        # The Triton kernel on CUDA; on CPU torch's fused CPU attention per part, even under
+        # TRITON_INTERPRET=1 (the interpreter would take seconds per step). tests/test_cascade.py
+        # checks both against the reference.
         cascade_decode_attention = cascade.cascade_decode_attention if dev.type == "cuda" \
-            else reference.cascade_decode_attention
+            else cascade_decode_attention_cpu
 
         def attend(layer: int, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor):
             cache.suffix.write(layer, ids, slen, k_new[:, 0], v_new[:, 0])
