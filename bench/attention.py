@@ -1,5 +1,6 @@
-"""Decode attention of K candidates per request: cascade attention over a shared prefix (ours,
-``triton_kernels.cascade``; the pure-torch reference on CPU) vs SDPA on the forked layout (each
+"""Decode attention of K candidates per request: cascade attention over a shared prefix (ours:
+the path the engine's shared_prefix layout runs — ``triton_kernels.cascade`` on CUDA,
+``mahalo_engine.layers.cascade_cpu`` on CPU) vs SDPA on the forked layout (each
 candidate's own copy of the prefix, the decoder's GQA-folded SDPA call), vs prefix length.
 
 Per row: R requests × K candidates, one new token each, Qwen2.5-0.5B's attention shape (2 KV
@@ -15,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.common import BenchContext, copy_bandwidth, timeit
+from mahalo_engine.layers.cascade_cpu import cascade_decode_attention_cpu
 from triton_kernels.cascade import cascade_decode_attention
 
 N_KV, G, HEAD_DIM = 2, 7, 64  # Qwen2.5-0.5B
@@ -52,7 +54,10 @@ def run(ctx: BenchContext) -> list[dict]:
         for k in (1, 4, 8):
             ours_args, (q, fk, fv, mask) = _inputs(r, k, prefix, dtype, ctx.device)
             out = torch.empty_like(ours_args[0])
-            t_ours = timeit(lambda: cascade_decode_attention(*ours_args, out=out), ctx.device)
+            if ctx.is_cuda:
+                t_ours = timeit(lambda: cascade_decode_attention(*ours_args, out=out), ctx.device)
+            else:
+                t_ours = timeit(lambda: cascade_decode_attention_cpu(*ours_args), ctx.device)
             t_sdpa = timeit(lambda: F.scaled_dot_product_attention(q, fk, fv, attn_mask=mask),
                             ctx.device)
             kv_token = 2 * N_KV * HEAD_DIM * esize  # K and V of one position
@@ -69,5 +74,6 @@ def run(ctx: BenchContext) -> list[dict]:
              f"{STEP} tokens into a step (slot capacity {SUFFIX}). Floor: ours' bytes at the "
              f"measured copy bandwidth ({bandwidth / 1e9:.0f} GB/s, read + write counted).")
     if not ctx.is_cuda:
-        ctx.note("CPU: ours is the pure-torch reference (fp32 einsum + masks), one thread.")
+        ctx.note("CPU: ours is torch's fused CPU flash attention per part + a log-sum-exp merge "
+                 "(the engine's CPU path), one thread.")
     return rows

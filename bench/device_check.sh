@@ -30,7 +30,7 @@ echo "gpu tests rc=$?" | tee -a "$OUT/tests.log"; }
 
 # 3. Triton kernels compiled for the card (no interpreter), against the references.
 stage triton && { timeout 150 python -m pytest -q -x tests/test_triton_multihead.py \
-  tests/test_triton_compile.py > "$OUT/triton.log" 2>&1
+  tests/test_triton_compile.py tests/test_cascade.py > "$OUT/triton.log" 2>&1
 echo "triton tests rc=$?" | tee -a "$OUT/triton.log"; }
 
 # 4. Benchmarks (full sizes on CUDA).

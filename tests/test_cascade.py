@@ -214,3 +214,22 @@ def test_cpu_fast_path_matches_float64(name, dtype):
     args = make_case(r, k, n_kv, g, hd, tp, ts, plens, slens, dtype, seed=len(name) + 3,
                      poison=1e4)
     assert_close(cascade_decode_attention_cpu(*args), attention64(*args), dtype)
+
+
+@pytest.mark.gpu
+def test_kernel_replays_in_a_cuda_graph_with_new_lengths():
+    """Lengths are read on the device: a captured launch follows lengths changed after capture
+    (including a prefix growing into another split)."""
+    r, k, n_kv, g, hd, tp, ts = 2, 4, 2, 7, 64, 600, 16
+    args = list(make_case(r, k, n_kv, g, hd, tp, ts, [300, 17], [1, 2, 3, 4, 5, 6, 7, 8],
+                          torch.bfloat16, poison=0.0, device="cuda"))
+    out = torch.empty_like(args[0])
+    cascade.cascade_decode_attention(*args, out=out)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        cascade.cascade_decode_attention(*args, out=out)
+    args[3].copy_(torch.tensor([599, 1], dtype=torch.int32))
+    args[6].copy_(torch.tensor([[16, 1, 9, 2], [3, 3, 3, 0]], dtype=torch.int32))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert_close(out, attention64(*args), torch.bfloat16)

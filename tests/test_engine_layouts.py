@@ -77,3 +77,18 @@ def test_unknown_layout_is_named():
     policy = load_policy(tiny_checkpoint("qwen2"), dtype=torch.float32)
     with pytest.raises(ValueError, match="cache_layout must be one of"):
         Engine(policy, cache_layout="paged")
+
+
+@pytest.mark.gpu
+def test_shared_prefix_with_cuda_graphs_equals_fork_eager():
+    policy = load_policy(tiny_checkpoint("qwen2"), dtype=torch.float32, device="cuda")
+    for kw in (dict(temperature=0, scorer=_last_candidate),
+               dict(temperature=1.0, top_k=20, seed=3,
+                    scorer=lambda p, r: [float(len(x) % 7) for x in r])):
+        cfg = SearchConfig(candidates=K, boundary=" ", max_steps=4, max_step_tokens=8,
+                           check_every=2, **kw)
+        graphs = Engine(policy, max_batch=2, max_seq_len=96, cache_layout="shared_prefix",
+                        cuda_graphs=True).search(PROMPTS, config=cfg)
+        eager = Engine(policy, max_batch=2, max_seq_len=96, cache_layout="fork",
+                       cuda_graphs=False).search(PROMPTS, config=cfg)
+        assert [r.token_ids for r in graphs] == [r.token_ids for r in eager]
