@@ -72,6 +72,9 @@ def _parser() -> argparse.ArgumentParser:
                        description="Per step: K candidates per request from the running cache "
                                    "until a boundary, scored by the PRM(s); the best is kept.")
     common(s)
+    s.add_argument("--cache-layout", choices=("fork", "shared_prefix"), default="fork",
+                   help="policy KV layout: fork = K full copies per request; shared_prefix = one "
+                        "copy + K step-sized slots, cascade attention (less memory)")
     s.add_argument("--prm", action="append", type=Path, default=None,
                    help="PRM directory (repeatable: several PRMs guide together)")
     s.add_argument("--prm-weights", type=_floats, default=None,
@@ -151,7 +154,8 @@ def _run(args: argparse.Namespace) -> int:
             raise SystemExit(f"--prm-weights has {len(ws)} values for {len(prms)} --prm")
         prm = prms[0] if len(prms) == 1 and ws[0] == 1.0 else list(zip(prms, ws))
     engine = Engine(policy, prm=prm, max_batch=args.max_batch, max_seq_len=args.max_seq_len,
-                    cuda_graphs=not args.no_cuda_graphs)
+                    cuda_graphs=not args.no_cuda_graphs,
+                    cache_layout=getattr(args, "cache_layout", "fork"))
 
     if args.command == "generate":
         results = engine.generate(prompts, head_weights=head_weights,

@@ -35,11 +35,13 @@ def test_search_cli_matches_python(dirs, capsys):
     out = tmp / "search.jsonl"
     argv = ["search", "--model", str(model), "--prm", str(prm_dir), "--prompts", str(prompts),
             "-k", "2", "--boundary", " ", "--max-steps", "2", "--max-step-tokens", "5",
-            "--check-every", "2", "--seed", "3", "--out", str(out), *COMMON]
+            "--check-every", "2", "--seed", "3", "--cache-layout", "shared_prefix", "--out",
+            str(out), *COMMON]
     assert main(argv) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
 
     policy = load_policy(model, dtype=torch.float32)
+    # The reference runs the default fork layout: the CLI's shared_prefix run must match it.
     engine = Engine(policy, prm=load_prm(prm_dir, dtype=torch.float32), max_batch=2,
                     max_seq_len=96)
     ref = engine.search(["Question: How many clips", [{"role": "user", "content": "Hi!"}]],
