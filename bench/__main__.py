@@ -1,7 +1,8 @@
 """`python -m bench [--quick] [--device cuda] [--sections decode,heads,...] [--model DIR]`.
 
 Runs each benchmark section, prints a markdown table per section and writes every row, with the
-device name, torch version and date, to ``bench/results/bench-<device>-<date>.json``. The JSON is
+device name, torch version and date, to ``bench/results/local/bench-<device>-<date>.json`` (ignored
+by git; recorded runs are copied to ``bench/results/``). The JSON is
 rewritten after every section (atomically), so a run cut short keeps the sections it finished;
 each section records its wall time and, on CUDA, the peak reserved memory.
 """
@@ -19,6 +20,10 @@ from pathlib import Path
 import torch
 
 from bench.common import BenchContext, markdown_table
+
+# Local runs land in an ignored folder, so `python -m bench` never dirties `git status`;
+# bench/results/ itself holds recorded runs only (GPU runs with the card named, full quality runs).
+LOCAL_RESULTS = Path(__file__).resolve().parent / "results" / "local"
 
 # Section name -> what it compares. Each lives in bench/<name>.py and exposes run(ctx) -> rows.
 SECTIONS = {
@@ -50,7 +55,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--append", action="store_true",
                    help="keep the sections already in --out (a run split over several calls)")
     p.add_argument("--out", type=Path, default=None,
-                   help="JSON output path (default: bench/results/bench-<device>-<date>.json)")
+                   help="JSON output path (default: bench/results/local/bench-<device>-<date>.json, "
+                   "ignored by git)")
     return p.parse_args(argv)
 
 
@@ -90,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out
     if out is None:
         tag = "cuda-" + ctx.device_name.replace(" ", "_") if ctx.is_cuda else "cpu"
-        out = Path(__file__).resolve().parent / "results" / f"bench-{tag}-{stamp:%Y%m%d-%H%M%S}.json"
+        out = LOCAL_RESULTS / f"bench-{tag}-{stamp:%Y%m%d-%H%M%S}.json"
     if args.append:
         if args.out is None:
             raise SystemExit("--append needs --out FILE.json")
