@@ -92,12 +92,12 @@ def _meta_int(meta: dict[str, str], key: str, path: Path) -> int:
 
 def load_value_head(path: str | Path) -> tuple[ValueHead, str]:
     """``(value_head (float32, CPU), kind)`` from a ``value_head.safetensors``, strictly."""
-    from safetensors import safe_open
+    from mahalo_engine.utils.safetensors_io import open_safetensors
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no value head file at {path}")
-    with safe_open(str(path), framework="pt") as f:
+    with open_safetensors(path) as f:
         meta = f.metadata() or {}
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     if meta.get("format") != VALUE_HEAD_FORMAT:

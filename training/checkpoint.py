@@ -171,10 +171,10 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
 
 def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """``(model_state, trainer_state)`` of a checkpoint directory (RNG states not yet applied)."""
-    from safetensors.torch import load_file
+    from mahalo_engine.utils.safetensors_io import load_safetensors
 
     path = Path(path)
-    model_state = load_file(str(path / "model.safetensors"))
+    model_state = load_safetensors(path / "model.safetensors")
     trainer_state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=True)
     return model_state, trainer_state
 
