@@ -180,10 +180,19 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
 
 
 def main(argv: list[str] | None = None) -> int:
+    from mahalo_engine.utils.cli import run_cli
+
+    return run_cli(_main, argv)
+
+
+def _main(argv: list[str] | None) -> int:
+    from mahalo_engine.utils.cli import add_debug_flag
+
     p = argparse.ArgumentParser(prog="python -m training.checkpoint",
                                 description="Show the latest resumable checkpoint of a training "
                                 "output directory (what --resume would continue from).")
     p.add_argument("out_dir", type=Path, help="a trainer's --out directory")
+    add_debug_flag(p)
     args = p.parse_args(argv)
     ckpt = latest_checkpoint(args.out_dir)
     if ckpt is None:

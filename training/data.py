@@ -159,8 +159,18 @@ def read_preferences(specs: Sequence[tuple[str | None, Path]], *, objectives: Se
                      default_objective: str | None = None) -> PreferenceData:
     """Read preference files. A file named with an objective gives all its rows that objective;
     otherwise each row needs an ``objective`` field (or ``default_objective`` applies). Head order is
-    ``objectives`` when given, else the order of first appearance. An empty file or an objective
-    without rows is an error."""
+    ``objectives`` when given, else the order of first appearance. An empty file, an objective
+    without rows, or one objective named for two files (``acc=a.jsonl acc=b.jsonl``: concatenate
+    them instead, so that it is clear one head learns from both) is an error."""
+    named: dict[str, Path] = {}
+    for name, path in specs:
+        if name is None:
+            continue
+        if name in named:
+            raise DataError(f"objective {name!r} is named twice (--data {name}={named[name]} and "
+                            f"--data {name}={path}); each objective trains its own head, so give "
+                            f"it one file (concatenate them) or use distinct names")
+        named[name] = path
     def parse(name: str | None, path: Path, where: str, obj: dict[str, Any]) -> PreferencePair:
         if name is not None:
             objective = name
@@ -614,30 +624,44 @@ def micro_batches(rows: Sequence, size: int) -> list[list]:
 # ---------------------------------------------------------------------------------------------- CLI
 
 def main(argv: list[str] | None = None) -> int:
+    from mahalo_engine.utils.cli import run_cli
+
+    return run_cli(_main, argv)
+
+
+def _main(argv: list[str] | None) -> int:
+    from mahalo_engine.utils.cli import HelpFormatter, add_debug_flag
+
     p = argparse.ArgumentParser(
-        prog="python -m training.data",
+        prog="python -m training.data", formatter_class=HelpFormatter,
         description="Data utilities: convert the paper's preference JSON arrays to TRL jsonl, or "
         "check a training file (rows, token lengths, truncation under --max-length).")
     sub = p.add_subparsers(dest="cmd", required=True)
-    c = sub.add_parser("convert-pairs", help='paper JSON array [{"question","chosen","rejected"}] '
+    c = sub.add_parser("convert-pairs", formatter_class=HelpFormatter, help='paper JSON array [{"question","chosen","rejected"}] '
                        '-> TRL jsonl {"prompt","chosen","rejected"[,"objective"]}')
     c.add_argument("src", type=Path)
     c.add_argument("out", type=Path)
     c.add_argument("--objective", default=None, help="add this objective field to every row")
-    c.add_argument("--limit", type=int, default=None, help="keep the first N rows")
-    s = sub.add_parser("check", help="validate a preference file and report token lengths")
+    c.add_argument("--limit", type=int, default=None, help="keep the first N rows (default: all)")
+    add_debug_flag(c)
+    s = sub.add_parser("check", formatter_class=HelpFormatter,
+                       help="validate a preference file and report token lengths")
     s.add_argument("--model", type=Path, required=True, help="directory with the tokenizer")
     s.add_argument("--data", action="append", required=True, help="OBJECTIVE=FILE or FILE")
-    s.add_argument("--max-length", type=int, default=1024)
+    s.add_argument("--max-length", type=int, default=1024, help="max tokens per sequence")
     s.add_argument("--max-prompt-length", type=int, default=None,
                    help="default: max-length // 2 (as the trainers)")
-    s.add_argument("--chat-template", action="store_true")
+    s.add_argument("--truncate", choices=TRUNCATE_KEEP, default="start",
+                   help="which part of an over-long prompt is kept (as the trainers)")
+    s.add_argument("--chat-template", action="store_true",
+                   help="wrap string prompts in the tokenizer's chat template")
+    add_debug_flag(s)
     args = p.parse_args(argv)
     if args.cmd == "convert-pairs":
         from training.checkpoint import atomic_write_text
 
         rows = paper_pairs_to_trl(args.src)[:args.limit]
-        if args.objective:
+        if args.objective is not None:
             rows = [{**r, "objective": args.objective} for r in rows]
         atomic_write_text(args.out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
         print(f"wrote {len(rows)} pairs to {args.out}")
@@ -647,8 +671,9 @@ def main(argv: list[str] | None = None) -> int:
     data = read_preferences([parse_data_spec(s) for s in args.data])
     tok = AutoTokenizer.from_pretrained(args.model)
     items, stats = tokenize_pairs(tok, data, max_length=args.max_length,
-                                  max_prompt_length=args.max_prompt_length or args.max_length // 2,
-                                  chat_template=args.chat_template)
+                                  max_prompt_length=(args.max_length // 2 if args.max_prompt_length
+                                                     is None else args.max_prompt_length),
+                                  chat_template=args.chat_template, keep_prompt=args.truncate)
     for i, name in enumerate(data.objectives):
         lens = sorted(it.length for it in items if it.objective == i)
         print(f"{name}: {len(lens)} pairs, tokens median {lens[len(lens) // 2]}, max {lens[-1]}")

@@ -191,7 +191,7 @@ def train(args: argparse.Namespace, info: D.DistInfo, tokenizer) -> None:
 
     data: PreferenceData = read_preferences(
         [parse_data_spec(s) for s in args.data],
-        objectives=args.objectives.split(",") if args.objectives else None)
+        objectives=args.objectives.split(",") if args.objectives is not None else None)
     names = data.objectives
     alphas = _parse_alphas(args.alpha, names)
     items, stats = tokenize_pairs(tokenizer, data, max_length=args.max_length,
@@ -208,7 +208,8 @@ def train(args: argparse.Namespace, info: D.DistInfo, tokenizer) -> None:
     pad = pad_id_of(tokenizer, config.pad_token_id)
     bf16 = info.device.type == "cuda" and args.bf16
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else None
-    ref = reference_logps(decoder, items, model_dir=args.model, cache_dir=args.ref_cache or paths.cache_dir("ref_logps"),
+    ref_cache = paths.cache_dir("ref_logps") if args.ref_cache is None else args.ref_cache
+    ref = reference_logps(decoder, items, model_dir=args.model, cache_dir=ref_cache,
                           pad_id=pad, batch_size=args.ref_batch_size, chunk_tokens=args.chunk_tokens,
                           info=info, bf16=bf16, autocast=autocast).to(info.device)
     bad = (~torch.isfinite(ref)).any(1).nonzero(as_tuple=True)[0].tolist()

@@ -273,7 +273,7 @@ class Trainer:
         """This rank's share of a global batch, cut into ``--micro-batch-size`` pieces (the last
         may be smaller: losses are normalised by global counts, so that is exact)."""
         local = shard(rows, self.info.rank, self.info.world_size)
-        return micro_batches(local, self.args.micro_batch_size or len(local))
+        return micro_batches(local, len(local) if self.args.micro_batch_size is None else self.args.micro_batch_size)
 
     def final_state(self) -> dict[str, torch.Tensor] | None:
         """The trained module's full state dict on rank 0, None on the others (collective)."""

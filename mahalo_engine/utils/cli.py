@@ -34,8 +34,9 @@ class HelpFormatter(argparse.HelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if ("default" in text or action.default in (None, False, True, argparse.SUPPRESS)
-                or not action.option_strings or action.default == []):
+        d = action.default
+        if ("default" in text or not action.option_strings or d is None or d is True
+                or d is False or d is argparse.SUPPRESS or d == []):
             return text
         return f"{text} (default: %(default)s)" if text else "default: %(default)s"
 
