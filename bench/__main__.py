@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from bench.common import BenchContext, markdown_table
+from mahalo_engine.utils.cli import HelpFormatter, add_debug_flag, resolve_device, run_cli
 
 # Section name -> what it compares. Each lives in bench/<name>.py and exposes run(ctx) -> rows.
 SECTIONS = {
@@ -28,7 +29,7 @@ SECTIONS = {
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python -m bench",
+        prog="python -m bench", formatter_class=HelpFormatter,
         description="Latency/memory comparisons of the MAHALO engine against the baselines it "
         "replaces. Sections: " + "; ".join(f"{k}: {v}" for k, v in SECTIONS.items()),
     )
@@ -42,18 +43,25 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "(default: the built-in tiny Qwen2-shaped checkpoint, built locally)")
     p.add_argument("--out", type=Path, default=None,
                    help="JSON output path (default: bench/results/bench-<device>-<date>.json)")
+    add_debug_flag(p)
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
+    return run_cli(_main, argv)
+
+
+def _main(argv: list[str] | None) -> int:
     args = _parse_args(argv)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda given, but torch sees no CUDA device")
+    device = resolve_device(args.device)
     names = [s.strip() for s in args.sections.split(",") if s.strip()]
     unknown = [s for s in names if s not in SECTIONS]
     if unknown:
-        raise SystemExit(f"unknown section(s) {unknown}; choose from {list(SECTIONS)}")
+        raise ValueError(f"unknown section(s) {unknown}; choose from {list(SECTIONS)}")
+    if args.model is not None and not (args.model / "config.json").is_file():
+        what = "no config.json in" if args.model.is_dir() else "no such model directory:"
+        raise FileNotFoundError(f"--model: {what} {args.model} (a local Hugging Face model "
+                                f"directory; nothing is downloaded)")
 
     if device.type == "cpu":
         # Two shared cores make multi-threaded CPU timings swing wildly; one thread is steadier and

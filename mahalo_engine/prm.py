@@ -1,6 +1,6 @@
 """Process reward models: a decoder backbone plus a small value head read at a token's hidden state.
 
-On disk (DESIGN.md) a PRM is a Hugging Face backbone directory plus ``value_head.safetensors``:
+On disk (docs/design.md) a PRM is a Hugging Face backbone directory plus ``value_head.safetensors``:
 tensors ``0.weight``/``0.bias`` (linear head) or ``0.weight``/``0.bias``/``2.weight``/``2.bias``
 (2-layer MLP ``Linear -> ReLU -> Linear``, the paper's value head layout), with metadata
 ``format=mahalo-value-head-v1``, ``kind`` (value | binary | bt), ``arch`` (linear | mlp),

@@ -164,7 +164,8 @@ def test_prm_with_trained_backbone_moves_the_backbone_and_scores_as_saved(tmp_pa
     assert prm.score_full([ids]).item() == pytest.approx(expected.item(), abs=1e-5)
 
 
-def test_bce_rejects_labels_outside_unit_interval(tmp_path):
+def test_bce_rejects_labels_outside_unit_interval(tmp_path, monkeypatch):
+    monkeypatch.setenv("MAHALO_DEBUG", "1")  # the CLI would print the message and exit 2
     data = tmp_path / "s.jsonl"
     data.write_text(json.dumps({"prompt": "q", "completions": ["a"], "labels": [2.0]}) + "\n")
     with pytest.raises(ValueError, match=r"labels in \[0, 1\]; .*s\.jsonl:1 has 2\.0"):
