@@ -170,7 +170,11 @@ def test_labels_keep_finished_trajectories_on_interrupt_and_resume(tmp_path, mon
     out = tmp_path / "labels.jsonl"
     args = ["judge-prefix", "--data", str(data), "--judge", "judges:judge", "--out", str(out)]
     monkeypatch.setenv("STOP_AT_Q2", "1")
-    assert main(args) == 130
+    try:
+        code = main(args)
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C escaped training.labels instead of ending it with exit code 130")
+    assert code == 130
     assert "interrupted after 2 of 4 trajectories" in capsys.readouterr().err
     assert [json.loads(line)["prompt"] for line in out.read_text().splitlines()] == ["q0", "q1"]
     with open(out, "a") as f:
