@@ -130,7 +130,10 @@ def check_out_dir(out: Path, resume: bool, info: D.DistInfo, overwrite: bool = F
         stale = [out / name for name in RUN_FILES if (out / name).exists()]
         if overwrite:
             for p in stale:
-                shutil.rmtree(p) if p.is_dir() else p.unlink()
+                if p.is_dir():
+                    shutil.rmtree(p)
+                else:
+                    p.unlink()
                 log.info("--overwrite: removed %s", p)
             stale = []
     flag = torch.tensor([float(bool(stale))], device=info.device)

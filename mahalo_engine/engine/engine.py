@@ -50,8 +50,9 @@ class Engine:
 
     ``max_batch`` requests run at once (each with K candidate slots in `search`); sequences are
     capped at ``max_seq_len`` tokens (prompt + generated; default: the model's
-    ``max_position_embeddings``, at most 4096; a larger value is logged once). Caches are allocated on first use,
-    after checking that they fit. ``cuda_graphs`` captures the decode step on CUDA.
+    ``max_position_embeddings``, at most 4096; a larger value is logged once). Caches are
+    allocated on first use, after checking that they fit. ``cuda_graphs`` captures the decode
+    step on CUDA.
     """
 
     def __init__(self, policy: Any, *, prm: Any = None, max_batch: int = 8,
