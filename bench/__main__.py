@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from bench.common import BenchContext, markdown_table
+from mahalo_engine.utils.cli import HelpFormatter, add_debug_flag, resolve_device, run_cli
 
 # Local runs land in an ignored folder, so `python -m bench` never dirties `git status`;
 # bench/results/ itself holds recorded runs only (GPU runs with the card named, full quality runs).
@@ -37,7 +38,7 @@ SECTIONS = {
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python -m bench",
+        prog="python -m bench", formatter_class=HelpFormatter,
         description="Latency/memory comparisons of the MAHALO engine against the baselines it "
         "replaces. Sections: " + "; ".join(f"{k}: {v}" for k, v in SECTIONS.items()),
     )
@@ -57,18 +58,25 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=None,
                    help="JSON output path (default: bench/results/local/bench-<device>-<date>.json, "
                    "ignored by git)")
+    add_debug_flag(p)
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
+    return run_cli(_main, argv)
+
+
+def _main(argv: list[str] | None) -> int:
     args = _parse_args(argv)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda given, but torch sees no CUDA device")
+    device = resolve_device(args.device)
     names = [s.strip() for s in args.sections.split(",") if s.strip()]
     unknown = [s for s in names if s not in SECTIONS]
     if unknown:
-        raise SystemExit(f"unknown section(s) {unknown}; choose from {list(SECTIONS)}")
+        raise ValueError(f"unknown section(s) {unknown}; choose from {list(SECTIONS)}")
+    if args.model is not None and not (args.model / "config.json").is_file():
+        what = "no config.json in" if args.model.is_dir() else "no such model directory:"
+        raise FileNotFoundError(f"--model: {what} {args.model} (a local Hugging Face model "
+                                f"directory; nothing is downloaded)")
 
     if device.type == "cpu":
         # Two shared cores make multi-threaded CPU timings swing wildly; one thread is steadier and
@@ -99,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         out = LOCAL_RESULTS / f"bench-{tag}-{stamp:%Y%m%d-%H%M%S}.json"
     if args.append:
         if args.out is None:
-            raise SystemExit("--append needs --out FILE.json")
+            raise ValueError("--append needs --out FILE.json (the file to add sections to)")
         if out.exists():
             report["sections"] = json.loads(out.read_text()).get("sections", {})
     failed: list[str] = []

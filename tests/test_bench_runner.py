@@ -31,6 +31,7 @@ def sections(monkeypatch, tmp_path):
     monkeypatch.setattr(runner, "SECTIONS", {n: n for n in fake})
     model = tmp_path / "model"
     model.mkdir()
+    (model / "config.json").write_text("{}")  # the runner checks --model is a model directory
     return model
 
 
