@@ -4,7 +4,9 @@ A sequence is the prompt's tokens followed by each step's tokens, each step toke
 (``training.data.tokenize_steps``), exactly as the engine feeds a PRM; the head is read at each
 step's last token, so no marker token (with an untrained embedding) is involved. Losses:
 
-- ``mse``: regression on value targets (hindsight / Monte-Carlo values) -> ``kind=value``;
+- ``mse``: regression on value targets (hindsight / Monte-Carlo values) -> ``kind=value``; by
+  default the paper's reduction (each example's mean over its steps, then the mean over
+  examples); ``--mse-reduction steps`` weighs every step alike;
 - ``bce``: 0/1 or soft judge labels on the head's logit -> ``kind=binary`` (score = sigmoid);
 - ``bt``: Bradley–Terry on pairs of partial sequences ``{"prompt","chosen":[steps],"rejected":[steps]}``,
   read at each side's last token -> ``kind=bt``.
@@ -78,6 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, required=True, help="step data or BT pair jsonl")
     p.add_argument("--loss", choices=tuple(KIND_OF_LOSS), default="mse",
                    help="mse -> kind=value, bce -> kind=binary, bt -> kind=bt (default mse)")
+    p.add_argument("--mse-reduction", choices=("examples", "steps"), default="examples",
+                   help="--loss mse: 'examples' = each example's mean over its steps, then the "
+                   "mean over examples (the paper's); 'steps' = one mean over all steps "
+                   "(default examples)")
     p.add_argument("--head", choices=("mlp", "linear"), default="mlp",
                    help="value head: 2-layer MLP (Linear-ReLU-Linear, default) or linear")
     p.add_argument("--mlp-hidden", type=int, default=None, help="MLP width (default: hidden size)")
@@ -98,7 +104,8 @@ def train(args: argparse.Namespace, info: D.DistInfo, tokenizer) -> None:
     from mahalo_engine.utils.loader import load_decoder
 
     tok_kw = dict(max_length=args.max_length, max_prompt_length=args.max_prompt_length,
-                  chat_template=args.chat_template, step_separator=args.step_separator)
+                  chat_template=args.chat_template, step_separator=args.step_separator,
+                  keep_prompt=args.truncate)
     if args.loss == "bt":
         examples = read_step_pairs(args.data)
         items, stats = tokenize_step_pairs(tokenizer, examples, **tok_kw)
@@ -123,13 +130,16 @@ def train(args: argparse.Namespace, info: D.DistInfo, tokenizer) -> None:
                               "seed": args.seed, "max_length": args.max_length,
                               "max_prompt_length": args.max_prompt_length,
                               "chat_template": args.chat_template, "step_separator": args.step_separator,
+                              "truncate": args.truncate, "mse_reduction": args.mse_reduction,
                               "model": str(args.model), "head": args.head})
     steps = total_steps(args, len(items) // args.batch_size)
 
     def make_step(step: int) -> list[Micro]:
         rows = shuffled_batch(len(items), args.batch_size, args.seed, step)
-        count = len(rows) if args.loss == "bt" else sum(len(items[g].labels) for g in rows)
-        return [_micro(trainer, items, chunk, count, args.loss, pad, info,
+        per_example = args.loss == "bt" or (args.loss == "mse" and args.mse_reduction == "examples")
+        count = len(rows) if per_example else sum(len(items[g].labels) for g in rows)
+        loss_kind = "mse-examples" if args.loss == "mse" and per_example else args.loss
+        return [_micro(trainer, items, chunk, count, loss_kind, pad, info,
                        describe([examples[g].source for g in chunk]))
                 for chunk in trainer.micro_rows(rows)]
 
@@ -181,6 +191,10 @@ def _micro(trainer: Trainer, items, rows: list[int], global_count: int, loss_kin
             raw = trainer.module(ids.to(dev), mask.to(dev), r.to(dev), c.to(dev))
             if loss_kind == "mse":
                 per = value_mse_loss(raw, target, reduction="none")
+                extra = {}
+            elif loss_kind == "mse-examples":  # one term per example: its mean over its steps
+                per = value_mse_loss(raw, target, reduction="none",
+                                     example_steps=[len(items[g].labels) for g in rows])
                 extra = {}
             else:
                 per = soft_bce_loss(raw, target, reduction="none")

@@ -1,4 +1,4 @@
-"""Triton kernels for the multi-head policy's per-token hot path (see DESIGN.md, "triton_kernels").
+"""Triton kernels for the multi-head policy's per-token hot path (see docs/design.md, "Device dispatch").
 
 ``multihead_logits`` / ``multihead_sample`` dispatch by device (CUDA → Triton; CPU → Triton's
 interpreter when ``TRITON_INTERPRET=1``, else ``triton_kernels.reference``).

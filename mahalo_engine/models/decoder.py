@@ -306,7 +306,7 @@ class Decoder(nn.Module):
         n_kv, hd = self.config.num_key_value_heads, self.config.head_dim
         ts = cache.step_len
         # The Triton kernel on CUDA; on CPU torch's fused CPU attention per part, even under
-        # TRITON_INTERPRET=1 (the interpreter would take seconds per step). tests/test_cascade.py
+        # TRITON_INTERPRET=1 (the interpreter would take seconds per step). tests/test_triton_cascade.py
         # checks both against the reference.
         cascade_decode_attention = cascade.cascade_decode_attention if dev.type == "cuda" \
             else cascade_decode_attention_cpu
