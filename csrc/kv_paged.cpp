@@ -1,6 +1,6 @@
 // The mahalo::kv_paged_{fork,promote,release} custom ops on a paged KV cache (layout and
 // bookkeeping: kv_paged.h): their schemas, the argument checks every backend shares, and the CPU
-// kernels (bookkeeping, then the block copies).
+// kernels (bookkeeping, then the block copies; the op bodies are kv_paged_ops.h's).
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -86,42 +86,12 @@ void copy_blocks_cpu(char* base, const PagedLayout& layout, const std::vector<Bl
   });
 }
 
-void run_cpu(const at::Tensor& cache, const PagedArgs& args, int op, const int32_t* a,
-             const int32_t* b, const int32_t* c, int64_t num_pairs, int64_t group_size) {
+void run_cpu(const char*, const at::Tensor& cache, const PagedArgs& args, int op,
+             const int32_t* a, const int32_t* b, const int32_t* c, int64_t num_pairs,
+             int64_t group_size) {
   std::vector<BlockCopy> copies(static_cast<size_t>(num_pairs));
   paged_bookkeeping(args.state, op, a, b, c, num_pairs, group_size, copies.data());
   copy_blocks_cpu(static_cast<char*>(cache.data_ptr()), args.layout, copies);
-}
-
-void kv_paged_fork_cpu(const at::Tensor& cache, const at::Tensor& block_tables,
-                       const at::Tensor& lens, const at::Tensor& refcounts,
-                       const at::Tensor& free_stack, const at::Tensor& free_state,
-                       const at::Tensor& src, const at::Tensor& dst) {
-  const PagedArgs args = check_fork_args(cache, block_tables, lens, refcounts, free_stack,
-                                         free_state, src, dst);
-  run_cpu(cache, args, kFork, src.data_ptr<int32_t>(), dst.data_ptr<int32_t>(), nullptr,
-          src.numel(), 1);
-}
-
-void kv_paged_promote_cpu(const at::Tensor& cache, const at::Tensor& block_tables,
-                          const at::Tensor& lens, const at::Tensor& refcounts,
-                          const at::Tensor& free_stack, const at::Tensor& free_state,
-                          const at::Tensor& winners, const at::Tensor& groups,
-                          const at::Tensor& start) {
-  const PagedArgs args = check_promote_args(cache, block_tables, lens, refcounts, free_stack,
-                                            free_state, winners, groups, start);
-  run_cpu(cache, args, kPromote, winners.data_ptr<int32_t>(), groups.data_ptr<int32_t>(),
-          start.data_ptr<int32_t>(), groups.numel(), groups.size(1));
-}
-
-void kv_paged_release_cpu(const at::Tensor& cache, const at::Tensor& block_tables,
-                          const at::Tensor& lens, const at::Tensor& refcounts,
-                          const at::Tensor& free_stack, const at::Tensor& free_state,
-                          const at::Tensor& seqs) {
-  const PagedArgs args = check_paged_args("kv_paged_release", cache, block_tables, lens,
-                                          refcounts, free_stack, free_state);
-  check_paged_index("kv_paged_release", "seqs", seqs, 1, cache);
-  run_cpu(cache, args, kRelease, seqs.data_ptr<int32_t>(), nullptr, nullptr, seqs.numel(), 1);
 }
 
 }  // namespace
@@ -169,9 +139,9 @@ TORCH_LIBRARY_FRAGMENT(mahalo, m) {
 }
 
 TORCH_LIBRARY_IMPL(mahalo, CPU, m) {
-  m.impl("kv_paged_fork", &kv_paged_fork_cpu);
-  m.impl("kv_paged_promote", &kv_paged_promote_cpu);
-  m.impl("kv_paged_release", &kv_paged_release_cpu);
+  m.impl("kv_paged_fork", &kv_paged_fork<run_cpu>);
+  m.impl("kv_paged_promote", &kv_paged_promote<run_cpu>);
+  m.impl("kv_paged_release", &kv_paged_release<run_cpu>);
 }
 
 }  // namespace mahalo

@@ -27,45 +27,12 @@ void run_cuda(const char* name, const at::Tensor& cache, const PagedArgs& args, 
   TORCH_CHECK(err == nullptr, name, ": CUDA kernel launch failed: ", err);
 }
 
-void kv_paged_fork_cuda(const at::Tensor& cache, const at::Tensor& block_tables,
-                        const at::Tensor& lens, const at::Tensor& refcounts,
-                        const at::Tensor& free_stack, const at::Tensor& free_state,
-                        const at::Tensor& src, const at::Tensor& dst) {
-  const PagedArgs args = check_fork_args(cache, block_tables, lens, refcounts, free_stack,
-                                         free_state, src, dst);
-  run_cuda("kv_paged_fork", cache, args, kFork, src.data_ptr<int32_t>(), dst.data_ptr<int32_t>(),
-           nullptr, src.numel(), 1);
-}
-
-void kv_paged_promote_cuda(const at::Tensor& cache, const at::Tensor& block_tables,
-                           const at::Tensor& lens, const at::Tensor& refcounts,
-                           const at::Tensor& free_stack, const at::Tensor& free_state,
-                           const at::Tensor& winners, const at::Tensor& groups,
-                           const at::Tensor& start) {
-  const PagedArgs args = check_promote_args(cache, block_tables, lens, refcounts, free_stack,
-                                            free_state, winners, groups, start);
-  run_cuda("kv_paged_promote", cache, args, kPromote, winners.data_ptr<int32_t>(),
-           groups.data_ptr<int32_t>(), start.data_ptr<int32_t>(), groups.numel(),
-           groups.size(1));
-}
-
-void kv_paged_release_cuda(const at::Tensor& cache, const at::Tensor& block_tables,
-                           const at::Tensor& lens, const at::Tensor& refcounts,
-                           const at::Tensor& free_stack, const at::Tensor& free_state,
-                           const at::Tensor& seqs) {
-  const PagedArgs args = check_paged_args("kv_paged_release", cache, block_tables, lens,
-                                          refcounts, free_stack, free_state);
-  check_paged_index("kv_paged_release", "seqs", seqs, 1, cache);
-  run_cuda("kv_paged_release", cache, args, kRelease, seqs.data_ptr<int32_t>(), nullptr, nullptr,
-           seqs.numel(), 1);
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(mahalo, CUDA, m) {
-  m.impl("kv_paged_fork", &kv_paged_fork_cuda);
-  m.impl("kv_paged_promote", &kv_paged_promote_cuda);
-  m.impl("kv_paged_release", &kv_paged_release_cuda);
+  m.impl("kv_paged_fork", &kv_paged_fork<run_cuda>);
+  m.impl("kv_paged_promote", &kv_paged_promote<run_cuda>);
+  m.impl("kv_paged_release", &kv_paged_release<run_cuda>);
 }
 
 }  // namespace mahalo
