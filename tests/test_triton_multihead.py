@@ -1,7 +1,8 @@
 """Fused multi-head projection and sampling (triton_kernels) against float64 and torch references.
 
 Runs the Triton kernels on CUDA, or in Triton's interpreter on CPU with TRITON_INTERPRET=1; on CPU
-without it the kernel tests skip (the launchers then run the reference, tested here too).
+without it the kernel tests skip (the launchers then run triton_kernels.cpu, tested against the
+reference in tests/test_cpu_path.py).
 """
 import logging
 import math
@@ -13,13 +14,13 @@ import triton
 
 import triton_kernels
 from triton_kernels import merge_cache, merge_shared_heads, multihead_logits, multihead_sample
-from triton_kernels import multihead, reference
+from triton_kernels import cpu, multihead, reference
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 needs_triton = pytest.mark.skipif(
     DEVICE.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1",
     reason="Triton kernels need a CUDA device or TRITON_INTERPRET=1 (CPU interpreter); without "
-    "either the launchers run triton_kernels.reference")
+    "either the launchers run triton_kernels.cpu")
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 
 
@@ -528,7 +529,7 @@ def test_cpu_dispatch_follows_triton_interpret(monkeypatch, interpret):
         pytest.skip("the kernels are built for the interpreter only when TRITON_INTERPRET=1 at import")
     hidden, heads, weights = make_inputs(3, 2, 50, 8)
     calls = []
-    monkeypatch.setattr(reference, "multihead_logits", lambda *a, **k: calls.append(a) or "ref")
+    monkeypatch.setattr(cpu, "multihead_logits", lambda *a, **k: calls.append(a) or "ref")
     monkeypatch.setenv("TRITON_INTERPRET", interpret)
     z = triton_kernels.multihead_logits(hidden, heads, weights)
     if interpret == "0":

@@ -1,7 +1,8 @@
 """Triton kernels for the multi-head policy's per-token hot path (see DESIGN.md, "triton_kernels").
 
 ``multihead_logits`` / ``multihead_sample`` dispatch by device (CUDA → Triton; CPU → Triton's
-interpreter when ``TRITON_INTERPRET=1``, else ``triton_kernels.reference``).
+interpreter when ``TRITON_INTERPRET=1``, else ``triton_kernels.cpu``, the efficient CPU path
+tested against the readable spec ``triton_kernels.reference``).
 ``merge_shared_heads`` precomputes the shared-weights fast path for CUDA-graph capture.
 """
 from triton_kernels.merge import merge_cache, merge_shared_heads

@@ -2,7 +2,7 @@
 
 Dispatch, the one rule: CUDA tensors → the Triton kernels; CPU tensors → the same kernels in
 Triton's interpreter when ``TRITON_INTERPRET=1`` (tests; must be set before Triton is imported),
-else ``triton_kernels.reference`` (the engine's CPU path).
+else ``triton_kernels.cpu`` (the engine's CPU path: the reference's results, computed cheaply).
 
 Both launchers validate their arguments (``ValueError`` naming the argument), then go through the
 shared-weights plan (``triton_kernels.merge``: U < H distinct weight rows → U merged heads). Neither
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from triton_kernels import reference
+from triton_kernels import cpu
 from triton_kernels.checks import check_out, check_projection, check_sampling
 from triton_kernels.kernels import (MODE_GREEDY, MODE_GUMBEL, MODE_TOPK, _logits_kernel,
                                     _sample_finish_kernel, _sample_partials_kernel)
@@ -126,7 +126,7 @@ def multihead_logits(hidden: torch.Tensor, heads: torch.Tensor, weights: torch.T
     float dtype (used in fp32, must be finite); fp32 accumulation.
     """
     if not _use_triton(hidden.device):
-        return reference.multihead_logits(hidden, heads, weights, out=out)
+        return cpu.multihead_logits(hidden, heads, weights, out=out)
     check_projection(hidden, heads, weights)
     check_out(out, hidden, heads.shape[1])
     heads, weights = plan_heads(heads, weights)
@@ -160,7 +160,7 @@ def multihead_sample(hidden: torch.Tensor, heads: torch.Tensor, weights: torch.T
     (that would read them on the host): negative or non-finite entries are the caller's bug.
     """
     if not _use_triton(hidden.device):
-        return reference.multihead_sample(hidden, heads, weights, temperature=temperature,
+        return cpu.multihead_sample(hidden, heads, weights, temperature=temperature,
                                           top_k=top_k, seed=seed, offset=offset)
     check_projection(hidden, heads, weights)
     check_sampling(temperature, top_k, seed, offset, hidden.device, hidden.shape[0])
