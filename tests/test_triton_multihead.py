@@ -55,6 +55,16 @@ def tv_distance(tokens: torch.Tensor, p: torch.Tensor) -> float:
     return 0.5 * (counts / tokens.numel() - p.double().cpu()).abs().sum().item()
 
 
+def exact_ties(B, V, d):
+    """One head whose V columns are identical, with small-integer values and unit weights, so every
+    logit of a row is the same exact integer whatever the summation order (the interpreter's numpy
+    matmul rounds differently per SIMD lane, so random identical columns need not tie)."""
+    hidden, heads, weights = make_inputs(B, 1, V, d)
+    hidden = torch.randint(-3, 4, (B, d), generator=torch.Generator().manual_seed(1)).to(hidden)
+    heads[:] = torch.randint(-3, 4, (d,), generator=torch.Generator().manual_seed(2)).to(heads)
+    return hidden, heads, torch.ones_like(weights)
+
+
 def identical_rows(n, V, d, *, H=1, seed=0, scale=5.0):
     hidden, heads, weights = make_inputs(1, H, V, d, seed=seed, scale=scale)
     return hidden.expand(n, d), heads, weights.expand(n, H), logits64(hidden, heads, weights)[0]
@@ -240,8 +250,7 @@ def test_top_k_never_leaves_the_top_k(V, top_k):
 
 @needs_triton
 def test_top_k_ties_go_to_lowest_indices():
-    hidden, heads, weights = make_inputs(256, 1, 160, 16)
-    heads[:] = heads[:, :1]  # every column identical: all logits tie
+    hidden, heads, weights = exact_ties(256, 160, 16)
     tokens, logprobs = multihead_sample(hidden, heads, weights, temperature=1.0, top_k=4, seed=2)
     assert set(tokens.tolist()) == {0, 1, 2, 3}
     torch.testing.assert_close(logprobs, torch.full_like(logprobs, -math.log(160)))
@@ -352,8 +361,7 @@ def test_one_temperature_tensor_equals_the_float_call(sample, shape, t, top_k):
 @needs_triton
 def test_zero_temperature_rows_of_top_k_break_ties_to_lowest_index():
     """T = 0 rows under top-k pick from the merged candidates, which come in no set order."""
-    hidden, heads, weights = make_inputs(16, 1, 160, 16)
-    heads[:] = heads[:, :1]  # every column identical: all logits tie
+    hidden, heads, weights = exact_ties(16, 160, 16)
     temps = torch.tensor([0.0, 1.0], device=DEVICE).repeat(8)
     tokens, _ = multihead_sample(hidden, heads, weights, temperature=temps, top_k=4, seed=2)
     assert tokens[temps == 0].eq(0).all() and tokens[temps > 0].lt(4).all()
@@ -536,3 +544,32 @@ def test_cpu_dispatch_follows_triton_interpret(monkeypatch, interpret):
         assert z == "ref" and len(calls) == 1
     else:
         assert not calls and rel_err(z, logits64(hidden, heads, weights)) <= 1e-5
+
+
+# ----------------------------------------------------------------------------------- plans
+
+
+@pytest.mark.parametrize("top_k", [0, 1, 5])
+def test_sampling_plan_equals_the_launcher_and_reads_offset_on_device(top_k):
+    """A plan binds everything but hidden: same results as the launcher, call after call, with
+    the offset advanced in place between calls (and the merged-heads path for shared rows)."""
+    hidden, heads, weights = make_inputs(6, 3, 90, 16, scale=3.0)
+    offset = torch.zeros(1, dtype=torch.int64, device=DEVICE)
+    temps = torch.tensor([0.7, 0.0, 1.2, 1.0, 0.9, 2.0], device=DEVICE)
+    for w in (weights, weights[:1].expand(6, 3).contiguous()):
+        plan = triton_kernels.SamplingPlan(heads, w, temperature=temps, top_k=top_k, seed=4,
+                                           offset=offset)
+        for _ in range(3):
+            got = [t.clone() for t in plan(hidden)]
+            want = multihead_sample(hidden, heads, w, temperature=temps, top_k=top_k, seed=4,
+                                    offset=offset)
+            assert torch.equal(got[0], want[0])
+            torch.testing.assert_close(got[1], want[1], rtol=0, atol=1e-6)
+            offset.add_(1)
+
+
+def test_sampling_plan_checks_hidden():
+    hidden, heads, weights = make_inputs(4, 2, 50, 8)
+    plan = triton_kernels.SamplingPlan(heads, weights, temperature=0.0)
+    with pytest.raises(ValueError, match=r"hidden must be torch.float32 of shape \[4, 8\]"):
+        plan(hidden[:3])

@@ -29,7 +29,7 @@ def _check_cpu(hidden: torch.Tensor) -> None:
         raise ValueError(f"triton_kernels.cpu runs on CPU tensors, got hidden on {hidden.device}")
 
 
-def _project(hidden: torch.Tensor, heads: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+def project(hidden: torch.Tensor, heads: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """``Σ_i w[:,i] · h @ W_i.T`` in fp32 with the reference's operations in its order (so the
     same bits), minus its zero-fill and the copy of fp32 heads."""
     w = weights.float()
@@ -49,7 +49,7 @@ def multihead_logits(hidden: torch.Tensor, heads: torch.Tensor, weights: torch.T
     check_projection(hidden, heads, weights)
     check_out(out, hidden, heads.shape[1])
     _check_cpu(hidden)
-    z = _project(hidden, *plan_heads(heads, weights))
+    z = project(hidden, *plan_heads(heads, weights))
     return z if out is None else out.copy_(z)
 
 
@@ -73,7 +73,15 @@ def multihead_sample(hidden: torch.Tensor, heads: torch.Tensor, weights: torch.T
     check_projection(hidden, heads, weights)
     check_sampling(temperature, top_k, seed, offset, hidden.device, hidden.shape[0])
     _check_cpu(hidden)
-    z = _project(hidden, *plan_heads(heads, weights))
+    return sample_logits(project(hidden, *plan_heads(heads, weights)), temperature=temperature,
+                         top_k=top_k, seed=seed, offset=offset)
+
+
+def sample_logits(z: torch.Tensor, *, temperature: float | torch.Tensor, top_k: int,
+                  seed: int | torch.Tensor, offset: int | torch.Tensor | None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sampling half of ``multihead_sample`` on fp32 logits ``z [B,V]`` (arguments checked by
+    the caller)."""
     if isinstance(temperature, torch.Tensor):
         t = temperature.reshape(-1, 1)  # [1, 1] (every row) or [B, 1]
         greedy = (t == 0)[:, 0]
@@ -91,7 +99,7 @@ def multihead_sample(hidden: torch.Tensor, heads: torch.Tensor, weights: torch.T
         if 0 < top_k < scaled.shape[1]:
             masked = scaled.masked_fill(~top_k_mask(scaled, top_k), float("-inf"))
         probs = torch.softmax(masked, dim=-1)
-        drawn = torch.multinomial(probs, 1, generator=_generator(seed, offset, hidden.device))
+        drawn = torch.multinomial(probs, 1, generator=_generator(seed, offset, z.device))
         tokens = torch.where(greedy, tokens, drawn.squeeze(1))
     logprobs = scaled.gather(1, tokens[:, None]).squeeze(1) - torch.logsumexp(scaled, dim=-1)
     return tokens, logprobs

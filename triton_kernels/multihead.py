@@ -21,7 +21,7 @@ import torch
 import triton
 
 from triton_kernels import cpu
-from triton_kernels.checks import check_out, check_projection, check_sampling
+from triton_kernels.checks import check_mixture, check_out, check_projection, check_sampling
 from triton_kernels.kernels import (MODE_GREEDY, MODE_GUMBEL, MODE_TOPK, _logits_kernel,
                                     _sample_finish_kernel, _sample_partials_kernel)
 from triton_kernels.merge import plan_heads
@@ -55,6 +55,7 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+@functools.lru_cache(maxsize=1024)
 def launch_config(B: int, V: int, d: int, dtype: torch.dtype, *, num_sms: int | None,
                   kpad: int = 1) -> LaunchConfig:
     """Tiles for a GPU with ``num_sms`` SMs, or for the interpreter (``num_sms=None``).
@@ -158,53 +159,108 @@ def multihead_sample(hidden: torch.Tensor, heads: torch.Tensor, weights: torch.T
     or ``[B]`` (per row; 0 = that row greedy), read on the device like ``seed``/``offset``: a
     captured CUDA graph samples at whatever it holds at replay. Its values are not validated
     (that would read them on the host): negative or non-finite entries are the caller's bug.
+
+    Every call validates and plans afresh; a decode loop builds a `SamplingPlan` once instead.
     """
-    if not _use_triton(hidden.device):
-        return cpu.multihead_sample(hidden, heads, weights, temperature=temperature,
-                                          top_k=top_k, seed=seed, offset=offset)
     check_projection(hidden, heads, weights)
-    check_sampling(temperature, top_k, seed, offset, hidden.device, hidden.shape[0])
-    heads, weights = plan_heads(heads, weights)
-    B, V = hidden.shape[0], heads.shape[1]
-    offset = 0 if offset is None else offset
-    mode, kpad = sampling_mode(temperature, top_k, V)
-    cfg = _config(hidden, heads, kpad)
+    plan = SamplingPlan(heads, weights, temperature=temperature, top_k=top_k, seed=seed,
+                        offset=offset)
+    return plan(hidden)
 
-    dev = hidden.device
-    part_max = torch.empty(B, cfg.n_parts, dtype=torch.float32, device=dev)
-    part_sumexp = torch.empty_like(part_max)
-    if mode == MODE_TOPK:
-        part_best = part_token = part_scaled = part_max  # unused by the top-k kernels
-        part_keys = torch.empty(B, cfg.n_parts, kpad, dtype=torch.int64, device=dev)
-    else:
-        part_best, part_scaled = torch.empty_like(part_max), torch.empty_like(part_max)
-        part_token = torch.empty(B, cfg.n_parts, dtype=torch.int32, device=dev)
-        part_keys = part_max  # unused
-    rng = dict(SEED_IS_PTR=isinstance(seed, torch.Tensor),
-               OFFSET_IS_PTR=isinstance(offset, torch.Tensor),
-               TEMP_IS_PTR=isinstance(temperature, torch.Tensor))
-    if rng["TEMP_IS_PTR"]:  # stride 0: one temperature for every row
-        inv_temp, temp = 1.0, temperature
-        stride_t = temperature.stride(0) if temperature.numel() > 1 else 0
-    else:  # the kernels never read temp (part_max is a placeholder pointer)
-        inv_temp, temp, stride_t = 1.0 / temperature if temperature > 0 else 1.0, part_max, 0
-    _sample_partials_kernel[(triton.cdiv(B, cfg.block_b), cfg.n_parts)](
-        hidden, weights, heads, seed, offset, part_max, part_sumexp, part_best, part_token,
-        part_scaled, part_keys, *_projection_args(hidden, heads, weights), inv_temp, temp,
-        stride_t, cfg.n_tiles, cfg.tiles_per_part, cfg.n_parts, MODE=mode,
-        LOG_KPAD=kpad.bit_length() - 1, BLOCK_B=cfg.block_b,
-        LOG_BLOCK_V=cfg.block_v.bit_length() - 1, BLOCK_K=cfg.block_k,
-        DOT_PRECISION=DOT_PRECISION, UPCAST_DOT=_upcast_dot(hidden), num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages, **rng)
 
-    # Global top-k of the per-chunk candidates: exact (each chunk kept its own top kpad ≥ top_k).
-    cand = part_max
-    if mode == MODE_TOPK:
-        cand = torch.topk(part_keys.view(B, -1), top_k, dim=1, sorted=False).values.contiguous()
-    tokens = torch.empty(B, dtype=torch.int64, device=dev)
-    logprobs = torch.empty(B, dtype=torch.float32, device=dev)
-    _sample_finish_kernel[(triton.cdiv(B, cfg.finish_rows),)](
-        part_max, part_sumexp, part_best, part_token, part_scaled, cand, seed, offset, temp,
-        stride_t, tokens, logprobs, B, cfg.n_parts, top_k, MODE=mode, BLOCK_R=cfg.finish_rows,
-        BLOCK_P=cfg.finish_parts, TOPK_PAD=kpad, num_warps=4, **rng)
-    return tokens, logprobs
+class SamplingPlan:
+    """One sampling call prepared once and owned by its caller, for a decode loop's eager steps.
+
+    Built from everything but the hidden states: it validates them, takes the shared-weights plan
+    (``triton_kernels.merge.plan_heads``: merged heads when the rows share U < H weight vectors),
+    picks the mode and launch config, and allocates the partials scratch and the outputs. A call
+    ``plan(hidden)`` then checks ``hidden``'s shape, dtype and device and launches: no host reads,
+    no allocations (the top-k candidates go into a preallocated buffer too).
+
+    ``temperature``/``seed``/``offset`` tensors are bound by reference and read on the device at
+    every call (advance ``offset`` in place between calls); ints and floats are fixed. The weights'
+    *values* are bound when the plan is built (they decide the merge): after changing them, build
+    a new plan. The returned tensors are the plan's own buffers, overwritten by its next call.
+    """
+
+    def __init__(self, heads: torch.Tensor, weights: torch.Tensor, *,
+                 temperature: float | torch.Tensor = 1.0, top_k: int = 0,
+                 seed: int | torch.Tensor = 0, offset: int | torch.Tensor | None = None) -> None:
+        check_mixture(heads, weights)
+        B, V, d = weights.shape[0], heads.shape[1], heads.shape[2]
+        dev = heads.device
+        check_sampling(temperature, top_k, seed, offset, dev, B)
+        self.shape = (B, d)
+        self.dtype, self.device = heads.dtype, dev
+        self.heads, self.weights = plan_heads(heads, weights)
+        self.temperature, self.top_k, self.seed = temperature, top_k, seed
+        self.offset = 0 if offset is None else offset
+        self.triton = _use_triton(dev)
+        if not self.triton:
+            return
+        self.mode, kpad = sampling_mode(temperature, top_k, V)
+        cfg = launch_config(B, V, d, heads.dtype, num_sms=_num_sms(dev) if dev.type == "cuda"
+                            else None, kpad=kpad)
+        part_max = torch.empty(B, cfg.n_parts, dtype=torch.float32, device=dev)
+        part_sumexp = torch.empty_like(part_max)
+        cand = part_max
+        if self.mode == MODE_TOPK:
+            part_best = part_token = part_scaled = part_max  # unused by the top-k kernels
+            part_keys = torch.empty(B, cfg.n_parts, kpad, dtype=torch.int64, device=dev)
+            cand = torch.empty(B, top_k, dtype=torch.int64, device=dev)
+            self._topk_out = (cand, torch.empty(B, top_k, dtype=torch.int64, device=dev))
+            self._keys = part_keys.view(B, -1)
+        else:
+            part_best, part_scaled = torch.empty_like(part_max), torch.empty_like(part_max)
+            part_token = torch.empty(B, cfg.n_parts, dtype=torch.int32, device=dev)
+            part_keys = part_max  # unused
+        self.tokens = torch.empty(B, dtype=torch.int64, device=dev)
+        self.logprobs = torch.empty(B, dtype=torch.float32, device=dev)
+        rng = dict(SEED_IS_PTR=isinstance(seed, torch.Tensor),
+                   OFFSET_IS_PTR=isinstance(self.offset, torch.Tensor),
+                   TEMP_IS_PTR=isinstance(temperature, torch.Tensor))
+        if rng["TEMP_IS_PTR"]:  # stride 0: one temperature for every row
+            inv_temp, temp = 1.0, temperature
+            stride_t = temperature.stride(0) if temperature.numel() > 1 else 0
+        else:  # the kernels never read temp (part_max is a placeholder pointer)
+            inv_temp, temp, stride_t = 1.0 / temperature if temperature > 0 else 1.0, part_max, 0
+        h, w = self.heads, self.weights
+        # Kernel arguments after ``hidden`` (and its strides), fixed for the plan's lifetime.
+        self._partials_grid = (triton.cdiv(B, cfg.block_b), cfg.n_parts)
+        self._partials_head = (w, h, seed, self.offset, part_max, part_sumexp, part_best,
+                               part_token, part_scaled, part_keys, B, V, d, h.shape[0])
+        self._partials_tail = (w.stride(0), w.stride(1), h.stride(0), h.stride(1), h.stride(2),
+                               inv_temp, temp, stride_t, cfg.n_tiles, cfg.tiles_per_part,
+                               cfg.n_parts)
+        self._partials_kw = dict(MODE=self.mode, LOG_KPAD=kpad.bit_length() - 1,
+                                 BLOCK_B=cfg.block_b, LOG_BLOCK_V=cfg.block_v.bit_length() - 1,
+                                 BLOCK_K=cfg.block_k, DOT_PRECISION=DOT_PRECISION,
+                                 UPCAST_DOT=dev.type == "cpu" and heads.dtype == torch.bfloat16,
+                                 num_warps=cfg.num_warps, num_stages=cfg.num_stages, **rng)
+        self._finish_grid = (triton.cdiv(B, cfg.finish_rows),)
+        self._finish_args = (part_max, part_sumexp, part_best, part_token, part_scaled, cand, seed,
+                             self.offset, temp, stride_t, self.tokens, self.logprobs, B,
+                             cfg.n_parts, top_k)
+        self._finish_kw = dict(MODE=self.mode, BLOCK_R=cfg.finish_rows,
+                               BLOCK_P=cfg.finish_parts, TOPK_PAD=kpad, num_warps=4, **rng)
+        self.config = cfg
+
+    def __call__(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(tokens int64 [B], logprobs float32 [B])`` for ``hidden [B,d]`` (see the class)."""
+        if (tuple(hidden.shape) != self.shape or hidden.dtype != self.dtype
+                or hidden.device != self.device):
+            raise ValueError(f"hidden must be {self.dtype} of shape {list(self.shape)} on "
+                             f"{self.device} for this plan, got {hidden.dtype} "
+                             f"{list(hidden.shape)} on {hidden.device}")
+        if not self.triton:
+            return cpu.sample_logits(cpu.project(hidden, self.heads, self.weights),
+                                     temperature=self.temperature, top_k=self.top_k,
+                                     seed=self.seed, offset=self.offset)
+        _sample_partials_kernel[self._partials_grid](
+            hidden, *self._partials_head, hidden.stride(0), hidden.stride(1),
+            *self._partials_tail, **self._partials_kw)
+        if self.mode == MODE_TOPK:
+            # Global top-k of the per-part candidates: exact (each part kept its top kpad ≥ k).
+            torch.topk(self._keys, self.top_k, dim=1, sorted=False, out=self._topk_out)
+        _sample_finish_kernel[self._finish_grid](*self._finish_args, **self._finish_kw)
+        return self.tokens, self.logprobs
