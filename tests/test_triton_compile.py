@@ -53,12 +53,14 @@ def _sample(B, dtype, temperature, top_k, rng_ptr, temp_stride=None):
                 part_keys_ptr="*i64", B=B, stride_wb=H, inv_temp=1.0 if temp_ptr else 1.25,
                 n_tiles=cfg.n_tiles, tiles_per_part=cfg.tiles_per_part, n_parts=cfg.n_parts,
                 **rng, **temp, **_PARTS, **_PROJ)
-    consts = dict(LOG_KPAD=kpad.bit_length() - 1, BLOCK_B=cfg.block_b,
+    consts = dict(LOG_KPAD=kpad.bit_length() - 1, SORT_ROWS=cfg.sort_rows, BLOCK_B=cfg.block_b,
                   LOG_BLOCK_V=cfg.block_v.bit_length() - 1, BLOCK_K=cfg.block_k,
                   DOT_PRECISION=DOT_PRECISION, UPCAST_DOT=False, **flags)
-    finish_args = dict(cand_keys_ptr="*i64", tokens_ptr="*i64", logprobs_ptr="*fp32", B=B,
+    finish_args = dict(part_keys_ptr="*i64", tokens_ptr="*i64", logprobs_ptr="*fp32", B=B,
                        n_parts=cfg.n_parts, top_k=top_k, **rng, **temp, **_PARTS)
-    finish_consts = dict(BLOCK_R=cfg.finish_rows, BLOCK_P=cfg.finish_parts, TOPK_PAD=kpad, **flags)
+    finish_consts = dict(BLOCK_R=cfg.finish_rows, BLOCK_P=cfg.finish_parts, TOPK_PAD=kpad,
+                         LOG_KPAD=kpad.bit_length() - 1,
+                         LOG_CAND_PARTS=cfg.cand_parts.bit_length() - 1, **flags)
     return [("_sample_partials_kernel", args, consts, cfg.num_warps, cfg.num_stages),
             ("_sample_finish_kernel", finish_args, finish_consts, 4, 3)]
 
@@ -84,6 +86,7 @@ CALLS = {
     "sample-fp32-b8": _sample(8, torch.float32, 1.0, 0, False),
     "topk128-bf16-b64-device-rng": _sample(64, torch.bfloat16, 1.0, 128, True),
     "topk50-fp16-b8": _sample(8, torch.float16, 0.7, 50, False),
+    "topk50-bf16-b1-device-rng": _sample(1, torch.bfloat16, 0.7, 50, True),  # sorts 1 row, not 16
     "sample-bf16-b64-device-temps": _sample(64, torch.bfloat16, None, 0, True, temp_stride=1),
     "sample-bf16-b1-device-temp": _sample(1, torch.bfloat16, None, 0, True, temp_stride=0),
     "top1-fp16-b8-device-temp": _sample(8, torch.float16, None, 1, False, temp_stride=0),

@@ -183,12 +183,14 @@ def test_sampling_does_not_depend_on_the_launch_config(monkeypatch, temperature,
                                     seed=3, offset=1)
     tokens = draw()[0]
 
-    def gpu_like(hidden, heads, kpad=1):
+    def gpu_like(B, V, d, dtype, device, kpad=1):
         block_v = max(16, kpad)
-        n_tiles = triton.cdiv(heads.shape[1], block_v)
+        n_tiles = triton.cdiv(V, block_v)
         per_part = 3 if kpad > 1 else 1  # as launch_config does on a GPU
+        # Top-k: the finish merges 2 parts' candidates per step over several steps, 1 row each.
         return multihead.LaunchConfig(16, block_v, 16, 4, 1, n_tiles, per_part,
-                                      triton.cdiv(n_tiles, per_part), 4, 4)
+                                      triton.cdiv(n_tiles, per_part), 1 if kpad > 1 else 4, 4,
+                                      16, 2 if kpad > 1 else 1)
 
     monkeypatch.setattr(multihead, "_config", gpu_like)
     tokens_gpu, logprobs_gpu = draw()

@@ -48,6 +48,8 @@ class LaunchConfig:
     n_parts: int  # sampling: partials per row
     finish_rows: int  # finish kernel: rows per program
     finish_parts: int  # finish kernel: partials loaded per step
+    sort_rows: int = 0  # top-k: rows the bitonic network sorts (the live ones; 0 = block_b)
+    cand_parts: int = 1  # top-k finish: parts' candidate runs merged per step (power of two)
 
 
 @functools.lru_cache(maxsize=None)
@@ -55,37 +57,64 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+# GPU tiles per shape, picked from this table (no autotuning: a captured CUDA graph must not
+# benchmark configs). Rows: (largest B, top-k?) -> (block_b, block_v, num_warps, num_stages).
+# Untuned estimates for sm_90 decoding, which is bound by how many bytes of the heads each SM
+# keeps in flight: pipelines of 4 stages (shared memory per program = num_stages · (block_v +
+# block_b) · 128 B: 55-98 KB, under the 227 KB limit). Deeper ones, and BLOCK_V = 256 at B = 64,
+# spill in the sampling kernels on sm_90 (5 stages at B ≤ 16: 24 B of stack; 64 x 256 with
+# per-row temperatures: 288 B), so they wait for a measurement that says they pay. Top-k keeps kpad int64 keys per row in registers beside the
+# fp32 tile: at most 32 rows per tile there (B > 32 runs two row tiles, adjacent in the grid, so
+# the second reads the heads from L2). tests/test_triton_compile.py builds every row for sm_90,
+# prints registers and stack, and requires no spills.
+GPU_TILES: tuple[tuple[int, bool, tuple[int, int, int, int]], ...] = (
+    (16, False, (16, 128, 4, 4)),
+    (32, False, (32, 128, 4, 4)),
+    (64, False, (64, 128, 8, 4)),
+    (16, True, (16, 128, 8, 3)),
+    (32, True, (32, 128, 8, 4)),
+)
+
+
+def gpu_tiles(B: int, kpad: int) -> tuple[int, int, int, int]:
+    """``(block_b, block_v, num_warps, num_stages)`` for B rows (B > 64: 64-row tiles)."""
+    rows = [(b, tiles) for b, topk, tiles in GPU_TILES if topk == (kpad > 1)]
+    return next((tiles for b, tiles in rows if B <= b), rows[-1][1])
+
+
 @functools.lru_cache(maxsize=1024)
 def launch_config(B: int, V: int, d: int, dtype: torch.dtype, *, num_sms: int | None,
                   kpad: int = 1) -> LaunchConfig:
-    """Tiles for a GPU with ``num_sms`` SMs, or for the interpreter (``num_sms=None``).
-
-    GPU values are untuned defaults for an H100 decoding (memory-bound). The sm_90 builds of
-    tests/test_triton_compile.py use no stack with Triton 3.9 (cuobjdump -res-usage); with
-    Triton 3.6 (the GPU machines') three use 8-24 bytes of stack (the top-k partials kernel at
-    KPAD = 128, B = 64: 255 registers and 24 bytes). The interpreter pays per program and per op,
-    not per element: it gets wide row tiles, and two V chunks so that tests still cross tile and
-    chunk boundaries.
+    """Tiles for a GPU with ``num_sms`` SMs (``GPU_TILES``), or for the interpreter
+    (``num_sms=None``), which pays per program and per op, not per element: it gets wide row
+    tiles, and two V chunks so that tests still cross tile and chunk boundaries.
     """
-    block_v = max(kpad, min(128, max(16, triton.next_power_of_2(V))))
     block_k = min(64 if dtype != torch.float32 else 32, max(16, triton.next_power_of_2(d)))
-    n_tiles = triton.cdiv(V, block_v)
     if num_sms is None:
+        block_v = max(kpad, min(128, max(16, triton.next_power_of_2(V))))
         block_b = min(256, max(16, triton.next_power_of_2(B)))
-        num_warps, max_parts, finish_elems = 4, 2, 1 << 16
+        num_warps, num_stages, max_parts, finish_elems = 4, 3, 2, 1 << 16
     else:
-        block_b = 16 if B <= 16 else 32 if B <= 32 else 64
-        num_warps = 8 if block_b == 64 or kpad > 1 else 4
-        # Greedy/sampling: one tile per program (its partials are 4 numbers per row). Top-k: a few
-        # programs per SM, each merging several tiles, so its kpad candidates per row stay few.
-        max_parts = 4 * num_sms if kpad > 1 else n_tiles
+        block_b, block_v, num_warps, num_stages = gpu_tiles(B, kpad)
+        block_v = max(kpad, min(block_v, max(16, triton.next_power_of_2(V))))
         finish_elems = 4096
+    n_tiles = triton.cdiv(V, block_v)
+    if num_sms is not None:
+        # Greedy/sampling: one tile per program (its partials are 4 numbers per row). Top-k: one
+        # program per SM, each merging many tiles, so the candidates per row stay few.
+        max_parts = num_sms if kpad > 1 else n_tiles
     tiles_per_part = triton.cdiv(n_tiles, min(n_tiles, max_parts))
     n_parts = triton.cdiv(n_tiles, tiles_per_part)
     finish_parts = min(1024, triton.next_power_of_2(n_parts))
-    finish_rows = min(triton.next_power_of_2(B), max(1, finish_elems // max(finish_parts, kpad)))
-    return LaunchConfig(block_b, block_v, block_k, num_warps, 3, n_tiles, tiles_per_part, n_parts,
-                        finish_rows, finish_parts)
+    sort_rows = min(block_b, triton.next_power_of_2(B))
+    cand_parts = 1
+    if kpad > 1:  # the finish merges up to 1024 candidate keys per row at a time
+        cand_parts = max(1, min(triton.next_power_of_2(n_parts), 1024 // kpad))
+        finish_elems = finish_elems if num_sms is None else 1024
+    finish_rows = min(triton.next_power_of_2(B),
+                      max(1, finish_elems // max(finish_parts, kpad * cand_parts)))
+    return LaunchConfig(block_b, block_v, block_k, num_warps, num_stages, n_tiles,
+                        tiles_per_part, n_parts, finish_rows, finish_parts, sort_rows, cand_parts)
 
 
 def sampling_mode(temperature: float | torch.Tensor, top_k: int, V: int) -> tuple[int, int]:
@@ -101,10 +130,10 @@ def sampling_mode(temperature: float | torch.Tensor, top_k: int, V: int) -> tupl
     return MODE_GUMBEL, 1  # top_k = 0, or top_k ≥ V keeps every token
 
 
-def _config(hidden: torch.Tensor, heads: torch.Tensor, kpad: int = 1) -> LaunchConfig:
-    num_sms = _num_sms(hidden.device) if hidden.is_cuda else None
-    return launch_config(hidden.shape[0], heads.shape[1], heads.shape[2], hidden.dtype,
-                         num_sms=num_sms, kpad=kpad)
+def _config(B: int, V: int, d: int, dtype: torch.dtype, device: torch.device,
+            kpad: int = 1) -> LaunchConfig:
+    num_sms = _num_sms(device) if device.type == "cuda" else None
+    return launch_config(B, V, d, dtype, num_sms=num_sms, kpad=kpad)
 
 
 def _upcast_dot(hidden: torch.Tensor) -> bool:
@@ -134,7 +163,7 @@ def multihead_logits(hidden: torch.Tensor, heads: torch.Tensor, weights: torch.T
     B, V = hidden.shape[0], heads.shape[1]
     if out is None:
         out = torch.empty(B, V, dtype=torch.float32, device=hidden.device)
-    cfg = _config(hidden, heads)
+    cfg = _config(B, V, heads.shape[2], hidden.dtype, hidden.device)
     grid = (triton.cdiv(B, cfg.block_b), cfg.n_tiles)
     _logits_kernel[grid](hidden, weights, heads, out, *_projection_args(hidden, heads, weights),
                          out.stride(0), BLOCK_B=cfg.block_b, BLOCK_V=cfg.block_v,
@@ -199,17 +228,12 @@ class SamplingPlan:
         if not self.triton:
             return
         self.mode, kpad = sampling_mode(temperature, top_k, V)
-        cfg = launch_config(B, V, d, heads.dtype, num_sms=_num_sms(dev) if dev.type == "cuda"
-                            else None, kpad=kpad)
+        cfg = _config(B, V, d, heads.dtype, dev, kpad)
         part_max = torch.empty(B, cfg.n_parts, dtype=torch.float32, device=dev)
         part_sumexp = torch.empty_like(part_max)
-        cand = part_max
         if self.mode == MODE_TOPK:
             part_best = part_token = part_scaled = part_max  # unused by the top-k kernels
             part_keys = torch.empty(B, cfg.n_parts, kpad, dtype=torch.int64, device=dev)
-            cand = torch.empty(B, top_k, dtype=torch.int64, device=dev)
-            self._topk_out = (cand, torch.empty(B, top_k, dtype=torch.int64, device=dev))
-            self._keys = part_keys.view(B, -1)
         else:
             part_best, part_scaled = torch.empty_like(part_max), torch.empty_like(part_max)
             part_token = torch.empty(B, cfg.n_parts, dtype=torch.int32, device=dev)
@@ -233,16 +257,18 @@ class SamplingPlan:
                                inv_temp, temp, stride_t, cfg.n_tiles, cfg.tiles_per_part,
                                cfg.n_parts)
         self._partials_kw = dict(MODE=self.mode, LOG_KPAD=kpad.bit_length() - 1,
-                                 BLOCK_B=cfg.block_b, LOG_BLOCK_V=cfg.block_v.bit_length() - 1,
+                                 SORT_ROWS=cfg.sort_rows or cfg.block_b, BLOCK_B=cfg.block_b, LOG_BLOCK_V=cfg.block_v.bit_length() - 1,
                                  BLOCK_K=cfg.block_k, DOT_PRECISION=DOT_PRECISION,
                                  UPCAST_DOT=dev.type == "cpu" and heads.dtype == torch.bfloat16,
                                  num_warps=cfg.num_warps, num_stages=cfg.num_stages, **rng)
         self._finish_grid = (triton.cdiv(B, cfg.finish_rows),)
-        self._finish_args = (part_max, part_sumexp, part_best, part_token, part_scaled, cand, seed,
-                             self.offset, temp, stride_t, self.tokens, self.logprobs, B,
-                             cfg.n_parts, top_k)
+        self._finish_args = (part_max, part_sumexp, part_best, part_token, part_scaled,
+                             part_keys, seed, self.offset, temp, stride_t, self.tokens,
+                             self.logprobs, B, cfg.n_parts, top_k)
         self._finish_kw = dict(MODE=self.mode, BLOCK_R=cfg.finish_rows,
-                               BLOCK_P=cfg.finish_parts, TOPK_PAD=kpad, num_warps=4, **rng)
+                               BLOCK_P=cfg.finish_parts, TOPK_PAD=kpad,
+                               LOG_KPAD=kpad.bit_length() - 1,
+                               LOG_CAND_PARTS=cfg.cand_parts.bit_length() - 1, num_warps=4, **rng)
         self.config = cfg
 
     def __call__(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -259,8 +285,5 @@ class SamplingPlan:
         _sample_partials_kernel[self._partials_grid](
             hidden, *self._partials_head, hidden.stride(0), hidden.stride(1),
             *self._partials_tail, **self._partials_kw)
-        if self.mode == MODE_TOPK:
-            # Global top-k of the per-part candidates: exact (each part kept its top kpad ≥ k).
-            torch.topk(self._keys, self.top_k, dim=1, sorted=False, out=self._topk_out)
         _sample_finish_kernel[self._finish_grid](*self._finish_args, **self._finish_kw)
         return self.tokens, self.logprobs
