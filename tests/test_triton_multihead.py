@@ -242,9 +242,10 @@ def test_top_k_matches_renormalised_distribution():
 
 
 @needs_triton
-@pytest.mark.parametrize("V,top_k", [(400, 3), (400, 100), (400, 128), (5, 3), (17, 16)])
-def test_top_k_never_leaves_the_top_k(V, top_k):
-    hidden, heads, weights = make_inputs(64, 2, V, 24, scale=0.3)  # flat: all k are reachable
+@pytest.mark.parametrize("V,top_k,B", [(400, 3, 64), (400, 100, 64), (400, 128, 64), (5, 3, 64),
+                                       (17, 16, 64), (400, 7, 5)])  # B = 5: 8 of 16 rows sorted
+def test_top_k_never_leaves_the_top_k(V, top_k, B):
+    hidden, heads, weights = make_inputs(B, 2, V, 24, scale=0.3)  # flat: all k are reachable
     tokens, _ = multihead_sample(hidden, heads, weights, temperature=1.0, top_k=top_k, seed=9)
     keep = reference.top_k_mask(logits64(hidden, heads, weights), top_k)
     assert bool(keep.gather(1, tokens[:, None]).all())
@@ -361,10 +362,11 @@ def test_one_temperature_tensor_equals_the_float_call(sample, shape, t, top_k):
 
 
 @needs_triton
-def test_zero_temperature_rows_of_top_k_break_ties_to_lowest_index():
+@pytest.mark.parametrize("B", [16, 6])
+def test_zero_temperature_rows_of_top_k_break_ties_to_lowest_index(B):
     """T = 0 rows under top-k pick from the merged candidates, which come in no set order."""
-    hidden, heads, weights = exact_ties(16, 160, 16)
-    temps = torch.tensor([0.0, 1.0], device=DEVICE).repeat(8)
+    hidden, heads, weights = exact_ties(B, 160, 16)
+    temps = torch.tensor([0.0, 1.0], device=DEVICE).repeat(B // 2)
     tokens, _ = multihead_sample(hidden, heads, weights, temperature=temps, top_k=4, seed=2)
     assert tokens[temps == 0].eq(0).all() and tokens[temps > 0].lt(4).all()
 
