@@ -563,13 +563,15 @@ def test_sampling_plan_equals_the_launcher_and_reads_offset_on_device(top_k):
     for w in (weights, weights[:1].expand(6, 3).contiguous()):
         plan = triton_kernels.SamplingPlan(heads, w, temperature=temps, top_k=top_k, seed=4,
                                            offset=offset)
+        got, want = [], []
         for _ in range(3):
-            got = [t.clone() for t in plan(hidden)]
-            want = multihead_sample(hidden, heads, w, temperature=temps, top_k=top_k, seed=4,
-                                    offset=offset)
-            assert torch.equal(got[0], want[0])
-            torch.testing.assert_close(got[1], want[1], rtol=0, atol=1e-6)
+            got.append(plan(hidden))  # each call's outputs stay valid after the next call
+            want.append(multihead_sample(hidden, heads, w, temperature=temps, top_k=top_k,
+                                         seed=4, offset=offset))
             offset.add_(1)
+        for (tokens, logprobs), (want_tokens, want_logprobs) in zip(got, want):
+            assert torch.equal(tokens, want_tokens)
+            torch.testing.assert_close(logprobs, want_logprobs, rtol=0, atol=1e-6)
 
 
 def test_sampling_plan_checks_hidden():

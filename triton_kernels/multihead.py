@@ -202,14 +202,15 @@ class SamplingPlan:
 
     Built from everything but the hidden states: it validates them, takes the shared-weights plan
     (``triton_kernels.merge.plan_heads``: merged heads when the rows share U < H weight vectors),
-    picks the mode and launch config, and allocates the partials scratch and the outputs. A call
-    ``plan(hidden)`` then checks ``hidden``'s shape, dtype and device and launches: no host reads,
-    no allocations (the top-k candidates go into a preallocated buffer too).
+    picks the mode and launch config, and allocates the partials scratch. A call ``plan(hidden)``
+    then checks ``hidden``'s shape, dtype and device, allocates the two outputs and launches: no
+    host reads, and the top-k candidates are merged on the device.
 
     ``temperature``/``seed``/``offset`` tensors are bound by reference and read on the device at
     every call (advance ``offset`` in place between calls); ints and floats are fixed. The weights'
     *values* are bound when the plan is built (they decide the merge): after changing them, build
-    a new plan. The returned tensors are the plan's own buffers, overwritten by its next call.
+    a new plan. The scratch is the plan's own: calls on one plan must not run concurrently on
+    different streams.
     """
 
     def __init__(self, heads: torch.Tensor, weights: torch.Tensor, *,
@@ -238,8 +239,6 @@ class SamplingPlan:
             part_best, part_scaled = torch.empty_like(part_max), torch.empty_like(part_max)
             part_token = torch.empty(B, cfg.n_parts, dtype=torch.int32, device=dev)
             part_keys = part_max  # unused
-        self.tokens = torch.empty(B, dtype=torch.int64, device=dev)
-        self.logprobs = torch.empty(B, dtype=torch.float32, device=dev)
         rng = dict(SEED_IS_PTR=isinstance(seed, torch.Tensor),
                    OFFSET_IS_PTR=isinstance(self.offset, torch.Tensor),
                    TEMP_IS_PTR=isinstance(temperature, torch.Tensor))
@@ -262,9 +261,9 @@ class SamplingPlan:
                                  UPCAST_DOT=dev.type == "cpu" and heads.dtype == torch.bfloat16,
                                  num_warps=cfg.num_warps, num_stages=cfg.num_stages, **rng)
         self._finish_grid = (triton.cdiv(B, cfg.finish_rows),)
-        self._finish_args = (part_max, part_sumexp, part_best, part_token, part_scaled,
-                             part_keys, seed, self.offset, temp, stride_t, self.tokens,
-                             self.logprobs, B, cfg.n_parts, top_k)
+        self._finish_head = (part_max, part_sumexp, part_best, part_token, part_scaled,
+                             part_keys, seed, self.offset, temp, stride_t)
+        self._finish_tail = (B, cfg.n_parts, top_k)
         self._finish_kw = dict(MODE=self.mode, BLOCK_R=cfg.finish_rows,
                                BLOCK_P=cfg.finish_parts, TOPK_PAD=kpad,
                                LOG_KPAD=kpad.bit_length() - 1,
@@ -285,5 +284,8 @@ class SamplingPlan:
         _sample_partials_kernel[self._partials_grid](
             hidden, *self._partials_head, hidden.stride(0), hidden.stride(1),
             *self._partials_tail, **self._partials_kw)
-        _sample_finish_kernel[self._finish_grid](*self._finish_args, **self._finish_kw)
-        return self.tokens, self.logprobs
+        tokens = torch.empty(self.shape[0], dtype=torch.int64, device=self.device)
+        logprobs = torch.empty(self.shape[0], dtype=torch.float32, device=self.device)
+        _sample_finish_kernel[self._finish_grid](*self._finish_head, tokens, logprobs,
+                                                 *self._finish_tail, **self._finish_kw)
+        return tokens, logprobs

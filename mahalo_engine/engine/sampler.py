@@ -74,9 +74,7 @@ class Sampler:
 
     def sample(self, hidden: torch.Tensor, heads: torch.Tensor | None = None,
                weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Tokens and log-probs for rows ``[0, N)`` of ``hidden [N, d]``; advances the offset.
-        Eager (no operands given) the results are the plan's buffers: read them before the next
-        call."""
+        """Tokens and log-probs for rows ``[0, N)`` of ``hidden [N, d]``; advances the offset."""
         n = hidden.shape[0]
         if heads is None and weights is None:
             plan = self._plans.get(n)
