@@ -1,7 +1,10 @@
 """`python -m bench [--quick] [--device cuda] [--sections decode,heads,...] [--model DIR]`.
 
 Runs each benchmark section, prints a markdown table per section and writes every row, with the
-device name, torch version and date, to ``bench/results/bench-<device>-<date>.json``.
+device name, torch version and date, to ``bench/results/local/bench-<device>-<date>.json`` (ignored
+by git; recorded runs are copied to ``bench/results/``). The JSON is
+rewritten after every section (atomically), so a run cut short keeps the sections it finished;
+each section records its wall time and, on CUDA, the peak reserved memory.
 """
 from __future__ import annotations
 
@@ -9,12 +12,18 @@ import argparse
 import datetime as _dt
 import importlib
 import json
+import os
 import sys
+import time
 from pathlib import Path
 
 import torch
 
 from bench.common import BenchContext, markdown_table
+
+# Local runs land in an ignored folder, so `python -m bench` never dirties `git status`;
+# bench/results/ itself holds recorded runs only (GPU runs with the card named, full quality runs).
+LOCAL_RESULTS = Path(__file__).resolve().parent / "results" / "local"
 
 # Section name -> what it compares. Each lives in bench/<name>.py and exposes run(ctx) -> rows.
 SECTIONS = {
@@ -40,8 +49,14 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model", type=Path, default=None,
                    help="Hugging Face model directory for the model-level sections "
                    "(default: the built-in tiny Qwen2-shaped checkpoint, built locally)")
+    p.add_argument("--keep-going", action="store_true",
+                   help="after a section fails, record its error in the JSON and run the next "
+                   "ones (exit status 1 at the end); default: stop at the first failure")
+    p.add_argument("--append", action="store_true",
+                   help="keep the sections already in --out (a run split over several calls)")
     p.add_argument("--out", type=Path, default=None,
-                   help="JSON output path (default: bench/results/bench-<device>-<date>.json)")
+                   help="JSON output path (default: bench/results/local/bench-<device>-<date>.json, "
+                   "ignored by git)")
     return p.parse_args(argv)
 
 
@@ -78,26 +93,60 @@ def main(argv: list[str] | None = None) -> int:
         "model": str(model_dir),
         "sections": {},
     }
+    out = args.out
+    if out is None:
+        tag = "cuda-" + ctx.device_name.replace(" ", "_") if ctx.is_cuda else "cpu"
+        out = LOCAL_RESULTS / f"bench-{tag}-{stamp:%Y%m%d-%H%M%S}.json"
+    if args.append:
+        if args.out is None:
+            raise SystemExit("--append needs --out FILE.json")
+        if out.exists():
+            report["sections"] = json.loads(out.read_text()).get("sections", {})
+    failed: list[str] = []
     print(f"# MAHALO bench — {ctx.device_name}, torch {torch.__version__}, {report['date']}\n")
     for name in names:
         module = importlib.import_module(f"bench.{name}")
         ctx.notes = []
         print(f"## {name}: {SECTIONS[name]}\n", flush=True)
-        rows = module.run(ctx)
+        if ctx.is_cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        started = time.perf_counter()
+        try:
+            rows = module.run(ctx)
+        except Exception as e:
+            if not args.keep_going:
+                raise
+            import traceback
+
+            traceback.print_exc()
+            failed.append(name)
+            report["sections"][name] = {"error": f"{type(e).__name__}: {e}",
+                                        "seconds": round(time.perf_counter() - started, 2)}
+            _write_json(out, report)
+            continue
         print(markdown_table(rows))
         for n in ctx.notes:
             print(f"\n> {n}")
         print(flush=True)
-        report["sections"][name] = {"rows": rows, "notes": list(ctx.notes)}
-
-    out = args.out
-    if out is None:
-        tag = "cuda-" + ctx.device_name.replace(" ", "_") if ctx.is_cuda else "cpu"
-        out = Path(__file__).resolve().parent / "results" / f"bench-{tag}-{stamp:%Y%m%d-%H%M%S}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2, default=str))
+        report["sections"][name] = {
+            "rows": rows, "notes": list(ctx.notes),
+            "seconds": round(time.perf_counter() - started, 2),
+            "max_memory_reserved": torch.cuda.max_memory_reserved(device) if ctx.is_cuda else None,
+        }
+        _write_json(out, report)
     print(f"results written to {out}")
+    if failed:
+        print(f"sections that failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
     return 0
+
+
+def _write_json(path: Path, report: dict) -> None:
+    """Replace ``path`` atomically: a reader (or a run killed mid-write) never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(report, indent=2, default=str))
+    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

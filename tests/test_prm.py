@@ -158,10 +158,18 @@ def test_prm_with_trained_backbone_moves_the_backbone_and_scores_as_saved(tmp_pa
     assert not torch.equal(base["model.layers.0.mlp.up_proj.weight"], saved["model.layers.0.mlp.up_proj.weight"])
     assert torch.equal(base["lm_head.weight"], saved["lm_head.weight"])  # unused by a PRM: frozen
     prm = load_prm(out)
+    assert prm.kind == "value"  # mse: the raw head output is the score
     ids = [5, 17, 42, 9]
-    with torch.no_grad():  # the loaded PRM scores with the trained backbone and head
-        expected = prm.value_head(load_decoder(out, dtype=torch.float32)(torch.tensor([ids]))[0, -1])
-    assert prm.score_full([ids]).item() == pytest.approx(expected.item(), abs=1e-5)
+    # The loaded PRM scores with the trained backbone and head, both read independently here:
+    # transformers' last (post-norm) hidden state, and the linear head's tensors from the file.
+    from transformers import AutoModelForCausalLM
+
+    with torch.no_grad():
+        h = AutoModelForCausalLM.from_pretrained(out).eval()(
+            torch.tensor([ids]), output_hidden_states=True).hidden_states[-1][0, -1]
+    head = load_file(str(out / "value_head.safetensors"))
+    expected = (h.double() @ head["0.weight"][0].double() + head["0.bias"][0].double()).item()
+    assert prm.score_full([ids]).item() == pytest.approx(expected, abs=1e-5)
 
 
 def test_bce_rejects_labels_outside_unit_interval(tmp_path):

@@ -19,16 +19,25 @@ def _rand(n: int, seed: int = 0):
     return [(-10 * torch.rand(n, generator=g, dtype=torch.float64)) for _ in range(4)]
 
 
+def _hand_per_objective(pc, pr, rc, rr, obj, beta, num_objectives, rows=None, counts=None):
+    """Objective i's summed -log σ(β[(π_c - π_ref_c) - (π_r - π_ref_r)]) over ``rows`` (default:
+    all) divided by ``counts[i]`` (default: its rows there), 0 for an objective without rows."""
+    rows = range(len(obj)) if rows is None else rows
+    out = []
+    for i in range(num_objectives):
+        mine = [n for n in rows if obj[n] == i]
+        terms = [-math.log(_sig(beta * ((pc[n] - rc[n]) - (pr[n] - rr[n])).item())) for n in mine]
+        count = len(terms) if counts is None else counts[i]
+        out.append(sum(terms) / count if terms else 0.0)
+    return out
+
+
 def test_mah_dpo_loss_matches_hand_formula():
     pc, pr, rc, rr = _rand(7)
     obj = torch.tensor([0, 2, 1, 0, 2, 2, 0])
     beta, alphas = 0.3, [0.5, 2.0, 1.5]
     loss, per = mah_dpo_loss(pc, pr, rc, rr, obj, beta=beta, alphas=alphas)
-    expected_per = []
-    for i in range(3):
-        rows = [n for n in range(7) if obj[n] == i]
-        terms = [-math.log(_sig(beta * ((pc[n] - rc[n]) - (pr[n] - rr[n])).item())) for n in rows]
-        expected_per.append(sum(terms) / len(terms))
+    expected_per = _hand_per_objective(pc, pr, rc, rr, obj, beta, 3)
     assert per.tolist() == pytest.approx(expected_per, rel=1e-6)
     assert loss.item() == pytest.approx(sum(a * l for a, l in zip(alphas, expected_per)), rel=1e-6)
 
@@ -46,15 +55,24 @@ def test_single_objective_is_plain_dpo():
 def test_absent_objective_contributes_nothing_and_global_counts_split_exactly():
     pc, pr, rc, rr = _rand(6, seed=2)
     obj = torch.tensor([0, 0, 2, 2, 0, 2])
-    full, per = mah_dpo_loss(pc, pr, rc, rr, obj, num_objectives=3)
-    assert per[1] == 0
+    full, per = mah_dpo_loss(pc, pr, rc, rr, obj, num_objectives=3)  # beta 0.1, alphas 1
+    hand = _hand_per_objective(pc, pr, rc, rr, obj, 0.1, 3)  # float64; the loss is float32
+    assert per[1] == 0 and per.tolist() == pytest.approx(hand, rel=1e-6)
+    assert full.item() == pytest.approx(hand[0] + hand[2], rel=1e-6)
     without = mah_dpo_loss(pc, pr, rc, rr, obj, alphas=[1.0, 0.0, 1.0])[0]
-    assert full.item() == pytest.approx(without.item(), rel=1e-9)
-    # two halves normalised by the global counts add up to the whole batch's loss
+    assert without.item() == pytest.approx(hand[0] + hand[2], rel=1e-6)
+    # Each half normalised by the global counts is its share of the whole batch's loss, so the
+    # two halves add up to it.
     counts = torch.bincount(obj, minlength=3)
-    halves = sum(mah_dpo_loss(pc[s], pr[s], rc[s], rr[s], obj[s], num_objectives=3,
-                              objective_counts=counts)[0] for s in (slice(0, 3), slice(3, 6)))
-    assert halves.item() == pytest.approx(full.item(), rel=1e-9)
+    halves = 0.0
+    for s in (slice(0, 3), slice(3, 6)):
+        half = mah_dpo_loss(pc[s], pr[s], rc[s], rr[s], obj[s], num_objectives=3,
+                            objective_counts=counts)[0].item()
+        share = _hand_per_objective(pc, pr, rc, rr, obj, 0.1, 3, rows=range(6)[s],
+                                    counts=counts.tolist())
+        assert half == pytest.approx(sum(share), rel=1e-6)
+        halves += half
+    assert halves == pytest.approx(hand[0] + hand[2], rel=1e-6)
 
 
 @pytest.mark.parametrize("kwargs,match", [

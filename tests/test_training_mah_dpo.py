@@ -226,7 +226,8 @@ def test_mah_dpo_on_cuda_bf16(tmp_path, launch):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1",
                "--master_port", "29571", "-m", "training.mah_dpo", *args, "--strategy", "fsdp2",
                "--gradient-checkpointing"]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ))
+        # Inside the device check's per-test limit (90 s): a hung NCCL start fails here, with its log.
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=80, env=dict(os.environ))
         assert proc.returncode == 0, proc.stderr[-3000:]
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in log)
