@@ -50,6 +50,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model", type=Path, default=None,
                    help="Hugging Face model directory for the model-level sections "
                    "(default: the built-in tiny Qwen2-shaped checkpoint, built locally)")
+    p.add_argument("--large", action="store_true",
+                   help="on CPU, also run the rows at real model shapes (decode: Qwen2.5-0.5B-shaped "
+                   "engine steps; about 9 more minutes on 2 cores); always on with --device cuda")
     p.add_argument("--keep-going", action="store_true",
                    help="after a section fails, record its error in the JSON and run the next "
                    "ones (exit status 1 at the end); default: stop at the first failure")
@@ -90,7 +93,7 @@ def _main(argv: list[str] | None) -> int:
         from mahalo_engine.tiny import tiny_checkpoint
 
         model_dir = tiny_checkpoint("qwen2")
-    ctx = BenchContext(device=device, quick=args.quick, model_dir=Path(model_dir))
+    ctx = BenchContext(device=device, quick=args.quick, model_dir=Path(model_dir), large=args.large)
     stamp = _dt.datetime.now(_dt.timezone.utc)
     report = {
         "device": ctx.device_name,
