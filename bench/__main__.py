@@ -23,6 +23,8 @@ SECTIONS = {
     "kv": "KV-cache promote cost vs prefix length: ours vs deepcopy vs whole-slot copies",
     "train": "MAH-DPO step time/memory: ours vs the reference structure",
     "search": "PRM-guided step search: ours vs re-encode vs the paper's loop",
+    "quality": "the paper's results in miniature: SFT, DPO/MAH-DPO, MC-value PRM, guided search "
+               "on generated arithmetic problems (acc vs style)",
 }
 
 
@@ -41,7 +43,10 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="Hugging Face model directory for the model-level sections "
                    "(default: the built-in tiny Qwen2-shaped checkpoint, built locally)")
     p.add_argument("--out", type=Path, default=None,
-                   help="JSON output path (default: bench/results/bench-<device>-<date>.json)")
+                   help="JSON output path (default: bench/results/bench-<device>-<date>.json); "
+                   "the quality section writes its markdown, PNG and generations beside it")
+    p.add_argument("--no-cache", action="store_true",
+                   help="quality section: retrain its cached artefacts instead of reusing them")
     return p.parse_args(argv)
 
 
@@ -67,8 +72,14 @@ def main(argv: list[str] | None = None) -> int:
         from mahalo_engine.tiny import tiny_checkpoint
 
         model_dir = tiny_checkpoint("qwen2")
-    ctx = BenchContext(device=device, quick=args.quick, model_dir=Path(model_dir))
+    ctx = BenchContext(device=device, quick=args.quick, model_dir=Path(model_dir),
+                       no_cache=args.no_cache)
     stamp = _dt.datetime.now(_dt.timezone.utc)
+    out = args.out
+    if out is None:
+        tag = "cuda-" + ctx.device_name.replace(" ", "_") if ctx.is_cuda else "cpu"
+        out = Path(__file__).resolve().parent / "results" / f"bench-{tag}-{stamp:%Y%m%d-%H%M%S}.json"
+    ctx.out = out
     report = {
         "device": ctx.device_name,
         "torch": torch.__version__,
@@ -90,10 +101,6 @@ def main(argv: list[str] | None = None) -> int:
         print(flush=True)
         report["sections"][name] = {"rows": rows, "notes": list(ctx.notes)}
 
-    out = args.out
-    if out is None:
-        tag = "cuda-" + ctx.device_name.replace(" ", "_") if ctx.is_cuda else "cpu"
-        out = Path(__file__).resolve().parent / "results" / f"bench-{tag}-{stamp:%Y%m%d-%H%M%S}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2, default=str))
     print(f"results written to {out}")

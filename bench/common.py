@@ -22,6 +22,8 @@ class BenchContext:
     quick: bool
     model_dir: Path | None = None  # the tiny default checkpoint, or --model
     notes: list[str] = field(default_factory=list)  # printed under the section's table
+    out: Path | None = None  # the run's JSON path: sections name their extra files after it
+    no_cache: bool = False  # retrain cached artefacts (quality section)
 
     @property
     def is_cuda(self) -> bool:
