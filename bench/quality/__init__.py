@@ -57,8 +57,9 @@ def run_quality(cfg: QualityConfig, out_json: Path, *, no_cache: bool = False,
 
 
 def run(ctx) -> list[dict[str, Any]]:
-    """The bench section: quick preset with ``--quick``, else full."""
-    cfg = preset("quick" if ctx.quick else "full")
+    """The bench section: the quick preset with ``--quick`` or as part of the default section list,
+    the full one (3 seeds) when named with ``--sections`` without ``--quick``."""
+    cfg = preset("quick" if ctx.quick or ctx.all_sections else "full")
     metrics, info = run_quality(cfg, ctx.out, no_cache=ctx.no_cache)
     ctx.note(f"trained artefacts: {info['artefacts']} (training/loading {info['train_seconds']} s, "
              f"evaluation {info['eval_seconds']} s); tables: {info['files']['markdown']}; plot: "

@@ -20,7 +20,7 @@ class QualityConfig:
     # -- task and data --------------------------------------------------------------------------
     data_seed: int = 0
     n_train: int = 12000  # SFT examples (one style each, drawn with p_terse)
-    p_terse: float = 0.5  # share of terse answers in the SFT mixture
+    p_terse: float = 0.3  # share of terse answers in the SFT mixture
     n_val: int = 100  # validation problems: picks the SFT checkpoint (never the test split)
     n_pref: int = 300  # problems whose samples become preference pairs
     pref_samples: int = 4  # samples per preference problem
@@ -35,9 +35,9 @@ class QualityConfig:
     sft_lr: float = 1e-3
     sft_batch: int = 32
     sft_segment: int = 150  # steps between validation checks
-    sft_min_steps: int = 450
+    sft_min_steps: int = 300
     sft_max_steps: int = 1200
-    sft_target_acc: float = 0.5  # first checkpoint whose validation acc reaches this is kept
+    sft_target_acc: float = 0.45  # first checkpoint whose validation acc reaches this is kept
     # -- DPO / MAH-DPO ----------------------------------------------------------------------------
     dpo_lr: float = 5e-5
     dpo_beta: float = 0.1
@@ -51,7 +51,7 @@ class QualityConfig:
     prm_steps: int = 250
     prm_train_backbone: bool = True
     # -- sampling (the same everywhere: training samples and evaluation) ---------------------------
-    temperature: float = 1.0
+    temperature: float = 0.7
     top_k: int = 50
     max_new_tokens: int = 48
     # -- evaluation (not part of the cache key) ---------------------------------------------------
@@ -78,8 +78,8 @@ def preset(name: str) -> QualityConfig:
         return dataclasses.replace(QualityConfig(), n_test=40, seeds=(0,), n_cost=16)
     if name == "micro":
         return QualityConfig(
-            n_train=256, n_val=8, n_pref=8, pref_samples=4, n_prm=4, hidden_size=32, num_layers=1,
-            sft_batch=16, sft_segment=4, sft_min_steps=4, sft_max_steps=8, sft_target_acc=1.1,
-            dpo_batch=4, dpo_steps=2, mc_rollouts=2, pairs_with_reference=True, prm_batch=4, prm_steps=2, max_new_tokens=24,
-            n_test=4, seeds=(0,), candidates=2, sweep=(0.0, 0.5, 1.0), n_cost=2)
+            n_train=64, n_val=4, n_pref=6, pref_samples=2, n_prm=3, hidden_size=32, num_layers=1,
+            sft_batch=16, sft_segment=2, sft_min_steps=2, sft_max_steps=4, sft_target_acc=1.1,
+            dpo_batch=4, dpo_steps=2, mc_rollouts=2, pairs_with_reference=True, prm_batch=4, prm_steps=2, max_new_tokens=16,
+            n_test=3, seeds=(0,), candidates=2, sweep=(0.0, 0.5, 1.0), n_cost=2)
     raise ValueError(f"preset must be full, quick or micro, got {name!r}")

@@ -1,7 +1,8 @@
 """The quality bench's task: generated arithmetic word problems, their verifier (``acc``) and a
 rule-based style judge (``style``).
 
-A problem is a start amount followed by 2–3 changes (+/−, operands 1–20), asked as a short story;
+A problem is a start amount (2–20) followed by 2–3 changes (+/−, operands 1–9), asked as a short
+story;
 the gold answer is exact integer arithmetic. Two solution styles exist, both valid training targets:
 
 - ``worked``: one equation per step (``"5 + 3 = 8\\n\\n8 - 2 = 6\\n\\n\\boxed{6}"``);
@@ -78,13 +79,13 @@ def split_of(question: str) -> str:
 
 
 def random_problem(rng: random.Random) -> Problem:
-    """2 or 3 changes to a start amount in 1..20; amounts never go below zero."""
+    """2 or 3 changes (operands 1..9) to a start amount in 2..20; amounts never go below zero."""
     name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
-    value = rng.randint(1, 20)
+    value = rng.randint(2, 20)
     start, ops, sentences = value, [], [f"{name} has {value} {item}."]
     for _ in range(rng.choice((2, 3))):
         sign = "-" if value > 1 and rng.random() < 0.5 else "+"
-        b = rng.randint(1, min(20, value)) if sign == "-" else rng.randint(1, 20)
+        b = rng.randint(1, min(9, value)) if sign == "-" else rng.randint(1, 9)
         value = value + b if sign == "+" else value - b
         ops.append((sign, b))
         sentences.append(f"Then {name} " + rng.choice(_GAIN if sign == "+" else _LOSS).format(b=b) + ".")
