@@ -78,12 +78,10 @@ def test_reported_metrics_equal_a_recount_of_the_generations(micro):
 
 
 def test_rerun_uses_the_cache(micro):
+    from bench.quality.pipeline import train_or_load
+
     tmp, _, _, _ = micro
     lines = []
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TRITON_INTERPRET", "0")
-        run_quality(preset("micro"), tmp / "out2" / "bench.json", cache_root=tmp / "cache",
-                    log=lines.append)
-    stage_lines = [x for x in lines if x.split(":")[0] in {f"[quality] {s}" for s in
-                   ("sft", "pairs", "dpo_acc", "dpo_style", "mah_dpo", "rollouts", "prm")}]
-    assert len(stage_lines) == 7 and all(": cached (" in x for x in stage_lines)
+    art = train_or_load(preset("micro"), root=tmp / "cache", log=lines.append)
+    assert len(lines) == 7 and all(": cached (" in x for x in lines)
+    assert art.prm == tmp / "cache" / "prm" / "prm" and art.summaries["sft"]["kept_step"] >= 2

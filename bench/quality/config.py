@@ -39,16 +39,16 @@ class QualityConfig:
     sft_max_steps: int = 1200
     sft_target_acc: float = 0.45  # first checkpoint whose validation acc reaches this is kept
     # -- DPO / MAH-DPO ----------------------------------------------------------------------------
-    dpo_lr: float = 5e-5
+    dpo_lr: float = 1e-4
     dpo_beta: float = 0.1
     dpo_batch: int = 16
-    dpo_steps: int = 120
+    dpo_steps: int = 80
     # -- PRM ----------------------------------------------------------------------------------
     mc_rollouts: int = 4  # M continuations per prefix
     gamma: float = 0.9
     prm_lr: float = 3e-4
     prm_batch: int = 16
-    prm_steps: int = 250
+    prm_steps: int = 150
     prm_train_backbone: bool = True
     # -- sampling (the same everywhere: training samples and evaluation) ---------------------------
     temperature: float = 0.7
