@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass, field
 
 # Bump when the pipeline's recipe changes in a way the fields below do not capture.
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,7 @@ class QualityConfig:
     sft_max_steps: int = 1200
     sft_target_acc: float = 0.45  # first checkpoint whose validation acc reaches this is kept
     # -- DPO / MAH-DPO ----------------------------------------------------------------------------
-    dpo_lr: float = 1e-4
+    dpo_lr: float = 2e-5  # chosen on the validation split (1e-4 lowered validation acc)
     dpo_beta: float = 0.1
     dpo_batch: int = 16
     dpo_steps: int = 80

@@ -127,13 +127,10 @@ class Evaluator:
         gens = engine.generate(flat, head_weights=hw, max_new_tokens=self.cfg.max_new_tokens,
                                temperature=self.cfg.temperature, top_k=self.cfg.top_k, seed=seed)
         tok = engine.tokenizer
-        eos = set(engine.eos_ids)
-        seqs = []
-        for p, g in zip(flat, gens):
-            ids = list(g.token_ids)
-            while ids and ids[-1] in eos:  # score the answer's own last token, as in training
-                ids.pop()
-            seqs.append(tok(p, add_special_tokens=False)["input_ids"] + (ids or list(g.token_ids)))
+        # Scored at the answer's last token as generated (EOS included when the policy stopped),
+        # exactly where step search scores a final step and where the PRM was trained.
+        seqs = [tok(p, add_special_tokens=False)["input_ids"] + list(g.token_ids)
+                for p, g in zip(flat, gens)]
         scores = self.prm.score_full(seqs, batch_size=256, objectives=objectives).cpu()
         best = scores.view(len(prompts), k).argmax(1).tolist()
         return [(gens[i * k + b].text, gens[i * k + b].token_ids) for i, b in enumerate(best)]

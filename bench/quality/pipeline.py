@@ -30,7 +30,8 @@ from typing import Any, Callable
 import torch
 
 from bench.quality.config import QualityConfig
-from bench.quality.task import STEP_SEP, STYLES, Problem, make_split, style_score, verify
+from bench.quality.task import (STEP_SEP, STYLES, Problem, extract_answer, make_split, style_score,
+                                verify)
 
 SAMPLING_BOUNDARY = STEP_SEP
 OBJECTIVES = ("acc", "style")
@@ -256,6 +257,9 @@ class Pipeline:
                 "rollout_acc": round(sum(r["final_reward"] for r in rows) / max(1, len(rows)), 3),
                 "artefact": str(d / "rollouts.jsonl")}
 
+    def _eos_text(self) -> str:
+        return _eos_text_of(self.root / "sft" / "policy")
+
     def _prm(self, d: Path) -> dict[str, Any]:
         from training import prm as prm_cli
         from training.labels import monte_carlo_values
@@ -263,6 +267,13 @@ class Pipeline:
         cfg = self.cfg
         rollouts = [json.loads(line) for line in
                     (self.root / "rollouts" / "rollouts.jsonl").read_text().splitlines()]
+        eos = self._eos_text()
+        for r in rollouts:
+            # A finished answer's last step reaches the PRM during search as the engine fed it:
+            # "\boxed{N}" plus the EOS token (the policy stops there), so it is labelled there too;
+            # with the trainer's default separator it would be read at an appended "\n\n" instead.
+            if r["steps"] and extract_answer(r["steps"][-1]) is not None:
+                r["steps"] = r["steps"][:-1] + [r["steps"][-1] + eos]
         acc = monte_carlo_values(rollouts, cfg.gamma)
         style = monte_carlo_values([{**r, "final_reward": r["style_reward"]} for r in rollouts],
                                    cfg.gamma)
@@ -274,6 +285,7 @@ class Pipeline:
         _write_jsonl(d / "steps.jsonl", rows)
         argv = ["--model", self.root / "sft" / "policy", "--data", d / "steps.jsonl",
                 "--out", d / "prm", "--loss", "mse", "--objectives", ",".join(OBJECTIVES),
+                "--step-separator", "",  # steps keep their own "\n\n" (split_steps) or EOS
                 "--optimizer", "adamw", "--lr", cfg.prm_lr, "--warmup-steps", 10,
                 "--batch-size", cfg.prm_batch, "--max-steps", cfg.prm_steps, "--max-length", 160,
                 "--seed", cfg.data_seed, "--log-every", 10]
@@ -284,6 +296,15 @@ class Pipeline:
         n_steps = sum(len(r["completions"]) for r in rows)
         return {"trajectories": len(rows), "labelled_steps": n_steps,
                 "final_mse": round(last.get("mse", float("nan")), 4), "artefact": str(d / "prm")}
+
+
+def _eos_text_of(policy_dir: Path) -> str:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(policy_dir)
+    if tok.eos_token is None:
+        raise ValueError(f"{policy_dir}: the tokenizer has no EOS token")
+    return tok.eos_token
 
 
 def _last_log(path: Path) -> dict[str, float]:
