@@ -43,7 +43,7 @@ def run_quality(cfg: QualityConfig, out_json: Path, *, no_cache: bool = False,
     report.write_generations(generations, files["generations"])
     title = (f"MAHALO quality bench: {len(problems)} held-out problems x {len(cfg.seeds)} seed(s), "
              f"K={cfg.candidates}")
-    md = report.markdown(metrics, specs, header or f"## {title}")
+    md = report.markdown(metrics, specs, header or f"## {title}", generations)
     files["markdown"].parent.mkdir(parents=True, exist_ok=True)
     files["markdown"].write_text(md + "\n")
     report.pareto_png(metrics, specs, files["png"], title)

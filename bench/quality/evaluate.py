@@ -18,6 +18,7 @@ import torch
 from bench.quality.config import QualityConfig
 from bench.quality.pipeline import SAMPLING_BOUNDARY, Artefacts, prompt_of
 from bench.quality.task import Problem, extract_answer, style_score, verify
+from mahalo_engine import Scorer
 
 MAX_SEQ_LEN = 160
 
@@ -108,7 +109,7 @@ class Evaluator:
             answers = [(g.text, g.token_ids) for g in gens]
         elif spec.mode in ("search", "search_reencode"):
             scorer = ValueModelPRM(self.prm, objectives=spec.prm) if spec.mode == "search" \
-                else reencode_scorer(self.prm, spec.prm)
+                else ReencodePRM(self.prm, spec.prm)
             res = engine.search(prompts, head_weights=hw, config=self._search_config(scorer, seed))
             answers = [(r.text, r.token_ids) for r in res]
         elif spec.mode == "best_of_k":
@@ -136,16 +137,38 @@ class Evaluator:
         return [(gens[i * k + b].text, gens[i * k + b].token_ids) for i, b in enumerate(best)]
 
 
-def reencode_scorer(prm: Any, objectives: Any) -> Callable[[list[str], list[str]], torch.Tensor]:
-    """A text scorer that re-encodes prompt + response from scratch for every candidate (what a
-    PRM without its own cache does each step): the cost baseline of step search."""
-    tok = prm.tokenizer
+class ReencodePRM(Scorer):
+    """The cost baseline of step search: the same PRM scoring the same candidates, but re-encoding
+    each candidate's whole sequence (prompt + committed steps + candidate, the exact token ids the
+    policy holds) from scratch with ``score_full``, as a PRM without its own cache must. Picks the
+    same winners as `ValueModelPRM` up to float rounding."""
 
-    def score(prompts: list[str], responses: list[str]) -> torch.Tensor:
-        seqs = [tok(p + r, add_special_tokens=False)["input_ids"] for p, r in zip(prompts, responses)]
-        return prm.score_full(seqs, batch_size=256, objectives=objectives).cpu()
+    def __init__(self, prm: Any, objectives: Any) -> None:
+        self.prm = prm
+        self.objectives = objectives
+        self.committed: dict[int, list[int]] = {}  # slot -> prompt + committed step ids
+        self.last: dict[int, list[int]] = {}  # slot -> the candidate scored last
 
-    return score
+    def start(self, slots: torch.Tensor, prompts: list) -> None:
+        for group, p in zip(slots.tolist(), prompts):
+            for slot in group:
+                self.committed[slot] = list(p.ids)
+
+    def score(self, cands) -> torch.Tensor:
+        slots = cands.slots.reshape(-1).tolist()
+        self.last = {s: list(t) for s, t in zip(slots, cands.token_ids)}
+        seqs = [self.committed[s] + list(t) for s, t in zip(slots, cands.token_ids)]
+        return self.prm.score_full(seqs, batch_size=256, objectives=self.objectives).float().cpu()
+
+    def promote(self, winners: torch.Tensor, groups: torch.Tensor) -> None:
+        for w, group in zip(winners.tolist(), groups.tolist()):
+            new = self.committed[w] + self.last[w]
+            for slot in group:
+                self.committed[slot] = list(new)
+
+    def move(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        for s, d in zip(src.tolist(), dst.tolist()):
+            self.committed[d] = list(self.committed[s])
 
 
 def generation_row(config: str, seed: int, p: Problem, text: str, tokens: int) -> dict[str, Any]:

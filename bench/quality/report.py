@@ -48,7 +48,15 @@ def _cell(row: dict[str, Any], k: str) -> str:
     return s + (" ± " + fmt.format(row[k + "_std"]) if row["seeds"] > 1 else "")
 
 
-def markdown(metrics: list[dict[str, Any]], specs: list[Spec], header: str) -> str:
+def same_answers(generations: list[dict[str, Any]], a: str, b: str) -> tuple[int, int]:
+    """(answers of config ``a`` identical to config ``b``'s for the same problem and seed, total)."""
+    other = {(g["seed"], g["problem_id"]): g["text"] for g in generations if g["config"] == b}
+    mine = [g for g in generations if g["config"] == a]
+    return sum(other.get((g["seed"], g["problem_id"])) == g["text"] for g in mine), len(mine)
+
+
+def markdown(metrics: list[dict[str, Any]], specs: list[Spec], header: str,
+             generations: list[dict[str, Any]] | None = None) -> str:
     agg = aggregate(metrics)
     lines = [header, ""]
     for table, title in TABLE_TITLES.items():
@@ -66,8 +74,12 @@ def markdown(metrics: list[dict[str, Any]], specs: list[Spec], header: str) -> s
                 ours, base = agg.get(f"cost: sft +search prm[{o}] ours"), \
                     agg.get(f"cost: sft +search prm[{o}] re-encode")
                 if ours and base and ours["seconds"] > 0:
+                    same = ""
+                    if generations is not None:
+                        n, tot = same_answers(generations, ours["config"], base["config"])
+                        same = f"; identical answers {n}/{tot}"
                     lines.append(f"\nprm[{o}]: re-encode / ours wall time = "
-                                 f"{base['seconds'] / ours['seconds']:.2f}x")
+                                 f"{base['seconds'] / ours['seconds']:.2f}x{same}")
         lines.append("")
     return "\n".join(lines)
 
