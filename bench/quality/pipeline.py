@@ -75,7 +75,7 @@ def _run_cli(main: Callable[[list[str]], int], argv: list[str]) -> None:
 
 
 def sample(policy_dir: Path, prompts: list[str], cfg: QualityConfig, *, seed: int,
-           head_weights: Any = None, desc: str = "sample") -> list[Any]:
+           head_weights: Any = None) -> list[Any]:
     """``Engine.generate`` with the bench's sampling settings (all prompts in one batch)."""
     from mahalo_engine import Engine, load_policy
 
@@ -183,7 +183,7 @@ class Pipeline:
         problems = self.data["pref"]
         n = cfg.pref_samples
         prompts = [prompt_of(p) for p in problems for _ in range(n)]
-        gens = sample(self.root / "sft" / "policy", prompts, cfg, seed=1000, desc="pairs")
+        gens = sample(self.root / "sft" / "policy", prompts, cfg, seed=1000)
         acc_rows, style_rows = [], []
         stats = {"samples": len(gens), "correct": 0}
         for i, p in enumerate(problems):
@@ -237,7 +237,7 @@ class Pipeline:
         problems = self.data["prm"]
         gold = {prompt_of(p): p.answer for p in problems}
         gens = sample(self.root / "sft" / "policy", [prompt_of(p) for p in problems], cfg,
-                      seed=2000, desc="trajectories")
+                      seed=2000)
         trajectories = [{"prompt": prompt_of(p), "steps": split_steps(g.text, SAMPLING_BOUNDARY)}
                         for p, g in zip(problems, gens) if g.text]
 
