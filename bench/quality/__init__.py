@@ -61,6 +61,8 @@ def run(ctx) -> list[dict[str, Any]]:
     the full one (3 seeds) when named with ``--sections`` without ``--quick``."""
     cfg = preset("quick" if ctx.quick or ctx.all_sections else "full")
     metrics, info = run_quality(cfg, ctx.out, no_cache=ctx.no_cache)
+    stages = ", ".join(f"{k} {v.get('seconds')} s" for k, v in info["stages"].items())
+    ctx.note(f"training time of each stage when it was trained: {stages}")
     ctx.note(f"trained artefacts: {info['artefacts']} (training/loading {info['train_seconds']} s, "
              f"evaluation {info['eval_seconds']} s); tables: {info['files']['markdown']}; plot: "
              f"{info['files']['png']}; generations: {info['files']['generations']}")
