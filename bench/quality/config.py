@@ -79,8 +79,8 @@ def preset(name: str) -> QualityConfig:
     if name == "micro":
         return QualityConfig(
             n_train=64, n_val=4, n_pref=6, pref_samples=2, n_prm=3, hidden_size=32, num_layers=1,
-            sft_batch=16, sft_segment=2, sft_min_steps=2, sft_max_steps=4, sft_target_acc=1.1,
+            sft_batch=16, sft_segment=2, sft_min_steps=2, sft_max_steps=2, sft_target_acc=1.1,
             dpo_batch=4, dpo_steps=2, mc_rollouts=2, pairs_with_reference=True, prm_batch=4,
             prm_steps=2, max_new_tokens=16,
-            n_test=3, seeds=(0,), candidates=2, sweep=(0.0, 0.5, 1.0), n_cost=2)
+            n_test=3, seeds=(0,), candidates=2, sweep=(0.5,), n_cost=2)
     raise ValueError(f"preset must be full, quick or micro, got {name!r}")
