@@ -1,7 +1,10 @@
 """`python -m bench [--quick] [--device cuda] [--sections decode,heads,...] [--model DIR]`.
 
 Runs each benchmark section, prints a markdown table per section and writes every row, with the
-device name, torch version and date, to ``bench/results/bench-<device>-<date>.json``.
+device name, torch version and date, to ``bench/results/local/bench-<device>-<date>.json`` (ignored
+by git; recorded runs are copied to ``bench/results/``). The JSON is
+rewritten after every section (atomically), so a run cut short keeps the sections it finished;
+each section records its wall time and, on CUDA, the peak reserved memory.
 """
 from __future__ import annotations
 
@@ -9,12 +12,19 @@ import argparse
 import datetime as _dt
 import importlib
 import json
+import os
 import sys
+import time
 from pathlib import Path
 
 import torch
 
 from bench.common import BenchContext, markdown_table
+from mahalo_engine.utils.cli import HelpFormatter, add_debug_flag, resolve_device, run_cli
+
+# Local runs land in an ignored folder, so `python -m bench` never dirties `git status`;
+# bench/results/ itself holds recorded runs only (GPU runs with the card named, full quality runs).
+LOCAL_RESULTS = Path(__file__).resolve().parent / "results" / "local"
 
 # Section name -> what it compares. Each lives in bench/<name>.py and exposes run(ctx) -> rows.
 SECTIONS = {
@@ -30,7 +40,7 @@ SECTIONS = {
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python -m bench",
+        prog="python -m bench", formatter_class=HelpFormatter,
         description="Latency/memory comparisons of the MAHALO engine against the baselines it "
         "replaces. Sections: " + "; ".join(f"{k}: {v}" for k, v in SECTIONS.items()),
     )
@@ -43,23 +53,36 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model", type=Path, default=None,
                    help="Hugging Face model directory for the model-level sections "
                    "(default: the built-in tiny Qwen2-shaped checkpoint, built locally)")
+    p.add_argument("--keep-going", action="store_true",
+                   help="after a section fails, record its error in the JSON and run the next "
+                   "ones (exit status 1 at the end); default: stop at the first failure")
+    p.add_argument("--append", action="store_true",
+                   help="keep the sections already in --out (a run split over several calls)")
     p.add_argument("--out", type=Path, default=None,
-                   help="JSON output path (default: bench/results/bench-<device>-<date>.json); "
-                   "the quality section writes its markdown, PNG and generations beside it")
+                   help="JSON output path (default: bench/results/local/bench-<device>-<date>.json, "
+                   "ignored by git); the quality section writes its markdown, PNG and generations "
+                   "beside it")
     p.add_argument("--no-cache", action="store_true",
                    help="quality section: retrain its cached artefacts instead of reusing them")
+    add_debug_flag(p)
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
+    return run_cli(_main, argv)
+
+
+def _main(argv: list[str] | None) -> int:
     args = _parse_args(argv)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda given, but torch sees no CUDA device")
+    device = resolve_device(args.device)
     names = [s.strip() for s in (args.sections or ",".join(SECTIONS)).split(",") if s.strip()]
     unknown = [s for s in names if s not in SECTIONS]
     if unknown:
-        raise SystemExit(f"unknown section(s) {unknown}; choose from {list(SECTIONS)}")
+        raise ValueError(f"unknown section(s) {unknown}; choose from {list(SECTIONS)}")
+    if args.model is not None and not (args.model / "config.json").is_file():
+        what = "no config.json in" if args.model.is_dir() else "no such model directory:"
+        raise FileNotFoundError(f"--model: {what} {args.model} (a local Hugging Face model "
+                                f"directory; nothing is downloaded)")
 
     if device.type == "cpu":
         # Two shared cores make multi-threaded CPU timings swing wildly; one thread is steadier and
@@ -76,11 +99,6 @@ def main(argv: list[str] | None = None) -> int:
     ctx = BenchContext(device=device, quick=args.quick, model_dir=Path(model_dir),
                        no_cache=args.no_cache, all_sections=args.sections is None)
     stamp = _dt.datetime.now(_dt.timezone.utc)
-    out = args.out
-    if out is None:
-        tag = "cuda-" + ctx.device_name.replace(" ", "_") if ctx.is_cuda else "cpu"
-        out = Path(__file__).resolve().parent / "results" / f"bench-{tag}-{stamp:%Y%m%d-%H%M%S}.json"
-    ctx.out = out
     report = {
         "device": ctx.device_name,
         "torch": torch.__version__,
@@ -90,22 +108,61 @@ def main(argv: list[str] | None = None) -> int:
         "model": str(model_dir),
         "sections": {},
     }
+    out = args.out
+    if out is None:
+        tag = "cuda-" + ctx.device_name.replace(" ", "_") if ctx.is_cuda else "cpu"
+        out = LOCAL_RESULTS / f"bench-{tag}-{stamp:%Y%m%d-%H%M%S}.json"
+    ctx.out = out
+    if args.append:
+        if args.out is None:
+            raise ValueError("--append needs --out FILE.json (the file to add sections to)")
+        if out.exists():
+            report["sections"] = json.loads(out.read_text()).get("sections", {})
+    failed: list[str] = []
     print(f"# MAHALO bench — {ctx.device_name}, torch {torch.__version__}, {report['date']}\n")
     for name in names:
         module = importlib.import_module(f"bench.{name}")
         ctx.notes = []
         print(f"## {name}: {SECTIONS[name]}\n", flush=True)
-        rows = module.run(ctx)
+        if ctx.is_cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        started = time.perf_counter()
+        try:
+            rows = module.run(ctx)
+        except Exception as e:
+            if not args.keep_going:
+                raise
+            import traceback
+
+            traceback.print_exc()
+            failed.append(name)
+            report["sections"][name] = {"error": f"{type(e).__name__}: {e}",
+                                        "seconds": round(time.perf_counter() - started, 2)}
+            _write_json(out, report)
+            continue
         print(markdown_table(rows))
         for n in ctx.notes:
             print(f"\n> {n}")
         print(flush=True)
-        report["sections"][name] = {"rows": rows, "notes": list(ctx.notes)}
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2, default=str))
+        report["sections"][name] = {
+            "rows": rows, "notes": list(ctx.notes),
+            "seconds": round(time.perf_counter() - started, 2),
+            "max_memory_reserved": torch.cuda.max_memory_reserved(device) if ctx.is_cuda else None,
+        }
+        _write_json(out, report)
     print(f"results written to {out}")
+    if failed:
+        print(f"sections that failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
     return 0
+
+
+def _write_json(path: Path, report: dict) -> None:
+    """Replace ``path`` atomically: a reader (or a run killed mid-write) never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(report, indent=2, default=str))
+    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -41,13 +42,22 @@ QWEN25_05B = dict(  # Qwen2.5-0.5B's published shape
 )
 
 
+def model_label(path: Path) -> str:
+    """A readable name for a model directory: the built-in tiny checkpoints (whose directory is
+    named by a hash of their recipe) as ``tiny-<family> (random init)``, others by their name."""
+    from mahalo_engine.tiny import tiny_family
+
+    family = tiny_family(path)
+    return f"tiny-{family} (random init)" if family is not None else Path(path).name
+
+
 def _models(ctx: BenchContext, dtype: torch.dtype):
     """(label, transformers model, our Decoder) pairs sharing weights."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_pretrained(ctx.model_dir, dtype=dtype, attn_implementation="sdpa")
     ours = load_decoder(ctx.model_dir, dtype=dtype, device=ctx.device)
-    yield ctx.model_dir.name, hf.to(ctx.device).eval(), ours
+    yield model_label(ctx.model_dir), hf.to(ctx.device).eval(), ours
     if ctx.is_cuda:
         cfg = AutoConfig.for_model(**QWEN25_05B)
         cfg._attn_implementation = "sdpa"
@@ -194,7 +204,8 @@ def run(ctx: BenchContext) -> list[dict]:
              "against the full gathered read (eager vs eager, graph vs graph).")
     if not ctx.is_cuda:
         ctx.note("CPU: absolute times mean little (tiny model, 2 cores, Python dispatch dominates); "
-                 "read the ratios, and the GPU table for real numbers.")
+                 "read the ratios. GPU numbers come from `--device cuda` (recorded runs: "
+                 "bench/results/).")
     return rows
 
 

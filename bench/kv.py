@@ -141,10 +141,17 @@ def run(ctx: BenchContext) -> list[dict]:
         ours = [r["ours_us"] for r in rows if r["case"] == "promote" and r["model"] == name]
         ctx.note(f"{name}: ours at {prefixes[-1]} tokens / at {prefixes[0]} = {ours[-1] / ours[0]:.2f} "
                  "(flat = 1); deepcopy and index_copy grow with the prefix.")
-    ctx.note(f"K={K} candidates, step={STEP} tokens, bf16. ours_us = kv_promote (wrapper index ops + one "
-             "copy launch); copy_us = the kv_copy_ranges launch alone. Bytes moved = read + write; "
-             f"measured device copy bandwidth {bandwidth / 1e9:.0f} GB/s.")
-    if not ctx.is_cuda:
-        ctx.note("CPU: absolute times and GB/s mean little (shared cores, small copies); the ratios and "
-                 "the growth with the prefix are what carries over. GPU numbers need `--device cuda`.")
+    ctx.note(f"model = that model's KV-cache shape (layers, KV heads, head_dim) filled with random "
+             f"values; no checkpoint is loaded. K={K} candidates, step={STEP} tokens, bf16. "
+             "ours_us = kv_promote (wrapper index ops + one copy launch); copy_us = the "
+             "kv_copy_ranges launch alone. copy_GB/s = bytes moved (read + write) per second of "
+             "that row's copy.")
+    if ctx.is_cuda:
+        ctx.note(f"copy_%bw = copy_GB/s as a share of the measured device copy bandwidth "
+                 f"({bandwidth / 1e9:.0f} GB/s, one large copy).")
+    else:
+        ctx.note(f"CPU: absolute times and GB/s mean little (shared cores). These copies are small "
+                 f"enough to run from the CPU caches, so copy_GB/s can exceed the measured DRAM "
+                 f"copy bandwidth ({bandwidth / 1e9:.0f} GB/s, one 64 MiB copy). The ratios and the "
+                 "growth with the prefix are what carries over; GPU numbers need `--device cuda`.")
     return rows

@@ -1,6 +1,6 @@
 """MAHALO engine: multi-action-head policies, PRMs and PRM-guided step search.
 
-The public names of DESIGN.md live here; each comes from the module that owns it.
+The public names of docs/design.md live here; each comes from the module that owns it.
 """
 from mahalo_engine.cache import KVCache
 from mahalo_engine.config import ModelConfig

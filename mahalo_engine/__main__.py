@@ -7,7 +7,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from mahalo_engine.utils.cli import HelpFormatter, add_debug_flag, resolve_device, run_cli
+
 _DTYPES = ("float32", "bfloat16", "float16")
+LITERAL = "literal:"  # --boundary literal:WORD ends steps at WORD itself, not a preset
 
 
 def _floats(text: str) -> list[float]:
@@ -25,7 +28,7 @@ def _unescape(text: str) -> str:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m mahalo_engine",
+        prog="python -m mahalo_engine", formatter_class=HelpFormatter,
         description="MAHALO engine: multi-head policy generation and PRM-guided step search.")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -40,14 +43,15 @@ def _parser() -> argparse.ArgumentParser:
         src.add_argument("--prompts", type=Path,
                          help='jsonl file, one request per line: {"prompt": str} or '
                               '{"messages": [{"role", "content"}, ...]} (chat), optionally with '
-                              '"head_weights": [...]')
+                              '"head_weights": [...]; other fields (e.g. "id") are copied to '
+                              'the --out rows')
         sp.add_argument("--weights", type=_floats, default=None,
                         help="head weights for every prompt, e.g. 0.7,0.3 (default: uniform)")
         sp.add_argument("--chat", action="store_true",
                         help="render --prompt / 'prompt' strings as a user turn with the chat "
                              "template ('messages' always are)")
         sp.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-        sp.add_argument("--seed", type=int, default=0)
+        sp.add_argument("--seed", type=int, default=0, help="sampling seed")
         sp.add_argument("--max-new-tokens", type=int, default=None,
                         help="cap on generated tokens per request (default: 256 for generate, "
                              "4096 for search)")
@@ -57,18 +61,21 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--dtype", choices=_DTYPES, default=None,
                         help="default: bfloat16 on CUDA, float32 on CPU")
         sp.add_argument("--max-batch", type=int, default=8, help="requests decoded at once")
-        sp.add_argument("--max-seq-len", type=int, default=4096,
-                        help="cap on prompt + generated tokens")
+        sp.add_argument("--max-seq-len", type=int, default=None,
+                        help="cap on prompt + generated tokens (default: the model's "
+                             "max_position_embeddings, at most 4096)")
         sp.add_argument("--no-cuda-graphs", action="store_true", help="run the decode step eagerly")
         sp.add_argument("--out", type=Path, default=None,
                         help="write one JSON result per line here instead of printing text")
+        add_debug_flag(sp)
 
     g = sub.add_parser("generate", help="sample a continuation of each prompt",
+                       formatter_class=HelpFormatter,
                        description="Batched generation with per-request head weights.")
     common(g)
     g.add_argument("--top-k", type=int, default=0, help="0 = no truncation")
 
-    s = sub.add_parser("search", help="PRM-guided step search",
+    s = sub.add_parser("search", help="PRM-guided step search", formatter_class=HelpFormatter,
                        description="Per step: K candidates per request from the running cache "
                                    "until a boundary, scored by the PRM(s); the best is kept.")
     common(s)
@@ -78,10 +85,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="one weight per --prm, e.g. 0.7,0.3 (default: 1 each)")
     s.add_argument("-k", "--candidates", type=int, default=5, help="candidates per step")
     s.add_argument("--boundary", action="append", type=_unescape, default=None,
-                   help="where a step ends: a string such as '\\n\\n' (escapes decoded) or a "
-                        "preset: math, sentence, paragraph, turn (repeatable; default '\\n\\n')")
-    s.add_argument("--max-steps", type=int, default=20)
-    s.add_argument("--max-step-tokens", type=int, default=512)
+                   help="where a step ends: a string such as '\\n\\n' (escapes decoded), a "
+                        "preset: math, sentence, paragraph, turn, or literal:TEXT for a plain word "
+                        "(repeatable; default '\\n\\n')")
+    s.add_argument("--max-steps", type=int, default=20, help="steps per request")
+    s.add_argument("--max-step-tokens", type=int, default=512, help="tokens per step")
     s.add_argument("--top-k", type=int, default=50, help="0 = no truncation")
     s.add_argument("--selection-temperature", type=float, default=0.0,
                    help="0 = keep the best candidate; >0 = sample it from softmax(score/τ)")
@@ -92,41 +100,88 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _requests(args: argparse.Namespace) -> tuple[list[Any], list[list[float]] | None]:
+def _requests(args: argparse.Namespace
+              ) -> tuple[list[Any], list[list[float]] | None, list[dict[str, Any]]]:
+    """(prompts, per-request head weights or None, the input rows) from --prompt / --prompts."""
     if args.prompt is not None:
-        return [args.prompt], None
-    prompts, weights = [], []
+        return [args.prompt], None, [{"prompt": args.prompt}]
+    prompts, weights, rows = [], [], []
     for n, line in enumerate(args.prompts.read_text().splitlines(), 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            raise SystemExit(f"{args.prompts}:{n}: not valid JSON ({e})") from None
+            raise ValueError(f"{args.prompts}:{n}: not valid JSON ({e})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{args.prompts}:{n}: expected a JSON object, got "
+                             f"{type(row).__name__}")
         if "messages" in row:
             prompts.append(row["messages"])
         elif "prompt" in row:
             prompts.append(row["prompt"])
         else:
-            raise SystemExit(f"{args.prompts}:{n}: expected a 'prompt' or 'messages' field")
+            raise ValueError(f"{args.prompts}:{n}: expected a 'prompt' or 'messages' field")
         weights.append(row.get("head_weights", args.weights))
+        rows.append(row)
     if not prompts:
-        raise SystemExit(f"{args.prompts}: no requests")
+        raise ValueError(f"{args.prompts}: no requests")
     if all(w is None for w in weights):
-        return prompts, None
+        return prompts, None, rows
     if any(w is None for w in weights):
-        raise SystemExit(f"{args.prompts}: give head_weights on every line or on none (or use "
+        raise ValueError(f"{args.prompts}: give head_weights on every line or on none (or use "
                          f"--weights for the rest)")
-    return prompts, weights
+    return prompts, weights, rows
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    """Option errors worded for the command line, before any model is loaded."""
+    for name in ("max_new_tokens", "max_seq_len", "max_batch"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    for s in args.stop or ():
+        if not s:
+            raise ValueError("--stop: the stop string is empty; give a non-empty string such as "
+                             "'\\n'")
+    if args.command != "search":
+        return
+    if args.candidates > 1 and not args.prm:
+        raise ValueError(f"search with -k {args.candidates} needs a PRM to pick the winner among "
+                         f"the candidates: pass --prm DIR (or -k 1 for plain step-wise decoding)")
+    if args.prm_weights is not None and len(args.prm_weights) != len(args.prm or ()):
+        raise ValueError(f"--prm-weights has {len(args.prm_weights)} values for "
+                         f"{len(args.prm or ())} --prm")
+    from mahalo_engine.engine.boundary import PRESETS
+
+    for b in args.boundary or ():
+        if b.startswith(LITERAL):
+            b = b[len(LITERAL):]
+            if not b:
+                raise ValueError(f"--boundary {LITERAL}: the literal text is empty")
+            continue
+        if not b:
+            raise ValueError("--boundary: the boundary string is empty")
+        if b.isidentifier() and b not in PRESETS:
+            raise ValueError(f"--boundary {b!r}: a plain word names a preset, one of "
+                             f"{', '.join(sorted(PRESETS))}; to end steps at the literal text, "
+                             f"pass --boundary {LITERAL}{b}")
+
+
+def _boundaries(specs: list[str]) -> list[Any]:
+    from mahalo_engine.engine.boundary import Boundary
+
+    return [Boundary(strings=(b[len(LITERAL):],)) if b.startswith(LITERAL) else b for b in specs]
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = _parser()
-    args = parser.parse_args(argv)
-    try:
-        return _run(args)
-    except (ValueError, TypeError, FileNotFoundError) as e:  # bad input: a message, no traceback
-        parser.exit(2, f"{parser.prog} {args.command}: error: {e}\n")
+    return run_cli(_main, argv)
+
+
+def _main(argv: list[str] | None) -> int:
+    args = _parser().parse_args(argv)
+    _check_args(args)
+    return _run(args)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -135,44 +190,45 @@ def _run(args: argparse.Namespace) -> int:
     from mahalo_engine.engine import Engine, SearchConfig, boxed_closed
     from mahalo_engine.policy import load_policy
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else \
         (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    prompts, weights, inputs = _requests(args)
     policy = load_policy(args.model, heads=args.heads, dtype=dtype, device=device)
-    prompts, weights = _requests(args)
     head_weights = weights if weights is not None else args.weights
     prm = None
     if args.command == "search" and args.prm:
         from mahalo_engine.prm import load_prm
 
         prms = [load_prm(p, dtype=dtype, device=device) for p in args.prm]
-        ws = args.prm_weights or [1.0] * len(prms)
-        if len(ws) != len(prms):
-            raise SystemExit(f"--prm-weights has {len(ws)} values for {len(prms)} --prm")
+        ws = args.prm_weights if args.prm_weights is not None else [1.0] * len(prms)
         prm = prms[0] if len(prms) == 1 and ws[0] == 1.0 else list(zip(prms, ws))
     engine = Engine(policy, prm=prm, max_batch=args.max_batch, max_seq_len=args.max_seq_len,
                     cuda_graphs=not args.no_cuda_graphs)
 
     if args.command == "generate":
-        results = engine.generate(prompts, head_weights=head_weights,
-                                  max_new_tokens=args.max_new_tokens or 256,
+        max_new = 256 if args.max_new_tokens is None else args.max_new_tokens
+        results = engine.generate(prompts, head_weights=head_weights, max_new_tokens=max_new,
                                   temperature=args.temperature, top_k=args.top_k, seed=args.seed,
                                   stop=args.stop, chat=args.chat, progress=True)
-        rows = [{"prompt": p, "text": r.text, "token_ids": r.token_ids, "logprobs": r.logprobs,
-                 "finish_reason": r.finish_reason} for p, r in zip(prompts, results)]
+        rows = [{"text": r.text, "token_ids": r.token_ids, "logprobs": r.logprobs,
+                 "finish_reason": r.finish_reason} for r in results]
     else:
         stop = list(args.stop or []) + ([boxed_closed] if args.stop_boxed else [])
         cfg = SearchConfig(
-            candidates=args.candidates, boundary=args.boundary or "\n\n",
+            candidates=args.candidates,
+            boundary=_boundaries(args.boundary) if args.boundary is not None else "\n\n",
             max_step_tokens=args.max_step_tokens, max_steps=args.max_steps,
-            max_new_tokens=args.max_new_tokens or 4096, temperature=args.temperature,
-            top_k=args.top_k, seed=args.seed, selection_temperature=args.selection_temperature,
-            stop=stop, check_every=args.check_every)
+            max_new_tokens=4096 if args.max_new_tokens is None else args.max_new_tokens,
+            temperature=args.temperature, top_k=args.top_k, seed=args.seed,
+            selection_temperature=args.selection_temperature, stop=stop,
+            check_every=args.check_every)
         results = engine.search(prompts, head_weights=head_weights, config=cfg, chat=args.chat,
                                 progress=True)
-        rows = [{"prompt": p, "text": r.text, "token_ids": r.token_ids,
-                 "finish_reason": r.finish_reason,
-                 "steps": [vars(s) for s in r.steps]} for p, r in zip(prompts, results)]
+        rows = [{"text": r.text, "token_ids": r.token_ids, "finish_reason": r.finish_reason,
+                 "steps": [vars(s) for s in r.steps]} for r in results]
+    # Each output row is its input row (its "id" and any other field) plus the result.
+    rows = [{**src, **row} for src, row in zip(inputs, rows)]
 
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -50,6 +50,20 @@ class ModelConfig:
     # Per layer: True where the layer attends only to the last `sliding_window` positions.
     sliding_layers: tuple[bool, ...] = ()
     pad_token_id: int | None = None
+    # eos_token_id of generation_config.json (an int or a list, e.g. Llama-3 instruct's
+    # [<|end_of_text|>, <|eom_id|>, <|eot_id|>]): transformers' generate stops on any of them.
+    generation_eos_token_id: int | list[int] | None = None
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        """Every end-of-sequence id named by config.json or generation_config.json, sorted."""
+        ids: set[int] = set()
+        for src in (self.eos_token_id, self.generation_eos_token_id):
+            if isinstance(src, int):
+                ids.add(src)
+            elif isinstance(src, (list, tuple)):
+                ids.update(int(t) for t in src)
+        return sorted(ids)
 
     @property
     def num_kv_groups(self) -> int:
@@ -57,13 +71,23 @@ class ModelConfig:
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> "ModelConfig":
-        """Parse ``<path>/config.json`` (``path`` may also be the json file itself)."""
+        """Parse ``<path>/config.json`` (``path`` may also be the json file itself), plus the
+        EOS ids of ``generation_config.json`` beside it when present."""
         p = Path(path)
         if p.is_dir():
             p = p / "config.json"
         if not p.is_file():
             raise FileNotFoundError(f"no config.json at {p}")
-        return cls.from_dict(json.loads(p.read_text()))
+        config = cls.from_dict(_read_json(p))
+        gen = p.parent / "generation_config.json"
+        if gen.is_file():
+            eos = _read_json(gen).get("eos_token_id")
+            if eos is not None and not (isinstance(eos, int) or (
+                    isinstance(eos, list) and all(isinstance(t, int) for t in eos))):
+                raise ValueError(f"{gen}: eos_token_id must be an int or a list of ints, got "
+                                 f"{eos!r}")
+            config.generation_eos_token_id = eos
+        return config
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
@@ -129,6 +153,16 @@ class ModelConfig:
             sliding_layers=sliding_layers,
             pad_token_id=d.get("pad_token_id"),
         )
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    return data
 
 
 def _parse_rope(d: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:

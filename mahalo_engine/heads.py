@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from mahalo_engine.config import ModelConfig
+from mahalo_engine.utils.safetensors_io import open_safetensors
 
 HEADS_FILE = "mahalo_heads.safetensors"
 HEADS_FORMAT = "mahalo-heads-v1"
@@ -57,7 +57,7 @@ def load_heads(path: str | Path, *, device: torch.device | str = "cpu"
         p = p / HEADS_FILE
     if not p.is_file():
         raise FileNotFoundError(f"no heads file at {p}")
-    with safe_open(str(p), framework="pt", device=str(device)) as f:
+    with open_safetensors(p, device) as f:
         meta = f.metadata() or {}
         if meta.get("format") != HEADS_FORMAT:
             raise ValueError(f"{p}: metadata format is {meta.get('format')!r}, expected {HEADS_FORMAT!r}")

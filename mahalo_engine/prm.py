@@ -1,6 +1,6 @@
 """Process reward models: a decoder backbone plus a small value head read at a token's hidden state.
 
-On disk (DESIGN.md) a PRM is a Hugging Face backbone directory plus ``value_head.safetensors``:
+On disk (docs/design.md) a PRM is a Hugging Face backbone directory plus ``value_head.safetensors``:
 tensors ``0.weight``/``0.bias`` (linear head) or ``0.weight``/``0.bias``/``2.weight``/``2.bias``
 (2-layer MLP ``Linear -> ReLU -> Linear``, the paper's value head layout), with metadata
 ``format=mahalo-value-head-v1``, ``kind`` (value | binary | bt), ``arch`` (linear | mlp),
@@ -158,12 +158,12 @@ def _meta_int(meta: dict[str, str], key: str, path: Path) -> int:
 
 def load_value_head(path: str | Path) -> tuple[ValueHead, str]:
     """``(value_head (float32, CPU), kind)`` from a ``value_head.safetensors``, strictly."""
-    from safetensors import safe_open
+    from mahalo_engine.utils.safetensors_io import open_safetensors
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no value head file at {path}")
-    with safe_open(str(path), framework="pt") as f:
+    with open_safetensors(path) as f:
         meta = f.metadata() or {}
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     if meta.get("format") != VALUE_HEAD_FORMAT:

@@ -186,6 +186,15 @@ def make_tiny_checkpoint(
     return out
 
 
+def tiny_family(path: str | Path) -> str | None:
+    """The family of a directory built by ``tiny_checkpoint`` (its ``mahalo_tiny.json`` recipe),
+    or None for any other directory."""
+    recipe = Path(path) / "mahalo_tiny.json"
+    if not recipe.is_file():
+        return None
+    return json.loads(recipe.read_text()).get("family")
+
+
 def tiny_checkpoint(family: str = "qwen2", **kw: Any) -> Path:
     """The directory of ``make_tiny_checkpoint(family, **kw)``, built once and cached on disk.
 

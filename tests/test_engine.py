@@ -489,6 +489,80 @@ def test_sampler_reads_its_temperature_buffer_at_each_draw(policy):
     assert not torch.equal(tokens, first)
 
 
+def test_sampler_advances_its_offset_at_each_draw(policy):
+    """Each draw uses the next random stream: offset 1 after one draw, and a second draw without
+    a reset is exactly a direct call at offset 1 (not a replay of offset 0's numbers)."""
+    from mahalo_engine.engine.sampler import Sampler
+    from triton_kernels import multihead_sample
+
+    sampler = Sampler(policy.heads, 16)
+    sampler.configure(1.0, 0, 5)
+    weights = policy.weight_matrix(None, 16)
+    sampler.set_weights(weights)
+    # Flat logits: a redraw with other numbers changes many of the 16 rows.
+    hidden = 0.3 * torch.randn(16, policy.heads.shape[2], generator=torch.Generator().manual_seed(6))
+    direct = lambda offset: multihead_sample(hidden, policy.heads, weights, temperature=1.0, seed=5,
+                                             offset=offset)[0]
+    assert not torch.equal(direct(0), direct(1))  # precondition: the two streams differ here
+    assert torch.equal(sampler.sample(hidden)[0], direct(0))
+    assert sampler.offset.tolist() == [1]
+    assert torch.equal(sampler.sample(hidden)[0], direct(1))
+    assert sampler.offset.tolist() == [2]
+    sampler.configure(1.0, 0, 5)  # a new call restarts the streams
+    assert sampler.offset.tolist() == [0]
+
+
+def _constant_distribution_policy(ckpt, p_top: dict[int, float]) -> tuple[Policy, torch.Tensor]:
+    """A policy whose next-token distribution is the same at every position of every sequence,
+    and that distribution ``p`` in float64.
+
+    Zero attention and MLP output projections leave the residual stream at the token's
+    embedding, and one embedding row for every token makes it the same vector ``e``: the final
+    hidden state is ``h = rmsnorm(e)`` everywhere. One head ``W_v = z_v h / |h|²`` gives logits
+    ``z`` (log ``p_top`` on its tokens, -40 elsewhere)."""
+    policy = load_policy(ckpt, dtype=torch.float32)
+    backbone = policy.model.model
+    with torch.no_grad():
+        for layer in backbone.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        e = torch.randn(policy.config.hidden_size, generator=torch.Generator().manual_seed(3))
+        backbone.embed_tokens.weight.copy_(e.expand_as(backbone.embed_tokens.weight))
+    e64 = e.double()
+    h = e64 * torch.rsqrt(e64.pow(2).mean() + policy.config.rms_norm_eps) \
+        * backbone.norm.weight.detach().double()
+    z = torch.full((policy.config.vocab_size,), -40.0, dtype=torch.float64)
+    for token, prob in p_top.items():
+        z[token] = math.log(prob)
+    heads = (z[:, None] * h[None, :] / h.dot(h)).float()[None]
+    p = torch.softmax(heads[0].double() @ h, dim=0)
+    return Policy(policy.model, policy.tokenizer, heads, ["constant"]), p
+
+
+def test_generation_draws_fresh_noise_at_every_step(ckpt):
+    """Under a policy with the same next-token distribution p at every step, a slot's consecutive
+    tokens are independent draws from p: equal with probability q = Σ p_i². Were every step to
+    reuse the first step's random numbers, each slot would repeat one token (fraction 1).
+
+    Bound: F = mean over the n(L-1) consecutive pairs of 1[x_t = x_t+1] is a function of nL
+    independent draws, each in at most 2 pairs, so McDiarmid gives
+    P(|F - q| >= eps) <= 2 exp(-eps² n (L-1)² / (2L))."""
+    policy, p = _constant_distribution_policy(ckpt, {100: 0.4, 101: 0.3, 102: 0.2, 103: 0.1})
+    assert p[policy.tokenizer.eos_token_id] < 1e-12  # no slot stops early
+    from mahalo_engine.engine.engine import GENERATE_CHECK_EVERY
+
+    n, steps, delta = 64, GENERATE_CHECK_EVERY, 1e-6  # steps: one chunk between host checks
+    engine = Engine(policy, max_batch=n, max_seq_len=64)
+    gens = engine.generate([PROMPTS[i % 3] for i in range(n)], temperature=1.0, seed=9,
+                           max_new_tokens=steps)
+    tokens = torch.tensor([g.token_ids for g in gens])
+    assert tokens.shape == (n, steps) and set(tokens.flatten().tolist()) <= {100, 101, 102, 103}
+    equal = (tokens[:, 1:] == tokens[:, :-1]).double().mean().item()
+    q = p.pow(2).sum().item()
+    eps = math.sqrt(2 * steps * math.log(2 / delta) / (n * (steps - 1) ** 2))
+    assert abs(equal - q) <= eps, (equal, q, eps)
+
+
 @pytest.mark.gpu
 def test_cuda_graphs_match_eager(ckpt, tmp_path):
     policy = load_policy(ckpt, dtype=torch.float32, device="cuda")

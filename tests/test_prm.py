@@ -158,13 +158,22 @@ def test_prm_with_trained_backbone_moves_the_backbone_and_scores_as_saved(tmp_pa
     assert not torch.equal(base["model.layers.0.mlp.up_proj.weight"], saved["model.layers.0.mlp.up_proj.weight"])
     assert torch.equal(base["lm_head.weight"], saved["lm_head.weight"])  # unused by a PRM: frozen
     prm = load_prm(out)
+    assert prm.kind == "value"  # mse: the raw head output is the score
     ids = [5, 17, 42, 9]
-    with torch.no_grad():  # the loaded PRM scores with the trained backbone and head
-        expected = prm.value_head(load_decoder(out, dtype=torch.float32)(torch.tensor([ids]))[0, -1])
-    assert prm.score_full([ids]).item() == pytest.approx(expected.item(), abs=1e-5)
+    # The loaded PRM scores with the trained backbone and head, both read independently here:
+    # transformers' last (post-norm) hidden state, and the linear head's tensors from the file.
+    from transformers import AutoModelForCausalLM
+
+    with torch.no_grad():
+        h = AutoModelForCausalLM.from_pretrained(out).eval()(
+            torch.tensor([ids]), output_hidden_states=True).hidden_states[-1][0, -1]
+    head = load_file(str(out / "value_head.safetensors"))
+    expected = (h.double() @ head["0.weight"][0].double() + head["0.bias"][0].double()).item()
+    assert prm.score_full([ids]).item() == pytest.approx(expected, abs=1e-5)
 
 
-def test_bce_rejects_labels_outside_unit_interval(tmp_path):
+def test_bce_rejects_labels_outside_unit_interval(tmp_path, monkeypatch):
+    monkeypatch.setenv("MAHALO_DEBUG", "1")  # the CLI would print the message and exit 2
     data = tmp_path / "s.jsonl"
     data.write_text(json.dumps({"prompt": "q", "completions": ["a"], "labels": [2.0]}) + "\n")
     with pytest.raises(ValueError, match=r"labels in \[0, 1\]; .*s\.jsonl:1 has 2\.0"):
@@ -271,3 +280,38 @@ def test_multi_objective_prm_training_fits_each_objective(tmp_path):
     with pytest.raises(ValueError, match="needs --loss mse"):
         prm_train.main(["--model", str(tiny_checkpoint("qwen2")), "--data", str(bad), "--loss", "bce",
                         "--objectives", "acc,style", "--out", str(tmp_path / "o3"), "--max-steps", "1"])
+
+
+@pytest.mark.parametrize("reduction", ["examples", "steps"])
+def test_prm_mse_reduction_on_ragged_steps_matches_hand_value(tmp_path, reduction):
+    """With lr 0 the logged MSE is, by default, each example's mean over its steps then the mean
+    over examples (the paper's); --mse-reduction steps is one flat mean. Steps per example: 1, 3."""
+    import math
+
+    model = tiny_checkpoint("qwen2")
+    rows = [{"prompt": "Q0:", "completions": ["A."], "labels": [2.0]},
+            {"prompt": "Q1:", "completions": ["B.", "C.", "D."], "labels": [0.0, 0.5, -1.0]}]
+    data = tmp_path / "steps.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    assert prm_train.main(["--model", str(model), "--data", str(data), "--loss", "mse", "--out", str(out),
+                           "--max-steps", "1", "--batch-size", "2", "--lr", "0", "--head", "linear",
+                           "--mse-reduction", reduction]) == 0
+    log = json.loads((out / "log.jsonl").read_text().splitlines()[0])
+    prm = load_prm(out)
+    tok = prm.tokenizer
+    per_example = []
+    for r in rows:
+        ids = tok(r["prompt"])["input_ids"]
+        errs = []
+        for step, y in zip(r["completions"], r["labels"]):
+            ids = ids + tok(step + "\n\n", add_special_tokens=False)["input_ids"]
+            errs.append((prm.value_head(prm.model(torch.tensor([ids]))[0, -1]).item() - y) ** 2)
+        per_example.append(errs)
+    if reduction == "examples":
+        hand = sum(sum(e) / len(e) for e in per_example) / len(per_example)
+    else:
+        hand = sum(sum(e) for e in per_example) / sum(len(e) for e in per_example)
+    assert math.isfinite(hand)
+    assert log["mse"] == pytest.approx(hand, rel=1e-4)
+    assert log["loss"] == pytest.approx(hand, rel=1e-4)

@@ -64,12 +64,41 @@ def test_truncation_rule_prompt_side_first():
     p, r1, r2 = list(range(10)), [100, 101, 102], [200]
     # fits: untouched
     assert truncate(p, [r1, r2], 13, 4) == (p, [r1, r2], False, False)
-    # prompt loses its oldest tokens down to max_length - longest response
-    assert truncate(p, [r1, r2], 8, 4) == (p[5:], [r1, r2], True, False)
+    # keep="end": the prompt loses its oldest tokens down to max_length - longest response
+    assert truncate(p, [r1, r2], 8, 4, keep="end") == (p[5:], [r1, r2], True, False)
     # ... but not below max_prompt_length; then the responses keep their start
-    assert truncate(p, [[1] * 10, r2], 8, 5) == (p[5:], [[1, 1, 1], r2], True, True)
+    assert truncate(p, [[1] * 10, r2], 8, 5, keep="end") == (p[5:], [[1, 1, 1], r2], True, True)
     with pytest.raises(ValueError, match="max_prompt_length"):
         truncate(p, [r1], 8, 8)
+    with pytest.raises(ValueError, match="'start' or 'end'"):
+        truncate(p, [r1], 8, 4, keep="middle")
+
+
+def test_truncation_keeps_the_prompt_start_by_default_like_the_paper(tmp_path):
+    """The paper's keep_start: the BOS / system / chat header survive, the tail goes."""
+    p, r1 = list(range(10)), [100, 101, 102]
+    assert truncate(p, [r1], 8, 4) == (p[:5], [r1], True, False)
+    assert truncate(p, [[1] * 10], 8, 5) == (p[:5], [[1, 1, 1]], True, True)
+    # Through the tokenizer's chat template: the system turn (the header) is kept
+    from mahalo_engine.tiny import tiny_checkpoint
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_checkpoint("qwen2"))
+    msgs = [{"role": "system", "content": "You are a tutor."},
+            {"role": "user", "content": "word " * 200}]
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"prompt": msgs, "chosen": "yes", "rejected": "no"}) + "\n")
+    data = read_preferences([("acc", path)])
+    full = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    full_ids = tok(full, add_special_tokens=False)["input_ids"]
+    header = tok(full[:full.index("word")], add_special_tokens=False)["input_ids"]
+    (start,), stats = tokenize_pairs(tok, data, max_length=64, max_prompt_length=32,
+                                     chat_template=False)
+    assert stats.prompt_cut == 1 and "nearest the response" in str(stats)
+    assert start.prompt == full_ids[:len(start.prompt)] and start.prompt[:len(header)] == header
+    (end,), _ = tokenize_pairs(tok, data, max_length=64, max_prompt_length=32,
+                               chat_template=False, keep_prompt="end")
+    assert end.prompt == full_ids[-len(end.prompt):]
 
 
 def test_tokenise_and_collate_pairs(tmp_path):
@@ -136,3 +165,12 @@ def test_atomic_write_replaces_whole_file(tmp_path):
     atomic_write_text(p, "new")
     assert p.read_text() == "new"
     assert [f.name for f in tmp_path.iterdir()] == ["x.txt"]
+
+
+def test_one_objective_named_for_two_files_is_an_error(tmp_path):
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    for f in (a, b):
+        f.write_text(json.dumps({"prompt": "q", "chosen": "x", "rejected": "y"}) + "\n")
+    with pytest.raises(DataError, match=r"objective 'acc' is named twice .*a\.jsonl.*b\.jsonl"):
+        read_preferences([("acc", a), ("acc", b)])
+    assert read_preferences([("acc", a), ("eng", b)]).objectives == ["acc", "eng"]

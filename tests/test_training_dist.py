@@ -79,7 +79,7 @@ def test_two_gloo_processes_equal_one_process(tmp_path, strategy):
     assert [r["grad_norm"] for r in la] == pytest.approx([r["grad_norm"] for r in lb], rel=1e-4)
 
 
-def test_resume_continues_bit_identically(tmp_path):
+def test_resume_continues_bit_identically(tmp_path, monkeypatch):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     mah_dpo.main(_args(tmp_path, straight, ["--max-steps", "4", "--micro-batch-size", "4"]))
     mah_dpo.main(_args(tmp_path, resumed, ["--max-steps", "2", "--micro-batch-size", "4", "--save-every", "1"]))
@@ -93,7 +93,8 @@ def test_resume_continues_bit_identically(tmp_path):
     lb = (resumed / "log.jsonl").read_text().splitlines()
     strip = lambda r: {k: v for k, v in json.loads(r).items() if k != "step_time_s"}  # noqa: E731
     assert [strip(r) for r in la] == [strip(r) for r in lb]
-    # a run that changes the batches cannot resume from it
+    # a run that changes the batches cannot resume from it (MAHALO_DEBUG: raise, not exit 2)
+    monkeypatch.setenv("MAHALO_DEBUG", "1")
     with pytest.raises(ValueError, match="batch_size was 8, now 4"):
         mah_dpo.main(_args(tmp_path, resumed, ["--max-steps", "5", "--resume", "--batch-size", "4"]))
     # a fresh run into it would append to its log and could prune its own checkpoint
@@ -154,6 +155,7 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     (["--epochs", "0"], "--epochs must be positive"),
     (["--micro-batch-size", "0"], "--micro-batch-size must be positive"),
 ])
-def test_bad_trainer_arguments_are_errors(tmp_path, argv, match):
+def test_bad_trainer_arguments_are_errors(tmp_path, argv, match, monkeypatch):
+    monkeypatch.setenv("MAHALO_DEBUG", "1")  # the CLI would print the message and exit 2
     with pytest.raises(ValueError, match=match):
         mah_dpo.main(_args(tmp_path, tmp_path / "out", argv))

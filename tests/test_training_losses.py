@@ -19,16 +19,25 @@ def _rand(n: int, seed: int = 0):
     return [(-10 * torch.rand(n, generator=g, dtype=torch.float64)) for _ in range(4)]
 
 
+def _hand_per_objective(pc, pr, rc, rr, obj, beta, num_objectives, rows=None, counts=None):
+    """Objective i's summed -log σ(β[(π_c - π_ref_c) - (π_r - π_ref_r)]) over ``rows`` (default:
+    all) divided by ``counts[i]`` (default: its rows there), 0 for an objective without rows."""
+    rows = range(len(obj)) if rows is None else rows
+    out = []
+    for i in range(num_objectives):
+        mine = [n for n in rows if obj[n] == i]
+        terms = [-math.log(_sig(beta * ((pc[n] - rc[n]) - (pr[n] - rr[n])).item())) for n in mine]
+        count = len(terms) if counts is None else counts[i]
+        out.append(sum(terms) / count if terms else 0.0)
+    return out
+
+
 def test_mah_dpo_loss_matches_hand_formula():
     pc, pr, rc, rr = _rand(7)
     obj = torch.tensor([0, 2, 1, 0, 2, 2, 0])
     beta, alphas = 0.3, [0.5, 2.0, 1.5]
     loss, per = mah_dpo_loss(pc, pr, rc, rr, obj, beta=beta, alphas=alphas)
-    expected_per = []
-    for i in range(3):
-        rows = [n for n in range(7) if obj[n] == i]
-        terms = [-math.log(_sig(beta * ((pc[n] - rc[n]) - (pr[n] - rr[n])).item())) for n in rows]
-        expected_per.append(sum(terms) / len(terms))
+    expected_per = _hand_per_objective(pc, pr, rc, rr, obj, beta, 3)
     assert per.tolist() == pytest.approx(expected_per, rel=1e-6)
     assert loss.item() == pytest.approx(sum(a * l for a, l in zip(alphas, expected_per)), rel=1e-6)
 
@@ -46,15 +55,24 @@ def test_single_objective_is_plain_dpo():
 def test_absent_objective_contributes_nothing_and_global_counts_split_exactly():
     pc, pr, rc, rr = _rand(6, seed=2)
     obj = torch.tensor([0, 0, 2, 2, 0, 2])
-    full, per = mah_dpo_loss(pc, pr, rc, rr, obj, num_objectives=3)
-    assert per[1] == 0
+    full, per = mah_dpo_loss(pc, pr, rc, rr, obj, num_objectives=3)  # beta 0.1, alphas 1/H
+    hand = _hand_per_objective(pc, pr, rc, rr, obj, 0.1, 3)  # float64; the loss is float32
+    assert per[1] == 0 and per.tolist() == pytest.approx(hand, rel=1e-6)
+    assert full.item() == pytest.approx((hand[0] + hand[2]) / 3, rel=1e-6)
     without = mah_dpo_loss(pc, pr, rc, rr, obj, alphas=[1.0, 0.0, 1.0])[0]
-    assert full.item() == pytest.approx(without.item(), rel=1e-9)
-    # two halves normalised by the global counts add up to the whole batch's loss
+    assert without.item() == pytest.approx(hand[0] + hand[2], rel=1e-6)
+    # Each half normalised by the global counts is its share of the whole batch's loss, so the
+    # two halves add up to it.
     counts = torch.bincount(obj, minlength=3)
-    halves = sum(mah_dpo_loss(pc[s], pr[s], rc[s], rr[s], obj[s], num_objectives=3,
-                              objective_counts=counts)[0] for s in (slice(0, 3), slice(3, 6)))
-    assert halves.item() == pytest.approx(full.item(), rel=1e-9)
+    halves = 0.0
+    for s in (slice(0, 3), slice(3, 6)):
+        half = mah_dpo_loss(pc[s], pr[s], rc[s], rr[s], obj[s], num_objectives=3,
+                            objective_counts=counts)[0].item()
+        share = _hand_per_objective(pc, pr, rc, rr, obj, 0.1, 3, rows=range(6)[s],
+                                    counts=counts.tolist())
+        assert half == pytest.approx(sum(share) / 3, rel=1e-6)
+        halves += half
+    assert halves == pytest.approx((hand[0] + hand[2]) / 3, rel=1e-6)
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -152,3 +170,45 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         grads.append({n: p.grad for n, p in model.named_parameters()})
     for n in grads[0]:
         torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_default_alphas_are_the_papers_mean_over_objectives():
+    """α defaults to 1/H: with a balanced batch (every objective present, counts from the batch)
+    the loss is the paper code's per-objective mean, then the uniform mean over the objectives
+    present - computed here in float64 by hand."""
+    pc, pr, rc, rr = _rand(6, seed=4)
+    obj = torch.tensor([0, 1, 2, 2, 1, 0])  # balanced: two rows per objective
+    beta = 0.2
+    loss, _ = mah_dpo_loss(pc, pr, rc, rr, obj, beta=beta,
+                           objective_counts=torch.bincount(obj, minlength=3))
+    per = []
+    for i in sorted(set(obj.tolist())):
+        rows = [n for n in range(6) if obj[n] == i]
+        per.append(sum(-math.log(_sig(beta * ((pc[n] - rc[n]) - (pr[n] - rr[n])).item()))
+                       for n in rows) / len(rows))
+    assert loss.item() == pytest.approx(sum(per) / len(per), rel=1e-6)
+    from training.mah_dpo import _parse_alphas
+
+    assert _parse_alphas([], ["acc", "eng", "sty"]) == [1 / 3] * 3
+    assert _parse_alphas(["eng=0.5"], ["acc", "eng"]) == [0.5, 0.5]
+
+
+def test_value_mse_per_example_mean_on_ragged_steps():
+    """The paper's value loss: each example's mean over its steps, then the mean over examples
+    (steps per example 1, 7, 2, 5); the flat mean over all steps stays available."""
+    steps = [1, 7, 2, 5]
+    g = torch.Generator().manual_seed(7)
+    target = torch.rand(sum(steps), generator=g, dtype=torch.float64)
+    pred = target + torch.tensor([2.0] + [0.5] * 7 + [1.0] * 2 + [0.2] * 5, dtype=torch.float64)
+    sq = [(p - t) ** 2 for p, t in zip(pred.tolist(), target.tolist())]
+    bounds = [sum(steps[:i]) for i in range(len(steps) + 1)]
+    means = [sum(sq[a:b]) / (b - a) for a, b in zip(bounds, bounds[1:])]
+    paper = sum(means) / len(means)
+    flat = sum(sq) / len(sq)
+    assert abs(paper - flat) > 0.05  # the two reductions really differ on this example
+    assert value_mse_loss(pred, target, example_steps=steps).item() == pytest.approx(paper, rel=1e-6)
+    assert value_mse_loss(pred, target).item() == pytest.approx(flat, rel=1e-6)
+    assert value_mse_loss(pred, target, example_steps=steps, reduction="none").tolist() == \
+        pytest.approx(means, rel=1e-6)
+    with pytest.raises(ValueError, match="example_steps"):
+        value_mse_loss(pred, target, example_steps=[1, 7, 2])

@@ -21,6 +21,9 @@ needs_triton = pytest.mark.skipif(
     reason="Triton kernels need a CUDA device or TRITON_INTERPRET=1 (CPU interpreter); without "
     "either the launchers run triton_kernels.reference")
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+# The launchers (kernels) and the pure-torch spec the engine runs on CPU: both must sample right.
+SAMPLERS = [pytest.param(multihead_sample, marks=needs_triton, id="kernels"),
+            pytest.param(reference.multihead_sample, id="reference")]
 
 
 def make_inputs(B, H, V, d, dtype=torch.float32, *, seed=0, scale=1.0):
@@ -57,6 +60,25 @@ def tv_distance(tokens: torch.Tensor, p: torch.Tensor) -> float:
 def identical_rows(n, V, d, *, H=1, seed=0, scale=5.0):
     hidden, heads, weights = make_inputs(1, H, V, d, seed=seed, scale=scale)
     return hidden.expand(n, d), heads, weights.expand(n, H), logits64(hidden, heads, weights)[0]
+
+
+def tied_inputs(B, V, d):
+    """Rows whose V logits all tie exactly: small-integer hidden states, one small-integer column
+    for every token and weights 1, so each logit is the same integer whatever the order of
+    summation (with random floats the interpreter's numpy dot rounds some columns differently)."""
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randint(-3, 4, (B, d), generator=g).float()
+    column = torch.randint(-3, 4, (1, 1, d), generator=g).float()
+    return hidden.to(DEVICE), column.expand(1, V, d).contiguous().to(DEVICE), torch.ones(B, 1, device=DEVICE)
+
+
+def top_k_key(z: torch.Tensor, k: int) -> torch.Tensor:
+    """Answer key for top-k, independent of ``reference.top_k_mask``: bool ``[B,V]`` marking each
+    row's ``k`` largest entries, ties to the lower index, by a plain Python stable sort."""
+    keep = torch.zeros(z.shape, dtype=torch.bool)
+    for b, row in enumerate(z.double().cpu().tolist()):
+        keep[b, sorted(range(len(row)), key=lambda j: (-row[j], j))[:k]] = True
+    return keep.to(z.device)
 
 
 # ----------------------------------------------------------------------------------- logits
@@ -187,6 +209,28 @@ def test_sampling_does_not_depend_on_the_launch_config(monkeypatch, temperature,
                                atol=1e-4, rtol=0)
 
 
+# ----------------------------------------------------------------------------------- top-k mask
+
+
+def test_top_k_mask_hand_examples():
+    T, F = True, False
+    cases = [([[3.0, 1.0, 2.0, 0.0]], 2, [[T, F, T, F]]),
+             ([[1.0, 1.0, 1.0, 0.0]], 2, [[T, T, F, F]]),  # ties to the lower index
+             ([[0.0, 2.0, 2.0, 2.0, 1.0]], 2, [[F, T, T, F, F]]),
+             ([[5.0, 5.0], [-1.0, 4.0]], 1, [[T, F], [F, T]]),
+             ([[0.5, -float("inf"), 0.25]], 3, [[T, T, T]])]
+    for scaled, k, expected in cases:
+        assert reference.top_k_mask(torch.tensor(scaled), k).tolist() == expected, (scaled, k)
+
+
+@pytest.mark.parametrize("top_k", [1, 5, 22, 23])
+def test_top_k_mask_keeps_exactly_k_on_rows_with_ties(top_k):
+    z = torch.randint(0, 4, (50, 23), generator=torch.Generator().manual_seed(0)).float()
+    mask = reference.top_k_mask(z, top_k)
+    assert mask.sum(1).eq(top_k).all()
+    assert torch.equal(mask, top_k_key(z, top_k))
+
+
 # ----------------------------------------------------------------------------------- distributions
 
 N_DRAWS = 8000
@@ -217,31 +261,31 @@ def test_distribution_check_fails_for_wrong_temperature(plain_draws):
     assert tv_distance(tokens, wrong) > tv_bound(wrong, N_DRAWS)
 
 
-@needs_triton
-def test_top_k_matches_renormalised_distribution():
+@pytest.mark.parametrize("sample", SAMPLERS)
+def test_top_k_matches_renormalised_distribution(sample):
     top_k, T, n = 20, 1.5, 4000
     hidden, heads, weights, z = identical_rows(n, 300, 16, seed=1)
-    tokens, _ = multihead_sample(hidden, heads, weights, temperature=T, top_k=top_k, seed=3)
-    keep = reference.top_k_mask(z[None], top_k)[0].cpu()
+    tokens, _ = sample(hidden, heads, weights, temperature=T, top_k=top_k, seed=3)
+    keep = top_k_key(z[None], top_k)[0].cpu()
     assert bool(keep[tokens.cpu()].all()), "sampled outside the top k"
     p = torch.softmax((z.cpu() / T).masked_fill(~keep, float("-inf")), dim=0)
     assert tv_distance(tokens, p) <= tv_bound(p, n)
 
 
-@needs_triton
+@pytest.mark.parametrize("sample", SAMPLERS)
 @pytest.mark.parametrize("V,top_k", [(400, 3), (400, 100), (400, 128), (5, 3), (17, 16)])
-def test_top_k_never_leaves_the_top_k(V, top_k):
+def test_top_k_never_leaves_the_top_k(sample, V, top_k):
     hidden, heads, weights = make_inputs(64, 2, V, 24, scale=0.3)  # flat: all k are reachable
-    tokens, _ = multihead_sample(hidden, heads, weights, temperature=1.0, top_k=top_k, seed=9)
-    keep = reference.top_k_mask(logits64(hidden, heads, weights), top_k)
+    tokens, _ = sample(hidden, heads, weights, temperature=1.0, top_k=top_k, seed=9)
+    keep = top_k_key(logits64(hidden, heads, weights), top_k)
     assert bool(keep.gather(1, tokens[:, None]).all())
 
 
-@needs_triton
-def test_top_k_ties_go_to_lowest_indices():
-    hidden, heads, weights = make_inputs(256, 1, 160, 16)
-    heads[:] = heads[:, :1]  # every column identical: all logits tie
-    tokens, logprobs = multihead_sample(hidden, heads, weights, temperature=1.0, top_k=4, seed=2)
+@pytest.mark.parametrize("sample", SAMPLERS)
+def test_top_k_ties_go_to_lowest_indices(sample):
+    hidden, heads, weights = tied_inputs(256, 160, 16)
+    tokens, logprobs = sample(hidden, heads, weights, temperature=1.0, top_k=4, seed=2)
+    # 256 draws from 4 equally likely tokens miss one with probability 4·(3/4)^256 < 1e-31.
     assert set(tokens.tolist()) == {0, 1, 2, 3}
     torch.testing.assert_close(logprobs, torch.full_like(logprobs, -math.log(160)))
 
@@ -310,8 +354,6 @@ def test_cuda_graph_replay_draws_fresh_numbers(top_k):
 # ----------------------------------------------------------------------------- temperature tensors
 
 TEMPS = [0.0, 0.5, 1.25, 0.7]  # 0.7 is not an fp32 number: the float calls get float(fp32(0.7))
-SAMPLERS = [pytest.param(multihead_sample, marks=needs_triton, id="kernels"),
-            pytest.param(reference.multihead_sample, id="reference")]
 
 
 @pytest.mark.parametrize("sample", SAMPLERS)
@@ -348,13 +390,12 @@ def test_one_temperature_tensor_equals_the_float_call(sample, shape, t, top_k):
     torch.testing.assert_close(logprobs, ref_logprobs, atol=1e-5, rtol=0)
 
 
-@needs_triton
-def test_zero_temperature_rows_of_top_k_break_ties_to_lowest_index():
+@pytest.mark.parametrize("sample", SAMPLERS)
+def test_zero_temperature_rows_of_top_k_break_ties_to_lowest_index(sample):
     """T = 0 rows under top-k pick from the merged candidates, which come in no set order."""
-    hidden, heads, weights = make_inputs(16, 1, 160, 16)
-    heads[:] = heads[:, :1]  # every column identical: all logits tie
+    hidden, heads, weights = tied_inputs(16, 160, 16)
     temps = torch.tensor([0.0, 1.0], device=DEVICE).repeat(8)
-    tokens, _ = multihead_sample(hidden, heads, weights, temperature=temps, top_k=4, seed=2)
+    tokens, _ = sample(hidden, heads, weights, temperature=temps, top_k=4, seed=2)
     assert tokens[temps == 0].eq(0).all() and tokens[temps > 0].lt(4).all()
 
 
@@ -528,10 +569,11 @@ def test_cpu_dispatch_follows_triton_interpret(monkeypatch, interpret):
         pytest.skip("the kernels are built for the interpreter only when TRITON_INTERPRET=1 at import")
     hidden, heads, weights = make_inputs(3, 2, 50, 8)
     calls = []
-    monkeypatch.setattr(reference, "multihead_logits", lambda *a, **k: calls.append(a) or "ref")
+    marker = torch.full((3, 50), 7.0)  # a tensor: the call goes through torch.ops.mahalo
+    monkeypatch.setattr(reference, "multihead_logits", lambda *a, **k: calls.append(a) or marker)
     monkeypatch.setenv("TRITON_INTERPRET", interpret)
     z = triton_kernels.multihead_logits(hidden, heads, weights)
     if interpret == "0":
-        assert z == "ref" and len(calls) == 1
+        assert torch.equal(z, marker) and len(calls) == 1
     else:
         assert not calls and rel_err(z, logits64(hidden, heads, weights)) <= 1e-5

@@ -171,19 +171,28 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
 
 def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """``(model_state, trainer_state)`` of a checkpoint directory (RNG states not yet applied)."""
-    from safetensors.torch import load_file
+    from mahalo_engine.utils.safetensors_io import load_safetensors
 
     path = Path(path)
-    model_state = load_file(str(path / "model.safetensors"))
+    model_state = load_safetensors(path / "model.safetensors")
     trainer_state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=True)
     return model_state, trainer_state
 
 
 def main(argv: list[str] | None = None) -> int:
+    from mahalo_engine.utils.cli import run_cli
+
+    return run_cli(_main, argv)
+
+
+def _main(argv: list[str] | None) -> int:
+    from mahalo_engine.utils.cli import add_debug_flag
+
     p = argparse.ArgumentParser(prog="python -m training.checkpoint",
                                 description="Show the latest resumable checkpoint of a training "
                                 "output directory (what --resume would continue from).")
     p.add_argument("out_dir", type=Path, help="a trainer's --out directory")
+    add_debug_flag(p)
     args = p.parse_args(argv)
     ckpt = latest_checkpoint(args.out_dir)
     if ckpt is None:

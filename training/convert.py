@@ -109,9 +109,17 @@ def convert(policy_pt: str | Path, base: str | Path, out: str | Path, *,
 
 
 def main(argv: list[str] | None = None) -> int:
+    from mahalo_engine.utils.cli import run_cli
+
+    return run_cli(_main, argv)
+
+
+def _main(argv: list[str] | None) -> int:
+    from mahalo_engine.utils.cli import HelpFormatter, add_debug_flag
+
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     p = argparse.ArgumentParser(
-        prog="python -m training.convert",
+        prog="python -m training.convert", formatter_class=HelpFormatter,
         description="Convert the reference implementation's policy.pt (multi-head or SFT) into a "
         "Hugging Face directory (+ mahalo_heads.safetensors) that load_policy reads. Loads with "
         "torch.load(weights_only=True).")
@@ -122,10 +130,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="comma-separated objective names, one per head, in head order")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                    help="saved dtype (default: the checkpoint's)")
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True, help="output directory")
+    add_debug_flag(p)
     args = p.parse_args(argv)
     convert(args.policy_pt, args.base, args.out,
-            objectives=args.objectives.split(",") if args.objectives else None,
+            objectives=args.objectives.split(",") if args.objectives is not None else None,
             dtype=getattr(torch, args.dtype) if args.dtype else None)
     return 0
 

@@ -1,7 +1,7 @@
 """Training data: jsonl readers, tokenisation, the truncation rule, collation and balanced batching.
 
 Readers check every row and raise ``DataError`` (a ``ValueError``) naming ``file:line`` and the
-offending field. Formats (DESIGN.md): preference ``{"prompt","chosen","rejected"[,"objective"]}``
+offending field. Formats (docs/design.md): preference ``{"prompt","chosen","rejected"[,"objective"]}``
 (TRL; prompt may also be a chat message list), SFT ``{"prompt","completion"}``, step data
 ``{"prompt","completions","labels"}``, BT step pairs ``{"prompt","chosen":[steps],"rejected":[steps]}``,
 rollouts ``{"prompt","steps","step_rewards","final_reward"[,"prefix_len"]}``.
@@ -11,9 +11,12 @@ its chat template), each response on its own without special tokens plus EOS. Th
 the engine sees a generation: prompt ids, then sampled ids.
 
 Truncation rule (prompt side first), for ``max_length`` L and ``max_prompt_length`` P < L: when
-prompt + longest response exceeds L, the prompt loses its *oldest* tokens (it keeps its end, next
-to the response) down to ``max(L - longest response, P)`` tokens; if that is still too long, the
-responses keep their first ``L - prompt`` tokens (losing EOS). Trainers count and log both cases.
+prompt + longest response exceeds L, the prompt is cut down to ``max(L - longest response, P)``
+tokens; if that is still too long, the responses keep their first ``L - prompt`` tokens (losing
+EOS). Which part of the prompt stays is ``keep``: ``"start"`` (the default, the paper's
+``keep_start``: a BOS, system prompt and chat header survive; the tokens nearest the response,
+e.g. the assistant header of a long dialogue, are lost) or ``"end"`` (the tokens next to the
+response survive; the oldest go, header included). Trainers count and log both cases.
 """
 from __future__ import annotations
 
@@ -156,8 +159,18 @@ def read_preferences(specs: Sequence[tuple[str | None, Path]], *, objectives: Se
                      default_objective: str | None = None) -> PreferenceData:
     """Read preference files. A file named with an objective gives all its rows that objective;
     otherwise each row needs an ``objective`` field (or ``default_objective`` applies). Head order is
-    ``objectives`` when given, else the order of first appearance. An empty file or an objective
-    without rows is an error."""
+    ``objectives`` when given, else the order of first appearance. An empty file, an objective
+    without rows, or one objective named for two files (``acc=a.jsonl acc=b.jsonl``: concatenate
+    them instead, so that it is clear one head learns from both) is an error."""
+    named: dict[str, Path] = {}
+    for name, path in specs:
+        if name is None:
+            continue
+        if name in named:
+            raise DataError(f"objective {name!r} is named twice (--data {name}={named[name]} and "
+                            f"--data {name}={path}); each objective trains its own head, so give "
+                            f"it one file (concatenate them) or use distinct names")
+        named[name] = path
     def parse(name: str | None, path: Path, where: str, obj: dict[str, Any]) -> PreferencePair:
         if name is not None:
             objective = name
@@ -331,18 +344,24 @@ def encode_response(tokenizer, text: str) -> list[int]:
     return _ids(tokenizer(text, add_special_tokens=False)) + [eos_id(tokenizer)]
 
 
+TRUNCATE_KEEP = ("start", "end")
+
+
 def truncate(prompt: list[int], responses: Sequence[list[int]], max_length: int,
-             max_prompt_length: int) -> tuple[list[int], list[list[int]], bool, bool]:
+             max_prompt_length: int, keep: str = "start"
+             ) -> tuple[list[int], list[list[int]], bool, bool]:
     """The module docstring's rule. Returns ``(prompt, responses, prompt_cut, response_cut)``."""
     if not 0 < max_prompt_length < max_length:
         raise ValueError(f"need 0 < max_prompt_length ({max_prompt_length}) < max_length "
                          f"({max_length})")
+    if keep not in TRUNCATE_KEEP:
+        raise ValueError(f"truncation keeps the prompt's 'start' or 'end', got {keep!r}")
     longest = max(len(r) for r in responses)
     if len(prompt) + longest <= max_length:
         return list(prompt), [list(r) for r in responses], False, False
-    keep = min(len(prompt), max(max_length - longest, max_prompt_length))
-    prompt_cut = keep < len(prompt)
-    prompt = list(prompt[len(prompt) - keep:])
+    n_keep = min(len(prompt), max(max_length - longest, max_prompt_length))
+    prompt_cut = n_keep < len(prompt)
+    prompt = list(prompt[:n_keep] if keep == "start" else prompt[len(prompt) - n_keep:])
     room = max_length - len(prompt)
     response_cut = longest > room
     return prompt, [list(r[:room]) for r in responses], prompt_cut, response_cut
@@ -353,6 +372,7 @@ class TruncationStats:
     total: int = 0
     prompt_cut: int = 0
     response_cut: int = 0
+    keep: str = "start"
 
     def add(self, prompt_cut: bool, response_cut: bool) -> None:
         self.total += 1
@@ -360,7 +380,8 @@ class TruncationStats:
         self.response_cut += response_cut
 
     def __str__(self) -> str:
-        return (f"{self.prompt_cut}/{self.total} prompts truncated (oldest tokens dropped), "
+        lost = "tokens nearest the response" if self.keep == "start" else "oldest tokens"
+        return (f"{self.prompt_cut}/{self.total} prompts truncated ({lost} dropped), "
                 f"{self.response_cut}/{self.total} responses truncated")
 
 
@@ -377,16 +398,17 @@ class TokenizedPair:
 
 
 def tokenize_pairs(tokenizer, data: PreferenceData, *, max_length: int, max_prompt_length: int,
-                   chat_template: bool) -> tuple[list[TokenizedPair], TruncationStats]:
+                   chat_template: bool, keep_prompt: str = "start"
+                   ) -> tuple[list[TokenizedPair], TruncationStats]:
     from tqdm import tqdm
 
     index = {o: i for i, o in enumerate(data.objectives)}
-    stats, out = TruncationStats(), []
+    stats, out = TruncationStats(keep=keep_prompt), []
     for p in tqdm(data.pairs, desc="tokenise", unit="pair", leave=False):
         prompt, (c, r), pc, rc = truncate(_prompt_ids(tokenizer, p.prompt, chat_template, p.source),
                                           [encode_response(tokenizer, p.chosen),
                                            encode_response(tokenizer, p.rejected)],
-                                          max_length, max_prompt_length)
+                                          max_length, max_prompt_length, keep_prompt)
         stats.add(pc, rc)
         out.append(TokenizedPair(prompt, c, r, index[p.objective]))
     return out, stats
@@ -399,14 +421,15 @@ class TokenizedSFT:
 
 
 def tokenize_sft(tokenizer, examples: Sequence[SFTExample], *, max_length: int,
-                 max_prompt_length: int, chat_template: bool) -> tuple[list[TokenizedSFT], TruncationStats]:
+                 max_prompt_length: int, chat_template: bool, keep_prompt: str = "start"
+                 ) -> tuple[list[TokenizedSFT], TruncationStats]:
     from tqdm import tqdm
 
-    stats, out = TruncationStats(), []
+    stats, out = TruncationStats(keep=keep_prompt), []
     for e in tqdm(examples, desc="tokenise", unit="example", leave=False):
         prompt, (c,), pc, rc = truncate(_prompt_ids(tokenizer, e.prompt, chat_template, e.source),
                                         [encode_response(tokenizer, e.completion)],
-                                        max_length, max_prompt_length)
+                                        max_length, max_prompt_length, keep_prompt)
         stats.add(pc, rc)
         out.append(TokenizedSFT(prompt, c))
     return out, stats
@@ -428,18 +451,20 @@ def _step_ids(tokenizer, steps: Sequence[str], separator: str) -> list[list[int]
 
 def tokenize_steps(tokenizer, examples: Sequence[StepExample], *, max_length: int,
                    max_prompt_length: int, chat_template: bool,
-                   step_separator: str) -> tuple[list[TokenizedSteps], TruncationStats]:
+                   step_separator: str, keep_prompt: str = "start"
+                   ) -> tuple[list[TokenizedSteps], TruncationStats]:
     """Prompt ids followed by each step's ids (each step + ``step_separator`` tokenised on its own,
     as the engine feeds a PRM); the label of step k sits at its last token. Over-long prompts follow
     the truncation rule; steps that do not fit whole are dropped with their labels (counted as
     response truncations); an example with no step left is an error."""
-    stats, out = TruncationStats(), []
+    stats, out = TruncationStats(keep=keep_prompt), []
     for e in examples:
         steps = _step_ids(tokenizer, e.steps, step_separator)
         if any(not s for s in steps):
             raise DataError(f"{e.source}: a step tokenises to nothing")
         prompt, _, pc, _ = truncate(_prompt_ids(tokenizer, e.prompt, chat_template, e.source),
-                                    [[t for s in steps for t in s]], max_length, max_prompt_length)
+                                    [[t for s in steps for t in s]], max_length, max_prompt_length,
+                                    keep_prompt)
         ids, positions = list(prompt), []
         for s in steps:
             if len(ids) + len(s) > max_length:
@@ -456,15 +481,16 @@ def tokenize_steps(tokenizer, examples: Sequence[StepExample], *, max_length: in
 
 def tokenize_step_pairs(tokenizer, pairs: Sequence[StepPair], *, max_length: int,
                         max_prompt_length: int, chat_template: bool,
-                        step_separator: str) -> tuple[list[tuple[list[int], list[int]]], TruncationStats]:
+                        step_separator: str, keep_prompt: str = "start"
+                        ) -> tuple[list[tuple[list[int], list[int]]], TruncationStats]:
     """(chosen ids, rejected ids) per pair, scored at their last tokens; the truncation rule applies
     with both sides as the responses (a cut response still ends at its last kept token)."""
-    stats, out = TruncationStats(), []
+    stats, out = TruncationStats(keep=keep_prompt), []
     for p in pairs:
         sides = [[t for s in _step_ids(tokenizer, side, step_separator) for t in s]
                  for side in (p.chosen, p.rejected)]
         prompt, (c, r), pc, rc = truncate(_prompt_ids(tokenizer, p.prompt, chat_template, p.source), sides,
-                                          max_length, max_prompt_length)
+                                          max_length, max_prompt_length, keep_prompt)
         if not c or not r:
             raise DataError(f"{p.source}: a side tokenises to nothing")
         stats.add(pc, rc)
@@ -607,30 +633,44 @@ def micro_batches(rows: Sequence, size: int) -> list[list]:
 # ---------------------------------------------------------------------------------------------- CLI
 
 def main(argv: list[str] | None = None) -> int:
+    from mahalo_engine.utils.cli import run_cli
+
+    return run_cli(_main, argv)
+
+
+def _main(argv: list[str] | None) -> int:
+    from mahalo_engine.utils.cli import HelpFormatter, add_debug_flag
+
     p = argparse.ArgumentParser(
-        prog="python -m training.data",
+        prog="python -m training.data", formatter_class=HelpFormatter,
         description="Data utilities: convert the paper's preference JSON arrays to TRL jsonl, or "
         "check a training file (rows, token lengths, truncation under --max-length).")
     sub = p.add_subparsers(dest="cmd", required=True)
-    c = sub.add_parser("convert-pairs", help='paper JSON array [{"question","chosen","rejected"}] '
+    c = sub.add_parser("convert-pairs", formatter_class=HelpFormatter, help='paper JSON array [{"question","chosen","rejected"}] '
                        '-> TRL jsonl {"prompt","chosen","rejected"[,"objective"]}')
     c.add_argument("src", type=Path)
     c.add_argument("out", type=Path)
     c.add_argument("--objective", default=None, help="add this objective field to every row")
-    c.add_argument("--limit", type=int, default=None, help="keep the first N rows")
-    s = sub.add_parser("check", help="validate a preference file and report token lengths")
+    c.add_argument("--limit", type=int, default=None, help="keep the first N rows (default: all)")
+    add_debug_flag(c)
+    s = sub.add_parser("check", formatter_class=HelpFormatter,
+                       help="validate a preference file and report token lengths")
     s.add_argument("--model", type=Path, required=True, help="directory with the tokenizer")
     s.add_argument("--data", action="append", required=True, help="OBJECTIVE=FILE or FILE")
-    s.add_argument("--max-length", type=int, default=1024)
+    s.add_argument("--max-length", type=int, default=1024, help="max tokens per sequence")
     s.add_argument("--max-prompt-length", type=int, default=None,
                    help="default: max-length // 2 (as the trainers)")
-    s.add_argument("--chat-template", action="store_true")
+    s.add_argument("--truncate", choices=TRUNCATE_KEEP, default="start",
+                   help="which part of an over-long prompt is kept (as the trainers)")
+    s.add_argument("--chat-template", action="store_true",
+                   help="wrap string prompts in the tokenizer's chat template")
+    add_debug_flag(s)
     args = p.parse_args(argv)
     if args.cmd == "convert-pairs":
         from training.checkpoint import atomic_write_text
 
         rows = paper_pairs_to_trl(args.src)[:args.limit]
-        if args.objective:
+        if args.objective is not None:
             rows = [{**r, "objective": args.objective} for r in rows]
         atomic_write_text(args.out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
         print(f"wrote {len(rows)} pairs to {args.out}")
@@ -640,8 +680,9 @@ def main(argv: list[str] | None = None) -> int:
     data = read_preferences([parse_data_spec(s) for s in args.data])
     tok = AutoTokenizer.from_pretrained(args.model)
     items, stats = tokenize_pairs(tok, data, max_length=args.max_length,
-                                  max_prompt_length=args.max_prompt_length or args.max_length // 2,
-                                  chat_template=args.chat_template)
+                                  max_prompt_length=(args.max_length // 2 if args.max_prompt_length
+                                                     is None else args.max_prompt_length),
+                                  chat_template=args.chat_template, keep_prompt=args.truncate)
     for i, name in enumerate(data.objectives):
         lens = sorted(it.length for it in items if it.objective == i)
         print(f"{name}: {len(lens)} pairs, tokens median {lens[len(lens) // 2]}, max {lens[-1]}")

@@ -5,6 +5,10 @@ Every builder turns trajectories (a prompt plus a list of step strings) into tra
 ``{"prompt", "chosen": [steps], "rejected": [steps]}``. Judges and verifiers are plain Python callables
 ``fn(prompt: str, steps: list[str]) -> float | bool`` (a rule, a model, an API), named on the command
 line as ``module:function``. Rollouts are sampled by the engine (``Engine.generate``: batched, KV-cached).
+
+The expensive commands (``rollouts``, ``judge-votes``, ``judge-prefix``) append each trajectory's
+rows to ``--out`` as soon as they are done; after Ctrl-C (or a crash) ``--resume`` keeps the
+finished trajectories and continues with the next one, ``--overwrite`` starts afresh.
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 from tqdm import tqdm
 
+from mahalo_engine.utils.cli import HelpFormatter, Interrupted, add_debug_flag, resolve_device, run_cli
 from training.data import DataError, read_preferences, read_rollouts, read_trajectories
 
 log = logging.getLogger(__name__)
@@ -190,26 +195,109 @@ def load_callable(spec: str) -> Callable:
     return fn
 
 
+def trajectory_rollouts(policy, traj: dict[str, Any], verifier: Judge, m: int, *,
+                        step_reward: Judge | None = None, **sampling: Any) -> list[dict[str, Any]]:
+    """One trajectory's rows for ``monte_carlo_values``: the trajectory itself
+    (``prefix_len = n``, first) plus M continuations sampled after each proper prefix
+    ``steps[:k]`` (``prefix_len = k``, k < n): ``1 + (n - 1) * m`` rows. Every completed rollout
+    gets ``final_reward = verifier(prompt, steps)`` and per-step rewards
+    ``step_reward(prompt, steps[:t])`` (0 without one)."""
+    prompt, steps = traj["prompt"], list(traj["steps"])
+    n = len(steps)
+    conts = sample_continuations(policy, prompt, [steps[:k] for k in range(1, n)], m, **sampling)
+    completed = [(steps, n)] + [(steps[:k] + c, k) for k, cs in enumerate(conts, start=1)
+                                for c in cs]
+    out = []
+    for full, prefix_len in completed:
+        rewards = ([_judge_value(step_reward, prompt, full[:t]) for t in range(1, len(full) + 1)]
+                   if step_reward else [0.0] * len(full))
+        out.append({"prompt": prompt, "steps": full, "step_rewards": rewards,
+                    "final_reward": _judge_value(verifier, prompt, full),
+                    "prefix_len": prefix_len})
+    return out
+
+
 def generate_rollouts(policy, trajectories: Iterable[dict[str, Any]], verifier: Judge, m: int, *,
                       step_reward: Judge | None = None, **sampling: Any) -> list[dict[str, Any]]:
-    """Rollouts for ``monte_carlo_values``: each trajectory itself (``prefix_len = n``) plus M
-    continuations sampled after each proper prefix ``steps[:k]`` (``prefix_len = k``, k < n). Every
-    completed rollout gets ``final_reward = verifier(prompt, steps)`` and per-step rewards
-    ``step_reward(prompt, steps[:t])`` (0 without one)."""
-    out = []
-    for traj in tqdm(list(trajectories), desc="rollouts", unit="traj"):
-        prompt, steps = traj["prompt"], list(traj["steps"])
-        n = len(steps)
-        conts = sample_continuations(policy, prompt, [steps[:k] for k in range(1, n)], m, **sampling)
-        completed = [(steps, n)] + [(steps[:k] + c, k) for k, cs in enumerate(conts, start=1)
-                                    for c in cs]
-        for full, prefix_len in completed:
-            rewards = ([_judge_value(step_reward, prompt, full[:t]) for t in range(1, len(full) + 1)]
-                       if step_reward else [0.0] * len(full))
-            out.append({"prompt": prompt, "steps": full, "step_rewards": rewards,
-                        "final_reward": _judge_value(verifier, prompt, full),
-                        "prefix_len": prefix_len})
-    return out
+    """``trajectory_rollouts`` of every trajectory, in order."""
+    return [row for traj in tqdm(list(trajectories), desc="rollouts", unit="traj")
+            for row in trajectory_rollouts(policy, traj, verifier, m, step_reward=step_reward,
+                                           **sampling)]
+
+
+def _resume_output(path: Path, trajectories: Sequence[dict[str, Any]],
+                   rows_per_traj: Callable[[dict[str, Any]], int], resume: bool,
+                   overwrite: bool) -> int:
+    """Prepare ``path`` for appending one trajectory's rows at a time; returns how many leading
+    trajectories it already holds in full. A fresh run refuses an existing file unless
+    ``overwrite``; ``resume`` keeps the complete groups (each group's first row must be its
+    trajectory) and drops a torn tail (an interrupted write)."""
+    from training.checkpoint import atomic_write_text
+
+    if resume and overwrite:
+        raise ValueError("--resume and --overwrite exclude each other")
+    if not resume:
+        if path.exists() and not overwrite:
+            raise ValueError(f"--out {path} already exists; pass --resume to continue it (its "
+                             f"finished trajectories are kept) or --overwrite to replace it")
+        atomic_write_text(path, "")
+        return 0
+    lines = path.read_text().splitlines(keepends=True) if path.exists() else []
+    rows = []
+    for line in lines:
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+        if not line.endswith("\n"):
+            rows.pop()  # torn last line
+            break
+    done = kept = 0
+    for i, traj in enumerate(trajectories):
+        n = rows_per_traj(traj)
+        group = rows[kept:kept + n]
+        if len(group) < n:
+            break
+        first = group[0]
+        if first.get("prompt") != traj["prompt"] or \
+                first.get("steps", first.get("completions")) != list(traj["steps"]):
+            raise ValueError(f"--resume: {path} line {kept + 1} is not the first row of input "
+                             f"trajectory {i + 1} (it was written from other data or options); "
+                             f"pass --overwrite to start afresh or choose another --out")
+        kept += n
+        done += 1
+    atomic_write_text(path, "".join(lines[:kept]))
+    if done:
+        log.info("--resume: %s already holds %d of %d trajectories", path, done, len(trajectories))
+    return done
+
+
+def _append_rows(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    """One trajectory's rows, appended and flushed to disk in one write."""
+    import os
+
+    with path.open("a", encoding="utf-8") as f:
+        f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _label_incrementally(args: argparse.Namespace, trajectories: list[dict[str, Any]],
+                         label: Callable[[dict[str, Any]], list[dict[str, Any]]],
+                         rows_per_traj: Callable[[dict[str, Any]], int]) -> int:
+    """``label(traj)`` for every trajectory not yet in ``--out``, appended as each finishes; an
+    interrupt leaves the finished ones and says how to resume."""
+    done = _resume_output(args.out, trajectories, rows_per_traj, args.resume, args.overwrite)
+    written = done
+    try:
+        for traj in tqdm(trajectories[done:], desc=args.cmd, unit="traj", initial=done,
+                         total=len(trajectories)):
+            _append_rows(args.out, label(traj))
+            written += 1
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted after {written} of {len(trajectories)} trajectories "
+                          f"(kept in {args.out}); resume with --resume") from None
+    return written
 
 
 def _write_jsonl(rows: Iterable[dict[str, Any]], path: Path) -> int:
@@ -222,62 +310,79 @@ def _write_jsonl(rows: Iterable[dict[str, Any]], path: Path) -> int:
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python -m training.labels",
+        prog="python -m training.labels", formatter_class=HelpFormatter,
         description="Build PRM training labels. Judges/verifiers are 'module:function' callables "
         "fn(prompt: str, steps: list[str]) -> float. Output: step data "
         '{"prompt","completions","labels"} or BT pairs {"prompt","chosen":[..],"rejected":[..]}.')
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    h = sub.add_parser("hindsight", help="one rollout -> per-step targets r_t + gamma^(n-t) z (M=1)")
-    m = sub.add_parser("mc", help="Monte-Carlo values: mean relabelled return over rollouts sharing "
+    def subcommand(name: str, **kw: Any) -> argparse.ArgumentParser:
+        q = sub.add_parser(name, formatter_class=HelpFormatter, **kw)
+        add_debug_flag(q)
+        return q
+
+    def resumable(q: argparse.ArgumentParser) -> None:
+        q.add_argument("--resume", action="store_true",
+                       help="keep the trajectories --out already holds and label the rest")
+        q.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+
+    h = subcommand("hindsight", help="one rollout -> per-step targets r_t + gamma^(n-t) z (M=1)")
+    m = subcommand("mc", help="Monte-Carlo values: mean relabelled return over rollouts sharing "
                        "each prefix")
     for q in (h, m):
         q.add_argument("--rollouts", type=Path, required=True,
                        help='jsonl of {"prompt","steps","step_rewards","final_reward"}')
         q.add_argument("--gamma", type=float, default=0.9, help="discount (default 0.9, the paper's)")
-        q.add_argument("--out", type=Path, required=True)
+        q.add_argument("--out", type=Path, required=True, help="output jsonl")
 
     def sampling_args(q: argparse.ArgumentParser) -> None:
         q.add_argument("--policy", type=Path, required=True, help="policy directory (load_policy)")
         q.add_argument("--m", type=int, default=4, help="rollouts per prefix (default 4)")
         q.add_argument("--boundary", default="\n\n", help='step boundary (default "\\n\\n")')
-        q.add_argument("--max-new-tokens", type=int, default=256)
-        q.add_argument("--temperature", type=float, default=1.0)
-        q.add_argument("--top-k", type=int, default=0)
-        q.add_argument("--seed", type=int, default=0)
+        q.add_argument("--max-new-tokens", type=int, default=256,
+                       help="tokens per sampled continuation")
+        q.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+        q.add_argument("--top-k", type=int, default=0, help="0 = no truncation")
+        q.add_argument("--seed", type=int, default=0, help="sampling seed")
         q.add_argument("--chat-template", action="store_true",
                        help="wrap string prompts in the tokenizer's chat template")
-        q.add_argument("--device", default="cpu")
+        q.add_argument("--device", default="cpu", help="cpu or cuda")
+        resumable(q)
 
-    r = sub.add_parser("rollouts", help="sample M rollouts from every prefix of each trajectory and "
+    r = subcommand("rollouts", help="sample M rollouts from every prefix of each trajectory and "
                        "score them with a verifier (input for 'mc')")
     r.add_argument("--data", type=Path, required=True, help='jsonl of {"prompt","steps"}')
     r.add_argument("--verifier", required=True, help="module:function giving the final reward z")
     r.add_argument("--step-reward", default=None, help="module:function giving r_t (default 0)")
-    r.add_argument("--out", type=Path, required=True)
+    r.add_argument("--out", type=Path, required=True, help="output jsonl (rollouts)")
     sampling_args(r)
 
-    a = sub.add_parser("judge-votes", help="Case A: a judge votes over M rollouts from each prefix "
+    a = subcommand("judge-votes", help="Case A: a judge votes over M rollouts from each prefix "
                        "(soft labels for --loss bce)")
     a.add_argument("--data", type=Path, required=True, help='jsonl of {"prompt","steps"}')
     a.add_argument("--judge", required=True, help="module:function returning 0/1 or [0,1]")
-    a.add_argument("--out", type=Path, required=True)
+    a.add_argument("--out", type=Path, required=True, help="output jsonl (step data)")
     sampling_args(a)
 
-    b = sub.add_parser("judge-prefix", help="Case B: the judge scores each prefix itself")
+    b = subcommand("judge-prefix", help="Case B: the judge scores each prefix itself")
     b.add_argument("--data", type=Path, required=True, help='jsonl of {"prompt","steps"}')
     b.add_argument("--judge", required=True, help="module:function returning a float label")
-    b.add_argument("--out", type=Path, required=True)
+    b.add_argument("--out", type=Path, required=True, help="output jsonl (step data)")
+    resumable(b)
 
-    c = sub.add_parser("bt-pairs", help="Case C: Bradley-Terry pairs of chosen/rejected prefixes")
+    c = subcommand("bt-pairs", help="Case C: Bradley-Terry pairs of chosen/rejected prefixes")
     c.add_argument("--data", type=Path, required=True,
                    help='preference jsonl {"prompt","chosen","rejected"} (string fields)')
     c.add_argument("--boundary", default="\n\n", help='step boundary (default "\\n\\n")')
-    c.add_argument("--out", type=Path, required=True)
+    c.add_argument("--out", type=Path, required=True, help="output jsonl (BT pairs)")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
+    return run_cli(_main, argv)
+
+
+def _main(argv: list[str] | None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = _parse_args(argv)
     if args.cmd in ("hindsight", "mc"):
@@ -295,36 +400,53 @@ def main(argv: list[str] | None = None) -> int:
                 raise DataError(f"{pair.source}: bt-pairs needs string prompt/chosen/rejected")
             rows.extend(bt_prefix_pairs(pair.prompt, pair.chosen, pair.rejected, args.boundary))
     else:
-        trajectories = read_trajectories(args.data)
-        if args.cmd == "judge-prefix":
-            judge = load_callable(args.judge)
-            rows = [{"prompt": t["prompt"], "completions": t["steps"],
-                     "labels": judge_prefix_labels(t["prompt"], t["steps"], judge)}
-                    for t in tqdm(trajectories, desc="judge", unit="traj")]
-        else:
-            from mahalo_engine.policy import load_policy
-
-            policy = load_policy(args.policy, device=args.device)
-            sampling = dict(boundary=args.boundary, max_new_tokens=args.max_new_tokens,
-                            temperature=args.temperature, top_k=args.top_k, seed=args.seed,
-                            chat_template=args.chat_template)
-            if args.cmd == "rollouts":
-                step_reward = load_callable(args.step_reward) if args.step_reward else None
-                rows = generate_rollouts(policy, trajectories, load_callable(args.verifier), args.m,
-                                         step_reward=step_reward, **sampling)
-            else:
-                judge = load_callable(args.judge)
-                rows = []
-                for t in tqdm(trajectories, desc="judge-votes", unit="traj"):
-                    steps = t["steps"]
-                    # The full trajectory is terminal: its own vote is the judge on itself.
-                    conts = sample_continuations(policy, t["prompt"],
-                                                 [steps[:k] for k in range(1, len(steps))],
-                                                 args.m, **sampling) + [[[]]]
-                    rows.append({"prompt": t["prompt"], "completions": steps,
-                                 "labels": judge_vote_labels(t["prompt"], steps, conts, judge)})
+        return _label_trajectories(args)
     n = _write_jsonl(rows, args.out)
     log.info("wrote %d rows to %s", n, args.out)
+    return 0
+
+
+def _label_trajectories(args: argparse.Namespace) -> int:
+    """judge-prefix, rollouts, judge-votes: one trajectory at a time, appended to --out."""
+    trajectories = read_trajectories(args.data)
+    one_row = lambda t: 1  # noqa: E731
+    if args.cmd == "judge-prefix":
+        judge = load_callable(args.judge)
+        n = _label_incrementally(args, trajectories, lambda t: [
+            {"prompt": t["prompt"], "completions": t["steps"],
+             "labels": judge_prefix_labels(t["prompt"], t["steps"], judge)}], one_row)
+        log.info("wrote %d trajectories to %s", n, args.out)
+        return 0
+    from mahalo_engine.policy import load_policy
+
+    if args.m < 1:
+        raise ValueError(f"--m must be >= 1, got {args.m}")
+    policy = load_policy(args.policy, device=resolve_device(args.device))
+    sampling = dict(boundary=args.boundary, max_new_tokens=args.max_new_tokens,
+                    temperature=args.temperature, top_k=args.top_k, seed=args.seed,
+                    chat_template=args.chat_template)
+    if args.cmd == "rollouts":
+        step_reward = load_callable(args.step_reward) if args.step_reward is not None else None
+        verifier = load_callable(args.verifier)
+        n = _label_incrementally(
+            args, trajectories,
+            lambda t: trajectory_rollouts(policy, t, verifier, args.m, step_reward=step_reward,
+                                          **sampling),
+            lambda t: 1 + (len(t["steps"]) - 1) * args.m)
+    else:
+        judge = load_callable(args.judge)
+
+        def votes(t: dict[str, Any]) -> list[dict[str, Any]]:
+            steps = t["steps"]
+            # The full trajectory is terminal: its own vote is the judge on itself.
+            conts = sample_continuations(policy, t["prompt"],
+                                         [steps[:k] for k in range(1, len(steps))],
+                                         args.m, **sampling) + [[[]]]
+            return [{"prompt": t["prompt"], "completions": steps,
+                     "labels": judge_vote_labels(t["prompt"], steps, conts, judge)}]
+
+        n = _label_incrementally(args, trajectories, votes, one_row)
+    log.info("wrote %d trajectories to %s", n, args.out)
     return 0
 
 

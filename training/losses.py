@@ -1,10 +1,18 @@
 """Training losses: MAH-DPO (multi-head sigmoid DPO) and the PRM losses (MSE, BCE, Bradley–Terry).
 
-``mah_dpo_loss`` follows DESIGN.md: for objective i, sigmoid DPO
-``-log σ(β((π_c - ref_c) - (π_r - ref_r)))`` over objective i's rows, then ``Σ_i α_i · mean_i(L_i)``.
-An objective with no rows in the batch contributes nothing (its entry in ``per_objective_losses`` is 0).
-The ``objective_counts`` option lets distributed / accumulated trainers divide each objective's sum
-by its count over the *global* batch, so that a local slice contributes exactly its share.
+``mah_dpo_loss`` follows docs/design.md: for objective i, sigmoid DPO
+``-log σ(β((π_c - ref_c) - (π_r - ref_r)))`` over objective i's rows, then ``Σ_i α_i · mean_i(L_i)``
+with ``α_i = 1/H`` by default: the paper's equal weights, a mean over the H objectives. The
+paper's code averages over the objectives *present* in a batch; with balanced batches (every
+objective in every global batch, as ``training.data.BalancedBatches`` builds them and
+``objective_counts`` counts them) the two are equal. An objective with no rows in the batch
+contributes nothing (its entry in ``per_objective_losses`` is 0). The ``objective_counts`` option
+lets distributed / accumulated trainers divide each objective's sum by its count over the *global*
+batch, so that a local slice contributes exactly its share.
+
+``value_mse_loss`` with ``example_steps`` is the paper's value-PRM loss: each example's mean
+squared error over its own steps, then the mean over examples (a flat mean over all steps
+weights long examples more).
 """
 from __future__ import annotations
 
@@ -41,7 +49,7 @@ def _resolve_alphas(alphas: Sequence[float] | torch.Tensor | None, num_objective
         num_objectives = int(objective_ids.max()) + 1
     if num_objectives <= 0:
         raise ValueError(f"num_objectives must be positive, got {num_objectives}")
-    return torch.ones(num_objectives, dtype=torch.float32, device=device)
+    return torch.full((num_objectives,), 1.0 / num_objectives, dtype=torch.float32, device=device)
 
 
 def dpo_margins(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
@@ -68,7 +76,8 @@ def mah_dpo_loss(
     All log-prob tensors are ``[N]`` sequence log-probs (summed over response tokens); the policy's
     come from the row's own objective head. ``objective_ids`` is an integer ``[N]`` in ``[0, H)``.
     H is ``len(alphas)``, else ``num_objectives``, else ``max(objective_ids) + 1``; ``alphas``
-    defaults to 1 for every objective (the paper's equal mean over heads is ``α_i = 1/H``).
+    defaults to ``1/H`` for every objective (the paper's mean over objectives; see the module
+    docstring for why this equals the paper code's mean over the objectives present).
     ``objective_counts`` (``[H]``): divide objective i's summed loss by this count instead of its
     count in this batch (the trainers pass global-batch counts).
 
@@ -137,11 +146,26 @@ def bradley_terry_loss(chosen_scores: torch.Tensor, rejected_scores: torch.Tenso
     return _reduce(-F.logsigmoid(chosen_scores.float() - rejected_scores.float()), reduction)
 
 
-def value_mse_loss(predictions: torch.Tensor, targets: torch.Tensor, *,
-                   reduction: str = "mean") -> torch.Tensor:
-    """Squared error between predicted values and value targets (equal shapes), reduced."""
+def value_mse_loss(predictions: torch.Tensor, targets: torch.Tensor, *, reduction: str = "mean",
+                   example_steps: Sequence[int] | None = None) -> torch.Tensor:
+    """Squared error between predicted values and value targets (equal shapes), reduced.
+
+    ``example_steps``: the number of steps of each example, when ``predictions`` holds the steps
+    of several examples one example after another (1-D). Each example's errors are then first
+    averaged over its own steps, and ``reduction`` applies to those per-example means: with
+    ``"mean"`` this is the paper's loss. Without it, ``reduction`` applies to every step alike."""
     _same_shape("predictions", predictions, "targets", targets)
-    return _reduce((predictions.float() - targets.float()).square(), reduction)
+    err = (predictions.float() - targets.float()).square()
+    if example_steps is None:
+        return _reduce(err, reduction)
+    counts = [int(n) for n in example_steps]
+    if err.dim() != 1 or any(n < 1 for n in counts) or sum(counts) != err.numel():
+        raise ValueError(f"example_steps {counts} must be positive and sum to the number of "
+                         f"predictions, {err.numel()} (1-D)")
+    sizes = torch.tensor(counts, device=err.device)
+    example = torch.repeat_interleave(torch.arange(len(counts), device=err.device), sizes)
+    means = torch.zeros(len(counts), device=err.device).index_add(0, example, err) / sizes
+    return _reduce(means, reduction)
 
 
 def soft_bce_loss(logits: torch.Tensor, labels: torch.Tensor, *,

@@ -1,6 +1,6 @@
 """``python -m training.mah_dpo``: Multi-Action-Head DPO on a shared backbone.
 
-Steps (DESIGN.md, with the reference implementation's costs removed):
+Steps (docs/design.md, with the reference implementation's costs removed):
 
 1. Reference log-probs of every pair under the SFT model (backbone + its unperturbed head) are
    computed once, streaming over the data, and cached on disk under a key hashing the weights,
@@ -11,8 +11,9 @@ Steps (DESIGN.md, with the reference implementation's costs removed):
    a head. The backbone's own ``lm_head`` is dropped during training.
 3. Each step runs one forward over chosen and rejected rows together; every row is projected
    through its own objective's head only, in chunks (``training.logps``).
-4. Loss ``Σ_i α_i · mean_i(L_i)`` over balanced global batches (``training.data.BalancedBatches``),
-   normalised by global counts so that any world size or micro-batching gives the same step.
+4. Loss ``Σ_i α_i · mean_i(L_i)`` (α_i = 1/H by default: the paper's mean over objectives) over
+   balanced global batches (``training.data.BalancedBatches``), normalised by global counts so
+   that any world size or micro-batching gives the same step.
 
 Output: the backbone as a Hugging Face directory (its ``lm_head`` is the heads' mean) plus
 ``mahalo_heads.safetensors`` with the objective names; ``load_policy(out)`` loads it.
@@ -100,7 +101,9 @@ def reference_logps(decoder: torch.nn.Module, items: Sequence[TokenizedPair], *,
                     info: D.DistInfo, bf16: bool, autocast=None) -> torch.Tensor:
     """Cached ``compute_reference_logps``: the key hashes the model files, dtype, device type,
     autocast and every token id; a hit skips the forward passes entirely."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
+
+    from mahalo_engine.utils.safetensors_io import load_safetensors
 
     dtype = decoder.model.embed_tokens.weight.dtype
     key_src = json.dumps({"v": REF_CACHE_VERSION, "model": hash_model_dir(model_dir),
@@ -113,7 +116,7 @@ def reference_logps(decoder: torch.nn.Module, items: Sequence[TokenizedPair], *,
     if D.all_reduce_sum(hit, info).item() > 0:
         ref = torch.zeros(len(items), 2, device=info.device)
         if info.is_main:
-            ref = load_file(str(path))["ref_logps"].to(info.device)
+            ref = load_safetensors(path)["ref_logps"].to(info.device)
             if tuple(ref.shape) != (len(items), 2):
                 raise ValueError(f"{path}: cached shape {tuple(ref.shape)}, expected ({len(items)}, 2)")
             log.info("reference log-probs: cache hit %s", path)
@@ -129,7 +132,9 @@ def reference_logps(decoder: torch.nn.Module, items: Sequence[TokenizedPair], *,
 
 
 def _parse_alphas(specs: Sequence[str], objectives: Sequence[str]) -> list[float]:
-    alphas = {o: 1.0 for o in objectives}
+    """α per objective: ``1/H`` each (the paper's mean over objectives) unless ``--alpha`` names
+    it."""
+    alphas = {o: 1.0 / len(objectives) for o in objectives}
     for s in specs:
         name, sep, value = s.partition("=")
         if not sep or name not in alphas:
@@ -157,8 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--objectives", default=None,
                    help="comma-separated head order (default: order of first appearance)")
     p.add_argument("--alpha", action="append", default=[],
-                   help="OBJECTIVE=WEIGHT loss weight α_i (default 1 each; the paper's mean over "
-                   "heads is 1/H each)")
+                   help="OBJECTIVE=WEIGHT loss weight α_i, repeatable (default 1/H each: the "
+                   "paper's mean over objectives)")
     p.add_argument("--beta", type=float, default=0.1, help="DPO β (default 0.1)")
     p.add_argument("--sigma", type=float, default=1e-3, help="head init noise std σ (default 1e-3)")
     p.add_argument("--init-seed", type=int, default=42,
@@ -186,12 +191,12 @@ def train(args: argparse.Namespace, info: D.DistInfo, tokenizer) -> None:
 
     data: PreferenceData = read_preferences(
         [parse_data_spec(s) for s in args.data],
-        objectives=args.objectives.split(",") if args.objectives else None)
+        objectives=args.objectives.split(",") if args.objectives is not None else None)
     names = data.objectives
     alphas = _parse_alphas(args.alpha, names)
     items, stats = tokenize_pairs(tokenizer, data, max_length=args.max_length,
                                   max_prompt_length=args.max_prompt_length,
-                                  chat_template=args.chat_template)
+                                  chat_template=args.chat_template, keep_prompt=args.truncate)
     groups: list[list[int]] = [[] for _ in names]
     for g, it in enumerate(items):
         groups[it.objective].append(g)
@@ -203,7 +208,8 @@ def train(args: argparse.Namespace, info: D.DistInfo, tokenizer) -> None:
     pad = pad_id_of(tokenizer, config.pad_token_id)
     bf16 = info.device.type == "cuda" and args.bf16
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else None
-    ref = reference_logps(decoder, items, model_dir=args.model, cache_dir=args.ref_cache or paths.cache_dir("ref_logps"),
+    ref_cache = paths.cache_dir("ref_logps") if args.ref_cache is None else args.ref_cache
+    ref = reference_logps(decoder, items, model_dir=args.model, cache_dir=ref_cache,
                           pad_id=pad, batch_size=args.ref_batch_size, chunk_tokens=args.chunk_tokens,
                           info=info, bf16=bf16, autocast=autocast).to(info.device)
     bad = (~torch.isfinite(ref)).any(1).nonzero(as_tuple=True)[0].tolist()
@@ -218,7 +224,7 @@ def train(args: argparse.Namespace, info: D.DistInfo, tokenizer) -> None:
     run_config = {"data": sorted(args.data), "objectives": names, "batch_size": args.batch_size,
                   "seed": args.seed, "balance": args.balance, "max_length": args.max_length,
                   "max_prompt_length": args.max_prompt_length, "chat_template": args.chat_template,
-                  "beta": args.beta, "alphas": alphas, "model": str(args.model)}
+                  "truncate": args.truncate, "beta": args.beta, "alphas": alphas, "model": str(args.model)}
     trainer = Trainer("mah_dpo", module, info, args, config=run_config)
     sampler = BalancedBatches([len(g) for g in groups], args.batch_size, mode=args.balance,
                               seed=args.seed)

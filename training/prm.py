@@ -4,9 +4,11 @@ A sequence is the prompt's tokens followed by each step's tokens, each step toke
 (``training.data.tokenize_steps``), exactly as the engine feeds a PRM; the head is read at each
 step's last token, so no marker token (with an untrained embedding) is involved. Losses:
 
-- ``mse``: regression on value targets (hindsight / Monte-Carlo values) -> ``kind=value``; with
-  ``--objectives acc,style`` a multi-objective PRM: one output per objective on one backbone, each
-  step labelled ``[v_acc, v_style]``, the loss the mean over objectives of each one's MSE;
+- ``mse``: regression on value targets (hindsight / Monte-Carlo values) -> ``kind=value``; by
+  default the paper's reduction (each example's mean over its steps, then the mean over
+  examples); ``--mse-reduction steps`` weighs every step alike. With ``--objectives acc,style``
+  a multi-objective PRM: one output per objective on one backbone, each step labelled
+  ``[v_acc, v_style]``, the loss also averaged over objectives;
 - ``bce``: 0/1 or soft judge labels on the head's logit -> ``kind=binary`` (score = sigmoid);
 - ``bt``: Bradley–Terry on pairs of partial sequences ``{"prompt","chosen":[steps],"rejected":[steps]}``,
   read at each side's last token -> ``kind=bt``.
@@ -80,6 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, required=True, help="step data or BT pair jsonl")
     p.add_argument("--loss", choices=tuple(KIND_OF_LOSS), default="mse",
                    help="mse -> kind=value, bce -> kind=binary, bt -> kind=bt (default mse)")
+    p.add_argument("--mse-reduction", choices=("examples", "steps"), default="examples",
+                   help="--loss mse: 'examples' = each example's mean over its steps, then the "
+                   "mean over examples (the paper's); 'steps' = one mean over all steps "
+                   "(default examples)")
     p.add_argument("--head", choices=("mlp", "linear"), default="mlp",
                    help="value head: 2-layer MLP (Linear-ReLU-Linear, default) or linear")
     p.add_argument("--mlp-hidden", type=int, default=None, help="MLP width (default: hidden size)")
@@ -104,7 +110,8 @@ def train(args: argparse.Namespace, info: D.DistInfo, tokenizer) -> None:
 
     objectives = _objectives(args)
     tok_kw = dict(max_length=args.max_length, max_prompt_length=args.max_prompt_length,
-                  chat_template=args.chat_template, step_separator=args.step_separator)
+                  chat_template=args.chat_template, step_separator=args.step_separator,
+                  keep_prompt=args.truncate)
     if args.loss == "bt":
         examples = read_step_pairs(args.data)
         items, stats = tokenize_step_pairs(tokenizer, examples, **tok_kw)
@@ -129,15 +136,18 @@ def train(args: argparse.Namespace, info: D.DistInfo, tokenizer) -> None:
                               "seed": args.seed, "max_length": args.max_length,
                               "max_prompt_length": args.max_prompt_length,
                               "chat_template": args.chat_template, "step_separator": args.step_separator,
+                              "truncate": args.truncate, "mse_reduction": args.mse_reduction,
                               "model": str(args.model), "head": args.head,
                               "objectives": objectives})
     steps = total_steps(args, len(items) // args.batch_size)
 
     def make_step(step: int) -> list[Micro]:
         rows = shuffled_batch(len(items), args.batch_size, args.seed, step)
-        count = len(rows) if args.loss == "bt" else sum(len(items[g].labels) for g in rows)
+        per_example = args.loss == "bt" or (args.loss == "mse" and args.mse_reduction == "examples")
+        count = len(rows) if per_example else sum(len(items[g].labels) for g in rows)
         count *= len(objectives) if objectives else 1  # a mean over objectives too
-        return [_micro(trainer, items, chunk, count, args.loss, pad, info,
+        loss_kind = "mse-examples" if args.loss == "mse" and per_example else args.loss
+        return [_micro(trainer, items, chunk, count, loss_kind, pad, info,
                        describe([examples[g].source for g in chunk]))
                 for chunk in trainer.micro_rows(rows)]
 
@@ -200,6 +210,15 @@ def _micro(trainer: Trainer, items, rows: list[int], global_count: int, loss_kin
             raw = trainer.module(ids.to(dev), mask.to(dev), r.to(dev), c.to(dev))
             if loss_kind == "mse":
                 per = value_mse_loss(raw, target, reduction="none")
+                extra = {}
+            elif loss_kind == "mse-examples":  # one term per example: its mean over its steps
+                steps = [len(items[g].labels) for g in rows]
+                if raw.dim() == 1:
+                    per = value_mse_loss(raw, target, reduction="none", example_steps=steps)
+                else:  # a multi-objective PRM: the same per objective, [examples, objectives]
+                    per = torch.stack([value_mse_loss(raw[:, k], target[:, k], reduction="none",
+                                                      example_steps=steps)
+                                       for k in range(raw.shape[1])], dim=1)
                 extra = {}
             else:
                 per = soft_bce_loss(raw, target, reduction="none")

@@ -47,7 +47,7 @@ def train(args: argparse.Namespace, info: D.DistInfo, tokenizer) -> None:
     examples = read_sft(args.data)
     items, stats = tokenize_sft(tokenizer, examples, max_length=args.max_length,
                                 max_prompt_length=args.max_prompt_length,
-                                chat_template=args.chat_template)
+                                chat_template=args.chat_template, keep_prompt=args.truncate)
     if info.is_main:
         log.info("%d examples; %s", len(items), stats)
     decoder = load_decoder(args.model, dtype=torch.float32, device=info.device)
@@ -56,7 +56,8 @@ def train(args: argparse.Namespace, info: D.DistInfo, tokenizer) -> None:
     trainer = Trainer("sft", PolicyLogps(decoder, chunk_tokens=args.chunk_tokens), info, args,
                       config={"data": str(args.data), "batch_size": args.batch_size, "seed": args.seed,
                               "max_length": args.max_length, "chat_template": args.chat_template,
-                              "max_prompt_length": args.max_prompt_length, "model": str(args.model)})
+                              "max_prompt_length": args.max_prompt_length, "truncate": args.truncate,
+                              "model": str(args.model)})
     steps_per_epoch = len(items) // args.batch_size
     steps = total_steps(args, steps_per_epoch)
 

@@ -6,8 +6,11 @@ multiplied by the world size (DDP/FSDP2 average gradients over ranks). This modu
 optimizer (RMSprop, the paper's choice, or AdamW) and linear warmup, gradient accumulation
 (``no_sync`` until the last micro-batch), bf16 autocast on CUDA, gradient clipping, the
 non-finite-loss stop, metric reduction and logging (a tqdm bar on rank 0 plus ``log.jsonl``),
-periodic atomic checkpoints and ``--resume``. ``cli_main`` is the trainers' common entry point
-(process group, ``--out`` check, seeding, tokenizer).
+periodic atomic checkpoints, ``--resume`` / ``--overwrite``, and the graceful stop: on SIGINT or
+SIGTERM the current optimizer step finishes, a checkpoint is written and the run ends with
+``interrupted at step N; resume with --resume`` (exit code 130; a second signal stops at once).
+``cli_main`` is the trainers' common entry point (process group, ``--out`` check, seeding,
+tokenizer), run under the project's CLI error policy (``mahalo_engine.utils.cli``).
 """
 from __future__ import annotations
 
@@ -15,6 +18,8 @@ import argparse
 import contextlib
 import json
 import logging
+import shutil
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +29,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from mahalo_engine.utils.cli import HelpFormatter, Interrupted, add_debug_flag, run_cli
 from training import checkpoint as ckpt
 from training import distributed as D
 from training.data import micro_batches, shard
@@ -32,11 +38,12 @@ log = logging.getLogger(__name__)
 
 # Arguments that must not change between a run and its --resume (they define the batches).
 RESUME_KEYS = ("data", "batch_size", "seed", "balance", "max_length", "max_prompt_length",
-               "chat_template", "objectives", "loss", "step_separator")
+               "chat_template", "objectives", "loss", "step_separator", "truncate")
 
 
 def add_common_args(p: argparse.ArgumentParser, *, lr: float, batch_size: int,
                     optimizer: str = "rmsprop", max_length: int = 1024) -> None:
+    p.formatter_class = HelpFormatter
     g = p.add_argument_group("optimisation")
     g.add_argument("--lr", type=float, default=lr, help=f"peak learning rate (default {lr})")
     g.add_argument("--optimizer", choices=("rmsprop", "adamw"), default=optimizer,
@@ -51,8 +58,9 @@ def add_common_args(p: argparse.ArgumentParser, *, lr: float, batch_size: int,
     g.add_argument("--micro-batch-size", type=int, default=None,
                    help="rows per forward on each rank (default: the whole local batch)")
     g.add_argument("--epochs", type=float, default=1.0, help="passes over the data (default 1)")
-    g.add_argument("--max-steps", type=int, default=None, help="train exactly N optimizer steps (overrides --epochs; "
-                   "the data is cycled through fresh shuffles)")
+    g.add_argument("--max-steps", type=int, default=None,
+                   help="train exactly N optimizer steps (default: --epochs worth; overrides "
+                   "--epochs; the data is cycled through fresh shuffles)")
     g.add_argument("--seed", type=int, default=0, help="data order seed (default 0)")
     g.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute decoder layer activations in the backward")
@@ -62,8 +70,12 @@ def add_common_args(p: argparse.ArgumentParser, *, lr: float, batch_size: int,
     d.add_argument("--max-length", type=int, default=max_length,
                    help=f"max tokens per sequence (default {max_length})")
     d.add_argument("--max-prompt-length", type=int, default=None,
-                   help="prompts are cut (oldest tokens first) no shorter than this when a "
-                   "sequence is too long (default: max-length // 2)")
+                   help="an over-long sequence's prompt is cut (see --truncate) down to no "
+                   "fewer tokens than this (default: max-length // 2)")
+    d.add_argument("--truncate", choices=("start", "end"), default="start",
+                   help="which part of an over-long prompt is kept: 'start' (the paper's "
+                   "keep_start: BOS, system prompt and chat header stay, the tokens nearest the "
+                   "response go) or 'end' (the last turns stay, the header goes) (default start)")
     d.add_argument("--chat-template", action="store_true",
                    help="wrap string prompts in the tokenizer's chat template as a user turn")
     r = p.add_argument_group("run")
@@ -78,12 +90,20 @@ def add_common_args(p: argparse.ArgumentParser, *, lr: float, batch_size: int,
     r.add_argument("--keep-checkpoints", type=int, default=1,
                    help="resumable checkpoints kept under OUT/checkpoints (default 1)")
     r.add_argument("--resume", action="store_true",
-                   help="continue from the latest checkpoint under --out")
+                   help="continue from the latest checkpoint under --out (a run folder with a log "
+                   "but no checkpoint starts again from step 0)")
+    r.add_argument("--overwrite", action="store_true",
+                   help="delete the log and checkpoints a previous run left under --out, then "
+                   "start afresh")
     r.add_argument("--log-every", type=int, default=1,
                    help="log every N-th step's metrics to log.jsonl and the progress bar")
+    add_debug_flag(p)
 
 
 def finish_args(args: argparse.Namespace) -> argparse.Namespace:
+    if args.resume and args.overwrite:
+        raise ValueError("--resume and --overwrite exclude each other: continue the run under "
+                         "--out, or start it afresh")
     if args.max_prompt_length is None:
         args.max_prompt_length = args.max_length // 2
     if args.micro_batch_size is not None and args.micro_batch_size <= 0:
@@ -97,18 +117,30 @@ def finish_args(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
-def check_out_dir(out: Path, resume: bool, info: D.DistInfo) -> None:
-    """A fresh run (no ``--resume``) refuses an ``--out`` that holds another run's log or
-    checkpoints: it would append to that log, and pruning by step number could delete its own
-    newest checkpoint in favour of the old run's. Every rank raises together."""
+RUN_FILES = ("log.jsonl", "checkpoints")  # what marks --out as holding a run
+
+
+def check_out_dir(out: Path, resume: bool, info: D.DistInfo, overwrite: bool = False) -> None:
+    """A fresh run refuses an ``--out`` that holds another run's log or checkpoints: it would
+    append to that log, and pruning by step number could delete its own newest checkpoint in
+    favour of the old run's. ``overwrite`` deletes them first (rank 0). Every rank raises
+    together."""
     stale = []
     if info.is_main and not resume:
-        stale = [str(p) for p in (out / "log.jsonl", out / "checkpoints") if p.exists()]
+        stale = [out / name for name in RUN_FILES if (out / name).exists()]
+        if overwrite:
+            for p in stale:
+                if p.is_dir():
+                    shutil.rmtree(p)
+                else:
+                    p.unlink()
+                log.info("--overwrite: removed %s", p)
+            stale = []
     flag = torch.tensor([float(bool(stale))], device=info.device)
     if D.all_reduce_sum(flag, info).item() > 0:
-        where = ", ".join(stale) if stale else f"{out} (seen by rank 0)"
+        where = ", ".join(map(str, stale)) if stale else f"{out} (seen by rank 0)"
         raise ValueError(f"--out {out} already holds a training run ({where}); pass --resume to "
-                         f"continue it, or choose another --out")
+                         f"continue it, --overwrite to start it afresh, or choose another --out")
 
 
 def cli_main(parser: argparse.ArgumentParser,
@@ -116,14 +148,21 @@ def cli_main(parser: argparse.ArgumentParser,
              argv: list[str] | None) -> int:
     """The trainers' shared entry point: parse the arguments, join the torchrun process group (if
     launched by torchrun), check ``--out``, seed, load ``--model``'s tokenizer, then
-    ``train(args, info, tokenizer)``; the group is left even when training fails."""
+    ``train(args, info, tokenizer)``; the group is left even when training fails. User errors
+    are one line and an interrupted run exits 130 (``mahalo_engine.utils.cli.run_cli``)."""
+    return run_cli(lambda a: _cli_main(parser, train, a), argv)
+
+
+def _cli_main(parser: argparse.ArgumentParser,
+              train: Callable[[argparse.Namespace, D.DistInfo, Any], None],
+              argv: list[str] | None) -> int:
     from transformers import AutoTokenizer
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = finish_args(parser.parse_args(argv))
     info = D.init_distributed(args.device)
     try:
-        check_out_dir(Path(args.out), args.resume, info)
+        check_out_dir(Path(args.out), args.resume, info, args.overwrite)
         torch.manual_seed(args.seed)
         train(args, info, AutoTokenizer.from_pretrained(args.model))
         # Every rank reaches this point before any leaves the group: a rank tearing gloo down
@@ -190,7 +229,16 @@ class Trainer:
     def _resume(self) -> None:
         path = ckpt.latest_checkpoint(self.out)
         if path is None:
-            raise FileNotFoundError(f"--resume: no checkpoint under {self.out / 'checkpoints'}")
+            log_path = self.out / "log.jsonl"
+            if not log_path.is_file():
+                raise FileNotFoundError(f"--resume: nothing to resume under {self.out} (no "
+                                        f"checkpoints/ and no log.jsonl); drop --resume to start")
+            if self.info.is_main:  # a run stopped before its first checkpoint: start it again
+                log.warning("--resume: no checkpoint under %s; starting from step 0 (log.jsonl "
+                            "truncated)", self.out)
+                ckpt.atomic_write_text(log_path, "")
+            D.barrier(self.info)
+            return
         model_state, state = ckpt.load_checkpoint(path)
         if state.get("trainer") != self.name:
             raise ValueError(f"{path} was written by {state.get('trainer')!r}, not {self.name!r}")
@@ -228,7 +276,7 @@ class Trainer:
         """This rank's share of a global batch, cut into ``--micro-batch-size`` pieces (the last
         may be smaller: losses are normalised by global counts, so that is exact)."""
         local = shard(rows, self.info.rank, self.info.world_size)
-        return micro_batches(local, self.args.micro_batch_size or len(local))
+        return micro_batches(local, len(local) if self.args.micro_batch_size is None else self.args.micro_batch_size)
 
     def final_state(self) -> dict[str, torch.Tensor] | None:
         """The trained module's full state dict on rank 0, None on the others (collective)."""
@@ -256,6 +304,12 @@ class Trainer:
             summarize: Callable[[dict[str, torch.Tensor]], dict[str, float]]) -> None:
         """Steps ``start_step .. num_steps-1``; ``summarize`` turns globally summed metrics into
         the logged numbers."""
+        with GracefulStop(self.info) as stop:
+            self._run(num_steps, make_step, summarize, stop)
+
+    def _run(self, num_steps: int, make_step: Callable[[int], Sequence[Micro]],
+             summarize: Callable[[dict[str, torch.Tensor]], dict[str, float]],
+             stop: "GracefulStop") -> None:
         self.module.train()
         bar = tqdm(total=num_steps, initial=self.start_step, desc=self.name, unit="step",
                    disable=not self.info.is_main, dynamic_ncols=True)
@@ -303,11 +357,57 @@ class Trainer:
                     bar.set_postfix({k: f"{v:.3g}" for k, v in record.items()
                                      if isinstance(v, float) and k != "step_time_s"}, refresh=False)
             bar.update(1)
+            if stop.requested() and step + 1 < num_steps:
+                bar.close()
+                self.save(step + 1)
+                raise Interrupted(f"interrupted at step {step + 1}; resume with --resume")
             if self.args.save_every and (step + 1) % self.args.save_every == 0 and step + 1 < num_steps:
                 self.save(step + 1)
         bar.close()
         if num_steps > self.start_step or not (self.out / "checkpoints" / "latest").exists():
             self.save(num_steps)
+
+
+class GracefulStop:
+    """While active, SIGINT/SIGTERM only set a flag that ``requested()`` reports (summed over
+    ranks, so every rank stops after the same step); the first signal restores the previous
+    handlers, so a second one stops the process at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, info: D.DistInfo) -> None:
+        self.info = info
+        self.flag = False
+        self.previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.flag = True
+        self._restore()
+        if self.info.is_main:
+            tqdm.write(f"{signal.Signals(signum).name}: finishing this step, then saving a "
+                       f"checkpoint (send it again to stop at once)")
+
+    def _restore(self) -> None:
+        for s, h in self.previous.items():
+            signal.signal(s, h)
+        self.previous = {}
+
+    def __enter__(self) -> "GracefulStop":
+        try:
+            for s in self.SIGNALS:
+                self.previous[s] = signal.signal(s, self._handle)
+        except ValueError:  # not the main thread: signals cannot be caught here
+            self._restore()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._restore()
+
+    def requested(self) -> bool:
+        if not self.info.distributed:
+            return self.flag
+        flag = torch.tensor([float(self.flag)], device=self.info.device)
+        return D.all_reduce_sum(flag, self.info).item() > 0
 
 
 def describe(sources: Sequence[str], limit: int = 6) -> str:

@@ -4,7 +4,7 @@ When the B rows of ``weights [B,H]`` hold only U < H distinct vectors, the launc
 ``(heads [H,V,d], weights)`` by ``(merged [U,V,d], one_hot [B,U])`` with ``merged[u] = Σ_i r_ui·W_i``
 (``r_u`` the u-th distinct row), so a step reads U heads instead of H.
 
-When merging is exact (see ``shared/research/anchors_kernels.md``, "When pre-merging is valid"):
+When merging is exact (see ``docs/design.md``, "When pre-merging heads is exact"):
 the mixture is linear in logits and every head reads the same hidden state, so
 ``Σ_i w_i (W_i h) = (Σ_i w_i W_i) h`` and the one-hot row weights (1·z_u + 0·z_other) add nothing.
 Numerically, ``merged`` is accumulated in fp32 and rounded once to the heads' dtype: with fp32

@@ -5,11 +5,16 @@ allocated or any token decoded.
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence, Union
 
 from triton_kernels.checks import MAX_TOP_K
+
+log = logging.getLogger("mahalo_engine.engine")
+
+DEFAULT_MAX_SEQ_LEN = 4096  # the default cap when the model allows more (the cache grows with it)
 
 # A stop condition of a search: a string that ends the request once the generated text contains it,
 # or a predicate on the generated text (e.g. `boxed_closed`).
@@ -80,6 +85,21 @@ def check_sampling(temperature: float, top_k: int, seed: int) -> None:
                          f"sampler keeps at most {MAX_TOP_K} candidates per row), got {top_k!r}")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be an int >= 0, got {seed!r}")
+
+
+def resolve_max_seq_len(max_seq_len: int | None, max_position_embeddings: int) -> int:
+    """The engine's sequence cap: None is the model's ``max_position_embeddings``, at most
+    ``DEFAULT_MAX_SEQ_LEN``. A cap above the model's positions is allowed (RoPE extrapolates) but
+    logged once, since quality past the trained length is not what the model was trained for."""
+    if max_seq_len is None:
+        return min(DEFAULT_MAX_SEQ_LEN, max_position_embeddings)
+    if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 2:
+        raise ValueError(f"max_seq_len must be an int >= 2, got {max_seq_len!r}")
+    if max_seq_len > max_position_embeddings:
+        log.warning("max_seq_len %d exceeds the model's max_position_embeddings %d: positions past "
+                    "%d were never trained; outputs there may degrade", max_seq_len,
+                    max_position_embeddings, max_position_embeddings)
+    return max_seq_len
 
 
 def _positive_int(name: str, value: object) -> None:

@@ -23,7 +23,7 @@ from mahalo_engine.cache import KVCache, available_bytes
 from mahalo_engine.engine.boundary import (Boundary, CompiledBoundary, end_of_turn_id,
                                            vocab_texts)
 from mahalo_engine.engine.config import (Generation, SearchConfig, SearchResult, Step,
-                                         check_sampling)
+                                         check_sampling, resolve_max_seq_len)
 from mahalo_engine.engine.graph_runner import (BOUNDARY, EOS, FULL, LENGTH, DecodeRunner)
 from mahalo_engine.engine.sampler import Sampler
 from mahalo_engine.engine.scorers import Candidates, Prompt, Scorer, as_scorer
@@ -49,15 +49,17 @@ class Engine:
     `load_prm` model, a `Scorer`, ``[(scorer, weight), ...]`` or a callable on texts).
 
     ``max_batch`` requests run at once (each with K candidate slots in `search`); sequences are
-    capped at ``max_seq_len`` tokens (prompt + generated). Caches are allocated on first use,
-    after checking that they fit. ``cuda_graphs`` captures the decode step on CUDA.
+    capped at ``max_seq_len`` tokens (prompt + generated; default: the model's
+    ``max_position_embeddings``, at most 4096; a larger value is logged once). Caches are
+    allocated on first use, after checking that they fit. ``cuda_graphs`` captures the decode
+    step on CUDA.
     """
 
     def __init__(self, policy: Any, *, prm: Any = None, max_batch: int = 8,
-                 max_seq_len: int = 4096, cuda_graphs: bool = True) -> None:
-        for name, value, low in (("max_batch", max_batch, 1), ("max_seq_len", max_seq_len, 2)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+                 max_seq_len: int | None = None, cuda_graphs: bool = True) -> None:
+        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+            raise ValueError(f"max_batch must be an int >= 1, got {max_batch!r}")
+        max_seq_len = resolve_max_seq_len(max_seq_len, policy.config.max_position_embeddings)
         self.policy = policy
         self.tokenizer = policy.tokenizer
         self._scorers: dict[int, tuple[Any, Scorer]] = {}  # one PRM wrapper (cache) per PRM
@@ -87,6 +89,8 @@ class Engine:
                 or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
         stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
+        if any(not (isinstance(x, str) and x) for x in stops):
+            raise ValueError(f"stop strings must be non-empty strings, got {list(stops)!r}")
         boundary = self._compile(Boundary(strings=stops))
         reqs = self._prompts(prompts, chat)
         weights = self.policy.weight_matrix(head_weights, len(reqs)).cpu()
@@ -401,7 +405,7 @@ def _select(scores: torch.Tensor, tau: float, gen: torch.Generator) -> list[int]
 
 def _eos_ids(policy: Any) -> list[int]:
     ids = set()
-    for src in (policy.config.eos_token_id, getattr(policy.tokenizer, "eos_token_id", None)):
+    for src in (policy.config.eos_token_ids, getattr(policy.tokenizer, "eos_token_id", None)):
         if isinstance(src, int):
             ids.add(src)
         elif isinstance(src, (list, tuple)):

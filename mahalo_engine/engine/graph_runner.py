@@ -14,12 +14,14 @@ the flags, no extra sync), the next ``check_every`` steps stay below L + check_e
 a power-of-two bucket (`kv_bucket`). So a step costs what the live lengths need, not max_seq_len.
 
 On CUDA the step is captured once per (slot-count bucket, kv_len bucket, top_k (1 when greedy),
-boundary, shared-weights plan) in a `torch.cuda.CUDAGraph` and replayed; the random offset and the
+boundary, shared-weights plan and, with a plan, the heads' storage and version) in a
+`torch.cuda.CUDAGraph` and replayed; the random offset and the
 temperatures live on the device, so replays draw fresh numbers at the current temperatures. On
 CPU, or with ``cuda_graphs=False``, the same step runs eagerly.
 """
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 from functools import partial
 from typing import Callable
@@ -77,6 +79,7 @@ class DecodeRunner:
         self.use_graphs = cuda_graphs and dev.type == "cuda"
         self._graphs: OrderedDict[tuple, tuple] = OrderedDict()
         self._pool = None
+        self.capture_seconds: list[float] = []  # wall time of each graph capture (warm-up included)
 
     # -- setup of a call / a step -----------------------------------------------------------
 
@@ -214,6 +217,14 @@ class DecodeRunner:
     def _graph_step(self, n: int, kv_len: int) -> Callable[[], None]:
         heads, weights, plan = self.sampler.graph_operands(n)
         key = (n, kv_len, self.sampler.top_k, id(self.boundary), plan)
+        if plan is not None:
+            # A merged-heads graph holds the merged tensor it was captured with; the general path
+            # reads the heads in place. So an in-place update of the heads (a trainer's new
+            # weights) must miss the merged graph: key it on the heads' storage and version.
+            # Inference tensors have no version counter; their in-place updates go unseen here,
+            # as in the launcher's merge cache (call merge_cache.clear() and drop the engine).
+            h = self.sampler.heads
+            key += (h.data_ptr(), None if h.is_inference() else h._version)
         entry = self._graphs.get(key)
         if entry is None:
             entry = self._capture(n, kv_len, heads, weights)
@@ -229,6 +240,7 @@ class DecodeRunner:
         capture run with every slot paused (no slot advances, writes land past each slot's valid
         length) and the random offset is restored afterwards, so capturing does not change what a
         call returns."""
+        started = time.perf_counter()
         active, offset = self.active.clone(), self.sampler.offset.clone()
         self.active.zero_()
         side = torch.cuda.Stream(device=self.slots.device)
@@ -244,5 +256,7 @@ class DecodeRunner:
             self._step(n, kv_len, heads, weights)
         self.active.copy_(active)
         self.sampler.offset.copy_(offset)
+        torch.cuda.synchronize(self.slots.device)
+        self.capture_seconds.append(time.perf_counter() - started)
         # The graph reads these tensors on replay: keep them alive with it.
         return graph, heads, weights, self.boundary

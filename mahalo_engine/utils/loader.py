@@ -15,11 +15,11 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from mahalo_engine.config import ModelConfig
 from mahalo_engine.models.decoder import Decoder
+from mahalo_engine.utils.safetensors_io import open_safetensors
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -42,7 +42,7 @@ def checkpoint_files(path: str | Path) -> dict[str, Path]:
         return files
     single = root / SINGLE_FILE
     if single.is_file():
-        with safe_open(str(single), framework="pt") as f:
+        with open_safetensors(single) as f:
             return {name: single for name in f.keys()}
     raise FileNotFoundError(f"no {SINGLE_FILE} or {INDEX_FILE} in {root}")
 
@@ -54,7 +54,7 @@ def _disk_shapes(files: dict[str, Path]) -> tuple[dict[str, tuple[int, ...]], di
     for name, f in files.items():
         by_file.setdefault(f, []).append(name)
     for f, names in by_file.items():
-        with safe_open(str(f), framework="pt") as h:
+        with open_safetensors(f) as h:
             present = set(h.keys())
             unlisted = sorted(n for n in present - set(names) if not _IGNORED.search(n))
             if unlisted:  # a sharded checkpoint's tensor that the index forgot
@@ -130,7 +130,7 @@ def load_decoder(path: str | Path, *, dtype: torch.dtype | None = None,
     tied_head_on_disk = None
     with torch.no_grad():
         for f, names in by_file.items():
-            with safe_open(str(f), framework="pt", device=str(device)) as h:
+            with open_safetensors(f, device) as h:
                 for name in names:
                     if name in optional:
                         tied_head_on_disk = h.get_tensor(name).to(dtype)

@@ -1,0 +1,126 @@
+"""Facts a GPU run must record before anything else: `python -m bench.device_report env|extension`.
+
+``env``: the interpreter, torch/triton/transformers versions, ``nvcc --version``, ``CUDA_HOME``,
+the device's name, capability and memory, and which SDPA backends run the engine's decode
+attention (a bf16 query over a strided K/V view of the slot cache, with a boolean mask).
+``extension``: which build of ``mahalo_engine._C`` loaded, that its CUDA kernel is registered,
+and the GPU architectures inside the shared object (``cuobjdump --list-elf``); exits 1 if the
+CUDA kernel is missing, so a device run stops after a bad build instead of failing every test.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+
+
+def _run(cmd: list[str]) -> str:
+    if shutil.which(cmd[0]) is None:
+        return f"{cmd[0]}: not found on PATH"
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    return (proc.stdout + proc.stderr).strip()
+
+
+def _sdpa_backends() -> list[str]:
+    """One line per SDPA backend: does it run the engine's decode-attention call, and how fast."""
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    dev = torch.device("cuda")
+    # Slot-cache shape of the Qwen2.5-0.5B layer: 8 slots, 2 KV heads (GQA 7), 4097 positions,
+    # read over a prefix of 1024 (a strided view, as the decode step does).
+    cache = torch.randn(8, 2, 4097, 64, device=dev, dtype=torch.bfloat16)
+    k = cache[:, :, :1024].repeat_interleave(7, dim=1)
+    v = k.clone()
+    q = torch.randn(8, 14, 1, 64, device=dev, dtype=torch.bfloat16)
+    mask = torch.ones(8, 1, 1, 1024, dtype=torch.bool, device=dev)
+    lines = []
+    for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                    SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH):
+        for masked in (False, True):
+            try:
+                with sdpa_kernel([backend]):
+                    F.scaled_dot_product_attention(q, k, v, attn_mask=mask if masked else None)
+                    torch.cuda.synchronize()
+                    start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+                    start.record()
+                    for _ in range(20):
+                        F.scaled_dot_product_attention(q, k, v, attn_mask=mask if masked else None)
+                    end.record()
+                    end.synchronize()
+                result = f"runs, {start.elapsed_time(end) / 20 * 1e3:.1f} us/call"
+            except RuntimeError as e:
+                result = f"not usable ({str(e).splitlines()[0][:120]})"
+            lines.append(f"sdpa {backend.name:<20} mask={masked!s:<5} {result}")
+    return lines
+
+
+def env() -> int:
+    import torch
+
+    print("python", sys.executable, sys.version.split()[0])
+    print("torch", torch.__version__, "cuda", torch.version.cuda, "cudnn",
+          torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None)
+    for name in ("triton", "transformers", "safetensors", "tokenizers"):
+        try:
+            print(name, __import__(name).__version__)
+        except ImportError:
+            print(name, "not installed")
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    print("CUDA_HOME", CUDA_HOME, "| env CUDA_HOME", os.environ.get("CUDA_HOME"))
+    print(_run(["nvcc", "--version"]).splitlines()[-1:])
+    print(_run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version,clocks.max.sm",
+                "--format=csv,noheader"]))
+    if not torch.cuda.is_available():
+        print("torch sees no CUDA device")
+        return 1
+    p = torch.cuda.get_device_properties(0)
+    print(f"device {p.name} capability {p.major}.{p.minor} SMs {p.multi_processor_count} "
+          f"memory {p.total_memory / 2**30:.1f} GiB")
+    print("sdpa enabled: flash", torch.backends.cuda.flash_sdp_enabled(), "mem_efficient",
+          torch.backends.cuda.mem_efficient_sdp_enabled(), "cudnn",
+          torch.backends.cuda.cudnn_sdp_enabled(), "math", torch.backends.cuda.math_sdp_enabled())
+    for line in _sdpa_backends():
+        print(line)
+    return 0
+
+
+def extension() -> int:
+    import torch
+
+    from mahalo_engine import ops
+
+    so = getattr(sys.modules.get("mahalo_engine._C"), "__file__", None)
+    print("extension loaded from", ops.LOADED_FROM, so or "(JIT build)")
+    cuda = ops._has_cuda_kernel()
+    print("CUDA kernel for mahalo::kv_copy_ranges registered:", cuda)
+    if so:
+        print(_run(["cuobjdump", "--list-elf", so]) or "cuobjdump: no ELF (no device code)")
+    if torch.cuda.is_available():
+        # One real copy on the device, so a kernel that loads but faults is caught here.
+        cache = torch.arange(2 * 2 * 3 * 1 * 8 * 4, dtype=torch.float32, device="cuda")
+        cache = cache.view(2, 2, 3, 1, 8, 4)
+        want = cache.clone()
+        want[:, :, 2, :, 1:5] = want[:, :, 0, :, 1:5]
+        idx = lambda *v: torch.tensor(v, dtype=torch.int32, device="cuda")
+        ops.kv_copy_ranges(cache, idx(0), idx(2), idx(1), idx(5))
+        ok = torch.equal(cache, want)
+        print("kv_copy_ranges on the device equals the expected copy:", ok)
+        cuda = cuda and ok
+    return 0 if cuda else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.device_report", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("what", choices=["env", "extension"])
+    args = p.parse_args(argv)
+    return env() if args.what == "env" else extension()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

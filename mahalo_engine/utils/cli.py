@@ -1,0 +1,117 @@
+"""What every command line of the project shares: user errors as one line, ``--debug``, help text
+that shows defaults, and the ``--device`` check.
+
+``run_cli(main, argv)`` runs a CLI's ``main``: a user error (``ValueError`` and its subclasses such
+as ``DataError``, ``TypeError``, ``OSError`` such as a missing file, a corrupt checkpoint reported
+as ``ValueError``, a non-finite loss) becomes ``error: <message>`` on stderr and exit code 2; an
+interrupt (Ctrl-C / SIGTERM) becomes exit code 130 with its message. ``--debug`` on the command
+line or ``MAHALO_DEBUG=1`` re-raises instead, so the traceback shows. Anything else (a bug) always
+shows its traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from typing import Callable, Sequence
+
+import torch
+
+# Exceptions that describe bad input, not a bug in the program.
+USER_ERRORS = (ValueError, TypeError, OSError, FloatingPointError)
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+class Interrupted(Exception):
+    """A run stopped on purpose by SIGINT/SIGTERM; the message says what was kept."""
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """argparse's formatter plus ``(default: X)`` on every option whose help does not already
+    name its default (flags, ``None`` defaults and suppressed ones are left alone)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        d = action.default
+        if ("default" in text or not action.option_strings or d is None or d is True
+                or d is False or d is argparse.SUPPRESS or d == []):
+            return text
+        return f"{text} (default: %(default)s)" if text else "default: %(default)s"
+
+
+def add_debug_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of an error (or set MAHALO_DEBUG=1)")
+
+
+def debug_enabled(argv: Sequence[str] | None) -> bool:
+    args = sys.argv[1:] if argv is None else argv
+    return "--debug" in args or os.environ.get("MAHALO_DEBUG", "") not in ("", "0")
+
+
+def one_line(exc: BaseException) -> str:
+    """The exception's message on one line (a missing file's OSError keeps its path)."""
+    text = str(exc) or type(exc).__name__
+    return " ".join(text.split())
+
+
+def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:
+    """``main(argv)`` with the shared error policy (module docstring); returns the exit code."""
+    debug = debug_enabled(argv)
+    previous = _sigterm_as_interrupt()
+    try:
+        return int(main(argv) or 0)
+    except Interrupted as e:
+        print(one_line(e), file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except USER_ERRORS as e:
+        if debug:
+            raise
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return EXIT_USAGE
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _sigterm_as_interrupt():
+    """SIGTERM raises KeyboardInterrupt like Ctrl-C does (trainers install their own handler for
+    a graceful stop). Returns the previous handler, or None off the main thread."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (e.g. called from a test runner thread)
+        return None
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """``--device`` as a torch device: None is cuda when available, else cpu. ``cuda`` on a torch
+    without CUDA, or with no visible device, is a ValueError saying which."""
+    if name is None or name == "":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r}: expected cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name!r}: expected cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        if torch.version.cuda is None:
+            raise ValueError(f"--device {name}: this torch ({torch.__version__}) was built without "
+                             f"CUDA; use --device cpu or install a CUDA build of torch")
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: torch sees no CUDA device (check the driver and "
+                             f"CUDA_VISIBLE_DEVICES); use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) "
+                             f"visible")
+    return device
