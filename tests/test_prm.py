@@ -245,7 +245,7 @@ def test_multi_objective_value_head_roundtrip_and_weighting(tmp_path):
         load_prm(out)
 
 
-def test_multi_objective_prm_training_fits_each_objective(tmp_path):
+def test_multi_objective_prm_training_fits_each_objective(tmp_path, capsys):
     rows = []
     for i in range(24):  # objective 0 follows the step count, objective 1 a word in the step
         steps = [f"step {j} {'good' if (i + j) % 2 else 'bad'}" for j in range(1 + i % 3)]
@@ -274,12 +274,12 @@ def test_multi_objective_prm_training_fits_each_objective(tmp_path):
         assert err < 0.5 * tot, name
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "p", "completions": ["a"], "labels": [0.5]}) + "\n")
-    with pytest.raises(ValueError, match="list of 2 floats"):
-        prm_train.main(["--model", str(tiny_checkpoint("qwen2")), "--data", str(bad), "--loss", "mse",
-                        "--objectives", "acc,style", "--out", str(tmp_path / "o2"), "--max-steps", "1"])
-    with pytest.raises(ValueError, match="needs --loss mse"):
-        prm_train.main(["--model", str(tiny_checkpoint("qwen2")), "--data", str(bad), "--loss", "bce",
-                        "--objectives", "acc,style", "--out", str(tmp_path / "o3"), "--max-steps", "1"])
+    # User errors end the CLI with a one-line message and a non-zero status.
+    for loss, match, out_dir in (("mse", "list of 2 floats", "o2"), ("bce", "needs --loss mse", "o3")):
+        rc = prm_train.main(["--model", str(tiny_checkpoint("qwen2")), "--data", str(bad), "--loss", loss,
+                             "--objectives", "acc,style", "--out", str(tmp_path / out_dir),
+                             "--max-steps", "1"])
+        assert rc != 0 and match in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("reduction", ["examples", "steps"])
