@@ -23,6 +23,9 @@ class BenchContext:
     model_dir: Path | None = None  # the tiny default checkpoint, or --model
     large: bool = False  # on CPU too, the rows at real model shapes (always on CUDA)
     notes: list[str] = field(default_factory=list)  # printed under the section's table
+    out: Path | None = None  # the run's JSON path: sections name their extra files after it
+    no_cache: bool = False  # retrain cached artefacts (quality section)
+    all_sections: bool = False  # run as part of the default section list (no --sections)
 
     @property
     def is_cuda(self) -> bool:
