@@ -33,6 +33,8 @@ SECTIONS = {
     "kv": "KV-cache promote cost vs prefix length: ours vs deepcopy vs whole-slot copies",
     "train": "MAH-DPO step time/memory: ours vs the reference structure",
     "search": "PRM-guided step search: ours vs re-encode vs the paper's loop",
+    "quality": "the paper's results in miniature: SFT, DPO/MAH-DPO, MC-value PRM, guided search "
+               "on generated arithmetic problems (acc vs style)",
     "attention": "K-candidate decode attention vs prefix length: cascade (shared prefix) vs SDPA "
                  "on the forked layout, with the bandwidth floor",
 }
@@ -47,11 +49,15 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu or cuda (default: cuda when available)")
     p.add_argument("--quick", action="store_true", help="small sizes and few repeats (CPU: < 2 minutes)")
-    p.add_argument("--sections", default=",".join(SECTIONS),
-                   help=f"comma-separated subset of: {','.join(SECTIONS)}")
+    p.add_argument("--sections", default=None,
+                   help=f"comma-separated subset of: {','.join(SECTIONS)} (default: all; quality "
+                   "then runs its quick form, its full 3-seed form when named here without --quick)")
     p.add_argument("--model", type=Path, default=None,
                    help="Hugging Face model directory for the model-level sections "
                    "(default: the built-in tiny Qwen2-shaped checkpoint, built locally)")
+    p.add_argument("--large", action="store_true",
+                   help="on CPU, also run the rows at real model shapes (decode: Qwen2.5-0.5B-shaped "
+                   "engine steps; about 9 more minutes on 2 cores); always on with --device cuda")
     p.add_argument("--keep-going", action="store_true",
                    help="after a section fails, record its error in the JSON and run the next "
                    "ones (exit status 1 at the end); default: stop at the first failure")
@@ -59,7 +65,10 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="keep the sections already in --out (a run split over several calls)")
     p.add_argument("--out", type=Path, default=None,
                    help="JSON output path (default: bench/results/local/bench-<device>-<date>.json, "
-                   "ignored by git)")
+                   "ignored by git); the quality section writes its markdown, PNG and generations "
+                   "beside it")
+    p.add_argument("--no-cache", action="store_true",
+                   help="quality section: retrain its cached artefacts instead of reusing them")
     add_debug_flag(p)
     return p.parse_args(argv)
 
@@ -71,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str] | None) -> int:
     args = _parse_args(argv)
     device = resolve_device(args.device)
-    names = [s.strip() for s in args.sections.split(",") if s.strip()]
+    names = [s.strip() for s in (args.sections or ",".join(SECTIONS)).split(",") if s.strip()]
     unknown = [s for s in names if s not in SECTIONS]
     if unknown:
         raise ValueError(f"unknown section(s) {unknown}; choose from {list(SECTIONS)}")
@@ -92,7 +101,8 @@ def _main(argv: list[str] | None) -> int:
         from mahalo_engine.tiny import tiny_checkpoint
 
         model_dir = tiny_checkpoint("qwen2")
-    ctx = BenchContext(device=device, quick=args.quick, model_dir=Path(model_dir))
+    ctx = BenchContext(device=device, quick=args.quick, model_dir=Path(model_dir), large=args.large,
+                       no_cache=args.no_cache, all_sections=args.sections is None)
     stamp = _dt.datetime.now(_dt.timezone.utc)
     report = {
         "device": ctx.device_name,
@@ -107,6 +117,7 @@ def _main(argv: list[str] | None) -> int:
     if out is None:
         tag = "cuda-" + ctx.device_name.replace(" ", "_") if ctx.is_cuda else "cpu"
         out = LOCAL_RESULTS / f"bench-{tag}-{stamp:%Y%m%d-%H%M%S}.json"
+    ctx.out = out
     if args.append:
         if args.out is None:
             raise ValueError("--append needs --out FILE.json (the file to add sections to)")

@@ -21,7 +21,11 @@ class BenchContext:
     device: torch.device
     quick: bool
     model_dir: Path | None = None  # the tiny default checkpoint, or --model
+    large: bool = False  # on CPU too, the rows at real model shapes (always on CUDA)
     notes: list[str] = field(default_factory=list)  # printed under the section's table
+    out: Path | None = None  # the run's JSON path: sections name their extra files after it
+    no_cache: bool = False  # retrain cached artefacts (quality section)
+    all_sections: bool = False  # run as part of the default section list (no --sections)
 
     @property
     def is_cuda(self) -> bool:
@@ -46,7 +50,11 @@ def synchronize(device: torch.device) -> None:
 
 def timeit(fn: Callable[[], object], device: torch.device, *, warmup: int = 3, iters: int = 10,
            min_time_s: float = 0.0) -> float:
-    """Median wall time of ``fn()`` in seconds (CUDA events on GPU, perf_counter on CPU)."""
+    """Median wall time of ``fn()`` in seconds (CUDA events on GPU, perf_counter on CPU).
+
+    On a GPU the events bracket the host work of ``fn`` too (checks, plans, allocations before its
+    first launch show as idle device time): time kernels with ``time_graph``, and the launcher's
+    host cost with ``host_time``."""
     for _ in range(warmup):
         fn()
     synchronize(device)
@@ -67,6 +75,55 @@ def timeit(fn: Callable[[], object], device: torch.device, *, warmup: int = 3, i
             times.append(time.perf_counter() - t0)
         if len(times) >= 10 * max(iters, 1):
             break
+    return statistics.median(times)
+
+
+def time_graph(fn: Callable[[], object], device: torch.device, *, iters: int = 10,
+               replays: int = 10) -> float:
+    """Median GPU seconds per call of ``fn`` as the engine runs it: captured once in a CUDA graph
+    (after two warm-up calls on a side stream) and replayed ``replays`` times back to back per
+    sample, so no host work (argument checks, plans, allocations) sits between the events."""
+    if device.type != "cuda":
+        raise ValueError(f"time_graph needs a CUDA device, got {device}")
+    side = torch.cuda.Stream(device=device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    synchronize(device)
+    times = []
+    for _ in range(iters):
+        a = torch.cuda.Event(enable_timing=True)
+        b = torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(replays):
+            graph.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3 / replays)
+    del graph
+    return statistics.median(times)
+
+
+def host_time(fn: Callable[[], object], device: torch.device, *, warmup: int = 3,
+              iters: int = 30) -> float:
+    """Median host seconds one call of ``fn`` takes to return: its launcher's own CPU cost (checks,
+    plans, allocations, launches), with the device work left to run asynchronously. On CPU every
+    op runs inline, so this is the whole call there."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    synchronize(device)
     return statistics.median(times)
 
 

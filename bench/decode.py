@@ -8,14 +8,22 @@ reports the time per step. Implementations:
 - ours, eager (``Decoder.decode`` over a ``KVCache``);
 - ours replayed from a CUDA graph (GPU only): possible because decode has no host sync.
 
+A third group compares whole engine steps (``ENGINE_B`` rows, ``ENGINE_PROMPT``-token prompts):
+transformers' step with its greedy argmax, or with ``generate``'s sampling (temperature, its
+default top-k 50, softmax, multinomial), against our decode + the engine's `Sampler` over an
+``ENGINE_H``-head policy, greedy and sampling at the same settings: with one weight vector for
+every row (the merged-heads path: one head read, like transformers' one LM head) and with a
+distinct vector per row (the general path: H heads read).
+
 A second group of rows isolates how our decode reads the cache, on a cache of ``READ_MAX_LEN``
 positions holding ``READ_LIVE`` live ones (the engine's usual case: max_seq_len 4096, short
 sequences): gathering every slot's whole max_len and attending over it with a mask, against
 viewing the contiguous slot range in place over the prefix ``[0, kv_len)`` the engine's runner
 would choose (`kv_bucket`). Same model, same tokens; the ratio is the point.
 
-Models: ``ctx.model_dir`` (the tiny default, or --model) and, on a GPU, a random-init model of
-Qwen2.5-0.5B's shape built from its config (nothing downloaded).
+Models: ``ctx.model_dir`` (the tiny default, or --model) and a random-init model of Qwen2.5-0.5B's
+shape built from its config (nothing downloaded): on a GPU always, on CPU with ``--large``
+(there only the engine-step rows run on it, at B = ``ENGINE_B``).
 """
 from __future__ import annotations
 
@@ -30,10 +38,14 @@ from bench.common import BenchContext, timeit
 from mahalo_engine.cache import KVCache
 from mahalo_engine.config import ModelConfig
 from mahalo_engine.engine.graph_runner import kv_bucket
+from mahalo_engine.engine.sampler import Sampler
 from mahalo_engine.models.decoder import Decoder
 from mahalo_engine.utils.loader import load_decoder
 
 BATCHES = (1, 8)
+ENGINE_B, ENGINE_PROMPT, ENGINE_H = 8, 64, 3  # the engine-step rows
+ENGINE_T, ENGINE_TOP_K = 0.8, 50  # sampling rows: transformers' default top-k
+SHAPED = "qwen2.5-0.5B-shaped (random init)"
 READ_MAX_LEN, READ_LIVE = 4096, 256  # cache positions vs live ones, for the cache-read rows
 QWEN25_05B = dict(  # Qwen2.5-0.5B's published shape
     model_type="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864,
@@ -58,7 +70,7 @@ def _models(ctx: BenchContext, dtype: torch.dtype):
     hf = AutoModelForCausalLM.from_pretrained(ctx.model_dir, dtype=dtype, attn_implementation="sdpa")
     ours = load_decoder(ctx.model_dir, dtype=dtype, device=ctx.device)
     yield model_label(ctx.model_dir), hf.to(ctx.device).eval(), ours
-    if ctx.is_cuda:
+    if ctx.is_cuda or ctx.large:
         cfg = AutoConfig.for_model(**QWEN25_05B)
         cfg._attn_implementation = "sdpa"
         torch.manual_seed(0)
@@ -66,7 +78,7 @@ def _models(ctx: BenchContext, dtype: torch.dtype):
             hf = AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
             ours = Decoder(ModelConfig.from_dict(cfg.to_dict())).to(dtype)
         ours.load_state_dict(hf.state_dict())
-        yield "qwen2.5-0.5B-shaped (random init)", hf, ours.eval()
+        yield SHAPED, hf, ours.eval()
 
 
 def _hf_cache_kw(model) -> str:
@@ -168,6 +180,11 @@ def run(ctx: BenchContext) -> list[dict]:
     rows: list[dict] = []
     for label, hf, ours in _models(ctx, dtype):
         vocab = ours.config.vocab_size
+        big_on_cpu = label == SHAPED and not ctx.is_cuda  # ~0.3 s a step: few steps, few calls
+        rows += _engine_rows(ctx, label, hf, ours, 8 if big_on_cpu else steps,
+                             3 if big_on_cpu else iters)
+        if big_on_cpu:
+            continue  # CPU: the 0.5B shape runs the engine-step rows only
         for b in BATCHES:
             g = torch.Generator().manual_seed(b)
             prompt = torch.randint(0, vocab, (b, prompt_len + 1), generator=g).to(ctx.device)
@@ -202,6 +219,11 @@ def run(ctx: BenchContext) -> list[dict]:
              f"{READ_LIVE - steps}-token prompts; the bounded read attends over "
              f"[0, {kv_bucket(READ_LIVE, READ_MAX_LEN)}). 'speedup' and 'rel Δlogits' there are "
              "against the full gathered read (eager vs eager, graph vs graph).")
+    ctx.note(f"Engine-step rows: B = {ENGINE_B}, {ENGINE_PROMPT}-token prompts, {steps} steps "
+             "(8 for the 0.5B shape on CPU); "
+             f"ours samples from an H = {ENGINE_H} policy (head 0 = the model's LM head); "
+             f"sampling at T = {ENGINE_T}, top-k {ENGINE_TOP_K} on both sides. 'vs HF' = "
+             "transformers' time / ours for the same mode (> 1: ours faster).")
     if not ctx.is_cuda:
         ctx.note("CPU: absolute times mean little (tiny model, 2 cores, Python dispatch dominates); "
                  "read the ratios. GPU numbers come from `--device cuda` (recorded runs: "
@@ -234,4 +256,82 @@ def _read_rows(ctx: BenchContext, label: str, model: Decoder, b: int, steps: int
                     ((logits - base_logits).abs().max() / base_logits.abs().max()).item(),
             })
             del fn
+    return rows
+
+
+def _hf_sample(logits: torch.Tensor) -> torch.Tensor:
+    """transformers' ``generate`` sampling: temperature, then its top-k warper (drop scores below
+    the k-th largest), softmax, one multinomial draw per row."""
+    scores = logits / ENGINE_T
+    kth = torch.topk(scores, ENGINE_TOP_K)[0][..., -1, None]
+    scores = scores.masked_fill(scores < kth, float("-inf"))
+    return torch.multinomial(torch.softmax(scores, dim=-1), 1).squeeze(1)
+
+
+def _engine_rows(ctx: BenchContext, label: str, hf, model: Decoder, steps: int,
+                 iters: int) -> list[dict]:
+    """Whole decode steps: transformers (greedy / sampling) vs our decode + the engine's Sampler
+    over an H-head policy, shared weights (merged heads) and distinct weights (general path)."""
+    b, vocab, d = ENGINE_B, model.config.vocab_size, model.config.hidden_size
+    g = torch.Generator().manual_seed(7)
+    tokens = torch.randint(0, vocab, (b, ENGINE_PROMPT + 1), generator=g).to(ctx.device)
+    prompt, first = tokens[:, :-1].contiguous(), tokens[:, -1]
+    lm = model.lm_head.weight.detach()
+    noise = torch.randn(ENGINE_H - 1, vocab, d, generator=g).to(ctx.device, lm.dtype)
+    heads = torch.cat((lm[None], lm[None] + 0.1 * lm.std() * noise))
+    del noise
+    shared = torch.full((b, ENGINE_H), 1.0 / ENGINE_H)
+    distinct = torch.softmax(torch.randn(b, ENGINE_H, generator=g), dim=-1)
+
+    def hf_step(kind: str):
+        pick = (lambda z: z.argmax(-1)) if kind == "greedy" else _hf_sample
+        cache_kw = _hf_cache_kw(hf)
+        from transformers import DynamicCache
+
+        with torch.no_grad():
+            cache = DynamicCache(config=hf.config)
+            hf(input_ids=prompt, use_cache=True, **{cache_kw: cache})
+        copies = [copy.deepcopy(cache) for _ in range(iters + 1)]
+
+        @torch.no_grad()
+        def run():
+            c = copies.pop() if copies else copy.deepcopy(cache)
+            ids = first
+            for _ in range(steps):
+                ids = pick(hf(input_ids=ids[:, None], use_cache=True, **{cache_kw: c}).logits[:, -1])
+        return run
+
+    def our_step(kind: str, weights: torch.Tensor):
+        cache = KVCache.allocate(model.config, b, ENGINE_PROMPT + steps + 1, dtype=lm.dtype,
+                                 device=ctx.device)
+        model.prefill(cache, prompt.tolist(), torch.arange(b, device=ctx.device))
+        saved = cache.lens.clone()
+        sampler = Sampler(heads, b)
+        sampler.set_weights(weights)
+        sampler.configure(0.0 if kind == "greedy" else ENGINE_T, ENGINE_TOP_K, seed=0)
+        kv_len = kv_bucket(ENGINE_PROMPT + steps, cache.max_len)
+
+        @torch.no_grad()
+        def run():
+            cache.lens.copy_(saved)
+            ids = first
+            for _ in range(steps):
+                hidden = model.decode(cache, ids, slice(0, b), kv_len=kv_len)
+                ids, _ = sampler.sample(hidden)
+        return run
+
+    rows, base = [], {}
+    impls = [(f"transformers DynamicCache, {k}", k, lambda k=k: hf_step(k))
+             for k in ("greedy", "sampling")]
+    impls += [(f"mahalo engine step H={ENGINE_H}, {w_name} weights, {k}", k,
+               lambda k=k, w=w: our_step(k, w))
+              for w_name, w in (("shared", shared), ("distinct", distinct))
+              for k in ("greedy", "sampling")]
+    for name, kind, make in impls:
+        fn = make()
+        t = timeit(fn, ctx.device, warmup=1, iters=iters) / steps
+        base.setdefault(kind, t)
+        rows.append({"model": label, "B": b, "prompt": ENGINE_PROMPT, "impl": name,
+                     "ms/step": t * 1e3, "vs HF": base[kind] / t})
+        del fn
     return rows

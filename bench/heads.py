@@ -3,18 +3,25 @@
 Per (H, B, d), V = 151936, bf16 on GPU, side by side:
 
 - (a) ``eager``: the paper's path — H matmuls (bf16 logits each), weighted sum, softmax,
-  ``torch.multinomial``;
+  ``torch.multinomial`` (timed eagerly, as it runs);
 - (b) ``stacked``: one GEMM over the heads stacked along K (``[w_1 h, …, w_H h] @ W_cat.T``), then
   softmax + ``torch.multinomial``;
-- ``fused``: ``triton_kernels.multihead_sample`` with the shared-weights merge off, so every call
-  reads all H heads (with it on, B = 1 would be one merged head: U = 1 < H);
-- ``shared``: the same call with one weight vector for every row (U = 1: the merged-head fast
-  path, merged once before timing).
+- ``fused``: ``triton_kernels.multihead_sample`` (Gumbel sampling) with the shared-weights merge
+  off, so every call reads all H heads (the general path); ``fused top-k``: the same at top-k 50;
+- ``merged``: one weight vector for every row (U = 1: one merged head read, merged before timing).
 
-The floor is reading the heads once: ``H·2·d·V`` bytes at the measured device copy bandwidth.
-Targets (H100, not asserted): fused ≥ 85% of the floor for B ≤ 64, ≥ 1.5× faster than (a) at
-H = 3, shared within 5% of fused at H = 1. On CPU only (a) and (b) run, at small sizes: Triton's
-interpreter times mean nothing, and CPU times say little about a GPU.
+The fused columns are timed as the engine runs them: captured once in a CUDA graph and replayed
+(``bench.common.time_graph``), so no host work is counted as GPU time. The eager launcher's own
+host cost per call is a column of its own: ``launcher_host_us`` (``multihead_sample``: checks,
+plan, config, allocations, launches) and ``plan_host_us`` (a prepared ``SamplingPlan``: the
+engine's eager step; target ≤ 10 µs).
+
+Reported: % of the measured copy bandwidth reached (general path: H heads read; merged: U = 1),
+merged / H=1 (a merged head should cost one head), top-k / Gumbel (target ≤ 1.15), eager / fused
+per B. What is physical: at H = 3, B ≤ 8 eager is three cuBLAS GEMMs over the same bytes near
+full bandwidth, so fused can gain at most ~1.15× there; the real gains are fewer bytes (the
+merged path) and no ``[B,V]`` logits at large B. On CPU only (a), (b) and the launchers' host
+cost run, at small sizes: the Triton interpreter's times mean nothing.
 """
 from __future__ import annotations
 
@@ -22,11 +29,12 @@ import contextlib
 
 import torch
 
-from bench.common import (BenchContext, copy_bandwidth, peak_memory_bytes, reset_peak_memory,
-                          timeit)
-from triton_kernels import merge_cache, multihead_sample
+from bench.common import (BenchContext, copy_bandwidth, host_time, peak_memory_bytes,
+                          reset_peak_memory, time_graph, timeit)
+from triton_kernels import SamplingPlan, merge_cache, merge_shared_heads, multihead_sample
 
 TEMPERATURE = 0.8
+TOP_K = 50
 GPU_VOCAB = 151936  # Qwen2.5
 GPU_GRID = [(H, d, [1, 8, 64]) for d in (896, 1536) for H in (1, 2, 3, 5)]  # (H, d, batches)
 
@@ -69,12 +77,12 @@ def _extra_peak_mb(fn, device: torch.device) -> float | None:
 def measure(H: int, d: int, V: int, batches: list[int], dtype: torch.dtype,
             device: torch.device, *, fused: bool, iters: int, floor_bw: float) -> list[dict]:
     """Rows for one head set (built once on the device) at each batch size in ``batches``;
-    ``fused`` adds the Triton columns (GPU, or the interpreter when testing this module)."""
+    ``fused`` adds the Triton columns (GPU only: they are timed under CUDA-graph replay)."""
     g = torch.Generator(device=device).manual_seed(1000 * H + d)
     heads = torch.randn(H, V, d, generator=g, device=device, dtype=dtype).mul_(d**-0.5)
     stacked = heads.permute(1, 0, 2).reshape(V, H * d)  # W_cat for (b), built outside the timing
-    weight_bytes = H * V * d * heads.element_size()
-    floor_s = weight_bytes / floor_bw
+    head_bytes = V * d * heads.element_size()
+    floor_s = H * head_bytes / floor_bw
     rows = []
     for B in batches:
         hidden = torch.randn(B, d, generator=g, device=device, dtype=dtype)
@@ -84,23 +92,57 @@ def measure(H: int, d: int, V: int, batches: list[int], dtype: torch.dtype,
         row = {"H": H, "B": B, "d": d, "V": V, "floor_us": floor_s * 1e6, "eager_us": t_a * 1e6,
                "stacked_us": t_b * 1e6, "eager/stacked": t_a / t_b}
         if fused:
-            shared = weights[:1].expand(B, H).contiguous()
-
-            def fused_call(w=weights):
-                return multihead_sample(hidden, heads, w, temperature=TEMPERATURE, seed=1)
-
-            with _all_heads():
-                t_f = timeit(fused_call, device, iters=iters)
-                fused_peak = _extra_peak_mb(fused_call, device)
-            t_s = timeit(lambda: fused_call(shared), device, iters=iters)  # warm-up merges once
-            row.update({"fused_us": t_f * 1e6, "shared_us": t_s * 1e6,
-                        "fused_GB/s": weight_bytes / t_f / 1e9, "fused/floor": floor_s / t_f,
-                        "eager/fused": t_a / t_f, "stacked/fused": t_b / t_f,
-                        "eager_peak_MB": _extra_peak_mb(lambda: eager_sample(hidden, heads, weights),
-                                                        device),
-                        "fused_peak_MB": fused_peak})
+            row.update(_fused_columns(hidden, heads, weights, iters=iters, floor_bw=floor_bw,
+                                      head_bytes=head_bytes, t_eager=t_a, t_stacked=t_b))
         rows.append(row)
     return rows
+
+
+def _fused_columns(hidden: torch.Tensor, heads: torch.Tensor, weights: torch.Tensor, *,
+                   iters: int, floor_bw: float, head_bytes: int, t_eager: float,
+                   t_stacked: float) -> dict:
+    device, (B, H) = hidden.device, weights.shape
+    offset = torch.zeros(1, dtype=torch.int64, device=device)
+
+    def call(h=heads, w=weights, top_k=0):
+        return multihead_sample(hidden, h, w, temperature=TEMPERATURE, top_k=top_k, seed=1,
+                                offset=offset)
+
+    with _all_heads():  # the general path: every call reads all H heads
+        t_f = time_graph(call, device, iters=iters)
+        t_k = time_graph(lambda: call(top_k=TOP_K), device, iters=iters)
+        fused_peak = _extra_peak_mb(call, device)
+        host_launcher = host_time(call, device)
+        plan = SamplingPlan(heads, weights, temperature=TEMPERATURE, seed=1, offset=offset)
+        host_plan = host_time(lambda: plan(hidden), device)
+    merged, one_hot = merge_shared_heads(heads, weights[:1].expand(B, H).contiguous())
+    if merged.shape[0] != 1:
+        raise RuntimeError(f"the merge gave {merged.shape[0]} heads for one weight vector")
+    t_m = time_graph(lambda: call(merged, one_hot), device, iters=iters)
+    bw = lambda nbytes, t: 100 * nbytes / t / floor_bw
+    return {"fused_us": t_f * 1e6, "fused_topk_us": t_k * 1e6, "merged_us": t_m * 1e6,
+            "fused_%bw": bw(H * head_bytes, t_f), "merged_%bw": bw(head_bytes, t_m),
+            "topk/gumbel": t_k / t_f, "eager/fused": t_eager / t_f,
+            "stacked/fused": t_stacked / t_f,
+            "launcher_host_us": host_launcher * 1e6, "plan_host_us": host_plan * 1e6,
+            "eager_peak_MB": _extra_peak_mb(lambda: eager_sample(hidden, heads, weights), device),
+            "fused_peak_MB": fused_peak}
+
+
+def host_overhead_rows(device: torch.device, iters: int = 200) -> list[dict]:
+    """The launchers' host cost on a shape too small for compute to matter (B = 1, V = d = 16):
+    ``multihead_sample`` (validates and plans every call) vs a prepared ``SamplingPlan``."""
+    g = torch.Generator(device=device).manual_seed(0)
+    hidden = torch.randn(1, 16, generator=g, device=device)
+    heads = torch.randn(3, 16, 16, generator=g, device=device)
+    weights = torch.softmax(torch.randn(1, 3, generator=g, device=device), dim=-1)
+    offset = torch.zeros(1, dtype=torch.int64, device=device)
+    kw = dict(temperature=TEMPERATURE, seed=1, offset=offset)
+    plan = SamplingPlan(heads, weights, **kw)
+    t_l = host_time(lambda: multihead_sample(hidden, heads, weights, **kw), device, iters=iters)
+    t_p = host_time(lambda: plan(hidden), device, iters=iters)
+    return [{"H": 3, "B": 1, "d": 16, "V": 16, "launcher_host_us": t_l * 1e6,
+             "plan_host_us": t_p * 1e6}]
 
 
 def run(ctx: BenchContext) -> list[dict]:
@@ -113,18 +155,21 @@ def run(ctx: BenchContext) -> list[dict]:
         h1 = {(r["B"], r["d"]): r["fused_us"] for r in rows if r["H"] == 1}
         for r in rows:
             if (r["B"], r["d"]) in h1:
-                r["shared/H1"] = r["shared_us"] / h1[(r["B"], r["d"])]
-        ctx.note(f"floor = H·2·d·V bytes at the measured copy bandwidth {bw / 1e9:.0f} GB/s; "
-                 "fused/floor is the fraction of it reached (target ≥ 0.85 for B ≤ 64). "
-                 "shared: one weight vector for all rows → one merged head "
-                 "(target: shared/H1 ≤ 1.05).")
-        ctx.note("eager/stacked use torch.multinomial over a materialised softmax; fused writes "
-                 "only per-tile partials (peak columns: extra memory one call allocates).")
+                r["merged/H1"] = r["merged_us"] / h1[(r["B"], r["d"])]
+        ctx.note(f"Card: {ctx.device_name}. %bw = bytes of heads read per call / time, as a "
+                 f"percentage of the measured device copy bandwidth {bw / 1e9:.0f} GB/s (general "
+                 "path: H heads; merged: one). fused/merged/top-k columns: CUDA-graph replay; "
+                 "launcher_host_us / plan_host_us: host time of one eager call (target plan "
+                 "≤ 10 µs). Targets: merged/H1 ≤ 1.05, topk/gumbel ≤ 1.15.")
+        ctx.note("eager/stacked run eagerly (torch.multinomial over a materialised softmax); fused "
+                 "writes only per-tile partials (peak columns: extra memory one call allocates).")
         return rows
     V, d = (8192, 128) if ctx.quick else (32768, 256)
     rows = [row for H in (1, 3) for row in measure(H, d, V, [1, 8], torch.float32, ctx.device,
                                                    fused=False, iters=5, floor_bw=bw)]
-    ctx.note("CPU: torch paths (a) eager and (b) stacked only, fp32, small V. The fused Triton "
-             "kernels run here only in the interpreter, whose times mean nothing; CPU times say "
-             "little about a GPU. floor_us uses the CPU's measured copy bandwidth.")
+    rows += host_overhead_rows(ctx.device)
+    ctx.note(f"Card: {ctx.device_name}. CPU: torch paths (a) eager and (b) stacked only, fp32, "
+             "small V; the fused Triton kernels run here only in the interpreter, whose times mean "
+             "nothing. floor_us uses the CPU's measured copy bandwidth. Last row: host cost of one "
+             "call on a tiny shape (the CPU path: checks and plan every call vs a SamplingPlan).")
     return rows

@@ -191,6 +191,97 @@ def test_score_full_bf16_on_cuda_matches_cpu(tmp_path):
     torch.testing.assert_close(gpu.cpu(), cpu, rtol=0.05, atol=0.05)
 
 
+# -- multi-objective PRM (one backbone, one output per objective) --------------------------------
+
+
+def test_multi_objective_value_head_roundtrip_and_weighting(tmp_path):
+    from safetensors import safe_open
+    from transformers import AutoTokenizer
+
+    from mahalo_engine.prm import objective_weights
+
+    model_dir = tiny_checkpoint("qwen2")
+    decoder = load_decoder(model_dir, dtype=torch.float32)
+    torch.manual_seed(0)
+    head = ValueHead(decoder.config.hidden_size, "mlp", 16, objectives=["acc", "style"])
+    out = tmp_path / "multi"
+    save_prm(out, decoder, head, "value", AutoTokenizer.from_pretrained(model_dir))
+    with safe_open(str(out / "value_head.safetensors"), framework="pt") as f:
+        assert f.metadata()["objectives"] == "acc,style"
+    prm = load_prm(out)
+    assert prm.objectives == ["acc", "style"]
+    seqs = [[5, 17, 42, 9], [3, 3, 8]]
+    # Reference: the head's two outputs by hand in float64 from the backbone's hidden state.
+    per = []
+    for s in seqs:
+        with torch.no_grad():
+            h = decoder(torch.tensor([s]))[0, -1].double()
+        w0, b0, w2, b2 = (head[0].weight.double(), head[0].bias.double(), head[2].weight.double(),
+                          head[2].bias.double())
+        per.append((torch.relu(h @ w0.T + b0) @ w2.T + b2).tolist())
+    per = torch.tensor(per, dtype=torch.float64)  # [N, 2]
+    for spec, w in ((None, [0.5, 0.5]), ("acc", [1, 0]), ("style", [0, 1]),
+                    ({"acc": 0.3, "style": 0.7}, [0.3, 0.7]), ({"style": 2.0}, [0, 2]), ([1, -1], [1, -1])):
+        got = prm.score_full(seqs, objectives=spec)
+        assert got.tolist() == pytest.approx((per @ torch.tensor(w, dtype=torch.float64)).tolist(), abs=1e-5)
+    assert prm.raw_scores(torch.randn(3, decoder.config.hidden_size)).shape == (3, 2)
+    for bad, match in (("eng", "unknown PRM objective"), ({"eng": 1}, "unknown"), ([1.0], "2 objectives"),
+                       ({"acc": 0}, "all zero"), ([float("nan"), 1], "finite")):
+        with pytest.raises(ValueError, match=match):
+            prm.score_full(seqs, objectives=bad)
+    assert objective_weights(None, None) is None
+    with pytest.raises(ValueError, match="single-output"):
+        objective_weights(None, "acc")
+    with pytest.raises(ValueError, match="objectives"):
+        ValueHead(8, objectives=["a", "a"])
+
+    # The metadata fixes the output count: a head file claiming 3 objectives with 2 rows fails.
+    f = out / "value_head.safetensors"
+    tensors = load_file(str(f))
+    with safe_open(str(f), framework="pt") as h:
+        meta = h.metadata()
+    save_file(tensors, str(f), metadata={**meta, "objectives": "acc,style,help"})
+    with pytest.raises(ValueError, match="mis-shaped"):
+        load_prm(out)
+
+
+def test_multi_objective_prm_training_fits_each_objective(tmp_path, capsys):
+    rows = []
+    for i in range(24):  # objective 0 follows the step count, objective 1 a word in the step
+        steps = [f"step {j} {'good' if (i + j) % 2 else 'bad'}" for j in range(1 + i % 3)]
+        rows.append({"prompt": f"Problem {i}:", "completions": steps,
+                     "labels": [[0.3 * (j + 1), 1.0 if (i + j) % 2 else -1.0] for j in range(len(steps))]})
+    data = tmp_path / "multi.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    assert prm_train.main(["--model", str(tiny_checkpoint("qwen2")), "--data", str(data), "--loss", "mse",
+                           "--objectives", "acc,style", "--out", str(out), "--max-steps", "40",
+                           "--batch-size", "12", "--lr", "3e-3"]) == 0
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert log[-1]["mse"] < 0.5 * log[0]["mse"]
+    prm = load_prm(out)
+    assert prm.objectives == ["acc", "style"]
+    from training.data import read_steps, tokenize_steps
+
+    items, _ = tokenize_steps(prm.tokenizer, read_steps(data, num_objectives=2), max_length=2048,
+                              max_prompt_length=1024, chat_template=False, step_separator="\n\n")
+    for k, name in enumerate(("acc", "style")):  # each output fits its own column better than 0
+        err = tot = 0.0
+        for it in items:
+            for pos, label in zip(it.positions, it.labels):
+                err += (prm.score_full([it.ids[:pos + 1]], objectives=name).item() - label[k]) ** 2
+                tot += label[k] ** 2
+        assert err < 0.5 * tot, name
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "p", "completions": ["a"], "labels": [0.5]}) + "\n")
+    # User errors end the CLI with a one-line message and a non-zero status.
+    for loss, match, out_dir in (("mse", "list of 2 floats", "o2"), ("bce", "needs --loss mse", "o3")):
+        rc = prm_train.main(["--model", str(tiny_checkpoint("qwen2")), "--data", str(bad), "--loss", loss,
+                             "--objectives", "acc,style", "--out", str(tmp_path / out_dir),
+                             "--max-steps", "1"])
+        assert rc != 0 and match in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("reduction", ["examples", "steps"])
 def test_prm_mse_reduction_on_ragged_steps_matches_hand_value(tmp_path, reduction):
     """With lr 0 the logged MSE is, by default, each example's mean over its steps then the mean

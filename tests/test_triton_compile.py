@@ -13,6 +13,7 @@ import sys
 import pytest
 import torch
 
+from triton_kernels.merge_kernel import merge_config
 from triton_kernels.multihead import DOT_PRECISION, launch_config, sampling_mode
 
 H100_SMEM_PER_BLOCK = 227 * 1024  # opt-in maximum of dynamic shared memory per block on sm_90
@@ -52,14 +53,23 @@ def _sample(B, dtype, temperature, top_k, rng_ptr, temp_stride=None):
                 part_keys_ptr="*i64", B=B, stride_wb=H, inv_temp=1.0 if temp_ptr else 1.25,
                 n_tiles=cfg.n_tiles, tiles_per_part=cfg.tiles_per_part, n_parts=cfg.n_parts,
                 **rng, **temp, **_PARTS, **_PROJ)
-    consts = dict(LOG_KPAD=kpad.bit_length() - 1, BLOCK_B=cfg.block_b,
+    consts = dict(LOG_KPAD=kpad.bit_length() - 1, SORT_ROWS=cfg.sort_rows, BLOCK_B=cfg.block_b,
                   LOG_BLOCK_V=cfg.block_v.bit_length() - 1, BLOCK_K=cfg.block_k,
                   DOT_PRECISION=DOT_PRECISION, UPCAST_DOT=False, **flags)
-    finish_args = dict(cand_keys_ptr="*i64", tokens_ptr="*i64", logprobs_ptr="*fp32", B=B,
+    finish_args = dict(part_keys_ptr="*i64", tokens_ptr="*i64", logprobs_ptr="*fp32", B=B,
                        n_parts=cfg.n_parts, top_k=top_k, **rng, **temp, **_PARTS)
-    finish_consts = dict(BLOCK_R=cfg.finish_rows, BLOCK_P=cfg.finish_parts, TOPK_PAD=kpad, **flags)
+    finish_consts = dict(BLOCK_R=cfg.finish_rows, BLOCK_P=cfg.finish_parts, TOPK_PAD=kpad,
+                         LOG_KPAD=kpad.bit_length() - 1,
+                         LOG_CAND_PARTS=cfg.cand_parts.bit_length() - 1, **flags)
     return [("_sample_partials_kernel", args, consts, cfg.num_warps, cfg.num_stages),
             ("_sample_finish_kernel", finish_args, finish_consts, 4, 3)]
+
+
+def _merge(U, dtype, d=D):
+    u_pad, block, warps = merge_config(U, interpreter=False)
+    args = dict(heads_ptr="*" + _TYPES[dtype], rows_ptr="*fp32", out_ptr="*" + _TYPES[dtype],
+                N=V * d, U=U, stride_hh=V * d, stride_ou=V * d)
+    return [("_merge_kernel", args, dict(H=H, U_PAD=u_pad, BLOCK=block), warps, 1)]
 
 
 # The launcher's GPU configurations: B = 1, ≤ 16 / ≤ 32 / ≤ 64 row tiles, bf16/fp16/fp32, greedy,
@@ -76,11 +86,15 @@ CALLS = {
     "sample-fp32-b8": _sample(8, torch.float32, 1.0, 0, False),
     "topk128-bf16-b64-device-rng": _sample(64, torch.bfloat16, 1.0, 128, True),
     "topk50-fp16-b8": _sample(8, torch.float16, 0.7, 50, False),
+    "topk50-bf16-b1-device-rng": _sample(1, torch.bfloat16, 0.7, 50, True),  # sorts 1 row, not 16
     "sample-bf16-b64-device-temps": _sample(64, torch.bfloat16, None, 0, True, temp_stride=1),
     "sample-bf16-b1-device-temp": _sample(1, torch.bfloat16, None, 0, True, temp_stride=0),
     "top1-fp16-b8-device-temp": _sample(8, torch.float16, None, 1, False, temp_stride=0),
     "topk128-bf16-b64-device-temps": _sample(64, torch.bfloat16, None, 128, True, temp_stride=1),
     "topk20-fp32-b8-device-temps": _sample(8, torch.float32, None, 20, True, temp_stride=1),
+    "merge-bf16-u1": _merge(1, torch.bfloat16),
+    "merge-bf16-u2-d1536": _merge(2, torch.bfloat16, d=1536),
+    "merge-fp32-u2": _merge(2, torch.float32),
 }
 
 
@@ -104,19 +118,43 @@ def _specialise(fn, args: dict, consts: dict) -> tuple[dict, dict, dict]:
     return signature, constexprs, attrs
 
 
+def _resource_usage(cubin: bytes) -> dict:
+    """Registers and local memory (spills, stack) of a cubin, from cuobjdump -res-usage (Triton
+    ships it); {} when the tool is missing."""
+    import re
+    import tempfile
+
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.path.exists(tool):
+        return {}
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
+    usage = {}
+    for key in ("REG", "STACK", "LOCAL", "SHARED"):
+        m = re.search(rf"\b{key}:(\d+)", out)
+        if m:
+            usage[key.lower()] = int(m.group(1))
+    return usage
+
+
 def compile_all() -> dict:
-    """Compile every call's kernels for sm_90: {name: [{"shared", "cubin"} or {"error"}, ...]}."""
+    """Compile every call's kernels for sm_90: {name: [{"shared", "cubin", "reg", "stack",
+    "local"} or {"error"}, ...]}."""
     import triton
     from triton.backends.compiler import GPUTarget
 
-    from triton_kernels import kernels
+    from triton_kernels import kernels, merge_kernel
 
     target = GPUTarget("cuda", 90, 32)
     results = {}
     for name, launches in CALLS.items():
         results[name] = []
         for kernel_name, args, consts, num_warps, num_stages in launches:
-            fn = getattr(kernels, kernel_name)
+            fn = getattr(kernels, kernel_name, None) or getattr(merge_kernel, kernel_name)
             try:
                 signature, constexprs, attrs = _specialise(fn, args, consts)
                 src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs,
@@ -124,7 +162,9 @@ def compile_all() -> dict:
                 compiled = triton.compile(src, target=target,
                                           options=dict(num_warps=num_warps, num_stages=num_stages))
                 results[name].append({"kernel": kernel_name, "shared": compiled.metadata.shared,
-                                      "cubin": len(compiled.asm["cubin"])})
+                                      "cubin": len(compiled.asm["cubin"]),
+                                      "num_warps": num_warps, "num_stages": num_stages,
+                                      **_resource_usage(compiled.asm["cubin"])})
             except Exception as exc:  # reported per call by the tests below
                 results[name].append({"kernel": kernel_name, "error": f"{type(exc).__name__}: {exc}"})
     return results
@@ -144,10 +184,19 @@ def compiled():
 
 @pytest.mark.parametrize("name", list(CALLS))
 def test_kernels_compile_for_sm90(compiled, name):
+    import triton
+
     for result in compiled[name]:
         assert "error" not in result, f"{result['kernel']}: {result.get('error')}"
         assert result["cubin"] > 0
         assert result["shared"] <= H100_SMEM_PER_BLOCK, result
+        # Printed for the record (pytest -s); spills are local memory (stack frames included).
+        print(f"{name} {result['kernel']} triton {triton.__version__}: "
+              f"{result.get('reg', '?')} registers, stack {result.get('stack', '?')} B, "
+              f"local {result.get('local', '?')} B, shared {result['shared']} B, "
+              f"{result['num_warps']} warps, {result['num_stages']} stages")
+        if "local" in result:  # the default configs must not spill (where the tool reports it)
+            assert result["local"] == 0 and result.get("stack", 0) == 0, result
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Fused multi-head projection and sampling (triton_kernels) against float64 and torch references.
 
 Runs the Triton kernels on CUDA, or in Triton's interpreter on CPU with TRITON_INTERPRET=1; on CPU
-without it the kernel tests skip (the launchers then run the reference, tested here too).
+without it the kernel tests skip (the launchers then run triton_kernels.cpu, tested against the
+reference in tests/test_cpu_path.py).
 """
 import logging
 import math
@@ -13,17 +14,19 @@ import triton
 
 import triton_kernels
 from triton_kernels import merge_cache, merge_shared_heads, multihead_logits, multihead_sample
-from triton_kernels import multihead, reference
+from triton_kernels import cpu, multihead, reference
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 needs_triton = pytest.mark.skipif(
     DEVICE.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1",
     reason="Triton kernels need a CUDA device or TRITON_INTERPRET=1 (CPU interpreter); without "
-    "either the launchers run triton_kernels.reference")
+    "either the launchers run triton_kernels.cpu")
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 # The launchers (kernels) and the pure-torch spec the engine runs on CPU: both must sample right.
 SAMPLERS = [pytest.param(multihead_sample, marks=needs_triton, id="kernels"),
-            pytest.param(reference.multihead_sample, id="reference")]
+            pytest.param(reference.multihead_sample, id="reference"),
+            pytest.param(cpu.multihead_sample, id="cpu", marks=pytest.mark.skipif(
+                DEVICE.type != "cpu", reason="triton_kernels.cpu takes CPU tensors"))]
 
 
 def make_inputs(B, H, V, d, dtype=torch.float32, *, seed=0, scale=1.0):
@@ -194,12 +197,14 @@ def test_sampling_does_not_depend_on_the_launch_config(monkeypatch, temperature,
                                     seed=3, offset=1)
     tokens = draw()[0]
 
-    def gpu_like(hidden, heads, kpad=1):
+    def gpu_like(B, V, d, dtype, device, kpad=1):
         block_v = max(16, kpad)
-        n_tiles = triton.cdiv(heads.shape[1], block_v)
+        n_tiles = triton.cdiv(V, block_v)
         per_part = 3 if kpad > 1 else 1  # as launch_config does on a GPU
+        # Top-k: the finish merges 2 parts' candidates per step over several steps, 1 row each.
         return multihead.LaunchConfig(16, block_v, 16, 4, 1, n_tiles, per_part,
-                                      triton.cdiv(n_tiles, per_part), 4, 4)
+                                      triton.cdiv(n_tiles, per_part), 1 if kpad > 1 else 4, 4,
+                                      16, 2 if kpad > 1 else 1)
 
     monkeypatch.setattr(multihead, "_config", gpu_like)
     tokens_gpu, logprobs_gpu = draw()
@@ -273,9 +278,10 @@ def test_top_k_matches_renormalised_distribution(sample):
 
 
 @pytest.mark.parametrize("sample", SAMPLERS)
-@pytest.mark.parametrize("V,top_k", [(400, 3), (400, 100), (400, 128), (5, 3), (17, 16)])
-def test_top_k_never_leaves_the_top_k(sample, V, top_k):
-    hidden, heads, weights = make_inputs(64, 2, V, 24, scale=0.3)  # flat: all k are reachable
+@pytest.mark.parametrize("V,top_k,B", [(400, 3, 64), (400, 100, 64), (400, 128, 64), (5, 3, 64),
+                                       (17, 16, 64), (400, 7, 5)])  # B = 5: 8 of 16 rows sorted
+def test_top_k_never_leaves_the_top_k(sample, V, top_k, B):
+    hidden, heads, weights = make_inputs(B, 2, V, 24, scale=0.3)  # flat: all k are reachable
     tokens, _ = sample(hidden, heads, weights, temperature=1.0, top_k=top_k, seed=9)
     keep = top_k_key(logits64(hidden, heads, weights), top_k)
     assert bool(keep.gather(1, tokens[:, None]).all())
@@ -391,10 +397,11 @@ def test_one_temperature_tensor_equals_the_float_call(sample, shape, t, top_k):
 
 
 @pytest.mark.parametrize("sample", SAMPLERS)
-def test_zero_temperature_rows_of_top_k_break_ties_to_lowest_index(sample):
+@pytest.mark.parametrize("B", [16, 6])  # 6: the kernels' network sorts 8 live rows, not 16
+def test_zero_temperature_rows_of_top_k_break_ties_to_lowest_index(sample, B):
     """T = 0 rows under top-k pick from the merged candidates, which come in no set order."""
-    hidden, heads, weights = tied_inputs(16, 160, 16)
-    temps = torch.tensor([0.0, 1.0], device=DEVICE).repeat(8)
+    hidden, heads, weights = tied_inputs(B, 160, 16)
+    temps = torch.tensor([0.0, 1.0], device=DEVICE).repeat(B // 2)
     tokens, _ = sample(hidden, heads, weights, temperature=temps, top_k=4, seed=2)
     assert tokens[temps == 0].eq(0).all() and tokens[temps > 0].lt(4).all()
 
@@ -569,10 +576,42 @@ def test_cpu_dispatch_follows_triton_interpret(monkeypatch, interpret):
         pytest.skip("the kernels are built for the interpreter only when TRITON_INTERPRET=1 at import")
     hidden, heads, weights = make_inputs(3, 2, 50, 8)
     calls = []
-    monkeypatch.setattr(reference, "multihead_logits", lambda *a, **k: calls.append(a) or "ref")
+    marker = torch.full((3, 50), 7.0)  # a tensor: the call goes through torch.ops.mahalo
+    monkeypatch.setattr(cpu, "multihead_logits", lambda *a, **k: calls.append(a) or marker)
     monkeypatch.setenv("TRITON_INTERPRET", interpret)
     z = triton_kernels.multihead_logits(hidden, heads, weights)
     if interpret == "0":
-        assert z == "ref" and len(calls) == 1
+        assert torch.equal(z, marker) and len(calls) == 1
     else:
         assert not calls and rel_err(z, logits64(hidden, heads, weights)) <= 1e-5
+
+
+# ----------------------------------------------------------------------------------- plans
+
+
+@pytest.mark.parametrize("top_k", [0, 1, 5])
+def test_sampling_plan_equals_the_launcher_and_reads_offset_on_device(top_k):
+    """A plan binds everything but hidden: same results as the launcher, call after call, with
+    the offset advanced in place between calls (and the merged-heads path for shared rows)."""
+    hidden, heads, weights = make_inputs(6, 3, 90, 16, scale=3.0)
+    offset = torch.zeros(1, dtype=torch.int64, device=DEVICE)
+    temps = torch.tensor([0.7, 0.0, 1.2, 1.0, 0.9, 2.0], device=DEVICE)
+    for w in (weights, weights[:1].expand(6, 3).contiguous()):
+        plan = triton_kernels.SamplingPlan(heads, w, temperature=temps, top_k=top_k, seed=4,
+                                           offset=offset)
+        got, want = [], []
+        for _ in range(3):
+            got.append(plan(hidden))  # each call's outputs stay valid after the next call
+            want.append(multihead_sample(hidden, heads, w, temperature=temps, top_k=top_k,
+                                         seed=4, offset=offset))
+            offset.add_(1)
+        for (tokens, logprobs), (want_tokens, want_logprobs) in zip(got, want):
+            assert torch.equal(tokens, want_tokens)
+            torch.testing.assert_close(logprobs, want_logprobs, rtol=0, atol=1e-6)
+
+
+def test_sampling_plan_checks_hidden():
+    hidden, heads, weights = make_inputs(4, 2, 50, 8)
+    plan = triton_kernels.SamplingPlan(heads, weights, temperature=0.0)
+    with pytest.raises(ValueError, match=r"hidden must be torch.float32 of shape \[4, 8\]"):
+        plan(hidden[:3])

@@ -222,15 +222,24 @@ class StepExample:
     source: str
 
 
-def read_steps(path: str | Path) -> list[StepExample]:
-    """Step data with float labels (value targets or 0/1 / soft judge labels), one per step."""
+def read_steps(path: str | Path, *, num_objectives: int | None = None) -> list[StepExample]:
+    """Step data with float labels (value targets or 0/1 / soft judge labels), one per step. With
+    ``num_objectives`` (a multi-objective PRM) each step's label is a list of that many floats, one
+    per objective (``"labels": [[v_acc, v_style], ...]``)."""
+    def label(w: str, i: int, v: Any) -> Any:
+        if num_objectives is None:
+            return _finite(w, f"labels[{i}]", v)
+        if not isinstance(v, list) or len(v) != num_objectives:
+            raise DataError(f"{w}: labels[{i}] must be a list of {num_objectives} floats (one per "
+                            f"objective), got {v!r}")
+        return [_finite(w, f"labels[{i}][{j}]", x) for j, x in enumerate(v)]
+
     def parse(w: str, o: dict[str, Any]) -> StepExample:
         steps = _steps(w, o, "completions")
         labels = _field(w, o, "labels", list)
         if len(labels) != len(steps):
             raise DataError(f"{w}: {len(labels)} labels for {len(steps)} completions")
-        return StepExample(_prompt(w, o), steps,
-                           [_finite(w, f"labels[{i}]", v) for i, v in enumerate(labels)], w)
+        return StepExample(_prompt(w, o), steps, [label(w, i, v) for i, v in enumerate(labels)], w)
 
     return _read_rows(path, parse)
 

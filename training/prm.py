@@ -6,7 +6,9 @@ step's last token, so no marker token (with an untrained embedding) is involved.
 
 - ``mse``: regression on value targets (hindsight / Monte-Carlo values) -> ``kind=value``; by
   default the paper's reduction (each example's mean over its steps, then the mean over
-  examples); ``--mse-reduction steps`` weighs every step alike;
+  examples); ``--mse-reduction steps`` weighs every step alike. With ``--objectives acc,style``
+  a multi-objective PRM: one output per objective on one backbone, each step labelled
+  ``[v_acc, v_style]``, the loss also averaged over objectives;
 - ``bce``: 0/1 or soft judge labels on the head's logit -> ``kind=binary`` (score = sigmoid);
 - ``bt``: Bradley–Terry on pairs of partial sequences ``{"prompt","chosen":[steps],"rejected":[steps]}``,
   read at each side's last token -> ``kind=bt``.
@@ -87,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head", choices=("mlp", "linear"), default="mlp",
                    help="value head: 2-layer MLP (Linear-ReLU-Linear, default) or linear")
     p.add_argument("--mlp-hidden", type=int, default=None, help="MLP width (default: hidden size)")
+    p.add_argument("--objectives", default=None,
+                   help="comma-separated objective names for a multi-objective PRM (--loss mse "
+                   "only): one output per objective; step labels are lists of that many floats")
     p.add_argument("--train-backbone", action="store_true",
                    help="train the backbone too (default: frozen, only the head trains)")
     p.add_argument("--step-separator", default="\n\n",
@@ -103,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
 def train(args: argparse.Namespace, info: D.DistInfo, tokenizer) -> None:
     from mahalo_engine.utils.loader import load_decoder
 
+    objectives = _objectives(args)
     tok_kw = dict(max_length=args.max_length, max_prompt_length=args.max_prompt_length,
                   chat_template=args.chat_template, step_separator=args.step_separator,
                   keep_prompt=args.truncate)
@@ -110,7 +116,7 @@ def train(args: argparse.Namespace, info: D.DistInfo, tokenizer) -> None:
         examples = read_step_pairs(args.data)
         items, stats = tokenize_step_pairs(tokenizer, examples, **tok_kw)
     else:
-        examples = read_steps(args.data)
+        examples = read_steps(args.data, num_objectives=len(objectives) if objectives else None)
         items, stats = tokenize_steps(tokenizer, examples, **tok_kw)
         if args.loss == "bce":
             bad = [(e.source, v) for e, it in zip(examples, items) for v in it.labels if not 0 <= v <= 1]
@@ -123,7 +129,7 @@ def train(args: argparse.Namespace, info: D.DistInfo, tokenizer) -> None:
     config = decoder.config
     pad = pad_id_of(tokenizer, config.pad_token_id)
     torch.manual_seed(args.seed)  # the head's init
-    head = ValueHead(config.hidden_size, args.head, args.mlp_hidden).to(info.device)
+    head = ValueHead(config.hidden_size, args.head, args.mlp_hidden, objectives).to(info.device)
     module = ValueTraining(decoder, head, args.train_backbone)
     trainer = Trainer("prm", module, info, args,
                       config={"data": str(args.data), "loss": args.loss, "batch_size": args.batch_size,
@@ -131,13 +137,15 @@ def train(args: argparse.Namespace, info: D.DistInfo, tokenizer) -> None:
                               "max_prompt_length": args.max_prompt_length,
                               "chat_template": args.chat_template, "step_separator": args.step_separator,
                               "truncate": args.truncate, "mse_reduction": args.mse_reduction,
-                              "model": str(args.model), "head": args.head})
+                              "model": str(args.model), "head": args.head,
+                              "objectives": objectives})
     steps = total_steps(args, len(items) // args.batch_size)
 
     def make_step(step: int) -> list[Micro]:
         rows = shuffled_batch(len(items), args.batch_size, args.seed, step)
         per_example = args.loss == "bt" or (args.loss == "mse" and args.mse_reduction == "examples")
         count = len(rows) if per_example else sum(len(items[g].labels) for g in rows)
+        count *= len(objectives) if objectives else 1  # a mean over objectives too
         loss_kind = "mse-examples" if args.loss == "mse" and per_example else args.loss
         return [_micro(trainer, items, chunk, count, loss_kind, pad, info,
                        describe([examples[g].source for g in chunk]))
@@ -153,11 +161,22 @@ def train(args: argparse.Namespace, info: D.DistInfo, tokenizer) -> None:
     trainer.run(steps, make_step, summarize)
     state = trainer.final_state()
     if state is not None:
-        final_head = ValueHead(config.hidden_size, args.head, args.mlp_hidden)
+        final_head = ValueHead(config.hidden_size, args.head, args.mlp_hidden, objectives)
         final_head.load_state_dict(strip_prefix(state, "value_head."))
         _save(args.out, build_decoder(config, strip_prefix(state, "decoder.")), final_head,
               KIND_OF_LOSS[args.loss], tokenizer)
     D.barrier(info)
+
+
+def _objectives(args: argparse.Namespace) -> list[str] | None:
+    if args.objectives is None:
+        return None
+    names = [o.strip() for o in args.objectives.split(",")]
+    if args.loss != "mse":
+        raise ValueError(f"--objectives (a multi-objective PRM) needs --loss mse, got --loss {args.loss}")
+    if not all(names) or len(set(names)) != len(names):
+        raise ValueError(f"--objectives must be distinct comma-separated names, got {args.objectives!r}")
+    return names
 
 
 def _save(out: Path, decoder, head: ValueHead, kind: str, tokenizer) -> None:
@@ -193,8 +212,13 @@ def _micro(trainer: Trainer, items, rows: list[int], global_count: int, loss_kin
                 per = value_mse_loss(raw, target, reduction="none")
                 extra = {}
             elif loss_kind == "mse-examples":  # one term per example: its mean over its steps
-                per = value_mse_loss(raw, target, reduction="none",
-                                     example_steps=[len(items[g].labels) for g in rows])
+                steps = [len(items[g].labels) for g in rows]
+                if raw.dim() == 1:
+                    per = value_mse_loss(raw, target, reduction="none", example_steps=steps)
+                else:  # a multi-objective PRM: the same per objective, [examples, objectives]
+                    per = torch.stack([value_mse_loss(raw[:, k], target[:, k], reduction="none",
+                                                      example_steps=steps)
+                                       for k in range(raw.shape[1])], dim=1)
                 extra = {}
             else:
                 per = soft_bce_loss(raw, target, reduction="none")

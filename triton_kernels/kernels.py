@@ -11,9 +11,11 @@ and writes, per row and chunk: the running max and sum-exp of ``s = z/T`` (onlin
 the best ``(score, index, s)`` — score ``s`` for greedy, ``s + Gumbel`` for sampling — or, for top-k,
 the chunk's best ``KPAD`` candidates as int64 keys (``s`` made order-preserving in the high word,
 ``0x7FFFFFFF - index`` in the low word, so one integer order ranks by ``s``, then lower index),
-kept across tiles by a bitonic network. The launcher takes the global top-k of the candidates with
-``torch.topk`` over ``[B, n_parts·KPAD]`` keys, and ``_sample_finish_kernel`` reduces the partials
-of a block of rows to each row's token and ``log softmax(z/T)`` at it.
+kept across tiles by a bitonic network (on the live rows only when B is under the dot's 16-row
+minimum). ``_sample_finish_kernel`` reduces the partials of a block of rows to each row's token and
+``log softmax(z/T)`` at it; for top-k it first merges the parts' sorted candidates into the global
+top KPAD (a bitonic merge tree over chunks of parts), so no ``[B, n_parts·KPAD]`` top-k runs in
+torch.
 
 Randomness: Philox-4x32 keyed by the 64-bit ``seed``, counter ``(vocab index, row, offset lo, offset
 hi)``: every (seed, offset, row, index) gets its own uniform, so the plain and top-k paths and the
@@ -160,14 +162,16 @@ def _bitonic_step(x, R: tl.constexpr, N: tl.constexpr, J: tl.constexpr, S: tl.co
 
 @triton.jit
 def _top_keys(x, R: tl.constexpr, N: tl.constexpr, LOG_N: tl.constexpr, LOG_K: tl.constexpr,
-              ASC_FIRST: tl.constexpr):
+              ASC_FIRST: tl.constexpr, RUNS_SORTED: tl.constexpr = False):
     """The 2**LOG_K largest keys of each row of ``x [R, 2**LOG_N]``, sorted descending (ascending
     if ASC_FIRST): sort runs of K, then repeatedly keep the elementwise max of opposite-ordered run
-    pairs (the top K of the pair, as a bitonic run) and re-merge it."""
+    pairs (the top K of the pair, as a bitonic run) and re-merge it. ``RUNS_SORTED``: the runs of K
+    already alternate (the first descending unless ASC_FIRST), so the first phase is skipped."""
     K: tl.constexpr = 1 << LOG_K
-    for s in tl.static_range(1, LOG_K + 1):
-        for t in tl.static_range(s):
-            x = _bitonic_step(x, R, N, 1 << (s - 1 - t), s, ASC_FIRST)
+    if not RUNS_SORTED:
+        for s in tl.static_range(1, LOG_K + 1):
+            for t in tl.static_range(s):
+                x = _bitonic_step(x, R, N, 1 << (s - 1 - t), s, ASC_FIRST)
     for level in tl.static_range(LOG_N - LOG_K):
         x = tl.reshape(tl.max(tl.reshape(x, (R, (N >> level) // (2 * K), 2, K)), axis=2),
                        (R, (N >> level) // 2))
@@ -186,7 +190,7 @@ def _sample_partials_kernel(hidden_ptr, weights_ptr, heads_ptr, seed, offset,
                             n_parts,
                             MODE: tl.constexpr, SEED_IS_PTR: tl.constexpr,
                             OFFSET_IS_PTR: tl.constexpr, TEMP_IS_PTR: tl.constexpr,
-                            LOG_KPAD: tl.constexpr,
+                            LOG_KPAD: tl.constexpr, SORT_ROWS: tl.constexpr,
                             BLOCK_B: tl.constexpr, LOG_BLOCK_V: tl.constexpr,
                             BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
                             UPCAST_DOT: tl.constexpr):
@@ -207,7 +211,7 @@ def _sample_partials_kernel(hidden_ptr, weights_ptr, heads_ptr, seed, offset,
     best = tl.full((BLOCK_B,), float("-inf"), tl.float32)
     best_token = tl.zeros((BLOCK_B,), tl.int32)
     best_scaled = tl.zeros((BLOCK_B,), tl.float32)
-    run_keys = tl.full((BLOCK_B, KPAD), _MIN_KEY, tl.int64)
+    run_keys = tl.full((SORT_ROWS, KPAD), _MIN_KEY, tl.int64)
 
     first = part * tiles_per_part
     last = tl.minimum(first + tiles_per_part, n_tiles)
@@ -230,11 +234,20 @@ def _sample_partials_kernel(hidden_ptr, weights_ptr, heads_ptr, seed, offset,
         if MODE == _TOPK:
             # run_keys (descending) vs the tile's top KPAD (ascending): their elementwise max is
             # the top KPAD of both, as a bitonic run; one merge sorts it descending again.
-            tile_top = _top_keys(_pack_keys(s, cols[None, :]), BLOCK_B, BLOCK_V, LOG_BLOCK_V,
-                                 LOG_KPAD, 1)
+            if SORT_ROWS < BLOCK_B:
+                # Fewer rows than the dot's minimum tile (B < 16): select the live rows (all in
+                # the first SORT_ROWS; the other groups add exact zeros) so the network does not
+                # sort padding rows.
+                groups = tl.reshape(s, (BLOCK_B // SORT_ROWS, SORT_ROWS, BLOCK_V))
+                lead = tl.arange(0, BLOCK_B // SORT_ROWS)[:, None, None] == 0
+                s_rows = tl.sum(tl.where(lead, groups, 0.0), axis=0)
+            else:
+                s_rows = s
+            tile_top = _top_keys(_pack_keys(s_rows, cols[None, :]), SORT_ROWS, BLOCK_V,
+                                 LOG_BLOCK_V, LOG_KPAD, 1)
             run_keys = tl.maximum(run_keys, tile_top)
             for t in tl.static_range(LOG_KPAD):
-                run_keys = _bitonic_step(run_keys, BLOCK_B, KPAD, KPAD >> (t + 1), LOG_KPAD, 0)
+                run_keys = _bitonic_step(run_keys, SORT_ROWS, KPAD, KPAD >> (t + 1), LOG_KPAD, 0)
         else:
             if MODE == _GUMBEL:
                 rows2 = tl.broadcast_to(rows[:, None], (BLOCK_B, BLOCK_V))
@@ -258,7 +271,10 @@ def _sample_partials_kernel(hidden_ptr, weights_ptr, heads_ptr, seed, offset,
     tl.store(part_sumexp_ptr + slot, run_sumexp, mask=row_ok)
     if MODE == _TOPK:
         k = tl.arange(0, KPAD)
-        tl.store(part_keys_ptr + slot[:, None] * KPAD + k[None, :], run_keys, mask=row_ok[:, None])
+        sort_rows = tl.program_id(0) * BLOCK_B + tl.arange(0, SORT_ROWS)
+        sort_slot = sort_rows.to(tl.int64) * n_parts + part
+        tl.store(part_keys_ptr + sort_slot[:, None] * KPAD + k[None, :], run_keys,
+                 mask=(sort_rows < B)[:, None])
     else:
         tl.store(part_best_ptr + slot, best, mask=row_ok)
         tl.store(part_token_ptr + slot, best_token, mask=row_ok)
@@ -267,12 +283,13 @@ def _sample_partials_kernel(hidden_ptr, weights_ptr, heads_ptr, seed, offset,
 
 @triton.jit(do_not_specialize=["seed", "offset"])
 def _sample_finish_kernel(part_max_ptr, part_sumexp_ptr, part_best_ptr, part_token_ptr,
-                          part_scaled_ptr, cand_keys_ptr, seed, offset, temp_ptr, stride_t,
+                          part_scaled_ptr, part_keys_ptr, seed, offset, temp_ptr, stride_t,
                           tokens_ptr, logprobs_ptr, B, n_parts, top_k,
                           MODE: tl.constexpr, SEED_IS_PTR: tl.constexpr,
                           OFFSET_IS_PTR: tl.constexpr, TEMP_IS_PTR: tl.constexpr,
                           BLOCK_R: tl.constexpr,
-                          BLOCK_P: tl.constexpr, TOPK_PAD: tl.constexpr):
+                          BLOCK_P: tl.constexpr, TOPK_PAD: tl.constexpr,
+                          LOG_KPAD: tl.constexpr = 0, LOG_CAND_PARTS: tl.constexpr = 0):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < B
     base = rows.to(tl.int64) * n_parts
@@ -301,10 +318,28 @@ def _sample_finish_kernel(part_max_ptr, part_sumexp_ptr, part_best_ptr, part_tok
             token = tl.where(take, tl.load(part_token_ptr + at, mask=take, other=0), token)
             scaled = tl.where(take, tl.load(part_scaled_ptr + at, mask=take, other=0.0), scaled)
     if MODE == _TOPK:
+        # The global top TOPK_PAD of the parts' candidates, merged here: each part stored its top
+        # keys sorted descending; loading every even part reversed makes the runs of a chunk
+        # alternate (ascending first), so one merge tree keeps the chunk's top, ascending, and a
+        # bitonic merge with the running top (descending) keeps the best of both.
+        CP: tl.constexpr = 1 << LOG_CAND_PARTS
+        LOG_K: tl.constexpr = LOG_KPAD
         j = tl.arange(0, TOPK_PAD)
+        keys = tl.full((BLOCK_R, TOPK_PAD), _MIN_KEY, tl.int64)
+        for c0 in range(0, n_parts, CP):
+            cp = c0 + tl.arange(0, CP)
+            even = (tl.arange(0, CP) % 2 == 0)[:, None]  # position in the chunk, not part index
+            jj = tl.where(even, TOPK_PAD - 1 - j[None, :], j[None, :])
+            idx = (base[:, None, None] + cp[None, :, None]) * TOPK_PAD + jj[None, :, :]
+            ok3 = row_ok[:, None, None] & (cp < n_parts)[None, :, None]
+            chunk = tl.load(part_keys_ptr + idx, mask=ok3, other=_MIN_KEY)
+            chunk = _top_keys(tl.reshape(chunk, (BLOCK_R, CP * TOPK_PAD)), BLOCK_R,
+                              CP * TOPK_PAD, LOG_CAND_PARTS + LOG_K, LOG_K, 1, True)
+            keys = tl.maximum(keys, chunk)
+            for t in tl.static_range(LOG_K):
+                keys = _bitonic_step(keys, BLOCK_R, TOPK_PAD, TOPK_PAD >> (t + 1), LOG_K, 0)
         ok = row_ok[:, None] & (j < top_k)[None, :]
-        keys = tl.load(cand_keys_ptr + rows.to(tl.int64)[:, None] * top_k + j[None, :], mask=ok,
-                       other=_MIN_KEY)
+        keys = tl.where(ok, keys, _MIN_KEY)  # sorted descending: the first top_k are the top k
         s, cols = _unpack_keys(keys)
         cols = tl.where(ok, cols, 0)
         rows2 = tl.broadcast_to(rows[:, None], (BLOCK_R, TOPK_PAD))

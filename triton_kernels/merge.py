@@ -13,9 +13,10 @@ one rounding (relative 2**-9 / 2**-12 per element), i.e. the two paths agree to 
 bit for bit. It does not apply to per-head outputs (per-head log-probs, probability mixtures) and
 not to training (per-head gradients).
 
-Merging reads up to H heads and writes one per distinct vector, about U·(H+1) head transfers,
-against H-U saved per step: it pays after about U·(H+1)/(H-U) steps with the same weight vectors
-((H+1)/(H-1) for U = 1), and the cache keeps it across steps. Cache: LRU over merged tensors, bounded by
+Merging (on CUDA one Triton pass, ``triton_kernels.merge_kernel``) reads the H heads once and
+writes U merged ones, H + U head transfers, against H - U saved per step: it pays after about
+(H + U)/(H - U) steps with the same weight vectors (2 for H = 3, U = 1), and the cache keeps it
+across steps. (The chunked torch merge, the CPU path, moves ~8× more bytes.) Cache: LRU over merged tensors, bounded by
 ``MergeCache.max_bytes`` (``MAHALO_MERGE_CACHE_BYTES``, default 2 GiB; 0 disables the fast path).
 Keys: the heads tensor's identity (a weak reference, ``data_ptr``, ``_version``) and the distinct
 weight rows, so an in-place update of the heads (``heads.copy_``) invalidates its entries. Inference
@@ -38,6 +39,7 @@ from typing import NamedTuple
 import torch
 
 from triton_kernels.checks import check_finite_weights, check_mixture
+from triton_kernels.merge_kernel import MAX_MERGE_HEADS, merge_heads_triton
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +120,22 @@ merge_cache = MergeCache(int(os.environ.get("MAHALO_MERGE_CACHE_BYTES", 2 << 30)
 
 
 def merge_heads(heads: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """``[U,V,d]`` in the heads' dtype: ``Σ_i rows[u,i]·heads[i]``, fp32 accumulation, V-chunked."""
+    """``[U,V,d]`` in the heads' dtype: ``Σ_i rows[u,i]·heads[i]``, fp32 accumulation. CUDA (and
+    the interpreter, ``TRITON_INTERPRET=1``): one Triton pass reading each head once
+    (``triton_kernels.merge_kernel``); CPU: the chunked torch merge."""
+    contiguous_heads = heads.stride(2) == 1 and heads.stride(1) == heads.shape[2]
+    use_triton = heads.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+    if use_triton and contiguous_heads and heads.shape[0] <= MAX_MERGE_HEADS:
+        return merge_heads_triton(heads, rows)
+    if heads.is_cuda:
+        log.warning("merging %d heads of strides %s with the chunked torch merge (the Triton merge "
+                    "needs contiguous heads, at most %d)", heads.shape[0], heads.stride(),
+                    MAX_MERGE_HEADS)
+    return merge_heads_torch(heads, rows)
+
+
+def merge_heads_torch(heads: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """The readable merge (and the CPU path): V-chunked fp32 accumulation, one cast at the end."""
     H, V, d = heads.shape
     merged = torch.empty(rows.shape[0], V, d, dtype=heads.dtype, device=heads.device)
     chunk = max(1, _MERGE_CHUNK_BYTES // (4 * d))

@@ -2,7 +2,7 @@
 
 Dispatch, the one rule: CUDA tensors → the Triton kernels; CPU tensors → the same kernels in
 Triton's interpreter when ``TRITON_INTERPRET=1`` (tests; must be set before Triton is imported),
-else ``triton_kernels.reference`` (the engine's CPU path).
+else ``triton_kernels.cpu`` (the engine's CPU path: the reference's results, computed cheaply).
 
 Both launchers validate their arguments (``ValueError`` naming the argument), then go through the
 shared-weights plan (``triton_kernels.merge``: U < H distinct weight rows → U merged heads). Neither
@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from triton_kernels import reference
-from triton_kernels.checks import check_out, check_projection, check_sampling
+from triton_kernels import cpu
+from triton_kernels.checks import check_mixture, check_out, check_projection, check_sampling
 from triton_kernels.kernels import (MODE_GREEDY, MODE_GUMBEL, MODE_TOPK, _logits_kernel,
                                     _sample_finish_kernel, _sample_partials_kernel)
 from triton_kernels.merge import plan_heads
@@ -48,6 +48,8 @@ class LaunchConfig:
     n_parts: int  # sampling: partials per row
     finish_rows: int  # finish kernel: rows per program
     finish_parts: int  # finish kernel: partials loaded per step
+    sort_rows: int = 0  # top-k: rows the bitonic network sorts (the live ones; 0 = block_b)
+    cand_parts: int = 1  # top-k finish: parts' candidate runs merged per step (power of two)
 
 
 @functools.lru_cache(maxsize=None)
@@ -55,36 +57,64 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+# GPU tiles per shape, picked from this table (no autotuning: a captured CUDA graph must not
+# benchmark configs). Rows: (largest B, top-k?) -> (block_b, block_v, num_warps, num_stages).
+# Untuned estimates for sm_90 decoding, which is bound by how many bytes of the heads each SM
+# keeps in flight: pipelines of 4 stages (shared memory per program = num_stages · (block_v +
+# block_b) · 128 B: 55-98 KB, under the 227 KB limit). Deeper ones, and BLOCK_V = 256 at B = 64,
+# spill in the sampling kernels on sm_90 (5 stages at B ≤ 16: 24 B of stack; 64 x 256 with
+# per-row temperatures: 288 B), so they wait for a measurement that says they pay. Top-k keeps kpad int64 keys per row in registers beside the
+# fp32 tile: at most 32 rows per tile there (B > 32 runs two row tiles, adjacent in the grid, so
+# the second reads the heads from L2). tests/test_triton_compile.py builds every row for sm_90,
+# prints registers and stack, and requires no spills.
+GPU_TILES: tuple[tuple[int, bool, tuple[int, int, int, int]], ...] = (
+    (16, False, (16, 128, 4, 4)),
+    (32, False, (32, 128, 4, 4)),
+    (64, False, (64, 128, 8, 4)),
+    (16, True, (16, 128, 8, 3)),
+    (32, True, (32, 128, 8, 4)),
+)
+
+
+def gpu_tiles(B: int, kpad: int) -> tuple[int, int, int, int]:
+    """``(block_b, block_v, num_warps, num_stages)`` for B rows (B > 64: 64-row tiles)."""
+    rows = [(b, tiles) for b, topk, tiles in GPU_TILES if topk == (kpad > 1)]
+    return next((tiles for b, tiles in rows if B <= b), rows[-1][1])
+
+
+@functools.lru_cache(maxsize=1024)
 def launch_config(B: int, V: int, d: int, dtype: torch.dtype, *, num_sms: int | None,
                   kpad: int = 1) -> LaunchConfig:
-    """Tiles for a GPU with ``num_sms`` SMs, or for the interpreter (``num_sms=None``).
-
-    GPU values are untuned defaults for an H100 decoding (memory-bound). The sm_90 builds of
-    tests/test_triton_compile.py use no stack with Triton 3.9 (cuobjdump -res-usage); with
-    Triton 3.6 (the GPU machines') three use 8-24 bytes of stack (the top-k partials kernel at
-    KPAD = 128, B = 64: 255 registers and 24 bytes). The interpreter pays per program and per op,
-    not per element: it gets wide row tiles, and two V chunks so that tests still cross tile and
-    chunk boundaries.
+    """Tiles for a GPU with ``num_sms`` SMs (``GPU_TILES``), or for the interpreter
+    (``num_sms=None``), which pays per program and per op, not per element: it gets wide row
+    tiles, and two V chunks so that tests still cross tile and chunk boundaries.
     """
-    block_v = max(kpad, min(128, max(16, triton.next_power_of_2(V))))
     block_k = min(64 if dtype != torch.float32 else 32, max(16, triton.next_power_of_2(d)))
-    n_tiles = triton.cdiv(V, block_v)
     if num_sms is None:
+        block_v = max(kpad, min(128, max(16, triton.next_power_of_2(V))))
         block_b = min(256, max(16, triton.next_power_of_2(B)))
-        num_warps, max_parts, finish_elems = 4, 2, 1 << 16
+        num_warps, num_stages, max_parts, finish_elems = 4, 3, 2, 1 << 16
     else:
-        block_b = 16 if B <= 16 else 32 if B <= 32 else 64
-        num_warps = 8 if block_b == 64 or kpad > 1 else 4
-        # Greedy/sampling: one tile per program (its partials are 4 numbers per row). Top-k: a few
-        # programs per SM, each merging several tiles, so its kpad candidates per row stay few.
-        max_parts = 4 * num_sms if kpad > 1 else n_tiles
+        block_b, block_v, num_warps, num_stages = gpu_tiles(B, kpad)
+        block_v = max(kpad, min(block_v, max(16, triton.next_power_of_2(V))))
         finish_elems = 4096
+    n_tiles = triton.cdiv(V, block_v)
+    if num_sms is not None:
+        # Greedy/sampling: one tile per program (its partials are 4 numbers per row). Top-k: one
+        # program per SM, each merging many tiles, so the candidates per row stay few.
+        max_parts = num_sms if kpad > 1 else n_tiles
     tiles_per_part = triton.cdiv(n_tiles, min(n_tiles, max_parts))
     n_parts = triton.cdiv(n_tiles, tiles_per_part)
     finish_parts = min(1024, triton.next_power_of_2(n_parts))
-    finish_rows = min(triton.next_power_of_2(B), max(1, finish_elems // max(finish_parts, kpad)))
-    return LaunchConfig(block_b, block_v, block_k, num_warps, 3, n_tiles, tiles_per_part, n_parts,
-                        finish_rows, finish_parts)
+    sort_rows = min(block_b, triton.next_power_of_2(B))
+    cand_parts = 1
+    if kpad > 1:  # the finish merges up to 1024 candidate keys per row at a time
+        cand_parts = max(1, min(triton.next_power_of_2(n_parts), 1024 // kpad))
+        finish_elems = finish_elems if num_sms is None else 1024
+    finish_rows = min(triton.next_power_of_2(B),
+                      max(1, finish_elems // max(finish_parts, kpad * cand_parts)))
+    return LaunchConfig(block_b, block_v, block_k, num_warps, num_stages, n_tiles,
+                        tiles_per_part, n_parts, finish_rows, finish_parts, sort_rows, cand_parts)
 
 
 def sampling_mode(temperature: float | torch.Tensor, top_k: int, V: int) -> tuple[int, int]:
@@ -100,10 +130,10 @@ def sampling_mode(temperature: float | torch.Tensor, top_k: int, V: int) -> tupl
     return MODE_GUMBEL, 1  # top_k = 0, or top_k ≥ V keeps every token
 
 
-def _config(hidden: torch.Tensor, heads: torch.Tensor, kpad: int = 1) -> LaunchConfig:
-    num_sms = _num_sms(hidden.device) if hidden.is_cuda else None
-    return launch_config(hidden.shape[0], heads.shape[1], heads.shape[2], hidden.dtype,
-                         num_sms=num_sms, kpad=kpad)
+def _config(B: int, V: int, d: int, dtype: torch.dtype, device: torch.device,
+            kpad: int = 1) -> LaunchConfig:
+    num_sms = _num_sms(device) if device.type == "cuda" else None
+    return launch_config(B, V, d, dtype, num_sms=num_sms, kpad=kpad)
 
 
 def _upcast_dot(hidden: torch.Tensor) -> bool:
@@ -126,14 +156,14 @@ def multihead_logits(hidden: torch.Tensor, heads: torch.Tensor, weights: torch.T
     float dtype (used in fp32, must be finite); fp32 accumulation.
     """
     if not _use_triton(hidden.device):
-        return reference.multihead_logits(hidden, heads, weights, out=out)
+        return cpu.multihead_logits(hidden, heads, weights, out=out)
     check_projection(hidden, heads, weights)
     check_out(out, hidden, heads.shape[1])
     heads, weights = plan_heads(heads, weights)
     B, V = hidden.shape[0], heads.shape[1]
     if out is None:
         out = torch.empty(B, V, dtype=torch.float32, device=hidden.device)
-    cfg = _config(hidden, heads)
+    cfg = _config(B, V, heads.shape[2], hidden.dtype, hidden.device)
     grid = (triton.cdiv(B, cfg.block_b), cfg.n_tiles)
     _logits_kernel[grid](hidden, weights, heads, out, *_projection_args(hidden, heads, weights),
                          out.stride(0), BLOCK_B=cfg.block_b, BLOCK_V=cfg.block_v,
@@ -158,53 +188,104 @@ def multihead_sample(hidden: torch.Tensor, heads: torch.Tensor, weights: torch.T
     or ``[B]`` (per row; 0 = that row greedy), read on the device like ``seed``/``offset``: a
     captured CUDA graph samples at whatever it holds at replay. Its values are not validated
     (that would read them on the host): negative or non-finite entries are the caller's bug.
+
+    Every call validates and plans afresh; a decode loop builds a `SamplingPlan` once instead.
     """
-    if not _use_triton(hidden.device):
-        return reference.multihead_sample(hidden, heads, weights, temperature=temperature,
-                                          top_k=top_k, seed=seed, offset=offset)
     check_projection(hidden, heads, weights)
-    check_sampling(temperature, top_k, seed, offset, hidden.device, hidden.shape[0])
-    heads, weights = plan_heads(heads, weights)
-    B, V = hidden.shape[0], heads.shape[1]
-    offset = 0 if offset is None else offset
-    mode, kpad = sampling_mode(temperature, top_k, V)
-    cfg = _config(hidden, heads, kpad)
+    plan = SamplingPlan(heads, weights, temperature=temperature, top_k=top_k, seed=seed,
+                        offset=offset)
+    return plan(hidden)
 
-    dev = hidden.device
-    part_max = torch.empty(B, cfg.n_parts, dtype=torch.float32, device=dev)
-    part_sumexp = torch.empty_like(part_max)
-    if mode == MODE_TOPK:
-        part_best = part_token = part_scaled = part_max  # unused by the top-k kernels
-        part_keys = torch.empty(B, cfg.n_parts, kpad, dtype=torch.int64, device=dev)
-    else:
-        part_best, part_scaled = torch.empty_like(part_max), torch.empty_like(part_max)
-        part_token = torch.empty(B, cfg.n_parts, dtype=torch.int32, device=dev)
-        part_keys = part_max  # unused
-    rng = dict(SEED_IS_PTR=isinstance(seed, torch.Tensor),
-               OFFSET_IS_PTR=isinstance(offset, torch.Tensor),
-               TEMP_IS_PTR=isinstance(temperature, torch.Tensor))
-    if rng["TEMP_IS_PTR"]:  # stride 0: one temperature for every row
-        inv_temp, temp = 1.0, temperature
-        stride_t = temperature.stride(0) if temperature.numel() > 1 else 0
-    else:  # the kernels never read temp (part_max is a placeholder pointer)
-        inv_temp, temp, stride_t = 1.0 / temperature if temperature > 0 else 1.0, part_max, 0
-    _sample_partials_kernel[(triton.cdiv(B, cfg.block_b), cfg.n_parts)](
-        hidden, weights, heads, seed, offset, part_max, part_sumexp, part_best, part_token,
-        part_scaled, part_keys, *_projection_args(hidden, heads, weights), inv_temp, temp,
-        stride_t, cfg.n_tiles, cfg.tiles_per_part, cfg.n_parts, MODE=mode,
-        LOG_KPAD=kpad.bit_length() - 1, BLOCK_B=cfg.block_b,
-        LOG_BLOCK_V=cfg.block_v.bit_length() - 1, BLOCK_K=cfg.block_k,
-        DOT_PRECISION=DOT_PRECISION, UPCAST_DOT=_upcast_dot(hidden), num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages, **rng)
 
-    # Global top-k of the per-chunk candidates: exact (each chunk kept its own top kpad ≥ top_k).
-    cand = part_max
-    if mode == MODE_TOPK:
-        cand = torch.topk(part_keys.view(B, -1), top_k, dim=1, sorted=False).values.contiguous()
-    tokens = torch.empty(B, dtype=torch.int64, device=dev)
-    logprobs = torch.empty(B, dtype=torch.float32, device=dev)
-    _sample_finish_kernel[(triton.cdiv(B, cfg.finish_rows),)](
-        part_max, part_sumexp, part_best, part_token, part_scaled, cand, seed, offset, temp,
-        stride_t, tokens, logprobs, B, cfg.n_parts, top_k, MODE=mode, BLOCK_R=cfg.finish_rows,
-        BLOCK_P=cfg.finish_parts, TOPK_PAD=kpad, num_warps=4, **rng)
-    return tokens, logprobs
+class SamplingPlan:
+    """One sampling call prepared once and owned by its caller, for a decode loop's eager steps.
+
+    Built from everything but the hidden states: it validates them, takes the shared-weights plan
+    (``triton_kernels.merge.plan_heads``: merged heads when the rows share U < H weight vectors),
+    picks the mode and launch config, and allocates the partials scratch. A call ``plan(hidden)``
+    then checks ``hidden``'s shape, dtype and device, allocates the two outputs and launches: no
+    host reads, and the top-k candidates are merged on the device.
+
+    ``temperature``/``seed``/``offset`` tensors are bound by reference and read on the device at
+    every call (advance ``offset`` in place between calls); ints and floats are fixed. The weights'
+    *values* are bound when the plan is built (they decide the merge): after changing them, build
+    a new plan. The scratch is the plan's own: calls on one plan must not run concurrently on
+    different streams.
+    """
+
+    def __init__(self, heads: torch.Tensor, weights: torch.Tensor, *,
+                 temperature: float | torch.Tensor = 1.0, top_k: int = 0,
+                 seed: int | torch.Tensor = 0, offset: int | torch.Tensor | None = None) -> None:
+        check_mixture(heads, weights)
+        B, V, d = weights.shape[0], heads.shape[1], heads.shape[2]
+        dev = heads.device
+        check_sampling(temperature, top_k, seed, offset, dev, B)
+        self.shape = (B, d)
+        self.dtype, self.device = heads.dtype, dev
+        self.heads, self.weights = plan_heads(heads, weights)
+        self.temperature, self.top_k, self.seed = temperature, top_k, seed
+        self.offset = 0 if offset is None else offset
+        self.triton = _use_triton(dev)
+        if not self.triton:
+            return
+        self.mode, kpad = sampling_mode(temperature, top_k, V)
+        cfg = _config(B, V, d, heads.dtype, dev, kpad)
+        part_max = torch.empty(B, cfg.n_parts, dtype=torch.float32, device=dev)
+        part_sumexp = torch.empty_like(part_max)
+        if self.mode == MODE_TOPK:
+            part_best = part_token = part_scaled = part_max  # unused by the top-k kernels
+            part_keys = torch.empty(B, cfg.n_parts, kpad, dtype=torch.int64, device=dev)
+        else:
+            part_best, part_scaled = torch.empty_like(part_max), torch.empty_like(part_max)
+            part_token = torch.empty(B, cfg.n_parts, dtype=torch.int32, device=dev)
+            part_keys = part_max  # unused
+        rng = dict(SEED_IS_PTR=isinstance(seed, torch.Tensor),
+                   OFFSET_IS_PTR=isinstance(self.offset, torch.Tensor),
+                   TEMP_IS_PTR=isinstance(temperature, torch.Tensor))
+        if rng["TEMP_IS_PTR"]:  # stride 0: one temperature for every row
+            inv_temp, temp = 1.0, temperature
+            stride_t = temperature.stride(0) if temperature.numel() > 1 else 0
+        else:  # the kernels never read temp (part_max is a placeholder pointer)
+            inv_temp, temp, stride_t = 1.0 / temperature if temperature > 0 else 1.0, part_max, 0
+        h, w = self.heads, self.weights
+        # Kernel arguments after ``hidden`` (and its strides), fixed for the plan's lifetime.
+        self._partials_grid = (triton.cdiv(B, cfg.block_b), cfg.n_parts)
+        self._partials_head = (w, h, seed, self.offset, part_max, part_sumexp, part_best,
+                               part_token, part_scaled, part_keys, B, V, d, h.shape[0])
+        self._partials_tail = (w.stride(0), w.stride(1), h.stride(0), h.stride(1), h.stride(2),
+                               inv_temp, temp, stride_t, cfg.n_tiles, cfg.tiles_per_part,
+                               cfg.n_parts)
+        self._partials_kw = dict(MODE=self.mode, LOG_KPAD=kpad.bit_length() - 1,
+                                 SORT_ROWS=cfg.sort_rows or cfg.block_b, BLOCK_B=cfg.block_b, LOG_BLOCK_V=cfg.block_v.bit_length() - 1,
+                                 BLOCK_K=cfg.block_k, DOT_PRECISION=DOT_PRECISION,
+                                 UPCAST_DOT=dev.type == "cpu" and heads.dtype == torch.bfloat16,
+                                 num_warps=cfg.num_warps, num_stages=cfg.num_stages, **rng)
+        self._finish_grid = (triton.cdiv(B, cfg.finish_rows),)
+        self._finish_head = (part_max, part_sumexp, part_best, part_token, part_scaled,
+                             part_keys, seed, self.offset, temp, stride_t)
+        self._finish_tail = (B, cfg.n_parts, top_k)
+        self._finish_kw = dict(MODE=self.mode, BLOCK_R=cfg.finish_rows,
+                               BLOCK_P=cfg.finish_parts, TOPK_PAD=kpad,
+                               LOG_KPAD=kpad.bit_length() - 1,
+                               LOG_CAND_PARTS=cfg.cand_parts.bit_length() - 1, num_warps=4, **rng)
+        self.config = cfg
+
+    def __call__(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(tokens int64 [B], logprobs float32 [B])`` for ``hidden [B,d]`` (see the class)."""
+        if (tuple(hidden.shape) != self.shape or hidden.dtype != self.dtype
+                or hidden.device != self.device):
+            raise ValueError(f"hidden must be {self.dtype} of shape {list(self.shape)} on "
+                             f"{self.device} for this plan, got {hidden.dtype} "
+                             f"{list(hidden.shape)} on {hidden.device}")
+        if not self.triton:
+            return cpu.sample_logits(cpu.project(hidden, self.heads, self.weights),
+                                     temperature=self.temperature, top_k=self.top_k,
+                                     seed=self.seed, offset=self.offset)
+        _sample_partials_kernel[self._partials_grid](
+            hidden, *self._partials_head, hidden.stride(0), hidden.stride(1),
+            *self._partials_tail, **self._partials_kw)
+        tokens = torch.empty(self.shape[0], dtype=torch.int64, device=self.device)
+        logprobs = torch.empty(self.shape[0], dtype=torch.float32, device=self.device)
+        _sample_finish_kernel[self._finish_grid](*self._finish_head, tokens, logprobs,
+                                                 *self._finish_tail, **self._finish_kw)
+        return tokens, logprobs

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from triton_kernels import merge_shared_heads, multihead_sample
+from triton_kernels import SamplingPlan, merge_shared_heads, multihead_sample
 
 
 class Sampler:
@@ -30,6 +30,7 @@ class Sampler:
         self.top_k = 0
         # One persistent view per row count: the launcher remembers its plan per weights tensor.
         self._views: dict[int, torch.Tensor] = {}
+        self._plans: dict[int, SamplingPlan] = {}  # eager steps, per row count
 
     def configure(self, temperature: float, top_k: int, seed: int) -> None:
         """Sampling options of one call (one temperature for every slot); restarts the random
@@ -40,6 +41,7 @@ class Sampler:
         # whatever the buffer holds; after a sampling configure, writing 0 (or T > 0) into a
         # slot's entry makes it greedy (or sample at T) from the next draw on.
         self.top_k = 1 if temperature == 0 else int(top_k)
+        self._plans.clear()
         self.seed.fill_(seed)
         self.offset.zero_()
 
@@ -49,6 +51,7 @@ class Sampler:
         if not torch.equal(rows, self.weights_host):
             self.weights_host.copy_(rows)
             self.weights.copy_(rows)
+            self._plans.clear()  # a plan binds the weights' values (its merge)
 
     def view(self, n: int) -> torch.Tensor:
         if n not in self._views:
@@ -73,9 +76,17 @@ class Sampler:
                weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokens and log-probs for rows ``[0, N)`` of ``hidden [N, d]``; advances the offset."""
         n = hidden.shape[0]
-        out = multihead_sample(hidden, self.heads if heads is None else heads,
-                               self.view(n) if weights is None else weights,
-                               temperature=self.temperature[:n], top_k=self.top_k, seed=self.seed,
-                               offset=self.offset)
+        if heads is None and weights is None:
+            plan = self._plans.get(n)
+            if plan is None:
+                plan = self._plans[n] = SamplingPlan(
+                    self.heads, self.view(n), temperature=self.temperature[:n], top_k=self.top_k,
+                    seed=self.seed, offset=self.offset)
+            out = plan(hidden)
+        else:  # graph capture: the operands of `graph_operands`
+            out = multihead_sample(hidden, self.heads if heads is None else heads,
+                                   self.view(n) if weights is None else weights,
+                                   temperature=self.temperature[:n], top_k=self.top_k,
+                                   seed=self.seed, offset=self.offset)
         self.offset.add_(1)
         return out

@@ -19,7 +19,8 @@ import torch
 
 from mahalo_engine.cache import KVCache
 from mahalo_engine.ops import kv_fork, kv_promote
-from mahalo_engine.prm import VALUE_HEAD_FILE, apply_kind, load_value_head
+from mahalo_engine.prm import (VALUE_HEAD_FILE, ObjectiveWeights, apply_kind, combine_objectives,
+                               load_value_head, objective_weights)
 
 
 @dataclass
@@ -85,10 +86,15 @@ class ValueModelPRM(Scorer):
     With the policy's tokenizer (same vocabulary) the candidate's token ids are fed as they are;
     with another tokenizer each step's text is tokenised on its own and appended (as the PRM
     trainers tokenise step data). A PRM without a tokenizer must share the policy's vocabulary.
+
+    ``objectives`` weights a multi-objective PRM's outputs (`mahalo_engine.prm.objective_weights`:
+    None = uniform mean, a name, ``{name: weight}``): one backbone serves every weighting.
     """
 
-    def __init__(self, prm: Any) -> None:
+    def __init__(self, prm: Any, objectives: ObjectiveWeights = None) -> None:
         self.prm = prm
+        self.objectives = objectives
+        objective_weights(getattr(prm, "objectives", None), objectives)  # fail now, not mid-search
         self.cache: KVCache | None = None
         self.same_tokens = True
         self._committed: torch.Tensor | None = None  # lens before the last scoring extend
@@ -168,8 +174,13 @@ class ValueModelPRM(Scorer):
             sel = torch.tensor(ok, device=self._device)
             hidden = self.prm.model.extend(self.cache, ids.to(self._device), num_new, slots[sel])
             last = hidden[torch.arange(len(ok), device=self._device), num_new - 1]
-            scores[ok] = self.prm.scores_from_hidden(last).float().cpu()
+            scores[ok] = self._scores(last)
         return scores
+
+    def _scores(self, last: torch.Tensor) -> torch.Tensor:
+        if self.objectives is None:  # a plain PRM object (e.g. a user's) needs no objectives argument
+            return self.prm.scores_from_hidden(last).float().cpu()
+        return self.prm.scores_from_hidden(last, self.objectives).float().cpu()
 
     def promote(self, winners: torch.Tensor, groups: torch.Tensor) -> None:
         if groups.shape[1] == 1:
@@ -200,15 +211,19 @@ def _shares_vocabulary(prm: Any, policy: Any) -> bool:
 
 class SharedBackbonePRM(Scorer):
     """A value head trained on the policy's frozen backbone: it scores each candidate from the
-    policy's own hidden state at the candidate's last token. No second model, no second cache."""
+    policy's own hidden state at the candidate's last token. No second model, no second cache.
+    ``objectives`` weights a multi-objective head's outputs, as in `ValueModelPRM`."""
 
-    def __init__(self, value_head: torch.nn.Module, kind: str) -> None:
+    def __init__(self, value_head: torch.nn.Module, kind: str,
+                 objectives: ObjectiveWeights = None) -> None:
         apply_kind(torch.zeros(1), kind)  # validates kind
         self.value_head = value_head
         self.kind = kind
+        self.weights = objective_weights(getattr(value_head, "objectives", None), objectives)
 
     @classmethod
-    def load(cls, path: str | Path, policy: Any) -> "SharedBackbonePRM":
+    def load(cls, path: str | Path, policy: Any,
+             objectives: ObjectiveWeights = None) -> "SharedBackbonePRM":
         """The value head of a PRM directory (or ``value_head.safetensors`` file) whose backbone is
         the policy's; only the head is read."""
         p = Path(path)
@@ -216,10 +231,11 @@ class SharedBackbonePRM(Scorer):
         if head.hidden_size != policy.config.hidden_size:
             raise ValueError(f"value head {p} expects hidden size {head.hidden_size}, the policy "
                              f"has {policy.config.hidden_size}")
-        return cls(head.to(policy.heads.device), kind)
+        return cls(head.to(policy.heads.device), kind, objectives)
 
     @classmethod
-    def from_prm(cls, prm: Any, policy: Any) -> "SharedBackbonePRM":
+    def from_prm(cls, prm: Any, policy: Any,
+                 objectives: ObjectiveWeights = None) -> "SharedBackbonePRM":
         """Reuse a loaded PRM's value head after checking that its backbone is the policy's."""
         mine, theirs = policy.model.state_dict(), prm.model.state_dict()
         differ = [k for k in theirs if not k.startswith("lm_head")
@@ -228,13 +244,13 @@ class SharedBackbonePRM(Scorer):
         if differ:
             raise ValueError(f"the PRM's backbone is not the policy's (first differing tensors: "
                              f"{differ[:3]}): a shared-backbone scorer needs the same weights")
-        return cls(prm.value_head, prm.kind)
+        return cls(prm.value_head, prm.kind, objectives)
 
     @torch.no_grad()
     def score(self, cands: Candidates) -> torch.Tensor:
         param = next(self.value_head.parameters())
         raw = self.value_head(cands.hidden.to(device=param.device, dtype=param.dtype))
-        return apply_kind(raw, self.kind).float().cpu()
+        return combine_objectives(apply_kind(raw, self.kind), self.weights).float().cpu()
 
 
 class WeightedScorer(Scorer):

@@ -1,0 +1,70 @@
+"""``quality`` bench section: the paper's results in miniature on a generated, verifiable task.
+
+SFT -> preference pairs from the policy's own samples -> single-head DPO per objective and MAH-DPO
+-> Monte-Carlo rollouts -> a multi-objective value PRM -> evaluation on held-out problems (Tables
+A/B/C, a Pareto sweep over head weights with and without PRM guidance, best-of-K, search cost).
+Modules: `task` (problems, verifier, judge), `config` (sizes, presets, cache key), `pipeline`
+(training stages, cached), `evaluate` (configurations, generations), `report` (markdown, PNG).
+
+Beside the bench JSON (``<stem>.json``) it writes ``<stem>-quality.md``, ``<stem>-pareto.png`` and
+``<stem>-generations.jsonl``.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.quality.config import QualityConfig, preset
+
+
+def outputs(out_json: Path) -> dict[str, Path]:
+    """The section's files named from the bench JSON path."""
+    stem = out_json.with_suffix("")
+    return {"markdown": stem.with_name(stem.name + "-quality.md"),
+            "png": stem.with_name(stem.name + "-pareto.png"),
+            "generations": stem.with_name(stem.name + "-generations.jsonl")}
+
+
+def run_quality(cfg: QualityConfig, out_json: Path, *, no_cache: bool = False,
+                cache_root: Path | None = None, header: str = "",
+                log=print) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Train (or load) every artefact, evaluate, write the outputs; returns (metric rows, info)."""
+    from bench.quality import report
+    from bench.quality.evaluate import evaluate
+    from bench.quality.pipeline import splits, train_or_load
+
+    t0 = time.perf_counter()
+    art = train_or_load(cfg, no_cache=no_cache, root=cache_root, log=log)
+    t_train = time.perf_counter() - t0
+    problems = splits(cfg)["test"]
+    metrics, generations, specs = evaluate(art, cfg, problems, log=log)
+    files = outputs(out_json)
+    report.write_generations(generations, files["generations"])
+    title = (f"MAHALO quality bench: {len(problems)} held-out problems x {len(cfg.seeds)} seed(s), "
+             f"K={cfg.candidates}")
+    md = report.markdown(metrics, specs, header or f"## {title}", generations)
+    files["markdown"].parent.mkdir(parents=True, exist_ok=True)
+    files["markdown"].write_text(md + "\n")
+    report.pareto_png(metrics, specs, files["png"], title)
+    for name, path in files.items():
+        log(f"[quality] wrote {name}: {path}")
+    info = {"train_seconds": round(t_train, 1),
+            "eval_seconds": round(time.perf_counter() - t0 - t_train, 1),
+            "artefacts": str(art.root), "stages": art.summaries,
+            "files": {k: str(v) for k, v in files.items()}}
+    return metrics, info
+
+
+def run(ctx) -> list[dict[str, Any]]:
+    """The bench section: the quick preset with ``--quick`` or as part of the default section list,
+    the full one (3 seeds) when named with ``--sections`` without ``--quick``."""
+    cfg = preset("quick" if ctx.quick or ctx.all_sections else "full")
+    metrics, info = run_quality(cfg, ctx.out, no_cache=ctx.no_cache)
+    stages = ", ".join(f"{k} {v.get('seconds')} s" for k, v in info["stages"].items())
+    ctx.note(f"training time of each stage when it was trained: {stages}")
+    ctx.note(f"trained artefacts: {info['artefacts']} (training/loading {info['train_seconds']} s, "
+             f"evaluation {info['eval_seconds']} s); tables: {info['files']['markdown']}; plot: "
+             f"{info['files']['png']}; generations: {info['files']['generations']}")
+    return [{k: m[k] for k in ("config", "seed", "acc", "style", "tokens", "seconds")}
+            for m in metrics]

@@ -1,0 +1,215 @@
+"""Evaluation of the trained artefacts on held-out (``test``) problems: plain sampling, PRM-guided
+step search and best-of-K, every configuration with the same sampling settings, for each seed.
+
+Each answer becomes one generations row (``config, seed, problem_id, question, gold, text, pred,
+correct, style_score, tokens``); a configuration's metrics are means over its rows, so they can be
+recounted from the generations file alone. ``seconds`` is the configuration's wall time (policy and
+PRM work together; loading excluded).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from bench.quality.config import QualityConfig
+from bench.quality.pipeline import SAMPLING_BOUNDARY, Artefacts, prompt_of
+from bench.quality.task import Problem, extract_answer, style_score, verify
+from mahalo_engine import Scorer
+
+MAX_SEQ_LEN = 160
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One evaluated configuration.
+
+    mode: ``sample`` (``Engine.generate``), ``search`` (``Engine.search`` with K candidates scored by
+    the PRM weighted by ``prm``), ``best_of_k`` (K samples, the PRM's score of each whole answer
+    picks one) or ``search_reencode`` (``search`` with a scorer that re-encodes every candidate's
+    whole sequence: the cost baseline).
+    """
+
+    config: str
+    policy: str  # sft | dpo_acc | dpo_style | mah_dpo
+    head_weights: tuple[float, ...] | None = None
+    mode: str = "sample"
+    prm: Any = None  # objective weights of the multi-objective PRM: a name or {name: weight}
+    table: tuple[str, ...] = field(default_factory=tuple)
+
+
+def specs(cfg: QualityConfig) -> list[Spec]:
+    """Every configuration, each tagged with the tables it appears in."""
+    out = [
+        Spec("sft", "sft", table=("A", "B")),
+        Spec("dpo[acc]", "dpo_acc", table=("A",)),
+        Spec("dpo[style]", "dpo_style", table=("A",)),
+    ]
+    for w in cfg.sweep:
+        tag = ("A", "C") if w in (0.0, 0.5, 1.0) else ()
+        out.append(Spec(f"mah w_acc={w:.1f}", "mah_dpo", (w, 1.0 - w), table=("sweep",) + tag))
+    for w in cfg.sweep:
+        tag = ("C",) if w in (0.0, 0.5, 1.0) else ()
+        out.append(Spec(f"mah w_acc={w:.1f} +prm", "mah_dpo", (w, 1.0 - w), "search",
+                        {"acc": w, "style": 1.0 - w}, table=("sweep",) + tag))
+    out += [
+        Spec("sft +search prm[acc]", "sft", mode="search", prm="acc", table=("B",)),
+        Spec("sft +search prm[style]", "sft", mode="search", prm="style", table=("B",)),
+        Spec("sft best-of-K prm[acc]", "sft", mode="best_of_k", prm="acc", table=("B",)),
+        Spec("sft best-of-K prm[style]", "sft", mode="best_of_k", prm="style", table=("B",)),
+    ]
+    return out
+
+
+def cost_specs() -> list[Spec]:
+    """The timing comparison: our search (the PRM's persistent slot cache) vs re-encoding."""
+    return [Spec(f"cost: sft +search prm[{o}] {m}", "sft", mode=mode, prm=o, table=("cost",))
+            for o in ("acc", "style")
+            for m, mode in (("ours", "search"), ("re-encode", "search_reencode"))]
+
+
+class Evaluator:
+    """Loads each policy once (one `Engine` per policy) and the PRM once, then runs `Spec`s."""
+
+    def __init__(self, art: Artefacts, cfg: QualityConfig, max_batch: int) -> None:
+        from mahalo_engine import Engine, load_policy, load_prm
+
+        self.cfg = cfg
+        self.prm = load_prm(art.prm)
+        self.engines: dict[str, Any] = {}
+        for name, path in (("sft", art.sft), ("dpo_acc", art.dpo_acc),
+                           ("dpo_style", art.dpo_style), ("mah_dpo", art.mah_dpo)):
+            self.engines[name] = Engine(load_policy(path), max_batch=max_batch,
+                                        max_seq_len=MAX_SEQ_LEN, cuda_graphs=False)
+
+    def _search_config(self, scorer: Any, seed: int):
+        from mahalo_engine import SearchConfig, boxed_closed
+
+        c = self.cfg
+        return SearchConfig(candidates=c.candidates, boundary=SAMPLING_BOUNDARY,
+                            max_step_tokens=c.max_new_tokens, max_steps=8,
+                            max_new_tokens=c.max_new_tokens, temperature=c.temperature,
+                            top_k=c.top_k, seed=seed, scorer=scorer, stop=[boxed_closed])
+
+    def run(self, spec: Spec, problems: list[Problem], seed: int) -> tuple[list[dict], float]:
+        """(generations rows, wall seconds) of ``spec`` on ``problems``."""
+        from mahalo_engine import ValueModelPRM
+
+        engine = self.engines[spec.policy]
+        prompts = [prompt_of(p) for p in problems]
+        hw = list(spec.head_weights) if spec.head_weights is not None else None
+        c = self.cfg
+        t0 = time.perf_counter()
+        if spec.mode == "sample":
+            gens = engine.generate(prompts, head_weights=hw, max_new_tokens=c.max_new_tokens,
+                                   temperature=c.temperature, top_k=c.top_k, seed=seed)
+            answers = [(g.text, g.token_ids) for g in gens]
+        elif spec.mode in ("search", "search_reencode"):
+            scorer = ValueModelPRM(self.prm, objectives=spec.prm) if spec.mode == "search" \
+                else ReencodePRM(self.prm, spec.prm)
+            res = engine.search(prompts, head_weights=hw, config=self._search_config(scorer, seed))
+            answers = [(r.text, r.token_ids) for r in res]
+        elif spec.mode == "best_of_k":
+            answers = self._best_of_k(engine, prompts, hw, spec.prm, seed)
+        else:
+            raise ValueError(f"unknown evaluation mode {spec.mode!r}")
+        seconds = time.perf_counter() - t0
+        rows = [generation_row(spec.config, seed, p, text, len(ids))
+                for p, (text, ids) in zip(problems, answers)]
+        return rows, seconds
+
+    def _best_of_k(self, engine, prompts: list[str], hw, objectives: Any,
+                   seed: int) -> list[tuple[str, list[int]]]:
+        k = self.cfg.candidates
+        flat = [p for p in prompts for _ in range(k)]
+        gens = engine.generate(flat, head_weights=hw, max_new_tokens=self.cfg.max_new_tokens,
+                               temperature=self.cfg.temperature, top_k=self.cfg.top_k, seed=seed)
+        tok = engine.tokenizer
+        # Scored at the answer's last token as generated (EOS included when the policy stopped),
+        # exactly where step search scores a final step and where the PRM was trained.
+        seqs = [tok(p, add_special_tokens=False)["input_ids"] + list(g.token_ids)
+                for p, g in zip(flat, gens)]
+        scores = self.prm.score_full(seqs, batch_size=256, objectives=objectives).cpu()
+        best = scores.view(len(prompts), k).argmax(1).tolist()
+        return [(gens[i * k + b].text, gens[i * k + b].token_ids) for i, b in enumerate(best)]
+
+
+class ReencodePRM(Scorer):
+    """The cost baseline of step search: the same PRM scoring the same candidates, but re-encoding
+    each candidate's whole sequence (prompt + committed steps + candidate, the exact token ids the
+    policy holds) from scratch with ``score_full``, as a PRM without its own cache must. Picks the
+    same winners as `ValueModelPRM` up to float rounding."""
+
+    def __init__(self, prm: Any, objectives: Any) -> None:
+        self.prm = prm
+        self.objectives = objectives
+        self.committed: dict[int, list[int]] = {}  # slot -> prompt + committed step ids
+        self.last: dict[int, list[int]] = {}  # slot -> the candidate scored last
+
+    def start(self, slots: torch.Tensor, prompts: list) -> None:
+        for group, p in zip(slots.tolist(), prompts):
+            for slot in group:
+                self.committed[slot] = list(p.ids)
+
+    def score(self, cands) -> torch.Tensor:
+        slots = cands.slots.reshape(-1).tolist()
+        self.last = {s: list(t) for s, t in zip(slots, cands.token_ids)}
+        seqs = [self.committed[s] + list(t) for s, t in zip(slots, cands.token_ids)]
+        return self.prm.score_full(seqs, batch_size=256, objectives=self.objectives).float().cpu()
+
+    def promote(self, winners: torch.Tensor, groups: torch.Tensor) -> None:
+        for w, group in zip(winners.tolist(), groups.tolist()):
+            new = self.committed[w] + self.last[w]
+            for slot in group:
+                self.committed[slot] = list(new)
+
+    def move(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        for s, d in zip(src.tolist(), dst.tolist()):
+            self.committed[d] = list(self.committed[s])
+
+
+def generation_row(config: str, seed: int, p: Problem, text: str, tokens: int) -> dict[str, Any]:
+    return {"config": config, "seed": seed, "problem_id": p.problem_id, "question": p.question,
+            "gold": p.answer, "text": text, "pred": extract_answer(text),
+            "correct": verify(text, p.answer), "style_score": round(style_score(text), 6),
+            "tokens": tokens}
+
+
+def summarize(rows: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
+    """A configuration-and-seed's metrics: means over its generation rows."""
+    n = len(rows)
+    return {"config": rows[0]["config"], "seed": rows[0]["seed"],
+            "acc": sum(r["correct"] for r in rows) / n,
+            "style": sum(r["style_score"] for r in rows) / n,
+            "tokens": sum(r["tokens"] for r in rows) / n,
+            "seconds": round(seconds, 3), "n": n}
+
+
+def evaluate(art: Artefacts, cfg: QualityConfig, problems: list[Problem],
+             log: Callable[[str], None] = print) -> tuple[list[dict], list[dict], list[Spec]]:
+    """(metric rows, generation rows, specs) for every spec and seed, then the cost comparison
+    (first seed, ``cfg.n_cost`` problems)."""
+    from tqdm import tqdm
+
+    all_specs = specs(cfg)
+    costs = cost_specs()
+    ev = Evaluator(art, cfg, max_batch=max(1, len(problems)))
+    metrics, generations = [], []
+    total = len(all_specs) * len(cfg.seeds) + len(costs)
+    with torch.inference_mode(), tqdm(total=total, desc="evaluate", unit="config") as bar:
+        for seed in cfg.seeds:
+            for spec in all_specs:
+                rows, secs = ev.run(spec, problems, seed)
+                generations += rows
+                metrics.append(summarize(rows, secs))
+                bar.update(1)
+        for spec in costs:
+            rows, secs = ev.run(spec, problems[:cfg.n_cost], cfg.seeds[0])
+            generations += rows
+            metrics.append(summarize(rows, secs))
+            bar.update(1)
+    log(f"[quality] evaluate: {len(all_specs)} configurations x {len(cfg.seeds)} seeds on "
+        f"{len(problems)} held-out problems, {len(generations)} answers")
+    return metrics, generations, all_specs + costs

@@ -1,0 +1,328 @@
+"""The quality bench's training pipeline, through the project's public API and trainer CLIs only:
+
+1. ``sft``: a tiny Qwen2-shaped model (``mahalo_engine.tiny``) trained from scratch by
+   ``python -m training.sft`` on a mixture of worked and terse solutions, in segments; after each
+   segment the exported policy is scored on the *validation* split, and the first checkpoint whose
+   accuracy reaches the target (else the best one) is kept.
+2. ``pairs``: the SFT policy's own samples on the preference split, scored by the verifier (acc)
+   and the noisy style judge, turned into per-objective TRL pairs.
+3. ``dpo_acc`` / ``dpo_style`` / ``mah_dpo``: ``python -m training.mah_dpo`` with one objective
+   (single-head DPO) or both (MAH-DPO, 2 heads, equal α), same pairs, steps and settings.
+4. ``rollouts``: the SFT policy's samples on the PRM split, plus M Monte-Carlo continuations from
+   every proper prefix (``training.labels.generate_rollouts``: the engine samples them).
+5. ``prm``: hindsight Monte-Carlo values per objective (``training.labels.monte_carlo_values``,
+   z = correctness for acc, the judge's score for style) -> one multi-objective value PRM
+   (``python -m training.prm --loss mse --objectives acc,style``).
+
+Every stage writes its artefact under one cache directory keyed by the training configuration and
+finishes by writing ``stage.json`` (its summary); a stage whose ``stage.json`` exists is skipped.
+"""
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from bench.quality.config import QualityConfig
+from bench.quality.task import (STEP_SEP, STYLES, Problem, extract_answer, make_split, style_score,
+                                verify)
+
+SAMPLING_BOUNDARY = STEP_SEP
+OBJECTIVES = ("acc", "style")
+
+
+@dataclass
+class Artefacts:
+    root: Path
+    sft: Path
+    dpo_acc: Path
+    dpo_style: Path
+    mah_dpo: Path
+    prm: Path
+    summaries: dict[str, dict[str, Any]]
+
+
+def prompt_of(p: Problem) -> str:
+    """The prompt string a policy sees for a problem (no chat template: the tiny tokenizer's
+    template would only lengthen the prompt)."""
+    return p.question + "\n"
+
+
+def splits(cfg: QualityConfig) -> dict[str, list[Problem]]:
+    return {"train": make_split("train", cfg.n_train, cfg.data_seed),
+            "val": make_split("val", cfg.n_val, cfg.data_seed),
+            "pref": make_split("pref", cfg.n_pref, cfg.data_seed),
+            "prm": make_split("prm", cfg.n_prm, cfg.data_seed),
+            "test": make_split("test", cfg.n_test, cfg.data_seed)}
+
+
+def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def _run_cli(main: Callable[[list[str]], int], argv: list[str]) -> None:
+    """Run a trainer's CLI entry point in this process (the same code path as ``python -m``)."""
+    rc = main([str(a) for a in argv])
+    if rc:
+        raise RuntimeError(f"trainer exited with status {rc}: {' '.join(map(str, argv))}")
+
+
+def sample(policy_dir: Path, prompts: list[str], cfg: QualityConfig, *, seed: int,
+           head_weights: Any = None) -> list[Any]:
+    """``Engine.generate`` with the bench's sampling settings (all prompts in one batch)."""
+    from mahalo_engine import Engine, load_policy
+
+    policy = load_policy(policy_dir)
+    engine = Engine(policy, max_batch=min(256, max(1, len(prompts))), max_seq_len=160,
+                    cuda_graphs=False)
+    return engine.generate(prompts, head_weights=head_weights, max_new_tokens=cfg.max_new_tokens,
+                           temperature=cfg.temperature, top_k=cfg.top_k, seed=seed,
+                           progress=True)
+
+
+def _accuracy(policy_dir: Path, problems: list[Problem], cfg: QualityConfig, seed: int) -> float:
+    gens = sample(policy_dir, [prompt_of(p) for p in problems], cfg, seed=seed)
+    return sum(verify(g.text, p.answer) for g, p in zip(gens, problems)) / max(1, len(problems))
+
+
+class Pipeline:
+    """Runs (or loads from the cache) every training stage for one `QualityConfig`."""
+
+    def __init__(self, cfg: QualityConfig, root: Path, *, log: Callable[[str], None] = print) -> None:
+        self.cfg = cfg
+        self.root = root
+        self.log = log
+        self.data = splits(cfg)
+        self.summaries: dict[str, dict[str, Any]] = {}
+
+    def run(self) -> Artefacts:
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._stage("sft", self._sft)
+        self._stage("pairs", self._pairs)
+        self._stage("dpo_acc", lambda d: self._dpo(d, ["acc"]))
+        self._stage("dpo_style", lambda d: self._dpo(d, ["style"]))
+        self._stage("mah_dpo", lambda d: self._dpo(d, list(OBJECTIVES)))
+        self._stage("rollouts", self._rollouts)
+        self._stage("prm", self._prm)
+        r = self.root
+        return Artefacts(r, r / "sft" / "policy", r / "dpo_acc" / "policy", r / "dpo_style" / "policy",
+                         r / "mah_dpo" / "policy", r / "prm" / "prm", self.summaries)
+
+    def _stage(self, name: str, fn: Callable[[Path], dict[str, Any]]) -> None:
+        d = self.root / name
+        marker = d / "stage.json"
+        if marker.is_file():
+            self.summaries[name] = json.loads(marker.read_text())
+            self.log(f"[quality] {name}: cached ({_describe(self.summaries[name])})")
+            return
+        if d.exists():
+            shutil.rmtree(d)  # a stage that did not finish: start it afresh
+        d.mkdir(parents=True)
+        t0 = time.perf_counter()
+        summary = fn(d)
+        summary["seconds"] = round(time.perf_counter() - t0, 1)
+        marker.write_text(json.dumps(summary, indent=1))
+        self.summaries[name] = summary
+        self.log(f"[quality] {name}: {_describe(summary)}")
+
+    # -- stages -----------------------------------------------------------------------------------
+
+    def _base_model(self) -> Path:
+        from mahalo_engine.tiny import tiny_checkpoint
+
+        h = self.cfg.hidden_size
+        return tiny_checkpoint("qwen2", seed=self.cfg.data_seed, vocab_size=512, hidden_size=h,
+                               intermediate_size=2 * h, num_layers=self.cfg.num_layers, num_heads=4,
+                               num_key_value_heads=2)
+
+    def _sft(self, d: Path) -> dict[str, Any]:
+        from training import sft
+
+        cfg = self.cfg
+        rng = random.Random(f"{cfg.data_seed}:styles")
+        rows = [{"prompt": prompt_of(p),
+                 "completion": p.solution("terse" if rng.random() < cfg.p_terse else "worked")}
+                for p in self.data["train"]]
+        _write_jsonl(d / "sft.jsonl", rows)
+        work, keep = d / "run", d / "policy"
+        history, best = [], None
+        steps = cfg.sft_min_steps
+        while True:
+            argv = ["--model", self._base_model(), "--data", d / "sft.jsonl", "--out", work,
+                    "--optimizer", "adamw", "--lr", cfg.sft_lr, "--warmup-steps", 50,
+                    "--batch-size", cfg.sft_batch, "--max-steps", steps, "--max-length", 128,
+                    "--seed", cfg.data_seed, "--log-every", 25]
+            _run_cli(sft.main, argv + (["--resume"] if history else []))
+            acc = _accuracy(work, self.data["val"], cfg, seed=0)
+            history.append({"step": steps, "val_acc": acc})
+            self.log(f"[quality] sft: step {steps}, validation acc {acc:.3f}")
+            if best is None or acc > best["val_acc"]:
+                best = history[-1]
+                shutil.rmtree(keep, ignore_errors=True)
+                shutil.copytree(work, keep, ignore=shutil.ignore_patterns("checkpoints", "log.jsonl"))
+            if acc >= cfg.sft_target_acc:
+                best = history[-1]
+                break
+            if steps >= cfg.sft_max_steps:
+                break
+            steps = min(cfg.sft_max_steps, steps + cfg.sft_segment)
+        shutil.copy(work / "log.jsonl", d / "train_log.jsonl")
+        shutil.rmtree(work)
+        return {"kept_step": best["step"], "val_acc": best["val_acc"], "history": history,
+                "examples": len(rows), "artefact": str(keep)}
+
+    def _pairs(self, d: Path) -> dict[str, Any]:
+        cfg = self.cfg
+        problems = self.data["pref"]
+        n = cfg.pref_samples
+        prompts = [prompt_of(p) for p in problems for _ in range(n)]
+        gens = sample(self.root / "sft" / "policy", prompts, cfg, seed=1000)
+        acc_rows, style_rows = [], []
+        stats = {"samples": len(gens), "correct": 0}
+        for i, p in enumerate(problems):
+            texts = [g.text for g in gens[i * n:(i + 1) * n]]
+            if cfg.pairs_with_reference:
+                texts += [p.solution(s) for s in STYLES]
+            correct = [t for t in texts if verify(t, p.answer)]
+            wrong = [t for t in texts if not verify(t, p.answer)]
+            stats["correct"] += sum(verify(g.text, p.answer) for g in gens[i * n:(i + 1) * n])
+            for c, r in list(zip(correct, wrong))[:2]:
+                acc_rows.append({"prompt": prompt_of(p), "chosen": c, "rejected": r})
+            scored = sorted({t: style_score(t, noise=cfg.judge_noise, noise_seed=cfg.data_seed)
+                             for t in texts}.items(), key=lambda kv: -kv[1])
+            for (c, sc), (r, sr) in list(zip(scored, reversed(scored)))[:min(2, len(scored) // 2)]:
+                if sc - sr >= 0.1:
+                    style_rows.append({"prompt": prompt_of(p), "chosen": c, "rejected": r})
+        if not acc_rows or not style_rows:
+            raise RuntimeError(f"the SFT policy's samples gave {len(acc_rows)} acc and "
+                               f"{len(style_rows)} style pairs: nothing to train DPO on")
+        _write_jsonl(d / "acc.jsonl", acc_rows)
+        _write_jsonl(d / "style.jsonl", style_rows)
+        return {"acc_pairs": len(acc_rows), "style_pairs": len(style_rows),
+                "sample_acc": round(stats["correct"] / max(1, stats["samples"]), 3),
+                "artefact": str(d)}
+
+    def _dpo(self, d: Path, objectives: list[str]) -> dict[str, Any]:
+        from training import mah_dpo
+
+        cfg = self.cfg
+        pairs = self.root / "pairs"
+        argv = ["--model", self.root / "sft" / "policy", "--out", d / "policy",
+                "--objectives", ",".join(objectives), "--beta", cfg.dpo_beta,
+                "--optimizer", "adamw", "--lr", cfg.dpo_lr, "--warmup-steps", 10,
+                "--batch-size", cfg.dpo_batch * len(objectives), "--max-steps", cfg.dpo_steps,
+                "--max-length", 128, "--seed", cfg.data_seed, "--log-every", 10,
+                "--ref-cache", self.root / "ref_logps", "--balance", "replacement"]
+        for o in objectives:
+            argv += ["--data", f"{o}={pairs / (o + '.jsonl')}"]
+            argv += ["--alpha", f"{o}={1.0 / len(objectives)}"]
+        _run_cli(mah_dpo.main, argv)
+        last = _last_log(d / "policy" / "log.jsonl")
+        return {"objectives": objectives, "steps": cfg.dpo_steps,
+                **{k: round(v, 3) for k, v in last.items() if k.endswith(("/acc", "/margin"))},
+                "artefact": str(d / "policy")}
+
+    def _rollouts(self, d: Path) -> dict[str, Any]:
+        from mahalo_engine import load_policy
+        from training.labels import generate_rollouts, split_steps
+
+        cfg = self.cfg
+        problems = self.data["prm"]
+        gold = {prompt_of(p): p.answer for p in problems}
+        gens = sample(self.root / "sft" / "policy", [prompt_of(p) for p in problems], cfg,
+                      seed=2000)
+        trajectories = [{"prompt": prompt_of(p), "steps": split_steps(g.text, SAMPLING_BOUNDARY)}
+                        for p, g in zip(problems, gens) if g.text]
+
+        def verifier(prompt: str, steps: list[str]) -> float:
+            return float(verify("".join(steps), gold[prompt]))
+
+        policy = load_policy(self.root / "sft" / "policy")
+        rows = generate_rollouts(policy, trajectories, verifier, cfg.mc_rollouts,
+                                 boundary=SAMPLING_BOUNDARY, max_new_tokens=cfg.max_new_tokens,
+                                 temperature=cfg.temperature, top_k=cfg.top_k, seed=3000,
+                                 chat_template=False)
+        for r in rows:  # the style objective's final reward, on the same rollouts
+            r["style_reward"] = style_score("".join(r["steps"]), noise=cfg.judge_noise,
+                                            noise_seed=cfg.data_seed)
+        _write_jsonl(d / "rollouts.jsonl", rows)
+        return {"trajectories": len(trajectories), "rollouts": len(rows),
+                "rollout_acc": round(sum(r["final_reward"] for r in rows) / max(1, len(rows)), 3),
+                "artefact": str(d / "rollouts.jsonl")}
+
+    def _eos_text(self) -> str:
+        return _eos_text_of(self.root / "sft" / "policy")
+
+    def _prm(self, d: Path) -> dict[str, Any]:
+        from training import prm as prm_cli
+        from training.labels import monte_carlo_values
+
+        cfg = self.cfg
+        rollouts = [json.loads(line) for line in
+                    (self.root / "rollouts" / "rollouts.jsonl").read_text().splitlines()]
+        eos = self._eos_text()
+        for r in rollouts:
+            # A finished answer's last step reaches the PRM during search as the engine fed it:
+            # "\boxed{N}" plus the EOS token (the policy stops there), so it is labelled there too;
+            # with the trainer's default separator it would be read at an appended "\n\n" instead.
+            if r["steps"] and extract_answer(r["steps"][-1]) is not None:
+                r["steps"] = r["steps"][:-1] + [r["steps"][-1] + eos]
+        acc = monte_carlo_values(rollouts, cfg.gamma)
+        style = monte_carlo_values([{**r, "final_reward": r["style_reward"]} for r in rollouts],
+                                   cfg.gamma)
+        rows = [{"prompt": a["prompt"], "completions": a["completions"],
+                 "labels": [[va, vs] for va, vs in zip(a["labels"], s["labels"])]}
+                for a, s in zip(acc, style)]
+        if any(a["completions"] != s["completions"] for a, s in zip(acc, style)):
+            raise RuntimeError("acc and style Monte-Carlo values came out in different orders")
+        _write_jsonl(d / "steps.jsonl", rows)
+        argv = ["--model", self.root / "sft" / "policy", "--data", d / "steps.jsonl",
+                "--out", d / "prm", "--loss", "mse", "--objectives", ",".join(OBJECTIVES),
+                "--step-separator", "",  # steps keep their own "\n\n" (split_steps) or EOS
+                "--optimizer", "adamw", "--lr", cfg.prm_lr, "--warmup-steps", 10,
+                "--batch-size", cfg.prm_batch, "--max-steps", cfg.prm_steps, "--max-length", 160,
+                "--seed", cfg.data_seed, "--log-every", 10]
+        if cfg.prm_train_backbone:
+            argv.append("--train-backbone")
+        _run_cli(prm_cli.main, argv)
+        last = _last_log(d / "prm" / "log.jsonl")
+        n_steps = sum(len(r["completions"]) for r in rows)
+        return {"trajectories": len(rows), "labelled_steps": n_steps,
+                "final_mse": round(last.get("mse", float("nan")), 4), "artefact": str(d / "prm")}
+
+
+def _eos_text_of(policy_dir: Path) -> str:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(policy_dir)
+    if tok.eos_token is None:
+        raise ValueError(f"{policy_dir}: the tokenizer has no EOS token")
+    return tok.eos_token
+
+
+def _last_log(path: Path) -> dict[str, float]:
+    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return {k: v for k, v in lines[-1].items() if isinstance(v, (int, float))} if lines else {}
+
+
+def _describe(summary: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in summary.items() if k not in ("history",))
+
+
+def train_or_load(cfg: QualityConfig, *, no_cache: bool = False, root: Path | None = None,
+                  log: Callable[[str], None] = print) -> Artefacts:
+    """Every trained artefact of ``cfg``, from the cache when present (``no_cache`` retrains)."""
+    from mahalo_engine.utils.paths import cache_dir
+
+    root = root if root is not None else cache_dir("quality", cfg.train_key())
+    if no_cache and root.exists():
+        shutil.rmtree(root)
+    torch.manual_seed(cfg.data_seed)
+    return Pipeline(cfg, root, log=log).run()

@@ -1,0 +1,94 @@
+"""The engine's CPU sampling path (triton_kernels.cpu) against the readable spec (reference).
+
+Tokens must be identical (same logits, mask, softmax and generator draw), log-probs equal to fp32
+rounding; the shared-weights plan must apply on CPU (merged heads) and the top-k mask must break
+ties at the threshold like the reference's stable sort.
+"""
+import math
+
+import pytest
+import torch
+
+from triton_kernels import cpu, merge_cache, merge_shared_heads, reference
+
+
+def make_inputs(B, H, V, d, *, seed=0, scale=3.0, shared=False):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(B, d, generator=g)
+    heads = torch.randn(H, V, d, generator=g) * (scale / math.sqrt(d))
+    weights = torch.rand(1 if shared else B, H, generator=g) + 0.1
+    return hidden, heads, weights.expand(B, H).contiguous() if shared else weights
+
+
+def assert_same(got, want):
+    assert torch.equal(got[0], want[0])
+    torch.testing.assert_close(got[1], want[1], rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("top_k", [0, 1, 7, 128])  # 128 > V: no truncation
+@pytest.mark.parametrize("temperature", [0.0, 0.7, "rows", "mixed", "zeros"])
+def test_general_path_equals_reference(temperature, top_k):
+    B, V = 5, 120
+    hidden, heads, weights = make_inputs(B, 3, V, 24, seed=top_k)
+    temp = {"rows": torch.tensor([0.5, 1.0, 2.0, 0.8, 1.3]),
+            "mixed": torch.tensor([0.0, 1.0, 0.0, 0.8, 1.3]),
+            "zeros": torch.zeros(1)}.get(temperature, temperature)
+    for offset in range(12):  # several draws: every row's token must match every time
+        kw = dict(temperature=temp, top_k=top_k, seed=3, offset=offset)
+        assert_same(cpu.multihead_sample(hidden, heads, weights, **kw),
+                    reference.multihead_sample(hidden, heads, weights, **kw))
+
+
+@pytest.mark.parametrize("top_k", [0, 4])
+def test_shared_weights_use_merged_heads(top_k):
+    hidden, heads, weights = make_inputs(6, 3, 131, 16, shared=True, seed=1)
+    merges = merge_cache.merges
+    merged, one_hot = merge_shared_heads(heads, weights)
+    assert merged.shape[0] == 1 and merge_cache.merges == merges + 1
+    for offset in range(8):
+        kw = dict(temperature=0.9, top_k=top_k, seed=11, offset=offset)
+        assert_same(cpu.multihead_sample(hidden, heads, weights, **kw),
+                    reference.multihead_sample(hidden, merged, one_hot, **kw))
+    assert merge_cache.merges == merges + 1  # the cached merge was reused, not recomputed
+    z64 = torch.einsum("bh,hvd,bd->bv", weights.double(), heads.double(), hidden.double())
+    z = cpu.multihead_logits(hidden, heads, weights)
+    assert ((z.double() - z64).abs().max() / z64.abs().max()).item() < 1e-5
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 3, 5, 6])
+def test_top_k_mask_breaks_ties_like_reference(top_k):
+    # Row 0: a run of equal values straddling the threshold; row 1: all equal; row 2: no ties.
+    scaled = torch.tensor([[1.0, 3.0, 2.0, 3.0, 2.0, 2.0, 0.5, 2.0],
+                           [4.0] * 8,
+                           [0.1, 0.9, 0.3, 0.7, 0.5, 0.2, 0.8, 0.4]])
+    assert torch.equal(cpu.top_k_mask(scaled, top_k), reference.top_k_mask(scaled, top_k))
+
+
+def test_top_k_ties_in_sampling_equal_reference():
+    hidden, heads, weights = make_inputs(4, 2, 40, 8, seed=5)
+    # Eleven vocabulary entries with the same (large) logit: top-6 must cut inside the tie.
+    heads[:, 20:30] = heads[:, 3:4] = hidden.mean(0)
+    z = reference.multihead_logits(hidden, heads, weights)
+    assert bool((z[:, 20:30] == z[:, 3:4]).all()) and bool((z.argmax(-1) == 3).any())
+    for offset in range(10):
+        kw = dict(temperature=1.0, top_k=6, seed=2, offset=offset)
+        assert_same(cpu.multihead_sample(hidden, heads, weights, **kw),
+                    reference.multihead_sample(hidden, heads, weights, **kw))
+
+
+def test_greedy_is_argmax_of_float64_logits():
+    hidden, heads, weights = make_inputs(7, 2, 300, 32, seed=9)
+    z64 = torch.einsum("bh,hvd,bd->bv", weights.double(), heads.double(), hidden.double())
+    tokens, logprobs = cpu.multihead_sample(hidden, heads, weights, temperature=0.0)
+    assert torch.equal(tokens, z64.argmax(-1))
+    want = torch.log_softmax(z64, -1).gather(1, tokens[:, None]).squeeze(1)
+    torch.testing.assert_close(logprobs.double(), want, rtol=0, atol=1e-5)
+
+
+def test_rejects_non_cpu_tensors():
+    hidden, heads, weights = make_inputs(2, 2, 10, 4)
+    with pytest.raises(ValueError, match="hidden must have shape"):
+        cpu.multihead_sample(hidden[0], heads, weights)
+    with pytest.raises(ValueError, match="runs on CPU tensors, got hidden on meta"):
+        cpu.multihead_sample(hidden.to("meta"), heads.to("meta"), weights.to("meta"),
+                             temperature=0.0)

@@ -1,0 +1,164 @@
+"""torch.ops.mahalo.multihead_logits / multihead_sample as custom ops: opcheck (schema, fake,
+autograd registration, AOT dispatch), torch.compile(fullgraph=True) of a decode step equal to
+eager, torch.export of a module calling the op, and a CUDA-graph replay (gpu)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import triton_kernels
+from mahalo_engine.cache import KVCache
+from mahalo_engine.config import ModelConfig
+from mahalo_engine.models.decoder import Decoder
+from mahalo_engine.tiny import tiny_checkpoint
+from triton_kernels import ops  # noqa: F401  (registers torch.ops.mahalo.multihead_*)
+
+B, H, V, D = 3, 2, 37, 16
+
+
+def _inputs(device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(B, D, generator=g).to(device)
+    heads = torch.randn(H, V, D, generator=g).to(device)
+    weights = torch.softmax(torch.randn(B, H, generator=g), -1).to(device)
+    return hidden, heads, weights
+
+
+def test_logits_op_matches_float64_math():
+    hidden, heads, weights = _inputs()
+    expected = torch.einsum("bh,hvd,bd->bv", weights.double(), heads.double(), hidden.double())
+    got = torch.ops.mahalo.multihead_logits(hidden, heads, weights)
+    torch.testing.assert_close(got.double(), expected, atol=1e-4, rtol=1e-5)
+    out = torch.empty(B, V)
+    assert triton_kernels.multihead_logits(hidden, heads, weights, out=out) is out
+    torch.testing.assert_close(out.double(), expected, atol=1e-4, rtol=1e-5)
+
+
+def test_opcheck_logits():
+    torch.library.opcheck(torch.ops.mahalo.multihead_logits.default, _inputs())
+
+
+@pytest.mark.parametrize("form", ["float", "greedy", "tensors", "topk"])
+def test_opcheck_sample(form):
+    hidden, heads, weights = _inputs()
+    args = {  # (temperature, temperature_tensor, top_k, seed, seed_tensor, offset, offset_tensor)
+        "float": (0.7, None, 0, 5, None, 2, None),
+        "greedy": (0.0, None, 0, 0, None, 0, None),
+        "tensors": (1.0, torch.tensor([0.5, 0.0, 2.0]), 0, 0, torch.tensor([9]), 0,
+                    torch.tensor([4])),
+        "topk": (1.3, None, 4, 11, None, 0, None),
+    }[form]
+    torch.library.opcheck(torch.ops.mahalo.multihead_sample.default, (hidden, heads, weights, *args))
+
+
+def test_sample_wrapper_normalises_scalar_and_tensor_forms():
+    """The same (temperature, seed, offset) as Python scalars or as device tensors give the same
+    draw; a greedy call gives the float64 argmax."""
+    hidden, heads, weights = _inputs()
+    a = triton_kernels.multihead_sample(hidden, heads, weights, temperature=0.8, seed=3, offset=7)
+    b = triton_kernels.multihead_sample(hidden, heads, weights, temperature=torch.tensor(0.8),
+                                        seed=torch.tensor([3]), offset=torch.tensor([7]))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    z = torch.einsum("bh,hvd,bd->bv", weights.double(), heads.double(), hidden.double())
+    tokens, logprobs = triton_kernels.multihead_sample(hidden, heads, weights, temperature=0.0)
+    assert tokens.tolist() == z.argmax(-1).tolist()
+    expected = torch.log_softmax(z, -1).gather(1, tokens[:, None])[:, 0]
+    torch.testing.assert_close(logprobs.double(), expected, atol=1e-4, rtol=1e-5)
+    with pytest.raises(ValueError, match="top_k"):
+        triton_kernels.multihead_sample(hidden, heads, weights, top_k=-1)
+
+
+def _decode_setup():
+    config = ModelConfig.from_pretrained(tiny_checkpoint("qwen2"))
+    torch.manual_seed(0)
+    model = Decoder(config).eval()
+    cache = KVCache.allocate(config, 4, 16, dtype=torch.float32, device="cpu")
+    model.prefill(cache, [[1, 2, 3], [4, 5], [6, 7, 8, 9]], [0, 1, 2])
+    heads = torch.randn(2, config.vocab_size, config.hidden_size) * 0.2
+    weights = torch.tensor([[0.5, 0.5], [1.0, 0.0], [0.25, 0.75]])
+    return model, cache, heads, weights
+
+
+def test_compiled_decode_step_equals_eager():
+    """Backbone decode + fused multi-head sampling, compiled with fullgraph=True (a graph break
+    would raise), gives eager's tokens, log-probs, cache contents and lengths."""
+    model, cache, heads, weights = _decode_setup()
+    slots = torch.tensor([0, 1, 2])
+
+    def step(c: KVCache, ids: torch.Tensor, seed: torch.Tensor, temperature: torch.Tensor):
+        hidden = model.decode(c, ids, slots)
+        return triton_kernels.multihead_sample(hidden, heads, weights, temperature=temperature,
+                                               top_k=5, seed=seed, offset=c.lens[:1].long())
+
+    eager_cache = KVCache(cache.data.clone(), cache.lens.clone())
+    compiled_cache = KVCache(cache.data.clone(), cache.lens.clone())
+    compiled = torch.compile(step, fullgraph=True)
+    ids, temp = torch.tensor([3, 1, 4]), torch.tensor([0.9, 0.0, 1.5])
+    for i in range(2):  # the second call feeds back the sampled tokens, new seed
+        seed = torch.tensor([10 + i])
+        eager = step(eager_cache, ids, seed, temp)
+        got = compiled(compiled_cache, ids, seed, temp)
+        assert torch.equal(got[0], eager[0])
+        torch.testing.assert_close(got[1], eager[1], atol=1e-5, rtol=1e-5)
+        ids = eager[0]
+    torch.testing.assert_close(compiled_cache.data, eager_cache.data, atol=1e-5, rtol=1e-5)
+    assert torch.equal(compiled_cache.lens, eager_cache.lens)
+    assert compiled_cache.lens.tolist() == [5, 4, 6, 0]
+
+
+class _Sampler(torch.nn.Module):
+    def __init__(self, heads: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("heads", heads)
+
+    def forward(self, hidden, weights, seed):
+        return triton_kernels.multihead_sample(hidden, self.heads, weights, temperature=1.0,
+                                               seed=seed)
+
+
+def test_export_module_calling_the_op():
+    hidden, heads, weights = _inputs()
+    module = _Sampler(heads)
+    exported = torch.export.export(module, (hidden, weights, torch.tensor([1])))
+    targets = {str(n.target) for n in exported.graph.nodes if n.op == "call_function"}
+    assert "mahalo.multihead_sample.default" in targets
+    seed = torch.tensor([8])
+    got = exported.module()(hidden, weights, seed)
+    want = module(hidden, weights, seed)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@pytest.mark.gpu
+def test_sample_op_replays_in_a_cuda_graph():
+    hidden, heads, weights = _inputs("cuda")
+    seed = torch.tensor([1], device="cuda")
+    temp = torch.tensor([1.0], device="cuda")
+    heads_eff, weights_eff = triton_kernels.merge_shared_heads(heads, weights)
+
+    def run():
+        return torch.ops.mahalo.multihead_sample(hidden, heads_eff, weights_eff, 1.0, temp, 0, 0,
+                                                 seed, 0, None)
+
+    run()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        tokens, logprobs = run()
+    for s in (2, 3):
+        seed.fill_(s)
+        graph.replay()
+        want = run()
+        assert torch.equal(tokens, want[0]) and torch.equal(logprobs, want[1])
+
+
+@pytest.mark.gpu
+def test_compiled_sample_with_cuda_graphs_equals_eager():
+    hidden, heads, weights = _inputs("cuda")
+    fn = torch.compile(lambda h, s: triton_kernels.multihead_sample(h, heads, weights, seed=s),
+                       fullgraph=True, mode="reduce-overhead")
+    for s in (1, 2, 3):
+        seed = torch.tensor([s], device="cuda")
+        got, want = fn(hidden, seed), triton_kernels.multihead_sample(hidden, heads, weights,
+                                                                      seed=seed)
+        assert torch.equal(got[0], want[0])
+        torch.testing.assert_close(got[1], want[1])
