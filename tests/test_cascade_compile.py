@@ -9,12 +9,12 @@ import json
 import os
 import re
 import subprocess
-import sys
 import tempfile
 
 import pytest
 import torch
 
+from aot_subprocess import compile_in_subprocess
 from triton_kernels.cascade import DOT_PRECISION, LOG2E, launch_config
 
 H100_SMEM_PER_BLOCK = 227 * 1024
@@ -102,14 +102,7 @@ def compile_all() -> dict:
 
 @pytest.fixture(scope="module")
 def compiled():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
-    proc = subprocess.run([sys.executable, __file__], capture_output=True, text=True, env=env,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return compile_in_subprocess(__file__)
 
 
 @pytest.mark.parametrize("name", list(SHAPES))

@@ -8,11 +8,11 @@ objects that cannot be compiled); it needs ptxas, which Triton ships.
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 import torch
 
+from aot_subprocess import compile_in_subprocess
 from triton_kernels.merge_kernel import merge_config
 from triton_kernels.multihead import DOT_PRECISION, launch_config, sampling_mode
 
@@ -172,14 +172,7 @@ def compile_all() -> dict:
 
 @pytest.fixture(scope="module")
 def compiled():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9 warns when unset
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
-    proc = subprocess.run([sys.executable, __file__], capture_output=True, text=True, env=env,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return compile_in_subprocess(__file__)
 
 
 @pytest.mark.parametrize("name", list(CALLS))
