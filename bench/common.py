@@ -1,4 +1,5 @@
-"""Shared benchmark plumbing: the run context, timing, memory peaks, device copy bandwidth, tables.
+"""Shared benchmark plumbing: the run context, timing, memory peaks, device copy bandwidth, tables,
+readable model names, and the transformers-version shims the sections share.
 
 Every section module (``bench/<name>.py``) exposes ``run(ctx: BenchContext) -> list[dict]``; each
 dict is one table row. Rows compare implementations side by side in one run and carry ratios; an
@@ -7,6 +8,7 @@ absolute time means something only on a GPU, with the card named (``ctx.device_n
 from __future__ import annotations
 
 import gc
+import inspect
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -183,3 +185,18 @@ def markdown_table(rows: list[dict]) -> str:
     for r in rows:
         lines.append("| " + " | ".join(fmt(r.get(c, "")) for c in cols) + " |")
     return "\n".join(lines)
+
+
+def model_label(path: Path) -> str:
+    """A readable name for a model directory: the built-in tiny checkpoints (whose directory is
+    named by a hash of their recipe) as ``tiny-<family> (random init)``, others by their name."""
+    from mahalo_engine.tiny import tiny_family
+
+    family = tiny_family(path)
+    return f"tiny-{family} (random init)" if family is not None else Path(path).name
+
+
+def hf_cache_kwarg(model) -> str:
+    """transformers renamed ``past_key_values`` to ``cache`` in v5; use what this version takes."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"

@@ -28,13 +28,12 @@ shape built from its config (nothing downloaded): on a GPU always, on CPU with `
 from __future__ import annotations
 
 import copy
-import inspect
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from bench.common import BenchContext, timeit
+from bench.common import BenchContext, hf_cache_kwarg, model_label, timeit
 from mahalo_engine.cache import KVCache
 from mahalo_engine.config import ModelConfig
 from mahalo_engine.engine.graph_runner import kv_bucket
@@ -52,15 +51,6 @@ QWEN25_05B = dict(  # Qwen2.5-0.5B's published shape
     num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
     rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True, hidden_act="silu",
 )
-
-
-def model_label(path: Path) -> str:
-    """A readable name for a model directory: the built-in tiny checkpoints (whose directory is
-    named by a hash of their recipe) as ``tiny-<family> (random init)``, others by their name."""
-    from mahalo_engine.tiny import tiny_family
-
-    family = tiny_family(path)
-    return f"tiny-{family} (random init)" if family is not None else Path(path).name
 
 
 def _models(ctx: BenchContext, dtype: torch.dtype):
@@ -81,19 +71,13 @@ def _models(ctx: BenchContext, dtype: torch.dtype):
         yield SHAPED, hf, ours.eval()
 
 
-def _hf_cache_kw(model) -> str:
-    """transformers renamed ``past_key_values`` to ``cache`` in v5; use what this version takes."""
-    params = inspect.signature(model.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
-
-
 def _hf_runner(model, kind: str, prompt: torch.Tensor, first_ids: torch.Tensor, steps: int,
                pool: int) -> tuple[Callable[[], None], torch.Tensor]:
     """A closure running ``steps`` greedy steps, fed ``first_ids`` first, from a prefilled cache
     (a fresh copy per call, made outside the timing), and the first step's logits."""
     from transformers import DynamicCache, StaticCache
 
-    key = _hf_cache_kw(model)
+    key = hf_cache_kwarg(model)
     b, p = prompt.shape
     if kind == "dynamic":
         cache = DynamicCache(config=model.config)
@@ -126,7 +110,7 @@ def _our_runner(model: Decoder, prompt: torch.Tensor, first_ids: torch.Tensor, s
     cache holds ``max_len`` positions (default: just enough); ``bounded`` reads slots ``[0, B)``
     in place over the runner's prefix bucket, else every slot's whole max_len is gathered."""
     b, p = prompt.shape
-    dtype = model.model.embed_tokens.weight.dtype
+    dtype = model.dtype
     max_len = p + steps + 1 if max_len is None else max_len
     cache = KVCache.allocate(model.config, b, max_len, dtype=dtype, device=prompt.device)
     slots = torch.arange(b, device=prompt.device)
@@ -285,7 +269,7 @@ def _engine_rows(ctx: BenchContext, label: str, hf, model: Decoder, steps: int,
 
     def hf_step(kind: str):
         pick = (lambda z: z.argmax(-1)) if kind == "greedy" else _hf_sample
-        cache_kw = _hf_cache_kw(hf)
+        cache_kw = hf_cache_kwarg(hf)
         from transformers import DynamicCache
 
         with torch.no_grad():

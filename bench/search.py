@@ -29,8 +29,9 @@ import time
 
 import torch
 
-from bench.common import BenchContext, peak_memory_bytes, reset_peak_memory, synchronize
-from bench.decode import QWEN25_05B, _hf_cache_kw, model_label
+from bench.common import (BenchContext, hf_cache_kwarg, model_label, peak_memory_bytes,
+                          reset_peak_memory, synchronize)
+from bench.decode import QWEN25_05B
 from mahalo_engine.config import ModelConfig
 from mahalo_engine.engine import Engine, SearchConfig
 from mahalo_engine.models.decoder import Decoder
@@ -127,7 +128,7 @@ def _reencode(tok, hf, prm, prompts, k: int, steps: int, step_tokens: int) -> tu
 
 
 def _paper_loop(tok, hf, prm, prompts, k: int, steps: int, step_tokens: int) -> tuple[int, int]:
-    key, eos, dev = _hf_cache_kw(hf), _eos(tok, hf), hf.device
+    key, eos, dev = hf_cache_kwarg(hf), _eos(tok, hf), hf.device
     tokens = 0
     with torch.no_grad():
         for prompt in prompts:

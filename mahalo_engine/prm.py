@@ -241,7 +241,7 @@ class ValueModel(nn.Module):
         `scores_from_hidden`)."""
         if not token_ids or any(len(s) == 0 for s in token_ids):
             raise ValueError("score_full needs at least one sequence and no empty sequence")
-        device = self.model.model.embed_tokens.weight.device
+        device = self.model.device
         out = []
         for i in range(0, len(token_ids), batch_size):
             chunk = token_ids[i:i + batch_size]
@@ -269,7 +269,7 @@ def load_prm(path: str | Path, *, dtype: torch.dtype | None = None,
     head, kind = load_value_head(root / VALUE_HEAD_FILE)
     model = load_decoder(root, dtype=dtype, device=device)
     tokenizer = AutoTokenizer.from_pretrained(root)
-    return ValueModel(model, head.to(model.model.embed_tokens.weight.device), kind, tokenizer,
+    return ValueModel(model, head.to(model.device), kind, tokenizer,
                       root).eval()
 
 

@@ -327,7 +327,7 @@ def test_every_eos_id_of_generation_config_stops_generation(tmp_path):
 
 def test_bench_search_covers_long_prompts_and_names_the_model():
     from bench.common import BenchContext
-    from bench.decode import model_label
+    from bench.common import model_label
     from bench.search import _workloads
 
     for device, quick in (("cpu", True), ("cpu", False)):

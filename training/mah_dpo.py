@@ -105,7 +105,7 @@ def reference_logps(decoder: torch.nn.Module, items: Sequence[TokenizedPair], *,
 
     from mahalo_engine.utils.safetensors_io import load_safetensors
 
-    dtype = decoder.model.embed_tokens.weight.dtype
+    dtype = decoder.dtype
     key_src = json.dumps({"v": REF_CACHE_VERSION, "model": hash_model_dir(model_dir),
                           "dtype": str(dtype), "device": info.device.type, "bf16": bf16,
                           "tokens": tokens_digest(items), "n": len(items)}, sort_keys=True)

@@ -101,11 +101,11 @@ class ValueModelPRM(Scorer):
 
     @property
     def _dtype(self) -> torch.dtype:
-        return self.prm.model.model.embed_tokens.weight.dtype
+        return self.prm.model.dtype
 
     @property
     def _device(self) -> torch.device:
-        return self.prm.model.model.embed_tokens.weight.device
+        return self.prm.model.device
 
     def _allocated(self, num_slots: int, max_len: int) -> bool:
         # More slots than needed is fine (like the policy's cache: a search with fewer candidates

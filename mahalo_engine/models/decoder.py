@@ -65,6 +65,15 @@ class Decoder(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The weights' dtype (that of the embedding; every parameter shares it)."""
+        return self.model.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
     def tie_weights(self) -> None:
         """Share lm_head's weight with the embedding when the config says so (call after re-materialising)."""
         if self.config.tie_word_embeddings:
@@ -125,7 +134,7 @@ class Decoder(nn.Module):
         if tuple(cache.data.shape) != expected:
             raise ValueError(f"cache shape {tuple(cache.data.shape)} does not fit this model: "
                              f"expected {expected}")
-        dtype = self.model.embed_tokens.weight.dtype
+        dtype = self.dtype
         if cache.dtype != dtype:
             raise TypeError(f"cache dtype {cache.dtype} differs from the model's {dtype}")
 

@@ -181,7 +181,7 @@ def save_checkpoint(out_dir: str | Path, model: Decoder, tokenizer=None, *,
         (out / INDEX_FILE).write_text(json.dumps(index, indent=2))
 
     raw = dict(config.raw)
-    dtype_name = _DTYPE_NAMES[model.model.embed_tokens.weight.dtype]
+    dtype_name = _DTYPE_NAMES[model.dtype]
     # transformers v5 writes "dtype", older versions "torch_dtype": update whichever are there,
     # since load_decoder's default dtype reads them.
     for key in [k for k in ("dtype", "torch_dtype") if k in raw] or ["dtype"]:
