@@ -27,7 +27,7 @@ from bench.decode import QWEN25_05B
 from mahalo_engine.config import ModelConfig
 from mahalo_engine.models.decoder import Decoder
 from mahalo_engine.utils.loader import load_decoder
-from training.data import IGNORE
+from training.collate import IGNORE
 from training.logps import PolicyLogps
 from training.losses import mah_dpo_loss
 

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from mahalo_engine.config import ModelConfig
+from mahalo_engine.utils.padding import pad_right
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 VALUE_HEAD_FORMAT = "mahalo-value-head-v1"
@@ -245,11 +246,8 @@ class ValueModel(nn.Module):
         out = []
         for i in range(0, len(token_ids), batch_size):
             chunk = token_ids[i:i + batch_size]
-            lens = torch.tensor([len(s) for s in chunk], device=device)
-            ids = torch.zeros(len(chunk), int(lens.max()), dtype=torch.long)
-            for j, s in enumerate(chunk):
-                ids[j, :len(s)] = torch.as_tensor(s, dtype=torch.long)
-            ids = ids.to(device)
+            ids, lens = pad_right(chunk)
+            ids, lens = ids.to(device), lens.to(device)
             mask = torch.arange(ids.shape[1], device=device)[None, :] < lens[:, None]
             hidden = self.model(ids, mask.long())
             last = hidden[torch.arange(len(chunk), device=device), lens - 1]

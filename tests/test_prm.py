@@ -97,7 +97,8 @@ def test_prm_mse_training_lowers_loss_and_saves_loadable_value_model(tmp_path):
     assert all(torch.equal(base[k], saved[k]) for k in base)
 
     # the trained head, read at each step's last token, fits the targets better than predicting 0
-    from training.data import read_steps, tokenize_steps
+    from training.encode import tokenize_steps
+    from training.readers import read_steps
 
     items, _ = tokenize_steps(prm.tokenizer, read_steps(data), max_length=2048, max_prompt_length=1024,
                               chat_template=False, step_separator="\n\n")
@@ -261,7 +262,8 @@ def test_multi_objective_prm_training_fits_each_objective(tmp_path, capsys):
     assert log[-1]["mse"] < 0.5 * log[0]["mse"]
     prm = load_prm(out)
     assert prm.objectives == ["acc", "style"]
-    from training.data import read_steps, tokenize_steps
+    from training.encode import tokenize_steps
+    from training.readers import read_steps
 
     items, _ = tokenize_steps(prm.tokenizer, read_steps(data, num_objectives=2), max_length=2048,
                               max_prompt_length=1024, chat_template=False, step_separator="\n\n")

@@ -6,8 +6,10 @@ import pytest
 
 from mahalo_engine.tiny import tiny_checkpoint
 from training.checkpoint import atomic_write_text
-from training.data import (IGNORE, BalancedBatches, DataError, collate_pairs, read_preferences,
-                           read_steps, read_sft, tokenize_pairs, tokenize_steps, truncate)
+from training.batching import BalancedBatches
+from training.collate import IGNORE, collate_pairs
+from training.encode import tokenize_pairs, tokenize_steps, truncate
+from training.readers import DataError, read_preferences, read_sft, read_steps
 
 
 def _write(path, rows):

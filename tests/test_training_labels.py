@@ -4,8 +4,9 @@ import json
 import pytest
 
 from training import hindsight_targets
+from mahalo_engine.text import split_steps
 from training.labels import (bt_prefix_pairs, judge_prefix_labels, judge_vote_labels, main,
-                             monte_carlo_values, split_steps)
+                             monte_carlo_values)
 
 
 def test_hindsight_targets_hand_values():

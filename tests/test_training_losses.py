@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from training import mah_dpo_loss
-from training.data import IGNORE
+from training.collate import IGNORE
 from training.logps import sequence_logps
 from training.losses import bradley_terry_loss, soft_bce_loss, value_mse_loss
 

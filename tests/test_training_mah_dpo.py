@@ -10,8 +10,9 @@ import torch
 
 from mahalo_engine.policy import load_policy
 from mahalo_engine.tiny import tiny_checkpoint
-from training import mah_dpo
-from training.data import read_preferences, tokenize_pairs
+from training import mah_dpo, ref_logps
+from training.encode import tokenize_pairs
+from training.readers import read_preferences
 
 # Real pairs from the paper's public code, where a developer has them (not part of the repo).
 # Real data from the paper's code, laid beside the checkout where the workplace provides it (not part
@@ -110,7 +111,7 @@ def test_reference_logps_cached_equal_recomputed(tmp_path, monkeypatch):
     kw = dict(model_dir=model, cache_dir=tmp_path / "cache", pad_id=0, batch_size=3, chunk_tokens=7,
               info=info, bf16=False)
     decoder = load_decoder(model, dtype=torch.float32)
-    first = mah_dpo.reference_logps(decoder, items, **kw)
+    first = ref_logps.reference_logps(decoder, items, **kw)
 
     hf = AutoModelForCausalLM.from_pretrained(model).eval()  # an independent forward
     for n, it in enumerate(items):
@@ -124,16 +125,16 @@ def test_reference_logps_cached_equal_recomputed(tmp_path, monkeypatch):
     def fail(*a, **k):
         raise AssertionError("cache miss: reference log-probs recomputed")
 
-    monkeypatch.setattr(mah_dpo, "compute_reference_logps", fail)
-    assert torch.equal(mah_dpo.reference_logps(decoder, items, **kw), first)
+    monkeypatch.setattr(ref_logps, "compute_reference_logps", fail)
+    assert torch.equal(ref_logps.reference_logps(decoder, items, **kw), first)
     shorter = [type(it)(it.prompt[1:], it.chosen, it.rejected, it.objective) for it in items]
     with pytest.raises(AssertionError, match="cache miss"):  # other tokens, other key
-        mah_dpo.reference_logps(decoder, shorter, **kw)
+        ref_logps.reference_logps(decoder, shorter, **kw)
     # the same tokens split differently between prompt and response: other key
     moved = [type(it)(it.prompt[:-1], it.prompt[-1:] + it.chosen, it.prompt[-1:] + it.rejected,
                       it.objective) for it in items]
     with pytest.raises(AssertionError, match="cache miss"):
-        mah_dpo.reference_logps(decoder, moved, **kw)
+        ref_logps.reference_logps(decoder, moved, **kw)
     # other weights (one tensor nudged), or another config, under the same directory name: other key
     import shutil
 
@@ -145,13 +146,13 @@ def test_reference_logps_cached_equal_recomputed(tmp_path, monkeypatch):
     weights["model.norm.weight"] = weights["model.norm.weight"] + 1e-3
     save_file(weights, str(other / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(AssertionError, match="cache miss"):
-        mah_dpo.reference_logps(decoder, items, **{**kw, "model_dir": other})
+        ref_logps.reference_logps(decoder, items, **{**kw, "model_dir": other})
     shutil.copy(model / "model.safetensors", other / "model.safetensors")
-    assert torch.equal(mah_dpo.reference_logps(decoder, items, **{**kw, "model_dir": other}), first)
+    assert torch.equal(ref_logps.reference_logps(decoder, items, **{**kw, "model_dir": other}), first)
     config = json.loads((other / "config.json").read_text())
     (other / "config.json").write_text(json.dumps({**config, "rms_norm_eps": 1e-5}))
     with pytest.raises(AssertionError, match="cache miss"):
-        mah_dpo.reference_logps(decoder, items, **{**kw, "model_dir": other})
+        ref_logps.reference_logps(decoder, items, **{**kw, "model_dir": other})
 
 
 def test_tied_checkpoint_is_untied_and_embedding_untouched(tmp_path):

@@ -17,7 +17,6 @@ import importlib
 import json
 import logging
 import math
-import re
 import sys
 from collections import OrderedDict
 from pathlib import Path
@@ -26,7 +25,8 @@ from typing import Any, Callable, Iterable, Sequence
 from tqdm import tqdm
 
 from mahalo_engine.utils.cli import HelpFormatter, Interrupted, add_debug_flag, resolve_device, run_cli
-from training.data import DataError, read_preferences, read_rollouts, read_trajectories
+from mahalo_engine.text import encode_prompt, encode_step, split_steps
+from training.readers import DataError, read_preferences, read_rollouts, read_trajectories
 
 log = logging.getLogger(__name__)
 
@@ -116,27 +116,12 @@ def judge_prefix_labels(prompt: str, steps: Sequence[str], judge: Judge) -> list
     return [_judge_value(judge, prompt, list(steps[:k])) for k in range(1, len(steps) + 1)]
 
 
-def split_steps(text: str, boundary: str | Sequence[str]) -> list[str]:
-    """Split ``text`` after each occurrence of a boundary string; every piece keeps its boundary, so
-    ``"".join(split_steps(t, b)) == t`` (the engine's steps end with their boundary the same way)."""
-    bounds = [boundary] if isinstance(boundary, str) else list(boundary)
-    if not bounds or any(not b for b in bounds):
-        raise ValueError(f"boundary must be a non-empty string or list of them, got {boundary!r}")
-    pattern = "|".join(re.escape(b) for b in sorted(bounds, key=len, reverse=True))
-    pieces, start = [], 0
-    for m in re.finditer(pattern, text):
-        pieces.append(text[start:m.end()])
-        start = m.end()
-    if start < len(text):
-        pieces.append(text[start:])
-    return pieces
-
-
 def bt_prefix_pairs(prompt: str, chosen: str, rejected: str,
                     boundary: str | Sequence[str]) -> list[dict[str, Any]]:
     """Case C: Bradley–Terry pairs of partial sequences from one preference pair.
 
-    Both responses are split into steps at ``boundary``; pair k (k = 1..max(n_c, n_r)) compares the
+    Both responses are split into steps at ``boundary`` (`mahalo_engine.text.split_steps`: a
+    literal string or a list of them, or a preset counting no tokens, e.g. ``math``); pair k (k = 1..max(n_c, n_r)) compares the
     first k steps of the chosen response with the first k of the rejected one (the shorter side
     stays whole once exhausted), so a PRM learns to rank partial responses as it will see them
     during search. Identical pairs are dropped.
@@ -155,26 +140,25 @@ def bt_prefix_pairs(prompt: str, chosen: str, rejected: str,
 
 
 def sample_continuations(policy, prompt: str, prefixes: Sequence[Sequence[str]], m: int, *,
-                         boundary: str | Sequence[str], max_new_tokens: int, temperature: float,
+                         boundary: Any, max_new_tokens: int, temperature: float,
                          top_k: int, seed: int, chat_template: bool) -> list[list[list[str]]]:
     """M continuations sampled by the engine (batched, KV-cached) after each prefix, each split
-    into steps at ``boundary``. Returns ``out[j][i]``: the steps of continuation i after
+    into steps at ``boundary`` (`mahalo_engine.text.split_steps` with the policy's tokenizer: a
+    preset, literal strings, …). Returns ``out[j][i]``: the steps of continuation i after
     ``prefixes[j]``. The prefix steps are tokenised one by one, as the engine and PRM see them."""
     from mahalo_engine.engine import Engine
-    from training.data import encode_prompt
 
     if not prefixes:
         return []
     tok = policy.tokenizer
     prompt_ids = encode_prompt(tok, prompt, chat_template)
-    contexts = [prompt_ids + [t for s in pre for t in tok(s, add_special_tokens=False)["input_ids"]]
-                for pre in prefixes]
+    contexts = [prompt_ids + [t for s in pre for t in encode_step(tok, s)] for pre in prefixes]
     flat = [ctx for ctx in contexts for _ in range(m)]
     engine = Engine(policy, max_batch=min(len(flat), 32),
                     max_seq_len=max(len(c) for c in flat) + max_new_tokens + 1, cuda_graphs=False)
     gens = engine.generate(flat, max_new_tokens=max_new_tokens, temperature=temperature,
                            top_k=top_k, seed=seed)
-    steps = [split_steps(g.text, boundary) if g.text else [] for g in gens]
+    steps = [split_steps(g.text, boundary, tok) if g.text else [] for g in gens]
     return [steps[j * m:(j + 1) * m] for j in range(len(prefixes))]
 
 

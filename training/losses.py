@@ -4,7 +4,7 @@
 ``-log σ(β((π_c - ref_c) - (π_r - ref_r)))`` over objective i's rows, then ``Σ_i α_i · mean_i(L_i)``
 with ``α_i = 1/H`` by default: the paper's equal weights, a mean over the H objectives. The
 paper's code averages over the objectives *present* in a batch; with balanced batches (every
-objective in every global batch, as ``training.data.BalancedBatches`` builds them and
+objective in every global batch, as ``training.batching.BalancedBatches`` builds them and
 ``objective_counts`` counts them) the two are equal. An objective with no rows in the batch
 contributes nothing (its entry in ``per_objective_losses`` is 0). The ``objective_counts`` option
 lets distributed / accumulated trainers divide each objective's sum by its count over the *global*

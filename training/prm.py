@@ -1,8 +1,9 @@
 """``python -m training.prm``: train a value head (PRM) on a decoder backbone.
 
 A sequence is the prompt's tokens followed by each step's tokens, each step tokenised on its own
-(``training.data.tokenize_steps``), exactly as the engine feeds a PRM; the head is read at each
-step's last token, so no marker token (with an untrained embedding) is involved. Losses:
+(``training.encode.tokenize_steps``, by `mahalo_engine.text`'s rule), exactly as the engine feeds a
+PRM; the head is read at each step's last token, so no marker token (with an untrained embedding)
+is involved. Losses:
 
 - ``mse``: regression on value targets (hindsight / Monte-Carlo values) -> ``kind=value``; by
   default the paper's reduction (each example's mean over its steps, then the mean over
@@ -29,8 +30,10 @@ from torch import nn
 
 from mahalo_engine.prm import ValueHead, save_prm
 from training import distributed as D
-from training.data import (pad_id_of, read_step_pairs, read_steps, shuffled_batch, tokenize_step_pairs,
-                           tokenize_steps)
+from training.batching import shuffled_batch
+from training.collate import collate_step_pairs, collate_steps, pad_id_of
+from training.encode import tokenize_step_pairs, tokenize_steps
+from training.readers import read_step_pairs, read_steps
 from training.losses import bradley_terry_loss, soft_bce_loss, value_mse_loss
 from training.model_io import build_decoder, freeze, strip_prefix
 from training.trainer import Micro, Trainer, add_common_args, cli_main, describe, total_steps
@@ -60,16 +63,6 @@ class ValueTraining(nn.Module):
         weight = self.value_head[0].weight  # float32, or bf16 under FSDP2 mixed precision
         with torch.autocast(input_ids.device.type, enabled=False):  # no autocast of the head
             return self.value_head(hidden[rows, cols].to(weight.dtype))
-
-
-def _pad(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    t = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), t), pad, dtype=torch.long)
-    mask = torch.zeros((len(seqs), t), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
-        mask[i, :len(s)] = 1
-    return ids, mask
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -194,20 +187,17 @@ def _micro(trainer: Trainer, items, rows: list[int], global_count: int, loss_kin
 
     def run() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if loss_kind == "bt":
-            seqs = [items[g][0] for g in rows] + [items[g][1] for g in rows]
-            ids, mask = _pad(seqs, pad)
-            r = torch.arange(len(seqs))
-            c = torch.tensor([len(s) - 1 for s in seqs])
-            raw = trainer.module(ids.to(dev), mask.to(dev), r.to(dev), c.to(dev))
+            b = collate_step_pairs([items[g] for g in rows], pad)
+            raw = trainer.module(b.input_ids.to(dev), b.attention_mask.to(dev), b.rows.to(dev),
+                                 b.cols.to(dev))
             n = len(rows)
             per = bradley_terry_loss(raw[:n], raw[n:], reduction="none")
             extra = {"correct": (raw[:n] > raw[n:]).float().sum()}
         else:
-            ids, mask = _pad([items[g].ids for g in rows], pad)
-            r = torch.tensor([i for i, g in enumerate(rows) for _ in items[g].positions])
-            c = torch.tensor([p for g in rows for p in items[g].positions])
+            b = collate_steps([items[g] for g in rows], pad)
             target = torch.tensor([v for g in rows for v in items[g].labels], device=dev)
-            raw = trainer.module(ids.to(dev), mask.to(dev), r.to(dev), c.to(dev))
+            raw = trainer.module(b.input_ids.to(dev), b.attention_mask.to(dev), b.rows.to(dev),
+                                 b.cols.to(dev))
             if loss_kind == "mse":
                 per = value_mse_loss(raw, target, reduction="none")
                 extra = {}

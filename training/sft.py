@@ -15,7 +15,10 @@ from pathlib import Path
 import torch
 
 from training import distributed as D
-from training.data import collate, pad_id_of, read_sft, shuffled_batch, tokenize_sft
+from training.batching import shuffled_batch
+from training.collate import collate, pad_id_of
+from training.encode import tokenize_sft
+from training.readers import read_sft
 from training.logps import PolicyLogps
 from training.model_io import build_decoder, save_policy_dir, strip_prefix
 from training.trainer import Micro, Trainer, add_common_args, cli_main, describe, total_steps

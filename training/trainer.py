@@ -32,7 +32,7 @@ from tqdm import tqdm
 from mahalo_engine.utils.cli import HelpFormatter, Interrupted, add_debug_flag, run_cli
 from training import checkpoint as ckpt
 from training import distributed as D
-from training.data import micro_batches, shard
+from training.batching import micro_batches, shard
 
 log = logging.getLogger(__name__)
 

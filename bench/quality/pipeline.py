@@ -231,7 +231,8 @@ class Pipeline:
 
     def _rollouts(self, d: Path) -> dict[str, Any]:
         from mahalo_engine import load_policy
-        from training.labels import generate_rollouts, split_steps
+        from mahalo_engine.text import split_steps
+        from training.labels import generate_rollouts
 
         cfg = self.cfg
         problems = self.data["prm"]

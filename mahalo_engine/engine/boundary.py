@@ -133,6 +133,18 @@ class Boundary:
                     return True
         return False
 
+    def automata(self) -> tuple["_Automaton", ...]:
+        """The character automata of the text parts (strings, sentence, paragraph), in the
+        order of the device tables' first axis."""
+        automata: list[_Automaton] = []
+        if self.strings:
+            automata.append(_strings_automaton(self.strings))
+        if self.sentence:
+            automata.append(_sentence_automaton())
+        if self.paragraph:
+            automata.append(_paragraph_automaton())
+        return tuple(automata)
+
     def compile(self, texts: Sequence[str], *, end_of_turn_id: int | None = None,
                 device: torch.device | str = "cpu") -> "CompiledBoundary":
         """Device tables over a vocabulary whose token ``i`` decodes (mid-sequence) to ``texts[i]``
@@ -150,13 +162,7 @@ class Boundary:
             if not 0 <= t < vocab:
                 raise ValueError(f"boundary token id {t} is outside the vocabulary [0, {vocab})")
             exact[t] = True
-        automata: list[_Automaton] = []
-        if self.strings:
-            automata.append(_strings_automaton(self.strings))
-        if self.sentence:
-            automata.append(_sentence_automaton())
-        if self.paragraph:
-            automata.append(_paragraph_automaton())
+        automata = self.automata()
         table = None
         if automata:
             n_states = max(a.n_states for a in automata)
@@ -164,7 +170,7 @@ class Boundary:
             for d, a in enumerate(automata):
                 table[d, : a.n_states] = torch.from_numpy(a.token_table(texts))
         return CompiledBoundary(self, exact.to(device), None if table is None else table.to(device),
-                                tuple(automata))
+                                automata)
 
 
 # Preset boundaries by name; "sentence" is the paper's human-values chunker (sentence end or

@@ -30,7 +30,8 @@ from mahalo_engine.engine.config import (Generation, SearchConfig, SearchResult,
 from mahalo_engine.engine.graph_runner import (BOUNDARY, EOS, FULL, LENGTH, DecodeRunner)
 from mahalo_engine.engine import slots as slot_layouts
 from mahalo_engine.engine.sampler import Sampler
-from mahalo_engine.engine.scorers import Candidates, Prompt, Scorer, as_scorer
+from mahalo_engine.engine.scorers import Candidates, Scorer, as_scorer
+from mahalo_engine.text import Prompt, has_chat_template, tokenize_prompt
 
 GENERATE_CHECK_EVERY = 8  # decode steps between the host's "all finished?" checks in generate
 _STEP_REASON = {BOUNDARY: "boundary", EOS: "eos", LENGTH: "length", FULL: "max_seq_len"}
@@ -349,8 +350,9 @@ class Engine:
                                      clean_up_tokenization_spaces=False)
 
     def _prompts(self, prompts: Sequence[Any], chat: bool) -> list[Prompt]:
-        """Tokenise prompts: strings (rendered as a user turn when ``chat``), chat message lists
-        (always rendered with the chat template) or token-id lists."""
+        """Tokenise prompts (`mahalo_engine.text`'s prompt rule): strings (rendered as a user turn
+        when ``chat``), chat message lists (always rendered with the chat template) or token-id
+        lists."""
         if isinstance(prompts, (str, dict)) or not isinstance(prompts, (list, tuple)) \
                 or not prompts:
             raise TypeError("prompts must be a non-empty list of strings, token-id lists or chat "
@@ -358,15 +360,12 @@ class Engine:
         tok, vocab = self.tokenizer, self.policy.config.vocab_size
         out = []
         for i, p in enumerate(prompts):
-            if isinstance(p, str) and chat:
-                p = [{"role": "user", "content": p}]
-            if isinstance(p, str):
-                prompt = Prompt(tok.encode(p), p)
-            elif isinstance(p, (list, tuple)) and p and all(isinstance(m, dict) for m in p):
-                if not getattr(tok, "chat_template", None):
+            is_chat = isinstance(p, (list, tuple)) and bool(p) and all(isinstance(m, dict)
+                                                                       for m in p)
+            if isinstance(p, str) or is_chat:
+                if (is_chat or chat) and not has_chat_template(tok):
                     raise ValueError(f"prompt {i} is a chat but the tokenizer has no chat template")
-                text = tok.apply_chat_template(list(p), add_generation_prompt=True, tokenize=False)
-                prompt = Prompt(tok.encode(text, add_special_tokens=False), text, list(p))
+                prompt = tokenize_prompt(tok, p if isinstance(p, str) else list(p), chat)
             elif isinstance(p, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool)
                                                       for t in p):
                 bad = [t for t in p if not 0 <= t < vocab]

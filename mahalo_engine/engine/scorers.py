@@ -21,16 +21,8 @@ from mahalo_engine.cache import KVCache
 from mahalo_engine.ops import kv_fork, kv_promote
 from mahalo_engine.prm import (VALUE_HEAD_FILE, ObjectiveWeights, apply_kind, combine_objectives,
                                load_value_head, objective_weights)
-
-
-@dataclass
-class Prompt:
-    """A request's prompt: the policy's token ids, its text (the user's string, the rendered chat
-    template, or the decoded ids) and the chat messages when it came as a conversation."""
-
-    ids: list[int]
-    text: str
-    messages: list[dict] | None = None
+from mahalo_engine.text import Prompt, encode_prompt, encode_step, has_chat_template
+from mahalo_engine.utils.padding import pad_right
 
 
 @dataclass
@@ -129,11 +121,9 @@ class ValueModelPRM(Scorer):
         if self.same_tokens:
             return prompt.ids
         tok = self.prm.tokenizer
-        if prompt.messages is not None and getattr(tok, "chat_template", None):
-            text = tok.apply_chat_template(prompt.messages, add_generation_prompt=True,
-                                           tokenize=False)
-            return tok.encode(text, add_special_tokens=False)
-        return tok.encode(prompt.text)
+        if prompt.messages is not None and has_chat_template(tok):
+            return encode_prompt(tok, prompt.messages)
+        return encode_prompt(tok, prompt.text)
 
     def check_prompts(self, prompts: list[Prompt]) -> None:
         if self.same_tokens:
@@ -157,8 +147,7 @@ class ValueModelPRM(Scorer):
     @torch.no_grad()
     def score(self, cands: Candidates) -> torch.Tensor:
         tok = self.prm.tokenizer
-        rows = cands.token_ids if self.same_tokens else \
-            [tok.encode(t, add_special_tokens=False) for t in cands.texts]
+        rows = cands.token_ids if self.same_tokens else [encode_step(tok, t) for t in cands.texts]
         slots = cands.slots.reshape(-1).to(self._device)
         self._committed = self.cache.lens.clone()
         start = self._committed.index_select(0, slots).cpu()
@@ -166,11 +155,8 @@ class ValueModelPRM(Scorer):
         # A candidate whose PRM tokens do not fit the PRM cache, or that has none, is unscorable.
         ok = [i for i, r in enumerate(rows) if r and int(start[i]) + len(r) <= self.cache.max_len]
         if ok:
-            width = max(len(rows[i]) for i in ok)
-            ids = torch.zeros(len(ok), width, dtype=torch.long)
-            for j, i in enumerate(ok):
-                ids[j, : len(rows[i])] = torch.as_tensor(rows[i])
-            num_new = torch.tensor([len(rows[i]) for i in ok], device=self._device)
+            ids, num_new = pad_right([rows[i] for i in ok])
+            num_new = num_new.to(self._device)
             sel = torch.tensor(ok, device=self._device)
             hidden = self.prm.model.extend(self.cache, ids.to(self._device), num_new, slots[sel])
             last = hidden[torch.arange(len(ok), device=self._device), num_new - 1]

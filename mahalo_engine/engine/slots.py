@@ -23,7 +23,8 @@ import torch
 
 from mahalo_engine.cache import KVCache
 from mahalo_engine.engine.graph_runner import DecodeRunner
-from mahalo_engine.engine.scorers import Prompt, Scorer
+from mahalo_engine.engine.scorers import Scorer
+from mahalo_engine.text import Prompt
 from mahalo_engine.ops import kv_fork, kv_promote
 from mahalo_engine.shared_cache import SharedPrefixCache
 

@@ -27,6 +27,7 @@ from mahalo_engine.layers.cascade_cpu import cascade_decode_attention_cpu
 from mahalo_engine.layers.mlp import SwiGLU
 from mahalo_engine.layers.rmsnorm import RMSNorm
 from mahalo_engine.layers.rotary import Rotary
+from mahalo_engine.utils.padding import pad_right
 
 
 class DecoderLayer(nn.Module):
@@ -206,10 +207,8 @@ class Decoder(nn.Module):
         lens = [len(p) for p in prompts]
         if max(lens) > cache.max_len:  # checked before the slots are reset
             raise ValueError(f"prompt lengths {lens} exceed the cache's max_len={cache.max_len}")
-        ids = torch.zeros(len(prompts), max(lens), dtype=torch.long)
-        for i, p in enumerate(prompts):
-            ids[i, : len(p)] = torch.as_tensor(p, dtype=torch.long)
-        num_new = torch.tensor(lens, dtype=torch.long, device=dev)
+        ids, num_new = pad_right(prompts)
+        num_new = num_new.to(dev)
         cache.reset(slots)
         hidden = self.extend(cache, ids.to(dev), num_new, slots)
         return hidden[torch.arange(len(prompts), device=dev), num_new - 1]
