@@ -17,7 +17,8 @@ The rules:
   with it. A response split into steps is the concatenation of its steps' ids: each step is
   tokenised separately, as the engine appends steps.
 - **Response** (`encode_response`): a whole response is one step followed by EOS (the trainers'
-  completions; the EOS carries loss).
+  completions; the EOS carries loss). The engine never re-tokenises the policy's own samples (a
+  step is the ids it sampled); only a PRM with another vocabulary gets step texts re-tokenised.
 - **Steps of a text** (`split_steps`): where a `Boundary` (a preset, literal strings, …) ends
   steps in a text, by the engine's own rules (`Boundary.confirm` after its automata), every piece
   keeping its boundary.

@@ -18,6 +18,7 @@ from bench.quality.config import QualityConfig
 from bench.quality.pipeline import SAMPLING_BOUNDARY, Artefacts, prompt_of
 from bench.quality.task import Problem, extract_answer, style_score, verify
 from mahalo_engine import Scorer
+from mahalo_engine.text import encode_prompt
 
 MAX_SEQ_LEN = 160
 
@@ -128,8 +129,9 @@ class Evaluator:
                                temperature=self.cfg.temperature, top_k=self.cfg.top_k, seed=seed)
         tok = engine.tokenizer
         # Scored at the answer's last token as generated (EOS included when the policy stopped),
-        # exactly where step search scores a final step and where the PRM was trained.
-        seqs = [tok(p, add_special_tokens=False)["input_ids"] + list(g.token_ids)
+        # exactly where step search scores a final step and where the PRM was trained; the prompt
+        # ids are the ones the engine generated from.
+        seqs = [encode_prompt(tok, p) + list(g.token_ids)
                 for p, g in zip(flat, gens)]
         scores = self.prm.score_full(seqs, batch_size=256, objectives=objectives).cpu()
         best = scores.view(len(prompts), k).argmax(1).tolist()

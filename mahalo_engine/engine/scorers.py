@@ -76,8 +76,8 @@ class ValueModelPRM(Scorer):
     its siblings with ``kv_promote``. Nothing is ever re-encoded.
 
     With the policy's tokenizer (same vocabulary) the candidate's token ids are fed as they are;
-    with another tokenizer each step's text is tokenised on its own and appended (as the PRM
-    trainers tokenise step data). A PRM without a tokenizer must share the policy's vocabulary.
+    with another tokenizer each step's text is tokenised on its own and appended
+    (`mahalo_engine.text.encode_step`, as the PRM trainers tokenise step data). A PRM without a tokenizer must share the policy's vocabulary.
 
     ``objectives`` weights a multi-objective PRM's outputs (`mahalo_engine.prm.objective_weights`:
     None = uniform mean, a name, ``{name: weight}``): one backbone serves every weighting.
