@@ -117,14 +117,14 @@ def judge_prefix_labels(prompt: str, steps: Sequence[str], judge: Judge) -> list
 
 
 def bt_prefix_pairs(prompt: str, chosen: str, rejected: str,
-                    boundary: str | Sequence[str]) -> list[dict[str, Any]]:
+                    boundary: Any) -> list[dict[str, Any]]:
     """Case C: Bradley–Terry pairs of partial sequences from one preference pair.
 
     Both responses are split into steps at ``boundary`` (`mahalo_engine.text.split_steps`: a
-    literal string or a list of them, or a preset counting no tokens, e.g. ``math``); pair k (k = 1..max(n_c, n_r)) compares the
-    first k steps of the chosen response with the first k of the rejected one (the shorter side
-    stays whole once exhausted), so a PRM learns to rank partial responses as it will see them
-    during search. Identical pairs are dropped.
+    literal string, a list of them, or a preset counting no tokens such as ``math``); pair k
+    (k = 1..max(n_c, n_r)) compares the first k steps of the chosen response with the first k of
+    the rejected one (the shorter side stays whole once exhausted), so a PRM learns to rank
+    partial responses as it will see them during search. Identical pairs are dropped.
     """
     c, r = split_steps(chosen, boundary), split_steps(rejected, boundary)
     if not c or not r:
