@@ -241,9 +241,10 @@ def _run_rank(args: argparse.Namespace, info: Any) -> int:
         def same_input(i: int, row: dict[str, Any]) -> bool:
             return all(row.get(k) == v for k, v in inputs[i].items() if k not in _RESULT_KEYS)
 
-        done = on_main(lambda: prepare_output(args.out, [1] * len(prompts), same_input,
-                                              resume=args.resume, overwrite=True, item="prompt",
-                                              align=chunk), info)
+        done = on_main(lambda: prepare_output(
+            args.out, [1] * len(prompts), same_input, resume=args.resume,
+            overwrite=not args.resume, item="prompt", items="prompts",
+            afresh="a run without --resume", align=chunk), info)
     policy = load_policy(args.model, heads=args.heads, dtype=dtype, device=device)
     prm = None
     if args.command == "search" and args.prm:

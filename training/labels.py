@@ -250,7 +250,7 @@ def _label_incrementally(args: argparse.Namespace, trajectories: list[dict[str, 
 
     done = on_main(lambda: prepare_output(
         args.out, [rows_per_traj(t) for t in trajectories], first_row, resume=args.resume,
-        overwrite=args.overwrite, item="trajectory"), info)
+        overwrite=args.overwrite, item="trajectory", items="trajectories"), info)
     written = done
     bar = tqdm(desc=args.cmd, unit="traj", initial=done, total=len(trajectories),
                disable=not info.is_main)
@@ -311,7 +311,11 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 
     def sampling_args(q: argparse.ArgumentParser) -> None:
         q.add_argument("--policy", type=Path, required=True, help="policy directory (load_policy)")
-        q.add_argument("--m", type=int, default=4, help="rollouts per prefix (default 4)")
+        # --rollouts-per-prefix: torchrun's own parser rejects "--m" as an ambiguous prefix of
+        # its options (--master-port, ...), even after the module name.
+        q.add_argument("--m", "--rollouts-per-prefix", type=int, default=4,
+                       help="rollouts per prefix (default 4); spell it --rollouts-per-prefix "
+                            "under torchrun")
         q.add_argument("--boundary", default="\n\n", help='step boundary (default "\\n\\n")')
         q.add_argument("--max-new-tokens", type=int, default=256,
                        help="tokens per sampled continuation")

@@ -101,7 +101,8 @@ def run_sharded(units: int, work: Callable[[int], T], write: Callable[[int, T], 
 
 
 def prepare_output(path: Path, sizes: Sequence[int], is_first_row: Callable[[int, dict], bool],
-                   *, resume: bool, overwrite: bool, item: str = "input", align: int = 1) -> int:
+                   *, resume: bool, overwrite: bool, item: str = "input", items: str = "inputs",
+                   afresh: str = "--overwrite", align: int = 1) -> int:
     """Prepare the jsonl ``path`` for appending whole items (item i = ``sizes[i]`` rows, in input
     order); returns how many leading items it already holds in full.
 
@@ -109,6 +110,7 @@ def prepare_output(path: Path, sizes: Sequence[int], is_first_row: Callable[[int
     the complete items, a multiple of ``align`` of them (a unit of several items is redone whole),
     drops the rest (such as a torn last line of an interrupted write) and checks that each kept
     item's first row is ``is_first_row(i, row)`` (else the file came from other data).
+    ``item``/``items`` name an item in messages, ``afresh`` how to start over.
     """
     from training.checkpoint import atomic_write_text
 
@@ -117,7 +119,7 @@ def prepare_output(path: Path, sizes: Sequence[int], is_first_row: Callable[[int
     if not resume:
         if path.exists() and not overwrite:
             raise ValueError(f"--out {path} already exists; pass --resume to continue it (its "
-                             f"finished {item}s are kept) or --overwrite to replace it")
+                             f"finished {items} are kept) or --overwrite to replace it")
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, "")
         return 0
@@ -137,14 +139,14 @@ def prepare_output(path: Path, sizes: Sequence[int], is_first_row: Callable[[int
             break
         if not is_first_row(i, rows[ends[-1]]):
             raise ValueError(f"--resume: {path} line {ends[-1] + 1} is not the first row of input "
-                             f"{item} {i + 1} (it was written from other data or options); pass "
-                             f"--overwrite to start afresh or choose another --out")
+                             f"{item} {i + 1} (it was written from other data or options); start "
+                             f"afresh with {afresh} or choose another --out")
         ends.append(ends[-1] + n)
     done = (len(ends) - 1) // align * align
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, "".join(lines[:ends[done]]))
     if done:
-        log.info("--resume: %s already holds %d of %d %ss", path, done, len(sizes), item)
+        log.info("--resume: %s already holds %d of %d %s", path, done, len(sizes), items)
     return done
 
 
