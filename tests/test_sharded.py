@@ -2,12 +2,12 @@
 same file as 1 process, byte for byte; an interrupted output resumes to the same file; each chunk
 (search) or trajectory (labels) is the Python call with seed --seed + its index."""
 import json
-import shutil
 
 import pytest
 import torch
 
 from mahalo_engine.tiny import tiny_checkpoint
+from tiny_prm import save_tiny_prm
 from torchrun import torchrun
 from training.distributed import DistInfo
 
@@ -28,17 +28,8 @@ PROMPTS = ["Question: How many clips", "The quick brown", "Once upon", "Question
 
 @pytest.fixture(scope="module")
 def search_setup(tmp_path_factory):
-    from transformers import AutoTokenizer
-
-    from mahalo_engine.prm import ValueHead, save_prm
-    from mahalo_engine.utils.loader import load_decoder
-
     tmp = tmp_path_factory.mktemp("sharded")
-    src = tiny_checkpoint("qwen2", seed=1)
-    torch.manual_seed(0)
-    backbone = load_decoder(src, dtype=torch.float32)
-    save_prm(tmp / "prm", backbone, ValueHead(backbone.config.hidden_size), "value",
-             AutoTokenizer.from_pretrained(src))
+    save_tiny_prm(tmp / "prm", tiny_checkpoint("qwen2", seed=1))
     prompts = tmp / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"id": i, "prompt": p}) + "\n"
                                for i, p in enumerate(PROMPTS)))
