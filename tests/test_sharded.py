@@ -110,7 +110,7 @@ def test_labels_rollouts_resume_on_two_processes_equals_one_process(tmp_path, mo
     from mahalo_engine.policy import load_policy
     from training.labels import load_callable, main, trajectory_rollouts
 
-    (tmp_path / "rules.py").write_text(
+    (tmp_path / "sharded_rules.py").write_text(
         "def verifier(prompt, steps):\n    return float(len(''.join(steps)) % 2)\n")
     monkeypatch.chdir(tmp_path)
     trajs = [{"prompt": f"Question: {i} + 2 = ?", "steps": ["We add.\n\n", f"It is {i + 2}."]}
@@ -121,7 +121,7 @@ def test_labels_rollouts_resume_on_two_processes_equals_one_process(tmp_path, mo
     policy = tiny_checkpoint("qwen2")
     argv = ["rollouts", "--policy", policy, "--data", data, "--rollouts-per-prefix", "2",
             "--max-new-tokens", "6",
-            "--seed", "7", "--verifier", "rules:verifier"]
+            "--seed", "7", "--verifier", "sharded_rules:verifier"]
     one, two = tmp_path / "one.jsonl", tmp_path / "two.jsonl"
     assert _main_one_thread(main, [str(a) for a in argv] + ["--out", str(one)]) == 0
     rows = [json.loads(line) for line in one.read_text().splitlines()]
@@ -129,7 +129,7 @@ def test_labels_rollouts_resume_on_two_processes_equals_one_process(tmp_path, mo
 
     # Reference: trajectory i is the Python call with seed 7 + i.
     p = load_policy(policy)
-    verifier = load_callable("rules:verifier")
+    verifier = load_callable("sharded_rules:verifier")
     sampling = dict(boundary="\n\n", max_new_tokens=6, temperature=1.0, top_k=0,
                     chat_template=False)
     ref = [r for i, t in enumerate(trajs)
