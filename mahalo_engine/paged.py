@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from mahalo_engine.ops import load_extension
+from triton_kernels.checks import check_int
 
 _CACHE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -53,8 +54,7 @@ class PagedKVCache:
                      num_kv_heads=num_kv_heads, head_dim=head_dim, num_seqs=num_seqs,
                      max_blocks_per_seq=max_blocks_per_seq)
         for name, value in sizes.items():
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            check_int(name, value, 1)
         if num_blocks >= 2**31:
             raise ValueError(f"num_blocks must be < 2**31 (int32 block ids), got {num_blocks}")
         if dtype not in _CACHE_DTYPES:
