@@ -96,11 +96,17 @@ def _has_cuda_kernel() -> bool:
 
 
 def _register_fakes() -> None:
-    # Every csrc op works in place and returns nothing, so a fake has nothing to describe beyond
-    # the schema's mutation annotations. register_fake needs the op to exist: called after loading.
-    for name in ("kv_copy_ranges", "kv_append_ranges", "kv_paged_fork", "kv_paged_promote",
-                 "kv_paged_release"):
-        torch.library.register_fake(f"mahalo::{name}")(_fake_in_place)
+    # The csrc ops work in place and return nothing, so a fake has nothing to describe beyond the
+    # schema's mutation annotations: every such mahalo op without one (the Python-defined
+    # multihead ops bring their own) gets it, so a new csrc op needs no edit here. register_fake
+    # needs the op to exist: called after loading.
+    for qualname in torch._C._dispatch_get_all_op_names():
+        namespace, _, name = qualname.partition("::")
+        if namespace != "mahalo" or torch._C._dispatch_has_kernel_for_dispatch_key(qualname, "Meta"):
+            continue
+        if getattr(torch.ops.mahalo, name).default._schema.returns:
+            raise RuntimeError(f"{qualname} returns tensors: register its fake impl in {__name__}")
+        torch.library.register_fake(qualname)(_fake_in_place)
 
 
 def _fake_in_place(*args) -> None:

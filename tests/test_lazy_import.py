@@ -56,6 +56,9 @@ i = lambda *v: torch.tensor(v, dtype=torch.int32)
 mahalo_engine.ops.kv_copy_ranges(cache, i(0), i(3), i(1), i(5))
 facts["C_after_op"] = loaded()
 facts["op_result_ok"] = torch.equal(cache, want)
+facts["csrc_ops"] = sorted(n for n in torch._C._dispatch_get_all_op_names() if n.startswith("mahalo::"))
+facts["ops_without_fake"] = [n for n in facts["csrc_ops"]
+                             if not torch._C._dispatch_has_kernel_for_dispatch_key(n, "Meta")]
 print(json.dumps(facts))
 """
 
@@ -137,9 +140,16 @@ def test_first_kv_op_loads_the_extension(imports):
     assert imports["op_result_ok"] is True
 
 
-@pytest.mark.parametrize("first, backend", [("dense", "aot_eager"), ("paged", "inductor")])
-def test_compile_before_any_eager_call_loads_the_ops(first, backend):
-    facts = _run(f"BACKEND = {backend!r}\nFIRST = {first!r}\n" + _COMPILE_FIRST)
+def test_every_csrc_op_gets_a_fake_impl_at_load(imports):
+    assert {"mahalo::kv_copy_ranges", "mahalo::kv_paged_fork"} <= set(imports["csrc_ops"])
+    assert imports["ops_without_fake"] == []
+
+
+@pytest.mark.parametrize("first", ["dense", "paged"])
+def test_compile_before_any_eager_call_loads_the_ops(first):
+    # aot_eager: Dynamo finds the op and AOTAutograd traces it with fake tensors (its fake impl),
+    # like Inductor, without compiling C++ for the graph.
+    facts = _run(f"BACKEND = 'aot_eager'\nFIRST = {first!r}\n" + _COMPILE_FIRST)
     assert facts["C_before"] is False and facts["C_after_first"] is True
     assert facts["dense_ok"] is True
     assert facts["paged_ok"] is True
