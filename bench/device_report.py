@@ -94,9 +94,10 @@ def extension() -> int:
 
     from mahalo_engine import ops
 
+    how = ops.load_extension()
     so = getattr(sys.modules.get("mahalo_engine._C"), "__file__", None)
-    print("extension loaded from", ops.LOADED_FROM, so or "(JIT build)")
-    cuda = ops._has_cuda_kernel()
+    print("extension loaded from", how, so or "(JIT build)")
+    cuda = ops.has_cuda_kernels()
     print("CUDA kernel for mahalo::kv_copy_ranges registered:", cuda)
     if so:
         print(_run(["cuobjdump", "--list-elf", so]) or "cuobjdump: no ELF (no device code)")

@@ -1,23 +1,43 @@
 """MAHALO engine: multi-action-head policies, PRMs and PRM-guided step search.
 
-The public names of docs/design.md live here; each comes from the module that owns it.
+The public names of docs/design.md live here; each comes from the module that owns it and is
+imported on first use, so ``import mahalo_engine`` (and every CLI that needs only part of it)
+imports no submodule, loads no C++ extension and compiles nothing.
 """
-from mahalo_engine.cache import KVCache
-from mahalo_engine.config import ModelConfig
-from mahalo_engine.engine import (Boundary, CallableScorer, Engine, Generation, Scorer,
-                                  SearchConfig, SearchResult, SharedBackbonePRM, Step,
-                                  ValueModelPRM, WeightedScorer, boxed_closed)
-from mahalo_engine.heads import load_heads, save_heads
-from mahalo_engine.models.decoder import Decoder
-from mahalo_engine.policy import Policy, load_policy
-from mahalo_engine.prm import ValueHead, ValueModel, load_prm, save_prm
-from mahalo_engine.tiny import make_tiny_checkpoint, tiny_checkpoint
-from mahalo_engine.utils.loader import load_decoder, save_checkpoint
+from __future__ import annotations
 
-__all__ = [
-    "Boundary", "CallableScorer", "Decoder", "Engine", "Generation", "KVCache", "ModelConfig",
-    "Policy", "Scorer", "SearchConfig", "SearchResult", "SharedBackbonePRM", "Step", "ValueHead",
-    "ValueModel", "ValueModelPRM", "WeightedScorer", "boxed_closed", "load_decoder", "load_heads",
-    "load_policy", "load_prm", "make_tiny_checkpoint", "save_checkpoint", "save_heads", "save_prm",
-    "tiny_checkpoint",
-]
+import importlib
+
+# public name -> the module that owns it
+_OWNERS = {
+    "KVCache": "mahalo_engine.cache",
+    "ModelConfig": "mahalo_engine.config",
+    **dict.fromkeys(("Boundary", "CallableScorer", "Engine", "Generation", "Scorer", "SearchConfig",
+                     "SearchResult", "SharedBackbonePRM", "Step", "ValueModelPRM",
+                     "WeightedScorer", "boxed_closed"), "mahalo_engine.engine"),
+    "load_heads": "mahalo_engine.heads",
+    "save_heads": "mahalo_engine.heads",
+    "Decoder": "mahalo_engine.models.decoder",
+    "Policy": "mahalo_engine.policy",
+    "load_policy": "mahalo_engine.policy",
+    **dict.fromkeys(("ValueHead", "ValueModel", "load_prm", "save_prm"), "mahalo_engine.prm"),
+    "make_tiny_checkpoint": "mahalo_engine.tiny",
+    "tiny_checkpoint": "mahalo_engine.tiny",
+    "load_decoder": "mahalo_engine.utils.loader",
+    "save_checkpoint": "mahalo_engine.utils.loader",
+}
+
+__all__ = sorted(_OWNERS)
+
+
+def __getattr__(name: str):
+    owner = _OWNERS.get(name)
+    if owner is None:
+        raise AttributeError(f"module 'mahalo_engine' has no attribute {name!r}")
+    value = getattr(importlib.import_module(owner), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

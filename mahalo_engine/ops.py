@@ -2,8 +2,9 @@
 (between two caches of different slot lengths) ``kv_append_ranges`` / ``kv_append``.
 
 Owns the Python face of the ``torch.ops.mahalo.*`` custom ops built from ``csrc/``: loading the
-extension (the prebuilt ``mahalo_engine._C``, else a just-in-time ninja build of ``csrc/`` into a
-cache directory), their fake implementations for ``torch.compile``, the wrappers and their optional
+extension on first use (``load_extension``: the prebuilt ``mahalo_engine._C``, else a just-in-time
+ninja build of ``csrc/`` into a cache directory; importing this module loads nothing), their fake
+implementations for ``torch.compile`` (the paged ops' too), the wrappers and their optional
 argument checks.
 
 The cache is one tensor ``[L, 2, S, n_kv, T_max, head_dim]`` (``KVCache.data``) and ``lens`` its
@@ -15,6 +16,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import threading
 from pathlib import Path
 
 import torch
@@ -66,11 +68,7 @@ def _jit_build() -> Path:
     return build_dir
 
 
-def _has_cuda_kernel() -> bool:
-    return torch._C._dispatch_has_kernel_for_dispatch_key("mahalo::kv_copy_ranges", "CUDA")
-
-
-def _load_extension() -> str:
+def _import_or_build() -> str:
     """Register ``torch.ops.mahalo.*``; returns "prebuilt" or "jit" (how they were obtained)."""
     if os.environ.get("MAHALO_JIT_BUILD") != "1":
         try:
@@ -93,17 +91,61 @@ def _load_extension() -> str:
     return "jit"
 
 
-LOADED_FROM = _load_extension()
-
-if torch.cuda.is_available() and not _has_cuda_kernel():
-    logger.warning("mahalo ops were built without CUDA (LOADED_FROM=%s): CUDA caches will fail; "
-                   "rebuild where nvcc is found (CUDA_HOME)", LOADED_FROM)
+def _has_cuda_kernel() -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key("mahalo::kv_copy_ranges", "CUDA")
 
 
-@torch.library.register_fake("mahalo::kv_copy_ranges")
-def _kv_copy_ranges_fake(cache, src, dst, start, end) -> None:
-    # In-place on cache, no output: nothing to describe beyond the schema's mutation annotation.
+def _register_fakes() -> None:
+    # The csrc ops work in place and return nothing, so a fake has nothing to describe beyond the
+    # schema's mutation annotations: every such mahalo op without one (the Python-defined
+    # multihead ops bring their own) gets it, so a new csrc op needs no edit here. register_fake
+    # needs the op to exist: called after loading.
+    for qualname in torch._C._dispatch_get_all_op_names():
+        namespace, _, name = qualname.partition("::")
+        if namespace != "mahalo" or torch._C._dispatch_has_kernel_for_dispatch_key(qualname, "Meta"):
+            continue
+        if getattr(torch.ops.mahalo, name).default._schema.returns:
+            raise RuntimeError(f"{qualname} returns tensors: register its fake impl in {__name__}")
+        torch.library.register_fake(qualname)(_fake_in_place)
+
+
+def _fake_in_place(*args) -> None:
     return None
+
+
+_LOAD_LOCK = threading.Lock()
+_LOADED_FROM: str | None = None
+
+
+# Under torch.compile, Dynamo runs this at trace time and keeps the result as a constant instead
+# of tracing it: so compiling a wrapper before any eager call still loads the extension (and its
+# fake impls) before the op is looked up, without a graph break.
+@torch.compiler.assume_constant_result
+def load_extension() -> str:
+    """Load the extension if it is not loaded yet (registering ``torch.ops.mahalo.kv_*`` and their
+    fake impls); returns how it was obtained: ``"prebuilt"`` (``mahalo_engine._C``) or ``"jit"``.
+
+    Importing this module loads nothing: the wrappers below call this on first use. Call it yourself
+    before using ``torch.ops.mahalo.kv_*`` directly.
+    """
+    global _LOADED_FROM
+    if _LOADED_FROM is not None:
+        return _LOADED_FROM
+    with _LOAD_LOCK:
+        if _LOADED_FROM is None:
+            how = _import_or_build()
+            _register_fakes()
+            if torch.cuda.is_available() and not _has_cuda_kernel():
+                logger.warning("mahalo ops were built without CUDA (loaded from %s): CUDA caches "
+                               "will fail; rebuild where nvcc is found (CUDA_HOME)", how)
+            _LOADED_FROM = how
+    return _LOADED_FROM
+
+
+def has_cuda_kernels() -> bool:
+    """Whether the loaded extension has its CUDA kernels (loads it first)."""
+    load_extension()
+    return _has_cuda_kernel()
 
 
 def kv_copy_ranges(cache: torch.Tensor, src: torch.Tensor, dst: torch.Tensor,
@@ -116,6 +158,7 @@ def kv_copy_ranges(cache: torch.Tensor, src: torch.Tensor, dst: torch.Tensor,
     ``ValueError`` naming the offending pair; without it, a pair outside the cache is skipped by
     the kernels (they never write out of bounds) and metadata errors still raise ``ValueError``.
     """
+    load_extension()
     if check:
         _check_copy_args(cache, src, dst, start, end)
     torch.ops.mahalo.kv_copy_ranges(cache, src, dst, start, end)
@@ -148,6 +191,7 @@ def kv_promote(cache: torch.Tensor, lens: torch.Tensor, winners: torch.Tensor,
     Graph-safe: the G*K pairs are built on the device with fixed shapes; the winner's own pair
     gets the empty range ``[start, start)``, so it copies nothing.
     """
+    load_extension()
     if check:
         _check_promote_args(cache, lens, winners, groups, start)
     num_groups, k = groups.shape
@@ -158,11 +202,6 @@ def kv_promote(cache: torch.Tensor, lens: torch.Tensor, winners: torch.Tensor,
     end = torch.where(dst == src, first, new_len.long())
     torch.ops.mahalo.kv_copy_ranges(cache, src, dst, first, end)
     lens.index_copy_(0, dst, new_len)
-
-
-@torch.library.register_fake("mahalo::kv_append_ranges")
-def _kv_append_ranges_fake(dst, src, src_slot, dst_slot, dst_start, count) -> None:
-    return None
 
 
 def kv_append_ranges(dst: torch.Tensor, src: torch.Tensor, src_slot: torch.Tensor,
@@ -177,6 +216,7 @@ def kv_append_ranges(dst: torch.Tensor, src: torch.Tensor, src_slot: torch.Tenso
     either cache is skipped by the kernels (never written out of bounds). dst slots must be
     distinct.
     """
+    load_extension()
     if check:
         _check_append_args(dst, src, src_slot, dst_slot, dst_start, count)
     torch.ops.mahalo.kv_append_ranges(dst, src, src_slot, dst_slot, dst_start, count)

@@ -27,7 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
-from mahalo_engine import ops  # noqa: F401  (loads the extension: registers torch.ops.mahalo.*)
+from mahalo_engine.ops import load_extension
+from triton_kernels.checks import check_int
 
 _CACHE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -53,8 +54,7 @@ class PagedKVCache:
                      num_kv_heads=num_kv_heads, head_dim=head_dim, num_seqs=num_seqs,
                      max_blocks_per_seq=max_blocks_per_seq)
         for name, value in sizes.items():
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            check_int(name, value, 1)
         if num_blocks >= 2**31:
             raise ValueError(f"num_blocks must be < 2**31 (int32 block ids), got {num_blocks}")
         if dtype not in _CACHE_DTYPES:
@@ -187,6 +187,7 @@ def kv_fork(cache: PagedKVCache, src, dst, *, check: bool = False) -> None:
     """Sequence ``dst[p]`` becomes a copy of ``src[p]`` (its old blocks released): full blocks
     shared, the partial last block copied. dst sequences distinct and never a src.
     ``check=True``: validate on the host and raise ValueError if a block ran out (syncs)."""
+    load_extension()
     src, dst = _index(cache, src, "src"), _index(cache, dst, "dst")
     if check:
         _check_pairs(cache, src.tolist(), dst.tolist())
@@ -201,6 +202,7 @@ def kv_promote(cache: PagedKVCache, winners, groups, start, *, check: bool = Fal
     ``winners[g]``; ``start[g]`` is the length every member of the group already shares with the
     winner (the committed length before the step), so only tokens past it are copied.
     ``check=True``: validate on the host and raise ValueError if a block ran out (syncs)."""
+    load_extension()
     winners = _index(cache, winners, "winners")
     groups = _index(cache, groups, "groups", dim=2)
     start = _index(cache, start, "start")
@@ -214,12 +216,8 @@ def kv_promote(cache: PagedKVCache, winners, groups, start, *, check: bool = Fal
 
 def kv_release(cache: PagedKVCache, seqs) -> None:
     """Empty the sequences ``seqs``: their blocks' refcounts drop, blocks at 0 become free."""
+    load_extension()
     torch.ops.mahalo.kv_paged_release(*cache.state(), _index(cache, seqs, "seqs"))
-
-
-for _name in ("kv_paged_fork", "kv_paged_promote", "kv_paged_release"):
-    # In place, no output: nothing to describe beyond the schema's mutation annotations.
-    torch.library.register_fake(f"mahalo::{_name}")(lambda *args: None)
 
 
 # ---- checks (check=True only: they read index values on the host) ----

@@ -26,6 +26,8 @@ from torch import nn
 
 from mahalo_engine.config import ModelConfig
 from mahalo_engine.utils.padding import pad_right
+from mahalo_engine.utils.loader import check_tensor_shapes, load_decoder, save_checkpoint
+from triton_kernels.checks import is_real
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 VALUE_HEAD_FORMAT = "mahalo-value-head-v1"
@@ -113,8 +115,7 @@ def objective_weights(objectives: Sequence[str] | None, spec: ObjectiveWeights) 
         if len(values) != n:
             raise ValueError(f"{len(values)} objective weights for a PRM with {n} objectives "
                              f"{list(objectives)}")
-    if any(isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
-           for v in values):
+    if not all(is_real(v) and math.isfinite(v) for v in values):
         raise ValueError(f"objective weights must be finite numbers, got {spec!r}")
     if all(v == 0 for v in values):
         raise ValueError(f"objective weights {spec!r} are all zero")
@@ -182,16 +183,8 @@ def load_value_head(path: str | Path) -> tuple[ValueHead, str]:
                          objectives)
     except ValueError as e:
         raise ValueError(f"{path}: metadata objectives={meta.get('objectives')!r}: {e}") from None
-    expected = {k: tuple(v.shape) for k, v in head.state_dict().items()}
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    if missing or unexpected:
-        raise ValueError(f"{path}: missing tensors {missing}, unexpected tensors {unexpected} for a "
-                         f"{arch} value head")
-    wrong = [f"{k}: {tuple(tensors[k].shape)} on disk, expected {expected[k]}" for k in sorted(expected)
-             if tuple(tensors[k].shape) != expected[k]]
-    if wrong:
-        raise ValueError(f"{path}: mis-shaped tensors {wrong}")
+    check_tensor_shapes(f"{path} (a {arch} value head)", {k: v.shape for k, v in tensors.items()},
+                        {k: v.shape for k, v in head.state_dict().items()})
     head.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=True)
     return head, kind
 
@@ -261,8 +254,6 @@ def load_prm(path: str | Path, *, dtype: torch.dtype | None = None,
     value head (float32, same device)."""
     from transformers import AutoTokenizer
 
-    from mahalo_engine.utils.loader import load_decoder
-
     root = Path(path)
     head, kind = load_value_head(root / VALUE_HEAD_FILE)
     model = load_decoder(root, dtype=dtype, device=device)
@@ -274,8 +265,6 @@ def load_prm(path: str | Path, *, dtype: torch.dtype | None = None,
 def save_prm(out_dir: str | Path, model: nn.Module, value_head: ValueHead, kind: str,
              tokenizer=None) -> Path:
     """Write a PRM directory: the backbone as a Hugging Face directory plus ``value_head.safetensors``."""
-    from mahalo_engine.utils.loader import save_checkpoint
-
     out = Path(out_dir)
     value_head.metadata(kind)  # validate kind before writing anything
     if value_head.hidden_size != model.config.hidden_size:

@@ -22,6 +22,7 @@ import torch
 from mahalo_engine.cache import KVCache, available_bytes
 from mahalo_engine.config import ModelConfig
 from mahalo_engine.ops import kv_append, kv_fork
+from triton_kernels.checks import check_int
 
 
 @dataclass
@@ -73,8 +74,7 @@ class SharedPrefixCache:
                  *, dtype: torch.dtype, device: torch.device | str) -> "SharedPrefixCache":
         """Zeroed caches; ValueError (bytes needed/available) if both together cannot fit."""
         for name, value in (("num_groups", num_groups), ("k", k), ("step_len", step_len)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            check_int(name, value, 1)
         need = cls.nbytes(config, num_groups, k, max_len, step_len, dtype)
         available = available_bytes(torch.device(device))
         if available is not None and need > available:

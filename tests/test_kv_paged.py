@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from mahalo_engine import paged
+from mahalo_engine.ops import load_extension
 from mahalo_engine.paged import PagedKVCache
 
 L, NKV, HD, S, MAX_BLOCKS = 2, 2, 3, 8, 4
@@ -155,6 +156,7 @@ def test_checks_name_the_offending_value(call, match):
 
 
 def test_op_metadata_errors_raise_value_error():
+    load_extension()  # torch.ops.mahalo.* exist once the extension is loaded
     m = Mirror(4, seed=4)
     pc = m.pc
     with pytest.raises(ValueError, match="lens must be int32"):
@@ -165,6 +167,7 @@ def test_op_metadata_errors_raise_value_error():
 
 
 def test_opcheck_and_compiled_fork_promote_equal_eager():
+    load_extension()
     m = Mirror(3, seed=5)
     for s, k in ((0, 7), (1, 4)):
         m.append(s, k)

@@ -54,7 +54,7 @@ def test_convert_rejects_bad_checkpoints(tmp_path):
         convert(pt, model, tmp_path / "o1")
 
     torch.save({"state": {**state, "base_model.model.extra.weight": torch.zeros(1)}}, pt)
-    with pytest.raises(ValueError, match=r"unexpected \['model.extra.weight'\]"):
+    with pytest.raises(ValueError, match=r"unexpected tensors: \['model.extra.weight'\]"):
         convert(pt, model, tmp_path / "o2", objectives=["a", "b"])
 
     _, state2, _ = _reference_state(model, tied_alias=False)
@@ -64,12 +64,12 @@ def test_convert_rejects_bad_checkpoints(tmp_path):
 
     missing = {k: v for k, v in state.items() if "layers.1.mlp.up_proj" not in k}
     torch.save({"state": missing}, pt)
-    with pytest.raises(ValueError, match=r"missing \['model.layers.1.mlp.up_proj.weight'\]"):
+    with pytest.raises(ValueError, match=r"missing tensors: \['model.layers.1.mlp.up_proj.weight'\]"):
         convert(pt, model, tmp_path / "o4", objectives=["a", "b"])
 
     k = "base_model.model.layers.0.mlp.down_proj.weight"
     torch.save({"state": {**state, k: state[k][:, :-1]}}, pt)
-    with pytest.raises(ValueError, match=r"mis-shaped \['model.layers.0.mlp.down_proj.weight: "):
+    with pytest.raises(ValueError, match=r"mis-shaped tensors: \['model.layers.0.mlp.down_proj.weight: "):
         convert(pt, model, tmp_path / "o5", objectives=["a", "b"])
 
     short = {**state, **{f"heads.{i}.weight": state[f"heads.{i}.weight"][:-1] for i in range(2)}}

@@ -538,7 +538,7 @@ def test_bad_inputs_raise_value_error(name, match):
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(top_k=129), r"top_k must be in \[0, 128\].*129"), (dict(top_k=-1), "top_k"),
+    (dict(top_k=129), r"top_k must be an int in \[0, 128\].*129"), (dict(top_k=-1), "top_k"),
     (dict(temperature=-0.5), "temperature must be finite and >= 0"),
     (dict(temperature=float("nan")), "temperature"), (dict(seed=-3), r"seed must be in \[0, 2\*\*63\)"),
     (dict(offset=torch.zeros(2, dtype=torch.int64)), "offset tensor must be int64 with one element"),

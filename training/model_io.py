@@ -13,7 +13,7 @@ from torch import nn
 from mahalo_engine.config import ModelConfig
 from mahalo_engine.heads import save_heads
 from mahalo_engine.models.decoder import Decoder
-from mahalo_engine.utils.loader import save_checkpoint
+from mahalo_engine.utils.loader import check_tensor_shapes, save_checkpoint
 from training.checkpoint import publish_files, staging_dir
 
 log = logging.getLogger(__name__)
@@ -54,16 +54,9 @@ def build_decoder(config: ModelConfig, state: dict[str, torch.Tensor]) -> Decode
         model = Decoder(config)
     model = model.to_empty(device="cpu")  # no random init of weights about to be overwritten
     model.tie_weights()
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = sorted(set(expected) - set(state) - ({"lm_head.weight"} if config.tie_word_embeddings
-                                                    else set()))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise ValueError(f"state does not fit the decoder: missing {missing}, unexpected {unexpected}")
-    wrong = [f"{k}: {tuple(v.shape)}, expected {expected[k]}" for k, v in sorted(state.items())
-             if tuple(v.shape) != expected[k]]
-    if wrong:
-        raise ValueError(f"state does not fit the decoder: mis-shaped {wrong}")
+    check_tensor_shapes("state for the decoder", {k: v.shape for k, v in state.items()},
+                        {k: v.shape for k, v in model.state_dict().items()},
+                        {"lm_head.weight"} if config.tie_word_embeddings else ())
     if (config.tie_word_embeddings and "lm_head.weight" in state
             and not torch.equal(state["lm_head.weight"], state["model.embed_tokens.weight"])):
         raise ValueError("the config ties embeddings but lm_head.weight differs from "

@@ -16,6 +16,23 @@ LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _MAX_SEED = 2**63  # Philox key is 64 bits; int64 tensors hold [0, 2**63)
 
 
+def is_int(value: object) -> bool:
+    """An integer that is not a bool (``True`` is an ``int`` to Python, never a count or a seed)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_real(value: object) -> bool:
+    """A real number that is not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def check_int(name: str, value: object, low: int, high: int | None = None) -> None:
+    """ValueError naming ``value`` unless it is an int (not a bool) in ``[low, high]``."""
+    if not is_int(value) or value < low or (high is not None and value > high):
+        bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ValueError(f"{name} must be an int {bounds}, got {value!r}")
+
+
 def _require_tensor(name: str, value: object) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
@@ -90,45 +107,50 @@ def check_out(out: torch.Tensor | None, hidden: torch.Tensor, V: int) -> None:
         raise ValueError(f"out must be contiguous, got strides {out.stride()}")
 
 
-def check_temperature(temperature: float | torch.Tensor, batch: int, device: torch.device) -> None:
+def check_temperature(temperature: float | torch.Tensor, batch: int,
+                      device: torch.device | None) -> None:
     """A real number >= 0 and finite (0 = greedy), or a float32 tensor on ``device`` of shape
-    ``[]``/``[1]`` (one temperature for every row) or ``[batch]`` (one per row).
+    ``[]``/``[1]`` (one temperature for every row) or ``[batch]`` (one per row); ``device`` None
+    accepts numbers only (host-side options, such as an engine call's).
 
     A tensor's values are read on the device only (no host sync, so a CUDA graph can capture a call
     and replay it with new values): a negative or non-finite entry is the caller's responsibility.
     """
-    if isinstance(temperature, torch.Tensor):
+    if isinstance(temperature, torch.Tensor) and device is not None:
         if (temperature.dtype != torch.float32 or temperature.device != device
                 or tuple(temperature.shape) not in ((), (1,), (batch,))):
             raise ValueError(f"temperature tensor must be float32 of shape [], [1] or [{batch}] "
                              f"on {device}, got {temperature.dtype} shape "
                              f"{list(temperature.shape)} on {temperature.device}")
         return
-    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
-        raise ValueError(f"temperature must be a real number or a float32 tensor, got "
-                         f"{temperature!r}")
+    if not is_real(temperature):
+        kinds = "a real number" if device is None else "a real number or a float32 tensor"
+        raise ValueError(f"temperature must be {kinds}, got {temperature!r}")
     if not math.isfinite(float(temperature)) or temperature < 0:
         raise ValueError(f"temperature must be finite and >= 0 (0 = greedy), got {temperature!r}")
 
 
 def check_sampling(temperature: float | torch.Tensor, top_k: int, seed: int | torch.Tensor,
-                   offset: int | torch.Tensor | None, device: torch.device, batch: int) -> None:
-    """``check_temperature``; 0 <= top_k <= MAX_TOP_K; seed/offset ints or 1-element int64
-    tensors on ``device`` (read on the device, so a CUDA graph replay sees their new values)."""
+                   offset: int | torch.Tensor | None = None, device: torch.device | None = None,
+                   batch: int = 1) -> None:
+    """The sampling options of every layer (kernels, engine, search config): ``check_temperature``;
+    0 <= top_k <= MAX_TOP_K; seed/offset ints in [0, 2**63) or 1-element int64 tensors on
+    ``device`` (read on the device, so a CUDA graph replay sees their new values). ``device`` None
+    accepts numbers only."""
     check_temperature(temperature, batch, device)
-    if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral):
-        raise ValueError(f"top_k must be an int, got {top_k!r}")
-    if not 0 <= top_k <= MAX_TOP_K:
-        raise ValueError(f"top_k must be in [0, {MAX_TOP_K}] (0 = no truncation), got {top_k}")
+    if not is_int(top_k) or not 0 <= top_k <= MAX_TOP_K:
+        raise ValueError(f"top_k must be an int in [0, {MAX_TOP_K}] (0 = no truncation; the fused "
+                         f"sampler keeps at most {MAX_TOP_K} candidates per row), got {top_k!r}")
     for name, value in (("seed", seed), ("offset", offset)):
         if value is None and name == "offset":
             continue
-        if isinstance(value, torch.Tensor):
+        if isinstance(value, torch.Tensor) and device is not None:
             if value.dtype != torch.int64 or value.numel() != 1 or value.device != device:
                 raise ValueError(f"{name} tensor must be int64 with one element on {device}, got "
                                  f"{value.dtype} shape {tuple(value.shape)} on {value.device}")
-        elif isinstance(value, bool) or not isinstance(value, numbers.Integral):
-            raise ValueError(f"{name} must be an int or a 1-element int64 tensor, got {value!r}")
+        elif not is_int(value):
+            kinds = "an int" if device is None else "an int or a 1-element int64 tensor"
+            raise ValueError(f"{name} must be {kinds}, got {value!r}")
         elif not 0 <= value < _MAX_SEED:
             raise ValueError(f"{name} must be in [0, 2**63), got {value}")
 

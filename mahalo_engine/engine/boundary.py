@@ -25,6 +25,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from triton_kernels.checks import check_int
+
 # Closing quotes/brackets allowed between a sentence's final punctuation and its end.
 _CLOSERS = "\"')]\u201d\u2019\u00bb"
 _SENTENCE_END = ".!?"
@@ -73,9 +75,7 @@ class Boundary:
         for s in self.strings:
             if not isinstance(s, str) or not s:
                 raise ValueError(f"boundary strings must be non-empty strings, got {s!r}")
-        if isinstance(self.min_tokens, bool) or not isinstance(self.min_tokens, int) \
-                or self.min_tokens < 1:
-            raise ValueError(f"Boundary.min_tokens must be an int >= 1, got {self.min_tokens!r}")
+        check_int("Boundary.min_tokens", self.min_tokens, 1)
 
     @property
     def empty(self) -> bool:

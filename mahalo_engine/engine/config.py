@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence, Union
 
-from triton_kernels.checks import MAX_TOP_K
+from triton_kernels.checks import check_int, check_sampling, is_real
 
 log = logging.getLogger("mahalo_engine.engine")
 
@@ -56,13 +56,10 @@ class SearchConfig:
     check_every: int = 8
 
     def __post_init__(self) -> None:
-        _positive_int("candidates", self.candidates)
-        _positive_int("max_step_tokens", self.max_step_tokens)
-        _positive_int("max_steps", self.max_steps)
-        _positive_int("max_new_tokens", self.max_new_tokens)
-        _positive_int("check_every", self.check_every)
+        for name in ("candidates", "max_step_tokens", "max_steps", "max_new_tokens", "check_every"):
+            check_int(name, getattr(self, name), 1)
         check_sampling(self.temperature, self.top_k, self.seed)
-        if not (isinstance(self.selection_temperature, (int, float))
+        if not (is_real(self.selection_temperature)
                 and math.isfinite(self.selection_temperature) and self.selection_temperature >= 0):
             raise ValueError(f"selection_temperature must be a finite float >= 0, got "
                              f"{self.selection_temperature!r}")
@@ -74,37 +71,18 @@ class SearchConfig:
                                 f"generated text, got {s!r}")
 
 
-def check_sampling(temperature: float, top_k: int, seed: int) -> None:
-    """Validate sampling options shared by `generate` and `search` (ValueError naming the value)."""
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
-            or not math.isfinite(temperature) or temperature < 0:
-        raise ValueError(f"temperature must be a finite float >= 0 (0 = greedy), got "
-                         f"{temperature!r}")
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 0 <= top_k <= MAX_TOP_K:
-        raise ValueError(f"top_k must be an int in [0, {MAX_TOP_K}] (0 = no truncation; the fused "
-                         f"sampler keeps at most {MAX_TOP_K} candidates per row), got {top_k!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed must be an int >= 0, got {seed!r}")
-
-
 def resolve_max_seq_len(max_seq_len: int | None, max_position_embeddings: int) -> int:
     """The engine's sequence cap: None is the model's ``max_position_embeddings``, at most
     ``DEFAULT_MAX_SEQ_LEN``. A cap above the model's positions is allowed (RoPE extrapolates) but
     logged once, since quality past the trained length is not what the model was trained for."""
     if max_seq_len is None:
         return min(DEFAULT_MAX_SEQ_LEN, max_position_embeddings)
-    if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 2:
-        raise ValueError(f"max_seq_len must be an int >= 2, got {max_seq_len!r}")
+    check_int("max_seq_len", max_seq_len, 2)
     if max_seq_len > max_position_embeddings:
         log.warning("max_seq_len %d exceeds the model's max_position_embeddings %d: positions past "
                     "%d were never trained; outputs there may degrade", max_seq_len,
                     max_position_embeddings, max_position_embeddings)
     return max_seq_len
-
-
-def _positive_int(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
 
 
 @dataclass

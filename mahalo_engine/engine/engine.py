@@ -26,12 +26,13 @@ from mahalo_engine.cache import KVCache, available_bytes
 from mahalo_engine.engine.boundary import (Boundary, CompiledBoundary, end_of_turn_id,
                                            vocab_texts)
 from mahalo_engine.engine.config import (Generation, SearchConfig, SearchResult, Step,
-                                         check_sampling, resolve_max_seq_len)
+                                         resolve_max_seq_len)
 from mahalo_engine.engine.graph_runner import (BOUNDARY, EOS, FULL, LENGTH, DecodeRunner)
 from mahalo_engine.engine import slots as slot_layouts
 from mahalo_engine.engine.sampler import Sampler
 from mahalo_engine.engine.scorers import Candidates, Scorer, as_scorer
 from mahalo_engine.text import Prompt, has_chat_template, tokenize_prompt
+from triton_kernels.checks import check_int, check_sampling
 
 GENERATE_CHECK_EVERY = 8  # decode steps between the host's "all finished?" checks in generate
 _STEP_REASON = {BOUNDARY: "boundary", EOS: "eos", LENGTH: "length", FULL: "max_seq_len"}
@@ -64,8 +65,7 @@ class Engine:
     def __init__(self, policy: Any, *, prm: Any = None, max_batch: int = 8,
                  max_seq_len: int | None = None, cuda_graphs: bool = True,
                  cache_layout: str = "fork") -> None:
-        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
-            raise ValueError(f"max_batch must be an int >= 1, got {max_batch!r}")
+        check_int("max_batch", max_batch, 1)
         max_seq_len = resolve_max_seq_len(max_seq_len, policy.config.max_position_embeddings)
         if cache_layout not in slot_layouts.CACHE_LAYOUTS:
             raise ValueError(f"cache_layout must be one of {slot_layouts.CACHE_LAYOUTS}, got "
@@ -97,9 +97,7 @@ class Engine:
         ``stop`` string, ``max_new_tokens`` or ``max_seq_len``. ``chat=True`` renders string
         prompts as a user turn with the chat template (message lists always are)."""
         check_sampling(temperature, top_k, seed)
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
-                or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+        check_int("max_new_tokens", max_new_tokens, 1)
         stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
         if any(not (isinstance(x, str) and x) for x in stops):
             raise ValueError(f"stop strings must be non-empty strings, got {list(stops)!r}")

@@ -23,6 +23,7 @@ from mahalo_engine.prm import (VALUE_HEAD_FILE, ObjectiveWeights, apply_kind, co
                                load_value_head, objective_weights)
 from mahalo_engine.text import Prompt, encode_prompt, encode_step, has_chat_template
 from mahalo_engine.utils.padding import pad_right
+from triton_kernels.checks import is_real
 
 
 @dataclass
@@ -249,7 +250,7 @@ class WeightedScorer(Scorer):
             if not isinstance(scorer, Scorer):
                 raise TypeError(f"expected a Scorer in (scorer, weight), got "
                                 f"{type(scorer).__name__}")
-            if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
+            if not (is_real(w) and math.isfinite(w)):
                 raise ValueError(f"scorer weights must be finite numbers, got {w!r}")
         if all(w == 0 for _, w in parts):
             raise ValueError(f"scorer weights {[w for _, w in parts]} are all zero")

@@ -21,6 +21,7 @@ from torch import nn
 from mahalo_engine.cache import KVCache
 from mahalo_engine.shared_cache import SharedPrefixCache
 from triton_kernels import cascade
+from triton_kernels.checks import is_int
 from mahalo_engine.config import ModelConfig
 from mahalo_engine.layers.attention import Attend, Attention, KVUpdate
 from mahalo_engine.layers.cascade_cpu import cascade_decode_attention_cpu
@@ -237,11 +238,7 @@ class Decoder(nn.Module):
             return self.decode_shared(cache, input_ids, slots, advance, kv_len=kv_len)
         self._check_cache(cache)
         n = input_ids.shape[0]
-        kv_len = cache.max_len if kv_len is None else kv_len
-        if isinstance(kv_len, bool) or not isinstance(kv_len, int) \
-                or not 1 <= kv_len <= cache.max_len:
-            raise ValueError(f"kv_len must be an int in [1, max_len={cache.max_len}], "
-                             f"got {kv_len!r}")
+        kv_len = _kv_len(kv_len, cache.max_len)
         if isinstance(slots, slice):
             start, stop = _slot_range(slots, n, cache.num_slots)
             ids = torch.arange(start, stop, device=cache.device)
@@ -288,11 +285,7 @@ class Decoder(nn.Module):
             raise ValueError("decode on a SharedPrefixCache takes a slot range slice(start, "
                              f"start + N), got {type(slots).__name__}")
         start, _ = _slot_range(slots, n, cache.num_slots)
-        kv_len = cache.max_len if kv_len is None else kv_len
-        if isinstance(kv_len, bool) or not isinstance(kv_len, int) \
-                or not 1 <= kv_len <= cache.max_len:
-            raise ValueError(f"kv_len must be an int in [1, max_len={cache.max_len}], "
-                             f"got {kv_len!r}")
+        kv_len = _kv_len(kv_len, cache.max_len)
         if start % k:
             raise ValueError(f"slot range must start at a group's first candidate (a multiple of "
                              f"K={k}), got start={start}")
@@ -367,3 +360,12 @@ def _check_right_padded(attention_mask: torch.Tensor, shape: torch.Size) -> None
     m = attention_mask.to(torch.int8)
     if bool(((m != 0) & (m != 1)).any() | (m[:, 1:] > m[:, :-1]).any()):
         raise ValueError("attention_mask must be 0/1 with right padding only (ones, then zeros)")
+
+
+def _kv_len(kv_len: int | None, max_len: int) -> int:
+    """The attention width of a decode: ``kv_len``, or the whole cache (``max_len``) when None."""
+    if kv_len is None:
+        return max_len
+    if not is_int(kv_len) or not 1 <= kv_len <= max_len:
+        raise ValueError(f"kv_len must be an int in [1, max_len={max_len}], got {kv_len!r}")
+    return kv_len

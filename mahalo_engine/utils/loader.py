@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Collection, Mapping, Sequence
 
 import torch
 from safetensors.torch import save_file
@@ -69,6 +70,22 @@ def _disk_shapes(files: dict[str, Path]) -> tuple[dict[str, tuple[int, ...]], di
     return shapes, dtypes
 
 
+def check_tensor_shapes(where: str, shapes: Mapping[str, Sequence[int]],
+                        expected: Mapping[str, Sequence[int]], optional: Collection[str] = ()) -> None:
+    """Strict loading of named tensors (``shapes``: name -> shape) into a module whose state dict
+    has ``expected``: every expected tensor present (``optional`` ones may be absent), nothing
+    else, each of its expected shape. One ValueError, starting with ``where``, names every
+    missing, unexpected and mis-shaped tensor."""
+    missing = sorted(set(expected) - set(shapes) - set(optional))
+    unexpected = sorted(set(shapes) - set(expected))
+    wrong = [f"{n}: {tuple(shapes[n])}, expected {tuple(expected[n])}"
+             for n in sorted(set(shapes) & set(expected)) if tuple(shapes[n]) != tuple(expected[n])]
+    problems = [f"{what} tensors: {names}" for what, names in
+                (("missing", missing), ("unexpected", unexpected), ("mis-shaped", wrong)) if names]
+    if problems:
+        raise ValueError(f"{where}: " + "; ".join(problems))
+
+
 _SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
 
@@ -103,18 +120,9 @@ def load_decoder(path: str | Path, *, dtype: torch.dtype | None = None,
 
     with torch.device("meta"):
         model = Decoder(config)
-    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     optional = {"lm_head.weight"} if config.tie_word_embeddings else set()
-    missing = sorted(set(expected) - set(shapes) - optional)
-    unexpected = sorted(set(shapes) - set(expected))
-    if missing:
-        raise ValueError(f"checkpoint {root} is missing tensors: {missing}")
-    if unexpected:
-        raise ValueError(f"checkpoint {root} has unexpected tensors: {unexpected}")
-    wrong = [f"{n}: {shapes[n]} on disk, expected {expected[n]}" for n in sorted(shapes)
-             if shapes[n] != expected[n]]
-    if wrong:
-        raise ValueError(f"checkpoint {root} has mis-shaped tensors: {wrong}")
+    check_tensor_shapes(f"checkpoint {root}", shapes,
+                        {name: t.shape for name, t in model.state_dict().items()}, optional)
 
     if dtype is None:
         dtype = _default_dtype(config, dtypes["model.embed_tokens.weight"])
