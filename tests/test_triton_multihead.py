@@ -500,23 +500,19 @@ def test_stale_plans_are_refused_and_the_cache_follows_the_heads():
     plan = plan_heads(heads, weights, cache=cache)
     sampling = SamplingPlan(heads, weights, temperature=0.0, plan=plan)
     assert plan_heads(heads, weights, cache=cache).heads is plan.heads and cache.merges == 1
-    heads.mul_(-2.0)  # new version of the same tensor
-    assert not plan.is_current()
-    with pytest.raises(ValueError, match="stale"):
-        sampling(hidden)
-    with pytest.raises(ValueError, match="stale"):
-        multihead.multihead_logits(hidden, heads, weights, plan=plan)
-    plan = plan_heads(heads, weights, cache=cache)
-    assert cache.merges == 2
-    assert rel_err(multihead.multihead_logits(hidden, heads, weights, plan=plan),
-                   logits64(hidden, heads, weights)) <= 1e-5
-    weights.copy_(weights.flip(1))  # same weights tensor, new values
-    with pytest.raises(ValueError, match="stale"):
-        multihead.multihead_logits(hidden, heads, weights, plan=plan)
-    plan = plan_heads(heads, weights, cache=cache)
-    assert cache.merges == 3
-    assert rel_err(multihead.multihead_logits(hidden, heads, weights, plan=plan),
-                   logits64(hidden, heads, weights)) <= 1e-5
+    changes = (lambda: heads.mul_(-2.0),  # new version of the same heads tensor
+               lambda: weights.copy_(weights.flip(1)))  # same weights tensor, new values
+    for change in changes:
+        change()
+        assert not plan.is_current()
+        for stale_call in (lambda: sampling(hidden),
+                           lambda: multihead.multihead_logits(hidden, heads, weights, plan=plan)):
+            with pytest.raises(ValueError, match="stale"):
+                stale_call()
+        plan = plan_heads(heads, weights, cache=cache)
+        assert rel_err(multihead.multihead_logits(hidden, heads, weights, plan=plan),
+                       logits64(hidden, heads, weights)) <= 1e-5
+    assert cache.merges == 3  # each change merged anew
     with pytest.raises(ValueError, match="built for"):
         multihead.multihead_logits(hidden, heads.clone(), weights, plan=plan)
 
