@@ -94,6 +94,14 @@ def test_sampler_general_path_for_distinct_rows():
     assert not plan.merged and plan.heads is heads and sampler.merged.merges == 0
     want, margin = greedy64(hidden, heads, weights)
     assert margin > 1e-3 and torch.equal(sampler.sample(hidden)[0].cpu(), want)
+    h, w, key = sampler.graph_operands(4)  # the live heads and weights buffer, read in place
+    assert h is heads and w.data_ptr() == sampler.weights.data_ptr()
+    other = random_heads(9)
+    sampler.invalidate(other)  # new heads: a graph that read the old ones must miss
+    h, _, new_key = sampler.graph_operands(4)
+    assert h is other and new_key != key
+    want, margin = greedy64(hidden, other, weights)
+    assert margin > 1e-3 and torch.equal(sampler.sample(hidden)[0].cpu(), want)
 
 
 def test_no_plan_state_at_module_level():

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from triton_kernels.checks import check_out, check_projection, check_sampling
-from triton_kernels.heads_plan import HeadsPlan, plan_heads
+from triton_kernels.heads_plan import HeadsPlan, checked_plan
 from triton_kernels.reference import _generator
 
 
@@ -45,10 +45,7 @@ def project(hidden: torch.Tensor, heads: torch.Tensor, weights: torch.Tensor) ->
 
 def _planned(heads: torch.Tensor, weights: torch.Tensor,
              plan: HeadsPlan | None) -> tuple[torch.Tensor, torch.Tensor]:
-    if plan is None:
-        plan = plan_heads(heads, weights, merge=False)
-    else:
-        plan.check(heads, weights)
+    plan = checked_plan(heads, weights, plan, merge=False)
     return plan.heads, plan.weights
 
 

@@ -71,12 +71,12 @@ class HeadsPlan:
                              "it was built; build a new one with plan_heads")
 
     def key(self) -> tuple:
-        """What a CUDA graph captured with ``(heads, weights)`` depends on, as a hashable key:
-        for merged plans every row's weight vector and the source heads' storage and version (a
-        graph holds the merged tensor it was captured with, so new head values must miss it);
-        for the general path nothing (the kernels read the live heads and weights)."""
+        """What a CUDA graph captured with ``(heads, weights)`` depends on, as a hashable key.
+        Merged plans: every row's weight vector and the source heads' storage and version (a graph
+        holds the merged tensor it was captured with, so new head values must miss it). The
+        general path: the heads' storage only (a graph reads the heads and weights in place)."""
         if not self.merged:
-            return ()
+            return (self.heads_key.data_ptr,)
         return (row_key(self.rows), tuple(self.index.tolist()), self.heads_key.data_ptr,
                 self.heads_key.version)
 
@@ -125,6 +125,16 @@ def plan_heads(heads: torch.Tensor, weights: torch.Tensor, *, merge: bool = True
         return HeadsPlan(rows=rows, index=index, **general)
     one_hot = torch.nn.functional.one_hot(index, rows.shape[0]).to(weights.device, torch.float32)
     return HeadsPlan(**{**general, "heads": merged, "weights": one_hot}, rows=rows, index=index)
+
+
+def checked_plan(heads: torch.Tensor, weights: torch.Tensor, plan: HeadsPlan | None, *,
+                 merge: bool) -> HeadsPlan:
+    """A launcher's plan: the caller's ``plan`` checked against ``(heads, weights)``
+    (``HeadsPlan.check``), else a new one (``merge=False`` for a one-off call)."""
+    if plan is None:
+        return plan_heads(heads, weights, merge=merge)
+    plan.check(heads, weights)
+    return plan
 
 
 def merge_shared_heads(heads: torch.Tensor,

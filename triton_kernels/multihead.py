@@ -26,7 +26,7 @@ from triton_kernels import cpu
 from triton_kernels.checks import check_mixture, check_out, check_projection, check_sampling
 from triton_kernels.kernels import (MODE_GREEDY, MODE_GUMBEL, MODE_TOPK, _logits_kernel,
                                     _sample_finish_kernel, _sample_partials_kernel)
-from triton_kernels.heads_plan import HeadsPlan, plan_heads
+from triton_kernels.heads_plan import HeadsPlan, checked_plan
 
 # fp32 heads get true fp32 products (TF32 would miss the 1e-5 contract); bf16/fp16 dots ignore it.
 DOT_PRECISION = "ieee"
@@ -163,10 +163,7 @@ def multihead_logits(hidden: torch.Tensor, heads: torch.Tensor, weights: torch.T
         return cpu.multihead_logits(hidden, heads, weights, out=out, plan=plan)
     check_projection(hidden, heads, weights)
     check_out(out, hidden, heads.shape[1])
-    if plan is None:
-        plan = plan_heads(heads, weights, merge=False)
-    else:
-        plan.check(heads, weights)
+    plan = checked_plan(heads, weights, plan, merge=False)
     heads, weights = plan.heads, plan.weights
     B, V = hidden.shape[0], heads.shape[1]
     if out is None:
@@ -203,10 +200,8 @@ def multihead_sample(hidden: torch.Tensor, heads: torch.Tensor, weights: torch.T
     loop builds a `SamplingPlan` once instead.
     """
     check_projection(hidden, heads, weights)
-    if plan is None:
-        plan = plan_heads(heads, weights, merge=False)
     sampling = SamplingPlan(heads, weights, temperature=temperature, top_k=top_k, seed=seed,
-                            offset=offset, plan=plan)
+                            offset=offset, plan=checked_plan(heads, weights, plan, merge=False))
     return sampling(hidden)
 
 
@@ -216,16 +211,15 @@ class SamplingPlan:
     Built from everything but the hidden states: it validates them, holds the shared-weights plan
     ``heads_plan`` (given as ``plan``, else ``plan_heads(heads, weights)``: merged heads when the
     rows share U < H weight vectors), picks the mode and launch config, and allocates the partials
-    scratch. A call ``plan(hidden)``
-    then checks ``hidden``'s shape, dtype and device, allocates the two outputs and launches: no
-    host reads, and the top-k candidates are merged on the device.
+    scratch. A call ``plan(hidden)`` then checks ``hidden``'s shape, dtype and device, allocates
+    the two outputs and launches: no host reads, and the top-k candidates are merged on the device.
 
     ``temperature``/``seed``/``offset`` tensors are bound by reference and read on the device at
     every call (advance ``offset`` in place between calls); ints and floats are fixed. The weights'
     *values* and the heads' are bound when the plan is built (they decide the merge): after
     changing them, build a new plan (a call on a plan whose heads or weights changed in place
-    raises ``ValueError``; inference tensors carry no version, so that goes unseen). The scratch is the plan's own: calls on one plan must not run concurrently on
-    different streams.
+    raises ``ValueError``; inference tensors carry no version, so that goes unseen). The scratch
+    is the plan's own: calls on one plan must not run concurrently on different streams.
     """
 
     def __init__(self, heads: torch.Tensor, weights: torch.Tensor, *,
@@ -236,10 +230,7 @@ class SamplingPlan:
         B, V, d = weights.shape[0], heads.shape[1], heads.shape[2]
         dev = heads.device
         check_sampling(temperature, top_k, seed, offset, dev, B)
-        if plan is None:
-            plan = plan_heads(heads, weights)
-        else:
-            plan.check(heads, weights)
+        plan = checked_plan(heads, weights, plan, merge=True)
         self.shape = (B, d)
         self.dtype, self.device = heads.dtype, dev
         self.heads_plan = plan

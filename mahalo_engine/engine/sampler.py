@@ -89,16 +89,15 @@ class Sampler:
             self._sampling.pop(n, None)
         return plan
 
-    def graph_operands(self, n: int) -> tuple[torch.Tensor, torch.Tensor, tuple | None]:
+    def graph_operands(self, n: int) -> tuple[torch.Tensor, torch.Tensor, tuple]:
         """``(heads, weights, key)`` to capture for rows ``[0, n)``: a merged plan's heads and
-        one-hot weights when the rows share fewer weight vectors than there are heads (then
-        ``key`` = the plan's key — every row's weights, the heads' storage and version — and the
-        epoch: a graph is valid only while they stay), else the heads and the live weights
-        buffer (``key`` None: the graph reads whatever the heads and the buffer hold)."""
+        one-hot weights when the rows share fewer weight vectors than there are heads, else the
+        heads and the live weights buffer (a graph then reads whatever they hold). ``key``: the
+        plan's key (merged: every row's weights and the heads' storage and version; general: the
+        heads' storage) and the epoch — a graph is valid only while they stay the same."""
         plan = self.plan(n)
-        if not plan.merged:
-            return self.heads, self.weights[:n], None
-        return plan.heads, plan.weights, plan.key() + (self._epoch,)
+        weights = plan.weights if plan.merged else self.weights[:n]
+        return plan.heads, weights, plan.key() + (self._epoch,)
 
     def sample(self, hidden: torch.Tensor, heads: torch.Tensor | None = None,
                weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
