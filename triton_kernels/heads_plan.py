@@ -22,7 +22,7 @@ tensors given; capture with a plan's ``heads``/``weights`` (``merge_shared_heads
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -30,7 +30,7 @@ from triton_kernels.checks import check_finite_weights, check_mixture
 from triton_kernels.merge import HeadsKey, MergeCache, merge_heads, row_key, tensor_version
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(eq=False)
 class HeadsPlan:
     """One ``(heads, weights)`` pair planned: see the module docstring."""
 
@@ -38,26 +38,43 @@ class HeadsPlan:
     weights: torch.Tensor  # their fp32 weights: one-hot [B,U], or the source weights [B,H]
     source: torch.Tensor  # the heads [H,V,d] the plan was built from
     source_weights: torch.Tensor  # the weights [B,H] it was built from
-    rows: torch.Tensor | None  # fp32 [U,H] on the host: the distinct weight rows (None: captured)
-    index: torch.Tensor | None  # int64 [B] on the host: row b's weights are rows[index[b]]
+    host_weights: torch.Tensor | None  # their fp32 values on the host (None: built in a capture)
     heads_key: HeadsKey  # the source heads when the plan was built
     weights_version: int | None  # the source weights' version counter then
+    # (rows, index), found when merging or on first use: a one-off general plan never needs them.
+    distinct: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
+
+    @property
+    def rows(self) -> torch.Tensor:
+        """fp32 ``[U,H]`` on the host: the distinct weight rows."""
+        return self._distinct()[0]
+
+    @property
+    def index(self) -> torch.Tensor:
+        """int64 ``[B]`` on the host: row b's weights are ``rows[index[b]]``."""
+        return self._distinct()[1]
+
+    def _distinct(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.distinct is None:
+            if self.host_weights is None:
+                raise ValueError("a plan built under CUDA-graph capture has no distinct rows")
+            self.distinct = distinct_rows(self.host_weights)
+        return self.distinct
 
     @property
     def merged(self) -> bool:
         """Whether the kernels read U < H merged heads."""
         return self.heads is not self.source
 
-    @property
-    def batch(self) -> int:
-        return self.weights.shape[0]
-
     def is_current(self) -> bool:
         """False once the source heads or weights were changed in place (or re-pointed) since
         the plan was built. Inference tensors carry no version: their changes go unseen."""
-        return (self.source.data_ptr() == self.heads_key.data_ptr
-                and tensor_version(self.source) == self.heads_key.version
-                and tensor_version(self.source_weights) == self.weights_version)
+        # Called on every SamplingPlan step: two version reads and a pointer (a version of None
+        # was an inference tensor when built, and stays one).
+        heads_version, weights_version = self.heads_key.version, self.weights_version
+        return ((heads_version is None or self.source._version == heads_version)
+                and (weights_version is None or self.source_weights._version == weights_version)
+                and self.source.data_ptr() == self.heads_key.data_ptr)
 
     def check(self, heads: torch.Tensor, weights: torch.Tensor) -> None:
         """Raise ``ValueError`` unless this plan was built from ``heads`` and weights of
@@ -86,8 +103,6 @@ class HeadsPlan:
         pass over the heads it weights; memory: one head)."""
         if self.merged:
             return self.heads[u]
-        if self.rows is None:
-            raise ValueError("a plan built under CUDA-graph capture has no distinct rows")
         row = self.rows[u]
         nonzero = row.nonzero().flatten()
         if len(nonzero) == 1 and row[nonzero[0]] == 1.0:
@@ -95,20 +110,25 @@ class HeadsPlan:
         return merge_heads(self.source, row[None])[0]
 
 
+def distinct_rows(host_weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(rows [U,H], index [B])`` of host weights ``[B,H]``: ``host_weights == rows[index]``."""
+    return torch.unique(host_weights, dim=0, return_inverse=True)
+
+
 def plan_heads(heads: torch.Tensor, weights: torch.Tensor, *, merge: bool = True,
                cache: MergeCache | None = None,
                host_weights: torch.Tensor | None = None) -> HeadsPlan:
-    """Plan ``heads [H,V,d]`` mixed by ``weights [B,H]``: find the U distinct rows (a host read
-    of the weights, which also rejects non-finite ones), and when ``merge`` and U < H, merge the
-    heads — through the owner's ``cache`` if given (None from it: over its budget, general path),
-    else now. ``host_weights``: the weights' values already on the host (skips the device read).
+    """Plan ``heads [H,V,d]`` mixed by ``weights [B,H]``: read the weights on the host (rejecting
+    non-finite ones), and when ``merge``, find the U distinct rows and, if U < H, merge the heads —
+    through the owner's ``cache`` if given (None from it: over its budget, general path), else
+    now. ``host_weights``: the weights' values already on the host (skips the device read).
     Under CUDA-graph capture: the general path, no host read."""
     check_mixture(heads, weights)
-    weights_fp32 = weights.detach().to(torch.float32).contiguous()
-    general = dict(heads=heads, weights=weights_fp32, source=heads, source_weights=weights,
-                   heads_key=HeadsKey.of(heads), weights_version=tensor_version(weights))
+    general = dict(heads=heads, weights=weights.detach().to(torch.float32).contiguous(),
+                   source=heads, source_weights=weights, heads_key=HeadsKey.of(heads),
+                   weights_version=tensor_version(weights))
     if weights.is_cuda and torch.cuda.is_current_stream_capturing():
-        return HeadsPlan(rows=None, index=None, **general)
+        return HeadsPlan(host_weights=None, **general)
     if host_weights is None:
         host_weights = weights.detach().to("cpu", torch.float32)
     elif tuple(host_weights.shape) != tuple(weights.shape) or host_weights.device.type != "cpu":
@@ -117,14 +137,17 @@ def plan_heads(heads: torch.Tensor, weights: torch.Tensor, *, merge: bool = True
                          f"{host_weights.device}")
     host_weights = host_weights.to(torch.float32)
     check_finite_weights(host_weights)
-    rows, index = torch.unique(host_weights, dim=0, return_inverse=True)
+    if not merge:
+        return HeadsPlan(host_weights=host_weights, **general)
+    rows, index = distinct_rows(host_weights)
     merged = None
-    if merge and rows.shape[0] < heads.shape[0]:
+    if rows.shape[0] < heads.shape[0]:
         merged = cache.get(heads, rows) if cache is not None else merge_heads(heads, rows)
     if merged is None:
-        return HeadsPlan(rows=rows, index=index, **general)
+        return HeadsPlan(host_weights=host_weights, distinct=(rows, index), **general)
     one_hot = torch.nn.functional.one_hot(index, rows.shape[0]).to(weights.device, torch.float32)
-    return HeadsPlan(**{**general, "heads": merged, "weights": one_hot}, rows=rows, index=index)
+    return HeadsPlan(**{**general, "heads": merged, "weights": one_hot},
+                     host_weights=host_weights, distinct=(rows, index))
 
 
 def checked_plan(heads: torch.Tensor, weights: torch.Tensor, plan: HeadsPlan | None, *,
