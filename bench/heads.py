@@ -6,8 +6,8 @@ Per (H, B, d), V = 151936, bf16 on GPU, side by side:
   ``torch.multinomial`` (timed eagerly, as it runs);
 - (b) ``stacked``: one GEMM over the heads stacked along K (``[w_1 h, …, w_H h] @ W_cat.T``), then
   softmax + ``torch.multinomial``;
-- ``fused``: ``triton_kernels.multihead_sample`` (Gumbel sampling) with the shared-weights merge
-  off, so every call reads all H heads (the general path); ``fused top-k``: the same at top-k 50;
+- ``fused``: ``triton_kernels.multihead_sample`` (Gumbel sampling) without a plan, so every call
+  reads all H heads (the general path); ``fused top-k``: the same at top-k 50;
 - ``merged``: one weight vector for every row (U = 1: one merged head read, merged before timing).
 
 The fused columns are timed as the engine runs them: captured once in a CUDA graph and replayed
@@ -25,13 +25,11 @@ cost run, at small sizes: the Triton interpreter's times mean nothing.
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 from bench.common import (BenchContext, copy_bandwidth, host_time, peak_memory_bytes,
                           reset_peak_memory, time_graph, timeit)
-from triton_kernels import SamplingPlan, merge_cache, merge_shared_heads, multihead_sample
+from triton_kernels import SamplingPlan, merge_shared_heads, multihead_sample
 
 TEMPERATURE = 0.8
 TOP_K = 50
@@ -51,17 +49,6 @@ def stacked_sample(hidden: torch.Tensor, stacked: torch.Tensor,
     x = (weights[:, :, None] * hidden[:, None, :].float()).reshape(hidden.shape[0], -1)
     z = (x.to(hidden.dtype) @ stacked.t()).float()
     return torch.multinomial(torch.softmax(z / TEMPERATURE, dim=-1), 1).squeeze(1)
-
-
-@contextlib.contextmanager
-def _all_heads():
-    """Turn the shared-weights merge off (budget 0), so the fused kernel reads all H heads."""
-    budget = merge_cache.max_bytes
-    merge_cache.max_bytes = 0
-    try:
-        yield
-    finally:
-        merge_cache.max_bytes = budget
 
 
 def _extra_peak_mb(fn, device: torch.device) -> float | None:
@@ -108,13 +95,13 @@ def _fused_columns(hidden: torch.Tensor, heads: torch.Tensor, weights: torch.Ten
         return multihead_sample(hidden, h, w, temperature=TEMPERATURE, top_k=top_k, seed=1,
                                 offset=offset)
 
-    with _all_heads():  # the general path: every call reads all H heads
-        t_f = time_graph(call, device, iters=iters)
-        t_k = time_graph(lambda: call(top_k=TOP_K), device, iters=iters)
-        fused_peak = _extra_peak_mb(call, device)
-        host_launcher = host_time(call, device)
-        plan = SamplingPlan(heads, weights, temperature=TEMPERATURE, seed=1, offset=offset)
-        host_plan = host_time(lambda: plan(hidden), device)
+    # The general path (a call without a plan never merges): every call reads all H heads.
+    t_f = time_graph(call, device, iters=iters)
+    t_k = time_graph(lambda: call(top_k=TOP_K), device, iters=iters)
+    fused_peak = _extra_peak_mb(call, device)
+    host_launcher = host_time(call, device)
+    plan = SamplingPlan(heads, weights, temperature=TEMPERATURE, seed=1, offset=offset)
+    host_plan = host_time(lambda: plan(hidden), device)
     merged, one_hot = merge_shared_heads(heads, weights[:1].expand(B, H).contiguous())
     if merged.shape[0] != 1:
         raise RuntimeError(f"the merge gave {merged.shape[0]} heads for one weight vector")

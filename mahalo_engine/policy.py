@@ -14,6 +14,7 @@ from mahalo_engine.config import ModelConfig
 from mahalo_engine.heads import HEADS_FILE, check_heads, load_heads
 from mahalo_engine.models.decoder import Decoder
 from mahalo_engine.utils.loader import load_decoder
+from triton_kernels.heads_plan import plan_heads
 
 HeadWeights = Sequence[float] | Sequence[Sequence[float]] | torch.Tensor | None
 
@@ -75,34 +76,26 @@ class Policy:
         """float32 ``[B,T,V]``: the weighted sum of the heads' logits after a full forward (no
         cache). With a single head this equals transformers' logits.
 
-        ``Σ_i w_i W_i h = (Σ_i w_i W_i) h``: the heads are merged once per distinct weight row and
+        ``Σ_i w_i W_i h = (Σ_i w_i W_i) h``: the rows are grouped by distinct weight vector with
+        the engine's shared-weights plan (``triton_kernels.plan_heads``), each group's heads are
+        mixed into one head (``HeadsPlan.mixed_head``: a one-hot mix is its head as is) and
         applied with one matmul, so neither ``[H,B,T,V]`` per-head logits nor H matmuls over all
-        tokens are ever made; the extra memory is one merged head (float32 ``[V,d]`` while built)."""
+        tokens are ever made; the extra memory is one mixed head at a time."""
         device = self.heads.device
         input_ids = input_ids.to(device)
         weights = self.weight_matrix(head_weights, input_ids.shape[0])
         with torch.no_grad():
             hidden = self.model(input_ids, None if attention_mask is None else attention_mask.to(device))
-            mixes, row_mix = torch.unique(weights, dim=0, return_inverse=True)
-            if len(mixes) == 1:
-                return torch.nn.functional.linear(hidden, self._merged_head(mixes[0])).float()
+            # merge=False: mix one distinct row at a time (memory: one head), even when U < H.
+            plan = plan_heads(self.heads, weights, merge=False)
+            if len(plan.rows) == 1:
+                return torch.nn.functional.linear(hidden, plan.mixed_head(0)).float()
             out = torch.empty(*input_ids.shape, self.config.vocab_size, dtype=torch.float32,
                               device=device)
-            for m, w in enumerate(mixes):
-                rows = (row_mix == m).nonzero().squeeze(1)
-                out[rows] = torch.nn.functional.linear(hidden[rows], self._merged_head(w)).float()
+            for u in range(len(plan.rows)):
+                rows = (plan.index == u).nonzero().squeeze(1).to(device)
+                out[rows] = torch.nn.functional.linear(hidden[rows], plan.mixed_head(u)).float()
         return out
-
-    def _merged_head(self, weights: torch.Tensor) -> torch.Tensor:
-        """``Σ_i w_i W_i`` as one ``[V,d]`` head in the heads' dtype, for normalised float32
-        ``weights [H]``: accumulated in float32 and rounded once; a one-hot mix is its head as is."""
-        if weights.max() == 1:  # normalised and non-negative: one-hot
-            return self.heads[int(weights.argmax())]
-        merged = torch.zeros(self.heads.shape[1:], dtype=torch.float32, device=self.heads.device)
-        for i, w in enumerate(weights.tolist()):
-            if w:
-                merged.add_(self.heads[i], alpha=w)  # mixed-dtype in-place add: no fp32 copy of W_i
-        return merged.to(self.heads.dtype)
 
 
 def _show(w: HeadWeights) -> str:

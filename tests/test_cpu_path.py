@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from triton_kernels import cpu, merge_cache, merge_shared_heads, reference
+from triton_kernels import MergeCache, cpu, plan_heads, reference
 
 
 def make_inputs(B, H, V, d, *, seed=0, scale=3.0, shared=False):
@@ -42,17 +42,19 @@ def test_general_path_equals_reference(temperature, top_k):
 @pytest.mark.parametrize("top_k", [0, 4])
 def test_shared_weights_use_merged_heads(top_k):
     hidden, heads, weights = make_inputs(6, 3, 131, 16, shared=True, seed=1)
-    merges = merge_cache.merges
-    merged, one_hot = merge_shared_heads(heads, weights)
-    assert merged.shape[0] == 1 and merge_cache.merges == merges + 1
+    cache = MergeCache(1 << 30)
+    plan = plan_heads(heads, weights, cache=cache)
+    assert plan.heads.shape[0] == 1 and cache.merges == 1
     for offset in range(8):
         kw = dict(temperature=0.9, top_k=top_k, seed=11, offset=offset)
-        assert_same(cpu.multihead_sample(hidden, heads, weights, **kw),
-                    reference.multihead_sample(hidden, merged, one_hot, **kw))
-    assert merge_cache.merges == merges + 1  # the cached merge was reused, not recomputed
+        assert_same(cpu.multihead_sample(hidden, heads, weights, plan=plan, **kw),
+                    reference.multihead_sample(hidden, plan.heads, plan.weights, **kw))
+    assert plan_heads(heads, weights, cache=cache).heads is plan.heads
+    assert cache.merges == 1  # the cached merge was reused, not recomputed
     z64 = torch.einsum("bh,hvd,bd->bv", weights.double(), heads.double(), hidden.double())
-    z = cpu.multihead_logits(hidden, heads, weights)
-    assert ((z.double() - z64).abs().max() / z64.abs().max()).item() < 1e-5
+    for z in (cpu.multihead_logits(hidden, heads, weights, plan=plan),
+              cpu.multihead_logits(hidden, heads, weights)):  # no plan: the general path
+        assert ((z.double() - z64).abs().max() / z64.abs().max()).item() < 1e-5
 
 
 @pytest.mark.parametrize("top_k", [1, 2, 3, 5, 6])

@@ -13,7 +13,8 @@ import torch
 import triton
 
 import triton_kernels
-from triton_kernels import merge_cache, merge_shared_heads, multihead_logits, multihead_sample
+from triton_kernels import (MergeCache, SamplingPlan, merge_shared_heads, multihead_logits,
+                            multihead_sample, plan_heads)
 from triton_kernels import cpu, multihead, reference
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -113,7 +114,7 @@ def test_logits_strided_inputs_and_fresh_output():
 
 @needs_triton
 @pytest.mark.parametrize("which", ["head", "vocab"])
-def test_offsets_past_2_31_elements(which, monkeypatch):
+def test_offsets_past_2_31_elements(which):
     """A heads view whose element offsets pass 2**31 while every stride fits in int32 (as with
     H·V·d > 2**31 for V = 151936, d = 4096, H ≥ 4): an int32 product wraps to a wrong address.
     The storage spans 4-5 GB but only the viewed elements are touched (on CPU the rest stays
@@ -127,7 +128,7 @@ def test_offsets_past_2_31_elements(which, monkeypatch):
     _, small, weights = make_inputs(4, H, V, d, torch.bfloat16, scale=3.0)
     heads.copy_(small)
     hidden = make_inputs(4, H, V, d, torch.bfloat16)[0]
-    monkeypatch.setattr(merge_cache, "max_bytes", 0)  # the kernel must read all H heads itself
+    # No plan: the general path, so the kernel reads all H heads itself.
     ref = logits64(hidden, heads, weights)
     assert rel_err(multihead_logits(hidden, heads, weights), ref) <= TOL[torch.bfloat16]
     tokens, _ = multihead_sample(hidden, heads, weights, temperature=0.0)
@@ -434,15 +435,6 @@ def test_cuda_graph_replay_reads_the_temperature_buffer():
 # ----------------------------------------------------------------------------------- shared weights
 
 
-@pytest.fixture
-def fresh_merge_cache(monkeypatch):
-    monkeypatch.setattr(merge_cache, "max_bytes", 1 << 30)
-    monkeypatch.setattr(merge_cache, "merges", 0)
-    merge_cache.clear()
-    yield merge_cache
-    merge_cache.clear()
-
-
 def shared_weight_inputs(dtype=torch.float32):
     hidden, heads, _ = make_inputs(6, 3, 300, 40, dtype, scale=3.0)
     rows = torch.tensor([[0.2, 0.5, 0.3], [0.6, 0.0, 0.4]], device=DEVICE)
@@ -451,54 +443,105 @@ def shared_weight_inputs(dtype=torch.float32):
 
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_shared_weights_path_equals_general_path(fresh_merge_cache, monkeypatch, dtype):
-    hidden, heads, weights = shared_weight_inputs(dtype)
-    z_fast = multihead_logits(hidden, heads, weights)
-    greedy_fast = multihead_sample(hidden, heads, weights, temperature=0.0)
-    drawn_fast = multihead_sample(hidden, heads, weights, temperature=1.0, seed=4)
-    assert fresh_merge_cache.merges == 1  # merged once, then reused by the sampling calls
-    monkeypatch.setattr(merge_cache, "max_bytes", 0)  # 0 disables the fast path
-    z_general = multihead_logits(hidden, heads, weights)
-    assert fresh_merge_cache.merges == 1
+@pytest.mark.parametrize("shared", [True, False], ids=["shared", "distinct"])
+def test_plan_equals_float64_mix(dtype, shared):
+    """The plan's distinct rows and row index rebuild the weights; its operands (merged heads and
+    one-hot weights when rows share weights, else the heads) give the float64 mixture, through the
+    launcher, the custom op and the plan's mixed heads."""
+    hidden, heads, weights = (shared_weight_inputs(dtype) if shared
+                              else make_inputs(6, 3, 300, 40, dtype, scale=3.0))
+    plan = plan_heads(heads, weights)
+    assert torch.equal(plan.rows[plan.index], weights.cpu())
+    assert plan.merged == shared and len(plan.rows) == (2 if shared else 6)
+    assert (plan.heads.shape[0], plan.weights.shape) == ((2, (6, 2)) if shared else (3, (6, 3)))
     ref = logits64(hidden, heads, weights)
-    assert rel_err(z_fast, ref) <= TOL[dtype] and rel_err(z_general, ref) <= TOL[dtype]
+    z_plan = multihead.multihead_logits(hidden, heads, weights, plan=plan)
+    z_op = multihead_logits(hidden, plan.heads, plan.weights)  # a plan's operands through the op
+    z_general = multihead_logits(hidden, heads, weights)  # no plan: one-off, never merged
+    for z in (z_plan, z_op, z_general):
+        assert rel_err(z, ref) <= TOL[dtype]
+    # fp32 accumulation, one rounding to the heads' dtype (the interpreter truncates: one ulp).
+    ulp = {torch.float32: 2**-22, torch.bfloat16: 2**-7}[dtype]
+    for u in range(len(plan.rows)):
+        head64 = torch.einsum("h,hvd->vd", plan.rows[u].double(), heads.double().cpu())
+        size = torch.einsum("h,hvd->vd", plan.rows[u].double().abs(), heads.double().abs().cpu())
+        assert ((plan.mixed_head(u).cpu().double() - head64).abs() <= ulp * size).all()
     if dtype == torch.float32:
-        assert rel_err(z_fast, z_general.double()) <= 1e-5
-        for fast, kw in ((greedy_fast, dict(temperature=0.0)), (drawn_fast, dict(temperature=1.0, seed=4))):
+        assert rel_err(z_plan, z_general.double()) <= 1e-5
+        for kw in (dict(temperature=0.0), dict(temperature=1.0, seed=4)):
             tokens, logprobs = multihead_sample(hidden, heads, weights, **kw)
+            fast = multihead.multihead_sample(hidden, heads, weights, plan=plan, **kw)
             assert torch.equal(tokens, fast[0])  # same Philox numbers per (row, token)
             torch.testing.assert_close(logprobs, fast[1], atol=1e-5, rtol=0)
 
 
 @needs_triton
-def test_merge_cache_invalidates_on_in_place_updates(fresh_merge_cache):
+def test_calls_without_a_plan_never_merge(monkeypatch):
+    """A one-off plan costs one host read, never a merge (H + U head transfers for one call)."""
+    import triton_kernels.heads_plan as heads_plan
+
+    def no_merge(*args):
+        raise AssertionError("a call without a plan merged heads")
+
+    monkeypatch.setattr(heads_plan, "merge_heads", no_merge)
     hidden, heads, weights = shared_weight_inputs()
-    multihead_logits(hidden, heads, weights)
-    heads.mul_(-2.0)  # new version of the same tensor: cached merges are stale
-    assert rel_err(multihead_logits(hidden, heads, weights), logits64(hidden, heads, weights)) <= 1e-5
-    weights.copy_(weights.flip(1))  # same weights tensor, new values: the cached plan is stale
-    assert rel_err(multihead_logits(hidden, heads, weights), logits64(hidden, heads, weights)) <= 1e-5
-    assert fresh_merge_cache.merges == 3
+    ref = logits64(hidden, heads, weights)
+    assert rel_err(multihead_logits(hidden, heads, weights), ref) <= 1e-5
+    assert torch.equal(multihead_sample(hidden, heads, weights, temperature=0.0)[0],
+                       ref.argmax(dim=1))
 
 
 @needs_triton
-def test_merge_cache_is_bounded_and_warns_over_budget(fresh_merge_cache, monkeypatch, caplog):
+def test_stale_plans_are_refused_and_the_cache_follows_the_heads():
+    """A plan binds the values of its heads and weights: after an in-place change it is refused
+    (never silently stale); a plan rebuilt through the owner's cache merges the new values."""
+    hidden, heads, weights = shared_weight_inputs()
+    cache = MergeCache(1 << 30)
+    plan = plan_heads(heads, weights, cache=cache)
+    sampling = SamplingPlan(heads, weights, temperature=0.0, plan=plan)
+    assert plan_heads(heads, weights, cache=cache).heads is plan.heads and cache.merges == 1
+    changes = (lambda: heads.mul_(-2.0),  # new version of the same heads tensor
+               lambda: weights.copy_(weights.flip(1)))  # same weights tensor, new values
+    for change in changes:
+        change()
+        assert not plan.is_current()
+        for stale_call in (lambda: sampling(hidden),
+                           lambda: multihead.multihead_logits(hidden, heads, weights, plan=plan)):
+            with pytest.raises(ValueError, match="stale"):
+                stale_call()
+        plan = plan_heads(heads, weights, cache=cache)
+        assert rel_err(multihead.multihead_logits(hidden, heads, weights, plan=plan),
+                       logits64(hidden, heads, weights)) <= 1e-5
+    assert cache.merges == 3  # each change merged anew
+    with pytest.raises(ValueError, match="built for"):
+        multihead.multihead_logits(hidden, heads.clone(), weights, plan=plan)
+
+
+@needs_triton
+def test_merge_cache_is_bounded_and_warns_over_budget(caplog):
     hidden, heads, weights = shared_weight_inputs()
     one_set = 2 * heads.shape[1] * heads.shape[2] * heads.element_size()  # U = 2 merged heads
-    monkeypatch.setattr(merge_cache, "max_bytes", one_set)
-    multihead_logits(hidden, heads, weights)
+    cache = MergeCache(one_set)
+    plan_heads(heads, weights, cache=cache)
     other = weights.flip(1).contiguous()
-    assert rel_err(multihead_logits(hidden, heads, other), logits64(hidden, heads, other)) <= 1e-5
-    assert fresh_merge_cache.merges == 2 and fresh_merge_cache.nbytes <= one_set
-    monkeypatch.setattr(merge_cache, "max_bytes", one_set - 1)
+    plan = plan_heads(heads, other, cache=cache)
+    assert plan.merged
+    assert rel_err(multihead.multihead_logits(hidden, heads, other, plan=plan),
+                   logits64(hidden, heads, other)) <= 1e-5
+    assert cache.merges == 2 and cache.nbytes <= one_set
+    small = MergeCache(one_set - 1)
     with caplog.at_level(logging.WARNING, logger="triton_kernels.merge"):
-        z = multihead_logits(hidden, heads, weights.clone())
-    assert "merge cache budget" in caplog.text and fresh_merge_cache.merges == 2
-    assert rel_err(z, logits64(hidden, heads, weights)) <= 1e-5
+        plan = plan_heads(heads, weights, cache=small)
+    assert "merge cache budget" in caplog.text and small.merges == 0 and not plan.merged
+    assert rel_err(multihead.multihead_logits(hidden, heads, weights, plan=plan),
+                   logits64(hidden, heads, weights)) <= 1e-5
+    assert not plan_heads(heads, weights, cache=MergeCache(0)).merged  # budget 0: never merge
+    with pytest.raises(ValueError, match="max_bytes"):
+        MergeCache(-1)
 
 
 @needs_triton
-def test_merge_shared_heads_gives_capturable_inputs(fresh_merge_cache):
+def test_merge_shared_heads_gives_capturable_inputs():
     hidden, heads, weights = shared_weight_inputs()
     heads_eff, weights_eff = merge_shared_heads(heads, weights)
     assert heads_eff.shape == (2, 300, 40) and weights_eff.shape == (6, 2)
@@ -596,14 +639,16 @@ def test_sampling_plan_equals_the_launcher_and_reads_offset_on_device(top_k):
     hidden, heads, weights = make_inputs(6, 3, 90, 16, scale=3.0)
     offset = torch.zeros(1, dtype=torch.int64, device=DEVICE)
     temps = torch.tensor([0.7, 0.0, 1.2, 1.0, 0.9, 2.0], device=DEVICE)
-    for w in (weights, weights[:1].expand(6, 3).contiguous()):
+    for w, merged in ((weights, False), (weights[:1].expand(6, 3).contiguous(), True)):
         plan = triton_kernels.SamplingPlan(heads, w, temperature=temps, top_k=top_k, seed=4,
                                            offset=offset)
+        assert plan.heads_plan.merged == merged
         got, want = [], []
         for _ in range(3):
             got.append(plan(hidden))  # each call's outputs stay valid after the next call
-            want.append(multihead_sample(hidden, heads, w, temperature=temps, top_k=top_k,
-                                         seed=4, offset=offset))
+            # The launcher on the plan's operands (merged heads when rows share weights).
+            want.append(multihead_sample(hidden, plan.heads, plan.weights, temperature=temps,
+                                         top_k=top_k, seed=4, offset=offset))
             offset.add_(1)
         for (tokens, logprobs), (want_tokens, want_logprobs) in zip(got, want):
             assert torch.equal(tokens, want_tokens)

@@ -4,8 +4,9 @@
 bit: same logits, same mask, same softmax, same generator draw) at a fraction of its cost on a
 real vocabulary (V = 151936):
 
-- the shared-weights plan applies on CPU too (``triton_kernels.merge``): rows sharing U < H weight
-  vectors read U merged heads instead of H;
+- a shared-weights plan applies on CPU too (``triton_kernels.heads_plan``): with a merged plan
+  (the engine's sampler keeps one), rows sharing U < H weight vectors read U merged heads
+  instead of H; a call without a plan builds a one-off plan, which does not merge;
 - greedy calls (float T = 0, every row of a temperature tensor 0, or ``top_k = 1``, which keeps
   only the argmax) take ``argmax``: no softmax, no mask, no draw;
 - top-k truncation finds the k-th largest value with ``torch.topk`` (k ≤ 128) instead of a stable
@@ -20,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from triton_kernels.checks import check_out, check_projection, check_sampling
-from triton_kernels.merge import plan_heads
+from triton_kernels.heads_plan import HeadsPlan, checked_plan
 from triton_kernels.reference import _generator
 
 
@@ -42,14 +43,22 @@ def project(hidden: torch.Tensor, heads: torch.Tensor, weights: torch.Tensor) ->
     return z
 
 
+def _planned(heads: torch.Tensor, weights: torch.Tensor,
+             plan: HeadsPlan | None) -> tuple[torch.Tensor, torch.Tensor]:
+    plan = checked_plan(heads, weights, plan, merge=False)
+    return plan.heads, plan.weights
+
+
 def multihead_logits(hidden: torch.Tensor, heads: torch.Tensor, weights: torch.Tensor, *,
-                     out: torch.Tensor | None = None) -> torch.Tensor:
-    """``hidden [B,d]``, ``heads [H,V,d]``, ``weights [B,H]`` → float32 logits ``[B,V]``; the
-    shared-weights plan applies (U merged heads when the rows share U < H weight vectors)."""
+                     out: torch.Tensor | None = None,
+                     plan: HeadsPlan | None = None) -> torch.Tensor:
+    """``hidden [B,d]``, ``heads [H,V,d]``, ``weights [B,H]`` → float32 logits ``[B,V]``, through
+    ``plan`` (``plan_heads(heads, weights)``: U merged heads when the rows share U < H weight
+    vectors; None = a one-off plan, no merge)."""
     check_projection(hidden, heads, weights)
     check_out(out, hidden, heads.shape[1])
     _check_cpu(hidden)
-    z = project(hidden, *plan_heads(heads, weights))
+    z = project(hidden, *_planned(heads, weights, plan))
     return z if out is None else out.copy_(z)
 
 
@@ -68,12 +77,14 @@ def top_k_mask(scaled: torch.Tensor, top_k: int) -> torch.Tensor:
 def multihead_sample(hidden: torch.Tensor, heads: torch.Tensor, weights: torch.Tensor, *,
                      temperature: float | torch.Tensor = 1.0, top_k: int = 0,
                      seed: int | torch.Tensor = 0,
-                     offset: int | torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``reference.multihead_sample``'s tokens and log-probs (see the module docstring)."""
+                     offset: int | torch.Tensor | None = None,
+                     plan: HeadsPlan | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``reference.multihead_sample``'s tokens and log-probs (see the module docstring), through
+    ``plan`` as in ``multihead_logits``."""
     check_projection(hidden, heads, weights)
     check_sampling(temperature, top_k, seed, offset, hidden.device, hidden.shape[0])
     _check_cpu(hidden)
-    return sample_logits(project(hidden, *plan_heads(heads, weights)), temperature=temperature,
+    return sample_logits(project(hidden, *_planned(heads, weights, plan)), temperature=temperature,
                          top_k=top_k, seed=seed, offset=offset)
 
 

@@ -1,8 +1,8 @@
-"""Shared-weights fast path: merge heads once per distinct weight vector, with a bounded cache.
+"""Merging heads: ``merged[u] = Σ_i rows[u,i]·heads[i]``, and the owner-held cache of merged heads.
 
-When the B rows of ``weights [B,H]`` hold only U < H distinct vectors, the launcher replaces
-``(heads [H,V,d], weights)`` by ``(merged [U,V,d], one_hot [B,U])`` with ``merged[u] = Σ_i r_ui·W_i``
-(``r_u`` the u-th distinct row), so a step reads U heads instead of H.
+When the B rows of ``weights [B,H]`` hold only U < H distinct vectors, ``(heads [H,V,d], weights)``
+may be replaced by ``(merged [U,V,d], one_hot [B,U])`` (the decision and the bookkeeping are the
+plan's: ``triton_kernels.heads_plan``), so a step reads U heads instead of H.
 
 When merging is exact (see ``docs/design.md``, "When pre-merging heads is exact"):
 the mixture is linear in logits and every head reads the same hidden state, so
@@ -15,44 +15,38 @@ not to training (per-head gradients).
 
 Merging (on CUDA one Triton pass, ``triton_kernels.merge_kernel``) reads the H heads once and
 writes U merged ones, H + U head transfers, against H - U saved per step: it pays after about
-(H + U)/(H - U) steps with the same weight vectors (2 for H = 3, U = 1), and the cache keeps it
-across steps. (The chunked torch merge, the CPU path, moves ~8× more bytes.) Cache: LRU over merged tensors, bounded by
-``MergeCache.max_bytes`` (``MAHALO_MERGE_CACHE_BYTES``, default 2 GiB; 0 disables the fast path).
-Keys: the heads tensor's identity (a weak reference, ``data_ptr``, ``_version``) and the distinct
-weight rows, so an in-place update of the heads (``heads.copy_``) invalidates its entries. Inference
-tensors carry no version counter: after changing such heads in place, call ``merge_cache.clear()``.
-
-Finding U needs the weights on the host (one small device-to-host copy, which also checks them for
-non-finite values). The resulting plan is remembered per weights tensor (identity + ``_version``),
-so a decode loop that passes the same, unchanged weights tensor does no host read after the first
-step. Under CUDA-graph capture nothing can be read: the launcher runs the general path on the
-tensors given; call ``merge_shared_heads`` before capture and capture with its outputs instead.
+(H + U)/(H - U) steps with the same weight vectors (2 for H = 3, U = 1). (The chunked torch merge,
+the CPU path, moves ~8× more bytes.) So merged heads are kept by whoever holds the heads (the
+engine's ``Sampler``) in a ``MergeCache`` with an explicit byte budget; nothing here is global.
 """
 from __future__ import annotations
 
 import logging
 import os
-import weakref
 from collections import OrderedDict
 from typing import NamedTuple
 
 import torch
 
-from triton_kernels.checks import check_finite_weights, check_mixture
 from triton_kernels.merge_kernel import MAX_MERGE_HEADS, merge_heads_triton
 
 log = logging.getLogger(__name__)
 
 _MERGE_CHUNK_BYTES = 64 << 20  # fp32 scratch per merge step: never a whole fp32 head
-_MAX_PLANS = 16
+# Default budget of a MergeCache (the engine's sampler's): room for 7 merged bf16 heads of a
+# Qwen2.5-0.5B-sized vocabulary (151936 x 896, 272 MB each).
+DEFAULT_MERGE_BUDGET_BYTES = 2 << 30
 
 
-def _version(t: torch.Tensor) -> int | None:
+def tensor_version(t: torch.Tensor) -> int | None:
+    """The in-place version counter of ``t`` (None for inference tensors, which have none)."""
     return None if t.is_inference() else t._version
 
 
-class _HeadsKey(NamedTuple):
-    ident: int
+class HeadsKey(NamedTuple):
+    """What identifies the *values* of a heads tensor without reading them: its storage, version
+    counter (bumped by every in-place write), shape, dtype and device."""
+
     data_ptr: int
     version: int | None
     shape: tuple[int, ...]
@@ -60,63 +54,70 @@ class _HeadsKey(NamedTuple):
     device: torch.device
 
     @staticmethod
-    def of(heads: torch.Tensor) -> "_HeadsKey":
-        return _HeadsKey(id(heads), heads.data_ptr(), _version(heads), tuple(heads.shape),
-                         heads.dtype, heads.device)
+    def of(heads: torch.Tensor) -> "HeadsKey":
+        return HeadsKey(heads.data_ptr(), tensor_version(heads), tuple(heads.shape), heads.dtype,
+                        heads.device)
+
+
+def row_key(rows: torch.Tensor) -> tuple[tuple[float, ...], ...]:
+    """Hashable form of host weight rows ``[U,H]``."""
+    return tuple(tuple(r) for r in rows.tolist())
 
 
 class MergeCache:
-    """LRU of merged heads ``[U,V,d]`` keyed by (heads identity, distinct weight rows)."""
+    """LRU of merged heads ``[U,V,d]`` for one owner's heads, keyed by the distinct weight rows and
+    bounded by ``max_bytes`` (0 = never merge).
+
+    It keeps no reference to the heads: each ``get`` compares the heads' ``HeadsKey`` with the one
+    its entries were merged from and drops them all on a change, so an in-place update of the
+    heads (``heads.copy_``) is never served stale. Inference tensors carry no version counter: after
+    changing such heads in place, the owner calls ``clear()``.
+    """
 
     def __init__(self, max_bytes: int) -> None:
+        if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0:
+            raise ValueError(f"max_bytes must be an int >= 0, got {max_bytes!r}")
         self.max_bytes = max_bytes
-        self._entries: OrderedDict[tuple, tuple[weakref.ref, torch.Tensor]] = OrderedDict()
+        self._entries: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        self._heads_key: HeadsKey | None = None
         self.nbytes = 0
         self.merges = 0  # merges computed (cache misses), for tests and benchmarks
         self._warned: set[tuple[int, int]] = set()
 
     def clear(self) -> None:
         self._entries.clear()
+        self._heads_key = None
         self.nbytes = 0
 
-    def _drop(self, key: tuple) -> None:
-        _, merged = self._entries.pop(key)
-        self.nbytes -= merged.numel() * merged.element_size()
-
-    def _purge_stale(self, heads: torch.Tensor, hkey: _HeadsKey) -> None:
-        for key, (ref, _) in list(self._entries.items()):
-            alive = ref()
-            if alive is None or (alive is heads and key[0] != hkey):
-                self._drop(key)
-
-    def get(self, heads: torch.Tensor, rows: tuple[tuple[float, ...], ...]) -> torch.Tensor | None:
-        """Merged heads for these distinct weight rows; None if they cannot fit in ``max_bytes``."""
+    def get(self, heads: torch.Tensor, rows: torch.Tensor) -> torch.Tensor | None:
+        """Merged heads for the distinct host weight ``rows [U,H]``; None if they cannot fit in
+        ``max_bytes`` (the caller then runs the general path)."""
         H, V, d = heads.shape
-        need = len(rows) * V * d * heads.element_size()
+        need = rows.shape[0] * V * d * heads.element_size()
         if need > self.max_bytes:
             if self.max_bytes > 0 and (need, self.max_bytes) not in self._warned:
                 self._warned.add((need, self.max_bytes))
                 log.warning("shared-weights fast path skipped: %d merged heads need %d bytes, over "
-                            "the merge cache budget of %d bytes (MAHALO_MERGE_CACHE_BYTES); running "
-                            "the general %d-head path", len(rows), need, self.max_bytes, H)
+                            "the merge cache budget of %d bytes; running the general %d-head path",
+                            rows.shape[0], need, self.max_bytes, H)
             return None
-        hkey = _HeadsKey.of(heads)
-        self._purge_stale(heads, hkey)
-        key = (hkey, rows)
-        entry = self._entries.get(key)
-        if entry is not None and entry[0]() is heads:
+        hkey = HeadsKey.of(heads)
+        if hkey != self._heads_key:  # other heads, or these changed in place: all entries stale
+            self.clear()
+            self._heads_key = hkey
+        key = row_key(rows)
+        merged = self._entries.get(key)
+        if merged is not None:
             self._entries.move_to_end(key)
-            return entry[1]
+            return merged
         while self._entries and self.nbytes + need > self.max_bytes:
-            self._drop(next(iter(self._entries)))
-        merged = merge_heads(heads, torch.tensor(rows, dtype=torch.float32))
+            _, old = self._entries.popitem(last=False)
+            self.nbytes -= old.numel() * old.element_size()
+        merged = merge_heads(heads, rows)
         self.merges += 1
-        self._entries[key] = (weakref.ref(heads), merged)
+        self._entries[key] = merged
         self.nbytes += need
         return merged
-
-
-merge_cache = MergeCache(int(os.environ.get("MAHALO_MERGE_CACHE_BYTES", 2 << 30)))
 
 
 def merge_heads(heads: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -148,62 +149,3 @@ def merge_heads_torch(heads: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
                         acc.add_(heads[i, v0:v0 + chunk].float(), alpha=w)
                 merged[u, v0:v0 + chunk] = acc
     return merged
-
-
-class _Plan(NamedTuple):
-    weights_ref: weakref.ref
-    weights_version: int | None
-    heads_key: _HeadsKey
-    weights_fp32: torch.Tensor  # [B, H]: the general path's weights
-    rows: tuple[tuple[float, ...], ...] | None  # distinct weight rows when U < H, else None
-    one_hot: torch.Tensor | None  # fp32 [B, U]: row b takes merged head inverse[b]
-
-
-_plans: OrderedDict[int, _Plan] = OrderedDict()
-
-
-def _make_plan(heads: torch.Tensor, weights: torch.Tensor) -> _Plan:
-    host = weights.detach().to("cpu", torch.float32)
-    check_finite_weights(host)
-    weights_fp32 = weights.detach().to(torch.float32).contiguous()
-    distinct, inverse = torch.unique(host, dim=0, return_inverse=True)
-    rows = one_hot = None
-    if distinct.shape[0] < heads.shape[0]:
-        rows = tuple(tuple(r) for r in distinct.tolist())
-        one_hot = torch.nn.functional.one_hot(inverse, len(rows)).to(weights.device, torch.float32)
-    return _Plan(weakref.ref(weights), _version(weights), _HeadsKey.of(heads), weights_fp32, rows,
-                 one_hot)
-
-
-def plan_heads(heads: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The launcher's view of ``(heads, weights)``: merged heads + one-hot weights when the rows
-    share U < H weight vectors (and the merge fits the cache), else the heads and fp32 weights.
-    Rejects non-finite weights, except under CUDA-graph capture, where no host read is possible."""
-    if weights.is_cuda and torch.cuda.is_current_stream_capturing():
-        return heads, weights.detach().to(torch.float32).contiguous()
-    plan = _plans.get(id(weights))
-    fresh = (plan is not None and plan.weights_ref() is weights
-             and plan.weights_version is not None and plan.weights_version == _version(weights)
-             and plan.heads_key == _HeadsKey.of(heads))
-    if fresh:
-        _plans.move_to_end(id(weights))
-    else:
-        plan = _make_plan(heads, weights)
-        if plan.weights_version is not None:  # inference tensors: no version, so no plan reuse
-            _plans[id(weights)] = plan
-            while len(_plans) > _MAX_PLANS:
-                _plans.popitem(last=False)
-    if plan.rows is not None:
-        merged = merge_cache.get(heads, plan.rows)
-        if merged is not None:
-            return merged, plan.one_hot
-    return heads, plan.weights_fp32
-
-
-def merge_shared_heads(heads: torch.Tensor,
-                       weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Public form of the fast path for CUDA-graph capture: returns ``(heads_eff, weights_eff)`` to
-    pass to ``multihead_logits``/``multihead_sample`` in place of ``(heads, weights)``. Call it
-    outside capture and keep both tensors alive for as long as the graph is replayed."""
-    check_mixture(heads, weights)
-    return plan_heads(heads, weights)

@@ -4,10 +4,12 @@ Dispatch, the one rule: CUDA tensors → the Triton kernels; CPU tensors → the
 Triton's interpreter when ``TRITON_INTERPRET=1`` (tests; must be set before Triton is imported),
 else ``triton_kernels.cpu`` (the engine's CPU path: the reference's results, computed cheaply).
 
-Both launchers validate their arguments (``ValueError`` naming the argument), then go through the
-shared-weights plan (``triton_kernels.merge``: U < H distinct weight rows → U merged heads). Neither
-synchronises with the host once the plan for a weights tensor is known, and with a precomputed
-plan (``merge_shared_heads``) both are capturable in a CUDA graph: ``seed``/``offset`` may be
+Both launchers validate their arguments (``ValueError`` naming the argument) and read the heads
+through a shared-weights plan (``triton_kernels.heads_plan.HeadsPlan``: U < H distinct weight rows →
+U merged heads), given by the caller (``plan=``) or built one-off for the call (no merge, one host
+read of the weights: see ``triton_kernels.heads_plan``). A decode loop prepares a ``SamplingPlan``
+(checks, plan, config, scratch) once and then only launches. With a plan's operands
+(``merge_shared_heads``) both are capturable in a CUDA graph: ``seed``/``offset`` may be
 1-element int64 device tensors and ``temperature`` a float32 device tensor (one value, or one per
 row), all read by the kernels on the device.
 """
@@ -24,7 +26,7 @@ from triton_kernels import cpu
 from triton_kernels.checks import check_mixture, check_out, check_projection, check_sampling
 from triton_kernels.kernels import (MODE_GREEDY, MODE_GUMBEL, MODE_TOPK, _logits_kernel,
                                     _sample_finish_kernel, _sample_partials_kernel)
-from triton_kernels.merge import plan_heads
+from triton_kernels.heads_plan import HeadsPlan, checked_plan
 
 # fp32 heads get true fp32 products (TF32 would miss the 1e-5 contract); bf16/fp16 dots ignore it.
 DOT_PRECISION = "ieee"
@@ -173,17 +175,20 @@ def _projection_args(hidden: torch.Tensor, heads: torch.Tensor, weights: torch.T
 
 
 def multihead_logits(hidden: torch.Tensor, heads: torch.Tensor, weights: torch.Tensor, *,
-                     out: torch.Tensor | None = None) -> torch.Tensor:
+                     out: torch.Tensor | None = None,
+                     plan: HeadsPlan | None = None) -> torch.Tensor:
     """``Σ_i weights[b,i] · heads[i] @ hidden[b]`` → float32 ``[B,V]`` (into ``out`` if given).
 
     ``hidden [B,d]`` and ``heads [H,V,d]`` share one dtype (fp32/bf16/fp16); ``weights [B,H]`` any
-    float dtype (used in fp32, must be finite); fp32 accumulation.
+    float dtype (used in fp32, must be finite); fp32 accumulation. ``plan``: the caller's
+    ``plan_heads(heads, weights)`` (merged heads when rows share weights); None = a one-off plan.
     """
     if not _use_triton(hidden.device):
-        return cpu.multihead_logits(hidden, heads, weights, out=out)
+        return cpu.multihead_logits(hidden, heads, weights, out=out, plan=plan)
     check_projection(hidden, heads, weights)
     check_out(out, hidden, heads.shape[1])
-    heads, weights = plan_heads(heads, weights)
+    plan = checked_plan(heads, weights, plan, merge=False)
+    heads, weights = plan.heads, plan.weights
     B, V = hidden.shape[0], heads.shape[1]
     if out is None:
         out = torch.empty(B, V, dtype=torch.float32, device=hidden.device)
@@ -200,7 +205,8 @@ def multihead_logits(hidden: torch.Tensor, heads: torch.Tensor, weights: torch.T
 def multihead_sample(hidden: torch.Tensor, heads: torch.Tensor, weights: torch.Tensor, *,
                      temperature: float | torch.Tensor = 1.0, top_k: int = 0,
                      seed: int | torch.Tensor = 0,
-                     offset: int | torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     offset: int | torch.Tensor | None = None,
+                     plan: HeadsPlan | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused projection + sampling: ``(tokens int64 [B], logprobs float32 [B])``.
 
     ``temperature`` 0 = greedy (ties → lowest index); else an exact draw from ``softmax(z/T)`` by
@@ -213,40 +219,46 @@ def multihead_sample(hidden: torch.Tensor, heads: torch.Tensor, weights: torch.T
     captured CUDA graph samples at whatever it holds at replay. Its values are not validated
     (that would read them on the host): negative or non-finite entries are the caller's bug.
 
-    Every call validates and plans afresh; a decode loop builds a `SamplingPlan` once instead.
+    ``plan``: the caller's ``plan_heads(heads, weights)``; None = a one-off plan (no merge, one
+    host read of the weights). Every call validates and allocates its scratch afresh; a decode
+    loop builds a `SamplingPlan` once instead.
     """
     check_projection(hidden, heads, weights)
-    plan = SamplingPlan(heads, weights, temperature=temperature, top_k=top_k, seed=seed,
-                        offset=offset)
-    return plan(hidden)
+    sampling = SamplingPlan(heads, weights, temperature=temperature, top_k=top_k, seed=seed,
+                            offset=offset, plan=checked_plan(heads, weights, plan, merge=False))
+    return sampling(hidden)
 
 
 class SamplingPlan:
     """One sampling call prepared once and owned by its caller, for a decode loop's eager steps.
 
-    Built from everything but the hidden states: it validates them, takes the shared-weights plan
-    (``triton_kernels.merge.plan_heads``: merged heads when the rows share U < H weight vectors),
-    picks the mode and launch config, and allocates the partials scratch. A call ``plan(hidden)``
-    then checks ``hidden``'s shape, dtype and device, allocates the two outputs and launches: no
-    host reads, and the top-k candidates are merged on the device.
+    Built from everything but the hidden states: it validates them, holds the shared-weights plan
+    ``heads_plan`` (given as ``plan``, else ``plan_heads(heads, weights)``: merged heads when the
+    rows share U < H weight vectors), picks the mode and launch config, and allocates the partials
+    scratch. A call ``plan(hidden)`` then checks ``hidden``'s shape, dtype and device, allocates
+    the two outputs and launches: no host reads, and the top-k candidates are merged on the device.
 
     ``temperature``/``seed``/``offset`` tensors are bound by reference and read on the device at
     every call (advance ``offset`` in place between calls); ints and floats are fixed. The weights'
-    *values* are bound when the plan is built (they decide the merge): after changing them, build
-    a new plan. The scratch is the plan's own: calls on one plan must not run concurrently on
-    different streams.
+    *values* and the heads' are bound when the plan is built (they decide the merge): after
+    changing them, build a new plan (a call on a plan whose heads or weights changed in place
+    raises ``ValueError``; inference tensors carry no version, so that goes unseen). The scratch
+    is the plan's own: calls on one plan must not run concurrently on different streams.
     """
 
     def __init__(self, heads: torch.Tensor, weights: torch.Tensor, *,
                  temperature: float | torch.Tensor = 1.0, top_k: int = 0,
-                 seed: int | torch.Tensor = 0, offset: int | torch.Tensor | None = None) -> None:
+                 seed: int | torch.Tensor = 0, offset: int | torch.Tensor | None = None,
+                 plan: HeadsPlan | None = None) -> None:
         check_mixture(heads, weights)
         B, V, d = weights.shape[0], heads.shape[1], heads.shape[2]
         dev = heads.device
         check_sampling(temperature, top_k, seed, offset, dev, B)
+        plan = checked_plan(heads, weights, plan, merge=True)
         self.shape = (B, d)
         self.dtype, self.device = heads.dtype, dev
-        self.heads, self.weights = plan_heads(heads, weights)
+        self.heads_plan = plan
+        self.heads, self.weights = plan.heads, plan.weights
         self.temperature, self.top_k, self.seed = temperature, top_k, seed
         self.offset = 0 if offset is None else offset
         self.triton = _use_triton(dev)
@@ -302,6 +314,9 @@ class SamplingPlan:
             raise ValueError(f"hidden must be {self.dtype} of shape {list(self.shape)} on "
                              f"{self.device} for this plan, got {hidden.dtype} "
                              f"{list(hidden.shape)} on {hidden.device}")
+        if not self.heads_plan.is_current():
+            raise ValueError("this SamplingPlan is stale: its heads or weights were changed in "
+                             "place since it was built; build a new one")
         if not self.triton:
             return cpu.sample_logits(cpu.project(hidden, self.heads, self.weights),
                                      temperature=self.temperature, top_k=self.top_k,

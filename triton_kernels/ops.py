@@ -7,9 +7,10 @@ and call the ops. With the ops, the fused kernels run inside ``torch.compile(ful
 
 Device kernels: both devices run the launchers of ``triton_kernels.multihead``, so the dispatch
 rule stays the launchers' one: CUDA → Triton; CPU → Triton's interpreter when
-``TRITON_INTERPRET=1``, else ``triton_kernels.reference``. The shared-weights merge
-(``triton_kernels.merge``) runs inside the launcher, i.e. inside the op: eager calls keep the fast
-path, and under CUDA-graph capture the launcher takes the general path (no host read), as before.
+``TRITON_INTERPRET=1``, else ``triton_kernels.cpu``. An op takes tensors, not plans: its launcher
+builds a one-off shared-weights plan (``triton_kernels.heads_plan``: one host read of the
+weights, the general H-head path; under CUDA-graph capture no host read). For merged heads, pass
+a plan's operands (``merge_shared_heads``, built once) in place of ``(heads, weights)``.
 
 Schema: an op argument has one concrete type, so the Python functions normalise the
 "float or tensor" arguments into pairs — ``temperature: float`` + ``temperature_tensor: Tensor?``,

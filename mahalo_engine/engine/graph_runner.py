@@ -14,8 +14,8 @@ the flags, no extra sync), the next ``check_every`` steps stay below L + check_e
 a power-of-two bucket (`kv_bucket`). So a step costs what the live lengths need, not max_seq_len.
 
 On CUDA the step is captured once per (slot-count bucket, kv_len bucket, top_k (1 when greedy),
-boundary, shared-weights plan and, with a plan, the heads' storage and version) in a
-`torch.cuda.CUDAGraph` and replayed; the random offset and the
+boundary, the sampler's operands: the heads' storage and, for merged heads, every row's weights
+and the heads' version) in a `torch.cuda.CUDAGraph` and replayed; the random offset and the
 temperatures live on the device, so replays draw fresh numbers at the current temperatures. On
 CPU, or with ``cuda_graphs=False``, the same step runs eagerly.
 """
@@ -215,16 +215,13 @@ class DecodeRunner:
     # -- CUDA graphs -------------------------------------------------------------------------
 
     def _graph_step(self, n: int, kv_len: int) -> Callable[[], None]:
+        # A merged-heads graph holds the merged tensor it was captured with (the general path
+        # reads the heads in place), so the operands' key is the plan's: every row's weights, the
+        # heads' storage and version (an in-place update of the heads, a trainer's new weights,
+        # must miss it) and the sampler's epoch (bumped by Sampler.invalidate: inference or
+        # replaced heads).
         heads, weights, plan = self.sampler.graph_operands(n)
         key = (n, kv_len, self.sampler.top_k, id(self.boundary), plan)
-        if plan is not None:
-            # A merged-heads graph holds the merged tensor it was captured with; the general path
-            # reads the heads in place. So an in-place update of the heads (a trainer's new
-            # weights) must miss the merged graph: key it on the heads' storage and version.
-            # Inference tensors have no version counter; their in-place updates go unseen here,
-            # as in the launcher's merge cache (call merge_cache.clear() and drop the engine).
-            h = self.sampler.heads
-            key += (h.data_ptr(), None if h.is_inference() else h._version)
         entry = self._graphs.get(key)
         if entry is None:
             entry = self._capture(n, kv_len, heads, weights)

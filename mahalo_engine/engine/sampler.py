@@ -1,5 +1,5 @@
 """Sampling glue: static device buffers (per-slot head weights and temperatures, seed, offset)
-around ``triton_kernels.multihead_sample``.
+around the kernels, and the owner of the heads' shared-weights plans.
 
 Row n of a sampling call is slot n, so each slot draws from its own random stream
 ``(seed, offset, slot)``; the offset is a device tensor advanced in place after every draw, so
@@ -7,19 +7,26 @@ a replayed CUDA graph draws fresh numbers and a run is reproducible from its see
 read the temperatures on the device too (0 = that slot greedy), so a captured step serves every
 temperature: only ``top_k`` (the kernels' mode and tile shapes; 1 for a greedy call) is part of
 a graph's key.
-The weights buffer is written only when a slot's weights change (from the host, where they are
-known), so the launcher's shared-weights plan — U distinct weight vectors < H heads → U merged
-heads — is computed once per change, not per token.
+
+The sampler owns the shared-weights plans (``triton_kernels.plan_heads``: U distinct weight
+vectors < H heads → U merged heads), one per row count, and the merged heads themselves in its
+own ``MergeCache`` (``merge_budget_bytes``). The weights buffer is written only when a slot's
+weights change (from the host, where they are known), so a plan is built once per change, not per
+token. A plan is rebuilt when the heads were changed in place (their version counter moved);
+``invalidate()`` is the one hook to call after changing the heads any other way (inference
+tensors, which carry no version, or a new heads tensor).
 """
 from __future__ import annotations
 
 import torch
 
-from triton_kernels import SamplingPlan, merge_shared_heads, multihead_sample
+from triton_kernels import HeadsPlan, MergeCache, SamplingPlan, multihead_sample, plan_heads
+from triton_kernels.merge import DEFAULT_MERGE_BUDGET_BYTES
 
 
 class Sampler:
-    def __init__(self, heads: torch.Tensor, num_slots: int) -> None:
+    def __init__(self, heads: torch.Tensor, num_slots: int, *,
+                 merge_budget_bytes: int = DEFAULT_MERGE_BUDGET_BYTES) -> None:
         self.heads = heads  # [H, V, d]
         dev = heads.device
         self.weights = torch.zeros(num_slots, heads.shape[0], dtype=torch.float32, device=dev)
@@ -28,9 +35,10 @@ class Sampler:
         self.offset = torch.zeros(1, dtype=torch.int64, device=dev)
         self.temperature = torch.ones(num_slots, dtype=torch.float32, device=dev)
         self.top_k = 0
-        # One persistent view per row count: the launcher remembers its plan per weights tensor.
-        self._views: dict[int, torch.Tensor] = {}
-        self._plans: dict[int, SamplingPlan] = {}  # eager steps, per row count
+        self.merged = MergeCache(merge_budget_bytes)  # merged heads of self.heads, by weight rows
+        self._plans: dict[int, HeadsPlan] = {}  # shared-weights plan per row count
+        self._sampling: dict[int, SamplingPlan] = {}  # eager steps, per row count
+        self._epoch = 0  # bumped by invalidate(): merged-heads graphs key on it
 
     def configure(self, temperature: float, top_k: int, seed: int) -> None:
         """Sampling options of one call (one temperature for every slot); restarts the random
@@ -41,7 +49,7 @@ class Sampler:
         # whatever the buffer holds; after a sampling configure, writing 0 (or T > 0) into a
         # slot's entry makes it greedy (or sample at T) from the next draw on.
         self.top_k = 1 if temperature == 0 else int(top_k)
-        self._plans.clear()
+        self._sampling.clear()
         self.seed.fill_(seed)
         self.offset.zero_()
 
@@ -52,40 +60,61 @@ class Sampler:
             self.weights_host.copy_(rows)
             self.weights.copy_(rows)
             self._plans.clear()  # a plan binds the weights' values (its merge)
+            self._sampling.clear()
 
-    def view(self, n: int) -> torch.Tensor:
-        if n not in self._views:
-            self._views[n] = self.weights[:n]
-        return self._views[n]
+    def invalidate(self, heads: torch.Tensor | None = None) -> None:
+        """The heads changed: in place (needed only for inference tensors — a normal tensor's
+        in-place update is seen by its version counter), or replaced by ``heads`` (same shape,
+        dtype and device). Drops every plan and merged head; the next step plans again, and the
+        decode runner's merged-heads graphs miss (their key holds the epoch)."""
+        if heads is not None:
+            old = self.heads
+            if (heads.shape, heads.dtype, heads.device) != (old.shape, old.dtype, old.device):
+                raise ValueError(f"new heads must match the old ones: {tuple(old.shape)} "
+                                 f"{old.dtype} on {old.device}, got {tuple(heads.shape)} "
+                                 f"{heads.dtype} on {heads.device}")
+            self.heads = heads
+        self.merged.clear()
+        self._plans.clear()
+        self._sampling.clear()
+        self._epoch += 1
 
-    def graph_operands(self, n: int) -> tuple[torch.Tensor, torch.Tensor, tuple | None]:
-        """``(heads, weights, key)`` to capture for rows ``[0, n)``: the merged heads and their
-        one-hot weights when the rows share fewer weight vectors than there are heads (then
-        ``key`` = every row's weights, and a graph is valid only while they stay), else the heads
-        and the live weights buffer (``key`` None: the graph reads whatever the buffer holds)."""
-        rows = self.weights_host[:n]
-        distinct = torch.unique(rows, dim=0)
-        if distinct.shape[0] >= self.heads.shape[0]:
-            return self.heads, self.view(n), None
-        heads, weights = merge_shared_heads(self.heads, self.view(n))
-        if heads is self.heads:  # the merge did not fit the launcher's cache: general path
-            return heads, self.view(n), None
-        return heads, weights, tuple(tuple(r) for r in rows.tolist())
+    def plan(self, n: int) -> HeadsPlan:
+        """The shared-weights plan of rows ``[0, n)``: built once per change of the weights or
+        the heads."""
+        plan = self._plans.get(n)
+        if plan is None or not plan.is_current():
+            plan = self._plans[n] = plan_heads(self.heads, self.weights[:n], cache=self.merged,
+                                               host_weights=self.weights_host[:n])
+            self._sampling.pop(n, None)
+        return plan
+
+    def graph_operands(self, n: int) -> tuple[torch.Tensor, torch.Tensor, tuple]:
+        """``(heads, weights, key)`` to capture for rows ``[0, n)``: a merged plan's heads and
+        one-hot weights when the rows share fewer weight vectors than there are heads, else the
+        heads and the live weights buffer (a graph then reads whatever they hold). ``key``: the
+        plan's key (merged: every row's weights and the heads' storage and version; general: the
+        heads' storage) and the epoch — a graph is valid only while they stay the same."""
+        plan = self.plan(n)
+        weights = plan.weights if plan.merged else self.weights[:n]
+        return plan.heads, weights, plan.key() + (self._epoch,)
 
     def sample(self, hidden: torch.Tensor, heads: torch.Tensor | None = None,
                weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Tokens and log-probs for rows ``[0, N)`` of ``hidden [N, d]``; advances the offset."""
+        """Tokens and log-probs for rows ``[0, N)`` of ``hidden [N, d]``; advances the offset.
+        ``heads``/``weights``: the operands of `graph_operands` (graph capture), else the plan."""
         n = hidden.shape[0]
         if heads is None and weights is None:
-            plan = self._plans.get(n)
-            if plan is None:
-                plan = self._plans[n] = SamplingPlan(
-                    self.heads, self.view(n), temperature=self.temperature[:n], top_k=self.top_k,
-                    seed=self.seed, offset=self.offset)
-            out = plan(hidden)
-        else:  # graph capture: the operands of `graph_operands`
+            plan = self.plan(n)
+            sampling = self._sampling.get(n)
+            if sampling is None:
+                sampling = self._sampling[n] = SamplingPlan(
+                    self.heads, self.weights[:n], temperature=self.temperature[:n],
+                    top_k=self.top_k, seed=self.seed, offset=self.offset, plan=plan)
+            out = sampling(hidden)
+        else:
             out = multihead_sample(hidden, self.heads if heads is None else heads,
-                                   self.view(n) if weights is None else weights,
+                                   self.weights[:n] if weights is None else weights,
                                    temperature=self.temperature[:n], top_k=self.top_k,
                                    seed=self.seed, offset=self.offset)
         self.offset.add_(1)
