@@ -1,0 +1,130 @@
+"""Cascade extend attention (ragged new tokens per candidate over a shared prefix and a causal
+per-candidate suffix): the reference, the CPU fast path and the Triton kernel against float64
+attention over the concatenated prefix + suffix K/V with the causal mask, computed per (request,
+candidate, token, head) with plain loops. The kernel runs on CUDA, or in Triton's interpreter on
+CPU with TRITON_INTERPRET=1 (small shapes)."""
+import math
+import os
+
+import pytest
+import torch
+
+from triton_kernels import cascade
+from triton_kernels.reference import cascade_decode_attention, cascade_extend_attention
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+needs_triton = pytest.mark.skipif(
+    DEVICE.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1",
+    reason="Triton kernels need a CUDA device or TRITON_INTERPRET=1 (CPU interpreter)")
+
+TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
+
+
+def make_case(r, k, t, n_kv, g, hd, tp, ts, plens, slens, news, dtype=torch.float32, *, seed=0,
+              poison=float("nan"), device="cpu"):
+    """Random q / prefix / suffix; every unused cache position and every padded query is set to
+    ``poison``. ``slens`` count the new tokens (``news``)."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(r, k, t, n_kv * g, hd, generator=gen)
+    pk, pv = torch.randn(2, r, n_kv, tp, hd, generator=gen) * 2
+    sk, sv = torch.randn(2, r, k, n_kv, ts, hd, generator=gen) * 2
+    plen = torch.tensor(plens, dtype=torch.int32)
+    slen = torch.tensor(slens, dtype=torch.int32).reshape(r, k)
+    new = torch.tensor(news, dtype=torch.int32).reshape(r, k)
+    assert (new <= slen).all() and (new <= t).all() and (slen <= ts).all()
+    for i in range(r):
+        pk[i, :, plens[i]:] = poison
+        pv[i, :, plens[i]:] = poison
+        for c in range(k):
+            sk[i, c, :, slen[i, c]:] = poison
+            sv[i, c, :, slen[i, c]:] = poison
+            q[i, c, new[i, c]:] = poison
+    to = dict(device=device, dtype=dtype)
+    return (q.to(**to), pk.to(**to), pv.to(**to), plen.to(device), sk.to(**to), sv.to(**to),
+            slen.to(device), new.to(device))
+
+
+def attention64(q, pk, pv, plen, sk, sv, slen, new):
+    """float64: query t of (r, c) over cat(prefix[:plen], suffix[:slen - new + t + 1]); 0 where
+    ``t >= new``."""
+    r, k, t, h, hd = q.shape
+    g = h // pk.shape[1]
+    out = torch.zeros(r, k, t, h, hd, dtype=torch.float64)
+    for i in range(r):
+        for c in range(k):
+            first = int(slen[i, c]) - int(new[i, c])
+            for j in range(int(new[i, c])):
+                for head in range(h):
+                    kv = head // g
+                    keys = torch.cat((pk[i, kv, :plen[i]], sk[i, c, kv, :first + j + 1]))
+                    vals = torch.cat((pv[i, kv, :plen[i]], sv[i, c, kv, :first + j + 1]))
+                    p = torch.softmax(keys.double().cpu() @ q[i, c, j, head].double().cpu()
+                                      / math.sqrt(hd), dim=0)
+                    out[i, c, j, head] = p @ vals.double().cpu()
+    return out
+
+
+def assert_close(out, ref, dtype):
+    assert out.shape == ref.shape
+    assert torch.isfinite(out).all()
+    err = (out.double().cpu() - ref).abs().max().item()
+    assert err <= TOL[dtype] * max(1.0, ref.abs().max().item()), err
+
+
+# (R, K, T, n_kv, G, hd, Tp, Ts, prefix lens, suffix lens, new tokens): GQA 1..8, head_dim
+# 64/80/128, prefix 0 / 1 / odd / long, ragged new-token counts including 0, 1 and T, suffixes
+# that already held tokens before the new ones, and a candidate with nothing at all.
+CASES = {
+    "mha-hd64": (2, 3, 4, 2, 1, 64, 40, 6, [0, 37], [4, 1, 3, 0, 6, 2], [4, 1, 2, 0, 3, 2]),
+    "gqa2-hd80-prefix1": (1, 4, 5, 2, 2, 80, 8, 6, [1], [0, 1, 6, 5], [0, 1, 5, 5]),
+    "gqa4-hd128-odd": (2, 2, 3, 1, 4, 128, 33, 4, [33, 17], [3, 1, 2, 4], [3, 1, 1, 2]),
+    "gqa7-hd64-long": (1, 5, 3, 1, 7, 64, 300, 5, [299], [1, 2, 3, 0, 5], [1, 2, 3, 0, 3]),
+    "gqa8-hd80-t1": (3, 1, 1, 1, 8, 80, 20, 2, [0, 1, 19], [2, 1, 2], [1, 1, 0]),
+    "gqa3-hd64-all-empty": (1, 3, 2, 2, 3, 64, 9, 3, [9], [0, 0, 0], [0, 0, 0]),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_reference_matches_float64_with_causal_suffix(name, dtype):
+    args = make_case(*CASES[name], dtype, seed=len(name))
+    out = cascade_extend_attention(*args)
+    assert out.dtype == dtype
+    assert_close(out, attention64(*args), dtype)
+
+
+def test_one_new_token_is_decode_attention():
+    """T = 1, num_new = 1: exactly the decode cascade (its own spec, tested elsewhere)."""
+    q, pk, pv, plen, sk, sv, slen, new = make_case(2, 3, 1, 2, 2, 64, 10, 4, [10, 3],
+                                                   [1, 2, 4, 3, 1, 2], [1] * 6)
+    torch.testing.assert_close(cascade_extend_attention(q, pk, pv, plen, sk, sv, slen, new)[:, :, 0],
+                               cascade_decode_attention(q[:, :, 0], pk, pv, plen, sk, sv, slen),
+                               rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(q=torch.zeros(1, 2, 3, 64)), r"q must be \[R, K, T, H, head_dim\]"),
+    (dict(q=torch.zeros(1, 2, 0, 4, 64)), "T >= 1"),
+    (dict(num_new=torch.zeros(2, 1, dtype=torch.int32)), "num_new must have shape"),
+    (dict(num_new=torch.zeros(1, 2)), "num_new must be int32 or int64"),
+    (dict(suffix_lens=torch.zeros(1, 3, dtype=torch.int32)), "suffix_lens must have shape"),
+])
+def test_bad_arguments_are_named(bad, match):
+    names = ["q", "prefix_k", "prefix_v", "prefix_lens", "suffix_k", "suffix_v", "suffix_lens",
+             "num_new"]
+    args = dict(zip(names, make_case(1, 2, 3, 2, 2, 64, 8, 4, [3], [1, 2], [1, 2])))
+    args.update(bad)
+    with pytest.raises(ValueError, match=match):
+        cascade_extend_attention(**args)
+
+
+# ---- the CPU fast path (torch's fused CPU flash attention per part) ----------------------------
+
+@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_fast_path_matches_float64(name, dtype):
+    from mahalo_engine.layers.cascade_cpu import cascade_extend_attention_cpu
+
+    # Finite stale values (the cache's contract: positions past a length hold stale K/V).
+    args = make_case(*CASES[name], dtype, seed=len(name) + 3, poison=1e4)
+    assert_close(cascade_extend_attention_cpu(*args), attention64(*args), dtype)
