@@ -128,3 +128,78 @@ def test_cpu_fast_path_matches_float64(name, dtype):
     # Finite stale values (the cache's contract: positions past a length hold stale K/V).
     args = make_case(*CASES[name], dtype, seed=len(name) + 3, poison=1e4)
     assert_close(cascade_extend_attention_cpu(*args), attention64(*args), dtype)
+
+
+# ---- Triton kernel -----------------------------------------------------------------------------
+
+# CASES with a shorter long prefix (the interpreter is slow) that still spans several splits (chunk
+# 32 in the interpreter) and tiles, a suffix crossing a 16-key tile, and rows of several candidates
+# in one 16-row block (T·G < 16) as well as candidates spanning blocks (T·G > 16).
+KERNEL_CASES = {name: case for name, case in CASES.items() if name != "gqa7-hd64-long"}
+KERNEL_CASES["gqa7-hd64-long-split"] = (1, 3, 3, 1, 7, 64, 131, 19, [129], [19, 2, 17],
+                                        [3, 2, 1])
+
+
+@needs_triton
+@pytest.mark.parametrize("name", list(KERNEL_CASES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_kernel_matches_float64_with_causal_suffix(name, dtype):
+    args = make_case(*KERNEL_CASES[name], dtype, seed=len(name) + 7, device=DEVICE)
+    out = cascade.cascade_extend_attention(*args)
+    assert out.dtype == dtype
+    assert_close(out, attention64(*args), dtype)
+    if dtype == torch.float32:  # same function as the reference, up to summation order
+        torch.testing.assert_close(out, cascade_extend_attention(*args), rtol=1e-5, atol=1e-5)
+
+
+@needs_triton
+def test_kernel_reads_strided_cache_views_and_writes_out():
+    """K/V as slices of slot caches ``[L, 2, S, n_kv, T, hd]`` (the engine's views), int32 length
+    slices, a prefix bound tighter than the cache, and a preallocated ``out``."""
+    r, k, t, n_kv, g, hd = 2, 3, 4, 2, 2, 64
+    gen = torch.Generator().manual_seed(3)
+    pcache = torch.randn(2, 2, r + 1, n_kv, 50, hd, generator=gen).to(DEVICE)
+    scache = torch.randn(2, 2, (r + 1) * k, n_kv, 8, hd, generator=gen).to(DEVICE)
+    plen = torch.tensor([7, 30, 0], dtype=torch.int32, device=DEVICE)[:r]
+    slen = torch.tensor([1, 4, 3, 8, 5, 2, 0, 0, 0], dtype=torch.int32, device=DEVICE)[:r * k]
+    new = torch.tensor([[1, 4, 2], [4, 0, 1]], dtype=torch.int32, device=DEVICE)
+    q = torch.randn(r, k, t, n_kv * g, hd, generator=gen).to(DEVICE)
+    pk, pv = pcache[1, 0, :r, :, :32], pcache[1, 1, :r, :, :32]  # bound 32 >= every plen
+    sk = scache[1, 0, :r * k].view(r, k, n_kv, 8, hd)
+    sv = scache[1, 1, :r * k].view(r, k, n_kv, 8, hd)
+    out = torch.full_like(q, float("nan"))
+    args = (q, pk, pv, plen, sk, sv, slen.view(r, k), new)
+    assert cascade.cascade_extend_attention(*args, out=out) is out
+    assert_close(out, attention64(*args), torch.float32)
+
+
+def test_extend_launch_config_blocks_rows_and_splits_long_prefixes_on_gpu():
+    few = cascade.extend_launch_config(1, 5, 16, 2, 7, 64, 8192, torch.bfloat16, num_sms=132)
+    many = cascade.extend_launch_config(64, 5, 16, 8, 4, 128, 8192, torch.bfloat16, num_sms=132)
+    assert few.block_q == 64 and few.row_blocks(5, 16, 7) == 9  # 560 rows
+    assert few.n_splits > 1 and many.n_splits == 1
+    for cfg in (few, many):
+        assert cfg.chunk % cfg.block_n == 0 and cfg.chunk * cfg.n_splits >= 8192
+        assert cfg.chunk * (cfg.n_splits - 1) < 8192
+    assert cascade.extend_launch_config(1, 2, 1, 1, 1, 64, 0, torch.float32,
+                                        num_sms=132).n_splits == 0
+
+
+@pytest.mark.gpu
+def test_kernel_replays_in_a_cuda_graph_with_new_lengths():
+    """Lengths and new-token counts are read on the device: a captured launch follows values
+    changed after capture (including a prefix growing into another split)."""
+    r, k, t, n_kv, g, hd, tp, ts = 2, 4, 5, 2, 7, 64, 600, 16
+    args = list(make_case(r, k, t, n_kv, g, hd, tp, ts, [300, 17], [1, 2, 3, 4, 5, 6, 7, 8],
+                          [1, 2, 3, 4, 5, 0, 1, 2], torch.bfloat16, poison=0.0, device="cuda"))
+    out = torch.empty_like(args[0])
+    cascade.cascade_extend_attention(*args, out=out)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        cascade.cascade_extend_attention(*args, out=out)
+    args[3].copy_(torch.tensor([599, 1], dtype=torch.int32))
+    args[6].copy_(torch.tensor([[16, 1, 9, 5], [3, 3, 3, 0]], dtype=torch.int32))
+    args[7].copy_(torch.tensor([[5, 1, 0, 5], [3, 2, 1, 0]], dtype=torch.int32))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert_close(out, attention64(*args), torch.bfloat16)

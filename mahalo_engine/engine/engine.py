@@ -30,7 +30,7 @@ from mahalo_engine.engine.config import (Generation, SearchConfig, SearchResult,
 from mahalo_engine.engine.graph_runner import (BOUNDARY, EOS, FULL, LENGTH, DecodeRunner)
 from mahalo_engine.engine import slots as slot_layouts
 from mahalo_engine.engine.sampler import Sampler
-from mahalo_engine.engine.scorers import Candidates, Prompt, Scorer, as_scorer
+from mahalo_engine.engine.scorers import Candidates, Prompt, Scorer, SlotLayout, as_scorer
 
 GENERATE_CHECK_EVERY = 8  # decode steps between the host's "all finished?" checks in generate
 _STEP_REASON = {BOUNDARY: "boundary", EOS: "eos", LENGTH: "length", FULL: "max_seq_len"}
@@ -292,7 +292,9 @@ class Engine:
                 torch.cuda.empty_cache()
         policy_bytes = slot_layouts.nbytes(layout, config, groups, k, max_len, step_len,
                                            dtype) if grow else 0
-        scorer_bytes = scorer.cache_nbytes(num_slots, self.max_seq_len) if scorer else 0
+        slot_layout = SlotLayout(layout, k, step_len)  # a scorer's cache may follow it
+        scorer_bytes = scorer.cache_nbytes(num_slots, self.max_seq_len, self.policy,
+                                           slot_layout) if scorer else 0
         available = available_bytes(self.device)
         if available is not None and policy_bytes + scorer_bytes > available:
             raise ValueError(
@@ -313,7 +315,7 @@ class Engine:
                                             max_seq_len=self.max_seq_len, eos_ids=self.eos_ids,
                                             cuda_graphs=self.cuda_graphs)
             if scorer is not None:
-                scorer.prepare(num_slots, self.max_seq_len, self.policy)
+                scorer.prepare(num_slots, self.max_seq_len, self.policy, slot_layout)
         return self._runner
 
     def _set_weights(self, rows: dict[int, torch.Tensor]) -> None:
