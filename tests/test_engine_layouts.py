@@ -80,6 +80,18 @@ def test_step_scores_equal_full_rescoring_in_shared_layout(tmp_path):
     assert allocated == 3 * (96 + 1 + K * (8 + 1)) * per_pos
 
 
+@pytest.fixture
+def eager_cpu(monkeypatch):
+    """The engine's CPU path (torch sampling and the CPU cascade attention) instead of Triton's
+    interpreter, which takes minutes per search; these tests compare layouts, and the kernels
+    have their own tests against the references."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matmuls: threads only contend (CI runs two test workers)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _value_prm(family: str) -> ValueModel:
     """A value-model PRM on another seed's backbone of ``family``, with the policy's tokenizer
     (so it takes the policy's token ids and can share the layout)."""
@@ -103,24 +115,32 @@ def _assert_same_search(shared, fork):
                                        torch.tensor(y.candidate_scores), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_prm_in_shared_layout_equals_fork_greedy_and_sampled(family):
+def _prm_searches(family: str, **kw) -> None:
     policy = load_policy(tiny_checkpoint(family), dtype=torch.float32)
     prm = _value_prm(family)
     engines = {layout: Engine(policy, prm=prm, max_batch=2, max_seq_len=64, cache_layout=layout)
                for layout in ("fork", "shared_prefix")}
-    for kw in (dict(temperature=0), dict(temperature=1.0, top_k=20, seed=5)):
-        cfg = SearchConfig(candidates=K, boundary=" ", max_steps=4, max_step_tokens=6,
-                           check_every=2, **kw)
-        fork, shared = (engines[layout].search(PROMPTS, config=cfg) for layout in engines)
-        _assert_same_search(shared, fork)
+    cfg = SearchConfig(candidates=K, boundary=" ", max_steps=4, max_step_tokens=6,
+                       check_every=2, **kw)
+    fork, shared = (engines[layout].search(PROMPTS, config=cfg) for layout in engines)
+    _assert_same_search(shared, fork)
     assert isinstance(engines["shared_prefix"].prm.cache, SharedPrefixCache)
     assert not isinstance(engines["fork"].prm.cache, SharedPrefixCache)
-    # The sampled search's candidates differ, so the PRM (not a tie) picked the winners.
+    return shared
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prm_in_shared_layout_equals_fork_greedy(family, eager_cpu):
+    _prm_searches(family, temperature=0)
+
+
+def test_prm_in_shared_layout_equals_fork_fixed_seed_sampled(eager_cpu):
+    shared = _prm_searches("qwen2", temperature=1.0, top_k=20, seed=5)
+    # The candidates differ, so the PRM's scores (not a tie) picked the winners.
     assert any(len(set(s.candidate_scores)) > 1 for r in shared for s in r.steps)
 
 
-def test_prm_step_scores_equal_full_rescoring_in_shared_layout():
+def test_prm_step_scores_equal_full_rescoring_in_shared_layout(eager_cpu):
     """Every candidate's score (winners and losers, across promotes, group reuse and a move)
     equals re-encoding committed text + candidate from scratch; the PRM's KV bytes follow the
     shared formula."""
