@@ -4,20 +4,13 @@ attention over the concatenated prefix + suffix K/V with the causal mask, comput
 candidate, token, head) with plain loops. The kernel runs on CUDA, or in Triton's interpreter on
 CPU with TRITON_INTERPRET=1 (small shapes)."""
 import math
-import os
 
 import pytest
 import torch
 
+from test_triton_cascade import DEVICE, assert_close, needs_triton
 from triton_kernels import cascade
 from triton_kernels.reference import cascade_decode_attention, cascade_extend_attention
-
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-needs_triton = pytest.mark.skipif(
-    DEVICE.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1",
-    reason="Triton kernels need a CUDA device or TRITON_INTERPRET=1 (CPU interpreter)")
-
-TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
 
 
 def make_case(r, k, t, n_kv, g, hd, tp, ts, plens, slens, news, dtype=torch.float32, *, seed=0,
@@ -62,13 +55,6 @@ def attention64(q, pk, pv, plen, sk, sv, slen, new):
                                       / math.sqrt(hd), dim=0)
                     out[i, c, j, head] = p @ vals.double().cpu()
     return out
-
-
-def assert_close(out, ref, dtype):
-    assert out.shape == ref.shape
-    assert torch.isfinite(out).all()
-    err = (out.double().cpu() - ref).abs().max().item()
-    assert err <= TOL[dtype] * max(1.0, ref.abs().max().item()), err
 
 
 # (R, K, T, n_kv, G, hd, Tp, Ts, prefix lens, suffix lens, new tokens): GQA 1..8, head_dim

@@ -7,7 +7,8 @@ candidate slots of all live requests in lockstep (`DecodeRunner`), scores them i
 commits each winner. ``cache_layout="fork"``: each slot holds a copy of the committed text
 (prefill + fork once; ``kv_promote`` copies only a step's new tokens). ``"shared_prefix"``: one
 prefix slot per request plus K short candidate slots, read by cascade attention; a commit
-appends the winner's step to the prefix. Finished requests free their group for the next prompt;
+appends the winner's step to the prefix (a value-model PRM's cache follows the same layout).
+Finished requests free their group for the next prompt;
 once none is queued, the last live groups move down into the free ones, so the lockstep decode
 covers only live slots. Nothing is re-encoded, by the policy or the PRM. `generate` always runs
 on a plain slot cache.
