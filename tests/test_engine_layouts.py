@@ -183,3 +183,18 @@ def test_shared_prefix_with_cuda_graphs_equals_fork_eager():
         eager = Engine(policy, max_batch=2, max_seq_len=96, cache_layout="fork",
                        cuda_graphs=False).search(PROMPTS, config=cfg)
         assert [r.token_ids for r in graphs] == [r.token_ids for r in eager]
+
+
+@pytest.mark.gpu
+def test_prm_in_shared_layout_on_cuda_equals_fork_eager():
+    """On CUDA the PRM's extend runs the Triton cascade extend kernel: same search as the fork
+    layout without graphs (float32), scores equal up to summation order."""
+    policy = load_policy(tiny_checkpoint("qwen2"), dtype=torch.float32, device="cuda")
+    prm = _value_prm("qwen2").to("cuda")
+    cfg = SearchConfig(candidates=K, boundary=" ", max_steps=4, max_step_tokens=8, check_every=2,
+                       temperature=1.0, top_k=20, seed=3)
+    shared = Engine(policy, prm=prm, max_batch=2, max_seq_len=96, cache_layout="shared_prefix",
+                    cuda_graphs=True).search(PROMPTS, config=cfg)
+    fork = Engine(policy, prm=prm, max_batch=2, max_seq_len=96, cache_layout="fork",
+                  cuda_graphs=False).search(PROMPTS, config=cfg)
+    _assert_same_search(shared, fork)
