@@ -189,3 +189,54 @@ def test_kernel_replays_in_a_cuda_graph_with_new_lengths():
     graph.replay()
     torch.cuda.synchronize()
     assert_close(out, attention64(*args), torch.bfloat16)
+
+
+# ---- the decoder's extend over a SharedPrefixCache ----------------------------------------------
+
+def test_decoder_extend_shared_equals_full_forward():
+    """Hidden states of every real new token (ragged steps, a candidate with none, a suffix that
+    already held tokens, non-contiguous groups) equal a full forward over prefix + suffix."""
+    from mahalo_engine.shared_cache import SharedPrefixCache
+    from mahalo_engine.tiny import tiny_checkpoint
+    from mahalo_engine.utils.loader import load_decoder
+
+    model = load_decoder(tiny_checkpoint("qwen3"), dtype=torch.float32)
+    k, gen = 2, torch.Generator().manual_seed(0)
+    cache = SharedPrefixCache.allocate(model.config, 3, k, 40, 8, dtype=torch.float32,
+                                       device="cpu")
+    prompts = {0: [5, 9, 13, 2, 7], 2: [11, 3, 8]}
+    model.prefill(cache.prefix, list(prompts.values()), list(prompts))
+    seqs = {(g, c): list(p) for g, p in prompts.items() for c in range(k)}
+    groups = torch.tensor([2, 0])
+    for steps in ([[3, 1], [0, 4]], [[2, 2], [1, 0]]):  # two extends: the second continues
+        num_new = torch.tensor(steps)
+        ids = torch.randint(0, model.config.vocab_size, (2, k, 4), generator=gen)
+        hidden = model.extend_shared(cache, ids, num_new, groups)
+        for i, g in enumerate(groups.tolist()):
+            for c in range(k):
+                m = int(num_new[i, c])
+                seqs[g, c] += ids[i, c, :m].tolist()
+                if m == 0:
+                    continue
+                full = model(torch.tensor([seqs[g, c]]))[0, -m:]
+                torch.testing.assert_close(hidden[i, c, :m], full, rtol=1e-4, atol=1e-4)
+    assert cache.suffix.lens.tolist() == [1, 4, 0, 0, 5, 3]  # group g: slots 2g, 2g+1
+
+
+def test_decoder_extend_shared_names_bad_arguments():
+    from mahalo_engine.shared_cache import SharedPrefixCache
+    from mahalo_engine.tiny import tiny_checkpoint
+    from mahalo_engine.utils.loader import load_decoder
+
+    model = load_decoder(tiny_checkpoint("qwen2"), dtype=torch.float32)
+    cache = SharedPrefixCache.allocate(model.config, 2, 2, 16, 3, dtype=torch.float32,
+                                       device="cpu")
+    ids = torch.zeros(1, 2, 4, dtype=torch.long)
+    with pytest.raises(ValueError, match="step_len=3"):
+        model.extend_shared(cache, ids, torch.tensor([[4, 1]]), torch.tensor([0]))
+    with pytest.raises(ValueError, match="groups must be distinct"):
+        model.extend_shared(cache, ids, torch.tensor([[1, 1]]), torch.tensor([2]))
+    with pytest.raises(ValueError, match=r"input_ids must be \[G, K=2, T\]"):
+        model.extend_shared(cache, ids[:, :1], torch.tensor([[1]]), torch.tensor([0]))
+    with pytest.raises(ValueError, match="use extend_shared"):
+        model.extend(cache, ids[0], torch.tensor([1, 1]), torch.tensor([0, 1]))
