@@ -1,4 +1,9 @@
-"""Command line: ``python -m mahalo_engine search|generate ...`` (see ``--help`` of each)."""
+"""Command line: ``python -m mahalo_engine search|generate ...`` (see ``--help`` of each).
+
+The prompts run in chunks (``--chunk-size``), each one engine call; under ``torchrun`` the chunks
+are sharded over ranks, one engine per rank on its device, and rank 0 writes the rows in input
+order (``training.sharded``), so any number of processes writes the same ``--out``.
+"""
 from __future__ import annotations
 
 import argparse
@@ -11,6 +16,7 @@ from mahalo_engine.utils.cli import HelpFormatter, add_debug_flag, resolve_devic
 
 _DTYPES = ("float32", "bfloat16", "float16")
 LITERAL = "literal:"  # --boundary literal:WORD ends steps at WORD itself, not a preset
+_RESULT_KEYS = ("text", "token_ids", "logprobs", "finish_reason", "steps")  # added to input rows
 
 
 def _floats(text: str) -> list[float]:
@@ -57,7 +63,9 @@ def _parser() -> argparse.ArgumentParser:
                              "4096 for search)")
         sp.add_argument("--stop", action="append", default=None, type=_unescape,
                         help="stop string (repeatable; escapes such as \\n are decoded)")
-        sp.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+        sp.add_argument("--device", default=None,
+                        help="cpu or cuda (default: cuda if available; under torchrun each rank "
+                             "uses cuda:LOCAL_RANK)")
         sp.add_argument("--dtype", choices=_DTYPES, default=None,
                         help="default: bfloat16 on CUDA, float32 on CPU")
         sp.add_argument("--max-batch", type=int, default=8, help="requests decoded at once")
@@ -66,7 +74,16 @@ def _parser() -> argparse.ArgumentParser:
                              "max_position_embeddings, at most 4096)")
         sp.add_argument("--no-cuda-graphs", action="store_true", help="run the decode step eagerly")
         sp.add_argument("--out", type=Path, default=None,
-                        help="write one JSON result per line here instead of printing text")
+                        help="write one JSON result per line here (in input order) instead of "
+                             "printing text; replaced unless --resume")
+        sp.add_argument("--resume", action="store_true",
+                        help="keep the whole chunks --out already holds (an interrupted run with "
+                             "the same arguments) and run the rest")
+        sp.add_argument("--chunk-size", type=int, default=None,
+                        help="prompts per engine call: chunk c samples with seed --seed + c, so "
+                             "results depend on the chunk size (as on --max-batch) but not on the "
+                             "number of torchrun processes, which run chunks in parallel "
+                             "(default: 8 x --max-batch)")
         add_debug_flag(sp)
 
     g = sub.add_parser("generate", help="sample a continuation of each prompt",
@@ -139,7 +156,9 @@ def _requests(args: argparse.Namespace
 
 def _check_args(args: argparse.Namespace) -> None:
     """Option errors worded for the command line, before any model is loaded."""
-    for name in ("max_new_tokens", "max_seq_len", "max_batch"):
+    if args.resume and args.out is None:
+        raise ValueError("--resume continues an --out file: pass --out")
+    for name in ("max_new_tokens", "max_seq_len", "max_batch", "chunk_size"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
@@ -188,17 +207,45 @@ def _main(argv: list[str] | None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from training.distributed import cleanup
+    from training.sharded import setup
+
+    info = setup(args.device)
+    try:
+        return _run_rank(args, info)
+    finally:
+        cleanup(info)
+
+
+def _run_rank(args: argparse.Namespace, info: Any) -> int:
+    """This process's part of the run: the prompts cut into chunks of --chunk-size, chunk c one
+    engine call with seed --seed + c on rank ``c mod world`` (`training.sharded`); rank 0 writes
+    or prints the rows in input order."""
+    import math
+
     import torch
+    from tqdm.auto import tqdm
 
-    from mahalo_engine.engine import Engine, SearchConfig, boxed_closed
+    from mahalo_engine.engine import Engine
     from mahalo_engine.policy import load_policy
+    from mahalo_engine.utils.cli import Interrupted
+    from training.sharded import append_jsonl, on_main, prepare_output, run_sharded
 
-    device = resolve_device(args.device)
+    device = info.device
     dtype = getattr(torch, args.dtype) if args.dtype else \
         (torch.bfloat16 if device.type == "cuda" else torch.float32)
     prompts, weights, inputs = _requests(args)
+    chunk = args.chunk_size if args.chunk_size is not None else 8 * args.max_batch
+    done = 0
+    if args.out is not None:
+        def same_input(i: int, row: dict[str, Any]) -> bool:
+            return all(row.get(k) == v for k, v in inputs[i].items() if k not in _RESULT_KEYS)
+
+        done = on_main(lambda: prepare_output(
+            args.out, [1] * len(prompts), same_input, resume=args.resume,
+            overwrite=not args.resume, item="prompt", items="prompts",
+            afresh="a run without --resume", align=chunk), info)
     policy = load_policy(args.model, heads=args.heads, dtype=dtype, device=device)
-    head_weights = weights if weights is not None else args.weights
     prm = None
     if args.command == "search" and args.prm:
         from mahalo_engine.prm import load_prm
@@ -210,38 +257,68 @@ def _run(args: argparse.Namespace) -> int:
                     cuda_graphs=not args.no_cuda_graphs,
                     cache_layout=getattr(args, "cache_layout", "fork"))
 
+    def work(c: int) -> list[dict[str, Any]]:
+        lo, hi = c * chunk, min(len(prompts), (c + 1) * chunk)
+        w = weights[lo:hi] if weights is not None else args.weights
+        rows = _results(args, engine, prompts[lo:hi], w, args.seed + c)
+        # Each output row is its input row (its "id" and any other field) plus the result.
+        return [{**src, **row} for src, row in zip(inputs[lo:hi], rows)]
+
+    written = done
+    bar = tqdm(total=len(prompts), initial=done, desc=args.command, unit="prompt",
+               disable=not info.is_main)
+
+    def write(c: int, rows: list[dict[str, Any]]) -> None:
+        nonlocal written
+        if args.out is not None:
+            append_jsonl(args.out, rows)
+        else:
+            _print_rows(rows, c * chunk)
+        written += len(rows)
+        bar.update(len(rows))
+
+    try:
+        run_sharded(math.ceil(len(prompts) / chunk), work, write, info, start=done // chunk)
+    except KeyboardInterrupt:
+        if info.is_main and args.out is not None:
+            raise Interrupted(f"interrupted after {written} of {len(prompts)} prompts (kept in "
+                              f"{args.out}); resume with --resume") from None
+        raise
+    finally:
+        bar.close()
+    if args.out is not None and info.is_main:
+        print(f"{len(prompts)} results written to {args.out}", file=sys.stderr)
+    return 0
+
+
+def _results(args: argparse.Namespace, engine: Any, prompts: list[Any], head_weights: Any,
+             seed: int) -> list[dict[str, Any]]:
+    """One chunk's result rows: one engine call."""
+    from mahalo_engine.engine import SearchConfig, boxed_closed
+
     if args.command == "generate":
         max_new = 256 if args.max_new_tokens is None else args.max_new_tokens
         results = engine.generate(prompts, head_weights=head_weights, max_new_tokens=max_new,
-                                  temperature=args.temperature, top_k=args.top_k, seed=args.seed,
-                                  stop=args.stop, chat=args.chat, progress=True)
-        rows = [{"text": r.text, "token_ids": r.token_ids, "logprobs": r.logprobs,
+                                  temperature=args.temperature, top_k=args.top_k, seed=seed,
+                                  stop=args.stop, chat=args.chat)
+        return [{"text": r.text, "token_ids": r.token_ids, "logprobs": r.logprobs,
                  "finish_reason": r.finish_reason} for r in results]
-    else:
-        stop = list(args.stop or []) + ([boxed_closed] if args.stop_boxed else [])
-        cfg = SearchConfig(
-            candidates=args.candidates,
-            boundary=_boundaries(args.boundary) if args.boundary is not None else "\n\n",
-            max_step_tokens=args.max_step_tokens, max_steps=args.max_steps,
-            max_new_tokens=4096 if args.max_new_tokens is None else args.max_new_tokens,
-            temperature=args.temperature, top_k=args.top_k, seed=args.seed,
-            selection_temperature=args.selection_temperature, stop=stop,
-            check_every=args.check_every)
-        results = engine.search(prompts, head_weights=head_weights, config=cfg, chat=args.chat,
-                                progress=True)
-        rows = [{"text": r.text, "token_ids": r.token_ids, "finish_reason": r.finish_reason,
-                 "steps": [vars(s) for s in r.steps]} for r in results]
-    # Each output row is its input row (its "id" and any other field) plus the result.
-    rows = [{**src, **row} for src, row in zip(inputs, rows)]
+    stop = list(args.stop or []) + ([boxed_closed] if args.stop_boxed else [])
+    cfg = SearchConfig(
+        candidates=args.candidates,
+        boundary=_boundaries(args.boundary) if args.boundary is not None else "\n\n",
+        max_step_tokens=args.max_step_tokens, max_steps=args.max_steps,
+        max_new_tokens=4096 if args.max_new_tokens is None else args.max_new_tokens,
+        temperature=args.temperature, top_k=args.top_k, seed=seed,
+        selection_temperature=args.selection_temperature, stop=stop,
+        check_every=args.check_every)
+    results = engine.search(prompts, head_weights=head_weights, config=cfg, chat=args.chat)
+    return [{"text": r.text, "token_ids": r.token_ids, "finish_reason": r.finish_reason,
+             "steps": [vars(s) for s in r.steps]} for r in results]
 
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        with args.out.open("w") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
-        print(f"{len(rows)} results written to {args.out}", file=sys.stderr)
-        return 0
-    for i, row in enumerate(rows):
+
+def _print_rows(rows: list[dict[str, Any]], first: int) -> None:
+    for i, row in enumerate(rows, first):
         print(f"=== request {i} ({row['finish_reason']}, {len(row['token_ids'])} tokens)")
         for j, step in enumerate(row.get("steps", [])):
             cands = ", ".join(f"{c:.4g}" for c in step["candidate_scores"])
@@ -250,7 +327,6 @@ def _run(args: argparse.Namespace) -> int:
             print(step["text"])
         if "steps" not in row:
             print(row["text"])
-    return 0
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import tempfile
 import pytest
 import torch
 
-from aot_subprocess import compile_in_subprocess
+from aot_subprocess import TRITONS, compile_in_subprocess
 from triton_kernels.cascade import DOT_PRECISION, LOG2E, extend_launch_config, launch_config
 
 H100_SMEM_PER_BLOCK = 227 * 1024
@@ -136,16 +136,21 @@ def compile_all() -> dict:
     return results
 
 
-@pytest.fixture(scope="module")
-def compiled():
-    return compile_in_subprocess(__file__)
+_COMPILED: dict = {}
+
+
+@pytest.fixture(params=TRITONS, ids=[f"triton-{t}" for t in TRITONS])
+def compiled(request):
+    if request.param not in _COMPILED:  # one subprocess per Triton, shared by the module's tests
+        _COMPILED[request.param] = compile_in_subprocess(__file__, request.param)
+    return _COMPILED[request.param]
 
 
 @pytest.mark.parametrize("name", list(SHAPES) + list(EXTEND_SHAPES))
 def test_cascade_kernels_compile_for_sm90_without_spills(compiled, name):
     for result in compiled[name]:
         assert "error" not in result, f"{result['kernel']}: {result.get('error')}"
-        print(f"{name} {result['kernel']}: {result['registers']} registers, "
+        print(f"{name} {result['kernel']} triton {compiled['triton']}: {result['registers']} registers, "
               f"{result['spill_stores']} B spill stores, {result['spill_loads']} B spill loads, "
               f"{result['stack']} B stack, {result['shared']} B shared, {result['num_warps']} warps")
         assert result["shared"] <= H100_SMEM_PER_BLOCK, result
@@ -153,4 +158,6 @@ def test_cascade_kernels_compile_for_sm90_without_spills(compiled, name):
 
 
 if __name__ == "__main__":
-    print(json.dumps(compile_all()))
+    import triton
+
+    print(json.dumps({**compile_all(), "triton": triton.__version__}))

@@ -7,23 +7,17 @@ import torch
 from mahalo_engine.__main__ import main
 from mahalo_engine.engine import Engine, SearchConfig
 from mahalo_engine.policy import load_policy
-from mahalo_engine.prm import ValueHead, load_prm, save_prm
+from mahalo_engine.prm import load_prm
 from mahalo_engine.tiny import tiny_checkpoint
-from mahalo_engine.utils.loader import load_decoder
+from tiny_prm import save_tiny_prm
 
 COMMON = ["--device", "cpu", "--dtype", "float32", "--max-seq-len", "96", "--max-batch", "2"]
 
 
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory):
-    from transformers import AutoTokenizer
-
     tmp = tmp_path_factory.mktemp("cli")
-    src = tiny_checkpoint("qwen2", seed=1)
-    torch.manual_seed(0)
-    backbone = load_decoder(src, dtype=torch.float32)
-    save_prm(tmp / "prm", backbone, ValueHead(backbone.config.hidden_size), "value",
-             AutoTokenizer.from_pretrained(src))
+    save_tiny_prm(tmp / "prm", tiny_checkpoint("qwen2", seed=1))
     return tiny_checkpoint("qwen2"), tmp / "prm", tmp
 
 

@@ -1,10 +1,6 @@
 """Distributed and resumable training: DDP (and FSDP2) with 2 gloo processes equals one process with
 the same global batch; --resume continues bit-identically on CPU; checkpoints are atomic."""
 import json
-import os
-import socket
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -13,6 +9,8 @@ from safetensors.torch import load_file
 from mahalo_engine.tiny import tiny_checkpoint
 from training import mah_dpo
 from training.checkpoint import latest_checkpoint
+
+from torchrun import torchrun
 
 # Two ranks sum gradients in another order than one process sums its micro-batches, so parameters
 # agree to float32 rounding, amplified a little by RMSprop's normalised steps (seen: ~3e-5).
@@ -44,25 +42,17 @@ def _tensors(out):
             **{"heads": load_file(str(out / "mahalo_heads.safetensors"))["heads"]}}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
 def test_two_gloo_processes_equal_one_process(tmp_path, strategy):
     one = tmp_path / "one"
     # one process, the global batch of 8 pairs as 4 accumulated micro-batches of 2
     mah_dpo.main(_args(tmp_path, one, ["--max-steps", "3", "--micro-batch-size", "2"]))
     two = tmp_path / "two"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     # two ranks of 4 pairs each, accumulated as uneven micro-batches of 3 and 1
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "training.mah_dpo",
-           *_args(tmp_path, two, ["--max-steps", "3", "--device", "cpu", "--strategy", strategy,
-                                  "--gradient-checkpointing", "--micro-batch-size", "3"])]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    proc = torchrun(2, "training.mah_dpo",
+                    _args(tmp_path, two, ["--max-steps", "3", "--device", "cpu", "--strategy",
+                                          strategy, "--gradient-checkpointing",
+                                          "--micro-batch-size", "3"]))
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = _tensors(one), _tensors(two)
     assert a.keys() == b.keys()

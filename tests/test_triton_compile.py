@@ -12,7 +12,7 @@ import subprocess
 import pytest
 import torch
 
-from aot_subprocess import compile_in_subprocess
+from aot_subprocess import TRITONS, compile_in_subprocess
 from triton_kernels.merge_kernel import merge_config
 from triton_kernels.multihead import DOT_PRECISION, launch_config, sampling_mode
 
@@ -62,7 +62,7 @@ def _sample(B, dtype, temperature, top_k, rng_ptr, temp_stride=None):
                          LOG_KPAD=kpad.bit_length() - 1,
                          LOG_CAND_PARTS=cfg.cand_parts.bit_length() - 1, **flags)
     return [("_sample_partials_kernel", args, consts, cfg.num_warps, cfg.num_stages),
-            ("_sample_finish_kernel", finish_args, finish_consts, 4, 3)]
+            ("_sample_finish_kernel", finish_args, finish_consts, cfg.finish_warps, 3)]
 
 
 def _merge(U, dtype, d=D):
@@ -83,6 +83,8 @@ CALLS = {
     "greedy-bf16-b64": _sample(64, torch.bfloat16, 0.0, 0, False),
     "sample-bf16-b1-device-rng": _sample(1, torch.bfloat16, 0.8, 0, True),  # finish: 1 row/program
     "sample-bf16-b8-device-rng": _sample(8, torch.bfloat16, 0.8, 0, True),
+    "sample-fp16-b32": _sample(32, torch.float16, 0.8, 0, False),
+    "greedy-fp32-b64": _sample(64, torch.float32, 0.0, 0, False),
     "sample-fp32-b8": _sample(8, torch.float32, 1.0, 0, False),
     "topk128-bf16-b64-device-rng": _sample(64, torch.bfloat16, 1.0, 128, True),
     "topk50-fp16-b8": _sample(8, torch.float16, 0.7, 50, False),
@@ -92,6 +94,8 @@ CALLS = {
     "top1-fp16-b8-device-temp": _sample(8, torch.float16, None, 1, False, temp_stride=0),
     "topk128-bf16-b64-device-temps": _sample(64, torch.bfloat16, None, 128, True, temp_stride=1),
     "topk20-fp32-b8-device-temps": _sample(8, torch.float32, None, 20, True, temp_stride=1),
+    "topk64-fp32-b32-device-temps": _sample(32, torch.float32, None, 64, True, temp_stride=1),
+    "topk64-bf16-b32-device-temps": _sample(32, torch.bfloat16, None, 64, True, temp_stride=1),
     "merge-bf16-u1": _merge(1, torch.bfloat16),
     "merge-bf16-u2-d1536": _merge(2, torch.bfloat16, d=1536),
     "merge-fp32-u2": _merge(2, torch.float32),
@@ -170,21 +174,24 @@ def compile_all() -> dict:
     return results
 
 
-@pytest.fixture(scope="module")
-def compiled():
-    return compile_in_subprocess(__file__)
+_COMPILED: dict = {}
+
+
+@pytest.fixture(params=TRITONS, ids=[f"triton-{t}" for t in TRITONS])
+def compiled(request):
+    if request.param not in _COMPILED:  # one subprocess per Triton, shared by the module's tests
+        _COMPILED[request.param] = compile_in_subprocess(__file__, request.param)
+    return _COMPILED[request.param]
 
 
 @pytest.mark.parametrize("name", list(CALLS))
 def test_kernels_compile_for_sm90(compiled, name):
-    import triton
-
     for result in compiled[name]:
         assert "error" not in result, f"{result['kernel']}: {result.get('error')}"
         assert result["cubin"] > 0
         assert result["shared"] <= H100_SMEM_PER_BLOCK, result
         # Printed for the record (pytest -s); spills are local memory (stack frames included).
-        print(f"{name} {result['kernel']} triton {triton.__version__}: "
+        print(f"{name} {result['kernel']} triton {compiled['triton']}: "
               f"{result.get('reg', '?')} registers, stack {result.get('stack', '?')} B, "
               f"local {result.get('local', '?')} B, shared {result['shared']} B, "
               f"{result['num_warps']} warps, {result['num_stages']} stages")
@@ -193,4 +200,6 @@ def test_kernels_compile_for_sm90(compiled, name):
 
 
 if __name__ == "__main__":
-    print(json.dumps(compile_all()))
+    import triton
+
+    print(json.dumps({**compile_all(), "triton": triton.__version__}))

@@ -8,7 +8,10 @@ line as ``module:function``. Rollouts are sampled by the engine (``Engine.genera
 
 The expensive commands (``rollouts``, ``judge-votes``, ``judge-prefix``) append each trajectory's
 rows to ``--out`` as soon as they are done; after Ctrl-C (or a crash) ``--resume`` keeps the
-finished trajectories and continues with the next one, ``--overwrite`` starts afresh.
+finished trajectories and continues with the next one, ``--overwrite`` starts afresh. Under
+``torchrun`` they run data-parallel (``training.sharded``): trajectories sharded over ranks, each
+rank sampling on its own device, rank 0 writing ``--out`` in input order; trajectory i samples
+with seed ``--seed + i``, so any number of processes writes the same file.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import importlib
 import json
 import logging
 import math
+import os
 import re
 import sys
 from collections import OrderedDict
@@ -25,8 +29,10 @@ from typing import Any, Callable, Iterable, Sequence
 
 from tqdm import tqdm
 
-from mahalo_engine.utils.cli import HelpFormatter, Interrupted, add_debug_flag, resolve_device, run_cli
+from mahalo_engine.utils.cli import HelpFormatter, Interrupted, add_debug_flag, run_cli
 from training.data import DataError, read_preferences, read_rollouts, read_trajectories
+from training.distributed import DistInfo, cleanup, launched_by_torchrun
+from training.sharded import append_jsonl, on_main, prepare_output, run_sharded, setup
 
 log = logging.getLogger(__name__)
 
@@ -225,78 +231,46 @@ def generate_rollouts(policy, trajectories: Iterable[dict[str, Any]], verifier: 
                                            **sampling)]
 
 
-def _resume_output(path: Path, trajectories: Sequence[dict[str, Any]],
-                   rows_per_traj: Callable[[dict[str, Any]], int], resume: bool,
-                   overwrite: bool) -> int:
-    """Prepare ``path`` for appending one trajectory's rows at a time; returns how many leading
-    trajectories it already holds in full. A fresh run refuses an existing file unless
-    ``overwrite``; ``resume`` keeps the complete groups (each group's first row must be its
-    trajectory) and drops a torn tail (an interrupted write)."""
-    from training.checkpoint import atomic_write_text
-
-    if resume and overwrite:
-        raise ValueError("--resume and --overwrite exclude each other")
-    if not resume:
-        if path.exists() and not overwrite:
-            raise ValueError(f"--out {path} already exists; pass --resume to continue it (its "
-                             f"finished trajectories are kept) or --overwrite to replace it")
-        atomic_write_text(path, "")
-        return 0
-    lines = path.read_text().splitlines(keepends=True) if path.exists() else []
-    rows = []
-    for line in lines:
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            break
-        if not line.endswith("\n"):
-            rows.pop()  # torn last line
-            break
-    done = kept = 0
-    for i, traj in enumerate(trajectories):
-        n = rows_per_traj(traj)
-        group = rows[kept:kept + n]
-        if len(group) < n:
-            break
-        first = group[0]
-        if first.get("prompt") != traj["prompt"] or \
-                first.get("steps", first.get("completions")) != list(traj["steps"]):
-            raise ValueError(f"--resume: {path} line {kept + 1} is not the first row of input "
-                             f"trajectory {i + 1} (it was written from other data or options); "
-                             f"pass --overwrite to start afresh or choose another --out")
-        kept += n
-        done += 1
-    atomic_write_text(path, "".join(lines[:kept]))
-    if done:
-        log.info("--resume: %s already holds %d of %d trajectories", path, done, len(trajectories))
-    return done
-
-
-def _append_rows(path: Path, rows: Sequence[dict[str, Any]]) -> None:
-    """One trajectory's rows, appended and flushed to disk in one write."""
-    import os
-
-    with path.open("a", encoding="utf-8") as f:
-        f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-        f.flush()
-        os.fsync(f.fileno())
+# Trajectories per rank in one round of a torchrun run: a round waits for its slowest
+# trajectory, so several per rank even out their lengths; one process writes each as it finishes.
+ROUND_PER_RANK = 4
 
 
 def _label_incrementally(args: argparse.Namespace, trajectories: list[dict[str, Any]],
-                         label: Callable[[dict[str, Any]], list[dict[str, Any]]],
-                         rows_per_traj: Callable[[dict[str, Any]], int]) -> int:
-    """``label(traj)`` for every trajectory not yet in ``--out``, appended as each finishes; an
-    interrupt leaves the finished ones and says how to resume."""
-    done = _resume_output(args.out, trajectories, rows_per_traj, args.resume, args.overwrite)
+                         label: Callable[[int, dict[str, Any]], list[dict[str, Any]]],
+                         rows_per_traj: Callable[[dict[str, Any]], int], info: DistInfo) -> int:
+    """``label(i, trajectory i)`` for every trajectory not yet in ``--out``, appended in input
+    order as each finishes (under torchrun: trajectories sharded over ranks, rank 0 writing after
+    each round, `training.sharded`); an interrupt leaves the finished ones and says how to
+    resume."""
+    def first_row(i: int, row: dict[str, Any]) -> bool:
+        t = trajectories[i]
+        return row.get("prompt") == t["prompt"] and \
+            row.get("steps", row.get("completions")) == list(t["steps"])
+
+    done = on_main(lambda: prepare_output(
+        args.out, [rows_per_traj(t) for t in trajectories], first_row, resume=args.resume,
+        overwrite=args.overwrite, item="trajectory", items="trajectories"), info)
     written = done
+    bar = tqdm(desc=args.cmd, unit="traj", initial=done, total=len(trajectories),
+               disable=not info.is_main)
+
+    def write(i: int, rows: list[dict[str, Any]]) -> None:
+        nonlocal written
+        append_jsonl(args.out, rows)
+        written += 1
+        bar.update(1)
+
     try:
-        for traj in tqdm(trajectories[done:], desc=args.cmd, unit="traj", initial=done,
-                         total=len(trajectories)):
-            _append_rows(args.out, label(traj))
-            written += 1
+        run_sharded(len(trajectories), lambda i: label(i, trajectories[i]), write, info,
+                    start=done, per_rank=ROUND_PER_RANK if info.distributed else 1)
     except KeyboardInterrupt:
+        if not info.is_main:
+            raise Interrupted(f"rank {info.rank} interrupted") from None
         raise Interrupted(f"interrupted after {written} of {len(trajectories)} trajectories "
                           f"(kept in {args.out}); resume with --resume") from None
+    finally:
+        bar.close()
     return written
 
 
@@ -337,16 +311,22 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 
     def sampling_args(q: argparse.ArgumentParser) -> None:
         q.add_argument("--policy", type=Path, required=True, help="policy directory (load_policy)")
-        q.add_argument("--m", type=int, default=4, help="rollouts per prefix (default 4)")
+        # --rollouts-per-prefix: torchrun's own parser rejects "--m" as an ambiguous prefix of
+        # its options (--master-port, ...), even after the module name.
+        q.add_argument("--m", "--rollouts-per-prefix", type=int, default=4,
+                       help="rollouts per prefix (default 4); spell it --rollouts-per-prefix "
+                            "under torchrun")
         q.add_argument("--boundary", default="\n\n", help='step boundary (default "\\n\\n")')
         q.add_argument("--max-new-tokens", type=int, default=256,
                        help="tokens per sampled continuation")
         q.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
         q.add_argument("--top-k", type=int, default=0, help="0 = no truncation")
-        q.add_argument("--seed", type=int, default=0, help="sampling seed")
+        q.add_argument("--seed", type=int, default=0,
+                       help="sampling seed: trajectory i (from 0) samples with seed + i")
         q.add_argument("--chat-template", action="store_true",
                        help="wrap string prompts in the tokenizer's chat template")
-        q.add_argument("--device", default="cpu", help="cpu or cuda")
+        q.add_argument("--device", default="cpu",
+                       help="cpu or cuda (under torchrun each rank uses cuda:LOCAL_RANK)")
         resumable(q)
 
     r = subcommand("rollouts", help="sample M rollouts from every prefix of each trajectory and "
@@ -385,6 +365,14 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str] | None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = _parse_args(argv)
+    if args.cmd in ("judge-prefix", "rollouts", "judge-votes"):
+        info = setup(getattr(args, "device", "cpu"))
+        try:
+            return _label_trajectories(args, info)
+        finally:
+            cleanup(info)
+    if launched_by_torchrun() and int(os.environ["RANK"]) != 0:
+        return 0  # a cheap single-pass command: rank 0 does it alone
     if args.cmd in ("hindsight", "mc"):
         rollouts = read_rollouts(args.rollouts)
         if args.cmd == "hindsight":
@@ -393,59 +381,59 @@ def _main(argv: list[str] | None) -> int:
                     for r in rollouts]
         else:
             rows = monte_carlo_values(rollouts, args.gamma)
-    elif args.cmd == "bt-pairs":
+    else:
         rows = []
         for pair in read_preferences([(None, args.data)], default_objective="bt").pairs:
             if not all(isinstance(x, str) for x in (pair.prompt, pair.chosen, pair.rejected)):
                 raise DataError(f"{pair.source}: bt-pairs needs string prompt/chosen/rejected")
             rows.extend(bt_prefix_pairs(pair.prompt, pair.chosen, pair.rejected, args.boundary))
-    else:
-        return _label_trajectories(args)
     n = _write_jsonl(rows, args.out)
     log.info("wrote %d rows to %s", n, args.out)
     return 0
 
 
-def _label_trajectories(args: argparse.Namespace) -> int:
-    """judge-prefix, rollouts, judge-votes: one trajectory at a time, appended to --out."""
+def _label_trajectories(args: argparse.Namespace, info: DistInfo) -> int:
+    """judge-prefix, rollouts, judge-votes: one trajectory at a time, appended to --out (sharded
+    over ranks under torchrun). Trajectory i samples with seed ``--seed + i``, whichever rank
+    runs it, so the output does not depend on the number of processes."""
     trajectories = read_trajectories(args.data)
     one_row = lambda t: 1  # noqa: E731
     if args.cmd == "judge-prefix":
         judge = load_callable(args.judge)
-        n = _label_incrementally(args, trajectories, lambda t: [
+        n = _label_incrementally(args, trajectories, lambda i, t: [
             {"prompt": t["prompt"], "completions": t["steps"],
-             "labels": judge_prefix_labels(t["prompt"], t["steps"], judge)}], one_row)
+             "labels": judge_prefix_labels(t["prompt"], t["steps"], judge)}], one_row, info)
         log.info("wrote %d trajectories to %s", n, args.out)
         return 0
     from mahalo_engine.policy import load_policy
 
     if args.m < 1:
         raise ValueError(f"--m must be >= 1, got {args.m}")
-    policy = load_policy(args.policy, device=resolve_device(args.device))
+    policy = load_policy(args.policy, device=info.device)
     sampling = dict(boundary=args.boundary, max_new_tokens=args.max_new_tokens,
-                    temperature=args.temperature, top_k=args.top_k, seed=args.seed,
+                    temperature=args.temperature, top_k=args.top_k,
                     chat_template=args.chat_template)
     if args.cmd == "rollouts":
         step_reward = load_callable(args.step_reward) if args.step_reward is not None else None
         verifier = load_callable(args.verifier)
         n = _label_incrementally(
             args, trajectories,
-            lambda t: trajectory_rollouts(policy, t, verifier, args.m, step_reward=step_reward,
-                                          **sampling),
-            lambda t: 1 + (len(t["steps"]) - 1) * args.m)
+            lambda i, t: trajectory_rollouts(policy, t, verifier, args.m, step_reward=step_reward,
+                                             seed=args.seed + i, **sampling),
+            lambda t: 1 + (len(t["steps"]) - 1) * args.m, info)
     else:
         judge = load_callable(args.judge)
 
-        def votes(t: dict[str, Any]) -> list[dict[str, Any]]:
+        def votes(i: int, t: dict[str, Any]) -> list[dict[str, Any]]:
             steps = t["steps"]
             # The full trajectory is terminal: its own vote is the judge on itself.
             conts = sample_continuations(policy, t["prompt"],
                                          [steps[:k] for k in range(1, len(steps))],
-                                         args.m, **sampling) + [[[]]]
+                                         args.m, seed=args.seed + i, **sampling) + [[[]]]
             return [{"prompt": t["prompt"], "completions": steps,
                      "labels": judge_vote_labels(t["prompt"], steps, conts, judge)}]
 
-        n = _label_incrementally(args, trajectories, votes, one_row)
+        n = _label_incrementally(args, trajectories, votes, one_row, info)
     log.info("wrote %d trajectories to %s", n, args.out)
     return 0
 

@@ -50,6 +50,7 @@ class LaunchConfig:
     finish_parts: int  # finish kernel: partials loaded per step
     sort_rows: int = 0  # top-k: rows the bitonic network sorts (the live ones; 0 = block_b)
     cand_parts: int = 1  # top-k finish: parts' candidate runs merged per step (power of two)
+    finish_warps: int = 4  # finish kernel: 8 where a program holds 4096 partials (4 spill 8 B)
 
 
 @functools.lru_cache(maxsize=None)
@@ -58,26 +59,42 @@ def _num_sms(device: torch.device) -> int:
 
 
 # GPU tiles per shape, picked from this table (no autotuning: a captured CUDA graph must not
-# benchmark configs). Rows: (largest B, top-k?) -> (block_b, block_v, num_warps, num_stages).
-# Untuned estimates for sm_90 decoding, which is bound by how many bytes of the heads each SM
-# keeps in flight: pipelines of 4 stages (shared memory per program = num_stages · (block_v +
-# block_b) · 128 B: 55-98 KB, under the 227 KB limit). Deeper ones, and BLOCK_V = 256 at B = 64,
-# spill in the sampling kernels on sm_90 (5 stages at B ≤ 16: 24 B of stack; 64 x 256 with
-# per-row temperatures: 288 B), so they wait for a measurement that says they pay. Top-k keeps kpad int64 keys per row in registers beside the
-# fp32 tile: at most 32 rows per tile there (B > 32 runs two row tiles, adjacent in the grid, so
-# the second reads the heads from L2). tests/test_triton_compile.py builds every row for sm_90,
-# prints registers and stack, and requires no spills.
-GPU_TILES: tuple[tuple[int, bool, tuple[int, int, int, int]], ...] = (
-    (16, False, (16, 128, 4, 4)),
-    (32, False, (32, 128, 4, 4)),
-    (64, False, (64, 128, 8, 4)),
-    (16, True, (16, 128, 8, 3)),
-    (32, True, (32, 128, 8, 4)),
+# benchmark configs). Rows: (largest B, top-k?) -> GpuTiles. Untuned estimates for sm_90 decoding,
+# which is bound by how many bytes of the heads each SM keeps in flight: 32-64 KB of the heads per
+# program (num_stages · block_v · block_k · itemsize; shared memory per program adds the hidden
+# tile, ≤ 98 KB of the 227 KB limit). Every row was chosen so that no config spills with Triton 3.6
+# (the GPU machine's) nor 3.9. Under 3.6, ptxas spills 8 B at ~168 registers in several spots the
+# 3.9 build does not: 16-bit Gumbel sampling at B ≤ 32 with BLOCK_K = 64 at any depth ≥ 3 (so
+# those rows run BLOCK_K = 32, 6 stages: 48 KB), fp32 at B ≤ 32 with 8 warps (4 there), fp32 top-k
+# with per-row temperatures at 3 stages (2 there). Deeper pipelines, and BLOCK_V = 256 at B = 64,
+# spill too (5 stages at B ≤ 16 with BLOCK_K = 64: 24 B of stack; 64 x 256 with per-row
+# temperatures: 288 B), so they wait for a measurement that says they pay. Top-k keeps kpad int64
+# keys per row in registers beside the fp32 tile: at most 32 rows per tile there (B > 32 runs two
+# row tiles, adjacent in the grid, so the second reads the heads from L2).
+# tests/test_triton_compile.py builds every row for sm_90, prints registers and stack, and
+# requires no spills, under every Triton it is given (tests/aot_subprocess.py).
+@dataclass(frozen=True)
+class GpuTiles:
+    block_b: int
+    block_v: int
+    warps16: int  # 16-bit heads: warps, reduction step, pipeline depth
+    block_k16: int
+    stages16: int
+    warps32: int  # fp32 heads: warps and depth (reduction step always 32)
+    stages32: int
+
+
+GPU_TILES: tuple[tuple[int, bool, GpuTiles], ...] = (
+    (16, False, GpuTiles(16, 128, 4, 32, 6, 4, 4)),
+    (32, False, GpuTiles(32, 128, 8, 32, 6, 4, 4)),
+    (64, False, GpuTiles(64, 128, 8, 64, 4, 8, 4)),
+    (16, True, GpuTiles(16, 128, 8, 64, 3, 8, 2)),
+    (32, True, GpuTiles(32, 128, 8, 64, 4, 8, 2)),
 )
 
 
-def gpu_tiles(B: int, kpad: int) -> tuple[int, int, int, int]:
-    """``(block_b, block_v, num_warps, num_stages)`` for B rows (B > 64: 64-row tiles)."""
+def gpu_tiles(B: int, kpad: int) -> GpuTiles:
+    """The ``GPU_TILES`` row for B rows (B > 64: 64-row tiles)."""
     rows = [(b, tiles) for b, topk, tiles in GPU_TILES if topk == (kpad > 1)]
     return next((tiles for b, tiles in rows if B <= b), rows[-1][1])
 
@@ -89,15 +106,20 @@ def launch_config(B: int, V: int, d: int, dtype: torch.dtype, *, num_sms: int | 
     (``num_sms=None``), which pays per program and per op, not per element: it gets wide row
     tiles, and two V chunks so that tests still cross tile and chunk boundaries.
     """
-    block_k = min(64 if dtype != torch.float32 else 32, max(16, triton.next_power_of_2(d)))
+    wide = dtype == torch.float32
     if num_sms is None:
+        block_k = 64 if not wide else 32
         block_v = max(kpad, min(128, max(16, triton.next_power_of_2(V))))
         block_b = min(256, max(16, triton.next_power_of_2(B)))
         num_warps, num_stages, max_parts, finish_elems = 4, 3, 2, 1 << 16
     else:
-        block_b, block_v, num_warps, num_stages = gpu_tiles(B, kpad)
-        block_v = max(kpad, min(block_v, max(16, triton.next_power_of_2(V))))
+        tiles = gpu_tiles(B, kpad)
+        block_b = tiles.block_b
+        num_warps, block_k, num_stages = ((tiles.warps32, 32, tiles.stages32) if wide else
+                                          (tiles.warps16, tiles.block_k16, tiles.stages16))
+        block_v = max(kpad, min(tiles.block_v, max(16, triton.next_power_of_2(V))))
         finish_elems = 4096
+    block_k = min(block_k, max(16, triton.next_power_of_2(d)))
     n_tiles = triton.cdiv(V, block_v)
     if num_sms is not None:
         # Greedy/sampling: one tile per program (its partials are 4 numbers per row). Top-k: one
@@ -113,8 +135,10 @@ def launch_config(B: int, V: int, d: int, dtype: torch.dtype, *, num_sms: int | 
         finish_elems = finish_elems if num_sms is None else 1024
     finish_rows = min(triton.next_power_of_2(B),
                       max(1, finish_elems // max(finish_parts, kpad * cand_parts)))
+    finish_warps = 8 if num_sms is not None and finish_rows * finish_parts >= 4096 else 4
     return LaunchConfig(block_b, block_v, block_k, num_warps, num_stages, n_tiles,
-                        tiles_per_part, n_parts, finish_rows, finish_parts, sort_rows, cand_parts)
+                        tiles_per_part, n_parts, finish_rows, finish_parts, sort_rows, cand_parts,
+                        finish_warps)
 
 
 def sampling_mode(temperature: float | torch.Tensor, top_k: int, V: int) -> tuple[int, int]:
@@ -267,7 +291,8 @@ class SamplingPlan:
         self._finish_kw = dict(MODE=self.mode, BLOCK_R=cfg.finish_rows,
                                BLOCK_P=cfg.finish_parts, TOPK_PAD=kpad,
                                LOG_KPAD=kpad.bit_length() - 1,
-                               LOG_CAND_PARTS=cfg.cand_parts.bit_length() - 1, num_warps=4, **rng)
+                               LOG_CAND_PARTS=cfg.cand_parts.bit_length() - 1,
+                               num_warps=cfg.finish_warps, **rng)
         self.config = cfg
 
     def __call__(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
