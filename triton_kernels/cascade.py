@@ -186,7 +186,7 @@ def extend_launch_config(r: int, k: int, t: int, n_kv: int, g: int, head_dim: in
         block_q = min(64, max(16, triton.next_power_of_2(rows)))
         tile_elems = 64 * 128 if dtype != torch.float32 else 16 * 128  # see launch_config
         if dtype == torch.float32:  # fp32 operands live in registers: 64×128 rows spilled 2.5 KB
-            block_q = min(block_q, max(16, 32 * 128 // block_d))
+            block_q = min(block_q, max(16, 16 * 128 // block_d))  # (32×128: Triton 3.6 merge 4 B)
         block_n = max(16, min(64, tile_elems // block_d))
         block_ns = 16
         min_chunk, want = MIN_CHUNK_GPU, TARGET_PROGRAMS_PER_SM * num_sms
