@@ -86,7 +86,7 @@ def _extend_launches(r, k, t, n_kv, g, hd, tp, ts, dtype):
                  stride_ok=t * h * hd, stride_ot=h * hd, stride_oh=hd, stride_nr=k, stride_nk=1)
     merge_consts = dict(G=g, HEAD_DIM=hd, BLOCK_D=cfg.block_d, BLOCK_Q=cfg.block_q)
     return [("_cascade_extend_partials_kernel", partial, consts, cfg.num_warps, cfg.num_stages),
-            ("_cascade_extend_merge_kernel", merge, merge_consts, cfg.num_warps, 1)]
+            ("_cascade_extend_merge_kernel", merge, merge_consts, cfg.merge_warps, 1)]
 
 
 def _ptxas_usage(ptx: str) -> dict:

@@ -166,6 +166,7 @@ class ExtendConfig:
     n_splits: int
     num_warps: int
     num_stages: int
+    merge_warps: int
 
     def row_blocks(self, k: int, t: int, g: int) -> int:
         return triton.cdiv(k * t * g, self.block_q)
@@ -186,15 +187,20 @@ def extend_launch_config(r: int, k: int, t: int, n_kv: int, g: int, head_dim: in
         block_q = min(64, max(16, triton.next_power_of_2(rows)))
         tile_elems = 64 * 128 if dtype != torch.float32 else 16 * 128  # see launch_config
         if dtype == torch.float32:  # fp32 operands live in registers: 64×128 rows spilled 2.5 KB
-            block_q = min(block_q, max(16, 16 * 128 // block_d))  # (32×128: Triton 3.6 merge 4 B)
+            block_q = min(block_q, max(16, 32 * 128 // block_d))
         block_n = max(16, min(64, tile_elems // block_d))
         block_ns = 16
         min_chunk, want = MIN_CHUNK_GPU, TARGET_PROGRAMS_PER_SM * num_sms
         num_warps = 4
+    # The merge holds two fp32 [block_q, block_d] tiles: Triton 3.6's ptxas spilled 4 B at
+    # 32×128 with 4 warps (and the partials kernel 8 B at 16×128), so wide fp32 merges get 8.
+    merge_warps = 8 if num_sms is not None and dtype == torch.float32 \
+        and block_q * block_d >= 32 * 128 else num_warps
     programs = r * n_kv * triton.cdiv(rows, block_q)
     chunk, n_splits = _split_prefix(programs, max_prefix, block_n, min_chunk, want,
                                     interpreter=num_sms is None)
-    return ExtendConfig(block_q, block_d, block_n, block_ns, chunk, n_splits, num_warps, 2)
+    return ExtendConfig(block_q, block_d, block_n, block_ns, chunk, n_splits, num_warps, 2,
+                        merge_warps)
 
 
 def cascade_extend_attention(q: torch.Tensor, prefix_k: torch.Tensor, prefix_v: torch.Tensor,
@@ -247,5 +253,5 @@ def cascade_extend_attention(q: torch.Tensor, prefix_k: torch.Tensor, prefix_v: 
         out.stride(0), out.stride(1), out.stride(2), out.stride(3),
         num_new.stride(0), num_new.stride(1),
         G=g, HEAD_DIM=hd, BLOCK_D=config.block_d, BLOCK_Q=config.block_q,
-        num_warps=config.num_warps)
+        num_warps=config.merge_warps)
     return out
