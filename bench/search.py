@@ -2,7 +2,9 @@
 and token caps (the paper's sampling: T = 1, top-k 50).
 
 - ours: `Engine.search` (default ``cache_layout="fork"``; "ours shared_prefix" is the same
-  search in the shared-prefix layout: one prefix per request, cascade attention) — K candidate
+  search in the shared-prefix layout: one prefix per request, cascade attention, for the policy
+  and the PRM alike — the PRM scores the K steps by cascade extend attention over its own
+  prefix slot and commits the winner by appending it) — K candidate
   slots per request forked once from the running cache,
   decoded in lockstep (fused multi-head sampling, CUDA graphs on GPU), scored by one ragged
   extend over the PRM's persistent cache, winners promoted by copying only the step's tokens.

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from aot_subprocess import TRITONS, compile_in_subprocess
-from triton_kernels.cascade import DOT_PRECISION, LOG2E, launch_config
+from triton_kernels.cascade import DOT_PRECISION, LOG2E, extend_launch_config, launch_config
 
 H100_SMEM_PER_BLOCK = 227 * 1024
 NUM_SMS = 132
@@ -55,6 +55,40 @@ def _launches(r, k, n_kv, g, hd, tp, ts, dtype):
             ("_cascade_merge_kernel", merge, merge_consts, cfg.num_warps, 1)]
 
 
+# The extend kernels (a PRM scoring K candidate steps of up to T tokens): (R, K, T, n_kv, G,
+# head_dim, prefix bound, suffix capacity, dtype). Qwen2.5-0.5B shape with 16-token steps, GQA 4
+# at head_dim 128, MHA at head_dim 80, one short step, fp32.
+EXTEND_SHAPES = {
+    "extend-qwen05b-k5-t16-bf16": (8, 5, 16, 2, 7, 64, 2048, 17, torch.bfloat16),
+    "extend-llama8b-k8-t32-bf16": (4, 8, 32, 8, 4, 128, 8192, 33, torch.bfloat16),
+    "extend-k4-mha-hd80-t8-fp16": (16, 4, 8, 16, 1, 80, 1024, 9, torch.float16),
+    "extend-k2-gqa2-t1-fp16": (2, 2, 1, 2, 2, 64, 512, 2, torch.float16),
+    "extend-k4-gqa4-hd128-t8-fp32": (2, 4, 8, 4, 4, 128, 1024, 9, torch.float32),
+}
+
+
+def _extend_launches(r, k, t, n_kv, g, hd, tp, ts, dtype):
+    cfg = extend_launch_config(r, k, t, n_kv, g, hd, tp, dtype, num_sms=NUM_SMS)
+    ty = "*" + _TYPES[dtype]
+    h = n_kv * g
+    partial = dict(
+        q_ptr=ty, pk_ptr=ty, pv_ptr=ty, plen_ptr="*i32", sk_ptr=ty, sv_ptr=ty, slen_ptr="*i32",
+        nnew_ptr="*i64", part_o_ptr="*fp32", part_lse_ptr="*fp32", n_kv=n_kv, K=k, T=t,
+        chunk=cfg.chunk, n_splits=cfg.n_splits, qk_scale=hd ** -0.5 * LOG2E,
+        stride_qr=k * t * h * hd, stride_qk=t * h * hd, stride_qt=h * hd, stride_qh=hd,
+        stride_pr=n_kv * tp * hd, stride_ph=tp * hd, stride_pt=hd,
+        stride_sr=k * n_kv * ts * hd, stride_sk=n_kv * ts * hd, stride_sh=ts * hd, stride_st=hd,
+        stride_pl=1, stride_lr=k, stride_lk=1, stride_nr=k, stride_nk=1)
+    consts = dict(G=g, HEAD_DIM=hd, BLOCK_D=cfg.block_d, BLOCK_Q=cfg.block_q, BLOCK_N=cfg.block_n,
+                  BLOCK_NS=cfg.block_ns, DOT_PRECISION=DOT_PRECISION, UPCAST_DOT=False)
+    merge = dict(part_o_ptr="*fp32", part_lse_ptr="*fp32", nnew_ptr="*i64", out_ptr=ty,
+                 n_kv=n_kv, K=k, T=t, n_parts=cfg.n_splits + 1, stride_or=k * t * h * hd,
+                 stride_ok=t * h * hd, stride_ot=h * hd, stride_oh=hd, stride_nr=k, stride_nk=1)
+    merge_consts = dict(G=g, HEAD_DIM=hd, BLOCK_D=cfg.block_d, BLOCK_Q=cfg.block_q)
+    return [("_cascade_extend_partials_kernel", partial, consts, cfg.num_warps, cfg.num_stages),
+            ("_cascade_extend_merge_kernel", merge, merge_consts, cfg.merge_warps, 1)]
+
+
 def _ptxas_usage(ptx: str) -> dict:
     from triton.backends.nvidia.compiler import get_ptxas
 
@@ -82,9 +116,11 @@ def compile_all() -> dict:
     from triton_kernels import cascade_kernels
 
     results = {}
-    for name, shape in SHAPES.items():
+    launches = {**{name: _launches(*shape) for name, shape in SHAPES.items()},
+                **{name: _extend_launches(*shape) for name, shape in EXTEND_SHAPES.items()}}
+    for name, kernels in launches.items():
         results[name] = []
-        for kernel_name, args, consts, num_warps, num_stages in _launches(*shape):
+        for kernel_name, args, consts, num_warps, num_stages in kernels:
             fn = getattr(cascade_kernels, kernel_name)
             try:
                 signature, constexprs, attrs = _specialise(fn, args, consts)
@@ -110,7 +146,7 @@ def compiled(request):
     return _COMPILED[request.param]
 
 
-@pytest.mark.parametrize("name", list(SHAPES))
+@pytest.mark.parametrize("name", list(SHAPES) + list(EXTEND_SHAPES))
 def test_cascade_kernels_compile_for_sm90_without_spills(compiled, name):
     for result in compiled[name]:
         assert "error" not in result, f"{result['kernel']}: {result.get('error')}"

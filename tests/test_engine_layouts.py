@@ -1,13 +1,20 @@
 """Engine(cache_layout="shared_prefix") against the fork layout and independent references:
 greedy generation (identical candidates must each equal it), a fixed-seed sampled search (the
 same random stream per candidate slot in both layouts), PRM step scores against full re-encodes
-(`prm.score_full`), and the KV bytes allocated against the layout's formula."""
+(`prm.score_full`), and the KV bytes allocated against the layout's formula. A value-model PRM
+follows the policy into the shared layout (its own prefix slot + K candidate slots, cascade
+extend attention): searches with it equal the fork layout's on every family."""
+import math
+
 import pytest
 import torch
+from transformers import AutoTokenizer
 
 from mahalo_engine.engine import Engine, SearchConfig
+from mahalo_engine.engine.scorers import SlotLayout
 from mahalo_engine.policy import load_policy
-from mahalo_engine.prm import ValueHead, load_prm, save_prm
+from mahalo_engine.prm import ValueHead, ValueModel, load_prm, save_prm
+from mahalo_engine.shared_cache import SharedPrefixCache
 from mahalo_engine.tiny import FAMILIES, tiny_checkpoint
 from mahalo_engine.utils.loader import load_decoder
 
@@ -73,6 +80,90 @@ def test_step_scores_equal_full_rescoring_in_shared_layout(tmp_path):
     assert allocated == 3 * (96 + 1 + K * (8 + 1)) * per_pos
 
 
+@pytest.fixture
+def eager_cpu(monkeypatch):
+    """The engine's CPU path (torch sampling and the CPU cascade attention) instead of Triton's
+    interpreter, which takes minutes per search; these tests compare layouts, and the kernels
+    have their own tests against the references."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matmuls: threads only contend (CI runs two test workers)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _value_prm(family: str) -> ValueModel:
+    """A value-model PRM on another seed's backbone of ``family``, with the policy's tokenizer
+    (so it takes the policy's token ids and can share the layout)."""
+    backbone = tiny_checkpoint(family, seed=1)
+    model = load_decoder(backbone, dtype=torch.float32)
+    torch.manual_seed(0)
+    return ValueModel(model, ValueHead(model.config.hidden_size), "value",
+                      AutoTokenizer.from_pretrained(backbone)).eval()
+
+
+def _assert_same_search(shared, fork):
+    """Same tokens, winners, texts and end reasons; scores equal up to float32 summation order
+    (cascade attention merges two partial softmaxes)."""
+    assert [r.token_ids for r in shared] == [r.token_ids for r in fork]
+    assert [r.finish_reason for r in shared] == [r.finish_reason for r in fork]
+    for a, b in zip(shared, fork):
+        assert len(a.steps) == len(b.steps)
+        for x, y in zip(a.steps, b.steps):
+            assert (x.token_ids, x.text, x.finish_reason) == (y.token_ids, y.text, y.finish_reason)
+            torch.testing.assert_close(torch.tensor(x.candidate_scores),
+                                       torch.tensor(y.candidate_scores), rtol=1e-4, atol=1e-5)
+
+
+def _prm_searches(family: str, **kw) -> None:
+    policy = load_policy(tiny_checkpoint(family), dtype=torch.float32)
+    prm = _value_prm(family)
+    engines = {layout: Engine(policy, prm=prm, max_batch=2, max_seq_len=64, cache_layout=layout)
+               for layout in ("fork", "shared_prefix")}
+    cfg = SearchConfig(candidates=K, boundary=" ", max_steps=4, max_step_tokens=6,
+                       check_every=2, **kw)
+    fork, shared = (engines[layout].search(PROMPTS, config=cfg) for layout in engines)
+    _assert_same_search(shared, fork)
+    assert isinstance(engines["shared_prefix"].prm.cache, SharedPrefixCache)
+    assert not isinstance(engines["fork"].prm.cache, SharedPrefixCache)
+    return shared
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prm_in_shared_layout_equals_fork_greedy(family, eager_cpu):
+    _prm_searches(family, temperature=0)
+
+
+def test_prm_in_shared_layout_equals_fork_fixed_seed_sampled(eager_cpu):
+    shared = _prm_searches("qwen2", temperature=1.0, top_k=20, seed=5)
+    # The candidates differ, so the PRM's scores (not a tie) picked the winners.
+    assert any(len(set(s.candidate_scores)) > 1 for r in shared for s in r.steps)
+
+
+def test_prm_step_scores_equal_full_rescoring_in_shared_layout(eager_cpu):
+    """Every candidate's score (winners and losers, across promotes, group reuse and a move)
+    equals re-encoding committed text + candidate from scratch; the PRM's KV bytes follow the
+    shared formula."""
+    policy = load_policy(tiny_checkpoint("llama"), dtype=torch.float32)
+    prm = _value_prm("llama")
+    engine = Engine(policy, prm=prm, max_batch=2, max_seq_len=80, cache_layout="shared_prefix")
+    cfg = SearchConfig(candidates=K, boundary=" ", max_steps=3, max_step_tokens=7, seed=11,
+                       temperature=1.0, check_every=2)
+    for prompt, res in zip(PROMPTS, engine.search(PROMPTS, config=cfg)):
+        committed = policy.tokenizer.encode(prompt)
+        for step in res.steps:
+            assert len(step.candidate_scores) == K
+            committed += step.token_ids
+            assert abs(step.score - prm.score_full([committed]).item()) < 1e-4
+    cache = engine.prm.cache
+    assert isinstance(cache, SharedPrefixCache) and cache.k == K
+    c = prm.config
+    per_pos = c.num_hidden_layers * 2 * c.num_key_value_heads * c.head_dim * 4
+    assert cache.prefix.data.nbytes + cache.suffix.data.nbytes == 2 * (80 + K * (7 + 1)) * per_pos
+    prepared = engine.prm.cache_nbytes(2 * K, 80, policy, SlotLayout("shared_prefix", K, 8))
+    assert prepared == 0  # nothing new to allocate
+
+
 def test_unknown_layout_is_named():
     policy = load_policy(tiny_checkpoint("qwen2"), dtype=torch.float32)
     with pytest.raises(ValueError, match="cache_layout must be one of"):
@@ -92,3 +183,18 @@ def test_shared_prefix_with_cuda_graphs_equals_fork_eager():
         eager = Engine(policy, max_batch=2, max_seq_len=96, cache_layout="fork",
                        cuda_graphs=False).search(PROMPTS, config=cfg)
         assert [r.token_ids for r in graphs] == [r.token_ids for r in eager]
+
+
+@pytest.mark.gpu
+def test_prm_in_shared_layout_on_cuda_equals_fork_eager():
+    """On CUDA the PRM's extend runs the Triton cascade extend kernel: same search as the fork
+    layout without graphs (float32), scores equal up to summation order."""
+    policy = load_policy(tiny_checkpoint("qwen2"), dtype=torch.float32, device="cuda")
+    prm = _value_prm("qwen2").to("cuda")
+    cfg = SearchConfig(candidates=K, boundary=" ", max_steps=4, max_step_tokens=8, check_every=2,
+                       temperature=1.0, top_k=20, seed=3)
+    shared = Engine(policy, prm=prm, max_batch=2, max_seq_len=96, cache_layout="shared_prefix",
+                    cuda_graphs=True).search(PROMPTS, config=cfg)
+    fork = Engine(policy, prm=prm, max_batch=2, max_seq_len=96, cache_layout="fork",
+                  cuda_graphs=False).search(PROMPTS, config=cfg)
+    _assert_same_search(shared, fork)

@@ -1,4 +1,8 @@
-"""Launcher of cascade (shared-prefix) decode attention: K candidates read their prefix once.
+"""Launchers of cascade (shared-prefix) attention: K candidates read their prefix once.
+
+``cascade_decode_attention``: one new token per candidate (decode). ``cascade_extend_attention``:
+a ragged run of new tokens per candidate (a PRM scoring the candidates' steps), causal over the
+candidate's own suffix; its kernels cut the K·T·G query rows of a KV head into blocks.
 
 ``cascade_decode_attention`` has the signature and semantics of
 ``triton_kernels.reference.cascade_decode_attention`` and dispatches the same way as the
@@ -17,8 +21,10 @@ import torch
 import triton
 
 from triton_kernels import reference
-from triton_kernels.cascade_kernels import _cascade_merge_kernel, _cascade_partials_kernel
-from triton_kernels.checks import check_cascade
+from triton_kernels.cascade_kernels import (_cascade_extend_merge_kernel,
+                                           _cascade_extend_partials_kernel, _cascade_merge_kernel,
+                                           _cascade_partials_kernel)
+from triton_kernels.checks import check_cascade, check_cascade_extend
 from triton_kernels.multihead import DOT_PRECISION, _num_sms, _use_triton
 
 LOG2E = 1.4426950408889634
@@ -67,15 +73,23 @@ def launch_config(r: int, k: int, n_kv: int, g: int, head_dim: int, max_prefix: 
         block_ns = 16
         min_chunk, want = MIN_CHUNK_GPU, TARGET_PROGRAMS_PER_SM * num_sms
         num_warps = 4 if block_q * block_d <= 64 * 128 else 8
-    max_splits = triton.cdiv(max_prefix, min_chunk) if max_prefix > 0 else 0
-    n_splits = min(max_splits, max(1, triton.cdiv(want, max(1, r * n_kv))))
-    if num_sms is None:
-        n_splits = max_splits
-    chunk = block_n * triton.cdiv(triton.cdiv(max_prefix, max(1, n_splits)), block_n) \
-        if n_splits else block_n
-    n_splits = triton.cdiv(max_prefix, chunk)
+    chunk, n_splits = _split_prefix(r * n_kv, max_prefix, block_n, min_chunk, want,
+                                     interpreter=num_sms is None)
     return CascadeConfig(block_q, block_g, block_d, block_n, block_ns, chunk, n_splits,
                          num_warps, 2)
+
+
+def _split_prefix(programs: int, max_prefix: int, block_n: int, min_chunk: int, want: int, *,
+                  interpreter: bool) -> tuple[int, int]:
+    """``(chunk, n_splits)``: enough splits that ``programs · n_splits`` reaches ``want`` (every
+    split in the interpreter), chunks of at least ``min_chunk`` positions, multiples of
+    ``block_n``, covering ``max_prefix``."""
+    max_splits = triton.cdiv(max_prefix, min_chunk) if max_prefix > 0 else 0
+    n_splits = max_splits if interpreter else \
+        min(max_splits, max(1, triton.cdiv(want, max(1, programs))))
+    chunk = block_n * triton.cdiv(triton.cdiv(max_prefix, max(1, n_splits)), block_n) \
+        if n_splits else block_n
+    return chunk, triton.cdiv(max_prefix, chunk)
 
 
 def _check_strides(q: torch.Tensor, prefix_k, prefix_v, suffix_k, suffix_v, out) -> None:
@@ -137,4 +151,107 @@ def cascade_decode_attention(q: torch.Tensor, prefix_k: torch.Tensor, prefix_v: 
         part_o, part_lse, out, n_kv, k, n_parts, out.stride(0), out.stride(1), out.stride(2),
         G=g, HEAD_DIM=hd, BLOCK_D=config.block_d, BLOCK_Q=config.block_q,
         num_warps=config.num_warps)
+    return out
+
+
+@dataclass(frozen=True)
+class ExtendConfig:
+    """Every launch parameter of one extend call (the sm_90 compile test builds the same ones)."""
+
+    block_q: int  # query rows per program, of the K·T·G rows of a (request, KV head)
+    block_d: int
+    block_n: int  # prefix keys per tile
+    block_ns: int  # suffix keys per tile
+    chunk: int
+    n_splits: int
+    num_warps: int
+    num_stages: int
+    merge_warps: int
+
+    def row_blocks(self, k: int, t: int, g: int) -> int:
+        return triton.cdiv(k * t * g, self.block_q)
+
+
+def extend_launch_config(r: int, k: int, t: int, n_kv: int, g: int, head_dim: int,
+                         max_prefix: int, dtype: torch.dtype, *, num_sms: int | None
+                         ) -> ExtendConfig:
+    """Tiles for the extend kernels (``num_sms=None``: the interpreter). Rows come in blocks of at
+    most 64 (16 in the interpreter, so that tests cross row blocks and candidates inside one);
+    key tiles as in `launch_config` for that many rows; splits fill the GPU counting every
+    (request, KV head, row block) program."""
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    rows = k * t * g
+    if num_sms is None:
+        block_q, block_n, block_ns, min_chunk, want, num_warps = 16, 16, 16, 32, 1, 4
+    else:
+        block_q = min(64, max(16, triton.next_power_of_2(rows)))
+        tile_elems = 64 * 128 if dtype != torch.float32 else 16 * 128  # see launch_config
+        if dtype == torch.float32:  # fp32 operands live in registers: 64×128 rows spilled 2.5 KB
+            block_q = min(block_q, max(16, 32 * 128 // block_d))
+        block_n = max(16, min(64, tile_elems // block_d))
+        block_ns = 16
+        min_chunk, want = MIN_CHUNK_GPU, TARGET_PROGRAMS_PER_SM * num_sms
+        num_warps = 4
+    # The merge holds two fp32 [block_q, block_d] tiles: Triton 3.6's ptxas spilled 4 B at
+    # 32×128 with 4 warps (and the partials kernel 8 B at 16×128), so wide fp32 merges get 8.
+    merge_warps = 8 if num_sms is not None and dtype == torch.float32 \
+        and block_q * block_d >= 32 * 128 else num_warps
+    programs = r * n_kv * triton.cdiv(rows, block_q)
+    chunk, n_splits = _split_prefix(programs, max_prefix, block_n, min_chunk, want,
+                                    interpreter=num_sms is None)
+    return ExtendConfig(block_q, block_d, block_n, block_ns, chunk, n_splits, num_warps, 2,
+                        merge_warps)
+
+
+def cascade_extend_attention(q: torch.Tensor, prefix_k: torch.Tensor, prefix_v: torch.Tensor,
+                             prefix_lens: torch.Tensor, suffix_k: torch.Tensor,
+                             suffix_v: torch.Tensor, suffix_lens: torch.Tensor,
+                             num_new: torch.Tensor, *, scale: float | None = None,
+                             out: torch.Tensor | None = None,
+                             config: ExtendConfig | None = None) -> torch.Tensor:
+    """Ragged new tokens per candidate over its request's prefix and, causally, its own suffix.
+
+    ``q [R, K, T, H, hd]``; ``prefix_k/v [R, n_kv, Tp, hd]`` (K and V views of one cache),
+    ``prefix_lens [R]`` (≤ Tp); ``suffix_k/v [R, K, n_kv, Ts, hd]``, ``suffix_lens [R, K]`` (≤ Ts,
+    the new tokens included), ``num_new [R, K]`` (≤ T, ≤ suffix_lens). Semantics of
+    ``triton_kernels.reference.cascade_extend_attention`` (0 at padded tokens). Lengths are read
+    on the device, never validated on the host; the grid depends on shapes only.
+    """
+    if not _use_triton(q.device):
+        o = reference.cascade_extend_attention(q, prefix_k, prefix_v, prefix_lens, suffix_k,
+                                               suffix_v, suffix_lens, num_new, scale=scale)
+        return o if out is None else out.copy_(o)
+    check_cascade_extend(q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix_v, suffix_lens,
+                         num_new)
+    out = torch.empty_like(q) if out is None else out
+    _check_strides(q, prefix_k, prefix_v, suffix_k, suffix_v, out)
+    r, k, t, h, hd = q.shape
+    n_kv = prefix_k.shape[1]
+    g = h // n_kv
+    if config is None:
+        config = extend_launch_config(r, k, t, n_kv, g, hd, prefix_k.shape[2], q.dtype,
+                                      num_sms=_num_sms(q.device) if q.is_cuda else None)
+    scale = hd ** -0.5 if scale is None else scale
+    n_parts = config.n_splits + 1
+    blocks = config.row_blocks(k, t, g)
+    part_o = torch.empty(r * n_kv, n_parts, k * t * g, hd, dtype=torch.float32, device=q.device)
+    part_lse = torch.empty(r * n_kv, n_parts, k * t * g, dtype=torch.float32, device=q.device)
+    upcast = q.device.type == "cpu" and q.dtype == torch.bfloat16  # see multihead._upcast_dot
+    _cascade_extend_partials_kernel[(r * n_kv, blocks, n_parts)](
+        q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix_v, suffix_lens, num_new, part_o,
+        part_lse, n_kv, k, t, config.chunk, config.n_splits, scale * LOG2E,
+        q.stride(0), q.stride(1), q.stride(2), q.stride(3),
+        prefix_k.stride(0), prefix_k.stride(1), prefix_k.stride(2),
+        suffix_k.stride(0), suffix_k.stride(1), suffix_k.stride(2), suffix_k.stride(3),
+        prefix_lens.stride(0), suffix_lens.stride(0), suffix_lens.stride(1),
+        num_new.stride(0), num_new.stride(1),
+        G=g, HEAD_DIM=hd, BLOCK_D=config.block_d, BLOCK_Q=config.block_q,
+        BLOCK_N=config.block_n, BLOCK_NS=config.block_ns, DOT_PRECISION=DOT_PRECISION,
+        UPCAST_DOT=upcast, num_warps=config.num_warps, num_stages=config.num_stages)
+    _cascade_extend_merge_kernel[(r * n_kv, blocks)](
+        part_o, part_lse, num_new, out, n_kv, k, t, n_parts,
+        out.stride(0), out.stride(1), out.stride(2), out.stride(3),
+        num_new.stride(0), num_new.stride(1),
+        G=g, HEAD_DIM=hd, BLOCK_D=config.block_d, BLOCK_Q=config.block_q,
+        num_warps=config.merge_warps)
     return out

@@ -198,3 +198,25 @@ def check_cascade(q: torch.Tensor, prefix_k: torch.Tensor, prefix_v: torch.Tenso
             raise ValueError(f"{name} must be int32 or int64, got {t.dtype}")
         if tuple(t.shape) != shape:
             raise ValueError(f"{name} must have shape {list(shape)}, got {tuple(t.shape)}")
+
+
+def check_cascade_extend(q: torch.Tensor, prefix_k: torch.Tensor, prefix_v: torch.Tensor,
+                         prefix_lens: torch.Tensor, suffix_k: torch.Tensor,
+                         suffix_v: torch.Tensor, suffix_lens: torch.Tensor,
+                         num_new: torch.Tensor) -> None:
+    """`check_cascade` for several new tokens per candidate: ``q [R,K,T,H,hd]`` (T >= 1) and
+    ``num_new [R,K]`` int (no device read: values are the caller's contract)."""
+    _require_tensor("q", q)
+    if q.dim() != 5 or q.shape[2] < 1:
+        raise ValueError(f"q must be [R, K, T, H, head_dim] with T >= 1, got shape "
+                         f"{tuple(q.shape)}")
+    check_cascade(q.select(2, 0), prefix_k, prefix_v, prefix_lens, suffix_k, suffix_v,
+                  suffix_lens)
+    _require_tensor("num_new", num_new)
+    if num_new.device != q.device:
+        raise ValueError(f"num_new is on {num_new.device} but q is on {q.device}")
+    if num_new.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"num_new must be int32 or int64, got {num_new.dtype}")
+    if tuple(num_new.shape) != tuple(q.shape[:2]):
+        raise ValueError(f"num_new must have shape {list(q.shape[:2])}, got "
+                         f"{tuple(num_new.shape)}")

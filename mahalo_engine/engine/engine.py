@@ -7,7 +7,8 @@ candidate slots of all live requests in lockstep (`DecodeRunner`), scores them i
 commits each winner. ``cache_layout="fork"``: each slot holds a copy of the committed text
 (prefill + fork once; ``kv_promote`` copies only a step's new tokens). ``"shared_prefix"``: one
 prefix slot per request plus K short candidate slots, read by cascade attention; a commit
-appends the winner's step to the prefix. Finished requests free their group for the next prompt;
+appends the winner's step to the prefix (a value-model PRM's cache follows the same layout).
+Finished requests free their group for the next prompt;
 once none is queued, the last live groups move down into the free ones, so the lockstep decode
 covers only live slots. Nothing is re-encoded, by the policy or the PRM. `generate` always runs
 on a plain slot cache.
@@ -30,7 +31,7 @@ from mahalo_engine.engine.config import (Generation, SearchConfig, SearchResult,
 from mahalo_engine.engine.graph_runner import (BOUNDARY, EOS, FULL, LENGTH, DecodeRunner)
 from mahalo_engine.engine import slots as slot_layouts
 from mahalo_engine.engine.sampler import Sampler
-from mahalo_engine.engine.scorers import Candidates, Scorer, as_scorer
+from mahalo_engine.engine.scorers import Candidates, Scorer, SlotLayout, as_scorer
 from mahalo_engine.text import Prompt, has_chat_template, tokenize_prompt
 from triton_kernels.checks import check_int, check_sampling
 
@@ -291,7 +292,9 @@ class Engine:
                 torch.cuda.empty_cache()
         policy_bytes = slot_layouts.nbytes(layout, config, groups, k, max_len, step_len,
                                            dtype) if grow else 0
-        scorer_bytes = scorer.cache_nbytes(num_slots, self.max_seq_len) if scorer else 0
+        slot_layout = SlotLayout(layout, k, step_len)  # a scorer's cache may follow it
+        scorer_bytes = scorer.cache_nbytes(num_slots, self.max_seq_len, self.policy,
+                                           slot_layout) if scorer else 0
         available = available_bytes(self.device)
         if available is not None and policy_bytes + scorer_bytes > available:
             raise ValueError(
@@ -312,7 +315,7 @@ class Engine:
                                             max_seq_len=self.max_seq_len, eos_ids=self.eos_ids,
                                             cuda_graphs=self.cuda_graphs)
             if scorer is not None:
-                scorer.prepare(num_slots, self.max_seq_len, self.policy)
+                scorer.prepare(num_slots, self.max_seq_len, self.policy, slot_layout)
         return self._runner
 
     def _set_weights(self, rows: dict[int, torch.Tensor]) -> None:

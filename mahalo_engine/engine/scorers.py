@@ -2,14 +2,16 @@
 policy's own hidden states, weighted combinations, and any callable on texts.
 
 The engine drives a scorer through calls that mirror its policy cache:
-``prepare`` (allocate, once per cache size), ``start`` (new requests: their prompts enter the
+``prepare`` (allocate, once per cache size and `SlotLayout`), ``start`` (new requests: their prompts enter the
 groups' slots), ``score`` (the K candidates of every live request, one batch), ``promote``
 (the winners become every slot's committed text) and ``move`` (requests change groups).
 Slot ``g*K + k`` is candidate k of group g in the policy's cache and in every scorer's cache
-alike.
+alike; a scorer's cache may follow the policy's layout (`SlotLayout`: ``fork`` or
+``shared_prefix``), as `ValueModelPRM`'s does.
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,11 +21,29 @@ import torch
 
 from mahalo_engine.cache import KVCache
 from mahalo_engine.ops import kv_fork, kv_promote
+from mahalo_engine.shared_cache import SharedPrefixCache
 from mahalo_engine.prm import (VALUE_HEAD_FILE, ObjectiveWeights, apply_kind, combine_objectives,
                                load_value_head, objective_weights)
 from mahalo_engine.text import Prompt, encode_prompt, encode_step, has_chat_template
 from mahalo_engine.utils.padding import pad_right
 from triton_kernels.checks import is_real
+
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SlotLayout:
+    """The policy cache's layout, which a scorer's own cache may follow: ``name`` ``"fork"`` (K
+    full slots per group) or ``"shared_prefix"`` (one prefix slot per group plus K candidate
+    slots of ``step_len`` positions, `SharedPrefixCache`); ``k`` candidates per group."""
+
+    name: str = "fork"
+    k: int = 1
+    step_len: int = 1
+
+
+FORK = SlotLayout()
 
 
 @dataclass
@@ -45,12 +65,15 @@ class Candidates:
 class Scorer:
     """Base class: a stateless scorer only overrides `score`."""
 
-    def cache_nbytes(self, num_slots: int, max_len: int) -> int:
+    def cache_nbytes(self, num_slots: int, max_len: int, policy: Any = None,
+                     layout: SlotLayout = FORK) -> int:
         """Bytes `prepare` would newly allocate (the engine checks the total before allocating)."""
         return 0
 
-    def prepare(self, num_slots: int, max_len: int, policy: Any) -> None:
-        """Allocate per-slot state for ``num_slots`` slots of up to ``max_len`` tokens."""
+    def prepare(self, num_slots: int, max_len: int, policy: Any,
+                layout: SlotLayout = FORK) -> None:
+        """Allocate per-slot state for ``num_slots`` slots of up to ``max_len`` tokens, in the
+        policy cache's ``layout``."""
 
     def check_prompts(self, prompts: list[Prompt]) -> None:
         """ValueError, before anything is decoded, for prompts this scorer cannot take."""
@@ -76,6 +99,13 @@ class ValueModelPRM(Scorer):
     score is read at each candidate's last token, and `promote` copies the winner's new tokens into
     its siblings with ``kv_promote``. Nothing is ever re-encoded.
 
+    In the policy's ``shared_prefix`` layout (with K > 1 and the policy's tokens) the PRM's cache
+    is a `SharedPrefixCache` too: one prefix slot per request plus K candidate slots of
+    ``step_len`` positions; the candidates' steps go in with ``extend_shared`` (cascade extend
+    attention: the prefix read once for all candidates), and `promote` appends the winner's step
+    to the prefix (``kv_append``, one launch). A PRM that re-tokenises step texts keeps the fork
+    layout: its step may take more tokens than a candidate slot holds.
+
     With the policy's tokenizer (same vocabulary) the candidate's token ids are fed as they are;
     with another tokenizer each step's text is tokenised on its own and appended
     (`mahalo_engine.text.encode_step`, as the PRM trainers tokenise step data). A PRM without a tokenizer must share the policy's vocabulary.
@@ -88,7 +118,7 @@ class ValueModelPRM(Scorer):
         self.prm = prm
         self.objectives = objectives
         objective_weights(getattr(prm, "objectives", None), objectives)  # fail now, not mid-search
-        self.cache: KVCache | None = None
+        self.cache: KVCache | SharedPrefixCache | None = None
         self.same_tokens = True
         self._committed: torch.Tensor | None = None  # lens before the last scoring extend
 
@@ -100,21 +130,51 @@ class ValueModelPRM(Scorer):
     def _device(self) -> torch.device:
         return self.prm.model.device
 
-    def _allocated(self, num_slots: int, max_len: int) -> bool:
+    @property
+    def shared(self) -> bool:
+        """Whether the cache is in the shared-prefix layout."""
+        return isinstance(self.cache, SharedPrefixCache)
+
+    def _shared_layout(self, layout: SlotLayout, same_tokens: bool) -> bool:
+        return layout.name == "shared_prefix" and layout.k > 1 and same_tokens
+
+    def _allocated(self, num_slots: int, max_len: int, shared: bool, layout: SlotLayout) -> bool:
         # More slots than needed is fine (like the policy's cache: a search with fewer candidates
         # after one with more reuses it instead of reallocating).
-        return self.cache is not None and self.cache.num_slots >= num_slots \
-            and self.cache.max_len == max_len
+        c = self.cache
+        if shared:
+            return isinstance(c, SharedPrefixCache) and c.k == layout.k \
+                and c.num_groups >= num_slots // layout.k and c.max_len == max_len \
+                and c.step_len >= layout.step_len
+        return isinstance(c, KVCache) and c.num_slots >= num_slots and c.max_len == max_len
 
-    def cache_nbytes(self, num_slots: int, max_len: int) -> int:
-        if self._allocated(num_slots, max_len):
+    def cache_nbytes(self, num_slots: int, max_len: int, policy: Any = None,
+                     layout: SlotLayout = FORK) -> int:
+        shared = policy is not None and self._shared_layout(
+            layout, _shares_vocabulary(self.prm, policy))
+        if self._allocated(num_slots, max_len, shared, layout):
             return 0
+        if shared:
+            return SharedPrefixCache.nbytes(self.prm.config, num_slots // layout.k, layout.k,
+                                            max_len, layout.step_len, self._dtype)
         return KVCache.nbytes(self.prm.config, num_slots, max_len, self._dtype)
 
-    def prepare(self, num_slots: int, max_len: int, policy: Any) -> None:
+    def prepare(self, num_slots: int, max_len: int, policy: Any,
+                layout: SlotLayout = FORK) -> None:
         self.same_tokens = _shares_vocabulary(self.prm, policy)
-        if not self._allocated(num_slots, max_len):
-            self.cache = None  # free the old cache before allocating the new one
+        shared = self._shared_layout(layout, self.same_tokens)
+        if layout.name == "shared_prefix" and layout.k > 1 and not shared:
+            log.warning("the PRM re-tokenises step texts, so its cache keeps the fork layout "
+                        "(a step may take more PRM tokens than a shared_prefix candidate slot "
+                        "holds)")
+        if self._allocated(num_slots, max_len, shared, layout):
+            return
+        self.cache = None  # free the old cache before allocating the new one
+        if shared:
+            self.cache = SharedPrefixCache.allocate(
+                self.prm.config, num_slots // layout.k, layout.k, max_len, layout.step_len,
+                dtype=self._dtype, device=self._device)
+        else:
             self.cache = KVCache.allocate(self.prm.config, num_slots, max_len, dtype=self._dtype,
                                           device=self._device)
 
@@ -139,6 +199,10 @@ class ValueModelPRM(Scorer):
     def start(self, slots: torch.Tensor, prompts: list[Prompt]) -> None:
         ids = [self._prompt_ids(p) for p in prompts]
         slots = slots.to(self._device)
+        if self.shared:
+            self.prm.model.prefill(self.cache.prefix, ids, slots[:, 0] // self.cache.k)
+            self.cache.begin_step(slots.reshape(-1))
+            return
         self.prm.model.prefill(self.cache, ids, slots[:, 0])
         if slots.shape[1] > 1:
             k = slots.shape[1]
@@ -147,6 +211,8 @@ class ValueModelPRM(Scorer):
 
     @torch.no_grad()
     def score(self, cands: Candidates) -> torch.Tensor:
+        if self.shared:
+            return self._score_shared(cands)
         tok = self.prm.tokenizer
         rows = cands.token_ids if self.same_tokens else [encode_step(tok, t) for t in cands.texts]
         slots = cands.slots.reshape(-1).to(self._device)
@@ -164,15 +230,52 @@ class ValueModelPRM(Scorer):
             scores[ok] = self._scores(last)
         return scores
 
+    def _score_shared(self, cands: Candidates) -> torch.Tensor:
+        """`score` in the shared-prefix layout: the candidates' suffixes restart empty, every
+        candidate's step goes into its own suffix in one ``extend_shared`` over the live groups."""
+        cache, rows = self.cache, cands.token_ids
+        k = cache.k
+        slots = cands.slots.to(self._device)
+        if slots.shape[1] != k:
+            raise ValueError(f"{slots.shape[1]} candidates per request, but the PRM's "
+                             f"shared-prefix cache was prepared for K={k}")
+        groups = slots[:, 0] // k
+        cache.begin_step(slots.reshape(-1))
+        start = cache.prefix.lens.index_select(0, groups).cpu()
+        long = [i for i, r in enumerate(rows) if len(r) > cache.step_len]
+        if long:  # the policy's steps are capped below step_len: this is a caller's bug
+            raise ValueError(f"candidates {long} have more than step_len={cache.step_len} tokens")
+        scores = torch.full((len(rows),), -math.inf, dtype=torch.float32)
+        # As in the fork layout: a candidate that does not fit max_len, or is empty, is unscorable.
+        ok = [i for i, r in enumerate(rows) if r and int(start[i // k]) + len(r) <= cache.max_len]
+        if ok:
+            width = max(len(rows[i]) for i in ok)
+            ids = torch.zeros(len(rows), width, dtype=torch.long)
+            num_new = torch.zeros(len(rows), dtype=torch.long)
+            for i in ok:
+                ids[i, : len(rows[i])] = torch.as_tensor(rows[i])
+                num_new[i] = len(rows[i])
+            g = slots.shape[0]
+            hidden = self.prm.model.extend_shared(cache, ids.view(g, k, width).to(self._device),
+                                                  num_new.view(g, k), groups)
+            sel = torch.tensor(ok)
+            last = hidden.reshape(len(rows), width, -1)[sel.to(self._device),
+                                                         (num_new[sel] - 1).to(self._device)]
+            scores[ok] = self._scores(last)
+        return scores
+
     def _scores(self, last: torch.Tensor) -> torch.Tensor:
         if self.objectives is None:  # a plain PRM object (e.g. a user's) needs no objectives argument
             return self.prm.scores_from_hidden(last).float().cpu()
         return self.prm.scores_from_hidden(last, self.objectives).float().cpu()
 
     def promote(self, winners: torch.Tensor, groups: torch.Tensor) -> None:
+        dev = self._device
+        if self.shared:
+            self.cache.commit(winners.to(dev), groups[:, 0].to(dev) // self.cache.k)
+            return
         if groups.shape[1] == 1:
             return  # the one candidate's extend already committed it
-        dev = self._device
         groups = groups.to(dev)
         kv_promote(self.cache.data, self.cache.lens, winners.to(dev), groups,
                    self._committed.index_select(0, groups[:, 0]))
@@ -180,6 +283,10 @@ class ValueModelPRM(Scorer):
 
     def move(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         dev = self._device
+        if self.shared:  # whole groups move: src/dst list each group's K candidate slots
+            k = self.cache.k
+            self.cache.move(src.to(dev)[::k] // k, dst.to(dev)[::k] // k)
+            return
         kv_fork(self.cache.data, self.cache.lens, src.to(dev), dst.to(dev))
 
 
@@ -267,12 +374,14 @@ class WeightedScorer(Scorer):
             raise ValueError(f"scorer weights {[w for _, w in parts]} cancel out: every scorer's "
                              f"total weight is zero")
 
-    def cache_nbytes(self, num_slots: int, max_len: int) -> int:
-        return sum(s.cache_nbytes(num_slots, max_len) for s, _ in self.parts)
+    def cache_nbytes(self, num_slots: int, max_len: int, policy: Any = None,
+                     layout: SlotLayout = FORK) -> int:
+        return sum(s.cache_nbytes(num_slots, max_len, policy, layout) for s, _ in self.parts)
 
-    def prepare(self, num_slots: int, max_len: int, policy: Any) -> None:
+    def prepare(self, num_slots: int, max_len: int, policy: Any,
+                layout: SlotLayout = FORK) -> None:
         for s, _ in self.parts:
-            s.prepare(num_slots, max_len, policy)
+            s.prepare(num_slots, max_len, policy, layout)
 
     def check_prompts(self, prompts: list[Prompt]) -> None:
         for s, _ in self.parts:

@@ -12,8 +12,9 @@ of them at once:
 Two layouts of the policy cache (``Engine(cache_layout=...)``): `ForkSlots` keeps a full copy of
 the committed text in each of the K slots (``kv_fork`` / ``kv_promote``); `SharedPrefixSlots`
 keeps it once per group in a `SharedPrefixCache` and only the step's tokens per candidate (cascade
-attention reads the prefix once per group). Scorers keep their own layout: they get the same
-candidate-slot events in both.
+attention reads the prefix once per group). Scorers get the same candidate-slot events in both;
+a scorer with a cache may lay it out like the policy's (`scorers.SlotLayout`, given at prepare:
+`ValueModelPRM` does).
 """
 from __future__ import annotations
 

@@ -2,6 +2,9 @@
 
 - ``forward``: a full, differentiable pass without a cache (right padding, positions 0..T-1);
 - ``extend`` / ``prefill``: append ragged chunks of tokens to chosen cache slots;
+  ``extend_shared`` appends them to candidate slots of a `SharedPrefixCache` (a PRM scoring
+  candidate steps), with cascade extend attention (the group's prefix read once for all its
+  candidates' tokens, a causal mask over each candidate's own suffix);
 - ``decode``: one token per chosen slot, each at its own position, attending over a host-given
   prefix ``[0, kv_len)`` of the cache; a contiguous slot range is read as a view, not gathered.
   On a `SharedPrefixCache` the token enters its candidate's suffix and attention is cascade
@@ -24,7 +27,8 @@ from triton_kernels import cascade
 from triton_kernels.checks import is_int
 from mahalo_engine.config import ModelConfig
 from mahalo_engine.layers.attention import Attend, Attention, KVUpdate
-from mahalo_engine.layers.cascade_cpu import cascade_decode_attention_cpu
+from mahalo_engine.layers.cascade_cpu import (cascade_decode_attention_cpu,
+                                              cascade_extend_attention_cpu)
 from mahalo_engine.layers.mlp import SwiGLU
 from mahalo_engine.layers.rmsnorm import RMSNorm
 from mahalo_engine.layers.rotary import Rotary
@@ -150,6 +154,8 @@ class Decoder(nn.Module):
         Validates on the host (one sync): slots distinct and in range, 0 <= num_new <= T, and the
         new lengths within max_len. Padded tokens are not written to the cache.
         """
+        if isinstance(cache, SharedPrefixCache):
+            raise ValueError("extend takes a KVCache; use extend_shared for a SharedPrefixCache")
         self._check_cache(cache)
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [N, T], got shape {tuple(input_ids.shape)}")
@@ -261,6 +267,91 @@ class Decoder(nn.Module):
         return hidden[:, 0]
 
 
+    def _check_shared_cache(self, cache: SharedPrefixCache) -> None:
+        for part in (cache.prefix, cache.suffix):
+            self._check_cache(part)
+        window = self.config.sliding_window
+        if any(self.config.sliding_layers) and window is not None and window < cache.max_len:
+            raise ValueError(f"the shared_prefix layout has no sliding-window attention: "
+                             f"sliding_window={window} < max_len={cache.max_len}; use the fork "
+                             "layout for this model")
+
+    @torch.no_grad()
+    def extend_shared(self, cache: SharedPrefixCache, input_ids: torch.Tensor,
+                      num_new: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+        """`extend` on the shared-prefix layout: candidate k of group ``groups[i]`` (slot
+        ``groups[i]·K + k``) appends ``num_new[i, k]`` tokens of ``input_ids [G', K, T]``
+        (right-padded) to its suffix, at absolute positions ``prefix.lens[g] + suffix.lens[slot]
+        ...``; they attend the group's whole prefix and, causally, the candidate's suffix
+        (cascade extend attention: ``triton_kernels.cascade`` on CUDA, ``layers.cascade_cpu`` on
+        CPU). Returns hidden ``[G', K, T, d]`` (undefined at padded tokens) and advances the
+        suffix lengths.
+
+        Validates on the host (one sync): groups distinct and in range, ``0 <= num_new <= T``,
+        suffixes within ``step_len`` and totals within ``max_len``.
+        """
+        self._check_shared_cache(cache)
+        k = cache.k
+        if input_ids.dim() != 3 or input_ids.shape[1] != k:
+            raise ValueError(f"input_ids must be [G, K={k}, T], got shape "
+                             f"{tuple(input_ids.shape)}")
+        g, _, t = input_ids.shape
+        dev = cache.device
+        groups = groups.to(device=dev, dtype=torch.long)
+        num_new = num_new.to(device=dev, dtype=torch.long)
+        if groups.shape != (g,) or num_new.shape != (g, k):
+            raise ValueError(f"groups {tuple(groups.shape)} and num_new {tuple(num_new.shape)} "
+                             f"must be [{g}] and [{g}, {k}] for input_ids {tuple(input_ids.shape)}")
+        safe = groups.clamp(0, cache.num_groups - 1)  # a bad group is reported below, not faulted
+        slots = (safe[:, None] * k + torch.arange(k, device=dev)).reshape(-1)
+        plen = cache.prefix.lens.index_select(0, safe)
+        slen = cache.suffix.lens.index_select(0, slots).long()
+        group_list, new_list, plen_list, slen_list = (
+            groups.tolist(), num_new.reshape(-1).tolist(), plen.tolist(), slen.tolist())  # sync
+        if len(set(group_list)) != g or not all(0 <= x < cache.num_groups for x in group_list):
+            raise ValueError(f"groups must be distinct and in [0, {cache.num_groups}), got "
+                             f"{group_list}")
+        bad = [(s, plen_list[i // k], a, m) for i, (s, a, m)
+               in enumerate(zip(slots.tolist(), slen_list, new_list))
+               if not 0 <= m <= t or a + m > cache.step_len
+               or plen_list[i // k] + a + m > cache.max_len]
+        if bad:
+            raise ValueError(f"extend_shared: (slot, prefix len, suffix len, num_new) {bad} need "
+                             f"0 <= num_new <= {t}, suffix len + num_new <= step_len="
+                             f"{cache.step_len} and the total <= max_len={cache.max_len}")
+        n = g * k
+        offs = torch.arange(t, device=dev)
+        s_pos = slen[:, None] + offs[None, :]  # suffix positions [N, T]
+        q_pos = plen.long().repeat_interleave(k)[:, None] + s_pos  # absolute (rotary)
+        rows = torch.tensor([r for r, m in enumerate(new_list) for _ in range(m)], device=dev,
+                            dtype=torch.long)
+        cols = torch.tensor([c for m in new_list for c in range(m)], device=dev, dtype=torch.long)
+        w_slots, w_pos = slots[rows], s_pos[rows, cols]
+        seen = (slen + num_new.reshape(-1)).view(g, k)
+        # Contiguous ascending groups (the engine's usual case) are read as views, not gathered.
+        first = group_list[0]
+        if group_list == list(range(first, first + g)):
+            p_reads, s_reads = slice(first, first + g), slice(first * k, (first + g) * k)
+        else:
+            p_reads, s_reads = groups, slots
+        kv_len = max(1, max(plen_list))  # a host bound on the prefix the kernel scans
+        n_kv, hd, ts = self.config.num_key_value_heads, self.config.head_dim, cache.step_len
+        attention = cascade.cascade_extend_attention if dev.type == "cuda" \
+            else cascade_extend_attention_cpu
+
+        def attend(layer: int, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor):
+            cache.suffix.write(layer, w_slots, w_pos, k_new[rows, cols], v_new[rows, cols])
+            pk, pv = cache.prefix.read(layer, p_reads, kv_len)
+            sk, sv = cache.suffix.read(layer, s_reads)
+            o = attention(q.view(g, k, t, -1, hd), pk, pv, plen, sk.view(g, k, n_kv, ts, hd),
+                          sv.view(g, k, n_kv, ts, hd), seen, num_new)
+            return o.view(n, t, -1, hd)
+
+        hidden = self._run(input_ids.reshape(n, t).to(dev), q_pos, {False: None, True: None}, None,
+                           attend)
+        cache.suffix.lens.index_add_(0, slots, num_new.reshape(-1).to(torch.int32))
+        return hidden.view(g, k, t, -1)
+
     @torch.no_grad()
     def decode_shared(self, cache: SharedPrefixCache, input_ids: torch.Tensor, slots: slice,
                       advance: torch.Tensor | None = None, *, kv_len: int | None = None
@@ -273,13 +364,7 @@ class Decoder(nn.Module):
         that every group's prefix is read once for all its candidates. Graph-safe like `decode`;
         the caller keeps active slots' suffix lengths below ``step_len``.
         """
-        for part in (cache.prefix, cache.suffix):
-            self._check_cache(part)
-        window = self.config.sliding_window
-        if any(self.config.sliding_layers) and window is not None and window < cache.max_len:
-            raise ValueError(f"the shared_prefix layout has no sliding-window attention: "
-                             f"sliding_window={window} < max_len={cache.max_len}; use the fork "
-                             "layout for this model")
+        self._check_shared_cache(cache)
         n, k = input_ids.shape[0], cache.k
         if not isinstance(slots, slice):
             raise ValueError("decode on a SharedPrefixCache takes a slot range slice(start, "
