@@ -72,7 +72,9 @@ def launch_config(r: int, k: int, n_kv: int, g: int, head_dim: int, max_prefix: 
             block_n = min(block_n, 32)
         block_ns = 16
         min_chunk, want = MIN_CHUNK_GPU, TARGET_PROGRAMS_PER_SM * num_sms
-        num_warps = 4 if block_q * block_d <= 64 * 128 else 8
+        # 8 warps once the query tile and a K/V tile together hold 96 × 128 elements: Triton
+        # 3.6's ptxas spills at 4 there (Llama-3-8B shape, K = 8: 4 B), Triton 3.9's does not.
+        num_warps = 4 if (block_q + block_n) * block_d < 96 * 128 else 8
     chunk, n_splits = _split_prefix(r * n_kv, max_prefix, block_n, min_chunk, want,
                                      interpreter=num_sms is None)
     return CascadeConfig(block_q, block_g, block_d, block_n, block_ns, chunk, n_splits,
