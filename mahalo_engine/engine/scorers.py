@@ -56,6 +56,14 @@ class Scorer:
         """Bytes `prepare` would newly allocate (the engine checks the total before allocating)."""
         return 0
 
+    def slot_nbytes(self, max_len: int) -> int:
+        """Bytes one slot of `prepare`'s state takes (``n`` slots: ``n`` times this); an engine
+        under a memory budget sizes its batch with it."""
+        return 0
+
+    def release(self) -> None:
+        """Free the per-slot state (the next `prepare` allocates it again)."""
+
     def prepare(self, num_slots: int, max_len: int, policy: Any) -> None:
         """Allocate per-slot state for ``num_slots`` slots of up to ``max_len`` tokens."""
 
@@ -117,6 +125,12 @@ class ValueModelPRM(Scorer):
         if self._allocated(num_slots, max_len):
             return 0
         return KVCache.nbytes(self.prm.config, num_slots, max_len, self._dtype)
+
+    def slot_nbytes(self, max_len: int) -> int:
+        return KVCache.nbytes(self.prm.config, 1, max_len, self._dtype)
+
+    def release(self) -> None:
+        self.cache = None
 
     def prepare(self, num_slots: int, max_len: int, policy: Any) -> None:
         self.same_tokens = _shares_vocabulary(self.prm, policy)
@@ -282,6 +296,13 @@ class WeightedScorer(Scorer):
 
     def cache_nbytes(self, num_slots: int, max_len: int) -> int:
         return sum(s.cache_nbytes(num_slots, max_len) for s, _ in self.parts)
+
+    def slot_nbytes(self, max_len: int) -> int:
+        return sum(s.slot_nbytes(max_len) for s, _ in self.parts)
+
+    def release(self) -> None:
+        for s, _ in self.parts:
+            s.release()
 
     def prepare(self, num_slots: int, max_len: int, policy: Any) -> None:
         for s, _ in self.parts:
