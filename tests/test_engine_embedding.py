@@ -29,7 +29,8 @@ def _greedy(engine, **kw):
 def _heads(decoder, h=2, seed=0):
     gen = torch.Generator().manual_seed(seed)
     base = decoder.lm_head.weight.detach()
-    return torch.stack([base + 0.05 * torch.randn(base.shape, generator=gen, dtype=base.dtype) for _ in range(h)])
+    return torch.stack([base + 0.05 * torch.randn(base.shape, generator=gen, dtype=base.dtype)
+                        for _ in range(h)])
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +162,8 @@ def test_update_weights_after_mah_dpo_steps_equals_a_fresh_engine(tmp_path, ckpt
         assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(r.logprobs), atol=1e-5)
     assert [g.logprobs for g in after] != [g.logprobs for g in before]  # training moved them
     # Search over the same engine (shared-prefix layout too) after the update, vs fresh.
-    cfg = SearchConfig(candidates=1, max_new_tokens=4, max_step_tokens=2, temperature=0)
+    cfg = SearchConfig(candidates=1, max_new_tokens=4, max_step_tokens=2, check_every=2,
+                       temperature=0)
     assert [r.token_ids for r in engine.search(PROMPTS, head_weights=[0.5, 0.5], config=cfg)] \
         == [r.token_ids for r in fresh.search(PROMPTS, head_weights=[0.5, 0.5], config=cfg)]
 
@@ -171,7 +173,7 @@ def test_update_weights_from_a_model_keeps_storage(ckpt):
 
     policy = load_policy(ckpt, dtype=torch.float32)  # its one head is its (untied) lm_head
     engine = Engine(policy, max_batch=3, max_seq_len=64, cache_layout="shared_prefix")
-    cfg = SearchConfig(candidates=2, max_new_tokens=4, max_step_tokens=2, seed=6,
+    cfg = SearchConfig(candidates=2, max_new_tokens=4, max_step_tokens=2, check_every=2, seed=6,
                        scorer=lambda ps, rs: [float(len(r)) for r in rs])
     engine.search(PROMPTS, config=cfg)
     pointers = _pointers(engine)
@@ -222,7 +224,7 @@ def _engine_calls(ckpt, device="cpu"):
                                     cache_layout="shared_prefix")
         out = [g.token_ids for g in engine.generate(PROMPTS, temperature=0.8, top_k=20, seed=3,
                                                     max_new_tokens=4)]
-        cfg = SearchConfig(candidates=2, max_new_tokens=4, max_step_tokens=2, seed=5,
+        cfg = SearchConfig(candidates=2, max_new_tokens=4, max_step_tokens=2, check_every=2, seed=5,
                            selection_temperature=0.5)
         out += [r.token_ids for r in engine.search(PROMPTS, config=cfg)]
         out.append(prm.score_full(out[:2]).tolist())
@@ -301,7 +303,7 @@ def test_budget_sizes_the_batch_fork_layout(ckpt):
     # One search request: K policy slots of seq + 1 positions (a scratch position) + K PRM slots.
     one = _fork_bytes(k, seq + 1) + _fork_bytes(k, seq)
     engine = Engine(policy, prm=prm, max_batch=8, max_seq_len=seq, kv_cache_bytes=2 * one + 1)
-    cfg = SearchConfig(candidates=k, max_new_tokens=4, max_step_tokens=2, seed=1)
+    cfg = SearchConfig(candidates=k, max_new_tokens=4, max_step_tokens=2, check_every=2, seed=1)
     prompts = PROMPTS + PROMPTS[:1]  # three requests, two at a time
     got = engine.search(prompts, config=cfg)
     assert engine.cache.num_slots == 2 * k and engine.prm.cache.num_slots == 2 * k
@@ -332,7 +334,7 @@ def test_budget_sizes_the_batch_shared_prefix_layout(ckpt):
     # One request: a prefix slot of seq + 1 positions and K candidate slots of step + 1.
     one = _fork_bytes(1, seq + 1) + _fork_bytes(k, step + 1)
     scorer = lambda ps, rs: [float(len(r) % 5) for r in rs]  # noqa: E731
-    cfg = SearchConfig(candidates=k, max_new_tokens=4, max_step_tokens=step, seed=2,
+    cfg = SearchConfig(candidates=k, max_new_tokens=4, max_step_tokens=step, seed=2, check_every=2,
                        scorer=scorer)
     engine = Engine(policy, max_batch=None, max_seq_len=seq, cache_layout="shared_prefix",
                     kv_cache_bytes=3 * one)

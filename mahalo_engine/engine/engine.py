@@ -361,7 +361,8 @@ class Engine:
                 f"max_seq_len={self.max_seq_len} need "
                 f"{policy_bytes:,} bytes of policy KV cache + {scorer_bytes:,} bytes of PRM cache "
                 f"= {policy_bytes + scorer_bytes:,} bytes, but only {available:,} bytes are "
-                f"available on {self.device}; lower max_batch, candidates or max_seq_len")
+                f"available on {self.device}; lower max_batch, candidates or max_seq_len, or set "
+                f"kv_cache_bytes= to size the batch to a budget")
         # Normal tensors even when called under torch.inference_mode(): the engine updates its
         # state in place on later calls, which inference tensors forbid outside that mode.
         with torch.inference_mode(False):
