@@ -186,6 +186,24 @@ def test_update_weights_from_a_model_keeps_storage(ckpt):
     assert [r.token_ids for r in got] == [r.token_ids for r in fresh.search(PROMPTS, config=cfg)]
 
 
+@pytest.mark.gpu
+def test_update_weights_keeps_cuda_graphs_valid(ckpt):
+    policy = load_policy(ckpt, dtype=torch.float32, device="cuda")
+    engine = Engine(policy, max_batch=2, max_seq_len=64, cuda_graphs=True)
+    mixes = [[1.0], [1.0]]
+    _greedy(engine, head_weights=mixes)
+    captured, pointers = len(engine._runner.capture_seconds), _pointers(engine)
+    other = tiny_checkpoint("qwen2", seed=3)
+    engine.update_weights(load_decoder(other, dtype=torch.float32))  # CPU tensors, copied over
+    got = _greedy(engine, head_weights=mixes)
+    assert _pointers(engine) == pointers
+    # The one-head graphs read the weights in place: replayed, not captured again.
+    assert len(engine._runner.capture_seconds) == captured
+    fresh = Engine(load_policy(other, dtype=torch.float32, device="cuda"), max_batch=2,
+                   max_seq_len=64, cuda_graphs=False)
+    assert [g.token_ids for g in got] == [g.token_ids for g in _greedy(fresh, head_weights=mixes)]
+
+
 def test_update_weights_checks_before_writing(ckpt):
     policy = load_policy(ckpt, dtype=torch.float32)
     engine = Engine(policy, max_batch=2, max_seq_len=48)
