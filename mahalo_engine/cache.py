@@ -37,6 +37,31 @@ def available_bytes(device: torch.device) -> int | None:
     return None
 
 
+def kv_budget(kv_cache_bytes: int | None, kv_cache_fraction: float | None,
+              device: torch.device) -> int | None:
+    """Bytes of KV cache an engine may hold: ``kv_cache_bytes``, or ``kv_cache_fraction`` of the
+    memory free on ``device`` now (`available_bytes`), or None (no budget) when neither is given."""
+    if kv_cache_bytes is not None and kv_cache_fraction is not None:
+        raise ValueError(f"give kv_cache_bytes ({kv_cache_bytes!r}) or kv_cache_fraction "
+                         f"({kv_cache_fraction!r}), not both")
+    if kv_cache_bytes is not None:
+        if isinstance(kv_cache_bytes, bool) or not isinstance(kv_cache_bytes, int) \
+                or kv_cache_bytes < 1:
+            raise ValueError(f"kv_cache_bytes must be a positive int, got {kv_cache_bytes!r}")
+        return kv_cache_bytes
+    if kv_cache_fraction is None:
+        return None
+    if isinstance(kv_cache_fraction, bool) or not isinstance(kv_cache_fraction, (int, float)) \
+            or not 0 < kv_cache_fraction <= 1:
+        raise ValueError(f"kv_cache_fraction must be a number in (0, 1], got "
+                         f"{kv_cache_fraction!r}")
+    free = available_bytes(device)
+    if free is None:
+        raise ValueError(f"kv_cache_fraction needs the free memory of {device}, which cannot be "
+                         "read here; pass kv_cache_bytes= instead")
+    return max(1, int(free * kv_cache_fraction))
+
+
 @dataclass
 class KVCache:
     data: torch.Tensor  # [L, 2, S, n_kv, T_max, head_dim]

@@ -6,14 +6,15 @@ Head logits ``z_i = W_i h`` on the post-norm hidden state; a request's logits ar
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
 from mahalo_engine.config import ModelConfig
 from mahalo_engine.heads import HEADS_FILE, check_heads, load_heads
 from mahalo_engine.models.decoder import Decoder
-from mahalo_engine.utils.loader import load_decoder
+from mahalo_engine.models.from_hf import as_decoder
+from mahalo_engine.utils.loader import _IGNORED, load_decoder
 from triton_kernels.heads_plan import plan_heads
 
 HeadWeights = Sequence[float] | Sequence[Sequence[float]] | torch.Tensor | None
@@ -31,6 +32,88 @@ class Policy:
         self.heads = heads
         self.objectives = list(objectives)
         self.path = path
+
+    @classmethod
+    def from_model(cls, model: torch.nn.Module, tokenizer, heads: torch.Tensor | None = None,
+                   objectives: Sequence[str] | None = None) -> "Policy":
+        """A policy over in-memory objects, sharing their storage (nothing is copied): ``model`` a
+        `Decoder` or a transformers ``*ForCausalLM`` of a supported family (`as_decoder`),
+        ``heads [H,V,d]`` on the model's device and in its dtype (None: the model's ``lm_head`` as
+        the one head, objective ``"lm_head"``, as `load_policy` without a heads file).
+        ``objectives`` default to ``head0 .. head{H-1}``."""
+        decoder = as_decoder(model)
+        if heads is None:
+            if decoder.lm_head is None:
+                raise ValueError("the model has no lm_head (a trainer dropped it for separate "
+                                 "heads): pass heads=")
+            heads, default = decoder.lm_head.weight.detach().unsqueeze(0), ["lm_head"]
+        else:
+            if not isinstance(heads, torch.Tensor):
+                raise TypeError(f"heads must be a tensor [H, V, d], got {type(heads).__name__}")
+            check_heads(heads, decoder.config)
+            if (heads.dtype, heads.device) != (decoder.dtype, decoder.device):
+                raise ValueError(f"heads are {heads.dtype} on {heads.device} but the model is "
+                                 f"{decoder.dtype} on {decoder.device}; convert them first (the "
+                                 "policy shares the tensor, it does not copy it)")
+            heads = heads.detach()  # the same storage and version counter, outside autograd
+            default = [f"head{i}" for i in range(heads.shape[0])]
+        return cls(decoder, tokenizer, heads, default if objectives is None else list(objectives))
+
+    def load_weights(self, weights: Any, heads: torch.Tensor | None = None) -> None:
+        """Copy new weights into this policy's tensors in place (their storage never changes).
+
+        ``weights``: a state dict with the decoder's (= transformers') names, a `Decoder` or a
+        transformers ``*ForCausalLM``. Every backbone tensor (``model.*``) must be present with
+        its shape; ``lm_head.weight`` is optional (a trainer with separate heads drops it) unless
+        the policy's one head is its ``lm_head``. ``heads``: new ``[H,V,d]`` heads, or None to keep
+        them. Dtypes and devices may differ (``copy_`` converts); a source tensor that already is
+        the target's storage is skipped. Everything is checked before anything is written."""
+        if isinstance(weights, torch.nn.Module):
+            weights = as_decoder(weights).state_dict()
+        if not isinstance(weights, Mapping):
+            raise TypeError(f"weights must be a state dict, a Decoder or a transformers "
+                            f"*ForCausalLM, got {type(weights).__name__}")
+        target = self.model.state_dict()
+        source = {k: v for k, v in weights.items() if not _IGNORED.search(k)}
+        # The engine samples from the heads, never from lm_head, so a source without lm_head
+        # leaves nothing stale -- unless the one head is an untied lm_head itself.
+        head_is_lm_head = self._head_is_lm_head() and not self.config.tie_word_embeddings
+        optional = set() if head_is_lm_head else {"lm_head.weight"}
+        missing = sorted(set(target) - set(source) - optional)
+        unexpected = sorted(set(source) - set(target) - {"lm_head.weight"})
+        if missing or unexpected:
+            raise ValueError(f"new weights do not fit the policy: missing {missing}, unexpected "
+                             f"{unexpected}")
+        bad = [k for k, v in source.items() if not isinstance(v, torch.Tensor)]
+        if bad:
+            raise TypeError(f"new weights {bad[:5]} are not tensors")
+        wrong = [f"{k}: {tuple(v.shape)}, expected {tuple(target[k].shape)}"
+                 for k, v in sorted(source.items()) if k in target and v.shape != target[k].shape]
+        if heads is not None and heads.shape != self.heads.shape:
+            wrong.append(f"heads: {tuple(heads.shape)}, expected {tuple(self.heads.shape)}")
+        if wrong:
+            raise ValueError(f"new weights are mis-shaped: {wrong}")
+        if self.config.tie_word_embeddings and "lm_head.weight" in source and not torch.equal(
+                source["lm_head.weight"].to(source["model.embed_tokens.weight"]),
+                source["model.embed_tokens.weight"]):
+            raise ValueError("the policy ties lm_head to the embedding but the new lm_head.weight "
+                             "differs from model.embed_tokens.weight (one would overwrite the other)")
+        pairs = [(target[k], v) for k, v in source.items() if k in target]
+        if heads is not None:
+            pairs.append((self.heads, heads))
+        frozen = [k for k, v in target.items() if v.is_inference()]
+        if frozen or self.heads.is_inference():
+            raise ValueError(f"the policy's tensors {(frozen or ['heads'])[:3]} are inference "
+                             "tensors (made under torch.inference_mode()), which cannot be updated "
+                             "in place; build the policy outside inference mode")
+        with torch.no_grad():
+            for dst, src in pairs:
+                if not _same_storage(dst, src):
+                    dst.copy_(src)
+
+    def _head_is_lm_head(self) -> bool:
+        lm = getattr(self.model, "lm_head", None)
+        return lm is not None and self.num_heads == 1 and _same_storage(self.heads[0], lm.weight)
 
     @property
     def num_heads(self) -> int:
@@ -96,6 +179,11 @@ class Policy:
                 rows = (plan.index == u).nonzero().squeeze(1).to(device)
                 out[rows] = torch.nn.functional.linear(hidden[rows], plan.mixed_head(u)).float()
         return out
+
+
+def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.device == b.device and a.data_ptr() == b.data_ptr() and a.dtype == b.dtype \
+        and a.shape == b.shape and a.stride() == b.stride()
 
 
 def _show(w: HeadWeights) -> str:

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from mahalo_engine.config import ModelConfig
+from mahalo_engine.models.from_hf import as_decoder
 from mahalo_engine.utils.padding import pad_right
 from mahalo_engine.utils.loader import check_tensor_shapes, load_decoder, save_checkpoint
 from triton_kernels.checks import is_real
@@ -191,11 +192,13 @@ def load_value_head(path: str | Path) -> tuple[ValueHead, str]:
 
 class ValueModel(nn.Module):
     """A PRM: ``.model`` (Decoder backbone), ``.value_head``, ``.kind``, ``.tokenizer``, ``.config``,
-    ``.objectives`` (None for a single-output PRM, else one name per output)."""
+    ``.objectives`` (None for a single-output PRM, else one name per output). ``model`` may be a
+    transformers ``*ForCausalLM``: its parameters are shared (`as_decoder`)."""
 
     def __init__(self, model: nn.Module, value_head: ValueHead, kind: str, tokenizer=None,
                  path: Path | None = None) -> None:
         super().__init__()
+        model = as_decoder(model)
         if kind not in KINDS:
             raise ValueError(f"PRM kind must be one of {KINDS}, got {kind!r}")
         if value_head.hidden_size != model.config.hidden_size:

@@ -23,7 +23,7 @@ from typing import Any, Sequence
 
 import torch
 
-from mahalo_engine.cache import KVCache, available_bytes
+from mahalo_engine.cache import KVCache, available_bytes, kv_budget
 from mahalo_engine.engine.boundary import (Boundary, CompiledBoundary, end_of_turn_id,
                                            vocab_texts)
 from mahalo_engine.engine.config import (Generation, SearchConfig, SearchResult, Step,
@@ -31,8 +31,9 @@ from mahalo_engine.engine.config import (Generation, SearchConfig, SearchResult,
 from mahalo_engine.engine.graph_runner import (BOUNDARY, EOS, FULL, LENGTH, DecodeRunner)
 from mahalo_engine.engine import slots as slot_layouts
 from mahalo_engine.engine.sampler import Sampler
-from mahalo_engine.engine.scorers import Candidates, Scorer, SlotLayout, as_scorer
+from mahalo_engine.engine.scorers import Candidates, Scorer, SlotLayout, WeightedScorer, as_scorer
 from mahalo_engine.text import Prompt, has_chat_template, tokenize_prompt
+from mahalo_engine.policy import Policy
 from triton_kernels.checks import check_int, check_sampling
 
 GENERATE_CHECK_EVERY = 8  # decode steps between the host's "all finished?" checks in generate
@@ -61,12 +62,26 @@ class Engine:
     step on CUDA. ``cache_layout`` (search only): ``"fork"`` (K full copies of each request's
     text) or ``"shared_prefix"`` (one copy + K step-sized candidate slots, cascade attention; KV
     memory ``max_seq_len + K·max_step_tokens`` per request instead of ``K·max_seq_len``).
+
+    A memory budget, for a device the engine shares (with a trainer, say): ``kv_cache_bytes``
+    (or ``kv_cache_fraction`` of the memory free when the engine is built) bounds the KV caches
+    it holds, the policy's and its PRMs'. Each call then runs as many requests at once as the
+    budget holds (at most ``max_batch``; ``max_batch=None``: no other limit) and ValueError names
+    the bytes one request needs when it holds none. Without a budget, ``max_batch`` requests run
+    at once and the caches must fit in the free memory.
+
+    Built from in-memory objects (`from_models`), the engine shares the model's weights;
+    `update_weights` copies a trainer's new weights in place. A call leaves the process's state
+    as it found it: grad mode, default dtype, thread count, the global RNG (the engine draws from
+    its own generators) and the CUDA current stream.
     """
 
-    def __init__(self, policy: Any, *, prm: Any = None, max_batch: int = 8,
+    def __init__(self, policy: Any, *, prm: Any = None, max_batch: int | None = 8,
                  max_seq_len: int | None = None, cuda_graphs: bool = True,
-                 cache_layout: str = "fork") -> None:
-        check_int("max_batch", max_batch, 1)
+                 cache_layout: str = "fork", kv_cache_bytes: int | None = None,
+                 kv_cache_fraction: float | None = None) -> None:
+        if max_batch is not None:  # None: only with a KV budget (checked below)
+            check_int("max_batch", max_batch, 1)
         max_seq_len = resolve_max_seq_len(max_seq_len, policy.config.max_position_embeddings)
         if cache_layout not in slot_layouts.CACHE_LAYOUTS:
             raise ValueError(f"cache_layout must be one of {slot_layouts.CACHE_LAYOUTS}, got "
@@ -87,9 +102,41 @@ class Engine:
         self._texts: list[str] | None = None
         self._compiled: dict[Boundary, CompiledBoundary] = {}
         self.eos_ids = _eos_ids(policy)
+        self.kv_cache_bytes = kv_budget(kv_cache_bytes, kv_cache_fraction, self.device)
+        if max_batch is None and self.kv_cache_bytes is None:
+            raise ValueError("max_batch=None (as many requests as fit) needs a KV budget: pass "
+                             "kv_cache_bytes= or kv_cache_fraction=")
+        self._budget_plan: tuple | None = None  # the cache sizes the budget last allocated
+        self._held_scorers: list[Scorer] = []  # scorers whose caches that allocation holds
+        if self.kv_cache_bytes is not None:
+            self._batch_size("fork", 1, 1, None)  # fail now if not even one request fits
+
+    @classmethod
+    def from_models(cls, model: Any, tokenizer: Any, heads: torch.Tensor | None = None, *,
+                    objectives: Sequence[str] | None = None, **kwargs: Any) -> "Engine":
+        """An engine over in-memory objects, sharing their weights (nothing is copied):
+        ``model`` a `Decoder` or a transformers ``*ForCausalLM`` (llama, mistral, qwen2, qwen3),
+        ``heads [H,V,d]`` (None: the model's lm_head), the tokenizer object; ``kwargs`` as
+        `Engine` (``prm=`` a `ValueModel` built in memory, a `Scorer`, ...). See
+        `Policy.from_model`."""
+        return cls(Policy.from_model(model, tokenizer, heads, objectives), **kwargs)
 
     # -- public API ----------------------------------------------------------------------------
 
+    def update_weights(self, weights: Any, *, heads: torch.Tensor | None = None) -> None:
+        """Copy a trainer's new weights into the policy in place (``weights``: a state dict, a
+        `Decoder` or a transformers ``*ForCausalLM``; ``heads``: new ``[H,V,d]`` heads or None;
+        see `Policy.load_weights`). The weights' storage never changes, so the KV caches stay
+        allocated and captured CUDA graphs stay valid (they read the weights in place); what was
+        derived from the heads' values is recomputed. Also call it (with
+        the shared model) after an optimizer step on weights the engine shares."""
+        self.policy.load_weights(weights, heads)
+        # Nothing else to forget: the sampler's plans and merged heads are keyed on the heads'
+        # version counter, which every in-place copy bumps (`HeadsPlan.is_current`), so merged
+        # heads are rebuilt at the next step, and graphs on the general path read the heads in
+        # place and stay valid.
+
+    @torch.no_grad()
     def generate(self, prompts: Sequence[Any], *, head_weights: Any = None,
                  max_new_tokens: int = 256, temperature: float = 1.0, top_k: int = 0,
                  seed: int = 0, stop: str | Sequence[str] | None = None,
@@ -105,13 +152,14 @@ class Engine:
         boundary = self._compile(Boundary(strings=stops))
         reqs = self._prompts(prompts, chat)
         weights = self.policy.weight_matrix(head_weights, len(reqs)).cpu()
-        runner = self._prepare(self.max_batch, None)
+        batch = self._batch_size("fork", 1, 1, None)
+        runner = self._prepare(batch, None)
         runner.set_boundary(boundary)
         self._sampler.configure(temperature, top_k, seed)
         out: list[Generation] = []
         bar = _progress(len(reqs), progress, "generate")
-        for first in range(0, len(reqs), self.max_batch):
-            wave = reqs[first:first + self.max_batch]
+        for first in range(0, len(reqs), batch):
+            wave = reqs[first:first + batch]
             n = len(wave)
             slots = runner.slots[:n]
             runner.set_hidden(slots, self.policy.model.prefill(self.cache, [r.ids for r in wave],
@@ -127,6 +175,7 @@ class Engine:
         bar.close()
         return out
 
+    @torch.no_grad()
     def search(self, prompts: Sequence[Any], *, head_weights: Any = None,
                config: SearchConfig | None = None, chat: bool = False,
                progress: bool = False) -> list[SearchResult]:
@@ -143,8 +192,10 @@ class Engine:
         boundary = self._compile(Boundary.parse(cfg.boundary))
         reqs = self._prompts(prompts, chat)
         weights = self.policy.weight_matrix(head_weights, len(reqs)).cpu()
-        runner = self._prepare(self.max_batch * k, scorer, layout=self.cache_layout, k=k,
-                               step_len=cfg.max_step_tokens + 1)  # + a paused slot's scratch
+        step_len = cfg.max_step_tokens + 1  # + a paused slot's scratch
+        batch = self._batch_size(self.cache_layout, k, step_len, scorer)
+        runner = self._prepare(batch * k, scorer, layout=self.cache_layout, k=k,
+                               step_len=step_len)
         self._slots = slot_layouts.owner(self.cache_layout, self.policy.model, self.cache, runner,
                                          k, scorer)
         if scorer is not None:  # e.g. a prompt too long for a PRM's own tokenizer: fail up front
@@ -155,7 +206,7 @@ class Engine:
         selector = torch.Generator().manual_seed(cfg.seed)
 
         results: list[SearchResult | None] = [None] * len(reqs)
-        live: list[_Live | None] = [None] * self.max_batch
+        live: list[_Live | None] = [None] * batch
         queue = deque(range(len(reqs)))
         bar = _progress(len(reqs), progress, "search")
         while queue or any(live):
@@ -285,6 +336,8 @@ class Engine:
         else:
             fits = isinstance(self.cache, KVCache) and self.cache.num_slots >= num_slots
         grow = not fits
+        if self.kv_cache_bytes is not None:
+            grow = self._budget_reallocates((layout, num_slots, k, step_len), scorer) or grow
         if grow:
             self.cache = self._runner = self._sampler = None
             gc.collect()
@@ -298,12 +351,12 @@ class Engine:
         available = available_bytes(self.device)
         if available is not None and policy_bytes + scorer_bytes > available:
             raise ValueError(
-                f"{num_slots} slots (max_batch={self.max_batch} x candidates="
-                f"{num_slots // self.max_batch}, {layout} layout) x max_seq_len="
-                f"{self.max_seq_len} need "
+                f"{num_slots} slots ({groups} requests x candidates={k}, {layout} layout) x "
+                f"max_seq_len={self.max_seq_len} need "
                 f"{policy_bytes:,} bytes of policy KV cache + {scorer_bytes:,} bytes of PRM cache "
                 f"= {policy_bytes + scorer_bytes:,} bytes, but only {available:,} bytes are "
-                f"available on {self.device}; lower max_batch, candidates or max_seq_len")
+                f"available on {self.device}; lower max_batch, candidates or max_seq_len, or set "
+                f"kv_cache_bytes= to size the batch to a budget")
         # Normal tensors even when called under torch.inference_mode(): the engine updates its
         # state in place on later calls, which inference tensors forbid outside that mode.
         with torch.inference_mode(False):
@@ -317,6 +370,42 @@ class Engine:
             if scorer is not None:
                 scorer.prepare(num_slots, self.max_seq_len, self.policy, slot_layout)
         return self._runner
+
+    def _batch_size(self, layout: str, k: int, step_len: int, scorer: Scorer | None) -> int:
+        """Requests a call runs at once: ``max_batch``; under a KV budget, as many as the budget
+        holds (at most ``max_batch``), ValueError if it cannot hold one."""
+        if self.kv_cache_bytes is None:
+            return self.max_batch
+        policy_one = slot_layouts.nbytes(layout, self.policy.config, 1, k, self.max_seq_len + 1,
+                                         step_len, self.policy.heads.dtype)
+        scorer_one = 0 if scorer is None else scorer.request_nbytes(
+            self.max_seq_len, self.policy, SlotLayout(layout, k, step_len))
+        one = policy_one + scorer_one
+        if one > self.kv_cache_bytes:
+            raise ValueError(
+                f"kv_cache_bytes={self.kv_cache_bytes:,} cannot hold one request, which needs "
+                f"{one:,} bytes: {policy_one:,} of policy KV cache ({layout} layout, candidates="
+                f"{k}, max_seq_len={self.max_seq_len}) + {scorer_one:,} of PRM cache; raise the "
+                f"budget or lower max_seq_len, candidates or max_step_tokens")
+        fit = self.kv_cache_bytes // one  # both caches' sizes are linear in the request count
+        return fit if self.max_batch is None else min(fit, self.max_batch)
+
+    def _budget_reallocates(self, plan: tuple, scorer: Scorer | None) -> bool:
+        """Under a KV budget the caches held are exactly those of the current call's sizes
+        (``plan``) and scorer: on any change, the previous caches (policy and PRM) are freed
+        before new ones are allocated, so they never add up past the budget. True when the
+        policy cache must be reallocated."""
+        leaves = [] if scorer is None else \
+            [s for s, _ in scorer.parts] if isinstance(scorer, WeightedScorer) else [scorer]
+        same = plan == self._budget_plan
+        for s in self._held_scorers:
+            if not same or not any(s is x for x in leaves):
+                s.release()
+        for s in leaves:  # a scorer new to this plan may hold a cache of other sizes
+            if not same or not any(s is x for x in self._held_scorers):
+                s.release()
+        self._budget_plan, self._held_scorers = plan, leaves
+        return not same
 
     def _set_weights(self, rows: dict[int, torch.Tensor]) -> None:
         """Head weights per slot; unused slots repeat a used slot's weights, so that padding never

@@ -70,6 +70,15 @@ class Scorer:
         """Bytes `prepare` would newly allocate (the engine checks the total before allocating)."""
         return 0
 
+    def request_nbytes(self, max_len: int, policy: Any, layout: SlotLayout = FORK) -> int:
+        """Bytes of `prepare`'s state per request (its ``layout.k`` slots of up to ``max_len``
+        tokens; ``n`` requests: ``n`` times this); an engine under a memory budget sizes its
+        batch with it."""
+        return 0
+
+    def release(self) -> None:
+        """Free the per-slot state (the next `prepare` allocates it again)."""
+
     def prepare(self, num_slots: int, max_len: int, policy: Any,
                 layout: SlotLayout = FORK) -> None:
         """Allocate per-slot state for ``num_slots`` slots of up to ``max_len`` tokens, in the
@@ -158,6 +167,15 @@ class ValueModelPRM(Scorer):
             return SharedPrefixCache.nbytes(self.prm.config, num_slots // layout.k, layout.k,
                                             max_len, layout.step_len, self._dtype)
         return KVCache.nbytes(self.prm.config, num_slots, max_len, self._dtype)
+
+    def request_nbytes(self, max_len: int, policy: Any, layout: SlotLayout = FORK) -> int:
+        if self._shared_layout(layout, _shares_vocabulary(self.prm, policy)):
+            return SharedPrefixCache.nbytes(self.prm.config, 1, layout.k, max_len,
+                                            layout.step_len, self._dtype)
+        return KVCache.nbytes(self.prm.config, layout.k, max_len, self._dtype)
+
+    def release(self) -> None:
+        self.cache = None
 
     def prepare(self, num_slots: int, max_len: int, policy: Any,
                 layout: SlotLayout = FORK) -> None:
@@ -377,6 +395,13 @@ class WeightedScorer(Scorer):
     def cache_nbytes(self, num_slots: int, max_len: int, policy: Any = None,
                      layout: SlotLayout = FORK) -> int:
         return sum(s.cache_nbytes(num_slots, max_len, policy, layout) for s, _ in self.parts)
+
+    def request_nbytes(self, max_len: int, policy: Any, layout: SlotLayout = FORK) -> int:
+        return sum(s.request_nbytes(max_len, policy, layout) for s, _ in self.parts)
+
+    def release(self) -> None:
+        for s, _ in self.parts:
+            s.release()
 
     def prepare(self, num_slots: int, max_len: int, policy: Any,
                 layout: SlotLayout = FORK) -> None:
