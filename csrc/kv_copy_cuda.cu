@@ -41,7 +41,13 @@ constexpr int kUnroll = 4;  // loads in flight per thread before their stores
 // what HBM latency x bandwidth needs.
 constexpr int kBlocksPerSM = 4;
 constexpr int kMaxDevices = 64;
+// Largest work index the 32-bit path handles; a build may lower it (the host emulation test does,
+// to run the 64-bit path on small shapes).
+#ifndef MAHALO_KV_COPY_MAX32
+#define MAHALO_KV_COPY_MAX32 ((int64_t{1} << 31) - 1)
+#endif
 constexpr int64_t kMax31 = (int64_t{1} << 31) - 1;
+constexpr int64_t kMax32Work = MAHALO_KV_COPY_MAX32;
 
 // n / d for n < 2^31 and 1 <= d < 2^31 with a multiply-high and a shift (Granlund-Montgomery, as
 // PyTorch's IntDivider): d's magic number is computed once, each division costs two instructions.
@@ -230,8 +236,8 @@ cudaError_t launch(char* cache, const PairIndex& pairs, int64_t num_pairs, const
   const int64_t gx =
       std::max<int64_t>(1, std::min<int64_t>(int64_t{sms} * kBlocksPerSM, ceil_div(tile_max, kThreads)));
   const dim3 grid(static_cast<unsigned>(gx), 1, 1);
-  kv_copy_ranges_kernel<Vec, Index, Off><<<grid, kThreads, 0, stream>>>(cache, pairs, num_pairs,
-                                                                        layout, plan);
+  kv_copy_ranges_kernel<Vec, Index, Off>
+      <<<grid, kThreads, 0, stream>>>(cache, pairs, num_pairs, layout, plan);
   return cudaGetLastError();
 }
 
@@ -251,8 +257,8 @@ cudaError_t launch_index(void* cache, const PairIndex& pairs, int64_t num_pairs,
     }
     CopyPlan plan{layout.slots * layout.heads * per_slot, layout.heads * per_slot, per_slot, vpt,
                   FastDiv32::of(static_cast<uint32_t>(layout.heads)), kTile};
-    if (pair_max <= kMax31) {
-      plan.tile = std::min<int64_t>(kTile, kMax31 / pair_max);
+    if (pair_max <= kMax32Work) {
+      plan.tile = std::min<int64_t>(kTile, kMax32Work / pair_max);
       return launch<Vec, Index, uint32_t>(base, pairs, num_pairs, layout, plan, pair_max, sms,
                                           stream);
     }
