@@ -159,11 +159,12 @@ class ReencodePRM(Scorer):
         seqs = [self.committed[s] + list(t) for s, t in zip(slots, cands.token_ids)]
         return self.prm.score_full(seqs, batch_size=256, objectives=self.objectives).float().cpu()
 
-    def promote(self, winners: torch.Tensor, groups: torch.Tensor) -> None:
-        for w, group in zip(winners.tolist(), groups.tolist()):
-            new = self.committed[w] + self.last[w]
-            for slot in group:
-                self.committed[slot] = list(new)
+    def promote(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        src, dst = src.tolist(), dst.tolist()
+        new = {w: self.committed[w] + self.last[w] for w in src}  # each winner's step committed
+        self.committed.update(new)
+        for w, slot in zip(src, dst):
+            self.committed[slot] = list(new[w])
 
     def move(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         for s, d in zip(src.tolist(), dst.tolist()):
