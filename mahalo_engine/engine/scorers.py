@@ -131,6 +131,8 @@ class ValueModelPRM(Scorer):
             self.cache = None  # free the old cache before allocating the new one
             self.cache = KVCache.allocate(self.prm.config, num_slots, max_len, dtype=self._dtype,
                                           device=self._device)
+            # One buffer for the cache's life: a promote captured in a CUDA graph reads it there.
+            self._committed = torch.zeros_like(self.cache.lens)
 
     def _prompt_ids(self, prompt: Prompt) -> list[int]:
         if self.same_tokens:
@@ -166,9 +168,6 @@ class ValueModelPRM(Scorer):
         rows = cands.token_ids if self.same_tokens else \
             [tok.encode(t, add_special_tokens=False) for t in cands.texts]
         slots = cands.slots.reshape(-1).to(self._device)
-        # Kept in one buffer: a promote captured in a CUDA graph reads it at that address.
-        if self._committed is None or self._committed.shape != self.cache.lens.shape:
-            self._committed = torch.empty_like(self.cache.lens)
         self._committed.copy_(self.cache.lens)
         start = self._committed.index_select(0, slots).cpu()
         scores = torch.full((len(rows),), -math.inf, dtype=torch.float32)
