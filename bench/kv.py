@@ -5,6 +5,9 @@ made the running cache for the next step. Per step, that costs:
 
 - ours: ``kv_promote`` copies the winner's 32 new tokens into the K-1 siblings (flat in the
   prefix); ``copy`` is the raw ``kv_copy_ranges`` call alone, without the wrapper's index ops;
+  ``cache_promote`` is the engine's `KVCache.promote` on host-built (winner, sibling) pairs (one
+  gather of the lengths, one copy launch, one length scatter), and on a GPU also replayed from a
+  CUDA graph, as the engine runs it (``cache_promote_graph``);
 - deepcopy (the paper): ``copy.deepcopy`` of the running per-layer ``[(K, V), ...]`` cache, once per
   candidate (K copies of the whole prefix);
 - index_copy: torch ``index_select`` + ``index_copy_`` of the winner's whole slot ``[0, len)`` into
@@ -20,7 +23,9 @@ import copy
 
 import torch
 
-from bench.common import BenchContext, copy_bandwidth, peak_memory_bytes, reset_peak_memory, timeit
+from bench.common import (BenchContext, copy_bandwidth, peak_memory_bytes, reset_peak_memory,
+                          time_graph, timeit)
+from mahalo_engine.cache import KVCache
 from mahalo_engine.ops import kv_copy_ranges, kv_promote
 
 MODELS = {  # name -> (layers, kv heads, head_dim)
@@ -72,6 +77,11 @@ def _promote_rows(ctx: BenchContext, name: str, shape: tuple[int, int, int],
         last = first + STEP
         t_ours = timeit(lambda: kv_promote(cache, lens, winners, groups, start), dev, iters=iters)
         t_copy = timeit(lambda: kv_copy_ranges(cache, winner_rep, siblings, first, last), dev, iters=iters)
+        kv = KVCache(cache, lens)
+        t_cache = timeit(lambda: kv.promote(winner_rep, siblings, first), dev, iters=iters)
+        graphed = {"cache_promote_graph_us": time_graph(lambda: kv.promote(winner_rep, siblings,
+                                                                           first), dev) * 1e6
+                   } if ctx.is_cuda else {}
 
         used = cache[:, :, :, :, :n]
         t_index = timeit(lambda: used.index_copy_(2, siblings, used.index_select(2, winner_rep)), dev,
@@ -88,7 +98,8 @@ def _promote_rows(ctx: BenchContext, name: str, shape: tuple[int, int, int],
         moved = 2 * (K - 1) * STEP * _token_bytes(*shape)  # read + write
         row = {
             "case": "promote", "model": name, "tokens": prefix, "pairs": K - 1,
-            "ours_us": t_ours * 1e6, "copy_us": t_copy * 1e6,
+            "ours_us": t_ours * 1e6, "copy_us": t_copy * 1e6, "cache_promote_us": t_cache * 1e6,
+            **graphed,
             "deepcopy_us": t_deep * 1e6, "index_copy_us": t_index * 1e6,
             "deepcopy/ours": t_deep / t_ours, "index_copy/ours": t_index / t_ours,
             **_bandwidth(ctx, moved, t_copy, bandwidth),
@@ -144,7 +155,9 @@ def run(ctx: BenchContext) -> list[dict]:
     ctx.note(f"model = that model's KV-cache shape (layers, KV heads, head_dim) filled with random "
              f"values; no checkpoint is loaded. K={K} candidates, step={STEP} tokens, bf16. "
              "ours_us = kv_promote (wrapper index ops + one copy launch); copy_us = the "
-             "kv_copy_ranges launch alone. copy_GB/s = bytes moved (read + write) per second of "
+             "kv_copy_ranges launch alone; cache_promote_us = the engine's KVCache.promote (lengths gather "
+             "+ copy + lengths scatter), cache_promote_graph_us the same replayed from a CUDA graph. "
+             "copy_GB/s = bytes moved (read + write) per second of "
              "that row's copy.")
     if ctx.is_cuda:
         ctx.note(f"copy_%bw = copy_GB/s as a share of the measured device copy bandwidth "

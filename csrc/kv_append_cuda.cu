@@ -7,6 +7,7 @@
 #include <cstdint>
 
 #include "kv_append.h"
+#include "kv_vec.h"
 
 namespace mahalo {
 namespace {
@@ -50,27 +51,11 @@ cudaError_t launch(char* dst, const char* src, const PairIndex& pairs, int64_t n
 template <typename Index>
 cudaError_t launch_index(void* dst, const void* src, const PairIndex& pairs, int64_t num_pairs,
                          const AppendLayout& layout, cudaStream_t stream) {
-  // Widest access dividing a token's bytes and both base addresses: every range starts on a token
-  // boundary of its slot, so the alignment holds for all of them.
-  const auto a = reinterpret_cast<uintptr_t>(dst), b = reinterpret_cast<uintptr_t>(src);
-  int64_t width = 16;
-  while (width > 1 && (layout.token_bytes % width != 0 || a % width != 0 || b % width != 0)) {
-    width /= 2;
-  }
   char* d = static_cast<char*>(dst);
   const char* s = static_cast<const char*>(src);
-  switch (width) {
-    case 16:
-      return launch<uint4, Index>(d, s, pairs, num_pairs, layout, stream);
-    case 8:
-      return launch<uint2, Index>(d, s, pairs, num_pairs, layout, stream);
-    case 4:
-      return launch<uint32_t, Index>(d, s, pairs, num_pairs, layout, stream);
-    case 2:
-      return launch<uint16_t, Index>(d, s, pairs, num_pairs, layout, stream);
-    default:
-      return launch<uint8_t, Index>(d, s, pairs, num_pairs, layout, stream);
-  }
+  return with_vec(vec_width(layout.token_bytes, {dst, src}), [&](auto tag) {
+    return launch<typename decltype(tag)::type, Index>(d, s, pairs, num_pairs, layout, stream);
+  });
 }
 
 }  // namespace

@@ -7,7 +7,9 @@ is zero-initialised, and only model K/V or copies of them are written), which ma
 attention multiplies masked-out V rows by an exact 0 and ``0 * nan`` would poison valid rows.
 Writing goes through one index op on slot/position tensors, reading through a gather or (for a
 contiguous slot range) a view, so both work inside CUDA graph capture; this module owns the sizes,
-the allocation check and that indexing.
+the allocation check and that indexing, and the slot events as methods (`KVCache.fork`, `move`,
+`promote`, `append`: one batched ``mahalo_engine.ops`` launch each, graph-safe), so that callers
+never unpack ``data`` and ``lens``.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from mahalo_engine.config import ModelConfig
+from mahalo_engine.ops import kv_append, kv_copy_ranges, kv_fork
 
 
 def available_bytes(device: torch.device) -> int | None:
@@ -148,3 +151,28 @@ class KVCache:
     def reset(self, slots: torch.Tensor) -> None:
         """Empty ``slots`` (lens = 0); their stale K/V is simply overwritten later."""
         self.lens.index_fill_(0, slots, 0)
+
+    # -- slot events (index tensors on the cache's device; no host sync) ------------------------
+
+    def fork(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Slot ``dst[p]`` becomes a copy of slot ``src[p]`` (tokens and length), one launch."""
+        kv_fork(self.data, self.lens, src, dst)
+
+    def move(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Slot ``dst[p]`` takes over slot ``src[p]``'s text (compaction); ``src`` is left as is,
+        to be reused. The same copy as `fork`."""
+        kv_fork(self.data, self.lens, src, dst)
+
+    def promote(self, src: torch.Tensor, dst: torch.Tensor, start: torch.Tensor) -> None:
+        """Slot ``dst[p]`` becomes a copy of slot ``src[p]`` (its group's winner) when both already
+        hold the same ``[0, start[p])``: copies only ``[start[p], lens[src[p]])`` for every pair in
+        one launch and sets ``lens[dst] = lens[src]``. int64 ``[P]`` indices; dst slots distinct
+        and never a src."""
+        new_len = self.lens.index_select(0, src)
+        kv_copy_ranges(self.data, src, dst, start, new_len.to(src.dtype))
+        self.lens.index_copy_(0, dst, new_len)
+
+    def append(self, src: "KVCache", src_slots: torch.Tensor, dst_slots: torch.Tensor) -> None:
+        """Append all ``src.lens[src_slots[p]]`` tokens of ``src``'s slot ``src_slots[p]`` to slot
+        ``dst_slots[p]`` (a cache of other slot count/length, same model), one launch."""
+        kv_append(self.data, self.lens, src.data, src.lens, src_slots, dst_slots)

@@ -21,7 +21,6 @@ import torch
 
 from mahalo_engine.cache import KVCache, available_bytes
 from mahalo_engine.config import ModelConfig
-from mahalo_engine.ops import kv_append, kv_fork
 from triton_kernels.checks import check_int
 
 
@@ -97,11 +96,10 @@ class SharedPrefixCache:
     def commit(self, winners: torch.Tensor, groups: torch.Tensor) -> None:
         """Append each winner candidate slot's step to its group's prefix (one launch), then empty
         the groups' suffixes. ``winners [G']`` candidate slots, ``groups [G']`` distinct."""
-        kv_append(self.prefix.data, self.prefix.lens, self.suffix.data, self.suffix.lens,
-                  winners.long(), groups.long())
+        self.prefix.append(self.suffix, winners.long(), groups.long())
         self.suffix.reset(self.candidate_slots(groups).reshape(-1))
 
     def move(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         """Group ``dst[i]`` takes over group ``src[i]``'s committed prefix (suffixes emptied)."""
-        kv_fork(self.prefix.data, self.prefix.lens, src.long(), dst.long())
+        self.prefix.move(src.long(), dst.long())
         self.suffix.reset(self.candidate_slots(dst).reshape(-1))

@@ -83,7 +83,8 @@ def _scorer_feed(policy, prm, prompt, steps, chat):
             cands = Candidates(torch.tensor([[0]]), [ids], [text],
                                torch.zeros(1, policy.config.hidden_size), [req], [committed])
             assert torch.isfinite(scorer.score(cands)).all()
-            scorer.promote(torch.tensor([0]), torch.tensor([[0]]))
+            none = torch.zeros(0, dtype=torch.long)
+            scorer.promote(none, none, torch.tensor([0]), torch.tensor([[0]]))
             committed += text
     finally:
         del prm.model.extend  # the instance attribute: back to the class's method

@@ -161,11 +161,12 @@ class ReencodePRM(Scorer):
         seqs = [self.committed[s] + list(t) for s, t in zip(slots, cands.token_ids)]
         return self.prm.score_full(seqs, batch_size=256, objectives=self.objectives).float().cpu()
 
-    def promote(self, winners: torch.Tensor, groups: torch.Tensor) -> None:
-        for w, group in zip(winners.tolist(), groups.tolist()):
-            new = self.committed[w] + self.last[w]
-            for slot in group:
-                self.committed[slot] = list(new)
+    def promote(self, src: torch.Tensor, dst: torch.Tensor, winners: torch.Tensor,
+                groups: torch.Tensor) -> None:
+        new = {w: self.committed[w] + self.last[w] for w in winners.tolist()}  # steps committed
+        self.committed.update(new)
+        for w, slot in zip(src.tolist(), dst.tolist()):
+            self.committed[slot] = list(new[w])
 
     def move(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         for s, d in zip(src.tolist(), dst.tolist()):

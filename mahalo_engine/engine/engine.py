@@ -5,7 +5,7 @@ cache (and of each scorer's cache); `engine.slots` owns that mapping and applies
 (admit, step start, promote, move) to the cache, the runner and the scorer. Every step decodes all
 candidate slots of all live requests in lockstep (`DecodeRunner`), scores them in one batch, and
 commits each winner. ``cache_layout="fork"``: each slot holds a copy of the committed text
-(prefill + fork once; ``kv_promote`` copies only a step's new tokens). ``"shared_prefix"``: one
+(prefill + fork once; a promote copies only a step's new tokens). ``"shared_prefix"``: one
 prefix slot per request plus K short candidate slots, read by cascade attention; a commit
 appends the winner's step to the prefix (a value-model PRM's cache follows the same layout).
 Finished requests free their group for the next prompt;
@@ -212,8 +212,8 @@ class Engine:
         while queue or any(live):
             free = [g for g, x in enumerate(live) if x is None][: len(queue)]
             if free:
-                self._admit([(g, queue.popleft()) for g in free], k, reqs, live, scorer, weights)
-            self._compact(k, live, scorer, weights)
+                self._admit([(g, queue.popleft()) for g in free], reqs, live, scorer, weights)
+            self._compact(live, scorer, weights)
             groups = [g for g, x in enumerate(live) if x is not None]
             slots = self._slots.slots(groups)
             flat = slots.reshape(-1).to(self.device)
@@ -222,7 +222,7 @@ class Engine:
                                  for g in groups]).repeat_interleave(k)
             self._slots.begin_step(flat, caps)
             # Every slot of a live group holds its committed prefix (prefill + fork, or promote).
-            runner.run(runner.bucket((groups[-1] + 1) * k), cfg.check_every, confirm,
+            runner.run(runner.bucket(self._slots.span(groups)), cfg.check_every, confirm,
                        longest=max(live[g].committed for g in groups))
             toks, _, reasons = runner.read(flat)
             texts = [self._text(t) for t in toks]
@@ -254,15 +254,15 @@ class Engine:
 
     # -- search internals ---------------------------------------------------------------------
 
-    def _admit(self, admit: list[tuple[int, int]], k: int, reqs: list[Prompt],
+    def _admit(self, admit: list[tuple[int, int]], reqs: list[Prompt],
                live: list[_Live | None], scorer: Scorer | None, weights: torch.Tensor) -> None:
         """Prefill new requests into their groups (every candidate slot starts from the prompt)."""
         self._slots.admit([g for g, _ in admit], [reqs[r] for _, r in admit])
         for g, r in admit:
             live[g] = _Live(r, len(reqs[r].ids))
-        self._set_live_weights(k, live, weights)
+        self._set_live_weights(live, weights)
 
-    def _compact(self, k: int, live: list[_Live | None], scorer: Scorer | None,
+    def _compact(self, live: list[_Live | None], scorer: Scorer | None,
                  weights: torch.Tensor) -> None:
         """Move the last live groups down into free groups (once no queued request will fill
         them): the decode loop runs slots ``[0, (last live group + 1) * K)``, so it would otherwise
@@ -277,11 +277,11 @@ class Engine:
         self._slots.move(moves)
         for h, f in moves:
             live[f], live[h] = live[h], None
-        self._set_live_weights(k, live, weights)
+        self._set_live_weights(live, weights)
 
-    def _set_live_weights(self, k: int, live: list[_Live | None], weights: torch.Tensor) -> None:
-        self._set_weights({g * k + j: weights[x.index] for g, x in enumerate(live)
-                           if x is not None for j in range(k)})
+    def _set_live_weights(self, live: list[_Live | None], weights: torch.Tensor) -> None:
+        self._set_weights(self._slots.per_slot({g: weights[x.index] for g, x in enumerate(live)
+                                                if x is not None}))
 
     def _score(self, scorer: Scorer | None, slots: torch.Tensor, toks: list[list[int]],
                texts: list[str], flat: torch.Tensor, reqs_live: list[_Live],

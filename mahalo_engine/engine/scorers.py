@@ -4,7 +4,7 @@ policy's own hidden states, weighted combinations, and any callable on texts.
 The engine drives a scorer through calls that mirror its policy cache:
 ``prepare`` (allocate, once per cache size and `SlotLayout`), ``start`` (new requests: their prompts enter the
 groups' slots), ``score`` (the K candidates of every live request, one batch), ``promote``
-(the winners become every slot's committed text) and ``move`` (requests change groups).
+(each group's winner becomes its siblings' committed text) and ``move`` (requests change groups).
 Slot ``g*K + k`` is candidate k of group g in the policy's cache and in every scorer's cache
 alike; a scorer's cache may follow the policy's layout (`SlotLayout`: ``fork`` or
 ``shared_prefix``), as `ValueModelPRM`'s does.
@@ -20,7 +20,6 @@ from typing import Any, Callable, Sequence
 import torch
 
 from mahalo_engine.cache import KVCache
-from mahalo_engine.ops import kv_fork, kv_promote
 from mahalo_engine.shared_cache import SharedPrefixCache
 from mahalo_engine.prm import (VALUE_HEAD_FILE, ObjectiveWeights, apply_kind, combine_objectives,
                                load_value_head, objective_weights)
@@ -94,19 +93,29 @@ class Scorer:
         """float32 ``[G*K]`` scores on the CPU; -inf marks a candidate that cannot be scored."""
         raise NotImplementedError
 
-    def promote(self, winners: torch.Tensor, groups: torch.Tensor) -> None:
-        """Winner slots ``[G]`` become the committed state of their groups ``[G,K]``."""
+    def promote(self, src: torch.Tensor, dst: torch.Tensor, winners: torch.Tensor,
+                groups: torch.Tensor) -> None:
+        """Slot ``dst[p]`` takes the committed state of slot ``src[p]``, its group's winner (int64
+        ``[P]``: every non-winning candidate slot of every continuing group; the winners keep
+        theirs). The same event per group: ``winners [G']`` (each continuing group's winning
+        slot) and ``groups [G', K]`` (its candidate slots), for a cache laid out per group."""
 
     def move(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         """Slot ``dst[p]`` takes the committed state of slot ``src[p]`` (requests moved to other
         groups between steps)."""
+
+    def graph_safe(self) -> bool:
+        """Whether `promote` only runs device work on fixed shapes (no host reads, no allocation
+        that depends on values), so that the engine may capture it in a CUDA graph with its own
+        promote. True for scorers that keep no per-slot state (they do not override `promote`)."""
+        return type(self).promote is Scorer.promote
 
 
 class ValueModelPRM(Scorer):
     """A PRM (`load_prm`) scoring candidates over its own slot cache of each request's committed
     text: the K candidates go in as one batched ragged ``extend`` (each into its own slot), the
     score is read at each candidate's last token, and `promote` copies the winner's new tokens into
-    its siblings with ``kv_promote``. Nothing is ever re-encoded.
+    its siblings with `KVCache.promote`. Nothing is ever re-encoded.
 
     In the policy's ``shared_prefix`` layout (with K > 1 and the policy's tokens) the PRM's cache
     is a `SharedPrefixCache` too: one prefix slot per request plus K candidate slots of
@@ -195,6 +204,8 @@ class ValueModelPRM(Scorer):
         else:
             self.cache = KVCache.allocate(self.prm.config, num_slots, max_len, dtype=self._dtype,
                                           device=self._device)
+            # One buffer for the cache's life: a promote captured in a CUDA graph reads it there.
+            self._committed = torch.zeros_like(self.cache.lens)
 
     def _prompt_ids(self, prompt: Prompt) -> list[int]:
         if self.same_tokens:
@@ -224,8 +235,7 @@ class ValueModelPRM(Scorer):
         self.prm.model.prefill(self.cache, ids, slots[:, 0])
         if slots.shape[1] > 1:
             k = slots.shape[1]
-            kv_fork(self.cache.data, self.cache.lens, slots[:, :1].expand(-1, k - 1).reshape(-1),
-                    slots[:, 1:].reshape(-1))
+            self.cache.fork(slots[:, :1].expand(-1, k - 1).reshape(-1), slots[:, 1:].reshape(-1))
 
     @torch.no_grad()
     def score(self, cands: Candidates) -> torch.Tensor:
@@ -234,7 +244,7 @@ class ValueModelPRM(Scorer):
         tok = self.prm.tokenizer
         rows = cands.token_ids if self.same_tokens else [encode_step(tok, t) for t in cands.texts]
         slots = cands.slots.reshape(-1).to(self._device)
-        self._committed = self.cache.lens.clone()
+        self._committed.copy_(self.cache.lens)
         start = self._committed.index_select(0, slots).cpu()
         scores = torch.full((len(rows),), -math.inf, dtype=torch.float32)
         # A candidate whose PRM tokens do not fit the PRM cache, or that has none, is unscorable.
@@ -287,17 +297,20 @@ class ValueModelPRM(Scorer):
             return self.prm.scores_from_hidden(last).float().cpu()
         return self.prm.scores_from_hidden(last, self.objectives).float().cpu()
 
-    def promote(self, winners: torch.Tensor, groups: torch.Tensor) -> None:
+    def promote(self, src: torch.Tensor, dst: torch.Tensor, winners: torch.Tensor,
+                groups: torch.Tensor) -> None:
         dev = self._device
-        if self.shared:
+        if self.shared:  # each winner's step joins its group's prefix (one append for all)
             self.cache.commit(winners.to(dev), groups[:, 0].to(dev) // self.cache.k)
             return
-        if groups.shape[1] == 1:
-            return  # the one candidate's extend already committed it
-        groups = groups.to(dev)
-        kv_promote(self.cache.data, self.cache.lens, winners.to(dev), groups,
-                   self._committed.index_select(0, groups[:, 0]))
+        if src.numel() == 0:
+            return  # K = 1: the one candidate's extend already committed it
+        # A winner's committed length before its step is its group's (all slots shared it).
+        src, dst = src.to(dev), dst.to(dev)
+        self.cache.promote(src, dst, self._committed.index_select(0, src).long())
 
+    def graph_safe(self) -> bool:
+        return True
 
     def move(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         dev = self._device
@@ -305,7 +318,7 @@ class ValueModelPRM(Scorer):
             k = self.cache.k
             self.cache.move(src.to(dev)[::k] // k, dst.to(dev)[::k] // k)
             return
-        kv_fork(self.cache.data, self.cache.lens, src.to(dev), dst.to(dev))
+        self.cache.move(src.to(dev), dst.to(dev))
 
 
 def _shares_vocabulary(prm: Any, policy: Any) -> bool:
@@ -422,9 +435,13 @@ class WeightedScorer(Scorer):
             total += w * s.score(cands)
         return total
 
-    def promote(self, winners: torch.Tensor, groups: torch.Tensor) -> None:
+    def promote(self, src: torch.Tensor, dst: torch.Tensor, winners: torch.Tensor,
+                groups: torch.Tensor) -> None:
         for s, _ in self.parts:
-            s.promote(winners, groups)
+            s.promote(src, dst, winners, groups)
+
+    def graph_safe(self) -> bool:
+        return all(s.graph_safe() for s, _ in self.parts)
 
     def move(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         for s, _ in self.parts:

@@ -1,0 +1,117 @@
+"""The slot owner's batched promote (`engine.slots`) against a dense reference written with plain
+tensor indexing: policy cache contents and lengths, the decode runner's hidden states and a PRM
+scorer's cache after each promote, over several steps with varying group counts. On CUDA
+(`gpu`), repeated shapes replay the promote's CUDA graph and must give the same state."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from mahalo_engine.cache import KVCache
+from mahalo_engine.engine.graph_runner import DecodeRunner
+from mahalo_engine.engine.scorers import ValueModelPRM
+from mahalo_engine.engine.slots import ForkSlots
+from mahalo_engine.policy import load_policy
+from mahalo_engine.tiny import tiny_checkpoint
+
+K, GROUPS, MAX_LEN = 3, 5, 40
+
+
+def _random_cache(config, device, gen) -> KVCache:
+    cache = KVCache.allocate(config, GROUPS * K, MAX_LEN, dtype=torch.float32, device=device)
+    cache.data.copy_(torch.randn(cache.data.shape, generator=gen))
+    return cache
+
+
+def _reference(state: dict, winners, groups, start, prm_committed) -> None:
+    """In place on cloned tensors: every non-winning slot of each group copies its winner's
+    ``[start, len)`` (policy) and ``[committed, len)`` (PRM), its length and hidden state."""
+    for w, g, a in zip(winners, groups, start):
+        for d in range(g * K, g * K + K):
+            if d == w:
+                continue
+            n = int(state["lens"][w])
+            state["data"][:, :, d, :, a:n] = state["data"][:, :, w, :, a:n]
+            state["lens"][d] = n
+            state["hidden"][d] = state["hidden"][w]
+            c, m = int(prm_committed[w]), int(state["prm_lens"][w])
+            state["prm_data"][:, :, d, :, c:m] = state["prm_data"][:, :, w, :, c:m]
+            state["prm_lens"][d] = m
+
+
+def _run_promotes(device: str, graphs: bool) -> ForkSlots:
+    policy = load_policy(tiny_checkpoint("qwen2"), dtype=torch.float32, device=device)
+    config = policy.config
+    gen = torch.Generator().manual_seed(0)
+    cache = _random_cache(config, device, gen)
+    runner = DecodeRunner(policy.model, cache, None, max_seq_len=MAX_LEN - 1, eos_ids=[],
+                          cuda_graphs=graphs)
+    runner.hidden.copy_(torch.randn(runner.hidden.shape, generator=gen))
+    prm = ValueModelPRM(SimpleNamespace(model=SimpleNamespace(device=torch.device(device),
+                                                              dtype=torch.float32)))
+    prm.cache = _random_cache(config, device, gen)
+    slots = ForkSlots(policy.model, cache, runner, K, prm)
+    assert slots._scorer_in_graph
+    rng = torch.Generator().manual_seed(1)
+    # Group sets repeat so that, with graphs, shapes are captured (2nd use) and replayed (3rd+).
+    for groups in ([0, 1, 2, 3, 4], [1, 3], [0, 2, 4, 1, 3], [0, 4], [4, 0], [2, 1, 0, 3, 4], [2]):
+        # A step: every group's slots share [0, start); each candidate then grew its own tokens.
+        start = torch.randint(0, 20, (len(groups),), generator=rng).tolist()
+        prm_start = torch.randint(0, 20, (len(groups),), generator=rng)
+        for i, g in enumerate(groups):
+            sl = slice(g * K, g * K + K)
+            cache.lens[sl] = (start[i] + torch.randint(0, 15, (K,), generator=rng)).to(device,
+                                                                                       torch.int32)
+            prm.cache.lens[sl] = (prm_start[i] + torch.randint(0, 15, (K,), generator=rng)
+                                  ).to(device, torch.int32)
+        committed = prm.cache.lens.clone()
+        for i, g in enumerate(groups):
+            committed[g * K:g * K + K] = int(prm_start[i])
+        prm._committed = committed.clone() if prm._committed is None else \
+            prm._committed.copy_(committed)
+        winners = [g * K + int(torch.randint(0, K, (), generator=rng)) for g in groups]
+        want = {"data": cache.data.clone(), "lens": cache.lens.clone(),
+                "hidden": runner.hidden.clone(), "prm_data": prm.cache.data.clone(),
+                "prm_lens": prm.cache.lens.clone()}
+        _reference(want, winners, groups, start, committed)
+        slots.promote(winners, groups, start)
+        got = {"data": cache.data, "lens": cache.lens, "hidden": runner.hidden,
+               "prm_data": prm.cache.data, "prm_lens": prm.cache.lens}
+        for name in want:
+            assert torch.equal(got[name], want[name]), f"groups {groups}: {name} differs"
+    return slots
+
+
+def test_promote_matches_dense_reference_cpu():
+    slots = _run_promotes("cpu", graphs=False)
+    assert not slots.graphs._graphs
+
+
+def test_single_candidate_promote_is_a_no_op():
+    policy = load_policy(tiny_checkpoint("qwen2"), dtype=torch.float32)
+    gen = torch.Generator().manual_seed(0)
+    cache = KVCache.allocate(policy.config, 4, MAX_LEN, dtype=torch.float32, device="cpu")
+    cache.data.copy_(torch.randn(cache.data.shape, generator=gen))
+    cache.lens.copy_(torch.tensor([3, 9, 5, 7], dtype=torch.int32))
+    runner = DecodeRunner(policy.model, cache, None, max_seq_len=MAX_LEN - 1, eos_ids=[],
+                          cuda_graphs=False)
+    before = cache.data.clone(), cache.lens.clone()
+    ForkSlots(policy.model, cache, runner, 1, None).promote([0, 2], [0, 2], [1, 2])
+    assert torch.equal(cache.data, before[0]) and torch.equal(cache.lens, before[1])
+
+
+def test_promote_rejects_a_winner_outside_its_group():
+    policy = load_policy(tiny_checkpoint("qwen2"), dtype=torch.float32)
+    cache = KVCache.allocate(policy.config, 6, MAX_LEN, dtype=torch.float32, device="cpu")
+    runner = DecodeRunner(policy.model, cache, None, max_seq_len=MAX_LEN - 1, eos_ids=[],
+                          cuda_graphs=False)
+    with pytest.raises(ValueError, match="one candidate slot of each group"):
+        ForkSlots(policy.model, cache, runner, 3, None).promote([4], [0], [0])
+
+
+@pytest.mark.gpu
+def test_graph_replayed_promote_matches_reference_cuda():
+    slots = _run_promotes("cuda", graphs=True)
+    assert slots.graphs._graphs, "no promote was captured in a CUDA graph"
