@@ -36,7 +36,7 @@ import torch
 from bench.common import BenchContext, hf_cache_kwarg, model_label, timeit
 from mahalo_engine.cache import KVCache
 from mahalo_engine.config import ModelConfig
-from mahalo_engine.engine.graph_runner import kv_bucket
+from mahalo_engine.engine.decode_runner import kv_bucket
 from mahalo_engine.engine.sampler import Sampler
 from mahalo_engine.models.decoder import Decoder
 from mahalo_engine.utils.loader import load_decoder

@@ -325,7 +325,7 @@ def test_confirmation_resumes_a_slot_in_the_state_of_its_text(engine, policy):
     host, and resumes in the boundary automaton's state after its decoded text, not the tables'
     restart state (so the "\\n" of "。\\n" can complete the boundary next)."""
     from mahalo_engine.engine.boundary import Boundary
-    from mahalo_engine.engine.graph_runner import PENDING, RUNNING
+    from mahalo_engine.engine.decode_runner import PENDING, RUNNING
 
     boundary = engine._compile(Boundary(strings=("\u3002\n",)))
     runner = engine._prepare(1, None)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from mahalo_engine.cache import KVCache
-from mahalo_engine.engine.graph_runner import DecodeRunner
+from mahalo_engine.engine.decode_runner import DecodeRunner
 from mahalo_engine.engine.scorers import ValueModelPRM
 from mahalo_engine.engine.slots import ForkSlots
 from mahalo_engine.policy import load_policy

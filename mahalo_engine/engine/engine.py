@@ -28,7 +28,7 @@ from mahalo_engine.engine.boundary import (Boundary, CompiledBoundary, end_of_tu
                                            vocab_texts)
 from mahalo_engine.engine.config import (Generation, SearchConfig, SearchResult, Step,
                                          resolve_max_seq_len)
-from mahalo_engine.engine.graph_runner import (BOUNDARY, EOS, FULL, LENGTH, DecodeRunner)
+from mahalo_engine.engine.decode_runner import (BOUNDARY, EOS, FULL, LENGTH, DecodeRunner)
 from mahalo_engine.engine import slots as slot_layouts
 from mahalo_engine.engine.sampler import Sampler
 from mahalo_engine.engine.scorers import Candidates, Scorer, SlotLayout, WeightedScorer, as_scorer

@@ -27,7 +27,7 @@ from typing import Any, Callable, Hashable, TypeVar
 import torch
 
 from mahalo_engine.cache import KVCache
-from mahalo_engine.engine.graph_runner import DecodeRunner
+from mahalo_engine.engine.decode_runner import DecodeRunner
 from mahalo_engine.engine.scorers import Scorer
 from mahalo_engine.text import Prompt
 from mahalo_engine.shared_cache import SharedPrefixCache
