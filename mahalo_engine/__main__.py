@@ -12,10 +12,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from mahalo_engine.utils.cli import HelpFormatter, add_debug_flag, resolve_device, run_cli
+from mahalo_engine.utils.cli import (HelpFormatter, add_boundary_arg, add_debug_flag,
+                                     parse_boundaries, resolve_device, run_cli, unescape)
 
 _DTYPES = ("float32", "bfloat16", "float16")
-LITERAL = "literal:"  # --boundary literal:WORD ends steps at WORD itself, not a preset
 _RESULT_KEYS = ("text", "token_ids", "logprobs", "finish_reason", "steps")  # added to input rows
 
 
@@ -25,11 +25,6 @@ def _floats(text: str) -> list[float]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") \
             from None
-
-
-def _unescape(text: str) -> str:
-    r"""Shell-friendly escapes: '\n\n' on the command line means two newlines."""
-    return text.encode("latin-1", "backslashreplace").decode("unicode_escape")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -61,7 +56,7 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--max-new-tokens", type=int, default=None,
                         help="cap on generated tokens per request (default: 256 for generate, "
                              "4096 for search)")
-        sp.add_argument("--stop", action="append", default=None, type=_unescape,
+        sp.add_argument("--stop", action="append", default=None, type=unescape,
                         help="stop string (repeatable; escapes such as \\n are decoded)")
         sp.add_argument("--device", default=None,
                         help="cpu or cuda (default: cuda if available; under torchrun each rank "
@@ -104,10 +99,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--prm-weights", type=_floats, default=None,
                    help="one weight per --prm, e.g. 0.7,0.3 (default: 1 each)")
     s.add_argument("-k", "--candidates", type=int, default=5, help="candidates per step")
-    s.add_argument("--boundary", action="append", type=_unescape, default=None,
-                   help="where a step ends: a string such as '\\n\\n' (escapes decoded), a "
-                        "preset: math, sentence, paragraph, turn, or literal:TEXT for a plain word "
-                        "(repeatable; default '\\n\\n')")
+    add_boundary_arg(s)
     s.add_argument("--max-steps", type=int, default=20, help="steps per request")
     s.add_argument("--max-step-tokens", type=int, default=512, help="tokens per step")
     s.add_argument("--top-k", type=int, default=50, help="0 = no truncation")
@@ -174,26 +166,7 @@ def _check_args(args: argparse.Namespace) -> None:
     if args.prm_weights is not None and len(args.prm_weights) != len(args.prm or ()):
         raise ValueError(f"--prm-weights has {len(args.prm_weights)} values for "
                          f"{len(args.prm or ())} --prm")
-    from mahalo_engine.engine.boundary import PRESETS
-
-    for b in args.boundary or ():
-        if b.startswith(LITERAL):
-            b = b[len(LITERAL):]
-            if not b:
-                raise ValueError(f"--boundary {LITERAL}: the literal text is empty")
-            continue
-        if not b:
-            raise ValueError("--boundary: the boundary string is empty")
-        if b.isidentifier() and b not in PRESETS:
-            raise ValueError(f"--boundary {b!r}: a plain word names a preset, one of "
-                             f"{', '.join(sorted(PRESETS))}; to end steps at the literal text, "
-                             f"pass --boundary {LITERAL}{b}")
-
-
-def _boundaries(specs: list[str]) -> list[Any]:
-    from mahalo_engine.engine.boundary import Boundary
-
-    return [Boundary(strings=(b[len(LITERAL):],)) if b.startswith(LITERAL) else b for b in specs]
+    parse_boundaries(args.boundary)  # a bad --boundary fails before any model loads
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -306,7 +279,7 @@ def _results(args: argparse.Namespace, engine: Any, prompts: list[Any], head_wei
     stop = list(args.stop or []) + ([boxed_closed] if args.stop_boxed else [])
     cfg = SearchConfig(
         candidates=args.candidates,
-        boundary=_boundaries(args.boundary) if args.boundary is not None else "\n\n",
+        boundary=parse_boundaries(args.boundary),
         max_step_tokens=args.max_step_tokens, max_steps=args.max_steps,
         max_new_tokens=4096 if args.max_new_tokens is None else args.max_new_tokens,
         temperature=args.temperature, top_k=args.top_k, seed=seed,

@@ -348,7 +348,8 @@ def test_install_script_prints_one_line_per_stage(tmp_path):
                           text=True, env={**os.environ, "PYTHON": str(fake)}, timeout=60)
     assert proc.returncode == 0, proc.stderr
     stages = [line for line in proc.stderr.splitlines() if line.startswith("[install]")]
-    assert [s.split()[1] for s in stages[:3]] == ["1/3", "2/3", "3/3"] and stages[-1].endswith("done")
+    assert [s.split()[1] for s in stages[:4]] == ["1/4", "2/4", "3/4", "4/4"]
+    assert stages[-1].endswith("done") and "Triton 3.6" in stages[3]
     assert "-m pip install -q --no-build-isolation -e .[dev]" in (tmp_path / "calls").read_text()
 
 

@@ -29,7 +29,8 @@ from typing import Any, Callable, Iterable, Sequence
 from tqdm import tqdm
 
 from mahalo_engine.text import encode_prompt, encode_step, split_steps
-from mahalo_engine.utils.cli import HelpFormatter, Interrupted, add_debug_flag, run_cli
+from mahalo_engine.utils.cli import (HelpFormatter, Interrupted, add_boundary_arg, add_debug_flag,
+                                     parse_boundaries, run_cli)
 from training.distributed import DistInfo, cleanup, launched_by_torchrun
 from training.readers import DataError, read_preferences, read_rollouts, read_trajectories
 from training.sharded import append_jsonl, on_main, prepare_output, run_sharded, setup
@@ -145,23 +146,49 @@ def bt_prefix_pairs(prompt: str, chosen: str, rejected: str,
     return pairs
 
 
+ROLLOUT_BATCH = 32  # continuations sampled at once (one engine call's batch)
+
+
+def rollout_engine(policy, max_seq_len: int) -> Any:
+    """The `Engine` rollouts sample with: ``ROLLOUT_BATCH`` rows of up to ``max_seq_len`` tokens.
+    A labelling run builds one per process and passes it to every `sample_continuations` call."""
+    from mahalo_engine.engine import Engine
+
+    return Engine(policy, max_batch=ROLLOUT_BATCH, max_seq_len=max_seq_len, cuda_graphs=False)
+
+
+def rollout_context_len(policy, trajectories: Sequence[dict[str, Any]], *, max_new_tokens: int,
+                        chat_template: bool) -> int:
+    """The longest context (prompt + every step but the last + ``max_new_tokens`` + 1) the
+    rollouts of ``trajectories`` sample from: the ``max_seq_len`` of their one engine."""
+    tok = policy.tokenizer
+    longest = 0
+    for t in trajectories:
+        steps = list(t["steps"])[:-1]
+        longest = max(longest, len(encode_prompt(tok, t["prompt"], chat_template))
+                      + sum(len(encode_step(tok, s)) for s in steps))
+    return longest + max_new_tokens + 1
+
+
 def sample_continuations(policy, prompt: str, prefixes: Sequence[Sequence[str]], m: int, *,
                          boundary: Any, max_new_tokens: int, temperature: float,
-                         top_k: int, seed: int, chat_template: bool) -> list[list[list[str]]]:
+                         top_k: int, seed: int, chat_template: bool,
+                         engine: Any = None) -> list[list[list[str]]]:
     """M continuations sampled by the engine (batched, KV-cached) after each prefix, each split
     into steps at ``boundary`` (`mahalo_engine.text.split_steps` with the policy's tokenizer: a
     preset, literal strings, …). Returns ``out[j][i]``: the steps of continuation i after
-    ``prefixes[j]``. The prefix steps are tokenised one by one, as the engine and PRM see them."""
-    from mahalo_engine.engine import Engine
-
+    ``prefixes[j]``. The prefix steps are tokenised one by one, as the engine and PRM see them.
+    ``engine``: an `Engine` of this policy to sample with (its caches reused from call to call,
+    `rollout_engine`); None, or one too short for these contexts: a new one for this call."""
     if not prefixes:
         return []
     tok = policy.tokenizer
     prompt_ids = encode_prompt(tok, prompt, chat_template)
     contexts = [prompt_ids + [t for s in pre for t in encode_step(tok, s)] for pre in prefixes]
     flat = [ctx for ctx in contexts for _ in range(m)]
-    engine = Engine(policy, max_batch=min(len(flat), 32),
-                    max_seq_len=max(len(c) for c in flat) + max_new_tokens + 1, cuda_graphs=False)
+    need = max(len(c) for c in flat) + max_new_tokens + 1
+    if engine is None or engine.max_seq_len < need:
+        engine = rollout_engine(policy, need)
     gens = engine.generate(flat, max_new_tokens=max_new_tokens, temperature=temperature,
                            top_k=top_k, seed=seed)
     steps = [split_steps(g.text, boundary, tok) if g.text else [] for g in gens]
@@ -208,11 +235,19 @@ def trajectory_rollouts(policy, traj: dict[str, Any], verifier: Judge, m: int, *
 
 
 def generate_rollouts(policy, trajectories: Iterable[dict[str, Any]], verifier: Judge, m: int, *,
-                      step_reward: Judge | None = None, **sampling: Any) -> list[dict[str, Any]]:
-    """``trajectory_rollouts`` of every trajectory, in order."""
-    return [row for traj in tqdm(list(trajectories), desc="rollouts", unit="traj")
+                      step_reward: Judge | None = None, seed: int = 0,
+                      **sampling: Any) -> list[dict[str, Any]]:
+    """``trajectory_rollouts`` of every trajectory, in order, from one engine: trajectory i
+    samples with ``seed + i``, as ``python -m training.labels rollouts`` does (so two
+    trajectories that share a prefix get independent rollouts)."""
+    trajectories = list(trajectories)
+    if sampling.get("engine") is None:
+        sampling["engine"] = rollout_engine(policy, rollout_context_len(
+            policy, trajectories, max_new_tokens=sampling["max_new_tokens"],
+            chat_template=sampling["chat_template"]))
+    return [row for i, traj in enumerate(tqdm(trajectories, desc="rollouts", unit="traj"))
             for row in trajectory_rollouts(policy, traj, verifier, m, step_reward=step_reward,
-                                           **sampling)]
+                                           seed=seed + i, **sampling)]
 
 
 # Trajectories per rank in one round of a torchrun run: a round waits for its slowest
@@ -300,7 +335,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         q.add_argument("--m", "--rollouts-per-prefix", type=int, default=4,
                        help="rollouts per prefix (default 4); spell it --rollouts-per-prefix "
                             "under torchrun")
-        q.add_argument("--boundary", default="\n\n", help='step boundary (default "\\n\\n")')
+        add_boundary_arg(q)
         q.add_argument("--max-new-tokens", type=int, default=256,
                        help="tokens per sampled continuation")
         q.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
@@ -337,7 +372,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     c = subcommand("bt-pairs", help="Case C: Bradley-Terry pairs of chosen/rejected prefixes")
     c.add_argument("--data", type=Path, required=True,
                    help='preference jsonl {"prompt","chosen","rejected"} (string fields)')
-    c.add_argument("--boundary", default="\n\n", help='step boundary (default "\\n\\n")')
+    add_boundary_arg(c)
     c.add_argument("--out", type=Path, required=True, help="output jsonl (BT pairs)")
     return p.parse_args(argv)
 
@@ -366,11 +401,11 @@ def _main(argv: list[str] | None) -> int:
         else:
             rows = monte_carlo_values(rollouts, args.gamma)
     else:
-        rows = []
+        rows, boundary = [], parse_boundaries(args.boundary)
         for pair in read_preferences([(None, args.data)], default_objective="bt").pairs:
             if not all(isinstance(x, str) for x in (pair.prompt, pair.chosen, pair.rejected)):
                 raise DataError(f"{pair.source}: bt-pairs needs string prompt/chosen/rejected")
-            rows.extend(bt_prefix_pairs(pair.prompt, pair.chosen, pair.rejected, args.boundary))
+            rows.extend(bt_prefix_pairs(pair.prompt, pair.chosen, pair.rejected, boundary))
     n = _write_jsonl(rows, args.out)
     log.info("wrote %d rows to %s", n, args.out)
     return 0
@@ -394,9 +429,13 @@ def _label_trajectories(args: argparse.Namespace, info: DistInfo) -> int:
     if args.m < 1:
         raise ValueError(f"--m must be >= 1, got {args.m}")
     policy = load_policy(args.policy, device=info.device)
-    sampling = dict(boundary=args.boundary, max_new_tokens=args.max_new_tokens,
+    # One engine per process, sized for every trajectory here: its caches are allocated once.
+    engine = rollout_engine(policy, rollout_context_len(
+        policy, trajectories, max_new_tokens=args.max_new_tokens,
+        chat_template=args.chat_template))
+    sampling = dict(boundary=parse_boundaries(args.boundary), max_new_tokens=args.max_new_tokens,
                     temperature=args.temperature, top_k=args.top_k,
-                    chat_template=args.chat_template)
+                    chat_template=args.chat_template, engine=engine)
     if args.cmd == "rollouts":
         step_reward = load_callable(args.step_reward) if args.step_reward is not None else None
         verifier = load_callable(args.verifier)

@@ -14,7 +14,7 @@ import argparse
 import os
 import signal
 import sys
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -115,3 +115,48 @@ def resolve_device(name: str | None) -> torch.device:
             raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) "
                              f"visible")
     return device
+
+
+LITERAL = "literal:"  # --boundary literal:WORD ends steps at WORD itself, not a preset
+DEFAULT_BOUNDARY = "\n\n"
+BOUNDARY_HELP = ("where a step ends: a string such as '\\n\\n' (escapes decoded), a preset: "
+                 "math, sentence, paragraph, turn, or literal:TEXT for a plain word (repeatable; "
+                 "default '\\n\\n')")
+
+
+def unescape(text: str) -> str:
+    r"""Shell-friendly escapes: '\n\n' on the command line means two newlines."""
+    return text.encode("latin-1", "backslashreplace").decode("unicode_escape")
+
+
+def add_boundary_arg(parser: argparse.ArgumentParser) -> None:
+    """``--boundary``, the same in every CLI that splits text into steps (engine and labels);
+    `parse_boundaries` turns its values into what `mahalo_engine.text.split_steps` and
+    `SearchConfig.boundary` take."""
+    parser.add_argument("--boundary", action="append", type=unescape, default=None,
+                        help=BOUNDARY_HELP)
+
+
+def parse_boundaries(values: Sequence[str] | None) -> Any:
+    """``--boundary`` values -> a boundary spec (the default ``"\n\n"`` when none is given):
+    presets stay names, ``literal:TEXT`` becomes ``Boundary(strings=(TEXT,))``, other strings
+    are literal. ValueError for an empty string or a plain word that names no preset."""
+    if not values:
+        return DEFAULT_BOUNDARY
+    from mahalo_engine.engine.boundary import PRESETS, Boundary
+
+    out: list[Any] = []
+    for b in values:
+        if b.startswith(LITERAL):
+            if not b[len(LITERAL):]:
+                raise ValueError(f"--boundary {LITERAL}: the literal text is empty")
+            out.append(Boundary(strings=(b[len(LITERAL):],)))
+            continue
+        if not b:
+            raise ValueError("--boundary: the boundary string is empty")
+        if b.isidentifier() and b not in PRESETS:
+            raise ValueError(f"--boundary {b!r}: a plain word names a preset, one of "
+                             f"{', '.join(sorted(PRESETS))}; to end steps at the literal text, "
+                             f"pass --boundary {LITERAL}{b}")
+        out.append(b)
+    return out
