@@ -1,7 +1,7 @@
 """Ahead-of-time Triton compiles for sm_90 run in a fresh interpreter: Triton picks its backend at
 import, so they cannot share the test process, which runs the kernels in interpreter mode
 (``TRITON_INTERPRET=1``). A test module defines ``compile_all()`` and prints its JSON under
-``__main__``; its fixture calls `compile_in_subprocess(__file__, triton)`.
+``__main__``, and gets its fixture from `compiled_fixture(__file__)`.
 
 Each compile runs once per Triton: the installed one, and Triton 3.6 — the GPU machine's version,
 whose ptxas spills where newer ones do not — which ``scripts/install.sh`` unpacks into
@@ -38,3 +38,17 @@ def compile_in_subprocess(module_file: str, triton: str = "installed") -> dict:
     if triton == "3.6":
         assert result["triton"].startswith("3.6"), f"expected Triton 3.6, ran {result['triton']}"
     return result
+
+
+def compiled_fixture(module_file: str):
+    """The ``compiled`` fixture of a compile-test module: its ``compile_all()`` results, one
+    subprocess per Triton of ``TRITONS`` (a test id each), shared by the module's tests."""
+    results: dict = {}
+
+    @pytest.fixture(params=TRITONS, ids=[f"triton-{t}" for t in TRITONS])
+    def compiled(request):
+        if request.param not in results:
+            results[request.param] = compile_in_subprocess(module_file, request.param)
+        return results[request.param]
+
+    return compiled

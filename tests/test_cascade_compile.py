@@ -14,7 +14,7 @@ import tempfile
 import pytest
 import torch
 
-from aot_subprocess import TRITONS, compile_in_subprocess
+from aot_subprocess import compiled_fixture
 from triton_kernels.cascade import DOT_PRECISION, LOG2E, extend_launch_config, launch_config
 
 H100_SMEM_PER_BLOCK = 227 * 1024
@@ -136,14 +136,7 @@ def compile_all() -> dict:
     return results
 
 
-_COMPILED: dict = {}
-
-
-@pytest.fixture(params=TRITONS, ids=[f"triton-{t}" for t in TRITONS])
-def compiled(request):
-    if request.param not in _COMPILED:  # one subprocess per Triton, shared by the module's tests
-        _COMPILED[request.param] = compile_in_subprocess(__file__, request.param)
-    return _COMPILED[request.param]
+compiled = compiled_fixture(__file__)
 
 
 @pytest.mark.parametrize("name", list(SHAPES) + list(EXTEND_SHAPES))

@@ -12,7 +12,7 @@ import subprocess
 import pytest
 import torch
 
-from aot_subprocess import TRITONS, compile_in_subprocess
+from aot_subprocess import compiled_fixture
 from triton_kernels.merge_kernel import merge_config
 from triton_kernels.multihead import DOT_PRECISION, launch_config, sampling_mode
 
@@ -174,14 +174,7 @@ def compile_all() -> dict:
     return results
 
 
-_COMPILED: dict = {}
-
-
-@pytest.fixture(params=TRITONS, ids=[f"triton-{t}" for t in TRITONS])
-def compiled(request):
-    if request.param not in _COMPILED:  # one subprocess per Triton, shared by the module's tests
-        _COMPILED[request.param] = compile_in_subprocess(__file__, request.param)
-    return _COMPILED[request.param]
+compiled = compiled_fixture(__file__)
 
 
 @pytest.mark.parametrize("name", list(CALLS))

@@ -23,10 +23,14 @@ import triton.language as tl
 
 
 @triton.jit
-def _attend_tile(q, k_base, v_base, stride_t, lo, hi, qk_scale, m, l, acc, dims, d_ok,
-                 BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+def _attend_tile(q, k_base, v_base, stride_t, lo, hi, row_hi, qk_scale, m, l, acc, dims, d_ok,
+                 BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+                 CAUSAL: tl.constexpr):
     """Online softmax of ``q`` over keys ``[lo, hi)``, in base 2 (``qk_scale`` = scale·log2 e,
-    applied to the fp32 scores so that q is not rounded a second time)."""
+    applied to the fp32 scores so that q is not rounded a second time). ``CAUSAL``: row i sees
+    only keys ``< row_hi[i]`` (a row may see no key of a tile, or none at all: its running max
+    then stays -inf without producing NaN); otherwise every row sees every key (``row_hi``
+    unused) and every tile holds a valid key, so the decode kernel pays for no guard."""
     for start in range(lo, hi, BLOCK_N):
         n = start + tl.arange(0, BLOCK_N)
         n_ok = n < hi
@@ -38,10 +42,17 @@ def _attend_tile(q, k_base, v_base, stride_t, lo, hi, qk_scale, m, l, acc, dims,
             k = k.to(tl.float32)
             v = v.to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        s = tl.where(n_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, axis=1))  # finite: every tile has a valid key
-        alpha = tl.exp2(m - m_new)
-        p = tl.exp2(s - m_new[:, None])
+        if CAUSAL:
+            s = tl.where(n[None, :] < row_hi[:, None], s, float("-inf"))
+        else:
+            s = tl.where(n_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        if CAUSAL:
+            ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # no key yet: weights 0, not nan
+        else:
+            ref = m_new  # finite: every tile has a valid key
+        alpha = tl.exp2(m - ref)
+        p = tl.exp2(s - ref[:, None])
         l = l * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m = m_new
@@ -81,8 +92,8 @@ def _prefix_partial(q_base, pk_ptr, pv_ptr, plen_ptr, part_o_ptr, part_lse_ptr, 
     l = tl.zeros((BLOCK_Q,), tl.float32)
     acc = tl.zeros((BLOCK_Q, BLOCK_D), tl.float32)
     base = r.to(tl.int64) * stride_pr + kvh.to(tl.int64) * stride_ph
-    m, l, acc = _attend_tile(q, pk_ptr + base, pv_ptr + base, stride_pt, lo, hi, qk_scale, m, l,
-                             acc, dims, d_ok, BLOCK_N, DOT_PRECISION, UPCAST_DOT)
+    m, l, acc = _attend_tile(q, pk_ptr + base, pv_ptr + base, stride_pt, lo, hi, hi, qk_scale, m,
+                             l, acc, dims, d_ok, BLOCK_N, DOT_PRECISION, UPCAST_DOT, False)
     _store_partial(part_o_ptr, part_lse_ptr, rows, row_ok, m, l, acc, dims, d_ok, HEAD_DIM)
 
 
@@ -108,8 +119,9 @@ def _suffix_partials(q_base, sk_ptr, sv_ptr, slen_ptr, part_o_ptr, part_lse_ptr,
         acc = tl.zeros((BLOCK_G, BLOCK_D), tl.float32)
         # c·stride_sk stays small (K·n_kv·Ts·hd); the request offset may exceed 2**31.
         base = r.to(tl.int64) * stride_sr + c * stride_sk + kvh.to(tl.int64) * stride_sh
-        m, l, acc = _attend_tile(q, sk_ptr + base, sv_ptr + base, stride_st, 0, slen, qk_scale,
-                                 m, l, acc, dims, d_ok, BLOCK_NS, DOT_PRECISION, UPCAST_DOT)
+        m, l, acc = _attend_tile(q, sk_ptr + base, sv_ptr + base, stride_st, 0, slen, slen,
+                                 qk_scale, m, l, acc, dims, d_ok, BLOCK_NS, DOT_PRECISION,
+                                 UPCAST_DOT, False)
         _store_partial(part_o_ptr + c * G * HEAD_DIM, part_lse_ptr + c * G, rows, row_ok, m, l,
                        acc, dims, d_ok, HEAD_DIM)
 
@@ -192,34 +204,6 @@ def _cascade_merge_kernel(part_o_ptr, part_lse_ptr, out_ptr, n_kv, K, n_parts,
 
 
 @triton.jit
-def _attend_causal(q, k_base, v_base, stride_t, hi, row_hi, qk_scale, m, l, acc, dims, d_ok,
-                   BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
-    """`_attend_tile` over keys ``[0, hi)`` where row i sees only keys ``< row_hi[i]`` (a causal
-    mask; a row may see no key of a tile, or none at all: its running max then stays -inf without
-    producing NaN). Kept apart from `_attend_tile` so that the decode kernel's code (tuned for
-    registers under Triton 3.6) does not change."""
-    for start in range(0, hi, BLOCK_N):
-        n = start + tl.arange(0, BLOCK_N)
-        offs = n.to(tl.int64)[:, None] * stride_t + dims[None, :]
-        kv_mask = (n < hi)[:, None] & d_ok[None, :]
-        k = tl.load(k_base + offs, mask=kv_mask, other=0.0)
-        v = tl.load(v_base + offs, mask=kv_mask, other=0.0)
-        if UPCAST_DOT:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        s = tl.where(n[None, :] < row_hi[:, None], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, axis=1))
-        ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # no key yet: weights 0, not nan
-        alpha = tl.exp2(m - ref)
-        p = tl.exp2(s - ref[:, None])
-        l = l * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m = m_new
-    return m, l, acc
-
-
-@triton.jit
 def _extend_rows(nnew_ptr, r, qb, K, T, stride_nr, stride_nk, G: tl.constexpr,
                  BLOCK_Q: tl.constexpr):
     """Row block ``qb``'s rows: (row index, in range, candidate, token, head in group, nnew)."""
@@ -267,8 +251,9 @@ def _cascade_extend_partials_kernel(
         lo = split * chunk
         hi = tl.minimum(lo + chunk, plen)
         base = r.to(tl.int64) * stride_pr + kvh.to(tl.int64) * stride_ph
-        m, l, acc = _attend_tile(q, pk_ptr + base, pv_ptr + base, stride_pt, lo, hi, qk_scale,
-                                 m, l, acc, dims, d_ok, BLOCK_N, DOT_PRECISION, UPCAST_DOT)
+        m, l, acc = _attend_tile(q, pk_ptr + base, pv_ptr + base, stride_pt, lo, hi, hi,
+                                 qk_scale, m, l, acc, dims, d_ok, BLOCK_N, DOT_PRECISION,
+                                 UPCAST_DOT, False)
     else:
         # Each candidate that has rows in this block, over its own suffix; other rows see no key.
         c_lo = (qb * BLOCK_Q) // (T * G)
@@ -277,9 +262,9 @@ def _cascade_extend_partials_kernel(
             slen = tl.load(slen_ptr + r * stride_lr + c * stride_lk)
             row_hi = tl.where(real & (cand == c), slen - nnew + tok + 1, 0)
             base = r.to(tl.int64) * stride_sr + c * stride_sk + kvh.to(tl.int64) * stride_sh
-            m, l, acc = _attend_causal(q, sk_ptr + base, sv_ptr + base, stride_st, slen,
-                                       row_hi, qk_scale, m, l, acc, dims, d_ok, BLOCK_NS,
-                                       DOT_PRECISION, UPCAST_DOT)
+            m, l, acc = _attend_tile(q, sk_ptr + base, sv_ptr + base, stride_st, 0, slen,
+                                     row_hi, qk_scale, m, l, acc, dims, d_ok, BLOCK_NS,
+                                     DOT_PRECISION, UPCAST_DOT, True)
     # Partials of this (request, KV head): [n_splits + 1, K·T·G, HEAD_DIM] fp32.
     part = (pid.to(tl.int64) * (n_splits + 1) + split) * K * T * G
     _store_partial(part_o_ptr + part * HEAD_DIM, part_lse_ptr + part, rows, row_ok, m, l, acc,
