@@ -157,6 +157,29 @@ def _cascade_partials_kernel(
 
 
 @triton.jit
+def _merge_partials(part_o_ptr, part_lse_ptr, pid, n_parts, rows_per_part, rows, row_ok, dims,
+                    mask, HEAD_DIM: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr):
+    """``Σ_j 2^(lse_j - lse) o_j`` over program ``pid``'s ``n_parts`` partials (``rows_per_part``
+    rows each) for ``rows``; 0 where every partial is empty."""
+    m = tl.full((BLOCK_Q,), float("-inf"), tl.float32)
+    den = tl.zeros((BLOCK_Q,), tl.float32)
+    acc = tl.zeros((BLOCK_Q, BLOCK_D), tl.float32)
+    for j in range(0, n_parts):
+        part = (pid.to(tl.int64) * n_parts + j) * rows_per_part
+        lse = tl.load(part_lse_ptr + part + rows, mask=row_ok, other=float("-inf"))
+        o = tl.load(part_o_ptr + (part + rows[:, None]) * HEAD_DIM + dims[None, :], mask=mask,
+                    other=0.0)
+        m_new = tl.maximum(m, lse)
+        ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # all empty so far: weights 0, not nan
+        alpha = tl.exp2(m - ref)
+        w = tl.exp2(lse - ref)
+        den = den * alpha + w
+        acc = acc * alpha[:, None] + w[:, None] * o
+        m = m_new
+    return acc / tl.where(den == 0.0, 1.0, den)[:, None]
+
+
+@triton.jit
 def _cascade_merge_kernel(part_o_ptr, part_lse_ptr, out_ptr, n_kv, K, n_parts,
                           stride_or, stride_ok, stride_oh,
                           G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -170,22 +193,8 @@ def _cascade_merge_kernel(part_o_ptr, part_lse_ptr, out_ptr, n_kv, K, n_parts,
     dims = tl.arange(0, BLOCK_D)
     d_ok = dims < HEAD_DIM
     mask = row_ok[:, None] & d_ok[None, :]
-    m = tl.full((BLOCK_Q,), float("-inf"), tl.float32)
-    den = tl.zeros((BLOCK_Q,), tl.float32)
-    acc = tl.zeros((BLOCK_Q, BLOCK_D), tl.float32)
-    for j in range(0, n_parts):
-        part = (pid.to(tl.int64) * n_parts + j) * K * G
-        lse = tl.load(part_lse_ptr + part + rows, mask=row_ok, other=float("-inf"))
-        o = tl.load(part_o_ptr + (part + rows[:, None]) * HEAD_DIM + dims[None, :], mask=mask,
-                    other=0.0)
-        m_new = tl.maximum(m, lse)
-        ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # all empty so far: weights 0, not nan
-        alpha = tl.exp2(m - ref)
-        w = tl.exp2(lse - ref)
-        den = den * alpha + w
-        acc = acc * alpha[:, None] + w[:, None] * o
-        m = m_new
-    o = acc / tl.where(den == 0.0, 1.0, den)[:, None]
+    o = _merge_partials(part_o_ptr, part_lse_ptr, pid, n_parts, K * G, rows, row_ok, dims, mask,
+                        HEAD_DIM, BLOCK_Q, BLOCK_D)
     cand = rows // G
     tl.store(out_ptr + r.to(tl.int64) * stride_or + cand[:, None] * stride_ok
              + (kvh * G + rows - cand * G)[:, None] * stride_oh + dims[None, :],
@@ -288,22 +297,8 @@ def _cascade_extend_merge_kernel(part_o_ptr, part_lse_ptr, nnew_ptr, out_ptr, n_
     dims = tl.arange(0, BLOCK_D)
     d_ok = dims < HEAD_DIM
     mask = row_ok[:, None] & d_ok[None, :]
-    m = tl.full((BLOCK_Q,), float("-inf"), tl.float32)
-    den = tl.zeros((BLOCK_Q,), tl.float32)
-    acc = tl.zeros((BLOCK_Q, BLOCK_D), tl.float32)
-    for j in range(0, n_parts):
-        part = (pid.to(tl.int64) * n_parts + j) * K * T * G
-        lse = tl.load(part_lse_ptr + part + rows, mask=row_ok, other=float("-inf"))
-        o = tl.load(part_o_ptr + (part + rows[:, None]) * HEAD_DIM + dims[None, :], mask=mask,
-                    other=0.0)
-        m_new = tl.maximum(m, lse)
-        ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m - ref)
-        w = tl.exp2(lse - ref)
-        den = den * alpha + w
-        acc = acc * alpha[:, None] + w[:, None] * o
-        m = m_new
-    o = acc / tl.where(den == 0.0, 1.0, den)[:, None]
+    o = _merge_partials(part_o_ptr, part_lse_ptr, pid, n_parts, K * T * G, rows, row_ok, dims,
+                        mask, HEAD_DIM, BLOCK_Q, BLOCK_D)
     o = tl.where((tok < nnew)[:, None], o, 0.0)
     tl.store(out_ptr + r.to(tl.int64) * stride_or + cand[:, None] * stride_ok
              + tok[:, None] * stride_ot + (kvh * G + gq)[:, None] * stride_oh + dims[None, :],
