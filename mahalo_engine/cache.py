@@ -20,6 +20,7 @@ import torch
 
 from mahalo_engine.config import ModelConfig
 from mahalo_engine.ops import kv_append, kv_copy_ranges, kv_fork
+from triton_kernels.checks import check_int, is_real
 
 
 def available_bytes(device: torch.device) -> int | None:
@@ -48,14 +49,11 @@ def kv_budget(kv_cache_bytes: int | None, kv_cache_fraction: float | None,
         raise ValueError(f"give kv_cache_bytes ({kv_cache_bytes!r}) or kv_cache_fraction "
                          f"({kv_cache_fraction!r}), not both")
     if kv_cache_bytes is not None:
-        if isinstance(kv_cache_bytes, bool) or not isinstance(kv_cache_bytes, int) \
-                or kv_cache_bytes < 1:
-            raise ValueError(f"kv_cache_bytes must be a positive int, got {kv_cache_bytes!r}")
+        check_int("kv_cache_bytes", kv_cache_bytes, 1)
         return kv_cache_bytes
     if kv_cache_fraction is None:
         return None
-    if isinstance(kv_cache_fraction, bool) or not isinstance(kv_cache_fraction, (int, float)) \
-            or not 0 < kv_cache_fraction <= 1:
+    if not is_real(kv_cache_fraction) or not 0 < kv_cache_fraction <= 1:
         raise ValueError(f"kv_cache_fraction must be a number in (0, 1], got "
                          f"{kv_cache_fraction!r}")
     free = available_bytes(device)

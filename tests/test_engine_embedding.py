@@ -377,7 +377,7 @@ def test_budget_arguments_are_checked(ckpt):
         Engine(policy, kv_cache_bytes=10**6, kv_cache_fraction=0.5)
     with pytest.raises(ValueError, match=r"kv_cache_fraction must be a number in \(0, 1\], got 0"):
         Engine(policy, kv_cache_fraction=0)
-    with pytest.raises(ValueError, match="kv_cache_bytes must be a positive int, got 1.5"):
+    with pytest.raises(ValueError, match="kv_cache_bytes must be an int >= 1, got 1.5"):
         Engine(policy, kv_cache_bytes=1.5)
     with pytest.raises(ValueError, match="max_batch=None .* needs a KV budget"):
         Engine(policy, max_batch=None)

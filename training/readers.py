@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence, TypeVar
 
+from triton_kernels.checks import is_int
+
 T = TypeVar("T")
 
 
@@ -247,8 +249,7 @@ def read_rollouts(path: str | Path) -> list[dict[str, Any]]:
         if len(rewards) != len(steps):
             raise DataError(f"{w}: {len(rewards)} step_rewards for {len(steps)} steps")
         prefix_len = o.get("prefix_len", 0)
-        if not isinstance(prefix_len, int) or isinstance(prefix_len, bool) or not (
-                0 <= prefix_len <= len(steps)):
+        if not is_int(prefix_len) or not 0 <= prefix_len <= len(steps):
             raise DataError(f"{w}: prefix_len must be an int in [0, {len(steps)}], got {prefix_len!r}")
         return {"prompt": prompt, "steps": steps,
                 "step_rewards": [_finite(w, f"step_rewards[{i}]", v) for i, v in enumerate(rewards)],

@@ -28,6 +28,7 @@ from typing import NamedTuple
 
 import torch
 
+from triton_kernels.checks import check_int
 from triton_kernels.merge_kernel import MAX_MERGE_HEADS, merge_heads_triton
 
 log = logging.getLogger(__name__)
@@ -75,8 +76,7 @@ class MergeCache:
     """
 
     def __init__(self, max_bytes: int) -> None:
-        if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0:
-            raise ValueError(f"max_bytes must be an int >= 0, got {max_bytes!r}")
+        check_int("max_bytes", max_bytes, 0)
         self.max_bytes = max_bytes
         self._entries: OrderedDict[tuple, torch.Tensor] = OrderedDict()
         self._heads_key: HeadsKey | None = None

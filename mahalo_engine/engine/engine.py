@@ -34,7 +34,7 @@ from mahalo_engine.engine.sampler import Sampler
 from mahalo_engine.engine.scorers import Candidates, Scorer, SlotLayout, WeightedScorer, as_scorer
 from mahalo_engine.text import Prompt, has_chat_template, tokenize_prompt
 from mahalo_engine.policy import Policy
-from triton_kernels.checks import check_int, check_sampling
+from triton_kernels.checks import check_int, check_sampling, is_int
 
 GENERATE_CHECK_EVERY = 8  # decode steps between the host's "all finished?" checks in generate
 _STEP_REASON = {BOUNDARY: "boundary", EOS: "eos", LENGTH: "length", FULL: "max_seq_len"}
@@ -456,8 +456,7 @@ class Engine:
                 if (is_chat or chat) and not has_chat_template(tok):
                     raise ValueError(f"prompt {i} is a chat but the tokenizer has no chat template")
                 prompt = tokenize_prompt(tok, p if isinstance(p, str) else list(p), chat)
-            elif isinstance(p, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool)
-                                                      for t in p):
+            elif isinstance(p, (list, tuple)) and all(is_int(t) for t in p):
                 bad = [t for t in p if not 0 <= t < vocab]
                 if bad:
                     raise ValueError(f"prompt {i} has token ids {bad[:5]} outside [0, {vocab})")
