@@ -8,7 +8,8 @@ import math
 import pytest
 import torch
 
-from test_triton_cascade import DEVICE, assert_close, needs_triton
+from test_triton_cascade import (DEVICE, assert_close, capture_launch, needs_triton,
+                                 poison_unused)
 from triton_kernels import cascade
 from triton_kernels.reference import cascade_decode_attention, cascade_extend_attention
 
@@ -25,12 +26,9 @@ def make_case(r, k, t, n_kv, g, hd, tp, ts, plens, slens, news, dtype=torch.floa
     slen = torch.tensor(slens, dtype=torch.int32).reshape(r, k)
     new = torch.tensor(news, dtype=torch.int32).reshape(r, k)
     assert (new <= slen).all() and (new <= t).all() and (slen <= ts).all()
+    poison_unused(pk, pv, sk, sv, plen, slen, poison)
     for i in range(r):
-        pk[i, :, plens[i]:] = poison
-        pv[i, :, plens[i]:] = poison
         for c in range(k):
-            sk[i, c, :, slen[i, c]:] = poison
-            sv[i, c, :, slen[i, c]:] = poison
             q[i, c, new[i, c]:] = poison
     to = dict(device=device, dtype=dtype)
     return (q.to(**to), pk.to(**to), pv.to(**to), plen.to(device), sk.to(**to), sv.to(**to),
@@ -179,10 +177,7 @@ def test_kernel_replays_in_a_cuda_graph_with_new_lengths():
     args = list(make_case(r, k, t, n_kv, g, hd, tp, ts, [300, 17], [1, 2, 3, 4, 5, 6, 7, 8],
                           [1, 2, 3, 4, 5, 0, 1, 2], torch.bfloat16, poison=0.0, device="cuda"))
     out = torch.empty_like(args[0])
-    cascade.cascade_extend_attention(*args, out=out)  # compile outside the capture
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        cascade.cascade_extend_attention(*args, out=out)
+    graph = capture_launch(cascade.cascade_extend_attention, args, out)
     args[3].copy_(torch.tensor([599, 1], dtype=torch.int32))
     args[6].copy_(torch.tensor([[16, 1, 9, 5], [3, 3, 3, 0]], dtype=torch.int32))
     args[7].copy_(torch.tensor([[5, 1, 0, 5], [3, 2, 1, 0]], dtype=torch.int32))

@@ -19,6 +19,17 @@ needs_triton = pytest.mark.skipif(
 TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
 
 
+def poison_unused(pk, pv, sk, sv, plen, slen, poison: float) -> None:
+    """Set every prefix position at or past ``plen[r]`` and suffix position at or past
+    ``slen[r, c]`` to ``poison``, in place (a kernel must never read them)."""
+    for i in range(pk.shape[0]):
+        pk[i, :, int(plen[i]):] = poison
+        pv[i, :, int(plen[i]):] = poison
+        for c in range(sk.shape[1]):
+            sk[i, c, :, int(slen[i, c]):] = poison
+            sv[i, c, :, int(slen[i, c]):] = poison
+
+
 def make_case(r, k, n_kv, g, hd, tp, ts, plens, slens, dtype=torch.float32, *, seed=0,
               poison=float("nan"), device="cpu"):
     """Random q / prefix / suffix with every unused cache position set to ``poison``."""
@@ -28,12 +39,7 @@ def make_case(r, k, n_kv, g, hd, tp, ts, plens, slens, dtype=torch.float32, *, s
     sk, sv = torch.randn(2, r, k, n_kv, ts, hd, generator=gen) * 2
     plen = torch.tensor(plens, dtype=torch.int32)
     slen = torch.tensor(slens, dtype=torch.int32).reshape(r, k)
-    for i in range(r):
-        pk[i, :, plens[i]:] = poison
-        pv[i, :, plens[i]:] = poison
-        for c in range(k):
-            sk[i, c, :, slen[i, c]:] = poison
-            sv[i, c, :, slen[i, c]:] = poison
+    poison_unused(pk, pv, sk, sv, plen, slen, poison)
     to = dict(device=device, dtype=dtype)
     return (q.to(**to), pk.to(**to), pv.to(**to), plen.to(device), sk.to(**to), sv.to(**to),
             slen.to(device))
@@ -210,6 +216,16 @@ def test_cpu_fast_path_matches_float64(name, dtype):
     assert_close(cascade_decode_attention_cpu(*args), attention64(*args), dtype)
 
 
+def capture_launch(launch, args: list, out: torch.Tensor) -> "torch.cuda.CUDAGraph":
+    """A CUDA graph of ``launch(*args, out=out)``, after one eager launch (which compiles the
+    kernel outside the capture)."""
+    launch(*args, out=out)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        launch(*args, out=out)
+    return graph
+
+
 @pytest.mark.gpu
 def test_kernel_replays_in_a_cuda_graph_with_new_lengths():
     """Lengths are read on the device: a captured launch follows lengths changed after capture
@@ -218,10 +234,7 @@ def test_kernel_replays_in_a_cuda_graph_with_new_lengths():
     args = list(make_case(r, k, n_kv, g, hd, tp, ts, [300, 17], [1, 2, 3, 4, 5, 6, 7, 8],
                           torch.bfloat16, poison=0.0, device="cuda"))
     out = torch.empty_like(args[0])
-    cascade.cascade_decode_attention(*args, out=out)  # compile outside the capture
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        cascade.cascade_decode_attention(*args, out=out)
+    graph = capture_launch(cascade.cascade_decode_attention, args, out)
     args[3].copy_(torch.tensor([599, 1], dtype=torch.int32))
     args[6].copy_(torch.tensor([[16, 1, 9, 2], [3, 3, 3, 0]], dtype=torch.int32))
     graph.replay()
