@@ -172,9 +172,8 @@ class ValueModelPRM(Scorer):
             layout, _shares_vocabulary(self.prm, policy))
         if self._allocated(num_slots, max_len, shared, layout):
             return 0
-        if shared:
-            return SharedPrefixCache.nbytes(self.prm.config, num_slots // layout.k, layout.k,
-                                            max_len, layout.step_len, self._dtype)
+        if shared:  # both layouts' sizes are linear in the request count
+            return num_slots // layout.k * self.request_nbytes(max_len, policy, layout)
         return KVCache.nbytes(self.prm.config, num_slots, max_len, self._dtype)
 
     def request_nbytes(self, max_len: int, policy: Any, layout: SlotLayout = FORK) -> int:
