@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,14 @@ from mahalo_engine.utils.cli import (HelpFormatter, add_boundary_arg, add_debug_
 
 _DTYPES = ("float32", "bfloat16", "float16")
 _RESULT_KEYS = ("text", "token_ids", "logprobs", "finish_reason", "steps")  # added to input rows
+# Options that shape the rows written to --out: stored beside it (<out>.meta.json) and compared on
+# --resume. Not here: where and how fast it runs (--device, --no-cuda-graphs, --check-every,
+# --cache-layout, whose results are identical by design) and --prompts (checked row by row).
+RESULT_OPTIONS = ("command", "model", "heads", "weights", "chat", "temperature", "seed",
+                  "max_new_tokens", "stop", "dtype", "max_batch", "max_seq_len", "chunk_size",
+                  "top_k")
+SEARCH_RESULT_OPTIONS = ("prm", "prm_weights", "candidates", "boundary", "max_steps",
+                         "max_step_tokens", "selection_temperature", "stop_boxed")
 
 
 def _floats(text: str) -> list[float]:
@@ -112,13 +122,16 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _requests(args: argparse.Namespace
-              ) -> tuple[list[Any], list[list[float]] | None, list[dict[str, Any]]]:
-    """(prompts, per-request head weights or None, the input rows) from --prompt / --prompts."""
+def _requests(args: argparse.Namespace) -> tuple[list[Any], list[Any] | None,
+                                                list[dict[str, Any]], list[str]]:
+    """(prompts, per-request head weights or None, the input rows, where each request comes from:
+    ``file:line``) from --prompt / --prompts."""
     if args.prompt is not None:
-        return [args.prompt], None, [{"prompt": args.prompt}]
-    prompts, weights, rows = [], [], []
-    for n, line in enumerate(args.prompts.read_text().splitlines(), 1):
+        return [args.prompt], None, [{"prompt": args.prompt}], ["--prompt"]
+    from mahalo_engine.utils.outputs import read_text_lines
+
+    prompts, weights, rows, where = [], [], [], []
+    for n, line in read_text_lines(args.prompts):
         if not line.strip():
             continue
         try:
@@ -134,16 +147,29 @@ def _requests(args: argparse.Namespace
             prompts.append(row["prompt"])
         else:
             raise ValueError(f"{args.prompts}:{n}: expected a 'prompt' or 'messages' field")
-        weights.append(row.get("head_weights", args.weights))
+        w = row.get("head_weights", args.weights)
+        if "head_weights" in row:
+            _check_weights(w, f"{args.prompts}:{n}: head_weights")
+        weights.append(w)
         rows.append(row)
+        where.append(f"{args.prompts}:{n}")
     if not prompts:
         raise ValueError(f"{args.prompts}: no requests")
     if all(w is None for w in weights):
-        return prompts, None, rows
+        return prompts, None, rows, where
     if any(w is None for w in weights):
         raise ValueError(f"{args.prompts}: give head_weights on every line or on none (or use "
                          f"--weights for the rest)")
-    return prompts, weights, rows
+    return prompts, weights, rows, where
+
+
+def _check_weights(w: Any, what: str) -> None:
+    """A list of finite numbers >= 0 (booleans are not numbers here: ``true`` is no weight)."""
+    if not isinstance(w, list) or not w or not all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) for x in w):
+        raise ValueError(f"{what} must be a non-empty list of numbers, got {json.dumps(w)}")
+    if not all(math.isfinite(x) and x >= 0 for x in w) or not any(x > 0 for x in w):
+        raise ValueError(f"{what} must be finite, >= 0 and not all zero, got {json.dumps(w)}")
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -158,8 +184,32 @@ def _check_args(args: argparse.Namespace) -> None:
         if not s:
             raise ValueError("--stop: the stop string is empty; give a non-empty string such as "
                              "'\\n'")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise ValueError(f"--temperature must be a finite number >= 0, got {args.temperature}")
+    if args.top_k < 0:
+        raise ValueError(f"--top-k must be >= 0 (0 = no truncation), got {args.top_k}")
+    if args.weights is not None:
+        _check_weights(args.weights, "--weights")
+    from mahalo_engine.utils.loader import check_model_dir
+    from mahalo_engine.utils.outputs import check_not_input
+
+    check_model_dir(args.model)
+    for prm in args.prm if args.command == "search" and args.prm else ():
+        check_model_dir(prm, "--prm")
+    if args.out is not None:
+        check_not_input(args.out, {"--prompts": args.prompts, "--model": args.model,
+                                   "--heads": args.heads})
     if args.command != "search":
         return
+    for name in ("candidates", "max_steps", "max_step_tokens", "check_every"):
+        if getattr(args, name) < 1:
+            flag = "-k" if name == "candidates" else f"--{name.replace('_', '-')}"
+            raise ValueError(f"{flag} must be >= 1, got {getattr(args, name)}")
+    if not (math.isfinite(args.selection_temperature) and args.selection_temperature >= 0):
+        raise ValueError(f"--selection-temperature must be a finite number >= 0, got "
+                         f"{args.selection_temperature}")
+    if args.prm_weights is not None and not all(math.isfinite(w) for w in args.prm_weights):
+        raise ValueError(f"--prm-weights must be finite, got {args.prm_weights}")
     if args.candidates > 1 and not args.prm:
         raise ValueError(f"search with -k {args.candidates} needs a PRM to pick the winner among "
                          f"the candidates: pass --prm DIR (or -k 1 for plain step-wise decoding)")
@@ -180,45 +230,66 @@ def _main(argv: list[str] | None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from mahalo_engine.utils.outputs import OutputLock
     from training.distributed import cleanup
-    from training.sharded import setup
+    from training.sharded import on_main, setup
 
     info = setup(args.device)
+    # Rank 0 writes --out, so it alone holds the lock; a refused lock stops every rank.
+    lock = OutputLock(args.out) if args.out is not None else None
     try:
+        on_main(lambda: lock.acquire() if lock is not None else None, info)
         return _run_rank(args, info)
     finally:
+        if lock is not None:
+            lock.release()
         cleanup(info)
+
+
+def _options(args: argparse.Namespace, chunk: int, dtype: Any) -> dict[str, Any]:
+    """The result-shaping options (`RESULT_OPTIONS`) as stored beside --out."""
+    from mahalo_engine.utils.outputs import options_of
+
+    names = RESULT_OPTIONS + (SEARCH_RESULT_OPTIONS if args.command == "search" else ())
+    opts = options_of(args, names)
+    opts["chunk_size"] = chunk
+    opts["dtype"] = str(dtype).replace("torch.", "")  # the default depends on the device
+    opts["model"] = str(args.model.resolve())
+    return opts
 
 
 def _run_rank(args: argparse.Namespace, info: Any) -> int:
     """This process's part of the run: the prompts cut into chunks of --chunk-size, chunk c one
     engine call with seed --seed + c on rank ``c mod world`` (`training.sharded`); rank 0 writes
-    or prints the rows in input order."""
-    import math
-
+    or prints the rows in input order. --out is only checked here: it changes when the first
+    chunk's rows are ready, so an error before then leaves it as it was."""
     import torch
     from tqdm.auto import tqdm
 
     from mahalo_engine.engine import Engine
     from mahalo_engine.policy import load_policy
     from mahalo_engine.utils.cli import Interrupted
-    from training.sharded import append_jsonl, on_main, prepare_output, run_sharded
+    from training.sharded import on_main, prepare_output, run_sharded
 
     device = info.device
     dtype = getattr(torch, args.dtype) if args.dtype else \
         (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    prompts, weights, inputs = _requests(args)
+    prompts, weights, inputs, where = _requests(args)
     chunk = args.chunk_size if args.chunk_size is not None else 8 * args.max_batch
-    done = 0
+    output = None
     if args.out is not None:
         def same_input(i: int, row: dict[str, Any]) -> bool:
             return all(row.get(k) == v for k, v in inputs[i].items() if k not in _RESULT_KEYS)
 
-        done = on_main(lambda: prepare_output(
+        output = on_main(lambda: prepare_output(
             args.out, [1] * len(prompts), same_input, resume=args.resume,
             overwrite=not args.resume, item="prompt", items="prompts",
-            afresh="a run without --resume", align=chunk), info)
+            afresh="a run without --resume", align=chunk, options=_options(args, chunk, dtype)), info)
+    done = output.done if output is not None else 0
     policy = load_policy(args.model, heads=args.heads, dtype=dtype, device=device)
+    # Head weights are checked against the loaded heads before any prompt runs.
+    policy.weight_matrix(weights if weights is not None else args.weights,
+                         len(prompts) if weights is not None else 1)
     prm = None
     if args.command == "search" and args.prm:
         from mahalo_engine.prm import load_prm
@@ -233,7 +304,10 @@ def _run_rank(args: argparse.Namespace, info: Any) -> int:
     def work(c: int) -> list[dict[str, Any]]:
         lo, hi = c * chunk, min(len(prompts), (c + 1) * chunk)
         w = weights[lo:hi] if weights is not None else args.weights
-        rows = _results(args, engine, prompts[lo:hi], w, args.seed + c)
+        try:
+            rows = _results(args, engine, prompts[lo:hi], w, args.seed + c)
+        except (ValueError, TypeError, FloatingPointError) as e:
+            raise _in_file(e, lo, where) from None
         # Each output row is its input row (its "id" and any other field) plus the result.
         return [{**src, **row} for src, row in zip(inputs[lo:hi], rows)]
 
@@ -243,8 +317,8 @@ def _run_rank(args: argparse.Namespace, info: Any) -> int:
 
     def write(c: int, rows: list[dict[str, Any]]) -> None:
         nonlocal written
-        if args.out is not None:
-            append_jsonl(args.out, rows)
+        if output is not None:
+            output.append(rows)
         else:
             _print_rows(rows, c * chunk)
         written += len(rows)
@@ -264,6 +338,16 @@ def _run_rank(args: argparse.Namespace, info: Any) -> int:
     return 0
 
 
+def _in_file(e: Exception, first: int, where: list[str]) -> Exception:
+    """An engine error about "prompt i" of a chunk, renamed to the request's place in the input
+    (its index and ``file:line``)."""
+    def name(m: re.Match) -> str:
+        i = first + int(m.group(1))
+        return f"prompt {i} ({where[i]})" if i < len(where) else m.group(0)
+
+    return type(e)(re.sub(r"\bprompt (\d+)\b", name, str(e), count=1))
+
+
 def _results(args: argparse.Namespace, engine: Any, prompts: list[Any], head_weights: Any,
              seed: int) -> list[dict[str, Any]]:
     """One chunk's result rows: one engine call."""
@@ -274,6 +358,13 @@ def _results(args: argparse.Namespace, engine: Any, prompts: list[Any], head_wei
         results = engine.generate(prompts, head_weights=head_weights, max_new_tokens=max_new,
                                   temperature=args.temperature, top_k=args.top_k, seed=seed,
                                   stop=args.stop, chat=args.chat)
+        for i, r in enumerate(results):
+            bad = next((t for t, lp in enumerate(r.logprobs) if not math.isfinite(lp)), None)
+            if bad is not None:
+                raise FloatingPointError(
+                    f"prompt {i}: model {args.model} produced non-finite logits (log-prob "
+                    f"{r.logprobs[bad]}) at generated token {bad}; check its weights and "
+                    f"config.json (or use --dtype float32)")
         return [{"text": r.text, "token_ids": r.token_ids, "logprobs": r.logprobs,
                  "finish_reason": r.finish_reason} for r in results]
     stop = list(args.stop or []) + ([boxed_closed] if args.stop_boxed else [])
@@ -287,15 +378,32 @@ def _results(args: argparse.Namespace, engine: Any, prompts: list[Any], head_wei
         check_every=args.check_every)
     results = engine.search(prompts, head_weights=head_weights, config=cfg, chat=args.chat)
     return [{"text": r.text, "token_ids": r.token_ids, "finish_reason": r.finish_reason,
-             "steps": [vars(s) for s in r.steps]} for r in results]
+             "steps": [_step_row(args, i, vars(s)) for s in r.steps]}
+            for i, r in enumerate(results)]
+
+
+def _step_row(args: argparse.Namespace, i: int, step: dict[str, Any]) -> dict[str, Any]:
+    """A search step for JSON: an unscorable candidate's score (-inf) is written as null; a NaN
+    score is an error naming the PRM."""
+    scores = [step["score"], *step["candidate_scores"]]
+    if any(isinstance(x, float) and math.isnan(x) for x in scores):
+        raise FloatingPointError(f"prompt {i}: the PRM ({', '.join(map(str, args.prm or []))}) "
+                                 f"gave a NaN score; check its weights")
+    fix = lambda x: None if isinstance(x, float) and math.isinf(x) else x  # noqa: E731
+    return {**step, "score": fix(step["score"]),
+            "candidate_scores": [fix(x) for x in step["candidate_scores"]]}
+
+
+def _score(x: float | None) -> str:
+    return "unscorable" if x is None else f"{x:.4g}"
 
 
 def _print_rows(rows: list[dict[str, Any]], first: int) -> None:
     for i, row in enumerate(rows, first):
         print(f"=== request {i} ({row['finish_reason']}, {len(row['token_ids'])} tokens)")
         for j, step in enumerate(row.get("steps", [])):
-            cands = ", ".join(f"{c:.4g}" for c in step["candidate_scores"])
-            print(f"--- step {j + 1}: score {step['score']:.4g} (candidates {cands}; "
+            cands = ", ".join(_score(c) for c in step["candidate_scores"])
+            print(f"--- step {j + 1}: score {_score(step['score'])} (candidates {cands}; "
                   f"{step['finish_reason']})")
             print(step["text"])
         if "steps" not in row:

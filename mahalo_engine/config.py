@@ -8,6 +8,8 @@ plain fields and never branches on ``model_type``. Accepts both the classic layo
 from __future__ import annotations
 
 import json
+import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,6 +68,13 @@ class ModelConfig:
         return sorted(ids)
 
     @property
+    def num_parameters(self) -> int:
+        """About the parameters of the decoder this config describes (`estimate_parameters`)."""
+        return estimate_parameters(self.raw | {"num_key_value_heads": self.num_key_value_heads,
+                                               "head_dim": self.head_dim,
+                                               "tie_word_embeddings": self.tie_word_embeddings})
+
+    @property
     def num_kv_groups(self) -> int:
         return self.num_attention_heads // self.num_key_value_heads
 
@@ -76,8 +85,11 @@ class ModelConfig:
         p = Path(path)
         if p.is_dir():
             p = p / "config.json"
+        elif p.is_file() and p.suffix != ".json":
+            raise ValueError(f"{p} is a file; expected a model directory (holding config.json)")
         if not p.is_file():
-            raise FileNotFoundError(f"no config.json at {p}")
+            raise FileNotFoundError(f"no config.json at {p}" if p.parent.is_dir()
+                                    else f"no such directory: {p.parent}")
         config = cls.from_dict(_read_json(p))
         gen = p.parent / "generation_config.json"
         if gen.is_file():
@@ -101,10 +113,13 @@ class ModelConfig:
             raise ValueError(f"unsupported hidden_act {act!r} for {model_type}; supported: 'silu' (SwiGLU)")
         for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                     "num_attention_heads"):
-            if not isinstance(d.get(key), int) or d[key] <= 0:
+            if not isinstance(d.get(key), int) or isinstance(d[key], bool) or d[key] <= 0:
                 raise ValueError(f"config.json: {key} must be a positive int, got {d.get(key)!r}")
         hidden, n_heads, n_layers = d["hidden_size"], d["num_attention_heads"], d["num_hidden_layers"]
         n_kv = d.get("num_key_value_heads") or n_heads
+        if not isinstance(n_kv, int) or isinstance(n_kv, bool) or n_kv <= 0:
+            raise ValueError(f"config.json: num_key_value_heads must be a positive int, got "
+                             f"{n_kv!r}")
         if n_heads % n_kv:
             raise ValueError(
                 f"num_attention_heads={n_heads} is not a multiple of num_key_value_heads={n_kv}"
@@ -112,8 +127,17 @@ class ModelConfig:
         # Qwen3 defaults head_dim to 128 when absent; the others derive it.
         default_head_dim = 128 if model_type == "qwen3" else hidden // n_heads
         head_dim = d.get("head_dim") or default_head_dim
-        if head_dim % 2:
-            raise ValueError(f"head_dim must be even for RoPE, got {head_dim}")
+        if not isinstance(head_dim, int) or head_dim <= 0 or head_dim % 2:
+            raise ValueError(f"config.json: head_dim must be a positive even int (RoPE), got "
+                             f"{head_dim!r}")
+        _check_size(d | {"num_key_value_heads": n_kv, "head_dim": head_dim})
+        eps = d.get("rms_norm_eps", 1e-6)
+        if not _is_number(eps) or not 0 <= eps < math.inf:
+            raise ValueError(f"config.json: rms_norm_eps must be a finite number >= 0, got {eps!r}")
+        max_pos = d.get("max_position_embeddings", 2048)
+        if not isinstance(max_pos, int) or isinstance(max_pos, bool) or max_pos <= 0:
+            raise ValueError(f"config.json: max_position_embeddings must be a positive int, got "
+                             f"{max_pos!r}")
 
         rope_theta, rope_scaling = _parse_rope(d)
 
@@ -155,6 +179,47 @@ class ModelConfig:
         )
 
 
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def estimate_parameters(d: dict[str, Any]) -> int:
+    """About the parameter count of the decoder a config dict describes (within a few biases and
+    norms), from its sizes alone (computed
+    before anything is built, so an absurd config is refused in microseconds)."""
+    hidden, inter, layers = d["hidden_size"], d["intermediate_size"], d["num_hidden_layers"]
+    q = d["num_attention_heads"] * d["head_dim"]
+    kv = d["num_key_value_heads"] * d["head_dim"]
+    per_layer = hidden * (2 * q + 2 * kv) + 3 * hidden * inter + 2 * hidden
+    if d.get("model_type") == "qwen2" or d.get("attention_bias"):
+        per_layer += q + 2 * kv  # q/k/v biases (o_proj's and the MLP's are small enough to omit)
+    embeddings = d["vocab_size"] * hidden * (1 if d.get("tie_word_embeddings") else 2)
+    return embeddings + layers * per_layer + hidden
+
+
+# No single device this engine runs on holds more than this (the larger of the host's memory
+# and 256 GiB, for a GPU larger than its host): a config past it is refused while parsing, before
+# anything proportional to its size (such as one entry per layer) is built. `load_decoder` then
+# checks the real bytes against the memory free on the target device.
+def _max_model_bytes() -> int:
+    try:
+        host = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        host = 0
+    return max(host, 256 * 2**30)
+
+
+def _check_size(d: dict[str, Any]) -> None:
+    params = estimate_parameters(d)
+    need, limit = 2 * params, _max_model_bytes()  # 2 bytes: the smallest supported dtype
+    if need > limit:
+        raise ValueError(f"config.json describes a model of {params:.3g} parameters "
+                         f"(num_hidden_layers={d['num_hidden_layers']}, hidden_size="
+                         f"{d['hidden_size']}, vocab_size={d['vocab_size']}): at least "
+                         f"{need / 2**30:.3g} GiB, more than this machine can hold "
+                         f"({limit / 2**30:.3g} GiB)")
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
@@ -176,7 +241,10 @@ def _parse_rope(d: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
         raise ValueError(
             f"per-layer-type rope_parameters ({sorted(src)}) are not supported; expected one dict"
         )
-    theta = float(src.pop("rope_theta", d.get("rope_theta", 10000.0)))
+    theta = src.pop("rope_theta", d.get("rope_theta", 10000.0))
+    if not _is_number(theta) or not 0 < theta < math.inf:
+        raise ValueError(f"config.json: rope_theta must be a finite number > 0, got {theta!r}")
+    theta = float(theta)
     rope_type = src.pop("rope_type", src.pop("type", "default"))
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise ValueError(
@@ -192,6 +260,13 @@ def _parse_rope(d: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
     missing = [k for k in _ROPE_KEYS[rope_type] if src.get(k) is None]
     if missing:
         raise ValueError(f"rope type {rope_type!r} needs {missing} in its rope parameters")
+    for k in _ROPE_KEYS[rope_type]:
+        if not _is_number(src[k]) or not 0 < src[k] < math.inf:
+            raise ValueError(f"config.json: rope parameter {k} must be a finite number > 0, got "
+                             f"{src[k]!r}")
+    if rope_type == "llama3" and src["low_freq_factor"] == src["high_freq_factor"]:
+        raise ValueError(f"config.json: llama3 rope needs low_freq_factor != high_freq_factor "
+                         f"(both {src['low_freq_factor']}): RoPE divides by their difference")
     return theta, {"rope_type": rope_type, **{k: src[k] for k in _ROPE_KEYS[rope_type]}}
 
 

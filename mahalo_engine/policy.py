@@ -14,7 +14,7 @@ from mahalo_engine.config import ModelConfig
 from mahalo_engine.heads import HEADS_FILE, check_heads, load_heads
 from mahalo_engine.models.decoder import Decoder
 from mahalo_engine.models.from_hf import as_decoder
-from mahalo_engine.utils.loader import _IGNORED, load_decoder
+from mahalo_engine.utils.loader import _IGNORED, load_decoder, load_tokenizer
 from triton_kernels.heads_plan import plan_heads
 
 HeadWeights = Sequence[float] | Sequence[Sequence[float]] | torch.Tensor | None
@@ -199,8 +199,6 @@ def load_policy(path: str | Path, *, heads: str | Path | None = None,
     ``<path>/mahalo_heads.safetensors`` if present, else the checkpoint's lm_head as the one head
     (objective ``"lm_head"``). ``dtype`` None: config.json's dtype, else the stored one (as
     transformers' ``"auto"``); ``device`` None is the CPU."""
-    from transformers import AutoTokenizer
-
     root = Path(path)
     model = load_decoder(root, dtype=dtype, device=device)
     weight = model.model.embed_tokens.weight
@@ -214,5 +212,5 @@ def load_policy(path: str | Path, *, heads: str | Path | None = None,
         if not torch.isfinite(head_tensor).all():
             raise ValueError(f"heads file {heads} holds non-finite values")
         head_tensor = head_tensor.to(weight.dtype)
-    tokenizer = AutoTokenizer.from_pretrained(root)
+    tokenizer = load_tokenizer(root, "policy")
     return Policy(model, tokenizer, head_tensor, objectives, root)

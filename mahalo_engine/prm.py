@@ -27,7 +27,7 @@ from torch import nn
 from mahalo_engine.config import ModelConfig
 from mahalo_engine.models.from_hf import as_decoder
 from mahalo_engine.utils.padding import pad_right
-from mahalo_engine.utils.loader import check_tensor_shapes, load_decoder, save_checkpoint
+from mahalo_engine.utils.loader import check_tensor_shapes, load_decoder, load_tokenizer, save_checkpoint
 from triton_kernels.checks import is_real
 
 VALUE_HEAD_FILE = "value_head.safetensors"
@@ -255,12 +255,10 @@ def load_prm(path: str | Path, *, dtype: torch.dtype | None = None,
              device: torch.device | str | None = None) -> ValueModel:
     """Load a PRM directory: backbone (strict, ``dtype``/``device`` as ``load_decoder``) plus its
     value head (float32, same device)."""
-    from transformers import AutoTokenizer
-
     root = Path(path)
     head, kind = load_value_head(root / VALUE_HEAD_FILE)
     model = load_decoder(root, dtype=dtype, device=device)
-    tokenizer = AutoTokenizer.from_pretrained(root)
+    tokenizer = load_tokenizer(root, "PRM")
     return ValueModel(model, head.to(model.device), kind, tokenizer,
                       root).eval()
 

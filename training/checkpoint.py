@@ -1,4 +1,4 @@
-"""Atomic file writes and resumable training checkpoints.
+"""Resumable training checkpoints (atomic writes of single files: `mahalo_engine.utils.outputs`).
 
 A checkpoint is a directory ``<out>/checkpoints/step-<N>/`` holding ``model.safetensors`` (the
 trainable module's full state, float tensors as trained) and ``trainer_state.pt`` (optimizer,
@@ -20,37 +20,8 @@ from typing import Any
 
 import torch
 
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # some filesystems do not allow opening directories
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same directory and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
+from mahalo_engine.utils.outputs import (atomic_write_bytes, atomic_write_text,  # noqa: F401
+                                         fsync_dir, new_dir_mode)
 
 
 def atomic_directory(final: str | Path) -> "_AtomicDir":
@@ -66,6 +37,7 @@ class _AtomicDir:
     def __enter__(self) -> Path:
         self.final.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.tmp-", dir=self.final.parent))
+        self.tmp.chmod(new_dir_mode())  # mkdtemp's 0700 would stay on the published directory
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -81,7 +53,7 @@ class _AtomicDir:
             old = self.final.with_name(f".{self.final.name}.old-{os.getpid()}")
             os.replace(self.final, old)
         os.replace(self.tmp, self.final)
-        _fsync_dir(self.final.parent)
+        fsync_dir(self.final.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
 
@@ -97,7 +69,7 @@ def publish_files(src_dir: Path, dst_dir: str | Path) -> None:
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(f, dst / f.name)
-    _fsync_dir(dst)
+    fsync_dir(dst)
     shutil.rmtree(src_dir, ignore_errors=True)
 
 

@@ -25,21 +25,26 @@ class DataError(ValueError):
 
 def iter_jsonl(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
     """Yield ``("file:line", object)`` for each non-blank line; a bad line is a ``DataError``."""
+    from mahalo_engine.utils.outputs import read_text_lines
+
     p = Path(path)
     if not p.is_file():
         raise DataError(f"{p}: no such file")
-    with p.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{p}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(obj, dict):
-                raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-            yield where, obj
+    try:
+        lines = list(read_text_lines(p))
+    except ValueError as e:
+        raise DataError(str(e)) from None
+    for lineno, line in lines:
+        if not line.strip():
+            continue
+        where = f"{p}:{lineno}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(obj, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+        yield where, obj
 
 
 def _field(where: str, obj: dict, key: str, kind: type | tuple[type, ...]) -> Any:
@@ -270,7 +275,7 @@ def paper_pairs_to_trl(src: str | Path) -> list[dict[str, str]]:
     preference rows ``{"prompt","chosen","rejected"}`` (extra fields such as metadata dropped)."""
     p = Path(src)
     try:
-        rows = json.loads(p.read_text(encoding="utf-8"))
+        rows = json.loads(p.read_text(encoding="utf-8-sig"))
     except json.JSONDecodeError as e:
         raise DataError(f"{p}:{e.lineno}: invalid JSON ({e.msg})") from None
     if not isinstance(rows, list):

@@ -9,17 +9,19 @@ rank ``u mod world_size``; units run in rounds of ``per_rank × world_size``, af
 rank 0 gathers the round's results (over gloo: no shared file system is needed between nodes) and
 appends them to the output in unit order. So N processes write the same file as one process, and
 the output is always a prefix of it: an interrupted run keeps whole rounds, and a rerun with
-``--resume`` continues after them (`prepare_output`).
+``--resume`` continues after them (`prepare_output`; the writing itself is
+`mahalo_engine.utils.outputs.JsonlOutput`).
 """
 from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any, Callable, Sequence, TypeVar
 
 from mahalo_engine.utils.cli import USER_ERRORS, resolve_device
+from mahalo_engine.utils.outputs import (JsonlOutput, check_options, is_special, options_path,
+                                         read_options, write_target)
 from training.distributed import (DistInfo, broadcast_from_main, gather_to_main, init_distributed,
                                   launched_by_torchrun)
 
@@ -102,37 +104,45 @@ def run_sharded(units: int, work: Callable[[int], T], write: Callable[[int, T], 
 
 def prepare_output(path: Path, sizes: Sequence[int], is_first_row: Callable[[int, dict], bool],
                    *, resume: bool, overwrite: bool, item: str = "input", items: str = "inputs",
-                   afresh: str = "--overwrite", align: int = 1) -> int:
-    """Prepare the jsonl ``path`` for appending whole items (item i = ``sizes[i]`` rows, in input
-    order); returns how many leading items it already holds in full.
+                   afresh: str = "--overwrite", align: int = 1,
+                   options: dict[str, Any] | None = None) -> JsonlOutput:
+    """Check the jsonl ``path`` for appending whole items (item i = ``sizes[i]`` rows, in input
+    order); returns its `JsonlOutput`, whose ``done`` says how many leading items it already holds
+    in full. Nothing is written here: the file changes only when the first new rows arrive.
 
-    A fresh run refuses an existing file unless ``overwrite`` (then empties it). ``resume`` keeps
-    the complete items, a multiple of ``align`` of them (a unit of several items is redone whole),
-    drops the rest (such as a torn last line of an interrupted write) and checks that each kept
-    item's first row is ``is_first_row(i, row)`` (else the file came from other data).
+    A fresh run refuses an existing file unless ``overwrite`` (then replaced by the new rows).
+    ``resume`` keeps the complete items, a multiple of ``align`` of them (a unit of several items
+    is redone whole), drops the rest (such as a torn last line of an interrupted write) and checks
+    that each kept item's first row is ``is_first_row(i, row)`` (else the file came from other
+    data). ``options`` (the result-shaping options) are stored beside the file
+    (``<path>.meta.json``); a resume with other options is refused, naming old and new values.
     ``item``/``items`` name an item in messages, ``afresh`` how to start over.
     """
-    from training.checkpoint import atomic_write_text
-
     if resume and overwrite:
         raise ValueError("--resume and --overwrite exclude each other")
-    if not resume:
-        if path.exists() and not overwrite:
+    target = write_target(path)
+    if not resume or is_special(target):
+        if not overwrite and target.is_file() and target.stat().st_size > 0:
             raise ValueError(f"--out {path} already exists; pass --resume to continue it (its "
-                             f"finished {items} are kept) or --overwrite to replace it")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path, "")
-        return 0
-    lines = path.read_text().splitlines(keepends=True) if path.exists() else []
+                             f"finished {items} are kept) or {afresh} to replace it")
+        return JsonlOutput(path, options=options)
+    data = target.read_bytes() if target.is_file() else b""
+    lines = data.splitlines(keepends=True)
     rows = []
-    for line in lines:
+    for n, line in enumerate(lines, 1):
+        if not line.endswith(b"\n"):
+            break  # torn last line
         try:
             rows.append(json.loads(line))
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, UnicodeDecodeError):
             break
-        if not line.endswith("\n"):
-            rows.pop()  # torn last line
-            break
+    if rows and options is not None:
+        saved = read_options(path)
+        if saved is None:
+            raise ValueError(f"--resume: {path} has no record of the options it was made with "
+                             f"({options_path(path)} is missing), so a resume could mix results "
+                             f"of other settings; start afresh with {afresh}")
+        check_options(path, saved, options)
     ends = [0]  # ends[i]: rows in the first i complete items
     for i, n in enumerate(sizes):
         if ends[-1] + n > len(rows):
@@ -143,16 +153,7 @@ def prepare_output(path: Path, sizes: Sequence[int], is_first_row: Callable[[int
                              f"afresh with {afresh} or choose another --out")
         ends.append(ends[-1] + n)
     done = (len(ends) - 1) // align * align
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, "".join(lines[:ends[done]]))
     if done:
         log.info("--resume: %s already holds %d of %d %s", path, done, len(sizes), items)
-    return done
-
-
-def append_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> None:
-    """Rows appended and flushed to disk in one write (a crash tears at most the last line)."""
-    with path.open("a", encoding="utf-8") as f:
-        f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-        f.flush()
-        os.fsync(f.fileno())
+    keep = sum(len(line) for line in lines[:ends[done]])
+    return JsonlOutput(path, done=done, keep_bytes=keep, options=options)

@@ -11,6 +11,7 @@ conversions saved are skipped (they are recomputed from the config).
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 from typing import Collection, Mapping, Sequence
@@ -26,6 +27,55 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 _IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+
+def check_model_dir(path: str | Path, flag: str = "--model", need: str = "config.json") -> Path:
+    """``path`` as a local model directory holding ``need``, checked on the file system alone: the
+    project never downloads, so a typo is answered at once with "no such directory: ..." rather
+    than after a hub lookup. ``need="tokenizer"``: any of ``TOKENIZER_FILES``."""
+    root = Path(path)
+    if not root.exists():
+        raise FileNotFoundError(f"{flag}: no such directory: {root} (a local Hugging Face model "
+                                f"directory; nothing is downloaded)")
+    if not root.is_dir():
+        raise ValueError(f"{flag}: {root} is a file; expected a model directory")
+    if need == "tokenizer":
+        if not any((root / f).is_file() for f in TOKENIZER_FILES):
+            raise FileNotFoundError(f"{flag}: no tokenizer files in {root} (expected one of "
+                                    f"{', '.join(TOKENIZER_FILES)})")
+    elif not (root / need).is_file():
+        raise FileNotFoundError(f"{flag}: no {need} in {root}")
+    return root
+
+
+def load_tokenizer(path: str | Path, flag: str = "--model"):
+    """The tokenizer of a local model directory (`check_model_dir` first, then transformers'
+    AutoTokenizer with ``local_files_only``: never a network lookup). A tokenizer that encodes
+    text to nothing is refused here rather than deep inside the engine."""
+    from transformers import AutoTokenizer
+
+    root = check_model_dir(path, flag, need="tokenizer")
+    tok = AutoTokenizer.from_pretrained(root, local_files_only=True)
+    if not tok("a", add_special_tokens=False)["input_ids"]:
+        raise ValueError(f"{flag}: the tokenizer in {root} encodes 'a' to no tokens; its "
+                         f"tokenizer files are incomplete")
+    return tok
+
+
+def check_fits(config: ModelConfig, dtype: torch.dtype, device: torch.device, where: str) -> None:
+    """Refuse a model whose weights alone exceed the memory free on ``device`` (estimated from
+    config.json, before anything is built)."""
+    from mahalo_engine.cache import available_bytes
+
+    need = config.num_parameters * torch.empty((), dtype=dtype).element_size()
+    free = available_bytes(device)
+    if free is not None and need > free:
+        raise ValueError(f"{where}: its config.json describes {config.num_parameters:.3g} "
+                         f"parameters, {need / 2**30:.3g} GiB in {str(dtype).replace('torch.', '')}, "
+                         f"but {device} has {free / 2**30:.3g} GiB free")
 
 
 def checkpoint_files(path: str | Path) -> dict[str, Path]:
@@ -112,11 +162,16 @@ def load_decoder(path: str | Path, *, dtype: torch.dtype | None = None,
     ``"auto"``: the dtype config.json names, else that of ``model.embed_tokens.weight`` on disk.
     ``device`` None is the CPU."""
     root = Path(path)
-    config = config or ModelConfig.from_pretrained(root)
+    config = config or ModelConfig.from_pretrained(check_model_dir(root, "model"))
     device = torch.device(device or "cpu")
     files = checkpoint_files(root)
     files = {n: f for n, f in files.items() if not _IGNORED.search(n)}
     shapes, dtypes = _disk_shapes(files)
+    if dtype is None:
+        dtype = _default_dtype(config, dtypes.get("model.embed_tokens.weight", "F32"))
+    if dtype not in _DTYPE_NAMES:
+        raise TypeError(f"dtype must be one of {list(_DTYPE_NAMES)}, got {dtype}")
+    check_fits(config, dtype, device, f"checkpoint {root}")
 
     with torch.device("meta"):
         model = Decoder(config)
@@ -124,10 +179,6 @@ def load_decoder(path: str | Path, *, dtype: torch.dtype | None = None,
     check_tensor_shapes(f"checkpoint {root}", shapes,
                         {name: t.shape for name, t in model.state_dict().items()}, optional)
 
-    if dtype is None:
-        dtype = _default_dtype(config, dtypes["model.embed_tokens.weight"])
-    if dtype not in _DTYPE_NAMES:
-        raise TypeError(f"dtype must be one of {list(_DTYPE_NAMES)}, got {dtype}")
     model = model.to(dtype=dtype).to_empty(device=device)
     model.tie_weights()  # to_empty re-creates parameters, breaking the tie
 
@@ -136,6 +187,7 @@ def load_decoder(path: str | Path, *, dtype: torch.dtype | None = None,
     for name, f in files.items():
         by_file.setdefault(f, []).append(name)
     tied_head_on_disk = None
+    finite: dict[str, torch.Tensor] = {}  # one flag per tensor, read back once at the end
     with torch.no_grad():
         for f, names in by_file.items():
             with open_safetensors(f, device) as h:
@@ -144,6 +196,13 @@ def load_decoder(path: str | Path, *, dtype: torch.dtype | None = None,
                         tied_head_on_disk = h.get_tensor(name).to(dtype)
                         continue
                     params[name].copy_(h.get_tensor(name))
+                    finite[name] = torch.isfinite(params[name]).all()
+    if finite:
+        flags = torch.stack(list(finite.values())).cpu().tolist()
+        bad = [n for n, ok in zip(finite, flags) if not ok]
+        if bad:
+            raise ValueError(f"checkpoint {root}: tensor {bad[0]} holds NaN or infinite values"
+                             + (f" (and {len(bad) - 1} more tensors)" if len(bad) > 1 else ""))
     if tied_head_on_disk is not None and not torch.equal(tied_head_on_disk,
                                                          model.model.embed_tokens.weight):
         raise ValueError(
