@@ -12,15 +12,17 @@ import argparse
 import datetime as _dt
 import importlib
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from bench.common import BenchContext, markdown_table
+from tqdm.auto import tqdm
+
+from bench.common import BenchContext, markdown_table, set_progress
 from mahalo_engine.utils.cli import HelpFormatter, add_debug_flag, resolve_device, run_cli
+from mahalo_engine.utils.outputs import OutputLock, atomic_write_text, check_not_input
 
 # Local runs land in an ignored folder, so `python -m bench` never dirties `git status`;
 # bench/results/ itself holds recorded runs only (GPU runs with the card named, full quality runs).
@@ -118,6 +120,17 @@ def _main(argv: list[str] | None) -> int:
         tag = "cuda-" + ctx.device_name.replace(" ", "_") if ctx.is_cuda else "cpu"
         out = LOCAL_RESULTS / f"bench-{tag}-{stamp:%Y%m%d-%H%M%S}.json"
     ctx.out = out
+    check_not_input(out, {"--model": args.model})
+    lock = OutputLock(out)
+    lock.acquire()
+    try:
+        return _run_sections(args, ctx, names, report, out, device)
+    finally:
+        lock.release()
+
+
+def _run_sections(args: argparse.Namespace, ctx: BenchContext, names: list[str], report: dict,
+                  out: Path, device: torch.device) -> int:
     if args.append:
         if args.out is None:
             raise ValueError("--append needs --out FILE.json (the file to add sections to)")
@@ -132,6 +145,8 @@ def _main(argv: list[str] | None) -> int:
         if ctx.is_cuda:
             torch.cuda.reset_peak_memory_stats(device)
         started = time.perf_counter()
+        bar = tqdm(desc=f"{name}: measurements", unit="", leave=False, file=sys.stderr)
+        set_progress(bar)
         try:
             rows = module.run(ctx)
         except Exception as e:
@@ -145,6 +160,9 @@ def _main(argv: list[str] | None) -> int:
                                         "seconds": round(time.perf_counter() - started, 2)}
             _write_json(out, report)
             continue
+        finally:
+            set_progress(None)
+            bar.close()
         print(markdown_table(rows))
         for n in ctx.notes:
             print(f"\n> {n}")
@@ -155,7 +173,7 @@ def _main(argv: list[str] | None) -> int:
             "max_memory_reserved": torch.cuda.max_memory_reserved(device) if ctx.is_cuda else None,
         }
         _write_json(out, report)
-    print(f"results written to {out}")
+    print(f"files written: {out}" + "".join(f", {f}" for f in ctx.files))
     if failed:
         print(f"sections that failed: {', '.join(failed)}", file=sys.stderr)
         return 1
@@ -164,10 +182,7 @@ def _main(argv: list[str] | None) -> int:
 
 def _write_json(path: Path, report: dict) -> None:
     """Replace ``path`` atomically: a reader (or a run killed mid-write) never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2, default=str))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(report, indent=2, default=str))
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import inspect
+import os
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ class BenchContext:
     out: Path | None = None  # the run's JSON path: sections name their extra files after it
     no_cache: bool = False  # retrain cached artefacts (quality section)
     all_sections: bool = False  # run as part of the default section list (no --sections)
+    files: list[Path] = field(default_factory=list)  # extra files sections wrote (listed at the end)
 
     @property
     def is_cuda(self) -> bool:
@@ -39,10 +41,27 @@ class BenchContext:
             return torch.cuda.get_device_name(self.device)
         import platform
 
-        return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+        n = torch.get_num_threads()
+        return (f"CPU ({platform.processor() or platform.machine()}, {n} thread{'s' * (n != 1)} "
+                f"of {os.cpu_count()} cores)")
 
     def note(self, text: str) -> None:
         self.notes.append(text)
+
+
+# The running section's progress bar (opened by bench/__main__.py): every measurement ticks it, so
+# a latency section shows that it is working and how fast.
+_progress = None
+
+
+def set_progress(bar) -> None:
+    global _progress
+    _progress = bar
+
+
+def tick() -> None:
+    if _progress is not None:
+        _progress.update(1)
 
 
 def synchronize(device: torch.device) -> None:
@@ -77,6 +96,7 @@ def timeit(fn: Callable[[], object], device: torch.device, *, warmup: int = 3, i
             times.append(time.perf_counter() - t0)
         if len(times) >= 10 * max(iters, 1):
             break
+    tick()
     return statistics.median(times)
 
 
@@ -109,6 +129,7 @@ def time_graph(fn: Callable[[], object], device: torch.device, *, iters: int = 1
         b.synchronize()
         times.append(a.elapsed_time(b) / 1e3 / replays)
     del graph
+    tick()
     return statistics.median(times)
 
 
@@ -126,6 +147,7 @@ def host_time(fn: Callable[[], object], device: torch.device, *, warmup: int = 3
         fn()
         times.append(time.perf_counter() - t0)
     synchronize(device)
+    tick()
     return statistics.median(times)
 
 

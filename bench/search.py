@@ -32,7 +32,7 @@ import time
 import torch
 
 from bench.common import (BenchContext, hf_cache_kwarg, model_label, peak_memory_bytes,
-                          reset_peak_memory, synchronize)
+                          reset_peak_memory, synchronize, tick)
 from bench.decode import QWEN25_05B
 from mahalo_engine.config import ModelConfig
 from mahalo_engine.engine import Engine, SearchConfig
@@ -179,6 +179,7 @@ def _measure(ctx: BenchContext, fn, *, warmup: bool = True,
         synchronize(ctx.device)
         runs.append((time.perf_counter() - t0, tokens, steps, peak_memory_bytes(ctx.device)))
     runs.sort(key=lambda r: r[1] / r[0])
+    tick()
     return runs[len(runs) // 2]
 
 

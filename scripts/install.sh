@@ -4,8 +4,17 @@
 # - No torch yet: install the CPU build torch==2.13.0 first, so that nothing later pulls a multi-GB
 #   CUDA build as a dependency. A machine that already has torch (e.g. a CUDA build) keeps it.
 # - --no-build-isolation: the extension compiles against the torch installed here.
-# - MAHALO_SKIP_TRITON36=1 skips unpacking Triton 3.6 (the sm_90 compile tests under it then skip).
+# - --tests: also unpack Triton 3.6 (about 640 MB) for the sm_90 compile tests; the main job
+#   (python3 -m bench) does not need it. MAHALO_SKIP_TRITON36=1 skips it even then (those tests skip).
 set -euo pipefail
+TESTS=0
+for arg in "$@"; do
+  case "$arg" in
+    --tests) TESTS=1 ;;
+    -h|--help) echo "usage: bash scripts/install.sh [--tests]  (--tests: also Triton 3.6 for the sm_90 compile tests)"; exit 0 ;;
+    *) echo "install.sh: unknown argument $arg (expected --tests)" >&2; exit 2 ;;
+  esac
+done
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 stage() { echo "[install] $*" >&2; }
@@ -19,7 +28,9 @@ stage "2/4 installing build tools (setuptools, wheel, ninja)"
 "$PY" -m pip install -q "setuptools>=64" wheel ninja
 stage "3/4 installing mahalo-engine (editable) with its dependencies; compiling mahalo_engine._C (C++, plus CUDA where available: about a minute)"
 "$PY" -m pip install -q --no-build-isolation -e ".[dev]"
-if [ "${MAHALO_SKIP_TRITON36:-0}" = 1 ]; then
+if [ "$TESTS" = 0 ]; then
+  stage "4/4 skipping Triton 3.6 (only the sm_90 compile tests use it: bash scripts/install.sh --tests)"
+elif [ "${MAHALO_SKIP_TRITON36:-0}" = 1 ]; then
   stage "4/4 skipping Triton 3.6 (MAHALO_SKIP_TRITON36=1): its sm_90 compile tests will skip"
 elif [ -d .triton36/triton ]; then
   stage "4/4 keeping Triton 3.6 in .triton36/"

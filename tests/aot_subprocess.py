@@ -4,7 +4,7 @@ import, so they cannot share the test process, which runs the kernels in interpr
 ``__main__``, and gets its fixture from `compiled_fixture(__file__)`.
 
 Each compile runs once per Triton: the installed one, and Triton 3.6 — the GPU machine's version,
-whose ptxas spills where newer ones do not — which ``scripts/install.sh`` unpacks into
+whose ptxas spills where newer ones do not — which ``scripts/install.sh --tests`` unpacks into
 ``.triton36/`` (put first on the subprocess's path; torch is shared)."""
 import json
 import os
@@ -20,7 +20,7 @@ TRITONS = ("installed", "3.6")  # test ids: which Triton compiled the kernels
 
 def compile_in_subprocess(module_file: str, triton: str = "installed") -> dict:
     """``compile_all()`` of ``module_file`` under ``triton`` (one of ``TRITONS``); skips the test
-    when Triton 3.6 is not unpacked (``scripts/install.sh`` does it)."""
+    when Triton 3.6 is not unpacked (``scripts/install.sh --tests`` does it)."""
     if triton not in TRITONS:
         raise ValueError(f"triton={triton!r}: expected one of {TRITONS}")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -28,7 +28,7 @@ def compile_in_subprocess(module_file: str, triton: str = "installed") -> dict:
     paths = [ROOT]
     if triton == "3.6":
         if not os.path.isdir(os.path.join(TRITON36, "triton")):
-            pytest.skip(f"Triton 3.6 not found in {TRITON36} (scripts/install.sh unpacks it)")
+            pytest.skip(f"Triton 3.6 not found in {TRITON36} (bash scripts/install.sh --tests unpacks it)")
         paths.insert(0, TRITON36)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [*paths, env.get("PYTHONPATH")]))
     proc = subprocess.run([sys.executable, module_file], capture_output=True, text=True, env=env,

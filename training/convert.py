@@ -86,9 +86,9 @@ def convert(policy_pt: str | Path, base: str | Path, out: str | Path, *,
             objectives: list[str] | None = None, dtype: torch.dtype | None = None) -> Path:
     """Write ``out`` as a Hugging Face directory (+ ``mahalo_heads.safetensors`` for a multi-head
     checkpoint) from the reference ``policy_pt`` and the config/tokenizer of ``base``."""
-    from transformers import AutoTokenizer
+    from mahalo_engine.utils.loader import check_model_dir, load_tokenizer
 
-    config = ModelConfig.from_pretrained(base)
+    config = ModelConfig.from_pretrained(check_model_dir(base, "--base"))
     backbone, heads = split_reference_state(load_reference_state(policy_pt))
     if dtype is None:
         dtype = backbone["model.embed_tokens.weight"].dtype if "model.embed_tokens.weight" in backbone \
@@ -103,7 +103,7 @@ def convert(policy_pt: str | Path, base: str | Path, out: str | Path, *,
         config = untied_config(config)
         backbone["lm_head.weight"] = heads.float().mean(0)
     model = build_decoder(config, backbone).to(dtype)
-    tokenizer = AutoTokenizer.from_pretrained(base)
+    tokenizer = load_tokenizer(base, "--base")
     return save_policy_dir(out, model, tokenizer, heads.to(dtype) if heads is not None else None,
                            objectives)
 
@@ -133,9 +133,13 @@ def _main(argv: list[str] | None) -> int:
     p.add_argument("--out", type=Path, required=True, help="output directory")
     add_debug_flag(p)
     args = p.parse_args(argv)
-    convert(args.policy_pt, args.base, args.out,
-            objectives=args.objectives.split(",") if args.objectives is not None else None,
-            dtype=getattr(torch, args.dtype) if args.dtype else None)
+    from mahalo_engine.utils.outputs import OutputLock, check_not_input
+
+    check_not_input(args.out, {"--base": args.base, "--policy-pt": args.policy_pt})
+    with OutputLock(args.out):
+        convert(args.policy_pt, args.base, args.out,
+                objectives=args.objectives.split(",") if args.objectives is not None else None,
+                dtype=getattr(torch, args.dtype) if args.dtype else None)
     return 0
 
 

@@ -47,18 +47,21 @@ def _main(argv: list[str] | None) -> int:
     add_debug_flag(s)
     args = p.parse_args(argv)
     if args.cmd == "convert-pairs":
-        from training.checkpoint import atomic_write_text
+        from mahalo_engine.utils.outputs import OutputLock, atomic_write_text, check_not_input
 
+        check_not_input(args.out, {"src": args.src}, flag="out")
         rows = paper_pairs_to_trl(args.src)[:args.limit]
         if args.objective is not None:
             rows = [{**r, "objective": args.objective} for r in rows]
-        atomic_write_text(args.out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        with OutputLock(args.out, flag="out"):
+            atomic_write_text(args.out, "".join(json.dumps(r, ensure_ascii=False) + "\n"
+                                                for r in rows))
         print(f"wrote {len(rows)} pairs to {args.out}")
         return 0
-    from transformers import AutoTokenizer
+    from mahalo_engine.utils.loader import load_tokenizer
 
+    tok = load_tokenizer(args.model)
     data = read_preferences([parse_data_spec(s) for s in args.data])
-    tok = AutoTokenizer.from_pretrained(args.model)
     items, stats = tokenize_pairs(tok, data, max_length=args.max_length,
                                   max_prompt_length=(args.max_length // 2 if args.max_prompt_length
                                                      is None else args.max_prompt_length),

@@ -31,9 +31,11 @@ from tqdm import tqdm
 from mahalo_engine.text import encode_prompt, encode_step, split_steps
 from mahalo_engine.utils.cli import (HelpFormatter, Interrupted, add_boundary_arg, add_debug_flag,
                                      parse_boundaries, run_cli)
+from mahalo_engine.utils.loader import check_model_dir
+from mahalo_engine.utils.outputs import OutputLock, atomic_write_text, check_not_input, options_of
 from training.distributed import DistInfo, cleanup, launched_by_torchrun
 from training.readers import DataError, read_preferences, read_rollouts, read_trajectories
-from training.sharded import append_jsonl, on_main, prepare_output, run_sharded, setup
+from training.sharded import on_main, prepare_output, run_sharded, setup
 
 log = logging.getLogger(__name__)
 
@@ -250,6 +252,11 @@ def generate_rollouts(policy, trajectories: Iterable[dict[str, Any]], verifier: 
                                            seed=seed + i, **sampling)]
 
 
+# Options that shape the rows of the trajectory commands (rollouts, judge-votes, judge-prefix):
+# stored beside --out (<out>.meta.json) and compared on --resume.
+RESULT_OPTIONS = ("cmd", "policy", "m", "boundary", "max_new_tokens", "temperature", "top_k",
+                  "seed", "chat_template", "verifier", "step_reward", "judge")
+
 # Trajectories per rank in one round of a torchrun run: a round waits for its slowest
 # trajectory, so several per rank even out their lengths; one process writes each as it finishes.
 ROUND_PER_RANK = 4
@@ -267,16 +274,17 @@ def _label_incrementally(args: argparse.Namespace, trajectories: list[dict[str, 
         return row.get("prompt") == t["prompt"] and \
             row.get("steps", row.get("completions")) == list(t["steps"])
 
-    done = on_main(lambda: prepare_output(
+    output = on_main(lambda: prepare_output(
         args.out, [rows_per_traj(t) for t in trajectories], first_row, resume=args.resume,
-        overwrite=args.overwrite, item="trajectory", items="trajectories"), info)
-    written = done
+        overwrite=args.overwrite, item="trajectory", items="trajectories",
+        options=options_of(args, RESULT_OPTIONS)), info)
+    done = written = output.done
     bar = tqdm(desc=args.cmd, unit="traj", initial=done, total=len(trajectories),
                disable=not info.is_main)
 
     def write(i: int, rows: list[dict[str, Any]]) -> None:
         nonlocal written
-        append_jsonl(args.out, rows)
+        output.append(rows)
         written += 1
         bar.update(1)
 
@@ -294,8 +302,6 @@ def _label_incrementally(args: argparse.Namespace, trajectories: list[dict[str, 
 
 
 def _write_jsonl(rows: Iterable[dict[str, Any]], path: Path) -> int:
-    from training.checkpoint import atomic_write_text
-
     lines = [json.dumps(r, ensure_ascii=False) for r in rows]
     atomic_write_text(path, "".join(line + "\n" for line in lines))
     return len(lines)
@@ -384,14 +390,26 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str] | None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = _parse_args(argv)
+    check_not_input(args.out, {f"--{k}": getattr(args, k, None) for k in ("data", "rollouts")})
+    if getattr(args, "policy", None) is not None:
+        check_model_dir(args.policy, "--policy")
     if args.cmd in ("judge-prefix", "rollouts", "judge-votes"):
         info = setup(getattr(args, "device", "cpu"))
+        lock = OutputLock(args.out)  # taken by rank 0, the writer
         try:
+            on_main(lock.acquire, info)
             return _label_trajectories(args, info)
         finally:
+            lock.release()
             cleanup(info)
     if launched_by_torchrun() and int(os.environ["RANK"]) != 0:
         return 0  # a cheap single-pass command: rank 0 does it alone
+    with OutputLock(args.out):
+        return _label_all(args)
+
+
+def _label_all(args: argparse.Namespace) -> int:
+    """hindsight, mc, bt-pairs: every row computed, then --out written at once."""
     if args.cmd in ("hindsight", "mc"):
         rollouts = read_rollouts(args.rollouts)
         if args.cmd == "hindsight":

@@ -150,7 +150,8 @@ def train(args: argparse.Namespace, info: D.DistInfo, tokenizer) -> None:
                   "seed": args.seed, "balance": args.balance, "max_length": args.max_length,
                   "max_prompt_length": args.max_prompt_length, "chat_template": args.chat_template,
                   "truncate": args.truncate, "beta": args.beta, "alphas": alphas, "model": str(args.model)}
-    trainer = Trainer("mah_dpo", module, info, args, config=run_config)
+    trainer = Trainer("mah_dpo", module, info, args, config=run_config,
+                      result_args=("sigma", "init_seed"))
     sampler = BalancedBatches([len(g) for g in groups], args.batch_size, mode=args.balance,
                               seed=args.seed)
     steps = total_steps(args, sampler.steps_per_epoch)

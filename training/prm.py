@@ -131,7 +131,8 @@ def train(args: argparse.Namespace, info: D.DistInfo, tokenizer) -> None:
                               "chat_template": args.chat_template, "step_separator": args.step_separator,
                               "truncate": args.truncate, "mse_reduction": args.mse_reduction,
                               "model": str(args.model), "head": args.head,
-                              "objectives": objectives})
+                              "objectives": objectives},
+                      result_args=("mlp_hidden", "train_backbone"))
     steps = total_steps(args, len(items) // args.batch_size)
 
     def make_step(step: int) -> list[Micro]:

@@ -9,6 +9,7 @@ rollouts ``{"prompt","steps","step_rewards","final_reward"[,"prefix_len"]}``.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any, Callable, Iterator, Sequence, TypeVar
 from triton_kernels.checks import is_int
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 class DataError(ValueError):
@@ -188,6 +190,11 @@ def read_preferences(specs: Sequence[tuple[str | None, Path]], *, objectives: Se
     empty = [o for o, c in counts.items() if c == 0]
     if empty:
         raise DataError(f"objective(s) {empty} have no examples")
+    same = [p.source for p in pairs if p.chosen == p.rejected]
+    if same:  # no preference to learn: DPO's loss on such a pair is the constant log 2
+        log.warning("%d of %d preference pairs have chosen == rejected (e.g. %s): they carry no "
+                    "preference and only dilute the batches", len(same), len(pairs),
+                    ", ".join(same[:3]))
     return PreferenceData(order, pairs)
 
 

@@ -18,6 +18,7 @@ import argparse
 import contextlib
 import json
 import logging
+import math
 import shutil
 import signal
 import time
@@ -30,15 +31,23 @@ from torch import nn
 from tqdm import tqdm
 
 from mahalo_engine.utils.cli import HelpFormatter, Interrupted, add_debug_flag, run_cli
+from mahalo_engine.utils.outputs import (OutputLock, check_not_input, check_options, options_of,
+                                         plain)
 from training import checkpoint as ckpt
 from training import distributed as D
 from training.batching import micro_batches, shard
 
 log = logging.getLogger(__name__)
 
-# Arguments that must not change between a run and its --resume (they define the batches).
-RESUME_KEYS = ("data", "batch_size", "seed", "balance", "max_length", "max_prompt_length",
-               "chat_template", "objectives", "loss", "step_separator", "truncate")
+# Options that shape a run's results, stored in every checkpoint and compared on --resume (any
+# difference is refused, naming old and new values): the common ones here; a trainer adds its own
+# plain options with ``Trainer(..., result_args=("beta", ...))`` and derived values (such as the α
+# weights) with ``config=``. Free to change on resume: how long (--max-steps, --epochs), how it runs
+# (--micro-batch-size, --gradient-checkpointing, --strategy, --device, caches, chunk sizes) and
+# what it saves and logs.
+RESULT_ARGS = ("model", "data", "lr", "optimizer", "weight_decay", "warmup_steps",
+               "max_grad_norm", "batch_size", "seed", "max_length", "max_prompt_length",
+               "truncate", "chat_template")
 
 
 def add_common_args(p: argparse.ArgumentParser, *, lr: float, batch_size: int,
@@ -101,9 +110,14 @@ def add_common_args(p: argparse.ArgumentParser, *, lr: float, batch_size: int,
 
 
 def finish_args(args: argparse.Namespace) -> argparse.Namespace:
+    """Every check of the common options, before anything is loaded."""
     if args.resume and args.overwrite:
         raise ValueError("--resume and --overwrite exclude each other: continue the run under "
                          "--out, or start it afresh")
+    for name in ("lr", "weight_decay", "max_grad_norm"):
+        value = getattr(args, name)
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
     if args.max_prompt_length is None:
         args.max_prompt_length = args.max_length // 2
     if args.micro_batch_size is not None and args.micro_batch_size <= 0:
@@ -112,21 +126,31 @@ def finish_args(args: argparse.Namespace) -> argparse.Namespace:
                       ("warmup_steps", 0), ("batch_size", 1)):
         if getattr(args, name) < low:
             raise ValueError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
-    if not args.epochs > 0:
-        raise ValueError(f"--epochs must be positive, got {args.epochs}")
+    if not (math.isfinite(args.epochs) and args.epochs > 0):
+        raise ValueError(f"--epochs must be a finite number > 0, got {args.epochs}")
+    if args.max_steps is not None and args.max_steps <= 0:
+        raise ValueError(f"--max-steps must be positive, got {args.max_steps}")
     return args
 
 
 RUN_FILES = ("log.jsonl", "checkpoints")  # what marks --out as holding a run
 
 
-def check_out_dir(out: Path, resume: bool, info: D.DistInfo, overwrite: bool = False) -> None:
+def check_out_dir(out: Path, resume: bool, info: D.DistInfo, overwrite: bool = False,
+                  lock: OutputLock | None = None) -> None:
     """A fresh run refuses an ``--out`` that holds another run's log or checkpoints: it would
     append to that log, and pruning by step number could delete its own newest checkpoint in
-    favour of the old run's. ``overwrite`` deletes them first (rank 0). Every rank raises
-    together."""
-    stale = []
-    if info.is_main and not resume:
+    favour of the old run's. ``overwrite`` deletes them first (rank 0). ``lock`` (rank 0's) is
+    taken first: a second run on the same ``--out`` is refused. Every rank raises together."""
+    stale, locked = [], None
+    if info.is_main and lock is not None:
+        try:
+            lock.acquire()
+        except ValueError as e:
+            locked = e
+    if locked is not None and not info.distributed:
+        raise locked
+    if locked is None and info.is_main and not resume:
         stale = [out / name for name in RUN_FILES if (out / name).exists()]
         if overwrite:
             for p in stale:
@@ -136,8 +160,13 @@ def check_out_dir(out: Path, resume: bool, info: D.DistInfo, overwrite: bool = F
                     p.unlink()
                 log.info("--overwrite: removed %s", p)
             stale = []
-    flag = torch.tensor([float(bool(stale))], device=info.device)
+    flag = torch.tensor([float(bool(stale) or locked is not None)], device=info.device)
     if D.all_reduce_sum(flag, info).item() > 0:
+        if locked is not None:
+            raise locked
+        if not stale and not info.is_main:
+            raise ValueError(f"--out {out}: refused on rank 0 (in use by another run, or holding "
+                             f"another run's files)")
         where = ", ".join(map(str, stale)) if stale else f"{out} (seen by rank 0)"
         raise ValueError(f"--out {out} already holds a training run ({where}); pass --resume to "
                          f"continue it, --overwrite to start it afresh, or choose another --out")
@@ -156,19 +185,25 @@ def cli_main(parser: argparse.ArgumentParser,
 def _cli_main(parser: argparse.ArgumentParser,
               train: Callable[[argparse.Namespace, D.DistInfo, Any], None],
               argv: list[str] | None) -> int:
-    from transformers import AutoTokenizer
+    from mahalo_engine.utils.loader import check_model_dir, load_tokenizer
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = finish_args(parser.parse_args(argv))
+    check_model_dir(args.model)  # local paths only: a typo is answered at once
+    check_not_input(args.out, {"--model": args.model})
+    tokenizer = load_tokenizer(args.model)
     info = D.init_distributed(args.device)
+    lock = OutputLock(args.out) if info.is_main else None
     try:
-        check_out_dir(Path(args.out), args.resume, info, args.overwrite)
+        check_out_dir(Path(args.out), args.resume, info, args.overwrite, lock)
         torch.manual_seed(args.seed)
-        train(args, info, AutoTokenizer.from_pretrained(args.model))
+        train(args, info, tokenizer)
         # Every rank reaches this point before any leaves the group: a rank tearing gloo down
         # while its peer is still in a collective can abort the peer.
         D.barrier(info)
     finally:
+        if lock is not None:
+            lock.release()
         D.cleanup(info)
     return 0
 
@@ -177,8 +212,6 @@ def total_steps(args: argparse.Namespace, steps_per_epoch: int) -> int:
     if steps_per_epoch <= 0:
         raise ValueError("no full global batch fits in the data; lower --batch-size")
     if args.max_steps is not None:
-        if args.max_steps <= 0:
-            raise ValueError(f"--max-steps must be positive, got {args.max_steps}")
         return args.max_steps
     return max(1, int(args.epochs * steps_per_epoch))
 
@@ -194,11 +227,13 @@ class Micro:
 
 class Trainer:
     def __init__(self, name: str, module: nn.Module, info: D.DistInfo, args: argparse.Namespace,
-                 *, config: dict[str, Any]) -> None:
+                 *, config: dict[str, Any], result_args: Sequence[str] = ()) -> None:
         self.name, self.info, self.args = name, info, args
         self.out = Path(args.out)
-        self.config = config
         self.bf16 = info.device.type == "cuda" and args.bf16
+        # What this run's results depend on (RESULT_ARGS), stored with every checkpoint.
+        self.config = options_of(args, RESULT_ARGS + tuple(result_args)) | plain(config) | {
+            "model": str(Path(args.model).resolve()), "bf16": self.bf16}
         if args.gradient_checkpointing:
             from training.logps import enable_gradient_checkpointing
 
@@ -242,11 +277,7 @@ class Trainer:
         model_state, state = ckpt.load_checkpoint(path)
         if state.get("trainer") != self.name:
             raise ValueError(f"{path} was written by {state.get('trainer')!r}, not {self.name!r}")
-        saved = state.get("config", {})
-        changed = [k for k in RESUME_KEYS if saved.get(k) != self.config.get(k)]
-        if changed:
-            diffs = ", ".join(f"{k} was {saved.get(k)!r}, now {self.config.get(k)!r}" for k in changed)
-            raise ValueError(f"--resume from {path}: {diffs}")
+        check_options(path, state.get("config", {}), self.config)
         D.load_full_state_dict(self.module, model_state)
         D.load_optimizer_state(self.module, self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])

@@ -61,6 +61,7 @@ def run(ctx) -> list[dict[str, Any]]:
     the full one (3 seeds) when named with ``--sections`` without ``--quick``."""
     cfg = preset("quick" if ctx.quick or ctx.all_sections else "full")
     metrics, info = run_quality(cfg, ctx.out, no_cache=ctx.no_cache)
+    ctx.files += [Path(f) for f in info["files"].values()]
     stages = ", ".join(f"{k} {v.get('seconds')} s" for k, v in info["stages"].items())
     ctx.note(f"training time of each stage when it was trained: {stages}")
     ctx.note(f"trained artefacts: {info['artefacts']} (training/loading {info['train_seconds']} s, "

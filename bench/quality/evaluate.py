@@ -213,6 +213,7 @@ def evaluate(art: Artefacts, cfg: QualityConfig, problems: list[Problem],
             generations += rows
             metrics.append(summarize(rows, secs))
             bar.update(1)
-    log(f"[quality] evaluate: {len(all_specs)} configurations x {len(cfg.seeds)} seeds on "
-        f"{len(problems)} held-out problems, {len(generations)} answers")
+    log(f"[quality] evaluate: {len(all_specs) + len(costs)} configurations ({len(all_specs)} x "
+        f"{len(cfg.seeds)} seeds on {len(problems)} held-out problems, {len(costs)} cost "
+        f"comparisons on {cfg.n_cost}), {len(generations)} answers")
     return metrics, generations, all_specs + costs

@@ -95,6 +95,7 @@ def pareto_png(metrics: list[dict[str, Any]], specs: list[Spec], path: Path, tit
     agg = aggregate(metrics)
     fig, ax = plt.subplots(figsize=(7, 5.5), dpi=120)
     sweep = [s for s in specs if "sweep" in s.table]
+    labels = []  # (text, x, y, color), placed once the axes' limits are known
     for guided, color, label in ((False, "tab:blue", "MAH-DPO heads (sampling)"),
                                  (True, "tab:red", "MAH-DPO heads + PRM-guided search")):
         pts = [(s, agg[s.config]) for s in sweep if (s.mode == "search") == guided and s.config in agg]
@@ -103,14 +104,13 @@ def pareto_png(metrics: list[dict[str, Any]], specs: list[Spec], path: Path, tit
         xs, ys = [r["style"] for _, r in pts], [r["acc"] for _, r in pts]
         ax.errorbar(xs, ys, xerr=[r["style_std"] for _, r in pts], yerr=[r["acc_std"] for _, r in pts],
                     fmt="-o", color=color, label=label, capsize=2, markersize=4, linewidth=1)
-        for (s, r) in pts:
-            ax.annotate(f"{s.head_weights[0]:.1f}", (r["style"], r["acc"]), fontsize=7,
-                        xytext=(3, 3), textcoords="offset points", color=color)
+        labels += [(f"{s.head_weights[0]:.1f}", r["style"], r["acc"], color) for s, r in pts]
     for name, marker in (("sft", "s"), ("dpo[acc]", "^"), ("dpo[style]", "v")):
         if name in agg:
             r = agg[name]
             ax.errorbar([r["style"]], [r["acc"]], xerr=[r["style_std"]], yerr=[r["acc_std"]],
                         fmt=marker, color="black", label=name, capsize=2)
+    _label_points(ax, labels)
     ax.set_xlabel("style (judge score, higher = more concise)")
     ax.set_ylabel("acc (held-out accuracy)")
     ax.set_title(title, fontsize=9)
@@ -122,8 +122,21 @@ def pareto_png(metrics: list[dict[str, Any]], specs: list[Spec], path: Path, tit
     plt.close(fig)
 
 
+def _label_points(ax, labels: list[tuple[str, float, float, str]], min_px: float = 14.0) -> None:
+    """Annotate points, skipping a label that would sit within ``min_px`` pixels of one already
+    placed (the sweep's ends crowd: w_acc = 0.0-0.2 give nearly the same point)."""
+    ax.autoscale_view()
+    placed: list[tuple[float, float]] = []
+    for text, x, y, color in labels:
+        px, py = ax.transData.transform((x, y))
+        if any((px - qx) ** 2 + (py - qy) ** 2 < min_px ** 2 for qx, qy in placed):
+            continue
+        placed.append((px, py))
+        ax.annotate(text, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points",
+                    color=color)
+
+
 def write_generations(rows: list[dict[str, Any]], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    from mahalo_engine.utils.outputs import atomic_write_text
+
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
