@@ -116,7 +116,8 @@ class ModelConfig:
             if not isinstance(d.get(key), int) or isinstance(d[key], bool) or d[key] <= 0:
                 raise ValueError(f"config.json: {key} must be a positive int, got {d.get(key)!r}")
         hidden, n_heads, n_layers = d["hidden_size"], d["num_attention_heads"], d["num_hidden_layers"]
-        n_kv = d.get("num_key_value_heads") or n_heads
+        n_kv = d.get("num_key_value_heads")
+        n_kv = n_heads if n_kv is None else n_kv
         if not isinstance(n_kv, int) or isinstance(n_kv, bool) or n_kv <= 0:
             raise ValueError(f"config.json: num_key_value_heads must be a positive int, got "
                              f"{n_kv!r}")

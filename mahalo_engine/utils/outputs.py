@@ -153,14 +153,16 @@ def lock_path(out: str | Path) -> Path:
 
 
 class OutputLock:
-    """Exclusive use of the output ``out`` while the context is active (module docstring).
+    """Exclusive use of the output ``out`` (a file or a trainer's folder) while the context is
+    active (module docstring).
 
     A special-file output (``/dev/null``) takes no lock. ``ValueError`` when another live process
     holds it. Under torchrun only rank 0 (the writer) takes it."""
 
     def __init__(self, out: str | Path, flag: str = "--out") -> None:
         self.out, self.flag = Path(out), flag
-        self.path = lock_path(write_target(out)) if not is_special(out) else None
+        real = Path(os.path.realpath(out)) if os.path.islink(out) else self.out  # file or folder
+        self.path = lock_path(real) if not is_special(out) else None
         self.fd: int | None = None
 
     def __enter__(self) -> "OutputLock":
