@@ -80,10 +80,13 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--no-cuda-graphs", action="store_true", help="run the decode step eagerly")
         sp.add_argument("--out", type=Path, default=None,
                         help="write one JSON result per line here (in input order) instead of "
-                             "printing text; replaced unless --resume")
+                             "printing text; an existing file is replaced once the first results "
+                             "are ready, unless --resume; OUT.meta.json keeps the options the "
+                             "results depend on, OUT.lock is held while the run writes")
         sp.add_argument("--resume", action="store_true",
-                        help="keep the whole chunks --out already holds (an interrupted run with "
-                             "the same arguments) and run the rest")
+                        help="keep the whole chunks --out already holds (an interrupted run) and "
+                             "run the rest; refused when an option that shapes the results "
+                             "differs from OUT.meta.json's")
         sp.add_argument("--chunk-size", type=int, default=None,
                         help="prompts per engine call: chunk c samples with seed --seed + c, so "
                              "results depend on the chunk size (as on --max-batch) but not on the "
@@ -355,9 +358,13 @@ def _results(args: argparse.Namespace, engine: Any, prompts: list[Any], head_wei
 
     if args.command == "generate":
         max_new = 256 if args.max_new_tokens is None else args.max_new_tokens
-        results = engine.generate(prompts, head_weights=head_weights, max_new_tokens=max_new,
-                                  temperature=args.temperature, top_k=args.top_k, seed=seed,
-                                  stop=args.stop, chat=args.chat)
+        try:
+            results = engine.generate(prompts, head_weights=head_weights, max_new_tokens=max_new,
+                                      temperature=args.temperature, top_k=args.top_k, seed=seed,
+                                      stop=args.stop, chat=args.chat)
+        except FloatingPointError as e:
+            raise FloatingPointError(f"model {args.model}: {e}; check its weights and "
+                                     f"config.json (or use --dtype float32)") from None
         for i, r in enumerate(results):
             bad = next((t for t, lp in enumerate(r.logprobs) if not math.isfinite(lp)), None)
             if bad is not None:
@@ -376,20 +383,25 @@ def _results(args: argparse.Namespace, engine: Any, prompts: list[Any], head_wei
         temperature=args.temperature, top_k=args.top_k, seed=seed,
         selection_temperature=args.selection_temperature, stop=stop,
         check_every=args.check_every)
-    results = engine.search(prompts, head_weights=head_weights, config=cfg, chat=args.chat)
+    try:
+        results = engine.search(prompts, head_weights=head_weights, config=cfg, chat=args.chat)
+    except FloatingPointError as e:
+        raise FloatingPointError(f"model {args.model}: {e}; check its weights and config.json (or "
+                                 f"use --dtype float32)") from None
     return [{"text": r.text, "token_ids": r.token_ids, "finish_reason": r.finish_reason,
              "steps": [_step_row(args, i, vars(s)) for s in r.steps]}
             for i, r in enumerate(results)]
 
 
 def _step_row(args: argparse.Namespace, i: int, step: dict[str, Any]) -> dict[str, Any]:
-    """A search step for JSON: an unscorable candidate's score (-inf) is written as null; a NaN
-    score is an error naming the PRM."""
+    """A search step for JSON, where NaN and infinity cannot go: a score that is not a number is
+    null (no PRM: -k 1 keeps no score; an unscorable candidate: -inf), but a NaN from a PRM is an
+    error naming it."""
     scores = [step["score"], *step["candidate_scores"]]
-    if any(isinstance(x, float) and math.isnan(x) for x in scores):
-        raise FloatingPointError(f"prompt {i}: the PRM ({', '.join(map(str, args.prm or []))}) "
-                                 f"gave a NaN score; check its weights")
-    fix = lambda x: None if isinstance(x, float) and math.isinf(x) else x  # noqa: E731
+    if args.prm and any(isinstance(x, float) and math.isnan(x) for x in scores):
+        raise FloatingPointError(f"prompt {i}: the PRM ({', '.join(map(str, args.prm))}) gave a "
+                                 f"NaN score; check its weights")
+    fix = lambda x: x if not isinstance(x, float) or math.isfinite(x) else None  # noqa: E731
     return {**step, "score": fix(step["score"]),
             "candidate_scores": [fix(x) for x in step["candidate_scores"]]}
 

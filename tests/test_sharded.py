@@ -2,11 +2,13 @@
 same file as 1 process, byte for byte; an interrupted output resumes to the same file; each chunk
 (search) or trajectory (labels) is the Python call with seed --seed + its index."""
 import json
+import shutil
 
 import pytest
 import torch
 
 from mahalo_engine.tiny import tiny_checkpoint
+from mahalo_engine.utils.outputs import options_path
 from tiny_prm import save_tiny_prm
 from torchrun import torchrun
 from training.distributed import DistInfo
@@ -95,6 +97,7 @@ def test_search_resume_keeps_whole_chunks(search_setup, capsys):
     lines = full.read_text().splitlines(keepends=True)
     # 3 finished prompts (chunk 0 and half of chunk 1) and a torn write: chunk 1 is redone whole
     part.write_text("".join(lines[:3]) + lines[3][:20])
+    shutil.copy(options_path(full), options_path(part))  # what the interrupted run left
     assert _main_one_thread(main, argv + ["--out", str(part), "--resume"]) == 0
     assert part.read_bytes() == full.read_bytes()
     # a file from other prompts is refused, named by line
@@ -141,6 +144,7 @@ def test_labels_rollouts_resume_on_two_processes_equals_one_process(tmp_path, mo
     # rank 1 runs trajectory 1 only).
     lines = one.read_text().splitlines(keepends=True)
     two.write_text("".join(lines[:3]) + lines[3][:10])
+    shutil.copy(options_path(one), options_path(two))  # what the interrupted run left
     proc = torchrun(2, "training.labels", argv + ["--out", two, "--resume"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert two.read_bytes() == one.read_bytes()
@@ -189,17 +193,31 @@ def test_prepare_output_keeps_whole_aligned_items(tmp_path):
 
     out = tmp_path / "o.jsonl"
     rows = [{"i": i // 2} for i in range(10)]  # 5 items of 2 rows
-    out.write_text("".join(json.dumps(r) + "\n" for r in rows[:7]) + '{"i": 3')
+    text = "".join(json.dumps(r) + "\n" for r in rows[:7]) + '{"i": 3'
+    out.write_text(text)
     is_first = lambda i, row: row["i"] == i  # noqa: E731
     # 3 complete items; aligned to 2: the 2 first are kept, item 2 is redone
-    assert prepare_output(out, [2] * 5, is_first, resume=True, overwrite=False, align=2) == 2
-    assert out.read_text() == "".join(json.dumps(r) + "\n" for r in rows[:4])
+    output = prepare_output(out, [2] * 5, is_first, resume=True, overwrite=False, align=2)
+    assert output.done == 2 and out.read_text() == text  # nothing changes before new rows
+    output.append(rows[4:6])
+    assert out.read_text() == "".join(json.dumps(r) + "\n" for r in rows[:6])
     with pytest.raises(ValueError, match="already exists.*--resume"):
         prepare_output(out, [2] * 5, is_first, resume=False, overwrite=False)
     with pytest.raises(ValueError, match="line 3 is not the first row of input input 2"):
         prepare_output(out, [2] * 5, lambda i, row: i == 0, resume=True, overwrite=False)
-    assert prepare_output(out, [2] * 5, is_first, resume=False, overwrite=True) == 0
-    assert out.read_text() == ""
+    fresh = prepare_output(out, [2] * 5, is_first, resume=False, overwrite=True)
+    assert fresh.done == 0 and out.read_text().count("\n") == 6  # still the old rows
+    fresh.append(rows[:2])
+    assert out.read_text() == "".join(json.dumps(r) + "\n" for r in rows[:2])
+    # options: stored with the first rows, compared on resume
+    opts = prepare_output(out, [2] * 5, is_first, resume=False, overwrite=True,
+                          options={"seed": 1})
+    opts.append(rows[:2])
+    with pytest.raises(ValueError, match=r"--seed was 1, now 2"):
+        prepare_output(out, [2] * 5, is_first, resume=True, overwrite=False, options={"seed": 2})
+    options_path(out).unlink()
+    with pytest.raises(ValueError, match=r"no record of the options"):
+        prepare_output(out, [2] * 5, is_first, resume=True, overwrite=False, options={"seed": 1})
 
 
 def test_local_rank_beyond_the_visible_gpus_is_an_error(monkeypatch):

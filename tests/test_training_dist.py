@@ -85,7 +85,7 @@ def test_resume_continues_bit_identically(tmp_path, monkeypatch):
     assert [strip(r) for r in la] == [strip(r) for r in lb]
     # a run that changes the batches cannot resume from it (MAHALO_DEBUG: raise, not exit 2)
     monkeypatch.setenv("MAHALO_DEBUG", "1")
-    with pytest.raises(ValueError, match="batch_size was 8, now 4"):
+    with pytest.raises(ValueError, match="--batch-size was 8, now 4"):
         mah_dpo.main(_args(tmp_path, resumed, ["--max-steps", "5", "--resume", "--batch-size", "4"]))
     # a fresh run into it would append to its log and could prune its own checkpoint
     with pytest.raises(ValueError, match=r"already holds a training run .*log\.jsonl.*--resume"):

@@ -136,13 +136,6 @@ def prepare_output(path: Path, sizes: Sequence[int], is_first_row: Callable[[int
             rows.append(json.loads(line))
         except (json.JSONDecodeError, UnicodeDecodeError):
             break
-    if rows and options is not None:
-        saved = read_options(path)
-        if saved is None:
-            raise ValueError(f"--resume: {path} has no record of the options it was made with "
-                             f"({options_path(path)} is missing), so a resume could mix results "
-                             f"of other settings; start afresh with {afresh}")
-        check_options(path, saved, options)
     ends = [0]  # ends[i]: rows in the first i complete items
     for i, n in enumerate(sizes):
         if ends[-1] + n > len(rows):
@@ -152,6 +145,13 @@ def prepare_output(path: Path, sizes: Sequence[int], is_first_row: Callable[[int
                              f"{item} {i + 1} (it was written from other data or options); start "
                              f"afresh with {afresh} or choose another --out")
         ends.append(ends[-1] + n)
+    if rows and options is not None:
+        saved = read_options(path)
+        if saved is None:
+            raise ValueError(f"--resume: {path} has no record of the options it was made with "
+                             f"({options_path(path)} is missing), so a resume could mix results "
+                             f"of other settings; start afresh with {afresh}")
+        check_options(path, saved, options)
     done = (len(ends) - 1) // align * align
     if done:
         log.info("--resume: %s already holds %d of %d %s", path, done, len(sizes), items)

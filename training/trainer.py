@@ -100,7 +100,9 @@ def add_common_args(p: argparse.ArgumentParser, *, lr: float, batch_size: int,
                    help="resumable checkpoints kept under OUT/checkpoints (default 1)")
     r.add_argument("--resume", action="store_true",
                    help="continue from the latest checkpoint under --out (a run folder with a log "
-                   "but no checkpoint starts again from step 0)")
+                   "but no checkpoint starts again from step 0); refused when an option that "
+                   "shapes the results (--lr, --seed, the data, ...) differs from the "
+                   "checkpoint's; --max-steps/--epochs may grow")
     r.add_argument("--overwrite", action="store_true",
                    help="delete the log and checkpoints a previous run left under --out, then "
                    "start afresh")
@@ -127,7 +129,7 @@ def finish_args(args: argparse.Namespace) -> argparse.Namespace:
         if getattr(args, name) < low:
             raise ValueError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
     if not (math.isfinite(args.epochs) and args.epochs > 0):
-        raise ValueError(f"--epochs must be a finite number > 0, got {args.epochs}")
+        raise ValueError(f"--epochs must be positive and finite, got {args.epochs}")
     if args.max_steps is not None and args.max_steps <= 0:
         raise ValueError(f"--max-steps must be positive, got {args.max_steps}")
     return args
@@ -233,7 +235,9 @@ class Trainer:
         self.bf16 = info.device.type == "cuda" and args.bf16
         # What this run's results depend on (RESULT_ARGS), stored with every checkpoint.
         self.config = options_of(args, RESULT_ARGS + tuple(result_args)) | plain(config) | {
-            "model": str(Path(args.model).resolve()), "bf16": self.bf16}
+            "bf16": self.bf16}
+        if getattr(args, "model", None) is not None:  # where it is, not how it was spelled
+            self.config["model"] = str(Path(args.model).resolve())
         if args.gradient_checkpointing:
             from training.logps import enable_gradient_checkpointing
 

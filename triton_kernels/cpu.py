@@ -110,6 +110,8 @@ def sample_logits(z: torch.Tensor, *, temperature: float | torch.Tensor, top_k: 
         if 0 < top_k < scaled.shape[1]:
             masked = scaled.masked_fill(~top_k_mask(scaled, top_k), float("-inf"))
         probs = torch.softmax(masked, dim=-1)
+        if not bool(torch.isfinite(probs).all()):  # multinomial's own error names no cause
+            raise FloatingPointError("non-finite logits (NaN or infinity) reached the sampler")
         drawn = torch.multinomial(probs, 1, generator=_generator(seed, offset, z.device))
         tokens = torch.where(greedy, tokens, drawn.squeeze(1))
     logprobs = scaled.gather(1, tokens[:, None]).squeeze(1) - torch.logsumexp(scaled, dim=-1)
