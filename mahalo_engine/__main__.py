@@ -257,7 +257,11 @@ def _options(args: argparse.Namespace, chunk: int, dtype: Any) -> dict[str, Any]
     opts = options_of(args, names)
     opts["chunk_size"] = chunk
     opts["dtype"] = str(dtype).replace("torch.", "")  # the default depends on the device
+    # Where the models are, not how the paths were spelled (a resume may run from elsewhere).
     opts["model"] = str(args.model.resolve())
+    opts["heads"] = None if args.heads is None else str(args.heads.resolve())
+    if args.command == "search":
+        opts["prm"] = [str(p.resolve()) for p in args.prm or ()]
     return opts
 
 

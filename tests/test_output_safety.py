@@ -432,10 +432,12 @@ def test_boolean_head_weight_and_chunk_prompt_index(tmp_path, model, capsys):
 
 
 def test_lr_nan_is_refused_before_anything_loads(tmp_path, model, capsys, monkeypatch):
-    import training.ref_logps as ref
+    import mahalo_engine.utils.loader as loader
+    import training.mah_dpo as mah_dpo
 
-    monkeypatch.setattr(ref, "reference_logps", lambda *a, **k: pytest.fail("ran the reference"))
-    from training.mah_dpo import main as dpo_main
+    monkeypatch.setattr(mah_dpo, "reference_logps", lambda *a, **k: pytest.fail("ran the reference"))
+    monkeypatch.setattr(loader, "load_decoder", lambda *a, **k: pytest.fail("loaded the model"))
+    dpo_main = mah_dpo.main
 
     pairs = tmp_path / "p.jsonl"
     pairs.write_text(json.dumps({"prompt": "q", "chosen": "a", "rejected": "b",

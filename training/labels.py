@@ -277,7 +277,9 @@ def _label_incrementally(args: argparse.Namespace, trajectories: list[dict[str, 
     output = on_main(lambda: prepare_output(
         args.out, [rows_per_traj(t) for t in trajectories], first_row, resume=args.resume,
         overwrite=args.overwrite, item="trajectory", items="trajectories",
-        options=options_of(args, RESULT_OPTIONS)), info)
+        options=options_of(args, RESULT_OPTIONS) | {
+            "policy": str(args.policy.resolve()) if getattr(args, "policy", None) else None}),
+        info)
     done = written = output.done
     bar = tqdm(desc=args.cmd, unit="traj", initial=done, total=len(trajectories),
                disable=not info.is_main)
