@@ -35,11 +35,11 @@ import torch
 
 from bench.common import BenchContext, hf_cache_kwarg, model_label, timeit
 from mahalo_engine.cache import KVCache
-from mahalo_engine.config import ModelConfig
+from mahalo_engine.model_config import ModelConfig
 from mahalo_engine.engine.decode_runner import kv_bucket
 from mahalo_engine.engine.sampler import Sampler
 from mahalo_engine.models.decoder import Decoder
-from mahalo_engine.utils.loader import load_decoder
+from mahalo_engine.models.loader import load_decoder
 
 BATCHES = (1, 8)
 ENGINE_B, ENGINE_PROMPT, ENGINE_H = 8, 64, 3  # the engine-step rows

@@ -28,7 +28,7 @@ def _policy(dtype: torch.dtype, device: str = "cuda", shape: dict | None = None)
     from transformers import AutoConfig, AutoTokenizer
 
     from bench.decode import QWEN25_05B
-    from mahalo_engine.config import ModelConfig
+    from mahalo_engine.model_config import ModelConfig
     from mahalo_engine.models.decoder import Decoder
     from mahalo_engine.policy import Policy
     from mahalo_engine.tiny import tiny_checkpoint

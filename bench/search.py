@@ -34,11 +34,11 @@ import torch
 from bench.common import (BenchContext, hf_cache_kwarg, model_label, peak_memory_bytes,
                           reset_peak_memory, synchronize)
 from bench.decode import QWEN25_05B
-from mahalo_engine.config import ModelConfig
+from mahalo_engine.model_config import ModelConfig
 from mahalo_engine.engine import Engine, SearchConfig
 from mahalo_engine.models.decoder import Decoder
 from mahalo_engine.policy import Policy
-from mahalo_engine.prm import ValueHead, ValueModel
+from mahalo_engine.value_model import ValueHead, ValueModel
 
 BOUNDARY = "\n\n"
 TOP_K = 50

@@ -24,9 +24,9 @@ from torch import nn
 
 from bench.common import BenchContext, peak_memory_bytes, reset_peak_memory, timeit
 from bench.decode import QWEN25_05B
-from mahalo_engine.config import ModelConfig
+from mahalo_engine.model_config import ModelConfig
 from mahalo_engine.models.decoder import Decoder
-from mahalo_engine.utils.loader import load_decoder
+from mahalo_engine.models.loader import load_decoder
 from training.collate import IGNORE
 from training.logps import PolicyLogps
 from training.losses import mah_dpo_loss

@@ -2,7 +2,7 @@
 
 The prompts run in chunks (``--chunk-size``), each one engine call; under ``torchrun`` the chunks
 are sharded over ranks, one engine per rank on its device, and rank 0 writes the rows in input
-order (``training.sharded``), so any number of processes writes the same ``--out``.
+order (``mahalo_engine.sharded``), so any number of processes writes the same ``--out``.
 """
 from __future__ import annotations
 
@@ -180,8 +180,8 @@ def _main(argv: list[str] | None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from training.distributed import cleanup
-    from training.sharded import setup
+    from mahalo_engine.distributed import cleanup
+    from mahalo_engine.sharded import setup
 
     info = setup(args.device)
     try:
@@ -192,7 +192,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def _run_rank(args: argparse.Namespace, info: Any) -> int:
     """This process's part of the run: the prompts cut into chunks of --chunk-size, chunk c one
-    engine call with seed --seed + c on rank ``c mod world`` (`training.sharded`); rank 0 writes
+    engine call with seed --seed + c on rank ``c mod world`` (`mahalo_engine.sharded`); rank 0 writes
     or prints the rows in input order."""
     import math
 
@@ -202,7 +202,7 @@ def _run_rank(args: argparse.Namespace, info: Any) -> int:
     from mahalo_engine.engine import Engine
     from mahalo_engine.policy import load_policy
     from mahalo_engine.utils.cli import Interrupted
-    from training.sharded import append_jsonl, on_main, prepare_output, run_sharded
+    from mahalo_engine.sharded import append_jsonl, on_main, prepare_output, run_sharded
 
     device = info.device
     dtype = getattr(torch, args.dtype) if args.dtype else \
@@ -221,7 +221,7 @@ def _run_rank(args: argparse.Namespace, info: Any) -> int:
     policy = load_policy(args.model, heads=args.heads, dtype=dtype, device=device)
     prm = None
     if args.command == "search" and args.prm:
-        from mahalo_engine.prm import load_prm
+        from mahalo_engine.value_model import load_prm
 
         prms = [load_prm(p, dtype=dtype, device=device) for p in args.prm]
         ws = args.prm_weights if args.prm_weights is not None else [1.0] * len(prms)
@@ -267,7 +267,8 @@ def _run_rank(args: argparse.Namespace, info: Any) -> int:
 def _results(args: argparse.Namespace, engine: Any, prompts: list[Any], head_weights: Any,
              seed: int) -> list[dict[str, Any]]:
     """One chunk's result rows: one engine call."""
-    from mahalo_engine.engine import SearchConfig, boxed_closed
+    from mahalo_engine.engine import SearchConfig
+    from mahalo_engine.stop_conditions import boxed_closed
 
     if args.command == "generate":
         max_new = 256 if args.max_new_tokens is None else args.max_new_tokens

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
-from mahalo_engine.ops import load_extension
-from triton_kernels.checks import check_int
+from mahalo_engine.kv_ops import load_extension
+from triton_kernels.argcheck import check_int
 
 _CACHE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 

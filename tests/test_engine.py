@@ -12,9 +12,9 @@ from mahalo_engine.cache import KVCache
 from mahalo_engine.engine import (Engine, SearchConfig, SharedBackbonePRM, WeightedScorer,
                                   boxed_closed)
 from mahalo_engine.policy import Policy, load_policy
-from mahalo_engine.prm import ValueHead, ValueModel, load_prm, save_prm
+from mahalo_engine.value_model import ValueHead, ValueModel, load_prm, save_prm
 from mahalo_engine.tiny import tiny_checkpoint
-from mahalo_engine.utils.loader import load_decoder
+from mahalo_engine.models.loader import load_decoder
 
 PROMPTS = ["Question: How many clips", "The quick brown fox jumps over", "Step 1:"]
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -324,7 +324,7 @@ def test_confirmation_resumes_a_slot_in_the_state_of_its_text(engine, policy):
     """A slot the tables stopped inside a character split over byte tokens is rejected by the
     host, and resumes in the boundary automaton's state after its decoded text, not the tables'
     restart state (so the "\\n" of "。\\n" can complete the boundary next)."""
-    from mahalo_engine.engine.boundary import Boundary
+    from mahalo_engine.boundary import Boundary
     from mahalo_engine.engine.decode_runner import PENDING, RUNNING
 
     boundary = engine._compile(Boundary(strings=("\u3002\n",)))

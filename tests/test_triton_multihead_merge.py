@@ -1,4 +1,4 @@
-"""The Triton merge kernel (triton_kernels.merge_kernel) against the torch merge and float64.
+"""The Triton merge kernel (triton_kernels.multihead.merge_kernel) against the torch merge and float64.
 
 Runs in Triton's interpreter on CPU (TRITON_INTERPRET=1) or on CUDA; odd shapes so blocks end
 mid-head, heads at a stride from each other, zero and negative weights, U not a power of two.
@@ -8,8 +8,8 @@ import os
 import pytest
 import torch
 
-from triton_kernels.merge import merge_heads, merge_heads_torch
-from triton_kernels.merge_kernel import merge_heads_triton
+from triton_kernels.multihead.merge import merge_heads, merge_heads_torch
+from triton_kernels.multihead.merge_kernel import merge_heads_triton
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 pytestmark = pytest.mark.skipif(

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from mahalo_engine.config import ModelConfig
+from mahalo_engine.model_config import ModelConfig
 from training.model_io import build_decoder, save_policy_dir, untied_config
 
 log = logging.getLogger(__name__)

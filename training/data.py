@@ -8,6 +8,7 @@ import json
 import sys
 from pathlib import Path
 
+from mahalo_engine.utils.atomic_files import atomic_write_text
 from training.encode import TRUNCATE_KEEP, tokenize_pairs
 from training.readers import paper_pairs_to_trl, parse_data_spec, read_preferences
 
@@ -47,8 +48,6 @@ def _main(argv: list[str] | None) -> int:
     add_debug_flag(s)
     args = p.parse_args(argv)
     if args.cmd == "convert-pairs":
-        from training.checkpoint import atomic_write_text
-
         rows = paper_pairs_to_trl(args.src)[:args.limit]
         if args.objective is not None:
             rows = [{**r, "objective": args.objective} for r in rows]

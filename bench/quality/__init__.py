@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.quality.config import QualityConfig, preset
+from bench.quality.settings import QualityConfig, preset
 
 
 def outputs(out_json: Path) -> dict[str, Path]:

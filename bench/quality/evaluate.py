@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import torch
 
-from bench.quality.config import QualityConfig
+from bench.quality.settings import QualityConfig
 from bench.quality.pipeline import SAMPLING_BOUNDARY, Artefacts, prompt_of
 from bench.quality.task import Problem, extract_answer, style_score, verify
 from mahalo_engine import Scorer

@@ -29,7 +29,7 @@ from typing import Any, Callable
 
 import torch
 
-from bench.quality.config import QualityConfig
+from bench.quality.settings import QualityConfig
 from bench.quality.task import (STEP_SEP, STYLES, Problem, extract_answer, make_split, style_score,
                                 verify)
 

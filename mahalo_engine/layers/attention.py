@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mahalo_engine.config import ModelConfig
+from mahalo_engine.model_config import ModelConfig
 from mahalo_engine.layers.rmsnorm import RMSNorm
 from mahalo_engine.layers.rotary import apply_rotary
 

@@ -8,7 +8,7 @@ the floor: 8 bytes per bf16 element for H = 3, U = 1, against ~64 for the chunke
 (per head an fp32 upcast and a scaled add into an fp32 scratch, then a cast and a copy).
 
 Numerics: fp32 accumulation over i = 0..H-1 in order, one rounding to the heads' dtype at the end,
-like the torch merge (``triton_kernels.merge.merge_heads_torch``); on a GPU the multiply-add may
+like the torch merge (``triton_kernels.multihead.merge.merge_heads_torch``); on a GPU the multiply-add may
 be fused (one rounding fewer), so the two agree to fp32 rounding before the final cast.
 """
 from __future__ import annotations
