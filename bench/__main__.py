@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from bench.common import BenchContext, markdown_table
+from mahalo_engine.tiny import tiny_checkpoint
 from mahalo_engine.utils.cli import HelpFormatter, add_debug_flag, resolve_device, run_cli
 
 # Local runs land in an ignored folder, so `python -m bench` never dirties `git status`;
@@ -98,8 +99,6 @@ def _main(argv: list[str] | None) -> int:
     transformers.utils.logging.disable_progress_bar()  # its weight-loading bars clutter the tables
     model_dir = args.model
     if model_dir is None:
-        from mahalo_engine.tiny import tiny_checkpoint
-
         model_dir = tiny_checkpoint("qwen2")
     ctx = BenchContext(device=device, quick=args.quick, model_dir=Path(model_dir), large=args.large,
                        no_cache=args.no_cache, all_sections=args.sections is None)

@@ -92,6 +92,7 @@ def env() -> int:
 def extension() -> int:
     import torch
 
+    # Imported here, like torch: the env report must run where neither imports.
     from mahalo_engine import ops
 
     how = ops.load_extension()

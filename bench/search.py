@@ -38,6 +38,7 @@ from mahalo_engine.model_config import ModelConfig
 from mahalo_engine.engine import Engine, SearchConfig
 from mahalo_engine.models.decoder import Decoder
 from mahalo_engine.policy import Policy
+from mahalo_engine.tiny import tiny_checkpoint
 from mahalo_engine.value_model import ValueHead, ValueModel
 
 BOUNDARY = "\n\n"
@@ -49,8 +50,6 @@ _TEXT = ("Natalia sold clips to 48 of her friends in April, and then she sold ha
 def _setup(ctx: BenchContext, dtype: torch.dtype):
     """(label, tokenizer, transformers policy, our Policy, PRM) sharing the policy's weights."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    from mahalo_engine.tiny import tiny_checkpoint
 
     tok = AutoTokenizer.from_pretrained(ctx.model_dir)
     shaped = ctx.is_cuda and ctx.model_dir == tiny_checkpoint("qwen2")

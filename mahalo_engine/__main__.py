@@ -12,7 +12,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from mahalo_engine.utils.cli import (HelpFormatter, add_boundary_arg, add_debug_flag,
+from mahalo_engine.distributed import cleanup
+from mahalo_engine.sharded import append_jsonl, on_main, prepare_output, run_sharded, setup
+from mahalo_engine.stop_conditions import boxed_closed
+from mahalo_engine.utils.cli import (HelpFormatter, Interrupted, add_boundary_arg, add_debug_flag,
                                      parse_boundaries, resolve_device, run_cli, unescape)
 
 _DTYPES = ("float32", "bfloat16", "float16")
@@ -180,9 +183,6 @@ def _main(argv: list[str] | None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from mahalo_engine.distributed import cleanup
-    from mahalo_engine.sharded import setup
-
     info = setup(args.device)
     try:
         return _run_rank(args, info)
@@ -199,10 +199,10 @@ def _run_rank(args: argparse.Namespace, info: Any) -> int:
     import torch
     from tqdm.auto import tqdm
 
+    # Imported here: the engine brings in Triton and transformers (seconds), which --help and a
+    # bad argument need not load.
     from mahalo_engine.engine import Engine
     from mahalo_engine.policy import load_policy
-    from mahalo_engine.utils.cli import Interrupted
-    from mahalo_engine.sharded import append_jsonl, on_main, prepare_output, run_sharded
 
     device = info.device
     dtype = getattr(torch, args.dtype) if args.dtype else \
@@ -221,6 +221,7 @@ def _run_rank(args: argparse.Namespace, info: Any) -> int:
     policy = load_policy(args.model, heads=args.heads, dtype=dtype, device=device)
     prm = None
     if args.command == "search" and args.prm:
+        # Imported here: only a search with a PRM needs the value model's code.
         from mahalo_engine.value_model import load_prm
 
         prms = [load_prm(p, dtype=dtype, device=device) for p in args.prm]
@@ -267,8 +268,8 @@ def _run_rank(args: argparse.Namespace, info: Any) -> int:
 def _results(args: argparse.Namespace, engine: Any, prompts: list[Any], head_weights: Any,
              seed: int) -> list[dict[str, Any]]:
     """One chunk's result rows: one engine call."""
+    # Imported here, as in `_run_rank`: the engine package costs seconds to import.
     from mahalo_engine.engine import SearchConfig
-    from mahalo_engine.stop_conditions import boxed_closed
 
     if args.command == "generate":
         max_new = 256 if args.max_new_tokens is None else args.max_new_tokens

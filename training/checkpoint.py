@@ -19,6 +19,8 @@ from typing import Any
 import torch
 
 from mahalo_engine.utils.atomic_files import atomic_directory, atomic_write_text
+from mahalo_engine.utils.cli import add_debug_flag, run_cli
+from mahalo_engine.utils.safetensors_io import load_safetensors
 
 
 def rng_state() -> dict[str, Any]:
@@ -84,7 +86,6 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
 
 def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """``(model_state, trainer_state)`` of a checkpoint directory (RNG states not yet applied)."""
-    from mahalo_engine.utils.safetensors_io import load_safetensors
 
     path = Path(path)
     model_state = load_safetensors(path / "model.safetensors")
@@ -93,13 +94,11 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mahalo_engine.utils.cli import run_cli
 
     return run_cli(_main, argv)
 
 
 def _main(argv: list[str] | None) -> int:
-    from mahalo_engine.utils.cli import add_debug_flag
 
     p = argparse.ArgumentParser(prog="python -m training.checkpoint",
                                 description="Show the latest resumable checkpoint of a training "

@@ -153,6 +153,8 @@ ROLLOUT_BATCH = 32  # continuations sampled at once (one engine call's batch)
 def rollout_engine(policy, max_seq_len: int) -> Any:
     """The `Engine` rollouts sample with: ``ROLLOUT_BATCH`` rows of up to ``max_seq_len`` tokens.
     A labelling run builds one per process and passes it to every `sample_continuations` call."""
+    # Imported here: the engine brings in Triton and transformers (seconds), which the labelling
+    # commands without a policy (hindsight, mc, bt-pairs, the judges) never use.
     from mahalo_engine.engine import Engine
 
     return Engine(policy, max_batch=ROLLOUT_BATCH, max_seq_len=max_seq_len, cuda_graphs=False)
@@ -423,6 +425,7 @@ def _label_trajectories(args: argparse.Namespace, info: DistInfo) -> int:
              "labels": judge_prefix_labels(t["prompt"], t["steps"], judge)}], one_row, info)
         log.info("wrote %d trajectories to %s", n, args.out)
         return 0
+    # Imported here, like the engine in `rollout_engine`: only the rollouts command loads a policy.
     from mahalo_engine.policy import load_policy
 
     if args.m < 1:

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from mahalo_engine.distributed import DistInfo, barrier
+from mahalo_engine.models.loader import load_decoder
 from mahalo_engine.utils import paths
 from training.batching import BalancedBatches
 from training.collate import collate_pairs, pad_id_of
@@ -112,8 +113,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def train(args: argparse.Namespace, info: DistInfo, tokenizer) -> None:
-    from mahalo_engine.models.loader import load_decoder
-
     data: PreferenceData = read_preferences(
         [parse_data_spec(s) for s in args.data],
         objectives=args.objectives.split(",") if args.objectives is not None else None)

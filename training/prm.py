@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from mahalo_engine.distributed import DistInfo, barrier
+from mahalo_engine.models.loader import load_decoder
 from mahalo_engine.utils.atomic_files import publish_files, staging_dir
 from mahalo_engine.value_model import ValueHead, save_prm
 from training.batching import shuffled_batch
@@ -100,8 +101,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def train(args: argparse.Namespace, info: DistInfo, tokenizer) -> None:
-    from mahalo_engine.models.loader import load_decoder
-
     objectives = _objectives(args)
     tok_kw = dict(max_length=args.max_length, max_prompt_length=args.max_prompt_length,
                   chat_template=args.chat_template, step_separator=args.step_separator,

@@ -15,6 +15,7 @@ import torch
 
 from mahalo_engine.distributed import DistInfo, barrier
 from mahalo_engine.utils.atomic_files import atomic_directory
+from mahalo_engine.utils.safetensors_io import load_safetensors
 from training import distributed as D
 from training.batching import micro_batches
 from training.collate import collate_pairs
@@ -69,8 +70,6 @@ def reference_logps(decoder: torch.nn.Module, items: Sequence[TokenizedPair], *,
     """Cached ``compute_reference_logps``: the key hashes the model files, dtype, device type,
     autocast and every token id; a hit skips the forward passes entirely."""
     from safetensors.torch import save_file
-
-    from mahalo_engine.utils.safetensors_io import load_safetensors
 
     dtype = decoder.dtype
     key_src = json.dumps({"v": REF_CACHE_VERSION, "model": hash_model_dir(model_dir),

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from mahalo_engine.distributed import DistInfo, barrier
+from mahalo_engine.models.loader import load_decoder
 from training.batching import shuffled_batch
 from training.collate import collate, pad_id_of
 from training.encode import tokenize_sft
@@ -45,8 +46,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def train(args: argparse.Namespace, info: DistInfo, tokenizer) -> None:
-    from mahalo_engine.models.loader import load_decoder
-
     examples = read_sft(args.data)
     items, stats = tokenize_sft(tokenizer, examples, max_length=args.max_length,
                                 max_prompt_length=args.max_prompt_length,

@@ -35,6 +35,7 @@ from mahalo_engine.utils.cli import HelpFormatter, Interrupted, add_debug_flag, 
 from training import checkpoint as ckpt
 from training import distributed as D
 from training.batching import micro_batches, shard
+from training.logps import enable_gradient_checkpointing
 
 log = logging.getLogger(__name__)
 
@@ -202,8 +203,6 @@ class Trainer:
         self.config = config
         self.bf16 = info.device.type == "cuda" and args.bf16
         if args.gradient_checkpointing:
-            from training.logps import enable_gradient_checkpointing
-
             enable_gradient_checkpointing(module.decoder)
         self.module = D.wrap_model(module, info, args.strategy, mixed_precision=self.bf16)
         params = [p for p in self.module.parameters() if p.requires_grad]
