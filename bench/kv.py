@@ -26,7 +26,7 @@ import torch
 from bench.common import (BenchContext, copy_bandwidth, peak_memory_bytes, reset_peak_memory,
                           time_graph, timeit)
 from mahalo_engine.cache import KVCache
-from mahalo_engine.kv_ops import kv_copy_ranges, kv_promote
+from mahalo_engine.ops import kv_copy_ranges, kv_promote
 
 MODELS = {  # name -> (layers, kv heads, head_dim)
     "Qwen2.5-0.5B": (24, 2, 64),

@@ -8,7 +8,7 @@ attention multiplies masked-out V rows by an exact 0 and ``0 * nan`` would poiso
 Writing goes through one index op on slot/position tensors, reading through a gather or (for a
 contiguous slot range) a view, so both work inside CUDA graph capture; this module owns the sizes,
 the allocation check and that indexing, and the slot events as methods (`KVCache.fork`, `move`,
-`promote`, `append`: one batched ``mahalo_engine.kv_ops`` launch each, graph-safe), so that callers
+`promote`, `append`: one batched ``mahalo_engine.ops`` launch each, graph-safe), so that callers
 never unpack ``data`` and ``lens``.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from mahalo_engine.model_config import ModelConfig
-from mahalo_engine.kv_ops import kv_append, kv_copy_ranges, kv_fork
+from mahalo_engine.ops import kv_append, kv_copy_ranges, kv_fork
 from triton_kernels.argcheck import check_int, is_real
 
 

@@ -1,4 +1,4 @@
-"""mahalo_engine.kv_ops.kv_append_ranges / kv_append (copies between two caches of different slot
+"""mahalo_engine.ops.kv_append_ranges / kv_append (copies between two caches of different slot
 lengths) against a pure-torch loop; the C++ kernel on CPU, the CUDA kernel (also in a CUDAGraph)
 in `gpu` tests. Destinations start poisoned, and the whole tensor is compared bit for bit, so
 untouched slots and positions are proven to keep their bits."""

@@ -1,4 +1,4 @@
-"""mahalo_engine.kv_ops: kv_copy_ranges / kv_fork / kv_promote against a pure-torch loop reference.
+"""mahalo_engine.ops: kv_copy_ranges / kv_fork / kv_promote against a pure-torch loop reference.
 
 CPU tests run the C++ kernel; `gpu` tests run the CUDA kernel (also inside a CUDAGraph). The cache
 is filled with random values and every destination slot with a poison value first, so comparing the
@@ -344,7 +344,7 @@ def test_promote_check_rejects_bad_input(change, message):
 
 _JIT_SCRIPT = """
 import torch
-import mahalo_engine.kv_ops as ops
+import mahalo_engine.ops as ops
 assert ops.load_extension() == "jit", ops.load_extension()
 cache = torch.arange(2 * 2 * 4 * 1 * 6 * 2, dtype=torch.float32).view(2, 2, 4, 1, 6, 2)
 expected = cache.clone()

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from mahalo_engine import paged
-from mahalo_engine.kv_ops import load_extension
+from mahalo_engine.ops import load_extension
 from mahalo_engine.paged import PagedKVCache
 
 L, NKV, HD, S, MAX_BLOCKS = 2, 2, 3, 8, 4

@@ -39,7 +39,7 @@ facts["helps"] = helps
 facts["C_after_helps"] = loaded()
 from mahalo_engine import *
 from mahalo_engine import __all__ as public
-import mahalo_engine.kv_ops, mahalo_engine.paged
+import mahalo_engine.ops, mahalo_engine.paged
 facts["missing_names"] = [n for n in public if n not in globals()]
 facts["dir_lacks"] = sorted(set(public) - set(dir(mahalo_engine)))
 try:
@@ -53,7 +53,7 @@ cache = torch.arange(2 * 2 * 4 * 1 * 6 * 2, dtype=torch.float32).view(2, 2, 4, 1
 want = cache.clone()
 want[:, :, 3, :, 1:5] = cache[:, :, 0, :, 1:5]
 i = lambda *v: torch.tensor(v, dtype=torch.int32)
-mahalo_engine.kv_ops.kv_copy_ranges(cache, i(0), i(3), i(1), i(5))
+mahalo_engine.ops.kv_copy_ranges(cache, i(0), i(3), i(1), i(5))
 facts["C_after_op"] = loaded()
 facts["op_result_ok"] = torch.equal(cache, want)
 facts["csrc_ops"] = sorted(n for n in torch._C._dispatch_get_all_op_names() if n.startswith("mahalo::"))
