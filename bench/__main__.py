@@ -30,14 +30,16 @@ LOCAL_RESULTS = Path(__file__).resolve().parent / "results" / "local"
 # Section name -> what it compares. Each lives in bench/<name>.py and exposes run(ctx) -> rows.
 SECTIONS = {
     "decode": "decode-step latency: our slot-cache decoder vs transformers, same weights and batch",
-    "heads": "fused H-head projection + sampling vs torch eager paths",
+    "heads": "the multihead op (triton_kernels.multihead): fused H-head projection + sampling vs "
+             "torch eager paths",
     "kv": "KV-cache promote cost vs prefix length: ours vs deepcopy vs whole-slot copies",
     "train": "MAH-DPO step time/memory: ours vs the reference structure",
     "search": "PRM-guided step search: ours vs re-encode vs the paper's loop",
     "quality": "the paper's results in miniature: SFT, DPO/MAH-DPO, MC-value PRM, guided search "
                "on generated arithmetic problems (acc vs style)",
-    "attention": "K-candidate decode attention vs prefix length: cascade (shared prefix) vs SDPA "
-                 "on the forked layout, with the bandwidth floor",
+    "attention": "the cascade op (triton_kernels.cascade): K-candidate decode attention vs prefix "
+                 "length, cascade (shared prefix) vs SDPA on the forked layout, with the bandwidth "
+                 "floor",
 }
 
 

@@ -1,4 +1,5 @@
-"""Every Triton kernel of the multi-head op (triton_kernels.multihead) compiles ahead of time for sm_90 (H100), on any machine.
+"""Every Triton kernel of the multi-head op (triton_kernels.multihead) compiles ahead of time for sm_90
+(H100), on any machine.
 
 The interpreter never lowers a kernel, so a GPU-only compile error (a non-constexpr global, a
 shape the backend rejects, too much shared memory) would otherwise first show up on a GPU. The

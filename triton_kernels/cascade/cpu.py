@@ -1,11 +1,12 @@
 """The cascade op's CPU path: decode and extend attention through torch's fused CPU flash attention.
 
-Same contracts as ``triton_kernels.cascade.reference`` (the readable spec), but each part — the
-K·G queries of a request over its prefix, each candidate's G queries over its own suffix — runs in ``aten._scaled_dot_product_flash_attention_for_cpu``, which also returns the
-log-sum-exp the merge needs; the reference's einsums and masked copies of the prefix made the
-shared-prefix layout slower than SDPA over forked copies on CPU. Keys past a length are masked by
-an additive ``-inf`` mask (plus the causal mask over a candidate's suffix in extend); a query
-with no key at all counts as empty (weight 0 in the merge).
+Same contracts as ``triton_kernels.cascade.reference`` (the readable spec), but each part — the K·G
+queries of a request over its prefix, each candidate's G queries over its own suffix — runs in
+``aten._scaled_dot_product_flash_attention_for_cpu``, which also returns the log-sum-exp the merge
+needs; the reference's einsums and masked copies of the prefix made the shared-prefix layout slower
+than SDPA over forked copies on CPU. Keys past a length are masked by an additive ``-inf`` mask
+(plus the causal mask over a candidate's suffix in extend); a query with no key at all counts as
+empty (weight 0 in the merge).
 """
 from __future__ import annotations
 
