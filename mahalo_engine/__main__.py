@@ -199,10 +199,11 @@ def _run_rank(args: argparse.Namespace, info: Any) -> int:
     import torch
     from tqdm.auto import tqdm
 
-    # Imported here: the engine brings in Triton and transformers (seconds), which --help and a
-    # bad argument need not load.
+    # Imported here: the engine and Triton take seconds to import, which --help and a bad
+    # argument need not wait for.
     from mahalo_engine.engine import Engine
     from mahalo_engine.policy import load_policy
+    from mahalo_engine.value_model import load_prm
 
     device = info.device
     dtype = getattr(torch, args.dtype) if args.dtype else \
@@ -221,9 +222,6 @@ def _run_rank(args: argparse.Namespace, info: Any) -> int:
     policy = load_policy(args.model, heads=args.heads, dtype=dtype, device=device)
     prm = None
     if args.command == "search" and args.prm:
-        # Imported here: only a search with a PRM needs the value model's code.
-        from mahalo_engine.value_model import load_prm
-
         prms = [load_prm(p, dtype=dtype, device=device) for p in args.prm]
         ws = args.prm_weights if args.prm_weights is not None else [1.0] * len(prms)
         prm = prms[0] if len(prms) == 1 and ws[0] == 1.0 else list(zip(prms, ws))

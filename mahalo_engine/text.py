@@ -103,7 +103,7 @@ def split_steps(text: str, boundary: Any, tokenizer: Any = None) -> list[str]:
     end of turn never occurs inside a text (the engine's texts drop special tokens): ``turn``
     leaves the text one step. Explicit token ids need the engine's token stream: ValueError.
     """
-    # Imported here: Boundary brings in torch and Triton (seconds); the text rules need neither.
+    # Imported here: Boundary brings in torch and Triton; the text rules need neither.
     from mahalo_engine.boundary import Boundary
 
     spec = Boundary.parse(boundary)

@@ -6,10 +6,10 @@ import json
 import pytest
 import torch
 
+from mahalo_engine.distributed import DistInfo
 from mahalo_engine.tiny import tiny_checkpoint
 from tiny_prm import save_tiny_prm
 from torchrun import torchrun
-from training.distributed import DistInfo
 
 COMMON = ["--device", "cpu", "--dtype", "float32", "--max-seq-len", "64", "--max-batch", "2"]
 
@@ -152,7 +152,7 @@ def one_rank_group(tmp_path):
     """A real gloo process group of one rank: the collectives' code paths, in this process."""
     import torch.distributed as dist
 
-    from training.distributed import cleanup
+    from mahalo_engine.distributed import cleanup
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rdv'}", rank=0,
                             world_size=1)
@@ -203,7 +203,7 @@ def test_prepare_output_keeps_whole_aligned_items(tmp_path):
 
 
 def test_local_rank_beyond_the_visible_gpus_is_an_error(monkeypatch):
-    from training.distributed import init_distributed
+    from mahalo_engine.distributed import init_distributed
 
     monkeypatch.setenv("RANK", "3")
     monkeypatch.setenv("WORLD_SIZE", "4")

@@ -100,7 +100,7 @@ def test_reference_logps_cached_equal_recomputed(tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from mahalo_engine.models.loader import load_decoder
-    from training.distributed import DistInfo
+    from mahalo_engine.distributed import DistInfo
 
     model = tiny_checkpoint("qwen2")
     acc, eng = _pairs(tmp_path, n=5)

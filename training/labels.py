@@ -153,8 +153,8 @@ ROLLOUT_BATCH = 32  # continuations sampled at once (one engine call's batch)
 def rollout_engine(policy, max_seq_len: int) -> Any:
     """The `Engine` rollouts sample with: ``ROLLOUT_BATCH`` rows of up to ``max_seq_len`` tokens.
     A labelling run builds one per process and passes it to every `sample_continuations` call."""
-    # Imported here: the engine brings in Triton and transformers (seconds), which the labelling
-    # commands without a policy (hindsight, mc, bt-pairs, the judges) never use.
+    # Imported here: the engine and Triton take seconds to import, and the labelling commands
+    # without a policy (hindsight, mc, bt-pairs, the judges) never use them.
     from mahalo_engine.engine import Engine
 
     return Engine(policy, max_batch=ROLLOUT_BATCH, max_seq_len=max_seq_len, cuda_graphs=False)
