@@ -121,9 +121,9 @@ echo
 echo "== summary (total budget ${total}s, $SECONDS s used)"
 printf '%s\n' "${summary[@]}"
 [[ -s "$OUT/gpu.txt" ]] && grep -E '^(torch|triton|device|CUDA_HOME)' "$OUT/gpu.txt"
-grep -E 'extension loaded|registered|equals the expected|sm_[0-9]+' "$OUT/build.log" 2>/dev/null | tail -n 6
+grep -E '^build: |extension loaded|registered|equals the expected|sm_[0-9]+' "$OUT/build.log" 2>/dev/null | tail -n 8
 grep -E '^(FAILED|ERROR)|[0-9]+ (passed|failed)' "$OUT/tests.log" 2>/dev/null | tail -n 30
 grep -E '^graph vs eager|tokens_equal' "$OUT/bench.log" 2>/dev/null | cut -c1-300 | tail -n 6
-grep -E 'Error|sections that failed' "$OUT/bench.log" 2>/dev/null | tail -n 5
+grep -E 'Error|sections that failed|> cut at|interrupted after' "$OUT/bench.log" 2>/dev/null | tail -n 8
 ls -la "$OUT"
 exit $status
