@@ -17,8 +17,8 @@
 #                        engine's graphs at full size; rows reach the JSON as they are measured)
 #   bench2    bench.json heads, kv, train (quick sizes), appended to the same JSON
 # tests.log and bench.log hold the pytest and bench output (pytest -rA lists every outcome).
-# At most 8 files come back from $OUT: the 7 above and, if a bench write was killed mid-way,
-# bench.json.tmp (removed at the end: bench.json holds the last complete write).
+# At most 8 files come back from $OUT: the 7 above; a temporary file or lock left by a write or
+# a bench cut mid-way is removed at the end (bench.json holds the last complete write).
 #
 # Usage (device tool):   bash bench/device_check.sh
 #   DRY_RUN=1 bash bench/device_check.sh     print each stage's command and budget, run nothing
@@ -110,11 +110,13 @@ for row in "${STAGE_TABLE[@]}"; do
   fi
 done
 
-# A bench write killed between its temporary file and the rename leaves bench.json.tmp behind.
-for tmp in "$OUT"/*.tmp; do
-  [[ -e "$tmp" ]] || continue
-  echo "removing $tmp (a write cut mid-way; ${tmp%.tmp} holds the last complete one)"
-  rm -f "$tmp"
+# A write killed between its temporary file and the rename leaves that file behind (bench.json.tmp,
+# or a hidden .bench.json.XXXXXX), a killed bench its bench.json.lock: the outputs hold the last
+# complete writes, so these go (at most 8 files come back).
+for left in "$OUT"/*.tmp "$OUT"/.[!.]* "$OUT"/*.lock; do
+  [[ -f "$left" ]] || continue
+  echo "removing $left (left by a write or a run cut mid-way; the outputs hold the last complete one)"
+  rm -f "$left"
 done
 
 echo
