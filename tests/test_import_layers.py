@@ -57,9 +57,9 @@ LAYERS: list[list[str]] = [
      "training.data"],
     ["training"],
     # bench: plumbing, sections, the runner.
-    ["bench.common", "bench.device_report"],
+    ["bench.common"],
     ["bench.decode", "bench.heads", "bench.kv", "bench.attention", "bench.quality.*"],
-    ["bench.search", "bench.train", "bench.graph_check"],
+    ["bench.search", "bench.train", "bench.graph_check", "bench.device_report"],
     ["bench.__main__"],
     ["bench"],
 ]

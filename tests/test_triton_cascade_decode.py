@@ -9,6 +9,7 @@ import os
 import pytest
 import torch
 
+from far_views import far_suffix
 from triton_kernels import cascade
 from triton_kernels.cascade import cpu as cascade_cpu
 from triton_kernels.reference import attend_partial, cascade_decode_attention, merge_partials
@@ -193,6 +194,20 @@ def test_kernel_matches_reference_with_one_side_empty():
         args = make_case(1, 2, 1, 2, 64, 12, 3, plens, slens, device=DEVICE)
         torch.testing.assert_close(kernel_decode(*args),
                                    cascade_decode_attention(*args), rtol=1e-5, atol=1e-5)
+
+
+# Candidates 2**30 + 2**20 elements apart (a stride that fits int32): candidate 2's suffix starts
+# past 2**31, as in a slot cache of K = 64 candidates · 32 KV heads · 8192 positions · 128 dims.
+FAR_STRIDE = 2**30 + 2**20
+
+
+@needs_triton
+def test_kernel_candidate_offsets_past_int32():
+    args = list(make_case(1, 3, 1, 2, 64, 8, 4, [5], [2, 3, 4], torch.float16, seed=5,
+                          poison=0.0, device=DEVICE))
+    args[4], args[5] = far_suffix(args[4], args[5], FAR_STRIDE)
+    assert FAR_STRIDE < 2**31 <= 2 * args[4].stride(1)
+    assert_close(kernel_decode(*args), attention64(*args), torch.float16)
 
 
 def test_launch_config_splits_long_prefixes_on_gpu():

@@ -9,8 +9,9 @@ import math
 import pytest
 import torch
 
-from test_triton_cascade_decode import (DEVICE, assert_close, capture_launch, needs_triton,
-                                        poison_unused)
+from far_views import far_suffix
+from test_triton_cascade_decode import (DEVICE, FAR_STRIDE, assert_close, capture_launch,
+                                        needs_triton, poison_unused)
 from triton_kernels import cascade
 from triton_kernels.cascade import cpu as cascade_cpu
 from triton_kernels.reference import cascade_decode_attention, cascade_extend_attention
@@ -158,6 +159,16 @@ def test_kernel_reads_strided_cache_views_and_writes_out():
     args = (q, pk, pv, plen, sk, sv, slen.view(r, k), new)
     assert kernel_extend(*args, out=out) is out
     assert_close(out, attention64(*args), torch.float32)
+
+
+@needs_triton
+def test_kernel_candidate_offsets_past_int32():
+    """Candidate 2's suffix past 2**31 elements (stride as in test_triton_cascade_decode)."""
+    args = list(make_case(1, 3, 2, 1, 2, 64, 8, 4, [5], [2, 3, 4], [1, 2, 2], torch.float16,
+                          seed=5, poison=0.0, device=DEVICE))
+    args[4], args[5] = far_suffix(args[4], args[5], FAR_STRIDE)
+    assert FAR_STRIDE < 2**31 <= 2 * args[4].stride(1)
+    assert_close(kernel_extend(*args), attention64(*args), torch.float16)
 
 
 def test_extend_launch_config_blocks_rows_and_splits_long_prefixes_on_gpu():
