@@ -36,6 +36,7 @@ def _sdpa_backends() -> list[str]:
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from transformers import AutoConfig
 
+    # Imported here, like torch: the env report must run where neither imports.
     from bench.decode import QWEN25_05B
     from mahalo_engine.cache import KVCache
     from mahalo_engine.model_config import ModelConfig
