@@ -18,6 +18,8 @@ from typing import Callable
 
 import torch
 
+from mahalo_engine.tiny import tiny_family
+
 
 @dataclass
 class BenchContext:
@@ -212,8 +214,6 @@ def markdown_table(rows: list[dict]) -> str:
 def model_label(path: Path) -> str:
     """A readable name for a model directory: the built-in tiny checkpoints (whose directory is
     named by a hash of their recipe) as ``tiny-<family> (random init)``, others by their name."""
-    from mahalo_engine.tiny import tiny_family
-
     family = tiny_family(path)
     return f"tiny-{family} (random init)" if family is not None else Path(path).name
 

@@ -2,7 +2,7 @@
 
 The prompts run in chunks (``--chunk-size``), each one engine call; under ``torchrun`` the chunks
 are sharded over ranks, one engine per rank on its device, and rank 0 writes the rows in input
-order (``training.sharded``), so any number of processes writes the same ``--out``.
+order (``mahalo_engine.sharded``), so any number of processes writes the same ``--out``.
 """
 from __future__ import annotations
 
@@ -14,8 +14,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from mahalo_engine.utils.cli import (HelpFormatter, add_boundary_arg, add_debug_flag,
+from mahalo_engine.distributed import cleanup
+from mahalo_engine.models.loader import check_model_dir
+from mahalo_engine.sharded import on_main, prepare_output, run_sharded, setup
+from mahalo_engine.stop_conditions import boxed_closed
+from mahalo_engine.utils.cli import (HelpFormatter, Interrupted, add_boundary_arg, add_debug_flag,
                                      parse_boundaries, resolve_device, run_cli, unescape)
+from mahalo_engine.utils.outputs import (OutputLock, check_not_input, options_of,
+                                         read_text_lines)
 
 _DTYPES = ("float32", "bfloat16", "float16")
 _RESULT_KEYS = ("text", "token_ids", "logprobs", "finish_reason", "steps")  # added to input rows
@@ -131,8 +137,6 @@ def _requests(args: argparse.Namespace) -> tuple[list[Any], list[Any] | None,
     ``file:line``) from --prompt / --prompts."""
     if args.prompt is not None:
         return [args.prompt], None, [{"prompt": args.prompt}], ["--prompt"]
-    from mahalo_engine.utils.outputs import read_text_lines
-
     prompts, weights, rows, where = [], [], [], []
     for n, line in read_text_lines(args.prompts):
         if not line.strip():
@@ -193,9 +197,6 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--top-k must be >= 0 (0 = no truncation), got {args.top_k}")
     if args.weights is not None:
         _check_weights(args.weights, "--weights")
-    from mahalo_engine.utils.loader import check_model_dir
-    from mahalo_engine.utils.outputs import check_not_input
-
     check_model_dir(args.model)
     for prm in args.prm if args.command == "search" and args.prm else ():
         check_model_dir(prm, "--prm")
@@ -233,10 +234,6 @@ def _main(argv: list[str] | None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from mahalo_engine.utils.outputs import OutputLock
-    from training.distributed import cleanup
-    from training.sharded import on_main, setup
-
     info = setup(args.device)
     # Rank 0 writes --out, so it alone holds the lock; a refused lock stops every rank.
     lock = OutputLock(args.out) if args.out is not None else None
@@ -251,8 +248,6 @@ def _run(args: argparse.Namespace) -> int:
 
 def _options(args: argparse.Namespace, chunk: int, dtype: Any) -> dict[str, Any]:
     """The result-shaping options (`RESULT_OPTIONS`) as stored beside --out."""
-    from mahalo_engine.utils.outputs import options_of
-
     names = RESULT_OPTIONS + (SEARCH_RESULT_OPTIONS if args.command == "search" else ())
     opts = options_of(args, names)
     opts["chunk_size"] = chunk
@@ -267,16 +262,17 @@ def _options(args: argparse.Namespace, chunk: int, dtype: Any) -> dict[str, Any]
 
 def _run_rank(args: argparse.Namespace, info: Any) -> int:
     """This process's part of the run: the prompts cut into chunks of --chunk-size, chunk c one
-    engine call with seed --seed + c on rank ``c mod world`` (`training.sharded`); rank 0 writes
-    or prints the rows in input order. --out is only checked here: it changes when the first
-    chunk's rows are ready, so an error before then leaves it as it was."""
+    engine call with seed --seed + c on rank ``c mod world`` (`mahalo_engine.sharded`); rank 0
+    writes or prints the rows in input order. --out is only checked here: it changes when the
+    first chunk's rows are ready, so an error before then leaves it as it was."""
     import torch
     from tqdm.auto import tqdm
 
+    # Imported here: the engine and Triton take seconds to import, which --help and a bad
+    # argument need not wait for.
     from mahalo_engine.engine import Engine
     from mahalo_engine.policy import load_policy
-    from mahalo_engine.utils.cli import Interrupted
-    from training.sharded import on_main, prepare_output, run_sharded
+    from mahalo_engine.value_model import load_prm
 
     device = info.device
     dtype = getattr(torch, args.dtype) if args.dtype else \
@@ -299,8 +295,6 @@ def _run_rank(args: argparse.Namespace, info: Any) -> int:
                          len(prompts) if weights is not None else 1)
     prm = None
     if args.command == "search" and args.prm:
-        from mahalo_engine.prm import load_prm
-
         prms = [load_prm(p, dtype=dtype, device=device) for p in args.prm]
         ws = args.prm_weights if args.prm_weights is not None else [1.0] * len(prms)
         prm = prms[0] if len(prms) == 1 and ws[0] == 1.0 else list(zip(prms, ws))
@@ -358,7 +352,8 @@ def _in_file(e: Exception, first: int, where: list[str]) -> Exception:
 def _results(args: argparse.Namespace, engine: Any, prompts: list[Any], head_weights: Any,
              seed: int) -> list[dict[str, Any]]:
     """One chunk's result rows: one engine call."""
-    from mahalo_engine.engine import SearchConfig, boxed_closed
+    # Imported here, as in `_run_rank`: the engine package costs seconds to import.
+    from mahalo_engine.engine import SearchConfig
 
     if args.command == "generate":
         max_new = 256 if args.max_new_tokens is None else args.max_new_tokens

@@ -23,8 +23,8 @@ from safetensors.torch import load_file, save_file
 
 from mahalo_engine.__main__ import main as engine_main
 from mahalo_engine.tiny import tiny_checkpoint
-from mahalo_engine.utils.outputs import (JsonlOutput, OutputLock, atomic_write_text, lock_path,
-                                         read_text_lines)
+from mahalo_engine.utils.atomic_files import atomic_write_text
+from mahalo_engine.utils.outputs import JsonlOutput, OutputLock, lock_path, read_text_lines
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMON = ["--device", "cpu", "--dtype", "float32", "--max-seq-len", "64", "--max-batch", "2",
@@ -329,7 +329,7 @@ def test_non_finite_logits_stop_generation_without_writing_nan(tmp_path, model, 
 
 
 def test_undefined_config_values_and_huge_models_are_refused_quickly(tmp_path, model, capsys):
-    from mahalo_engine.config import ModelConfig
+    from mahalo_engine.model_config import ModelConfig
 
     d = json.loads((Path(model) / "config.json").read_text())
     for change, pattern in (({"rms_norm_eps": -1e-6}, "rms_norm_eps"),
@@ -347,7 +347,7 @@ def test_undefined_config_values_and_huge_models_are_refused_quickly(tmp_path, m
     assert time.perf_counter() - t0 < 5
     # Large enough to pass the config check, too large for the memory free now.
     from mahalo_engine.cache import available_bytes
-    from mahalo_engine.utils.loader import load_decoder
+    from mahalo_engine.models.loader import load_decoder
 
     free = available_bytes(torch.device("cpu"))
     if free is None:
@@ -432,7 +432,7 @@ def test_boolean_head_weight_and_chunk_prompt_index(tmp_path, model, capsys):
 
 
 def test_lr_nan_is_refused_before_anything_loads(tmp_path, model, capsys, monkeypatch):
-    import mahalo_engine.utils.loader as loader
+    import mahalo_engine.models.loader as loader
     import training.mah_dpo as mah_dpo
 
     monkeypatch.setattr(mah_dpo, "reference_logps", lambda *a, **k: pytest.fail("ran the reference"))

@@ -21,7 +21,10 @@ from pathlib import Path
 
 import torch
 
-from mahalo_engine.config import ModelConfig
+from mahalo_engine.model_config import ModelConfig
+from mahalo_engine.utils.cli import HelpFormatter, add_debug_flag, run_cli
+from mahalo_engine.utils.outputs import OutputLock, check_not_input
+from mahalo_engine.utils.paths import check_model_dir, load_tokenizer
 from training.model_io import build_decoder, save_policy_dir, untied_config
 
 log = logging.getLogger(__name__)
@@ -86,8 +89,6 @@ def convert(policy_pt: str | Path, base: str | Path, out: str | Path, *,
             objectives: list[str] | None = None, dtype: torch.dtype | None = None) -> Path:
     """Write ``out`` as a Hugging Face directory (+ ``mahalo_heads.safetensors`` for a multi-head
     checkpoint) from the reference ``policy_pt`` and the config/tokenizer of ``base``."""
-    from mahalo_engine.utils.loader import check_model_dir, load_tokenizer
-
     config = ModelConfig.from_pretrained(check_model_dir(base, "--base"))
     backbone, heads = split_reference_state(load_reference_state(policy_pt))
     if dtype is None:
@@ -109,14 +110,10 @@ def convert(policy_pt: str | Path, base: str | Path, out: str | Path, *,
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mahalo_engine.utils.cli import run_cli
-
     return run_cli(_main, argv)
 
 
 def _main(argv: list[str] | None) -> int:
-    from mahalo_engine.utils.cli import HelpFormatter, add_debug_flag
-
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     p = argparse.ArgumentParser(
         prog="python -m training.convert", formatter_class=HelpFormatter,
@@ -133,8 +130,6 @@ def _main(argv: list[str] | None) -> int:
     p.add_argument("--out", type=Path, required=True, help="output directory")
     add_debug_flag(p)
     args = p.parse_args(argv)
-    from mahalo_engine.utils.outputs import OutputLock, check_not_input
-
     check_not_input(args.out, {"--base": args.base, "--policy-pt": args.policy_pt})
     with OutputLock(args.out):
         convert(args.policy_pt, args.base, args.out,

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence, TypeVar
 
-from triton_kernels.checks import is_int
+from mahalo_engine.utils.outputs import read_text_lines
+from triton_kernels.argcheck import is_int
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -27,8 +28,6 @@ class DataError(ValueError):
 
 def iter_jsonl(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
     """Yield ``("file:line", object)`` for each non-blank line; a bad line is a ``DataError``."""
-    from mahalo_engine.utils.outputs import read_text_lines
-
     p = Path(path)
     if not p.is_file():
         raise DataError(f"{p}: no such file")

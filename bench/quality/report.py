@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from bench.quality.evaluate import Spec
+from mahalo_engine.utils.atomic_files import atomic_write_text
 
 TABLE_TITLES = {
     "A": "Table A: training-time alignment (the paper's Table 2): SFT, single-head DPO per "
@@ -137,6 +138,4 @@ def _label_points(ax, labels: list[tuple[str, float, float, str]], min_px: float
 
 
 def write_generations(rows: list[dict[str, Any]], path: Path) -> None:
-    from mahalo_engine.utils.outputs import atomic_write_text
-
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))

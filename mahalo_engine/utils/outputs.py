@@ -3,10 +3,10 @@
 Every CLI that writes (``mahalo_engine search|generate``, ``bench``, the trainers, ``training.labels``,
 ``training.data``, ``training.convert``) goes through this module:
 
-- ``atomic_write_bytes`` / ``atomic_write_text``: a regular (or new) file is replaced atomically (a
-  temporary file beside it, then ``os.replace``), created with the usual umask-based mode or
-  keeping the mode of the file it replaces; a symlink is followed and its target written (never
-  replaced by a file); a special file (``/dev/null``, a FIFO, a terminal) is written in place.
+- single files go through `mahalo_engine.utils.atomic_files`: a regular (or new) file is
+  replaced atomically with the usual umask-based mode (or the mode of the file it replaces); a
+  symlink's target is written (the link stays); a special file (``/dev/null``, a FIFO) is written
+  in place.
 - ``check_not_input``: an output that is one of the run's inputs (``os.path.samefile``) is refused.
 - ``OutputLock``: an exclusive lock on an output for the length of a run — a ``<out>.lock`` file
   beside it holding the owner's pid, locked with ``flock`` (so a lock left by a killed process is
@@ -26,86 +26,13 @@ import errno
 import fcntl
 import json
 import os
-import stat
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
+from mahalo_engine.utils.atomic_files import (atomic_write_text, is_special, new_file_mode,
+                                              write_target)
+
 OPTIONS_SUFFIX = ".meta.json"
-
-
-# -- single files -------------------------------------------------------------------------------
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def new_dir_mode() -> int:
-    """The mode ``mkdir`` gives a new directory under the current umask."""
-    return 0o777 & ~_umask()
-
-
-def fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # some filesystems do not allow opening directories
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def is_special(path: str | Path) -> bool:
-    """True for an existing path (after symlinks) that is neither a regular file nor a directory:
-    a character or block device, a FIFO, a socket. Such outputs are written in place."""
-    try:
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        return False
-    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
-
-
-def write_target(path: str | Path) -> Path:
-    """The file an output named ``path`` really is: a symlink's final target (so that the link
-    stays a link), else ``path``. A directory is an error."""
-    real = Path(os.path.realpath(path)) if os.path.islink(path) else Path(path)
-    if real.is_dir():
-        raise IsADirectoryError(f"{path} is a directory; expected a file path")
-    return real
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """``data`` into ``path`` (module docstring): an atomic replace for a regular or new file, the
-    target of a symlink, in place for a special file."""
-    target = write_target(path)
-    if is_special(target):
-        with open(target, "wb") as f:
-            f.write(data)
-        return
-    target.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        mode = stat.S_IMODE(os.stat(target).st_mode)
-    except FileNotFoundError:
-        mode = 0o666 & ~_umask()
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), mode)  # mkstemp creates 0600
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_dir(target.parent)
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 # -- inputs -------------------------------------------------------------------------------------
@@ -177,7 +104,7 @@ class OutputLock:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, new_file_mode())
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as e:

@@ -11,7 +11,6 @@ conversions saved are skipped (they are recomputed from the config).
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 from typing import Collection, Mapping, Sequence
@@ -19,57 +18,27 @@ from typing import Collection, Mapping, Sequence
 import torch
 from safetensors.torch import save_file
 
-from mahalo_engine.config import ModelConfig
+from mahalo_engine.model_config import ModelConfig
 from mahalo_engine.models.decoder import Decoder
+from mahalo_engine.cache import available_bytes
+from mahalo_engine.utils.paths import check_model_dir
 from mahalo_engine.utils.safetensors_io import open_safetensors
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 _IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
+
+
+def is_ignored_tensor(name: str) -> bool:
+    """A checkpoint tensor that is not a parameter (a stored rotary ``inv_freq`` buffer): skipped
+    when loading, never an unexpected tensor."""
+    return _IGNORED.search(name) is not None
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
-
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
-
-
-def check_model_dir(path: str | Path, flag: str = "--model", need: str = "config.json") -> Path:
-    """``path`` as a local model directory holding ``need``, checked on the file system alone: the
-    project never downloads, so a typo is answered at once with "no such directory: ..." rather
-    than after a hub lookup. ``need="tokenizer"``: any of ``TOKENIZER_FILES``."""
-    root = Path(path)
-    if not root.exists():
-        raise FileNotFoundError(f"{flag}: no such directory: {root} (a local Hugging Face model "
-                                f"directory; nothing is downloaded)")
-    if not root.is_dir():
-        raise ValueError(f"{flag}: {root} is a file; expected a model directory")
-    if need == "tokenizer":
-        if not any((root / f).is_file() for f in TOKENIZER_FILES):
-            raise FileNotFoundError(f"{flag}: no tokenizer files in {root} (expected one of "
-                                    f"{', '.join(TOKENIZER_FILES)})")
-    elif not (root / need).is_file():
-        raise FileNotFoundError(f"{flag}: no {need} in {root}")
-    return root
-
-
-def load_tokenizer(path: str | Path, flag: str = "--model"):
-    """The tokenizer of a local model directory (`check_model_dir` first, then transformers'
-    AutoTokenizer with ``local_files_only``: never a network lookup). A tokenizer that encodes
-    text to nothing is refused here rather than deep inside the engine."""
-    from transformers import AutoTokenizer
-
-    root = check_model_dir(path, flag, need="tokenizer")
-    tok = AutoTokenizer.from_pretrained(root, local_files_only=True)
-    if not tok("a", add_special_tokens=False)["input_ids"]:
-        raise ValueError(f"{flag}: the tokenizer in {root} encodes 'a' to no tokens; its "
-                         f"tokenizer files are incomplete")
-    return tok
 
 
 def check_fits(config: ModelConfig, dtype: torch.dtype, device: torch.device, where: str) -> None:
     """Refuse a model whose weights alone exceed the memory free on ``device`` (estimated from
     config.json, before anything is built)."""
-    from mahalo_engine.cache import available_bytes
-
     need = config.num_parameters * torch.empty((), dtype=dtype).element_size()
     free = available_bytes(device)
     if free is not None and need > free:
@@ -107,7 +76,7 @@ def _disk_shapes(files: dict[str, Path]) -> tuple[dict[str, tuple[int, ...]], di
     for f, names in by_file.items():
         with open_safetensors(f) as h:
             present = set(h.keys())
-            unlisted = sorted(n for n in present - set(names) if not _IGNORED.search(n))
+            unlisted = sorted(n for n in present - set(names) if not is_ignored_tensor(n))
             if unlisted:  # a sharded checkpoint's tensor that the index forgot
                 raise ValueError(f"{f} stores tensors that {INDEX_FILE} does not list for it: "
                                  f"{unlisted}")
@@ -165,7 +134,7 @@ def load_decoder(path: str | Path, *, dtype: torch.dtype | None = None,
     config = config or ModelConfig.from_pretrained(check_model_dir(root, "model"))
     device = torch.device(device or "cpu")
     files = checkpoint_files(root)
-    files = {n: f for n, f in files.items() if not _IGNORED.search(n)}
+    files = {n: f for n, f in files.items() if not is_ignored_tensor(n)}
     shapes, dtypes = _disk_shapes(files)
     if dtype is None:
         dtype = _default_dtype(config, dtypes.get("model.embed_tokens.weight", "F32"))

@@ -19,11 +19,11 @@ import logging
 from pathlib import Path
 from typing import Any, Callable, Sequence, TypeVar
 
+from mahalo_engine.distributed import (DistInfo, broadcast_from_main, gather_to_main,
+                                       init_distributed, launched_by_torchrun)
 from mahalo_engine.utils.cli import USER_ERRORS, resolve_device
 from mahalo_engine.utils.outputs import (JsonlOutput, check_options, is_special, options_path,
                                          read_options, write_target)
-from training.distributed import (DistInfo, broadcast_from_main, gather_to_main, init_distributed,
-                                  launched_by_torchrun)
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
