@@ -35,9 +35,13 @@ import triton.language as tl
 MODE_GREEDY = 0  # argmax of z/T; T = 0 is passed as inv_temp = 1 (log-probs under T = 1)
 MODE_GUMBEL = 1  # argmax of z/T + Gumbel noise = an exact draw from softmax(z/T)
 MODE_TOPK = 2  # Gumbel-max restricted to the top_k largest z/T
+MODE_FILTER = 3  # Gumbel-max, then _sample_filter_kernel: top-p / min-p / top_k > 128
 # Kernels may only read globals that are constexpr.
 _GUMBEL = tl.constexpr(MODE_GUMBEL)
 _TOPK = tl.constexpr(MODE_TOPK)
+_FILTER = tl.constexpr(MODE_FILTER)
+_MAX_ROUNDS = tl.constexpr(64)  # rejection rounds; only NaN logits could need more (see below)
+_ROUND_KEY = tl.constexpr(0x5851F42D)  # round r of a filtered draw keys Philox by seed + r·this
 _MIN_KEY = tl.constexpr(-(2**63))
 
 
@@ -183,7 +187,7 @@ def _top_keys(x, R: tl.constexpr, N: tl.constexpr, LOG_N: tl.constexpr, LOG_K: t
 @triton.jit(do_not_specialize=["seed", "offset"])
 def _sample_partials_kernel(hidden_ptr, weights_ptr, heads_ptr, seed, offset,
                             part_max_ptr, part_sumexp_ptr, part_best_ptr, part_token_ptr,
-                            part_scaled_ptr, part_keys_ptr,
+                            part_scaled_ptr, part_keys_ptr, scaled_ptr, stride_sb,
                             B, V, D, H,
                             stride_xb, stride_xd, stride_wb, stride_wh, stride_hh, stride_hv,
                             stride_hd, inv_temp, temp_ptr, stride_t, n_tiles, tiles_per_part,
@@ -200,7 +204,7 @@ def _sample_partials_kernel(hidden_ptr, weights_ptr, heads_ptr, seed, offset,
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = rows < B
     lanes = tl.arange(0, BLOCK_V)
-    if MODE == _GUMBEL:
+    if MODE == _GUMBEL or MODE == _FILTER:
         seed_v = _scalar_arg(seed, SEED_IS_PTR)
         offset_v = _scalar_arg(offset, OFFSET_IS_PTR)
     if TEMP_IS_PTR:
@@ -225,6 +229,9 @@ def _sample_partials_kernel(hidden_ptr, weights_ptr, heads_ptr, seed, offset,
         else:
             z = z * inv_temp
         s = tl.where((cols < V)[None, :], z, float("-inf"))
+        if MODE == _FILTER:  # the filter kernel's passes read z/T back from here
+            tl.store(scaled_ptr + rows.to(tl.int64)[:, None] * stride_sb + cols[None, :], s,
+                     mask=row_ok[:, None] & (cols < V)[None, :])
         # Online log-sum-exp; the first tile of a part always holds a valid column, so new_max is
         # finite and exp(-inf - new_max) = 0 never meets -inf - -inf.
         new_max = tl.maximum(run_max, tl.max(s, axis=1))
@@ -249,7 +256,7 @@ def _sample_partials_kernel(hidden_ptr, weights_ptr, heads_ptr, seed, offset,
             for t in tl.static_range(LOG_KPAD):
                 run_keys = _bitonic_step(run_keys, SORT_ROWS, KPAD, KPAD >> (t + 1), LOG_KPAD, 0)
         else:
-            if MODE == _GUMBEL:
+            if MODE == _GUMBEL or MODE == _FILTER:
                 rows2 = tl.broadcast_to(rows[:, None], (BLOCK_B, BLOCK_V))
                 cols2 = tl.broadcast_to(cols[None, :], (BLOCK_B, BLOCK_V))
                 noise = _gumbel(seed_v, offset_v, rows2, cols2)
@@ -284,12 +291,14 @@ def _sample_partials_kernel(hidden_ptr, weights_ptr, heads_ptr, seed, offset,
 @triton.jit(do_not_specialize=["seed", "offset"])
 def _sample_finish_kernel(part_max_ptr, part_sumexp_ptr, part_best_ptr, part_token_ptr,
                           part_scaled_ptr, part_keys_ptr, seed, offset, temp_ptr, stride_t,
+                          top_p_ptr, stride_p, min_p_ptr, stride_mp,
                           tokens_ptr, logprobs_ptr, B, n_parts, top_k,
                           MODE: tl.constexpr, SEED_IS_PTR: tl.constexpr,
                           OFFSET_IS_PTR: tl.constexpr, TEMP_IS_PTR: tl.constexpr,
                           BLOCK_R: tl.constexpr,
                           BLOCK_P: tl.constexpr, TOPK_PAD: tl.constexpr,
-                          LOG_KPAD: tl.constexpr = 0, LOG_CAND_PARTS: tl.constexpr = 0):
+                          LOG_KPAD: tl.constexpr = 0, LOG_CAND_PARTS: tl.constexpr = 0,
+                          FILTER: tl.constexpr = False):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < B
     base = rows.to(tl.int64) * n_parts
@@ -342,6 +351,18 @@ def _sample_finish_kernel(part_max_ptr, part_sumexp_ptr, part_best_ptr, part_tok
         keys = tl.where(ok, keys, _MIN_KEY)  # sorted descending: the first top_k are the top k
         s, cols = _unpack_keys(keys)
         cols = tl.where(ok, cols, 0)
+        if FILTER:
+            # Top-p and min-p on the sorted top-k candidates: all in registers, no extra pass.
+            # Exclusive prefix mass in the candidates' order (s descending, ties to the lower
+            # index) against top_p times the top-k mass; min-p against the top candidate.
+            p = tl.load(top_p_ptr + rows.to(tl.int64) * stride_p, mask=row_ok, other=1.0)
+            min_p = tl.load(min_p_ptr + rows.to(tl.int64) * stride_mp, mask=row_ok, other=0.0)
+            top = tl.max(tl.where(ok, s, float("-inf")), axis=1)
+            top = tl.where(row_ok, top, 0.0)  # padded rows: no -inf - -inf
+            e = tl.where(ok, tl.exp(s - top[:, None]), 0.0)
+            above = tl.cumsum(e, axis=1) - e
+            nucleus = (above < (p * tl.sum(e, axis=1))[:, None]) | (p >= 1.0)[:, None]
+            ok = ok & nucleus & (s >= (top + tl.log(min_p))[:, None])
         rows2 = tl.broadcast_to(rows[:, None], (BLOCK_R, TOPK_PAD))
         noise = _gumbel(_scalar_arg(seed, SEED_IS_PTR), _scalar_arg(offset, OFFSET_IS_PTR), rows2,
                         cols)
@@ -357,3 +378,148 @@ def _sample_finish_kernel(part_max_ptr, part_sumexp_ptr, part_best_ptr, part_tok
     tl.store(tokens_ptr + rows, token.to(tl.int64), mask=row_ok)
     lse = run_max + tl.log(tl.where(row_ok, run_sumexp, 1.0))  # padded rows: no log(0)
     tl.store(logprobs_ptr + rows, scaled - lse, mask=row_ok)
+
+
+
+@triton.jit
+def _count_mass(base, V, m, threshold, BY_VALUE: tl.constexpr, BLOCK: tl.constexpr):
+    """One pass over a row of z/T: ``(count, mass)`` of the entries at or above ``threshold`` —
+    an int64 key (``BY_VALUE`` False: keys >= threshold) or an order-preserving value word
+    (True: ordered value >= threshold) — mass as ``Σ exp(s - m)``."""
+    count = tl.zeros((), tl.int64)
+    mass = tl.zeros((), tl.float32)
+    for c0 in range(0, V, BLOCK):
+        cols = c0 + tl.arange(0, BLOCK)
+        ok = cols < V
+        s = tl.load(base + cols, mask=ok, other=float("-inf"))
+        keys = _pack_keys(s, cols)
+        if BY_VALUE:
+            keep = ok & ((keys >> 32) >= threshold)
+        else:
+            keep = ok & (keys >= threshold)
+        count += tl.sum(keep.to(tl.int64), axis=0)
+        mass += tl.sum(tl.where(keep, tl.exp(s - m), 0.0), axis=0)
+    return count, mass
+
+
+@triton.jit
+def _kth_key(base, V, m, top_k, BLOCK: tl.constexpr):
+    """The ``top_k``-th largest key of a row (0 < top_k < V): keys >= it are exactly the top_k
+    largest z/T, ties to the lower index. Bisection without a sort: the value word first (32
+    counting passes), then, only when the value is tied across the cut, the column (⌈log2 V⌉)."""
+    top = _pack_keys(m, tl.zeros((), tl.int32)) >> 32
+    lo = tl.full((), -(2**31), tl.int64)  # count(value >= lo) = V >= top_k
+    hi = top.to(tl.int64)  # nothing lies above the max
+    while lo < hi:
+        mid = (lo + hi + 1) >> 1
+        n, _ = _count_mass(base, V, m, mid, True, BLOCK)
+        take = n >= top_k
+        lo = tl.where(take, mid, lo)
+        hi = tl.where(take, hi, mid - 1)
+    # lo: the k-th largest value word. Keep the `need` lowest columns tied at it.
+    above, _ = _count_mass(base, V, m, lo + 1, True, BLOCK)
+    at_or_above, _ = _count_mass(base, V, m, lo, True, BLOCK)
+    need = top_k - above
+    # Keys at value lo: low word 0x7FFFFFFF - col, so the smallest kept key has the need-th
+    # smallest tied column. All ties kept when there are just `need` of them.
+    c_lo = tl.zeros((), tl.int64)
+    c_hi = tl.where(at_or_above == top_k, 0, V - 1).to(tl.int64)
+    c_lo = tl.where(at_or_above == top_k, 0, c_lo)
+    while c_lo < c_hi:  # the smallest column c with need ties at columns <= c
+        mid = (c_lo + c_hi) >> 1
+        n, _ = _count_mass(base, V, m, (lo << 32) | (0x7FFFFFFF - mid), False, BLOCK)
+        take = n - above >= need
+        c_hi = tl.where(take, mid, c_hi)
+        c_lo = tl.where(take, c_lo, mid + 1)
+    return tl.where(at_or_above == top_k, lo << 32, (lo << 32) | (0x7FFFFFFF - c_lo))
+
+
+@triton.jit(do_not_specialize=["seed", "offset"])
+def _sample_filter_kernel(scaled_ptr, stride_sb, part_max_ptr, part_sumexp_ptr, seed, offset,
+                          temp_ptr, stride_t, top_p_ptr, stride_p, min_p_ptr, stride_mp,
+                          tokens_ptr, logprobs_ptr, V, n_parts, top_k,
+                          SEED_IS_PTR: tl.constexpr, OFFSET_IS_PTR: tl.constexpr,
+                          TEMP_IS_PTR: tl.constexpr, KTH: tl.constexpr, BLOCK_P: tl.constexpr,
+                          BLOCK: tl.constexpr):
+    """MODE_FILTER's last step, one program per row: the token drawn so far (the finish kernel's
+    Gumbel-max over the whole row, "round 0") is accepted or redrawn by rejection sampling over
+    rising pivots, on the row's z/T written by the partials kernel.
+
+    Kept set (triton_kernels.reference): keys (z/T, then lower index) at or above ``floor`` =
+    max(the top_k-th largest key if ``KTH``, the min-p bound ``max + log(min_p)``), and among
+    them the nucleus: a token is in it iff the mass ranked strictly above it is below top_p times
+    the kept top-k mass ``z_k``. Round r draws x by Gumbel-max over the keys above the pivot (all
+    keys in round 0), and one pass over the row computes the mass above x together with round
+    r+1's draw over the keys above x (it only needs x's key): x is accepted when it is at or above
+    the floor and in the nucleus; else its key becomes the pivot. Every rejected x lies below the
+    whole kept set, so each round draws from a superset of it and, conditioned on acceptance, from
+    it exactly; the top key is always accepted, so the loop ends. Round 0 lands in the nucleus
+    with probability >= top_p: expected passes ≈ 1/top_p for top-p, ≤ 1 for min-p alone (none
+    when round 0's token clears the floor), plus ~32-50 counting passes for ``KTH``.
+    """
+    row = tl.program_id(0)
+    row64 = row.to(tl.int64)
+    base = scaled_ptr + row64 * stride_sb
+    # The row's untruncated log-sum-exp, from the partials.
+    run_max = tl.full((), float("-inf"), tl.float32)
+    run_sumexp = tl.zeros((), tl.float32)
+    for p0 in range(0, n_parts, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        ok = p < n_parts
+        pm = tl.load(part_max_ptr + row64 * n_parts + p, mask=ok, other=float("-inf"))
+        se = tl.load(part_sumexp_ptr + row64 * n_parts + p, mask=ok, other=0.0)
+        new_max = tl.maximum(run_max, tl.max(pm, axis=0))
+        run_sumexp = (run_sumexp * tl.exp(run_max - new_max)
+                      + tl.sum(se * tl.exp(pm - new_max), axis=0))
+        run_max = new_max
+    m = run_max
+    top_p = tl.load(top_p_ptr + row64 * stride_p)
+    min_p = tl.load(min_p_ptr + row64 * stride_mp)
+    floor = _pack_keys(m + tl.log(min_p), tl.full((), 0x7FFFFFFF, tl.int32))  # the smallest key of value max+log(min_p)
+    z_k = run_sumexp
+    if KTH:
+        kth = _kth_key(base, V, m, top_k, BLOCK)
+        floor = tl.maximum(floor, kth)
+        _, z_k = _count_mass(base, V, m, kth, False, BLOCK)
+    token = tl.load(tokens_ptr + row64).to(tl.int32)
+    s_x = tl.load(base + token)
+    key = _pack_keys(s_x, token)
+    no_nucleus = top_p >= 1.0
+    done = (key >= floor) & no_nucleus
+    if TEMP_IS_PTR:  # a T = 0 row's token is its argmax, which every filter keeps
+        done = done | (tl.load(temp_ptr + row64 * stride_t) <= 0)
+    seed_v = _scalar_arg(seed, SEED_IS_PTR)
+    offset_v = _scalar_arg(offset, OFFSET_IS_PTR)
+    rnd = tl.zeros((), tl.int32)
+    while (~done) & (rnd < _MAX_ROUNDS):
+        rnd += 1
+        pivot = tl.maximum(key, floor - 1)  # next round draws from the keys above it
+        mass = tl.zeros((), tl.float32)
+        best = tl.full((), float("-inf"), tl.float32)
+        best_col = tl.zeros((), tl.int32)
+        best_s = tl.zeros((), tl.float32)
+        for c0 in range(0, V, BLOCK):
+            cols = c0 + tl.arange(0, BLOCK)
+            ok = cols < V
+            s = tl.load(base + cols, mask=ok, other=float("-inf"))
+            keys = _pack_keys(s, cols)
+            mass += tl.sum(tl.where(ok & (keys > key), tl.exp(s - m), 0.0), axis=0)
+            noise = _gumbel(seed_v + rnd.to(tl.int64) * _ROUND_KEY, offset_v, row + cols * 0, cols)
+            score = tl.where(ok & (keys > pivot), s + noise, float("-inf"))
+            chunk_best = tl.max(score, axis=0)
+            lane = tl.argmax(score, axis=0)  # lowest index among ties
+            take = chunk_best > best  # strict: an earlier chunk (lower index) wins ties
+            best = tl.where(take, chunk_best, best)
+            best_col = tl.where(take, c0 + lane, best_col)
+            best_s = tl.where(take, tl.sum(tl.where(cols == c0 + lane, s, 0.0), axis=0), best_s)
+        accept = (key >= floor) & ((mass < top_p * z_k) | no_nucleus)
+        token = tl.where(accept, token, best_col)
+        s_x = tl.where(accept, s_x, best_s)
+        key = _pack_keys(s_x, token)
+        # A redrawn token clears the floor; without top-p it is accepted as it is.
+        done = accept | no_nucleus
+    # Written only when redrawn: a round-0 token keeps the finish kernel's bits (so top_p = 1
+    # and min_p = 0 give exactly the unfiltered call's results).
+    redrawn = token != tl.load(tokens_ptr + row64).to(tl.int32)
+    tl.store(tokens_ptr + row64, token.to(tl.int64), mask=redrawn)
+    tl.store(logprobs_ptr + row64, s_x - (m + tl.log(run_sumexp)), mask=redrawn)
