@@ -28,6 +28,34 @@ with ``TEMP_IS_PTR``, float32 temperatures read on the device, one per row (``st
 for all rows (``stride_t`` 0), so a replay samples at whatever the buffer holds. The mode then
 comes from ``top_k`` alone, and a row whose T is 0 is greedy inside the sampling modes: scale 1 and
 no Gumbel noise (top-k: its largest candidate key), the same token and log-prob as MODE_GREEDY.
+
+Top-p / min-p / any top-k (semantics: ``triton_kernels.reference``), without sorting the vocabulary:
+
+- with a top-k of at most 128, the finish kernel filters the merged candidates (sorted keys in
+  registers): an exclusive ``cumsum`` of ``exp(s - s_top)`` against ``top_p`` times their sum, and
+  ``s >= s_top + log(min_p)``; then the Gumbel-max over what is left. No extra bytes.
+- otherwise (MODE_FILTER) the partials kernel also writes ``s = z/T`` to a ``[B,V]`` fp32 scratch,
+  and ``_sample_filter_kernel`` (one program per row) draws from it by rejection sampling over
+  rising pivots (the idea of FlashInfer's sorting-free samplers, here with Gumbel-max draws): the
+  min-p bound ``max + log(min_p)`` comes from the row's log-sum-exp partials; round 0 draws over the
+  keys above it; each further pass computes the mass ranked above the current draw and, in the same
+  read, the next round's draw over the keys above it; the draw is accepted once that mass is below
+  ``top_p`` times the kept mass. A top_k above 128 first finds the k-th largest key by bisection on
+  counts (~32 passes on the value word, ~log2 V more only when the value is tied across the cut).
+
+Bandwidth (the floor is the heads: ``H·V·d·2`` bytes per step, shared by all rows; V = 151936,
+d = 896: 272 MB per head, ~85 µs at 3.2 TB/s). MODE_FILTER adds per row a 4V = 608 KB write and
+1 (min-p alone) or 1 + 1/top_p (top-p: round 0 is in the nucleus with probability ≥ top_p; 2.1 at
+0.9) reads of it: ≈ 1.2 MB (min-p) / 1.9 MB (top-p 0.9) per row, where a radix sort of
+(value, index) pairs moves ≥ 8 passes of 8 B per entry (≥ 10 MB). The scratch is read back right
+after it is written, from L2 (50 MB on H100: the whole buffer up to B ≈ 64). Expected, per step,
+against the Gumbel kernel at H = 1 (H = 3 divides the overhead by ~3): B = 1: 1.9 MB, < 1 % of the
+bytes, but read by one SM: ~1.3 MB at ~100-200 GB/s from L2 ≈ 7-13 µs, so top-p/Gumbel ≈ 1.1-1.15
+(≈ 90 % → ≈ 80 % of the copy bandwidth); B = 8: eight rows on eight SMs, the same latency, ≈ 1.1-1.15;
+B = 64: 122 MB of L2 traffic on 64 SMs (≈ 10-20 µs) plus the 39 MB write, top-p/Gumbel ≈ 1.2-1.3 (≈ 70 %
+of the copy bandwidth). These are estimates until bench/heads.py's top-p/min-p rows are measured;
+splitting a row's passes over several programs is the next step if B = 1 falls short. A top_k above
+128 costs ~40 passes (24 MB per row): the exact path for a rare option, not a fast one.
 """
 import triton
 import triton.language as tl
@@ -35,12 +63,13 @@ import triton.language as tl
 MODE_GREEDY = 0  # argmax of z/T; T = 0 is passed as inv_temp = 1 (log-probs under T = 1)
 MODE_GUMBEL = 1  # argmax of z/T + Gumbel noise = an exact draw from softmax(z/T)
 MODE_TOPK = 2  # Gumbel-max restricted to the top_k largest z/T
-MODE_FILTER = 3  # Gumbel-max, then _sample_filter_kernel: top-p / min-p / top_k > 128
+MODE_FILTER = 3  # z/T written; _sample_filter_kernel draws: top-p / min-p / top_k > 128
 # Kernels may only read globals that are constexpr.
 _GUMBEL = tl.constexpr(MODE_GUMBEL)
 _TOPK = tl.constexpr(MODE_TOPK)
 _FILTER = tl.constexpr(MODE_FILTER)
-_MAX_ROUNDS = tl.constexpr(64)  # rejection rounds; only NaN logits could need more (see below)
+_MAX_ROUNDS = tl.constexpr(64)  # rejection rounds: a guard (each round raises the pivot; only
+# NaN logits could keep rejecting)
 _ROUND_KEY = tl.constexpr(0x5851F42D)  # round r of a filtered draw keys Philox by seed + r·this
 _MIN_KEY = tl.constexpr(-(2**63))
 
@@ -204,7 +233,7 @@ def _sample_partials_kernel(hidden_ptr, weights_ptr, heads_ptr, seed, offset,
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = rows < B
     lanes = tl.arange(0, BLOCK_V)
-    if MODE == _GUMBEL or MODE == _FILTER:
+    if MODE == _GUMBEL:
         seed_v = _scalar_arg(seed, SEED_IS_PTR)
         offset_v = _scalar_arg(offset, OFFSET_IS_PTR)
     if TEMP_IS_PTR:
@@ -255,8 +284,8 @@ def _sample_partials_kernel(hidden_ptr, weights_ptr, heads_ptr, seed, offset,
             run_keys = tl.maximum(run_keys, tile_top)
             for t in tl.static_range(LOG_KPAD):
                 run_keys = _bitonic_step(run_keys, SORT_ROWS, KPAD, KPAD >> (t + 1), LOG_KPAD, 0)
-        else:
-            if MODE == _GUMBEL or MODE == _FILTER:
+        elif MODE != _FILTER:  # MODE_FILTER draws in _sample_filter_kernel
+            if MODE == _GUMBEL:
                 rows2 = tl.broadcast_to(rows[:, None], (BLOCK_B, BLOCK_V))
                 cols2 = tl.broadcast_to(cols[None, :], (BLOCK_B, BLOCK_V))
                 noise = _gumbel(seed_v, offset_v, rows2, cols2)
@@ -282,7 +311,7 @@ def _sample_partials_kernel(hidden_ptr, weights_ptr, heads_ptr, seed, offset,
         sort_slot = sort_rows.to(tl.int64) * n_parts + part
         tl.store(part_keys_ptr + sort_slot[:, None] * KPAD + k[None, :], run_keys,
                  mask=(sort_rows < B)[:, None])
-    else:
+    elif MODE != _FILTER:
         tl.store(part_best_ptr + slot, best, mask=row_ok)
         tl.store(part_token_ptr + slot, best_token, mask=row_ok)
         tl.store(part_scaled_ptr + slot, best_scaled, mask=row_ok)
@@ -434,6 +463,32 @@ def _kth_key(base, V, m, top_k, BLOCK: tl.constexpr):
     return tl.where(at_or_above == top_k, lo << 32, (lo << 32) | (0x7FFFFFFF - c_lo))
 
 
+@triton.jit
+def _draw_pass(base, V, m, seed, offset, row, key, pivot, noisy, BLOCK: tl.constexpr):
+    """One pass over a row of z/T: the mass ``Σ exp(s - m)`` of the keys above ``key``, and a
+    Gumbel-max draw among the keys above ``pivot`` (``noisy`` False: their argmax) →
+    ``(mass, token, s[token])``; ties to the lower index."""
+    mass = tl.zeros((), tl.float32)
+    best = tl.full((), float("-inf"), tl.float32)
+    best_col = tl.zeros((), tl.int32)
+    best_s = tl.zeros((), tl.float32)
+    for c0 in range(0, V, BLOCK):
+        cols = c0 + tl.arange(0, BLOCK)
+        ok = cols < V
+        s = tl.load(base + cols, mask=ok, other=float("-inf"))
+        keys = _pack_keys(s, cols)
+        mass += tl.sum(tl.where(ok & (keys > key), tl.exp(s - m), 0.0), axis=0)
+        noise = tl.where(noisy, _gumbel(seed, offset, row + cols * 0, cols), 0.0)
+        score = tl.where(ok & (keys > pivot), s + noise, float("-inf"))
+        chunk_best = tl.max(score, axis=0)
+        lane = tl.argmax(score, axis=0)  # lowest index among ties
+        take = chunk_best > best  # strict: an earlier chunk (lower index) wins ties
+        best = tl.where(take, chunk_best, best)
+        best_col = tl.where(take, c0 + lane, best_col)
+        best_s = tl.where(take, tl.sum(tl.where(cols == c0 + lane, s, 0.0), axis=0), best_s)
+    return mass, best_col, best_s
+
+
 @triton.jit(do_not_specialize=["seed", "offset"])
 def _sample_filter_kernel(scaled_ptr, stride_sb, part_max_ptr, part_sumexp_ptr, seed, offset,
                           temp_ptr, stride_t, top_p_ptr, stride_p, min_p_ptr, stride_mp,
@@ -441,21 +496,22 @@ def _sample_filter_kernel(scaled_ptr, stride_sb, part_max_ptr, part_sumexp_ptr, 
                           SEED_IS_PTR: tl.constexpr, OFFSET_IS_PTR: tl.constexpr,
                           TEMP_IS_PTR: tl.constexpr, KTH: tl.constexpr, BLOCK_P: tl.constexpr,
                           BLOCK: tl.constexpr):
-    """MODE_FILTER's last step, one program per row: the token drawn so far (the finish kernel's
-    Gumbel-max over the whole row, "round 0") is accepted or redrawn by rejection sampling over
-    rising pivots, on the row's z/T written by the partials kernel.
+    """MODE_FILTER's second kernel, one program per row, on the row's z/T written by the
+    partials kernel (with its log-sum-exp partials): a draw by rejection sampling over rising
+    pivots, without sorting the row.
 
-    Kept set (triton_kernels.reference): keys (z/T, then lower index) at or above ``floor`` =
-    max(the top_k-th largest key if ``KTH``, the min-p bound ``max + log(min_p)``), and among
-    them the nucleus: a token is in it iff the mass ranked strictly above it is below top_p times
-    the kept top-k mass ``z_k``. Round r draws x by Gumbel-max over the keys above the pivot (all
-    keys in round 0), and one pass over the row computes the mass above x together with round
-    r+1's draw over the keys above x (it only needs x's key): x is accepted when it is at or above
-    the floor and in the nucleus; else its key becomes the pivot. Every rejected x lies below the
-    whole kept set, so each round draws from a superset of it and, conditioned on acceptance, from
-    it exactly; the top key is always accepted, so the loop ends. Round 0 lands in the nucleus
-    with probability >= top_p: expected passes ≈ 1/top_p for top-p, ≤ 1 for min-p alone (none
-    when round 0's token clears the floor), plus ~32-50 counting passes for ``KTH``.
+    Kept set (triton_kernels.reference): the keys (z/T, then lower index) at or above ``floor``
+    = max(the top_k-th largest key if ``KTH``, the min-p bound ``max + log(min_p)``), and among
+    them the nucleus: a token is in it iff the mass ranked strictly above it is below top_p
+    times the kept top-k mass ``z_k``. Round 0 draws x by Gumbel-max over the keys at or above
+    the floor (the same noise as MODE_GUMBEL, so top_p = 1 and min_p = 0 give its token); without
+    top-p that is the answer. Else each further pass computes the mass above x together with the
+    next round's draw over the keys above x (it needs only x's key): x is accepted when that mass
+    is below top_p · z_k, else its key becomes the pivot. A rejected x lies below the whole
+    nucleus, so each round draws from a superset of it and, conditioned on acceptance, from it
+    exactly; the top key is always accepted, so the loop ends. Round 0 lands in the nucleus with
+    probability >= top_p: expected passes 1 + 1/top_p with top-p, 1 without, plus ~32-50
+    counting passes for ``KTH`` (a top_k above the fused candidates' 128).
     """
     row = tl.program_id(0)
     row64 = row.to(tl.int64)
@@ -475,51 +531,28 @@ def _sample_filter_kernel(scaled_ptr, stride_sb, part_max_ptr, part_sumexp_ptr, 
     m = run_max
     top_p = tl.load(top_p_ptr + row64 * stride_p)
     min_p = tl.load(min_p_ptr + row64 * stride_mp)
-    floor = _pack_keys(m + tl.log(min_p), tl.full((), 0x7FFFFFFF, tl.int32))  # the smallest key of value max+log(min_p)
+    floor = _pack_keys(m + tl.log(min_p), tl.full((), 0x7FFFFFFF, tl.int32))  # smallest such key
     z_k = run_sumexp
     if KTH:
         kth = _kth_key(base, V, m, top_k, BLOCK)
         floor = tl.maximum(floor, kth)
         _, z_k = _count_mass(base, V, m, kth, False, BLOCK)
-    token = tl.load(tokens_ptr + row64).to(tl.int32)
-    s_x = tl.load(base + token)
-    key = _pack_keys(s_x, token)
-    no_nucleus = top_p >= 1.0
-    done = (key >= floor) & no_nucleus
-    if TEMP_IS_PTR:  # a T = 0 row's token is its argmax, which every filter keeps
-        done = done | (tl.load(temp_ptr + row64 * stride_t) <= 0)
+    noisy = tl.full((), 1, tl.int1)
+    if TEMP_IS_PTR:  # a T = 0 row takes its argmax, which every filter keeps
+        noisy = tl.load(temp_ptr + row64 * stride_t) > 0
     seed_v = _scalar_arg(seed, SEED_IS_PTR)
     offset_v = _scalar_arg(offset, OFFSET_IS_PTR)
+    _, token, s_x = _draw_pass(base, V, m, seed_v, offset_v, row, floor, floor - 1, noisy, BLOCK)
+    key = _pack_keys(s_x, token)
+    done = (top_p >= 1.0) | ~noisy
     rnd = tl.zeros((), tl.int32)
     while (~done) & (rnd < _MAX_ROUNDS):
         rnd += 1
-        pivot = tl.maximum(key, floor - 1)  # next round draws from the keys above it
-        mass = tl.zeros((), tl.float32)
-        best = tl.full((), float("-inf"), tl.float32)
-        best_col = tl.zeros((), tl.int32)
-        best_s = tl.zeros((), tl.float32)
-        for c0 in range(0, V, BLOCK):
-            cols = c0 + tl.arange(0, BLOCK)
-            ok = cols < V
-            s = tl.load(base + cols, mask=ok, other=float("-inf"))
-            keys = _pack_keys(s, cols)
-            mass += tl.sum(tl.where(ok & (keys > key), tl.exp(s - m), 0.0), axis=0)
-            noise = _gumbel(seed_v + rnd.to(tl.int64) * _ROUND_KEY, offset_v, row + cols * 0, cols)
-            score = tl.where(ok & (keys > pivot), s + noise, float("-inf"))
-            chunk_best = tl.max(score, axis=0)
-            lane = tl.argmax(score, axis=0)  # lowest index among ties
-            take = chunk_best > best  # strict: an earlier chunk (lower index) wins ties
-            best = tl.where(take, chunk_best, best)
-            best_col = tl.where(take, c0 + lane, best_col)
-            best_s = tl.where(take, tl.sum(tl.where(cols == c0 + lane, s, 0.0), axis=0), best_s)
-        accept = (key >= floor) & ((mass < top_p * z_k) | no_nucleus)
-        token = tl.where(accept, token, best_col)
-        s_x = tl.where(accept, s_x, best_s)
+        mass, best_col, best_s = _draw_pass(base, V, m, seed_v + rnd.to(tl.int64) * _ROUND_KEY,
+                                            offset_v, row, key, key, noisy, BLOCK)
+        done = mass < top_p * z_k
+        token = tl.where(done, token, best_col)
+        s_x = tl.where(done, s_x, best_s)
         key = _pack_keys(s_x, token)
-        # A redrawn token clears the floor; without top-p it is accepted as it is.
-        done = accept | no_nucleus
-    # Written only when redrawn: a round-0 token keeps the finish kernel's bits (so top_p = 1
-    # and min_p = 0 give exactly the unfiltered call's results).
-    redrawn = token != tl.load(tokens_ptr + row64).to(tl.int32)
-    tl.store(tokens_ptr + row64, token.to(tl.int64), mask=redrawn)
-    tl.store(logprobs_ptr + row64, s_x - (m + tl.log(run_sumexp)), mask=redrawn)
+    tl.store(tokens_ptr + row64, token.to(tl.int64))
+    tl.store(logprobs_ptr + row64, s_x - (m + tl.log(run_sumexp)))

@@ -55,8 +55,8 @@ class LaunchConfig:
     sort_rows: int = 0  # top-k: rows the bitonic network sorts (the live ones; 0 = block_b)
     cand_parts: int = 1  # top-k finish: parts' candidate runs merged per step (power of two)
     finish_warps: int = 4  # finish kernel: 8 where a program holds 4096 partials (4 spill 8 B)
-    filter_block: int = 4096  # MODE_FILTER: z/T entries per step of a pass over a row
-    filter_warps: int = 8  # MODE_FILTER: one program per row; 16 fp32 loads in flight per thread
+    filter_block: int = 1024  # MODE_FILTER: z/T entries per step of a pass over a row
+    filter_warps: int = 8  # MODE_FILTER: one program per row
 
 
 @functools.lru_cache(maxsize=None)
@@ -107,7 +107,7 @@ def gpu_tiles(B: int, kpad: int) -> GpuTiles:
 
 @functools.lru_cache(maxsize=1024)
 def launch_config(B: int, V: int, d: int, dtype: torch.dtype, *, num_sms: int | None,
-                  kpad: int = 1) -> LaunchConfig:
+                  kpad: int = 1, filtered: bool = False) -> LaunchConfig:
     """Tiles for a GPU with ``num_sms`` SMs (``GPU_TILES``), or for the interpreter
     (``num_sms=None``), which pays per program and per op, not per element: it gets wide row
     tiles, and two V chunks so that tests still cross tile and chunk boundaries.
@@ -123,6 +123,8 @@ def launch_config(B: int, V: int, d: int, dtype: torch.dtype, *, num_sms: int | 
         block_b = tiles.block_b
         num_warps, block_k, num_stages = ((tiles.warps32, 32, tiles.stages32) if wide else
                                           (tiles.warps16, tiles.block_k16, tiles.stages16))
+        if filtered and not wide:  # MODE_FILTER's z/T store: 5-6 stages spill 8-16 B (3.9)
+            num_stages = min(num_stages, 4)
         block_v = max(kpad, min(tiles.block_v, max(16, triton.next_power_of_2(V))))
         finish_elems = 4096
     block_k = min(block_k, max(16, triton.next_power_of_2(d)))
@@ -142,7 +144,9 @@ def launch_config(B: int, V: int, d: int, dtype: torch.dtype, *, num_sms: int | 
     finish_rows = min(triton.next_power_of_2(B),
                       max(1, finish_elems // max(finish_parts, kpad * cand_parts)))
     finish_warps = 8 if num_sms is not None and finish_rows * finish_parts >= 4096 else 4
-    filter_block, filter_warps = (128, 4) if num_sms is None else (4096, 8)
+    # 2048+ entries per step leave 8-16 B of stack in the filter kernel under one Triton or the
+    # other (a 64-bit key per entry); 1024 with 8 warps does not.
+    filter_block, filter_warps = (128, 4) if num_sms is None else (1024, 8)
     return LaunchConfig(block_b, block_v, block_k, num_warps, num_stages, n_tiles,
                         tiles_per_part, n_parts, finish_rows, finish_parts, sort_rows, cand_parts,
                         finish_warps, filter_block, filter_warps)
@@ -184,9 +188,9 @@ def _device_option(value: float | torch.Tensor, device: torch.device
 
 
 def _config(B: int, V: int, d: int, dtype: torch.dtype, device: torch.device,
-            kpad: int = 1) -> LaunchConfig:
+            kpad: int = 1, filtered: bool = False) -> LaunchConfig:
     num_sms = _num_sms(device) if device.type == "cuda" else None
-    return launch_config(B, V, d, dtype, num_sms=num_sms, kpad=kpad)
+    return launch_config(B, V, d, dtype, num_sms=num_sms, kpad=kpad, filtered=filtered)
 
 
 def _upcast_dot(hidden: torch.Tensor) -> bool:
@@ -299,12 +303,13 @@ class SamplingPlan:
         if not self.triton:
             return
         self.mode, kpad = sampling_mode(temperature, top_k, V, top_p, min_p)
-        cfg = _config(B, V, d, heads.dtype, dev, kpad)
+        cfg = _config(B, V, d, heads.dtype, dev, kpad, filtered=self.mode == MODE_FILTER)
         part_max = torch.empty(B, cfg.n_parts, dtype=torch.float32, device=dev)
         part_sumexp = torch.empty_like(part_max)
-        if self.mode == MODE_TOPK:
-            part_best = part_token = part_scaled = part_max  # unused by the top-k kernels
-            part_keys = torch.empty(B, cfg.n_parts, kpad, dtype=torch.int64, device=dev)
+        if self.mode in (MODE_TOPK, MODE_FILTER):
+            part_best = part_token = part_scaled = part_max  # unused by these modes' kernels
+            part_keys = (torch.empty(B, cfg.n_parts, kpad, dtype=torch.int64, device=dev)
+                         if self.mode == MODE_TOPK else part_max)
         else:
             part_best, part_scaled = torch.empty_like(part_max), torch.empty_like(part_max)
             part_token = torch.empty(B, cfg.n_parts, dtype=torch.int32, device=dev)
@@ -374,9 +379,10 @@ class SamplingPlan:
             *self._partials_tail, **self._partials_kw)
         tokens = torch.empty(self.shape[0], dtype=torch.int64, device=self.device)
         logprobs = torch.empty(self.shape[0], dtype=torch.float32, device=self.device)
-        _sample_finish_kernel[self._finish_grid](*self._finish_head, tokens, logprobs,
-                                                 *self._finish_tail, **self._finish_kw)
         if self.mode == MODE_FILTER:
             _sample_filter_kernel[(self.shape[0],)](*self._filter_head, tokens, logprobs,
                                                     *self._filter_tail, **self._filter_kw)
+        else:
+            _sample_finish_kernel[self._finish_grid](*self._finish_head, tokens, logprobs,
+                                                     *self._finish_tail, **self._finish_kw)
         return tokens, logprobs

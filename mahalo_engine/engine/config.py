@@ -32,7 +32,7 @@ class SearchConfig:
         generated tokens per request.
     temperature / top_k / top_p / min_p / seed: sampling of every candidate token (temperature 0 =
         greedy; top_k 0, top_p 1 and min_p 0 = no filter; applied in transformers' order, see
-        docs/design.md "Sampling"); each candidate slot draws from its own random stream.
+        docs/design.md, multihead_sample); each candidate slot draws from its own random stream.
     scorer: None (the engine's PRM), a loaded PRM, a `Scorer`, a list of ``(scorer, weight)`` pairs
         (multi-objective guidance), or a callable ``f(prompts, responses) -> scores`` on texts.
     selection_temperature: 0 picks the highest-scoring candidate (ties: lowest index); τ > 0

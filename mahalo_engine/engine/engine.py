@@ -144,7 +144,7 @@ class Engine:
                  chat: bool = False, progress: bool = False) -> list[Generation]:
         """Sample a continuation of each prompt (greedy at ``temperature=0``) until EOS, a
         ``stop`` string, ``max_new_tokens`` or ``max_seq_len``. ``top_k``/``top_p``/``min_p``
-        filter each draw in transformers' order (docs/design.md, "Sampling"). ``chat=True``
+        filter each draw in transformers' order (docs/design.md, multihead_sample). ``chat=True``
         renders string prompts as a user turn with the chat template (message lists always are)."""
         check_sampling(temperature, top_k, seed, top_p=top_p, min_p=min_p)
         check_int("max_new_tokens", max_new_tokens, 1)
