@@ -85,6 +85,19 @@ def top_k_key(z: torch.Tensor, k: int) -> torch.Tensor:
     return keep.to(z.device)
 
 
+def capture(call):
+    """``(graph, outputs)`` of ``call`` captured in a CUDA graph (warmed up on a side stream
+    first: compile and plan outside the capture)."""
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        call()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = call()
+    return graph, outputs
+
+
 # ----------------------------------------------------------------------------------- logits
 
 
@@ -447,6 +460,26 @@ def test_filters_stay_in_the_kept_set_for_every_dtype(dtype, options):
         assert filtered_key(z[b], 1.0, **options)[tokens[b].item()] > 0, b
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("top_k", [0, 8])
+def test_cuda_graph_replay_reads_the_top_p_and_min_p_buffers(top_k):
+    """A captured call samples with whatever the top_p/min_p tensors hold at replay."""
+    hidden, heads, weights = make_inputs(8, 2, 1000, 64, torch.bfloat16, scale=0.5)
+    top_p = torch.ones(8, device=DEVICE)
+    min_p = torch.zeros((), device=DEVICE)
+    call = lambda: multihead_sample(hidden, heads, weights, temperature=1.0, top_k=top_k,
+                                    top_p=top_p, min_p=min_p, seed=5, offset=3)
+    graph, (tokens, logprobs) = capture(call)
+    for p, m in ((1.0, 0.0), (0.5, 0.0), (1.0, 0.3), (1e-6, 0.0)):
+        top_p.fill_(p)
+        min_p.fill_(m)
+        graph.replay()
+        expected = multihead_sample(hidden, heads, weights, temperature=1.0, top_k=top_k,
+                                    top_p=p, min_p=m, seed=5, offset=3)
+        assert torch.equal(tokens, expected[0]), (p, m)
+        torch.testing.assert_close(logprobs, expected[1], atol=1e-6, rtol=0)
+
+
 @needs_triton
 def test_top_k_above_128_takes_the_exact_threshold_path():
     """k > 128 (the threshold bisection), rows with ties across the cut: exactly the k lowest
@@ -509,13 +542,7 @@ def test_cuda_graph_replay_draws_fresh_numbers(top_k):
     offset = torch.tensor([0], dtype=torch.int64, device=DEVICE)
     call = lambda: multihead_sample(hidden, heads, weights, temperature=1.0, top_k=top_k,
                                     seed=seed, offset=offset)
-    stream = torch.cuda.Stream()
-    with torch.cuda.stream(stream):
-        call()  # compile and plan outside the capture
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        tokens, logprobs = call()
+    graph, (tokens, logprobs) = capture(call)
     for step in range(3):
         offset.fill_(step)
         graph.replay()
@@ -581,13 +608,7 @@ def test_cuda_graph_replay_reads_the_temperature_buffer():
     offset = torch.tensor([4], dtype=torch.int64, device=DEVICE)
     call = lambda: multihead_sample(hidden, heads, weights, temperature=temperature, top_k=8,
                                     seed=5, offset=offset)
-    stream = torch.cuda.Stream()
-    with torch.cuda.stream(stream):
-        call()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        tokens, logprobs = call()
+    graph, (tokens, logprobs) = capture(call)
     for values in ([0.0] * 8, [1.5] * 8, [0.0, 0.75] * 4):  # fp32 numbers: as the float calls
         temperature.copy_(torch.tensor(values))
         graph.replay()

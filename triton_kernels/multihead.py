@@ -317,8 +317,11 @@ class SamplingPlan:
         # MODE_FILTER: z/T of every row, for the filter kernel's passes (else a placeholder).
         scaled = (torch.empty(B, V, dtype=torch.float32, device=dev) if self.mode == MODE_FILTER
                   else part_max)
-        top_p_t, stride_p = _device_option(top_p, dev)
-        min_p_t, stride_mp = _device_option(min_p, dev)
+        if filters(top_p, min_p):
+            top_p_t, stride_p = _device_option(top_p, dev)
+            min_p_t, stride_mp = _device_option(min_p, dev)
+        else:  # never read (no filter): placeholder pointers, nothing allocated
+            top_p_t, stride_p, min_p_t, stride_mp = part_max, 0, part_max, 0
         rng = dict(SEED_IS_PTR=isinstance(seed, torch.Tensor),
                    OFFSET_IS_PTR=isinstance(self.offset, torch.Tensor),
                    TEMP_IS_PTR=isinstance(temperature, torch.Tensor))
