@@ -19,8 +19,9 @@ plan, config, allocations, launches) and ``plan_host_us`` (a prepared ``Sampling
 engine's eager step; target ≤ 10 µs).
 
 Reported: % of the measured copy bandwidth reached (general path: H heads read; merged: U = 1),
-merged / H=1 (a merged head should cost one head), top-k / Gumbel (target ≤ 1.15), top-p / Gumbel
-and min-p / Gumbel (the filter kernel's cost, see its docstring for the expected ratios), eager / fused
+merged / H=1 (a merged head should cost one head), top-k / Gumbel (target ≤ 1.15), top-p /
+Gumbel and min-p / Gumbel (the filter kernel's cost; its docstring gives the expected ratios),
+eager / fused
 per B. What is physical: at H = 3, B ≤ 8 eager is three cuBLAS GEMMs over the same bytes near
 full bandwidth, so fused can gain at most ~1.15× there; the real gains are fewer bytes (the
 merged path) and no ``[B,V]`` logits at large B. On CPU only (a), (b) and the launchers' host

@@ -49,13 +49,15 @@ d = 896: 272 MB per head, ~85 µs at 3.2 TB/s). MODE_FILTER adds per row a 4V = 
 0.9) reads of it: ≈ 1.2 MB (min-p) / 1.9 MB (top-p 0.9) per row, where a radix sort of
 (value, index) pairs moves ≥ 8 passes of 8 B per entry (≥ 10 MB). The scratch is read back right
 after it is written, from L2 (50 MB on H100: the whole buffer up to B ≈ 64). Expected, per step,
-against the Gumbel kernel at H = 1 (H = 3 divides the overhead by ~3): B = 1: 1.9 MB, < 1 % of the
-bytes, but read by one SM: ~1.3 MB at ~100-200 GB/s from L2 ≈ 7-13 µs, so top-p/Gumbel ≈ 1.1-1.15
-(≈ 90 % → ≈ 80 % of the copy bandwidth); B = 8: eight rows on eight SMs, the same latency, ≈ 1.1-1.15;
-B = 64: 122 MB of L2 traffic on 64 SMs (≈ 10-20 µs) plus the 39 MB write, top-p/Gumbel ≈ 1.2-1.3 (≈ 70 %
-of the copy bandwidth). These are estimates until bench/heads.py's top-p/min-p rows are measured;
-splitting a row's passes over several programs is the next step if B = 1 falls short. A top_k above
-128 costs ~40 passes (24 MB per row): the exact path for a rare option, not a fast one.
+against the Gumbel kernel at H = 1 (H = 3 divides the overhead by ~3):
+- B = 1: 1.9 MB, < 1 % of the bytes, but read by one SM: ~1.3 MB at ~100-200 GB/s from L2
+  ≈ 7-13 µs, so top-p/Gumbel ≈ 1.1-1.15 (≈ 90 % → ≈ 80 % of the copy bandwidth);
+- B = 8: eight rows on eight SMs, the same latency: ≈ 1.1-1.15;
+- B = 64: 122 MB of L2 traffic on 64 SMs (≈ 10-20 µs) plus the 39 MB write: top-p/Gumbel
+  ≈ 1.2-1.3 (≈ 70 % of the copy bandwidth).
+These are estimates until bench/heads.py's top-p/min-p rows are measured; splitting a row's passes
+over several programs is the next step if B = 1 falls short. A top_k above 128 costs ~40 passes
+(24 MB per row): the exact path for a rare option, not a fast one.
 """
 import triton
 import triton.language as tl

@@ -244,7 +244,8 @@ def multihead_sample(hidden: torch.Tensor, heads: torch.Tensor, weights: torch.T
     ``temperature`` 0 = greedy (ties → lowest index); else an exact draw from ``softmax(z/T)`` by
     Gumbel-max, restricted to what top-k (any ``top_k``; ``≥ V`` keeps every token), then top-p
     over the renormalised remainder, then min-p relative to the top probability leave (ties →
-    lower index; the semantics: ``triton_kernels.reference``). ``logprobs`` = ``log_softmax(z/T)`` at the token, untruncated (T = 0 → T = 1). ``seed``
+    lower index; the semantics: ``triton_kernels.reference``). ``logprobs`` =
+    ``log_softmax(z/T)`` at the token, untruncated by any filter (T = 0 → T = 1). ``seed``
     and ``offset`` (None = 0) are ints or 1-element int64 tensors on the inputs' device; the same
     (seed, offset) gives the same tokens, and every row draws independent numbers.
     ``temperature`` may also be a float32 tensor on the inputs' device, ``[]``/``[1]`` (every row)
@@ -274,8 +275,9 @@ class SamplingPlan:
     scratch. A call ``plan(hidden)`` then checks ``hidden``'s shape, dtype and device, allocates
     the two outputs and launches: no host reads, and the top-k candidates are merged on the device.
 
-    ``temperature``/``top_p``/``min_p``/``seed``/``offset`` tensors are bound by reference and read on the device at
-    every call (advance ``offset`` in place between calls); ints and floats are fixed. The weights'
+    ``temperature``/``top_p``/``min_p``/``seed``/``offset`` tensors are bound by reference and
+    read on the device at every call (advance ``offset`` in place between calls); ints and floats
+    are fixed. The weights'
     *values* and the heads' are bound when the plan is built (they decide the merge): after
     changing them, build a new plan (a call on a plan whose heads or weights changed in place
     raises ``ValueError``; inference tensors carry no version, so that goes unseen). The scratch
