@@ -200,25 +200,28 @@ def test_sampled_logprobs_are_untruncated(top_k):
 
 
 @needs_triton
-@pytest.mark.parametrize("temperature,top_k", [(0.9, 0), (0.9, 5)])  # greedy shares the finish path
-def test_sampling_does_not_depend_on_the_launch_config(monkeypatch, temperature, top_k):
+@pytest.mark.parametrize("temperature,top_k,filters", [  # greedy shares the finish path
+    (0.9, 0, {}), (0.9, 5, {}), (0.9, 5, dict(top_p=0.8, min_p=0.02)),
+    (0.9, 0, dict(top_p=0.8, min_p=0.02))])  # the last: MODE_FILTER, several parts and chunks
+def test_sampling_does_not_depend_on_the_launch_config(monkeypatch, temperature, top_k, filters):
     """GPU configs take paths the interpreter's defaults skip: many partials per row (the finish
     kernel loops over several BLOCK_P chunks, the last partly masked), several V tiles per top-k
     partial, several finish programs. Philox numbers are per (row, token), so the tokens must not
     change with the tiling."""
     hidden, heads, weights = make_inputs(20, 2, 300, 40, scale=3.0)
     draw = lambda: multihead_sample(hidden, heads, weights, temperature=temperature, top_k=top_k,
-                                    seed=3, offset=1)
+                                    seed=3, offset=1, **filters)
     tokens = draw()[0]
 
-    def gpu_like(B, V, d, dtype, device, kpad=1):
+    def gpu_like(B, V, d, dtype, device, kpad=1, filtered=False):
         block_v = max(16, kpad)
         n_tiles = triton.cdiv(V, block_v)
         per_part = 3 if kpad > 1 else 1  # as launch_config does on a GPU
         # Top-k: the finish merges 2 parts' candidates per step over several steps, 1 row each.
+        # The filter kernel: 4 partials per step, 64 z/T entries per step of a pass.
         return multihead.LaunchConfig(16, block_v, 16, 4, 1, n_tiles, per_part,
                                       triton.cdiv(n_tiles, per_part), 1 if kpad > 1 else 4, 4,
-                                      16, 2 if kpad > 1 else 1)
+                                      16, 2 if kpad > 1 else 1, filter_block=64)
 
     monkeypatch.setattr(multihead, "_config", gpu_like)
     tokens_gpu, logprobs_gpu = draw()
