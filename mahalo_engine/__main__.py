@@ -163,6 +163,7 @@ def _check_args(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    # Imported here: triton_kernels imports Triton (seconds), which --help need not wait for.
     from triton_kernels.checks import check_probability
 
     check_probability("--top-p", args.top_p, 0.0, 1.0, True, 1, None)

@@ -65,10 +65,10 @@ def _sample(B, dtype, temperature, top_k, rng_ptr, temp_stride=None, top_p=1.0, 
                   LOG_BLOCK_V=cfg.block_v.bit_length() - 1, BLOCK_K=cfg.block_k,
                   DOT_PRECISION=DOT_PRECISION, UPCAST_DOT=False, **flags)
     stride = lambda v: 1 if isinstance(v, torch.Tensor) and v.numel() > 1 else 0  # noqa: E731
-    filters = dict(top_p_ptr="*fp32", stride_p=stride(top_p), min_p_ptr="*fp32",
-                   stride_mp=stride(min_p))
+    probs = dict(top_p_ptr="*fp32", stride_p=stride(top_p), min_p_ptr="*fp32",
+                 stride_mp=stride(min_p))
     finish_args = dict(part_keys_ptr="*i64", tokens_ptr="*i64", logprobs_ptr="*fp32", B=B,
-                       n_parts=cfg.n_parts, top_k=top_k, **rng, **temp, **_PARTS, **filters)
+                       n_parts=cfg.n_parts, top_k=top_k, **rng, **temp, **_PARTS, **probs)
     finish_consts = dict(BLOCK_R=cfg.finish_rows, BLOCK_P=cfg.finish_parts, TOPK_PAD=kpad,
                          LOG_KPAD=kpad.bit_length() - 1,
                          LOG_CAND_PARTS=cfg.cand_parts.bit_length() - 1,
@@ -79,7 +79,7 @@ def _sample(B, dtype, temperature, top_k, rng_ptr, temp_stride=None, top_p=1.0, 
     else:
         filter_args = dict(scaled_ptr="*fp32", stride_sb=V, part_max_ptr="*fp32",
                            part_sumexp_ptr="*fp32", tokens_ptr="*i64", logprobs_ptr="*fp32",
-                           V=V, n_parts=cfg.n_parts, top_k=top_k, **rng, **temp, **filters)
+                           V=V, n_parts=cfg.n_parts, top_k=top_k, **rng, **temp, **probs)
         filter_consts = dict(SEED_IS_PTR=rng_ptr, OFFSET_IS_PTR=rng_ptr, TEMP_IS_PTR=temp_ptr,
                              KTH=MAX_TOP_K < top_k < V, BLOCK_P=cfg.finish_parts,
                              BLOCK=cfg.filter_block)

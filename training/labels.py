@@ -435,6 +435,8 @@ def _label_trajectories(args: argparse.Namespace, info: DistInfo) -> int:
 
     if args.m < 1:
         raise ValueError(f"--m must be >= 1, got {args.m}")
+    # Imported here with the policy: triton_kernels imports Triton (seconds), which the labelling
+    # commands without a policy need not wait for. Checked before the policy loads.
     from triton_kernels.checks import check_sampling
 
     check_sampling(args.temperature, args.top_k, args.seed, top_p=args.top_p, min_p=args.min_p)
