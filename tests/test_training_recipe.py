@@ -285,10 +285,10 @@ def test_soup_of_models_of_different_shapes_is_one_line(tmp_path, capsys):
 # -- bad input ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("flags, match", [
-    (["--head-lr", "-1e-3"], r"--head-lr must be a finite number >= 0, got -0\.001"),
+    (["--head-lr=-1e-3"], r"--head-lr must be a finite number >= 0, got -0\.001"),
     (["--backbone-lr", "nan"], r"--backbone-lr must be a finite number >= 0, got nan"),
     (["--lr", "inf"], r"--lr must be a finite number >= 0, got inf"),
-    (["--rpo-alpha", "-0.5"], r"--rpo-alpha must be a finite number >= 0, got -0\.5"),
+    (["--rpo-alpha=-0.5"], r"--rpo-alpha must be a finite number >= 0, got -0\.5"),
     (["--min-lr-ratio", "2"], r"--min-lr-ratio must lie in \[0, 1\], got 2"),
     (["--max-minutes", "0"], r"--max-minutes must be a positive number, got 0"),
 ])
