@@ -5,8 +5,9 @@ as a normal policy directory ``load_policy`` reads: the paper's *DPO Soup* basel
 ``λ·DPO[acc] + (1−λ)·DPO[style]``, one soup per λ, against MAH-DPO's one run with head weights
 chosen at inference. The weights must sum to 1 (an interpolation, not an extrapolation) and the
 models must hold the same tensors with the same shapes; heads files (``mahalo_heads.safetensors``)
-are mixed too when every model has one with the same objectives. The config and tokenizer are
-the first model's.
+are mixed too, head by head, when every model has one with the same number of heads (head i of
+the soup is named like the models' head i, or ``"acc+style"`` when their names differ, as for the
+DPO Soup of two single-objective models). The config and tokenizer are the first model's.
 """
 from __future__ import annotations
 
@@ -88,13 +89,10 @@ def _soup_heads(models: Sequence[str | Path], w: list[float],
         raise ValueError(f"only some models have {HEADS_FILE}: "
                          f"{[n for n, h in zip(names, have) if h]}; mix like with like")
     loaded = [load_heads(f) for f in files]
-    objectives = loaded[0][1]
-    for (_, objs), name in zip(loaded[1:], names[1:]):
-        if list(objs) != list(objectives):
-            raise ValueError(f"{name}'s heads are {list(objs)} but {names[0]}'s are "
-                             f"{list(objectives)}")
-    mixed = soup_tensors([{"heads": h} for h, _ in loaded], w, names)["heads"]
-    return mixed, list(objectives)
+    mixed = soup_tensors([{"heads": h} for h, _ in loaded], w, names)["heads"]  # checks the counts
+    objectives = ["+".join(dict.fromkeys(objs[i] for _, objs in loaded))
+                  for i in range(len(loaded[0][1]))]
+    return mixed, objectives
 
 
 def build_parser() -> argparse.ArgumentParser:
