@@ -300,3 +300,25 @@ def test_bad_recipe_arguments_are_one_line(tmp_path, capsys, flags, match):
     assert mah_dpo.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and re.search(match, err[0]), err
+
+
+def test_sft_and_prm_checkpoints_load_like_their_final_outputs(tmp_path):
+    """(Before, a checkpoint held only the trainer's module state: `decoder.*` names, no
+    config.json or tokenizer, so neither loader could read it.)"""
+    from mahalo_engine import load_prm
+    from training import prm, sft
+
+    model = tiny_checkpoint("qwen2")
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Q{i}:", "completion": f" A{i}."}) + "\n" for i in range(4)))
+    sft.main(["--model", str(model), "--data", str(data), "--out", str(tmp_path / "sft"),
+              "--batch-size", "2", "--max-steps", "2", "--save-every", "1", "--keep-checkpoints", "2", "--lr", "1e-3"])
+    ckpt = tmp_path / "sft" / "checkpoints" / "step-1"
+    state, _ = load_checkpoint(ckpt)
+    torch.testing.assert_close(load_policy(ckpt).model.model.norm.weight, state["decoder.model.norm.weight"])
+    steps = tmp_path / "steps.jsonl"
+    steps.write_text("".join(json.dumps({"prompt": f"Q{i}:", "completions": ["A.", "B."], "labels": [0.5, 1.0]})
+                             + "\n" for i in range(4)))
+    prm.main(["--model", str(model), "--data", str(steps), "--loss", "mse", "--out", str(tmp_path / "prm"),
+              "--batch-size", "2", "--max-steps", "2", "--save-every", "1", "--keep-checkpoints", "2", "--head", "linear"])
+    assert load_prm(tmp_path / "prm" / "checkpoints" / "step-1").kind == "value"
