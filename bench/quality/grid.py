@@ -40,8 +40,8 @@ def mah_recipe(recipe: dict[str, Any]) -> MahRecipe:
 
 def choose(pl, log=None) -> dict[str, Any]:
     """The recipe (``{"recipe", "searched", "rule", "mah_grid", "dpo_grid"}``) for pipeline ``pl``:
-    the grid searched on validation (``cfg.search_grid``), else the recorded one untrained-around.
-    Written to ``<root>/recipe.json``."""
+    with ``cfg.search_grid`` every grid run is trained (cached), evaluated on validation and the
+    rule applied (written to ``<root>/recipe.json``); without it, ``RECORDED_RECIPE`` as is."""
     cfg = pl.cfg
     log = log or pl.log
     if not cfg.search_grid:
