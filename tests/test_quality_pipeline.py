@@ -125,3 +125,27 @@ def test_rerun_uses_the_cache(micro):
     # (the chosen runs are looked up again after the choice: their lines repeat)
     assert len(set(stages)) == 11 and all(": cached (" in x for x in stages)
     assert art.prm == tmp / "cache" / "prm" / "prm" and art.summaries["sft"]["kept_step"] >= 2
+
+
+def test_logit_ensemble_follows_the_mixed_logits():
+    """Greedy: weight 1 is policy A's own greedy answer (the engine's), and every token of a
+    0.5 mix is the argmax of the two models' averaged logits after the same prefix."""
+    from bench.quality.ensemble import LogitEnsemble
+    from mahalo_engine import Engine, load_policy
+    from mahalo_engine.text import encode_prompt
+    from mahalo_engine.tiny import tiny_checkpoint
+
+    a, b = load_policy(tiny_checkpoint("qwen2", seed=1)), load_policy(tiny_checkpoint("qwen2", seed=2))
+    ens = LogitEnsemble(a, b)
+    prompts = ["Ana has 3 apples.", "Q:"]
+    kw = dict(max_new_tokens=6, temperature=0.0, top_k=0, seed=0)
+    engine = Engine(a, max_batch=2, max_seq_len=64, cuda_graphs=False)
+    assert [ids for _, ids in ens.generate(prompts, 1.0, **kw)] == \
+        [g.token_ids for g in engine.generate(prompts, **kw)]
+    for prompt, (_, ids) in zip(prompts, ens.generate(prompts, 0.5, **kw)):
+        seq = encode_prompt(a.tokenizer, prompt)
+        for t in ids:
+            x = torch.tensor([seq])
+            mixed = 0.5 * a.logits(x)[0, -1] + 0.5 * b.logits(x)[0, -1]
+            assert t == int(mixed.argmax())
+            seq.append(t)
