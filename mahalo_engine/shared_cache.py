@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import torch
 
 from mahalo_engine.cache import KVCache, available_bytes
-from mahalo_engine.config import ModelConfig
-from triton_kernels.checks import check_int
+from mahalo_engine.model_config import ModelConfig
+from triton_kernels.argcheck import check_int
 
 
 @dataclass

@@ -11,11 +11,11 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from mahalo_engine.distributed import DistInfo
 from mahalo_engine.policy import load_policy
 from mahalo_engine.tiny import tiny_checkpoint
 from training import mah_dpo, soup
 from training.checkpoint import latest_checkpoint, load_checkpoint
-from training.distributed import DistInfo
 from training.trainer import Micro, ParamGroup, Trainer, add_common_args, finish_args, lr_factor
 
 CPU = DistInfo(0, 1, 0, torch.device("cpu"))
@@ -152,7 +152,7 @@ def test_rpo_alpha_equals_trls_formula():
     """TRL: losses = dpo_losses + rpo_alpha * nll_loss, nll_loss = cross-entropy mean over the
     chosen answers' tokens of the batch; per objective here (one objective = TRL exactly), then
     the mean over objectives."""
-    from mahalo_engine.utils.loader import load_decoder
+    from mahalo_engine.models.loader import load_decoder
     from training.collate import IGNORE, collate
     from training.logps import PolicyLogps
     from training.losses import mah_dpo_loss

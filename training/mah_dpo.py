@@ -41,8 +41,9 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from mahalo_engine.distributed import DistInfo, barrier
+from mahalo_engine.models.loader import load_decoder
 from mahalo_engine.utils import paths
-from training import distributed as D
 from training.batching import BalancedBatches
 from training.collate import collate_pairs, pad_id_of
 from training.encode import TokenizedPair, tokenize_pairs
@@ -146,9 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     return cli_main(build_parser(), train, argv)
 
 
-def train(args: argparse.Namespace, info: D.DistInfo, tokenizer) -> None:
-    from mahalo_engine.utils.loader import load_decoder
-
+def train(args: argparse.Namespace, info: DistInfo, tokenizer) -> None:
     if not (args.rpo_alpha >= 0 and args.rpo_alpha < float("inf")):
         raise ValueError(f"--rpo-alpha must be a finite number >= 0, got {args.rpo_alpha}")
     groups_lr = param_groups(args)
@@ -218,7 +217,7 @@ def train(args: argparse.Namespace, info: D.DistInfo, tokenizer) -> None:
     state = trainer.final_state()
     if state is not None:
         save_policy_dir(args.out, *policy_of(state))
-    D.barrier(info)
+    barrier(info)
 
 
 @dataclass(frozen=True)
@@ -258,7 +257,7 @@ def summarize(m: dict[str, torch.Tensor], names: Sequence[str]) -> dict[str, flo
 
 
 def _micro(trainer: Trainer, items: Sequence[TokenizedPair], ref: torch.Tensor, rows: list[int],
-           spec: LossSpec, pad: int, info: D.DistInfo, diagnostics: bool, desc: str) -> Micro:
+           spec: LossSpec, pad: int, info: DistInfo, diagnostics: bool, desc: str) -> Micro:
     def run() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         batch = collate_pairs([items[g] for g in rows], pad).to(info.device)
         n = len(rows)

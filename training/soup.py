@@ -20,7 +20,9 @@ from typing import Sequence
 import torch
 
 from mahalo_engine.heads import HEADS_FILE, load_heads
+from mahalo_engine.models.loader import load_decoder
 from mahalo_engine.utils.cli import HelpFormatter, add_debug_flag, run_cli
+from training.model_io import build_decoder, save_policy_dir
 
 WEIGHT_SUM_TOL = 1e-6
 
@@ -57,9 +59,7 @@ def soup_tensors(states: Sequence[dict[str, torch.Tensor]], weights: Sequence[fl
 
 def make_soup(models: Sequence[str | Path], weights: Sequence[float], out: str | Path) -> Path:
     """Write the soup of ``models`` with ``weights`` to ``out`` (a policy directory)."""
-    from mahalo_engine.utils.loader import load_decoder
-    from training.model_io import save_policy_dir, build_decoder
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # seconds to import: not for --help or a bad argument
 
     if len(models) < 2:
         raise ValueError(f"--models needs at least two policy directories, got {len(models)}")

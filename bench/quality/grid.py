@@ -1,5 +1,5 @@
 """The quality bench's recipe choice on the validation split: train every grid point of
-``bench.quality.config`` (MAH-DPO recipes, single-head DPO lrs), evaluate each on the validation
+``bench.quality.settings`` (MAH-DPO recipes, single-head DPO lrs), evaluate each on the validation
 problems, apply the written rule (`SELECTION_RULE`), and report every point (the ablation).
 ``hypervolume`` is also how the report compares the methods' test fronts."""
 from __future__ import annotations
@@ -8,7 +8,7 @@ import dataclasses
 import json
 from typing import Any, Sequence
 
-from bench.quality.config import RECORDED_RECIPE, SELECTION_RULE, MahRecipe, mah_grid
+from bench.quality.settings import RECORDED_RECIPE, SELECTION_RULE, MahRecipe, mah_grid
 
 OBJECTIVES = ("acc", "style")
 
@@ -83,7 +83,7 @@ def choose(pl, log=None) -> dict[str, Any]:
     (pl.root / "recipe.json").write_text(json.dumps(out, indent=1))
     log(f"[quality] recipe chosen on validation: MAH-DPO {chosen.name}, DPO lr {dpo_lr}"
         + ("" if out["matches_recorded"] else " (differs from RECORDED_RECIPE in "
-           "bench/quality/config.py, which the quick form trains: update it)"))
+           "bench/quality/settings.py, which the quick form trains: update it)"))
     return out
 
 
@@ -92,7 +92,7 @@ def ablation_markdown(selection: dict[str, Any]) -> str:
     if not selection["searched"]:
         r = selection["recipe"]
         return ("### Recipe\n\nThe quick form trains the recipe the full form chose on validation "
-                f"(recorded in bench/quality/config.py): MAH-DPO {mah_recipe(r).name}, DPO lr "
+                f"(recorded in bench/quality/settings.py): MAH-DPO {mah_recipe(r).name}, DPO lr "
                 f"{r['dpo_lr']}. Rule: {selection['rule']}.\n")
     lines = ["### Ablation: the MAH-DPO recipe grid on the validation split (chosen: **bold**)", "",
              f"Rule: {selection['rule']}.", "",

@@ -9,7 +9,7 @@
 3. ``runs/<name>``: ``python -m training.mah_dpo`` with one objective (single-head DPO, per lr of
    the DPO grid) or both (MAH-DPO, 2 heads, equal α, per point of the recipe grid), same pairs,
    steps and settings; each run's validation front is stored beside it (``val.json``), and the
-   rule of ``bench.quality.config`` picks the runs the test split sees (``recipe.json``; the quick
+   rule of ``bench.quality.settings`` picks the runs the test split sees (``recipe.json``; the quick
    form trains only the recorded recipe). ``soups``: DPO Soups of the chosen DPO[acc] and
    DPO[style] (``python -m training.soup``) for every λ of the sweep.
 4. ``rollouts``: the SFT policy's samples on the PRM split, plus M Monte-Carlo continuations from
@@ -33,9 +33,17 @@ from typing import Any, Callable
 
 import torch
 
-from bench.quality.config import QualityConfig
+from bench.quality import grid
+from bench.quality.settings import QualityConfig
 from bench.quality.task import (STEP_SEP, STYLES, Problem, extract_answer, make_split, style_score,
                                 verify)
+from mahalo_engine import Engine, load_policy
+from mahalo_engine.text import split_steps
+from mahalo_engine.tiny import tiny_checkpoint
+from mahalo_engine.utils.paths import cache_dir
+from training import mah_dpo, sft, soup
+from training import prm as prm_cli
+from training.labels import generate_rollouts, monte_carlo_values
 
 SAMPLING_BOUNDARY = STEP_SEP
 OBJECTIVES = ("acc", "style")
@@ -83,8 +91,6 @@ def _run_cli(main: Callable[[list[str]], int], argv: list[str]) -> None:
 def sample(policy_dir: Path, prompts: list[str], cfg: QualityConfig, *, seed: int,
            head_weights: Any = None) -> list[Any]:
     """``Engine.generate`` with the bench's sampling settings (all prompts in one batch)."""
-    from mahalo_engine import Engine, load_policy
-
     policy = load_policy(policy_dir)
     engine = Engine(policy, max_batch=min(256, max(1, len(prompts))), max_seq_len=160,
                     cuda_graphs=False)
@@ -109,8 +115,6 @@ class Pipeline:
         self.summaries: dict[str, dict[str, Any]] = {}
 
     def run(self) -> Artefacts:
-        from bench.quality import grid
-
         self.root.mkdir(parents=True, exist_ok=True)
         self._stage("sft", self._sft)
         self._stage("pairs", self._pairs)
@@ -150,8 +154,6 @@ class Pipeline:
         key = json.dumps({"weights": weights, "seed": cfg.grid_seed, "n": len(self.data["val"])})
         if path.is_file() and json.loads(path.read_text()).get("key") == key:
             return json.loads(path.read_text())["front"]
-        from mahalo_engine import Engine, load_policy
-
         problems = self.data["val"]
         engine = Engine(load_policy(policy_dir), max_batch=max(1, len(problems)), max_seq_len=160,
                         cuda_graphs=False)
@@ -167,8 +169,6 @@ class Pipeline:
         return front
 
     def _soups(self, dpo_acc: Path, dpo_style: Path) -> dict[float, Path]:
-        from training import soup
-
         name = f"soups/{dpo_acc.parent.name}+{dpo_style.parent.name}"
 
         def make(d: Path) -> dict[str, Any]:
@@ -200,16 +200,12 @@ class Pipeline:
     # -- stages -----------------------------------------------------------------------------------
 
     def _base_model(self) -> Path:
-        from mahalo_engine.tiny import tiny_checkpoint
-
         h = self.cfg.hidden_size
         return tiny_checkpoint("qwen2", seed=self.cfg.data_seed, vocab_size=512, hidden_size=h,
                                intermediate_size=2 * h, num_layers=self.cfg.num_layers, num_heads=4,
                                num_key_value_heads=2)
 
     def _sft(self, d: Path) -> dict[str, Any]:
-        from training import sft
-
         cfg = self.cfg
         rng = random.Random(f"{cfg.data_seed}:styles")
         rows = [{"prompt": prompt_of(p),
@@ -275,8 +271,6 @@ class Pipeline:
                 "artefact": str(d)}
 
     def _dpo(self, d: Path, objectives: list[str], lrs: list[Any]) -> dict[str, Any]:
-        from training import mah_dpo
-
         cfg = self.cfg
         pairs = self.root / "pairs"
         argv = ["--model", self.root / "sft" / "policy", "--out", d / "policy",
@@ -296,10 +290,6 @@ class Pipeline:
                 "artefact": str(d / "policy")}
 
     def _rollouts(self, d: Path) -> dict[str, Any]:
-        from mahalo_engine import load_policy
-        from mahalo_engine.text import split_steps
-        from training.labels import generate_rollouts
-
         cfg = self.cfg
         problems = self.data["prm"]
         gold = {prompt_of(p): p.answer for p in problems}
@@ -328,9 +318,6 @@ class Pipeline:
         return _eos_text_of(self.root / "sft" / "policy")
 
     def _prm(self, d: Path) -> dict[str, Any]:
-        from training import prm as prm_cli
-        from training.labels import monte_carlo_values
-
         cfg = self.cfg
         rollouts = [json.loads(line) for line in
                     (self.root / "rollouts" / "rollouts.jsonl").read_text().splitlines()]
@@ -386,8 +373,6 @@ def _describe(summary: dict[str, Any]) -> str:
 def train_or_load(cfg: QualityConfig, *, no_cache: bool = False, root: Path | None = None,
                   log: Callable[[str], None] = print) -> Artefacts:
     """Every trained artefact of ``cfg``, from the cache when present (``no_cache`` retrains)."""
-    from mahalo_engine.utils.paths import cache_dir
-
     root = root if root is not None else cache_dir("quality", cfg.train_key())
     if no_cache and root.exists():
         shutil.rmtree(root)

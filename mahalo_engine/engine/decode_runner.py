@@ -29,7 +29,7 @@ from typing import Callable
 import torch
 
 from mahalo_engine.cache import KVCache
-from mahalo_engine.engine.boundary import CompiledBoundary
+from mahalo_engine.boundary import CompiledBoundary
 from mahalo_engine.engine.sampler import Sampler
 
 # Why a slot stopped (``DecodeRunner.reason``); PENDING = a boundary the host must still confirm.

@@ -21,11 +21,11 @@ import torch
 
 from mahalo_engine.cache import KVCache
 from mahalo_engine.shared_cache import SharedPrefixCache
-from mahalo_engine.prm import (VALUE_HEAD_FILE, ObjectiveWeights, apply_kind, combine_objectives,
+from mahalo_engine.value_model import (VALUE_HEAD_FILE, ObjectiveWeights, apply_kind, combine_objectives,
                                load_value_head, objective_weights)
 from mahalo_engine.text import Prompt, encode_prompt, encode_step, has_chat_template
 from mahalo_engine.utils.padding import pad_right
-from triton_kernels.checks import is_real
+from triton_kernels.argcheck import is_real
 
 
 log = logging.getLogger(__name__)
@@ -128,7 +128,7 @@ class ValueModelPRM(Scorer):
     with another tokenizer each step's text is tokenised on its own and appended
     (`mahalo_engine.text.encode_step`, as the PRM trainers tokenise step data). A PRM without a tokenizer must share the policy's vocabulary.
 
-    ``objectives`` weights a multi-objective PRM's outputs (`mahalo_engine.prm.objective_weights`:
+    ``objectives`` weights a multi-objective PRM's outputs (`mahalo_engine.value_model.objective_weights`:
     None = uniform mean, a name, ``{name: weight}``): one backbone serves every weighting.
     """
 

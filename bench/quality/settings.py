@@ -129,8 +129,9 @@ def mah_grid(cfg: QualityConfig) -> list[MahRecipe]:
             for a in cfg.grid_rpo_alphas]
 
 
-# The full form's last choice (bench/results/quality-*-grid.md), trained alone by the quick form.
-RECORDED_RECIPE = Recipe(MahRecipe(backbone_lr=0.0, head_lr=3e-4, rpo_alpha=0.0),
+# The full form's last choice (bench/results/quality-20261207-cpu-2cores-nogpu-quality.md, its
+# ablation), trained alone by the quick form.
+RECORDED_RECIPE = Recipe(MahRecipe(backbone_lr=2e-6, head_lr=3e-4, rpo_alpha=0.0),
                          {"acc": 2e-5, "style": 2e-5})
 
 
