@@ -205,7 +205,7 @@ def test_real_tutoring_pairs_run_through_mah_dpo(tmp_path, caplog):
     assert load_policy(out).objectives == ["acc"]
 
 
-@pytest.mark.parametrize("name", ["sft", "mah_dpo", "prm", "labels", "convert", "data", "checkpoint"])
+@pytest.mark.parametrize("name", ["sft", "mah_dpo", "prm", "labels", "convert", "data", "checkpoint", "soup"])
 def test_every_cli_has_help(name, capsys):
     mod = importlib.import_module(f"training.{name}")
     with pytest.raises(SystemExit) as e:
