@@ -30,7 +30,7 @@ _RESULT_KEYS = ("text", "token_ids", "logprobs", "finish_reason", "steps")  # ad
 # --cache-layout, whose results are identical by design) and --prompts (checked row by row).
 RESULT_OPTIONS = ("command", "model", "heads", "weights", "chat", "temperature", "seed",
                   "max_new_tokens", "stop", "dtype", "max_batch", "max_seq_len", "chunk_size",
-                  "top_k")
+                  "top_k", "top_p", "min_p")
 SEARCH_RESULT_OPTIONS = ("prm", "prm_weights", "candidates", "boundary", "max_steps",
                          "max_step_tokens", "selection_temperature", "stop_boxed")
 
@@ -68,6 +68,12 @@ def _parser() -> argparse.ArgumentParser:
                         help="render --prompt / 'prompt' strings as a user turn with the chat "
                              "template ('messages' always are)")
         sp.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+        sp.add_argument("--top-p", type=float, default=1.0,
+                        help="nucleus: keep the smallest top set of tokens whose probability "
+                             "reaches P (after --top-k), in (0, 1]; 1 = off")
+        sp.add_argument("--min-p", type=float, default=0.0,
+                        help="keep tokens with probability >= P times the top token's, in "
+                             "[0, 1]; 0 = off")
         sp.add_argument("--seed", type=int, default=0, help="sampling seed")
         sp.add_argument("--max-new-tokens", type=int, default=None,
                         help="cap on generated tokens per request (default: 256 for generate, "
@@ -187,6 +193,11 @@ def _check_args(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    # Imported here: triton_kernels imports Triton (seconds), which --help need not wait for.
+    from triton_kernels.checks import check_probability
+
+    check_probability("--top-p", args.top_p, 0.0, 1.0, True, 1, None)
+    check_probability("--min-p", args.min_p, 0.0, 1.0, False, 1, None)
     for s in args.stop or ():
         if not s:
             raise ValueError("--stop: the stop string is empty; give a non-empty string such as "
@@ -359,7 +370,8 @@ def _results(args: argparse.Namespace, engine: Any, prompts: list[Any], head_wei
         max_new = 256 if args.max_new_tokens is None else args.max_new_tokens
         try:
             results = engine.generate(prompts, head_weights=head_weights, max_new_tokens=max_new,
-                                      temperature=args.temperature, top_k=args.top_k, seed=seed,
+                                      temperature=args.temperature, top_k=args.top_k,
+                                      top_p=args.top_p, min_p=args.min_p, seed=seed,
                                       stop=args.stop, chat=args.chat)
         except FloatingPointError as e:
             raise FloatingPointError(f"model {args.model}: {e}; check its weights and "
@@ -379,8 +391,8 @@ def _results(args: argparse.Namespace, engine: Any, prompts: list[Any], head_wei
         boundary=parse_boundaries(args.boundary),
         max_step_tokens=args.max_step_tokens, max_steps=args.max_steps,
         max_new_tokens=4096 if args.max_new_tokens is None else args.max_new_tokens,
-        temperature=args.temperature, top_k=args.top_k, seed=seed,
-        selection_temperature=args.selection_temperature, stop=stop,
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+        seed=seed, selection_temperature=args.selection_temperature, stop=stop,
         check_every=args.check_every)
     try:
         results = engine.search(prompts, head_weights=head_weights, config=cfg, chat=args.chat)

@@ -203,7 +203,8 @@ def test_engine_resume_refuses_every_changed_result_option(tmp_path, model, prom
     out.write_text("\n".join(rows[:2]) + "\n")  # an interrupted run: chunk 0 kept
     saved = out.read_text()
     other_model = str(tiny_checkpoint("qwen2", seed=1))
-    changes = {"--seed": "2", "--temperature": "0.5", "--top-k": "5", "--max-new-tokens": "4",
+    changes = {"--seed": "2", "--temperature": "0.5", "--top-k": "5", "--top-p": "0.9",
+               "--min-p": "0.1", "--max-new-tokens": "4",
                "--chunk-size": "1", "--max-batch": "1", "--max-seq-len": "48",
                "--dtype": "bfloat16", "--weights": "2", "--model": other_model,
                "--stop": "x", "--chat": None}

@@ -160,14 +160,24 @@ def options_of(args: Any, names: Sequence[str]) -> dict[str, Any]:
 def check_options(where: str | Path, saved: Mapping[str, Any] | None, now: Mapping[str, Any]
                   ) -> None:
     """``--resume`` refuses any difference between the options stored with an output and this
-    run's: one ValueError line listing each option's old and new value."""
+    run's: one ValueError line listing each option's old and new value (a dict-valued option,
+    such as per-group learning rates, entry by entry). An option the output has no record of (it
+    was written before that option was stored) cannot be compared and is skipped."""
     saved = {} if saved is None else saved
-    changed = [k for k in sorted(set(saved) | set(now)) if plain(saved.get(k)) != plain(now.get(k))]
-    if changed:
-        diffs = "; ".join(f"--{k.replace('_', '-')} was {saved.get(k)!r}, now {now.get(k)!r}"
-                          for k in changed)
-        raise ValueError(f"--resume: {where} was made with other options ({diffs}); rerun with "
-                         f"the same options, or start afresh")
+    diffs = []
+    for k in sorted(set(saved) & set(now)):
+        was, new = plain(saved[k]), plain(now[k])
+        if was == new:
+            continue
+        flag = f"--{k.replace('_', '-')}"
+        if isinstance(was, dict) and isinstance(new, dict):
+            diffs += [f"{flag} {g} was {was.get(g)!r}, now {new.get(g)!r}"
+                      for g in sorted(set(was) | set(new)) if was.get(g) != new.get(g)]
+        else:
+            diffs.append(f"{flag} was {was!r}, now {new!r}")
+    if diffs:
+        raise ValueError(f"--resume: {where} was made with other options ({'; '.join(diffs)}); "
+                         f"rerun with the same options, or start afresh")
 
 
 def options_path(out: str | Path) -> Path:
