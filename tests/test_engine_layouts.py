@@ -14,7 +14,7 @@ from mahalo_engine.engine import Engine, SearchConfig
 from mahalo_engine.engine.scorers import SlotLayout
 from mahalo_engine.policy import load_policy
 from mahalo_engine.prm import ValueHead, ValueModel, load_prm, save_prm
-from mahalo_engine.shared_cache import SharedPrefixCache
+from mahalo_engine.layouts import SharedPrefixCache
 from mahalo_engine.tiny import FAMILIES, tiny_checkpoint
 from mahalo_engine.utils.loader import load_decoder
 

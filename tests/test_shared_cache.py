@@ -6,7 +6,7 @@ import torch
 
 from mahalo_engine.cache import KVCache
 from mahalo_engine.ops import kv_fork, kv_promote
-from mahalo_engine.shared_cache import SharedPrefixCache
+from mahalo_engine.layouts import SharedPrefixCache
 from mahalo_engine.tiny import tiny_checkpoint
 from mahalo_engine.utils.loader import load_decoder
 
