@@ -11,7 +11,7 @@ import torch
 from transformers import AutoTokenizer
 
 from mahalo_engine.engine import Engine, SearchConfig
-from mahalo_engine.engine.scorers import SlotLayout
+from mahalo_engine.layouts import slot_layout
 from mahalo_engine.policy import load_policy
 from mahalo_engine.prm import ValueHead, ValueModel, load_prm, save_prm
 from mahalo_engine.layouts import SharedPrefixCache
@@ -160,7 +160,7 @@ def test_prm_step_scores_equal_full_rescoring_in_shared_layout(eager_cpu):
     c = prm.config
     per_pos = c.num_hidden_layers * 2 * c.num_key_value_heads * c.head_dim * 4
     assert cache.prefix.data.nbytes + cache.suffix.data.nbytes == 2 * (80 + K * (7 + 1)) * per_pos
-    prepared = engine.prm.cache_nbytes(2 * K, 80, policy, SlotLayout("shared_prefix", K, 8))
+    prepared = engine.prm.cache_nbytes(2 * K, 80, policy, slot_layout("shared_prefix", K, 8))
     assert prepared == 0  # nothing new to allocate
 
 

@@ -2,13 +2,13 @@
 policy's own hidden states, weighted combinations, and any callable on texts.
 
 The engine drives a scorer through calls that mirror its policy cache:
-``prepare`` (allocate, once per cache size and `SlotLayout`), ``start`` (new requests: their prompts enter the
-groups' slots), ``score`` (the K candidates of every live request, one batch), ``promote``
-(each group's winner becomes its siblings' committed text) and ``move`` (requests change groups).
-Candidate slots are numbered alike in the policy's cache and in every scorer's; a scorer with a
-cache keeps it through `mahalo_engine.layouts` (the layout the policy's follows, `SlotLayout`, given
-at ``prepare``: `SlotLayout.allocate` makes a cache whose events take the engine's slot
-arguments as they come), as `ValueModelPRM` does.
+``prepare`` (allocate, once per cache size and layout), ``start`` (new requests: their prompts
+enter the groups' slots), ``score`` (the K candidates of every live request, one batch),
+``promote`` (each group's winner becomes its siblings' committed text) and ``move`` (requests
+change groups). Candidate slots are numbered alike in the policy's cache and in every scorer's.
+A scorer with a cache keeps it through the layout given at ``prepare`` (`mahalo_engine.layouts`:
+`SlotLayout.allocate` returns a cache whose events take these calls' arguments as they are), as
+`ValueModelPRM` does: no layout logic of its own.
 """
 from __future__ import annotations
 
@@ -102,16 +102,18 @@ class ValueModelPRM(Scorer):
     score is read at each candidate's last token, and `promote` copies the winner's new tokens into
     its siblings with `KVCache.promote`. Nothing is ever re-encoded.
 
-    In the policy's ``shared_prefix`` layout (with K > 1 and the policy's tokens) the PRM's cache
-    is a `SharedPrefixCache` too: one prefix slot per request plus K candidate slots of
-    ``step_len`` positions; the candidates' steps go in with ``extend_shared`` (cascade extend
-    attention: the prefix read once for all candidates), and `promote` appends the winner's step
-    to the prefix (``kv_append``, one launch). A PRM that re-tokenises step texts keeps the fork
-    layout: its step may take more tokens than a candidate slot holds.
+    The cache follows the policy's layout (`SlotLayout.for_scorer`): in ``shared_prefix`` (with
+    K > 1 and the policy's tokens) it is a `SharedPrefixCache` too: one prefix slot per request
+    plus K candidate slots of ``step_len`` positions; the candidates' steps go in with
+    ``extend_shared`` (cascade extend attention: the prefix read once for all candidates), and
+    `promote` appends the winner's step to the prefix (``kv_append``, one launch). A PRM that
+    re-tokenises step texts keeps the fork layout: its step may take more tokens than a candidate
+    slot holds.
 
     With the policy's tokenizer (same vocabulary) the candidate's token ids are fed as they are;
     with another tokenizer each step's text is tokenised on its own and appended
-    (`mahalo_engine.text.encode_step`, as the PRM trainers tokenise step data). A PRM without a tokenizer must share the policy's vocabulary.
+    (`mahalo_engine.text.encode_step`, as the PRM trainers tokenise step data). A PRM without a
+    tokenizer must share the policy's vocabulary.
 
     ``objectives`` weights a multi-objective PRM's outputs (`mahalo_engine.prm.objective_weights`:
     None = uniform mean, a name, ``{name: weight}``): one backbone serves every weighting.
