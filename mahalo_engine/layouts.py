@@ -37,7 +37,6 @@ from mahalo_engine.config import ModelConfig
 from mahalo_engine.utils.padding import pad_right
 from triton_kernels.checks import check_int
 
-CACHE_LAYOUTS = ("fork", "shared_prefix")
 T = TypeVar("T")
 
 
@@ -290,6 +289,7 @@ class SharedPrefixLayout(SlotLayout):
 
 FORK = ForkLayout()
 LAYOUTS: dict[str, type[SlotLayout]] = {"fork": ForkLayout, "shared_prefix": SharedPrefixLayout}
+CACHE_LAYOUTS = tuple(LAYOUTS)
 
 
 def slot_layout(name: str, k: int = 1, step_len: int = 1) -> SlotLayout:

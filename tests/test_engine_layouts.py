@@ -11,10 +11,9 @@ import torch
 from transformers import AutoTokenizer
 
 from mahalo_engine.engine import Engine, SearchConfig
-from mahalo_engine.layouts import slot_layout
+from mahalo_engine.layouts import SharedPrefixCache, slot_layout
 from mahalo_engine.policy import load_policy
 from mahalo_engine.prm import ValueHead, ValueModel, load_prm, save_prm
-from mahalo_engine.layouts import SharedPrefixCache
 from mahalo_engine.tiny import FAMILIES, tiny_checkpoint
 from mahalo_engine.utils.loader import load_decoder
 

@@ -142,7 +142,7 @@ class Engine:
         reqs = self._prompts(prompts, chat)
         weights = self.policy.weight_matrix(head_weights, len(reqs)).cpu()
         batch = self._batch_size(FORK, None)
-        runner = self._prepare(FORK, batch, None)
+        runner = self._prepare(batch, None)
         runner.set_boundary(boundary)
         self._sampler.configure(temperature, top_k, seed)
         out: list[Generation] = []
@@ -201,7 +201,7 @@ class Engine:
         # One step's positions: max_step_tokens + a paused slot's scratch.
         layout = slot_layout(self.cache_layout, cfg.candidates, cfg.max_step_tokens + 1)
         batch = self._batch_size(layout, scorer)
-        runner = self._prepare(layout, batch, scorer)
+        runner = self._prepare(batch, scorer, layout)
         if scorer is not None:  # e.g. a prompt too long for a PRM's own tokenizer: fail up front
             scorer.check_prompts(reqs)
         runner.set_boundary(boundary)
@@ -213,7 +213,7 @@ class Engine:
 
     # -- shared internals ---------------------------------------------------------------------
 
-    def _prepare(self, layout: SlotLayout, num_groups: int, scorer: Scorer | None
+    def _prepare(self, num_groups: int, scorer: Scorer | None, layout: SlotLayout = FORK
                  ) -> DecodeRunner:
         """The runner over a policy cache of at least ``num_groups`` groups of ``layout``, and
         the scorer's caches; checks that everything new fits before allocating any of it."""
