@@ -2,21 +2,27 @@
 caches, `mahalo_engine.layouts`) against a dense reference written with plain tensor indexing:
 policy cache contents and lengths, the decode runner's hidden states and a PRM scorer's cache
 after each promote, over several steps with varying group counts. On CUDA (`gpu`), repeated
-shapes replay the promote's CUDA graph and must give the same state."""
+shapes replay the promote's CUDA graph and must give the same state. On CPU, the work a CUDA graph
+captures (each layout's decode call, the whole promote with a PRM's cache) is run with every host
+read of a tensor raising: a host read cannot be captured."""
 from __future__ import annotations
 
 from types import SimpleNamespace
 
 import pytest
 import torch
+from tiny_prm import save_tiny_prm
 
+from mahalo_engine import layouts
 from mahalo_engine.cache import KVCache
+from mahalo_engine.engine import Engine
 from mahalo_engine.engine.config import SearchConfig
 from mahalo_engine.engine.decode_runner import DecodeRunner
 from mahalo_engine.engine.requests import Requests
 from mahalo_engine.engine.scorers import ValueModelPRM
 from mahalo_engine.layouts import ForkLayout, ForkSlots
 from mahalo_engine.policy import load_policy
+from mahalo_engine.prm import load_prm
 from mahalo_engine.tiny import tiny_checkpoint
 
 K, GROUPS, MAX_LEN = 3, 5, 40
@@ -130,3 +136,42 @@ def test_promote_rejects_a_winner_outside_its_group():
 def test_graph_replayed_promote_matches_reference_cuda():
     slots = _run_promotes("cuda", graphs=True)
     assert len(slots.graphs), "no promote was captured in a CUDA graph"
+
+
+_HOST_READS = ("item", "tolist", "cpu", "numpy", "nonzero", "__bool__", "__int__", "__float__",
+               "__index__")
+
+
+@pytest.mark.parametrize("layout", ["fork", "shared_prefix"])
+def test_captured_work_makes_no_host_read(layout, tmp_path, monkeypatch):
+    policy = load_policy(tiny_checkpoint("qwen2"), dtype=torch.float32)
+    prm = load_prm(save_tiny_prm(tmp_path / "prm", tiny_checkpoint("qwen2", seed=1)),
+                   dtype=torch.float32)
+    ran = []
+
+    def no_host_reads(fn, name):
+        def raising(attr):
+            def read(*args, **kwargs):
+                raise AssertionError(f"{name} reads Tensor.{attr} on the host")
+            return read
+
+        def run(*args, **kwargs):
+            ran.append(name)
+            with monkeypatch.context() as m:
+                for attr in _HOST_READS:
+                    m.setattr(torch.Tensor, attr, raising(attr))
+                return fn(*args, **kwargs)
+        return run
+
+    laid_out = layouts.ForkSlots if layout == "fork" else layouts.SharedPrefixSlots
+    monkeypatch.setattr(laid_out, "decode", no_host_reads(laid_out.decode, "decode"))
+    run_captured = Requests._run_captured
+    monkeypatch.setattr(Requests, "_run_captured", lambda self, name, host, apply: run_captured(
+        self, name, host, no_host_reads(apply, name)))
+    engine = Engine(policy, prm=prm, max_batch=2, max_seq_len=48, cache_layout=layout,
+                    cuda_graphs=False)
+    cfg = SearchConfig(candidates=3, boundary=" ", max_steps=3, max_step_tokens=4, check_every=2)
+    results = engine.search(["a b", "c d e", "f"], config=cfg)
+    assert all(len(r.steps) == 3 for r in results)  # every request promoted twice
+    assert {"decode", "promote"} <= set(ran)
+    assert prm is engine.prm.prm and engine.prm.graph_safe()  # the PRM's promote ran guarded
