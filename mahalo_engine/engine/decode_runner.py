@@ -15,9 +15,9 @@ a power-of-two bucket (`kv_bucket`). So a step costs what the live lengths need,
 
 On CUDA the step is captured once per (slot-count bucket, kv_len bucket, top_k (1 when greedy),
 boundary, the sampler's operands: the heads' storage and, for merged heads, every row's weights
-and the heads' version) in a `torch.cuda.CUDAGraph` and replayed; the random offset and the
-temperatures live on the device, so replays draw fresh numbers at the current temperatures. On
-CPU, or with ``cuda_graphs=False``, the same step runs eagerly.
+and the heads' version) in a `torch.cuda.CUDAGraph` (kept by `engine.graphs.GraphCache`) and
+replayed; the random offset and the temperatures live on the device, so replays draw fresh numbers
+at the current temperatures. On CPU, or with ``cuda_graphs=False``, the same step runs eagerly.
 """
 from __future__ import annotations
 
