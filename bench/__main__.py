@@ -2,15 +2,22 @@
 
 Runs each benchmark section, prints a markdown table per section and writes every row, with the
 device name, torch version and date, to ``bench/results/local/bench-<device>-<date>.json`` (ignored
-by git; recorded runs are copied to ``bench/results/``). The JSON is
-rewritten after every section (atomically), so a run cut short keeps the sections it finished;
-each section records its wall time and, on CUDA, the peak reserved memory.
+by git; recorded runs are copied to ``bench/results/``). The JSON is rewritten (atomically) after
+every row a section yields and after every section, so a run cut short keeps what it measured: a
+section interrupted (Ctrl-C, SIGINT/SIGTERM from a time limit) keeps its rows so far, marked
+``"interrupted"``; one past its ``--budget`` is stopped between rows, marked ``"cut"``; one that
+fails keeps its rows and its error. Each section records its wall time and, on CUDA, the peak
+reserved memory.
+
+A section (``bench/<name>.py``) exposes ``run(ctx)``: a generator of rows (each reaches the JSON as
+it is produced) or a list of rows (written when the section returns).
 """
 from __future__ import annotations
 
 import argparse
 import datetime as _dt
 import importlib
+import inspect
 import json
 import os
 import sys
@@ -20,6 +27,7 @@ from pathlib import Path
 import torch
 
 from bench.common import BenchContext, markdown_table
+from mahalo_engine.tiny import tiny_checkpoint
 from mahalo_engine.utils.cli import HelpFormatter, add_debug_flag, resolve_device, run_cli
 
 # Local runs land in an ignored folder, so `python -m bench` never dirties `git status`;
@@ -29,14 +37,16 @@ LOCAL_RESULTS = Path(__file__).resolve().parent / "results" / "local"
 # Section name -> what it compares. Each lives in bench/<name>.py and exposes run(ctx) -> rows.
 SECTIONS = {
     "decode": "decode-step latency: our slot-cache decoder vs transformers, same weights and batch",
-    "heads": "fused H-head projection + sampling vs torch eager paths",
+    "heads": "the multihead op (triton_kernels.multihead): fused H-head projection + sampling vs "
+             "torch eager paths",
     "kv": "KV-cache promote cost vs prefix length: ours vs deepcopy vs whole-slot copies",
     "train": "MAH-DPO step time/memory: ours vs the reference structure",
     "search": "PRM-guided step search: ours vs re-encode vs the paper's loop",
     "quality": "the paper's results in miniature: SFT, DPO/MAH-DPO, MC-value PRM, guided search "
                "on generated arithmetic problems (acc vs style)",
-    "attention": "K-candidate decode attention vs prefix length: cascade (shared prefix) vs SDPA "
-                 "on the forked layout, with the bandwidth floor",
+    "attention": "the cascade op (triton_kernels.cascade): K-candidate decode attention vs prefix "
+                 "length, cascade (shared prefix) vs SDPA on the forked layout, with the bandwidth "
+                 "floor",
 }
 
 
@@ -61,6 +71,11 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--keep-going", action="store_true",
                    help="after a section fails, record its error in the JSON and run the next "
                    "ones (exit status 1 at the end); default: stop at the first failure")
+    p.add_argument("--budget", type=_budgets, default={}, metavar="SECONDS|NAME=SECONDS,...",
+                   help="wall-time budget per section: a bare number for every section, or "
+                   "name=seconds pairs (e.g. decode=45,search=25). A section that yields its "
+                   "rows is stopped at the first row past its budget and keeps its rows (marked "
+                   "'cut'); one that returns a list cannot be stopped early (default: none)")
     p.add_argument("--append", action="store_true",
                    help="keep the sections already in --out (a run split over several calls)")
     p.add_argument("--out", type=Path, default=None,
@@ -71,6 +86,23 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="quality section: retrain its cached artefacts instead of reusing them")
     add_debug_flag(p)
     return p.parse_args(argv)
+
+
+def _budgets(spec: str) -> dict[str, float]:
+    """``--budget``: "60" -> {"*": 60.0}; "decode=45,search=25" -> per section."""
+    out: dict[str, float] = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        name, _, value = part.rpartition("=")
+        try:
+            seconds = float(value)
+        except ValueError:
+            seconds = -1.0
+        if seconds <= 0 or (name and name not in SECTIONS):
+            raise argparse.ArgumentTypeError(
+                f"{part!r}: expected SECONDS > 0 or NAME=SECONDS with NAME one of "
+                f"{','.join(SECTIONS)}")
+        out[name or "*"] = seconds
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -98,8 +130,6 @@ def _main(argv: list[str] | None) -> int:
     transformers.utils.logging.disable_progress_bar()  # its weight-loading bars clutter the tables
     model_dir = args.model
     if model_dir is None:
-        from mahalo_engine.tiny import tiny_checkpoint
-
         model_dir = tiny_checkpoint("qwen2")
     ctx = BenchContext(device=device, quick=args.quick, model_dir=Path(model_dir), large=args.large,
                        no_cache=args.no_cache, all_sections=args.sections is None)
@@ -127,39 +157,71 @@ def _main(argv: list[str] | None) -> int:
     print(f"# MAHALO bench — {ctx.device_name}, torch {torch.__version__}, {report['date']}\n")
     for name in names:
         module = importlib.import_module(f"bench.{name}")
-        ctx.notes = []
+        budget = args.budget.get(name, args.budget.get("*"))
         print(f"## {name}: {SECTIONS[name]}\n", flush=True)
-        if ctx.is_cuda:
-            torch.cuda.reset_peak_memory_stats(device)
-        started = time.perf_counter()
         try:
-            rows = module.run(ctx)
-        except Exception as e:
+            _run_section(ctx, module, name, budget, report, out)
+        except Exception:
             if not args.keep_going:
                 raise
             import traceback
 
             traceback.print_exc()
             failed.append(name)
-            report["sections"][name] = {"error": f"{type(e).__name__}: {e}",
-                                        "seconds": round(time.perf_counter() - started, 2)}
-            _write_json(out, report)
-            continue
-        print(markdown_table(rows))
-        for n in ctx.notes:
-            print(f"\n> {n}")
-        print(flush=True)
-        report["sections"][name] = {
-            "rows": rows, "notes": list(ctx.notes),
-            "seconds": round(time.perf_counter() - started, 2),
-            "max_memory_reserved": torch.cuda.max_memory_reserved(device) if ctx.is_cuda else None,
-        }
-        _write_json(out, report)
     print(f"results written to {out}")
     if failed:
         print(f"sections that failed: {', '.join(failed)}", file=sys.stderr)
         return 1
     return 0
+
+
+def _run_section(ctx: BenchContext, module, name: str, budget: float | None, report: dict,
+                 out: Path) -> None:
+    """Run one section into ``report["sections"][name]``, rewriting ``out`` after each row it
+    yields; on an interrupt or an error the rows so far are written first, then it propagates."""
+    ctx.notes = []
+    if ctx.is_cuda:
+        torch.cuda.reset_peak_memory_stats(ctx.device)
+    started = time.perf_counter()
+    rows: list[dict] = []
+
+    def save(**status) -> None:
+        report["sections"][name] = {
+            "rows": rows, "notes": list(ctx.notes), **status,
+            "seconds": round(time.perf_counter() - started, 2),
+            "max_memory_reserved": torch.cuda.max_memory_reserved(ctx.device) if ctx.is_cuda
+            else None,
+        }
+        _write_json(out, report)
+
+    try:
+        produced = module.run(ctx)
+        if not inspect.isgenerator(produced):
+            rows.extend(produced)
+        else:
+            for row in produced:
+                rows.append(row)
+                save(partial=True)
+                if budget is not None and time.perf_counter() - started > budget:
+                    produced.close()  # stops the section at this row (its finally blocks run)
+                    ctx.note(f"cut at its {budget:g} s budget after {len(rows)} rows")
+                    save(cut=f"budget {budget:g} s")
+                    print(markdown_table(rows), f"\n\n> cut at its {budget:g} s budget\n",
+                          flush=True)
+                    return
+    except KeyboardInterrupt:
+        save(interrupted=True)
+        print(markdown_table(rows), f"\n\n> {name} interrupted after {len(rows)} rows "
+              f"(kept in {out})", flush=True)
+        raise
+    except Exception as e:
+        save(error=f"{type(e).__name__}: {e}")
+        raise
+    print(markdown_table(rows))
+    for n in ctx.notes:
+        print(f"\n> {n}")
+    print(flush=True)
+    save()
 
 
 def _write_json(path: Path, report: dict) -> None:

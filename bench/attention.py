@@ -1,6 +1,6 @@
 """Decode attention of K candidates per request: cascade attention over a shared prefix (ours:
-the path the engine's shared_prefix layout runs — ``triton_kernels.cascade`` on CUDA,
-``mahalo_engine.layers.cascade_cpu`` on CPU) vs SDPA on the forked layout (each
+the op the engine's shared_prefix layout calls, ``triton_kernels.cascade``: its Triton kernels on
+CUDA, its CPU path on CPU) vs SDPA on the forked layout (each
 candidate's own copy of the prefix, the decoder's GQA-folded SDPA call), vs prefix length.
 
 Per row: R requests × K candidates, one new token each, Qwen2.5-0.5B's attention shape (2 KV
@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 
 from bench.common import BenchContext, copy_bandwidth, timeit
-from mahalo_engine.layers.cascade_cpu import cascade_decode_attention_cpu
 from triton_kernels.cascade import cascade_decode_attention
 
 N_KV, G, HEAD_DIM = 2, 7, 64  # Qwen2.5-0.5B
@@ -53,11 +52,8 @@ def run(ctx: BenchContext) -> list[dict]:
     for prefix in prefixes:
         for k in (1, 4, 8):
             ours_args, (q, fk, fv, mask) = _inputs(r, k, prefix, dtype, ctx.device)
-            out = torch.empty_like(ours_args[0])
-            if ctx.is_cuda:
-                t_ours = timeit(lambda: cascade_decode_attention(*ours_args, out=out), ctx.device)
-            else:
-                t_ours = timeit(lambda: cascade_decode_attention_cpu(*ours_args), ctx.device)
+            out = torch.empty_like(ours_args[0]) if ctx.is_cuda else None  # as the engine calls it
+            t_ours = timeit(lambda: cascade_decode_attention(*ours_args, out=out), ctx.device)
             t_sdpa = timeit(lambda: F.scaled_dot_product_attention(q, fk, fv, attn_mask=mask),
                             ctx.device)
             kv_token = 2 * N_KV * HEAD_DIM * esize  # K and V of one position

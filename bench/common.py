@@ -17,6 +17,8 @@ from typing import Callable
 
 import torch
 
+from mahalo_engine.tiny import tiny_family
+
 
 @dataclass
 class BenchContext:
@@ -190,8 +192,6 @@ def markdown_table(rows: list[dict]) -> str:
 def model_label(path: Path) -> str:
     """A readable name for a model directory: the built-in tiny checkpoints (whose directory is
     named by a hash of their recipe) as ``tiny-<family> (random init)``, others by their name."""
-    from mahalo_engine.tiny import tiny_family
-
     family = tiny_family(path)
     return f"tiny-{family} (random init)" if family is not None else Path(path).name
 

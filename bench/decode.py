@@ -28,18 +28,17 @@ shape built from its config (nothing downloaded): on a GPU always, on CPU with `
 from __future__ import annotations
 
 import copy
-from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
 from bench.common import BenchContext, hf_cache_kwarg, model_label, timeit
 from mahalo_engine.cache import KVCache
-from mahalo_engine.config import ModelConfig
+from mahalo_engine.model_config import ModelConfig
 from mahalo_engine.engine.decode_runner import kv_bucket
 from mahalo_engine.engine.sampler import Sampler
 from mahalo_engine.models.decoder import Decoder
-from mahalo_engine.utils.loader import load_decoder
+from mahalo_engine.models.loader import load_decoder
 
 BATCHES = (1, 8)
 ENGINE_B, ENGINE_PROMPT, ENGINE_H = 8, 64, 3  # the engine-step rows
@@ -54,13 +53,18 @@ QWEN25_05B = dict(  # Qwen2.5-0.5B's published shape
 
 
 def _models(ctx: BenchContext, dtype: torch.dtype):
-    """(label, transformers model, our Decoder) pairs sharing weights."""
+    """(label, transformers model, our Decoder) pairs sharing weights: ``ctx.model_dir``, then the
+    Qwen2.5-0.5B shape (CUDA, or ``--large``). ``--quick`` on CUDA runs the full-size model first:
+    it is what a budgeted device run is for (the tiny model is launch-bound there)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    hf = AutoModelForCausalLM.from_pretrained(ctx.model_dir, dtype=dtype, attn_implementation="sdpa")
-    ours = load_decoder(ctx.model_dir, dtype=dtype, device=ctx.device)
-    yield model_label(ctx.model_dir), hf.to(ctx.device).eval(), ours
-    if ctx.is_cuda or ctx.large:
+    def given():
+        hf = AutoModelForCausalLM.from_pretrained(ctx.model_dir, dtype=dtype,
+                                                  attn_implementation="sdpa")
+        ours = load_decoder(ctx.model_dir, dtype=dtype, device=ctx.device)
+        return model_label(ctx.model_dir), hf.to(ctx.device).eval(), ours
+
+    def shaped():
         cfg = AutoConfig.for_model(**QWEN25_05B)
         cfg._attn_implementation = "sdpa"
         torch.manual_seed(0)
@@ -68,7 +72,13 @@ def _models(ctx: BenchContext, dtype: torch.dtype):
             hf = AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
             ours = Decoder(ModelConfig.from_dict(cfg.to_dict())).to(dtype)
         ours.load_state_dict(hf.state_dict())
-        yield SHAPED, hf, ours.eval()
+        return SHAPED, hf, ours.eval()
+
+    makers = [given] + ([shaped] if ctx.is_cuda or ctx.large else [])
+    if ctx.is_cuda and ctx.quick:
+        makers.reverse()
+    for make in makers:
+        yield make()
 
 
 def _hf_runner(model, kind: str, prompt: torch.Tensor, first_ids: torch.Tensor, steps: int,
@@ -156,46 +166,12 @@ def _our_runner(model: Decoder, prompt: torch.Tensor, first_ids: torch.Tensor, s
     return run, first_logits
 
 
-def run(ctx: BenchContext) -> list[dict]:
+def run(ctx: BenchContext) -> Iterator[dict]:
+    """Yields rows as they are measured (the runner writes each to the JSON at once)."""
     dtype = torch.bfloat16 if ctx.is_cuda else torch.float32
     prompt_len = (128 if ctx.quick else 512) if ctx.is_cuda else (32 if ctx.quick else 128)
     steps = 8 if ctx.quick else 32
     iters = 3 if ctx.quick else 10
-    rows: list[dict] = []
-    for label, hf, ours in _models(ctx, dtype):
-        vocab = ours.config.vocab_size
-        big_on_cpu = label == SHAPED and not ctx.is_cuda  # ~0.3 s a step: few steps, few calls
-        rows += _engine_rows(ctx, label, hf, ours, 8 if big_on_cpu else steps,
-                             3 if big_on_cpu else iters)
-        if big_on_cpu:
-            continue  # CPU: the 0.5B shape runs the engine-step rows only
-        for b in BATCHES:
-            g = torch.Generator().manual_seed(b)
-            prompt = torch.randint(0, vocab, (b, prompt_len + 1), generator=g).to(ctx.device)
-            prompt, first = prompt[:, :-1].contiguous(), prompt[:, -1]  # same first token for all
-            pool = iters + 1  # one fresh cache copy per timed call (warmup=1)
-            impls = [
-                ("transformers DynamicCache", lambda: _hf_runner(hf, "dynamic", prompt, first, steps, pool)),
-                ("transformers StaticCache", lambda: _hf_runner(hf, "static", prompt, first, steps, pool)),
-                ("mahalo slot cache", lambda: _our_runner(ours, prompt, first, steps, graph=False)),
-            ]
-            if ctx.is_cuda:
-                impls.append(("mahalo slot cache + CUDA graph",
-                              lambda: _our_runner(ours, prompt, first, steps, graph=True)))
-            base_time, base_logits = None, None
-            for name, make in impls:
-                fn, logits = make()
-                t = timeit(fn, ctx.device, warmup=1, iters=iters) / steps
-                if base_time is None:
-                    base_time, base_logits = t, logits
-                err = ((logits - base_logits).abs().max() / base_logits.abs().max()).item()
-                rows.append({
-                    "model": label, "B": b, "prompt": prompt_len, "impl": name,
-                    "ms/step": t * 1e3, "speedup vs HF dynamic": base_time / t,
-                    "rel Δlogits vs HF": err,
-                })
-                del fn
-            rows += _read_rows(ctx, label, ours, b, steps, iters)
     ctx.note(f"{steps} greedy steps per timed call after a {prompt_len}-token prompt; {dtype}. "
              "'rel Δlogits' = max |logit difference| / max |logit| at the first decode step, "
              "against transformers' DynamicCache run on the same weights.")
@@ -208,21 +184,64 @@ def run(ctx: BenchContext) -> list[dict]:
              f"ours samples from an H = {ENGINE_H} policy (head 0 = the model's LM head); "
              f"sampling at T = {ENGINE_T}, top-k {ENGINE_TOP_K} on both sides. 'vs HF' = "
              "transformers' time / ours for the same mode (> 1: ours faster).")
+    if ctx.is_cuda and ctx.quick:
+        ctx.note(f"--quick on CUDA: the {SHAPED} model runs first, its engine-step rows and B = "
+                 f"{BATCHES[-1]} against transformers' DynamicCache only (no StaticCache, no "
+                 f"{READ_MAX_LEN}-position cache-read rows).")
     if not ctx.is_cuda:
         ctx.note("CPU: absolute times mean little (tiny model, 2 cores, Python dispatch dominates); "
                  "read the ratios. GPU numbers come from `--device cuda` (recorded runs: "
                  "bench/results/).")
-    return rows
+    for label, hf, ours in _models(ctx, dtype):
+        vocab = ours.config.vocab_size
+        big_on_cpu = label == SHAPED and not ctx.is_cuda  # ~0.3 s a step: few steps, few calls
+        yield from _engine_rows(ctx, label, hf, ours, 8 if big_on_cpu else steps,
+                                3 if big_on_cpu else iters)
+        if big_on_cpu:
+            continue  # CPU: the 0.5B shape runs the engine-step rows only
+        # --quick on CUDA keeps the full-size model's minutes for what the device check needs:
+        # our graph against transformers at B = 8 (the StaticCache and 4096-position rows take
+        # most of this section's time there).
+        short = ctx.quick and label == SHAPED
+        for b in BATCHES[-1:] if short else BATCHES:
+            g = torch.Generator().manual_seed(b)
+            prompt = torch.randint(0, vocab, (b, prompt_len + 1), generator=g).to(ctx.device)
+            prompt, first = prompt[:, :-1].contiguous(), prompt[:, -1]  # same first token for all
+            pool = iters + 1  # one fresh cache copy per timed call (warmup=1)
+            impls = [
+                ("transformers DynamicCache", lambda: _hf_runner(hf, "dynamic", prompt, first, steps, pool)),
+                ("transformers StaticCache", lambda: _hf_runner(hf, "static", prompt, first, steps, pool)),
+                ("mahalo slot cache", lambda: _our_runner(ours, prompt, first, steps, graph=False)),
+            ]
+            if short:
+                del impls[1]
+            if ctx.is_cuda:
+                impls.append(("mahalo slot cache + CUDA graph",
+                              lambda: _our_runner(ours, prompt, first, steps, graph=True)))
+            base_time, base_logits = None, None
+            for name, make in impls:
+                fn, logits = make()
+                t = timeit(fn, ctx.device, warmup=1, iters=iters) / steps
+                if base_time is None:
+                    base_time, base_logits = t, logits
+                err = ((logits - base_logits).abs().max() / base_logits.abs().max()).item()
+                yield {
+                    "model": label, "B": b, "prompt": prompt_len, "impl": name,
+                    "ms/step": t * 1e3, "speedup vs HF dynamic": base_time / t,
+                    "rel Δlogits vs HF": err,
+                }
+                del fn
+            if not short:
+                yield from _read_rows(ctx, label, ours, b, steps, iters)
 
 
 def _read_rows(ctx: BenchContext, label: str, model: Decoder, b: int, steps: int,
-               iters: int) -> list[dict]:
+               iters: int) -> Iterator[dict]:
     """Our decode with the whole-max_len gathered read vs the bounded in-place read."""
     g = torch.Generator().manual_seed(100 + b)
     tokens = torch.randint(0, model.config.vocab_size, (b, READ_LIVE - steps + 1), generator=g)
     prompt, first = tokens[:, :-1].to(ctx.device), tokens[:, -1].to(ctx.device)
     kv_len = kv_bucket(READ_LIVE, READ_MAX_LEN)
-    rows = []
     for graph in (False, True) if ctx.is_cuda else (False,):
         suffix = " + CUDA graph" if graph else ""
         base_time = base_logits = None
@@ -233,14 +252,13 @@ def _read_rows(ctx: BenchContext, label: str, model: Decoder, b: int, steps: int
             t = timeit(fn, ctx.device, warmup=1, iters=iters) / steps
             if base_time is None:
                 base_time, base_logits = t, logits
-            rows.append({
+            yield {
                 "model": label, "B": b, "prompt": prompt.shape[1], "impl": name,
                 "ms/step": t * 1e3, "speedup vs full read": base_time / t,
                 "rel Δlogits vs full read":
                     ((logits - base_logits).abs().max() / base_logits.abs().max()).item(),
-            })
+            }
             del fn
-    return rows
 
 
 def _hf_sample(logits: torch.Tensor) -> torch.Tensor:
@@ -253,7 +271,7 @@ def _hf_sample(logits: torch.Tensor) -> torch.Tensor:
 
 
 def _engine_rows(ctx: BenchContext, label: str, hf, model: Decoder, steps: int,
-                 iters: int) -> list[dict]:
+                 iters: int) -> Iterator[dict]:
     """Whole decode steps: transformers (greedy / sampling) vs our decode + the engine's Sampler
     over an H-head policy, shared weights (merged heads) and distinct weights (general path)."""
     b, vocab, d = ENGINE_B, model.config.vocab_size, model.config.hidden_size
@@ -304,7 +322,7 @@ def _engine_rows(ctx: BenchContext, label: str, hf, model: Decoder, steps: int,
                 ids, _ = sampler.sample(hidden)
         return run
 
-    rows, base = [], {}
+    base = {}
     impls = [(f"transformers DynamicCache, {k}", k, lambda k=k: hf_step(k))
              for k in ("greedy", "sampling")]
     impls += [(f"mahalo engine step H={ENGINE_H}, {w_name} weights, {k}", k,
@@ -315,7 +333,6 @@ def _engine_rows(ctx: BenchContext, label: str, hf, model: Decoder, steps: int,
         fn = make()
         t = timeit(fn, ctx.device, warmup=1, iters=iters) / steps
         base.setdefault(kind, t)
-        rows.append({"model": label, "B": b, "prompt": ENGINE_PROMPT, "impl": name,
-                     "ms/step": t * 1e3, "vs HF": base[kind] / t})
+        yield {"model": label, "B": b, "prompt": ENGINE_PROMPT, "impl": name,
+               "ms/step": t * 1e3, "vs HF": base[kind] / t}
         del fn
-    return rows

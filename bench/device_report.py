@@ -2,7 +2,8 @@
 
 ``env``: the interpreter, torch/triton/transformers versions, ``nvcc --version``, ``CUDA_HOME``,
 the device's name, capability and memory, and which SDPA backends run the engine's decode
-attention (a bf16 query over a strided K/V view of the slot cache, with a boolean mask).
+attention call (``decode_attention``: query heads folded per KV head, over a strided K/V view
+of a slot cache, with a boolean mask).
 ``extension``: which build of ``mahalo_engine._C`` loaded, that its CUDA kernel is registered,
 and the GPU architectures inside the shared object (``cuobjdump --list-elf``); exits 1 if the
 CUDA kernel is missing, so a device run stops after a bad build instead of failing every test.
@@ -24,31 +25,50 @@ def _run(cmd: list[str]) -> str:
 
 
 def _sdpa_backends() -> list[str]:
-    """One line per SDPA backend: does it run the engine's decode-attention call, and how fast."""
+    """One line per SDPA backend: does it run the engine's decode-attention call, and how fast.
+
+    The engine's exact call (``mahalo_engine.layers.attention.decode_attention``, what
+    ``Decoder.decode`` runs per layer): a bf16 query ``[B, 1, H, hd]`` whose G heads per KV head
+    are folded onto the query axis, over K/V read as a strided view of the slot cache
+    (``KVCache.read`` of a slot range up to the runner's ``kv_len``), with the boolean causal mask
+    ``[B, 1, 1, kv_len]`` from the slots' lengths."""
     import torch
-    import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
+    from transformers import AutoConfig
+
+    # Imported here, like torch: the env report must run where neither imports.
+    from bench.decode import QWEN25_05B
+    from mahalo_engine.cache import KVCache
+    from mahalo_engine.model_config import ModelConfig
+    from mahalo_engine.layers.attention import decode_attention
 
     dev = torch.device("cuda")
-    # Slot-cache shape of the Qwen2.5-0.5B layer: 8 slots, 2 KV heads (GQA 7), 4097 positions,
-    # read over a prefix of 1024 (a strided view, as the decode step does).
-    cache = torch.randn(8, 2, 4097, 64, device=dev, dtype=torch.bfloat16)
-    k = cache[:, :, :1024].repeat_interleave(7, dim=1)
-    v = k.clone()
-    q = torch.randn(8, 14, 1, 64, device=dev, dtype=torch.bfloat16)
-    mask = torch.ones(8, 1, 1, 1024, dtype=torch.bool, device=dev)
-    lines = []
+    # One layer of Qwen2.5-0.5B (14 query heads on 2 KV heads: G = 7, hd 64): 8 slots of 4097
+    # positions, read over a prefix of 1024 with every slot 1000 tokens long.
+    shape = dict(QWEN25_05B, num_hidden_layers=1)
+    config = ModelConfig.from_dict(AutoConfig.for_model(**shape).to_dict())
+    b, kv_len = 8, 1024
+    cache = KVCache.allocate(config, b, 4097, dtype=torch.bfloat16, device=dev)
+    cache.data.normal_()
+    k, v = cache.read(0, slice(0, b), kv_len)
+    q = torch.randn(b, 1, config.num_attention_heads, config.head_dim, device=dev,
+                    dtype=torch.bfloat16)
+    lens = torch.full((b,), 1000, device=dev)
+    mask = (torch.arange(kv_len, device=dev)[None, :] <= lens[:, None])[:, None, None, :]
+    lines = [f"sdpa call: q {tuple(q.shape)} folded to [B, n_kv, G, hd]; k/v {tuple(k.shape)} "
+             f"strides {k.stride()} (a slot-cache view); mask {tuple(mask.shape)}"]
     for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
                     SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH):
         for masked in (False, True):
+            m = mask if masked else None
             try:
                 with sdpa_kernel([backend]):
-                    F.scaled_dot_product_attention(q, k, v, attn_mask=mask if masked else None)
+                    decode_attention(q, k, v, m)
                     torch.cuda.synchronize()
                     start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
                     start.record()
                     for _ in range(20):
-                        F.scaled_dot_product_attention(q, k, v, attn_mask=mask if masked else None)
+                        decode_attention(q, k, v, m)
                     end.record()
                     end.synchronize()
                 result = f"runs, {start.elapsed_time(end) / 20 * 1e3:.1f} us/call"
@@ -92,6 +112,7 @@ def env() -> int:
 def extension() -> int:
     import torch
 
+    # Imported here, like torch: the env report must run where neither imports.
     from mahalo_engine import ops
 
     how = ops.load_extension()

@@ -20,18 +20,19 @@ from pathlib import Path
 
 import torch
 
+from bench.decode import QWEN25_05B
+from mahalo_engine.engine import Engine
+from mahalo_engine.model_config import ModelConfig
+from mahalo_engine.models.decoder import Decoder
+from mahalo_engine.policy import Policy
+from mahalo_engine.tiny import tiny_checkpoint
+
 PROMPT_LENGTHS = (17, 64, 129, 300, 5, 250, 33)  # 7 requests: a slot bucket of 8 runs 1 padding row
 NEW_TOKENS = 96
 
 
 def _policy(dtype: torch.dtype, device: str = "cuda", shape: dict | None = None):
     from transformers import AutoConfig, AutoTokenizer
-
-    from bench.decode import QWEN25_05B
-    from mahalo_engine.config import ModelConfig
-    from mahalo_engine.models.decoder import Decoder
-    from mahalo_engine.policy import Policy
-    from mahalo_engine.tiny import tiny_checkpoint
 
     cfg = ModelConfig.from_dict(AutoConfig.for_model(**(shape or QWEN25_05B)).to_dict())
     torch.manual_seed(0)
@@ -73,8 +74,6 @@ def _sync(device: str) -> None:
 
 
 def run(device: str = "cuda", shape: dict | None = None) -> dict:
-    from mahalo_engine.engine import Engine
-
     policy = _policy(torch.bfloat16, device, shape)
     gen = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, policy.config.vocab_size, (n,), generator=gen).tolist()

@@ -20,6 +20,7 @@ moved = read + write of the copied tokens, against ``bench.common.copy_bandwidth
 from __future__ import annotations
 
 import copy
+from typing import Iterator
 
 import torch
 
@@ -53,7 +54,7 @@ def _bandwidth(ctx: BenchContext, moved: int, seconds: float, bandwidth: float) 
 
 
 def _promote_rows(ctx: BenchContext, name: str, shape: tuple[int, int, int],
-                  prefixes: tuple[int, ...], bandwidth: float) -> list[dict]:
+                  prefixes: tuple[int, ...], bandwidth: float) -> Iterator[dict]:
     layers, heads, head_dim = shape
     dev = ctx.device
     max_len = max(prefixes) + STEP
@@ -68,7 +69,6 @@ def _promote_rows(ctx: BenchContext, name: str, shape: tuple[int, int, int],
     iters = 5 if ctx.quick else 20
     # The baselines copy up to K x the prefix per call: fewer repeats in quick mode.
     slow = dict(warmup=1, iters=3) if ctx.quick else dict(warmup=2, iters=10)
-    rows = []
     for prefix in prefixes:
         n = prefix + STEP
         lens.fill_(n)
@@ -106,16 +106,14 @@ def _promote_rows(ctx: BenchContext, name: str, shape: tuple[int, int, int],
         }
         if peak is not None:
             row["deepcopy_extra_MB"] = (peak - base) / 2**20
-        rows.append(row)
-    return rows
+        yield row
 
 
 def _copy_ranges_rows(ctx: BenchContext, name: str, shape: tuple[int, int, int],
-                      written_bytes: int, bandwidth: float) -> list[dict]:
+                      written_bytes: int, bandwidth: float) -> Iterator[dict]:
     """Many pairs of one range length each: src slot p -> dst slot P + p, tokens [0, R)."""
     dev = ctx.device
     layers, heads, head_dim = shape
-    rows = []
     for length in RANGES:
         pairs = max(1, written_bytes // (length * _token_bytes(*shape)))
         cache = torch.empty(layers, 2, 2 * pairs, heads, length, head_dim, dtype=DTYPE, device=dev)
@@ -126,12 +124,12 @@ def _copy_ranges_rows(ctx: BenchContext, name: str, shape: tuple[int, int, int],
         last = torch.full((pairs,), length, dtype=torch.int64, device=dev)
         t = timeit(lambda: kv_copy_ranges(cache, src, dst, first, last), dev, iters=5 if ctx.quick else 20)
         moved = 2 * pairs * length * _token_bytes(*shape)
-        rows.append({"case": "copy_ranges", "model": name, "tokens": length, "pairs": pairs,
-                     "copy_us": t * 1e6, **_bandwidth(ctx, moved, t, bandwidth)})
-    return rows
+        yield {"case": "copy_ranges", "model": name, "tokens": length, "pairs": pairs,
+               "copy_us": t * 1e6, **_bandwidth(ctx, moved, t, bandwidth)}
 
 
-def run(ctx: BenchContext) -> list[dict]:
+def run(ctx: BenchContext) -> Iterator[dict]:
+    """Yields each model's promote rows as they are measured, then the copy_ranges rows."""
     if ctx.is_cuda:
         prefixes = (256, 1024, 4096, 8192) if ctx.quick else (256, 512, 1024, 2048, 4096, 8192)
         models = MODELS
@@ -143,15 +141,6 @@ def run(ctx: BenchContext) -> list[dict]:
         models = {k: v for k, v in MODELS.items() if k == "Qwen2.5-0.5B"} if ctx.quick else MODELS
         written = (4 if ctx.quick else 32) * 2**20
     bandwidth = copy_bandwidth(ctx.device)
-    rows: list[dict] = []
-    for name, shape in models.items():
-        rows += _promote_rows(ctx, name, shape, prefixes, bandwidth)
-    rows += _copy_ranges_rows(ctx, "Qwen2.5-0.5B", MODELS["Qwen2.5-0.5B"], written, bandwidth)
-
-    for name in models:
-        ours = [r["ours_us"] for r in rows if r["case"] == "promote" and r["model"] == name]
-        ctx.note(f"{name}: ours at {prefixes[-1]} tokens / at {prefixes[0]} = {ours[-1] / ours[0]:.2f} "
-                 "(flat = 1); deepcopy and index_copy grow with the prefix.")
     ctx.note(f"model = that model's KV-cache shape (layers, KV heads, head_dim) filled with random "
              f"values; no checkpoint is loaded. K={K} candidates, step={STEP} tokens, bf16. "
              "ours_us = kv_promote (wrapper index ops + one copy launch); copy_us = the "
@@ -167,4 +156,11 @@ def run(ctx: BenchContext) -> list[dict]:
                  f"enough to run from the CPU caches, so copy_GB/s can exceed the measured DRAM "
                  f"copy bandwidth ({bandwidth / 1e9:.0f} GB/s, one 64 MiB copy). The ratios and the "
                  "growth with the prefix are what carries over; GPU numbers need `--device cuda`.")
-    return rows
+    for name, shape in models.items():
+        ours = []
+        for row in _promote_rows(ctx, name, shape, prefixes, bandwidth):
+            ours.append(row["ours_us"])
+            yield row
+        ctx.note(f"{name}: ours at {prefixes[-1]} tokens / at {prefixes[0]} = {ours[-1] / ours[0]:.2f} "
+                 "(flat = 1); deepcopy and index_copy grow with the prefix.")
+    yield from _copy_ranges_rows(ctx, "Qwen2.5-0.5B", MODELS["Qwen2.5-0.5B"], written, bandwidth)

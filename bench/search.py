@@ -28,17 +28,19 @@ from __future__ import annotations
 
 import copy
 import time
+from typing import Iterator
 
 import torch
 
 from bench.common import (BenchContext, hf_cache_kwarg, model_label, peak_memory_bytes,
                           reset_peak_memory, synchronize)
 from bench.decode import QWEN25_05B
-from mahalo_engine.config import ModelConfig
+from mahalo_engine.model_config import ModelConfig
 from mahalo_engine.engine import Engine, SearchConfig
 from mahalo_engine.models.decoder import Decoder
 from mahalo_engine.policy import Policy
-from mahalo_engine.prm import ValueHead, ValueModel
+from mahalo_engine.tiny import tiny_checkpoint
+from mahalo_engine.value_model import ValueHead, ValueModel
 
 BOUNDARY = "\n\n"
 TOP_K = 50
@@ -49,8 +51,6 @@ _TEXT = ("Natalia sold clips to 48 of her friends in April, and then she sold ha
 def _setup(ctx: BenchContext, dtype: torch.dtype):
     """(label, tokenizer, transformers policy, our Policy, PRM) sharing the policy's weights."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    from mahalo_engine.tiny import tiny_checkpoint
 
     tok = AutoTokenizer.from_pretrained(ctx.model_dir)
     shaped = ctx.is_cuda and ctx.model_dir == tiny_checkpoint("qwen2")
@@ -191,12 +191,28 @@ def _workloads(ctx: BenchContext) -> list[tuple[int, tuple[int, ...]]]:
     return [(512, (1,)), (32, (1,))] if ctx.quick else [(1024, (1, 4)), (32, (1,))]
 
 
-def run(ctx: BenchContext) -> list[dict]:
+def run(ctx: BenchContext) -> Iterator[dict]:
+    """Yields one row per (prompt length, batch) as it is measured."""
     dtype = torch.bfloat16 if ctx.is_cuda else torch.float32
     label, tok, hf, policy, prm = _setup(ctx, dtype)
     k = 4 if ctx.quick else 5
     steps, step_tokens = (4, 32) if ctx.is_cuda else ((3, 8) if ctx.quick else (4, 16))
-    rows = []
+    lengths = " and ".join(str(n) for n, _ in _workloads(ctx))
+    ctx.note(f"K={k} candidates, {steps} steps of <= {step_tokens} tokens, boundary {BOUNDARY!r}, "
+             f"prompts of {lengths} tokens (the long case is what the engine is for: every step "
+             "re-encodes the whole context in the re-encode baseline, never in ours), T=1, "
+             f"top-k {TOP_K}; tok/s counts committed tokens; ms/step is the time for every "
+             "request to advance one step. The paper loop ran on one request per prompt length "
+             "(its rate does not depend on B) and without the reference's per-step "
+             "empty_cache()/gc.collect(), so ours/paper is conservative. Ratios are tok/s "
+             "speed-ups.")
+    if ctx.is_cuda:
+        ctx.note("Peak memory includes the resident models: the policy twice (ours and "
+                 "transformers' copy of the same weights) and the PRM.")
+    else:
+        ctx.note("CPU: a tiny model, so times are dominated by Python and launch overheads; "
+                 "absolute numbers mean little, the ratio between the long- and short-prompt rows "
+                 "is what carries over. Peak memory is tracked on CUDA only.")
     for prompt_len, batches in _workloads(ctx):
         # The paper's loop serves one request at a time: its rate does not depend on B, so it
         # runs once per prompt length, on one request (after the other two have warmed the same
@@ -241,21 +257,4 @@ def run(ctx: BenchContext) -> list[dict]:
             row["ours/re-encode"] = speed["ours"] / speed["re-encode"]
             row["ours/paper"] = speed["ours"] / speed["paper"]
             row["paper/re-encode"] = speed["paper"] / speed["re-encode"]
-            rows.append(row)
-    lengths = " and ".join(str(n) for n, _ in _workloads(ctx))
-    ctx.note(f"K={k} candidates, {steps} steps of <= {step_tokens} tokens, boundary {BOUNDARY!r}, "
-             f"prompts of {lengths} tokens (the long case is what the engine is for: every step "
-             "re-encodes the whole context in the re-encode baseline, never in ours), T=1, "
-             f"top-k {TOP_K}; tok/s counts committed tokens; ms/step is the time for every "
-             "request to advance one step. The paper loop ran on one request per prompt length "
-             "(its rate does not depend on B) and without the reference's per-step "
-             "empty_cache()/gc.collect(), so ours/paper is conservative. Ratios are tok/s "
-             "speed-ups.")
-    if ctx.is_cuda:
-        ctx.note("Peak memory includes the resident models: the policy twice (ours and "
-                 "transformers' copy of the same weights) and the PRM.")
-    else:
-        ctx.note("CPU: a tiny model, so times are dominated by Python and launch overheads; "
-                 "absolute numbers mean little, the ratio between the long- and short-prompt rows "
-                 "is what carries over. Peak memory is tracked on CUDA only.")
-    return rows
+            yield row

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -24,9 +25,9 @@ from torch import nn
 
 from bench.common import BenchContext, peak_memory_bytes, reset_peak_memory, timeit
 from bench.decode import QWEN25_05B
-from mahalo_engine.config import ModelConfig
+from mahalo_engine.model_config import ModelConfig
 from mahalo_engine.models.decoder import Decoder
-from mahalo_engine.utils.loader import load_decoder
+from mahalo_engine.models.loader import load_decoder
 from training.collate import IGNORE
 from training.logps import PolicyLogps
 from training.losses import mah_dpo_loss
@@ -150,18 +151,17 @@ def _measure(ctx: BenchContext, make, iters: int) -> tuple[float, int | None]:
 
 
 def _model_rows(ctx: BenchContext, label: str, decoder: Decoder, shape: tuple[int, int, int],
-                autocast, iters: int) -> list[dict]:
+                autocast, iters: int) -> Iterator[dict]:
     b, prompt, resp = shape
     v = decoder.config.vocab_size
     t = prompt + resp
-    rows = []
     for h in (2, 3):
         batch = _batch(b, prompt, resp, v, h, ctx.device)
         t_ours, m_ours = _measure(
             ctx, lambda: _ours_step(decoder, h, batch, 0.1, autocast, ctx.device), iters)
         t_ref, m_ref = _measure(
             ctx, lambda: _reference_step(decoder, h, batch, 0.1, autocast, ctx.device), iters)
-        rows.append({
+        yield {
             "model": label, "H": h, "pairs": b, "tokens/seq": t,
             "ours_ms": t_ours * 1e3, "reference_ms": t_ref * 1e3, "speedup": t_ref / t_ours,
             "ours_peak_MiB": _mib(m_ours), "reference_peak_MiB": _mib(m_ref),
@@ -171,16 +171,23 @@ def _model_rows(ctx: BenchContext, label: str, decoder: Decoder, shape: tuple[in
             # its log_softmax copy
             "logits_MiB_ours": min(2 * b * resp, 1024) * v * 4 / 2**20,
             "logits_MiB_reference": 4 * h * b * t * v * 4 * 2 / 2**20,
-        })
-    return rows
+        }
 
 
 def _mib(x: int | None) -> str | float:
     return "n/a" if x is None else x / 2**20
 
 
-def run(ctx: BenchContext) -> list[dict]:
-    rows = []
+def run(ctx: BenchContext) -> Iterator[dict]:
+    """Yields each model's rows as they are measured."""
+    ctx.note("ours = one chosen+rejected forward, per-row head, chunked checkpointed log-probs, "
+             "precomputed reference log-probs; reference = the paper's trainer structure (two "
+             "policy forwards with all H heads everywhere + a resident reference model run twice).")
+    if not ctx.is_cuda:
+        ctx.note("CPU: absolute times mean little and torch does not track CPU peak memory (n/a); "
+                 "the logits_MiB columns estimate the float32 logits each step keeps alive. The "
+                 "tiny model's vocabulary (512) makes the head a small share of the step; the gap "
+                 "grows with V (`--device cuda` adds a Qwen2.5-0.5B-shaped model, V = 151936).")
     # Base weights stay on the CPU; each implementation copies them to the device, so a peak
     # counts only that implementation's models, optimizer state and activations.
     models = [("tiny", lambda: load_decoder(ctx.model_dir, dtype=torch.float32),
@@ -202,13 +209,4 @@ def run(ctx: BenchContext) -> list[dict]:
                 else contextlib.nullcontext)
     iters = 3 if ctx.quick else 10
     for label, make, shape in models:
-        rows += _model_rows(ctx, label, make(), shape, autocast, iters)
-    ctx.note("ours = one chosen+rejected forward, per-row head, chunked checkpointed log-probs, "
-             "precomputed reference log-probs; reference = the paper's trainer structure (two "
-             "policy forwards with all H heads everywhere + a resident reference model run twice).")
-    if not ctx.is_cuda:
-        ctx.note("CPU: absolute times mean little and torch does not track CPU peak memory (n/a); "
-                 "the logits_MiB columns estimate the float32 logits each step keeps alive. The "
-                 "tiny model's vocabulary (512) makes the head a small share of the step; the gap "
-                 "grows with V (`--device cuda` adds a Qwen2.5-0.5B-shaped model, V = 151936).")
-    return rows
+        yield from _model_rows(ctx, label, make(), shape, autocast, iters)

@@ -1,8 +1,8 @@
 // CUDA kernels of the mahalo::kv_paged_* ops: the serial block bookkeeping of kv_paged.h in one
 // thread, then one parallel launch that copies the (partial) blocks it asked for.
 //
-// Pure CUDA (no torch headers): the torch binding is kv_paged_cuda.cpp. Everything is read on the
-// device, so the two launches never sync with the host and are legal in graph capture.
+// Pure CUDA (no torch headers): the torch binding is kv_paged_cuda_binding.cpp. Everything is read
+// on the device, so the two launches never sync with the host and are legal in graph capture.
 #include <cuda_runtime.h>
 
 #include <algorithm>

@@ -1,5 +1,5 @@
 // Torch side of the paged ops shared by the CPU kernels (kv_paged.cpp) and the CUDA binding
-// (kv_paged_cuda.cpp): metadata checks (no tensor data read, so no host sync; ValueError on
+// (kv_paged_cuda_binding.cpp): metadata checks (no tensor data read, so no host sync; ValueError on
 // failure) that return the state pointers and the cache geometry, and the op bodies, templated
 // on the backend's runner (bookkeeping + block copies).
 #pragma once

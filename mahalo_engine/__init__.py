@@ -11,20 +11,23 @@ import importlib
 # public name -> the module that owns it
 _OWNERS = {
     "KVCache": "mahalo_engine.cache",
-    "ModelConfig": "mahalo_engine.config",
-    **dict.fromkeys(("Boundary", "CallableScorer", "Engine", "Generation", "Scorer", "SearchConfig",
+    "ModelConfig": "mahalo_engine.model_config",
+    "Boundary": "mahalo_engine.boundary",
+    "boxed_closed": "mahalo_engine.stop_conditions",
+    **dict.fromkeys(("CallableScorer", "Engine", "Generation", "Scorer", "SearchConfig",
                      "SearchResult", "SharedBackbonePRM", "Step", "ValueModelPRM",
-                     "WeightedScorer", "boxed_closed"), "mahalo_engine.engine"),
+                     "WeightedScorer"), "mahalo_engine.engine"),
     "load_heads": "mahalo_engine.heads",
     "save_heads": "mahalo_engine.heads",
     "Decoder": "mahalo_engine.models.decoder",
     "Policy": "mahalo_engine.policy",
     "load_policy": "mahalo_engine.policy",
-    **dict.fromkeys(("ValueHead", "ValueModel", "load_prm", "save_prm"), "mahalo_engine.prm"),
+    **dict.fromkeys(("ValueHead", "ValueModel", "load_prm", "save_prm"),
+                    "mahalo_engine.value_model"),
     "make_tiny_checkpoint": "mahalo_engine.tiny",
     "tiny_checkpoint": "mahalo_engine.tiny",
-    "load_decoder": "mahalo_engine.utils.loader",
-    "save_checkpoint": "mahalo_engine.utils.loader",
+    "load_decoder": "mahalo_engine.models.loader",
+    "save_checkpoint": "mahalo_engine.models.loader",
 }
 
 __all__ = sorted(_OWNERS)

@@ -2,7 +2,7 @@
 
 The prompts run in chunks (``--chunk-size``), each one engine call; under ``torchrun`` the chunks
 are sharded over ranks, one engine per rank on its device, and rank 0 writes the rows in input
-order (``training.sharded``), so any number of processes writes the same ``--out``.
+order (``mahalo_engine.sharded``), so any number of processes writes the same ``--out``.
 """
 from __future__ import annotations
 
@@ -12,7 +12,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from mahalo_engine.utils.cli import (HelpFormatter, add_boundary_arg, add_debug_flag,
+from mahalo_engine.distributed import cleanup
+from mahalo_engine.sharded import append_jsonl, on_main, prepare_output, run_sharded, setup
+from mahalo_engine.stop_conditions import boxed_closed
+from mahalo_engine.utils.cli import (HelpFormatter, Interrupted, add_boundary_arg, add_debug_flag,
                                      parse_boundaries, resolve_device, run_cli, unescape)
 
 _DTYPES = ("float32", "bfloat16", "float16")
@@ -180,9 +183,6 @@ def _main(argv: list[str] | None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from training.distributed import cleanup
-    from training.sharded import setup
-
     info = setup(args.device)
     try:
         return _run_rank(args, info)
@@ -192,17 +192,18 @@ def _run(args: argparse.Namespace) -> int:
 
 def _run_rank(args: argparse.Namespace, info: Any) -> int:
     """This process's part of the run: the prompts cut into chunks of --chunk-size, chunk c one
-    engine call with seed --seed + c on rank ``c mod world`` (`training.sharded`); rank 0 writes
+    engine call with seed --seed + c on rank ``c mod world`` (`mahalo_engine.sharded`); rank 0 writes
     or prints the rows in input order."""
     import math
 
     import torch
     from tqdm.auto import tqdm
 
+    # Imported here: the engine and Triton take seconds to import, which --help and a bad
+    # argument need not wait for.
     from mahalo_engine.engine import Engine
     from mahalo_engine.policy import load_policy
-    from mahalo_engine.utils.cli import Interrupted
-    from training.sharded import append_jsonl, on_main, prepare_output, run_sharded
+    from mahalo_engine.value_model import load_prm
 
     device = info.device
     dtype = getattr(torch, args.dtype) if args.dtype else \
@@ -221,8 +222,6 @@ def _run_rank(args: argparse.Namespace, info: Any) -> int:
     policy = load_policy(args.model, heads=args.heads, dtype=dtype, device=device)
     prm = None
     if args.command == "search" and args.prm:
-        from mahalo_engine.prm import load_prm
-
         prms = [load_prm(p, dtype=dtype, device=device) for p in args.prm]
         ws = args.prm_weights if args.prm_weights is not None else [1.0] * len(prms)
         prm = prms[0] if len(prms) == 1 and ws[0] == 1.0 else list(zip(prms, ws))
@@ -267,7 +266,8 @@ def _run_rank(args: argparse.Namespace, info: Any) -> int:
 def _results(args: argparse.Namespace, engine: Any, prompts: list[Any], head_weights: Any,
              seed: int) -> list[dict[str, Any]]:
     """One chunk's result rows: one engine call."""
-    from mahalo_engine.engine import SearchConfig, boxed_closed
+    # Imported here, as in `_run_rank`: the engine package costs seconds to import.
+    from mahalo_engine.engine import SearchConfig
 
     if args.command == "generate":
         max_new = 256 if args.max_new_tokens is None else args.max_new_tokens

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 
 import torch
 
-from mahalo_engine.config import ModelConfig
+from mahalo_engine.model_config import ModelConfig
 from mahalo_engine.ops import kv_append, kv_copy_ranges, kv_fork
-from triton_kernels.checks import check_int, is_real
+from triton_kernels.argcheck import check_int, is_real
 
 
 def available_bytes(device: torch.device) -> int | None:

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from mahalo_engine.config import ModelConfig
+from mahalo_engine.model_config import ModelConfig
 from mahalo_engine.utils.safetensors_io import open_safetensors
 
 HEADS_FILE = "mahalo_heads.safetensors"

@@ -33,9 +33,9 @@ from typing import Any, ClassVar, TypeVar
 import torch
 
 from mahalo_engine.cache import KVCache, available_bytes
-from mahalo_engine.config import ModelConfig
+from mahalo_engine.model_config import ModelConfig
 from mahalo_engine.utils.padding import pad_right
-from triton_kernels.checks import check_int
+from triton_kernels.argcheck import check_int
 
 T = TypeVar("T")
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from mahalo_engine.ops import load_extension
-from triton_kernels.checks import check_int
+from triton_kernels.argcheck import check_int
 
 _CACHE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 

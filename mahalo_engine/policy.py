@@ -10,12 +10,12 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from mahalo_engine.config import ModelConfig
+from mahalo_engine.model_config import ModelConfig
 from mahalo_engine.heads import HEADS_FILE, check_heads, load_heads
 from mahalo_engine.models.decoder import Decoder
 from mahalo_engine.models.from_hf import as_decoder
-from mahalo_engine.utils.loader import _IGNORED, load_decoder
-from triton_kernels.heads_plan import plan_heads
+from mahalo_engine.models.loader import is_ignored_tensor, load_decoder
+from triton_kernels.multihead.heads_plan import plan_heads
 
 HeadWeights = Sequence[float] | Sequence[Sequence[float]] | torch.Tensor | None
 
@@ -74,7 +74,7 @@ class Policy:
             raise TypeError(f"weights must be a state dict, a Decoder or a transformers "
                             f"*ForCausalLM, got {type(weights).__name__}")
         target = self.model.state_dict()
-        source = {k: v for k, v in weights.items() if not _IGNORED.search(k)}
+        source = {k: v for k, v in weights.items() if not is_ignored_tensor(k)}
         # The engine samples from the heads, never from lm_head, so a source without lm_head
         # leaves nothing stale -- unless the one head is an untied lm_head itself.
         head_is_lm_head = self._head_is_lm_head() and not self.config.tie_word_embeddings

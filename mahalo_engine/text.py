@@ -103,8 +103,8 @@ def split_steps(text: str, boundary: Any, tokenizer: Any = None) -> list[str]:
     end of turn never occurs inside a text (the engine's texts drop special tokens): ``turn``
     leaves the text one step. Explicit token ids need the engine's token stream: ValueError.
     """
-    # Imported here: the engine package imports the decoder, which must not depend on it.
-    from mahalo_engine.engine.boundary import Boundary
+    # Imported here: Boundary brings in torch and Triton; the text rules need neither.
+    from mahalo_engine.boundary import Boundary
 
     spec = Boundary.parse(boundary)
     if spec.token_ids:

@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from mahalo_engine.config import SUPPORTED_MODEL_TYPES
+from mahalo_engine.model_config import SUPPORTED_MODEL_TYPES
 from mahalo_engine.utils.paths import cache_dir
 
 FAMILIES = SUPPORTED_MODEL_TYPES

@@ -5,7 +5,7 @@ import random
 import pytest
 import torch
 
-from mahalo_engine.engine.boundary import PRESETS, Boundary, end_of_turn_id, vocab_texts
+from mahalo_engine.boundary import PRESETS, Boundary, end_of_turn_id, vocab_texts
 
 # A crafted vocabulary: each id's text as it appears mid-sequence.
 TEXTS = ["a", "\n", "\n\n", ".", " b", " e.g.", '"', " ", "\nx", "1.", "Hello", "x\n\ny", "!",

@@ -9,10 +9,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from mahalo_engine.cache import KVCache
-from mahalo_engine.config import ModelConfig
+from mahalo_engine.model_config import ModelConfig
 from mahalo_engine.models.decoder import Decoder
 from mahalo_engine.tiny import tiny_checkpoint
-from mahalo_engine.utils.loader import load_decoder
+from mahalo_engine.models.loader import load_decoder
 
 FAMILIES = {
     "qwen2": ("qwen2", {}),

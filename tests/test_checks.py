@@ -1,6 +1,6 @@
 """The shared argument rules: ints that are not bools (``triton_kernels.checks``), the sampling
 options checked alike by the kernels and the engine, and the strict tensor-name/shape check of
-every loader (``mahalo_engine.utils.loader.check_tensor_shapes``)."""
+every loader (``mahalo_engine.models.loader.check_tensor_shapes``)."""
 from __future__ import annotations
 
 import numpy as np
@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from mahalo_engine.engine import Boundary, SearchConfig
-from mahalo_engine.utils.loader import check_tensor_shapes
+from mahalo_engine.models.loader import check_tensor_shapes
 from triton_kernels import multihead_sample
-from triton_kernels.checks import check_int, check_sampling, is_int, is_real
+from triton_kernels.argcheck import check_int, is_int, is_real
+from triton_kernels.checks import check_sampling
 
 
 @pytest.mark.parametrize("value, int_, real", [

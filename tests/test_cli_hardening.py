@@ -205,8 +205,8 @@ def _truncate(path: Path) -> None:
 def test_truncated_safetensors_are_named(tmp_path):
     from mahalo_engine.heads import save_heads
     from mahalo_engine.policy import load_policy
-    from mahalo_engine.prm import ValueHead, load_prm, save_prm
-    from mahalo_engine.utils.loader import load_decoder
+    from mahalo_engine.value_model import ValueHead, load_prm, save_prm
+    from mahalo_engine.models.loader import load_decoder
 
     src = tiny_checkpoint("qwen2")
     broken = _copy_model(src, tmp_path / "model")
@@ -305,7 +305,7 @@ def test_out_rows_keep_the_input_rows_fields(tmp_path):
 # -- item 15: EOS ids from generation_config.json ----------------------------------------------------
 
 def test_every_eos_id_of_generation_config_stops_generation(tmp_path):
-    from mahalo_engine.config import ModelConfig
+    from mahalo_engine.model_config import ModelConfig
     from mahalo_engine.engine import Engine
     from mahalo_engine.policy import load_policy
 

@@ -7,7 +7,7 @@ import torch
 from mahalo_engine.__main__ import main
 from mahalo_engine.engine import Engine, SearchConfig
 from mahalo_engine.policy import load_policy
-from mahalo_engine.prm import load_prm
+from mahalo_engine.value_model import load_prm
 from mahalo_engine.tiny import tiny_checkpoint
 from tiny_prm import save_tiny_prm
 

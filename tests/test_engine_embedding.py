@@ -8,9 +8,9 @@ import torch
 
 from mahalo_engine.engine import Engine, SearchConfig
 from mahalo_engine.policy import Policy, load_policy
-from mahalo_engine.prm import ValueHead, ValueModel
+from mahalo_engine.value_model import ValueHead, ValueModel
 from mahalo_engine.tiny import tiny_checkpoint
-from mahalo_engine.utils.loader import load_decoder
+from mahalo_engine.models.loader import load_decoder
 
 PROMPTS = ["Question: 3 + 7 = ?\nAnswer:", "The quick brown fox"]
 L, N_KV, HD, BYTES = 2, 2, 16, 4  # the tiny checkpoints' layers, kv heads, head dim; fp32

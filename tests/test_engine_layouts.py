@@ -13,9 +13,9 @@ from transformers import AutoTokenizer
 from mahalo_engine.engine import Engine, SearchConfig
 from mahalo_engine.layouts import SharedPrefixCache, slot_layout
 from mahalo_engine.policy import load_policy
-from mahalo_engine.prm import ValueHead, ValueModel, load_prm, save_prm
+from mahalo_engine.value_model import ValueHead, ValueModel, load_prm, save_prm
 from mahalo_engine.tiny import FAMILIES, tiny_checkpoint
-from mahalo_engine.utils.loader import load_decoder
+from mahalo_engine.models.loader import load_decoder
 
 PROMPTS = ["Question: How many clips", "The quick brown fox jumps over", "Step 1:"]
 K = 3

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 
 from mahalo_engine.policy import load_policy
 from mahalo_engine.tiny import tiny_checkpoint
-from mahalo_engine.utils.loader import load_decoder, save_checkpoint
+from mahalo_engine.models.loader import load_decoder, save_checkpoint
 
 
 def copy_ckpt(tmp_path, family="qwen2", **kw):

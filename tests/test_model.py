@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from mahalo_engine.config import ModelConfig
+from mahalo_engine.model_config import ModelConfig
 from mahalo_engine.heads import load_heads, save_heads
 from mahalo_engine.layers.rotary import inverse_frequencies
 from mahalo_engine.models.decoder import Decoder

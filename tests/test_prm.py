@@ -5,9 +5,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mahalo_engine.prm import ValueHead, ValueModel, load_prm, save_prm
+from mahalo_engine.value_model import ValueHead, ValueModel, load_prm, save_prm
 from mahalo_engine.tiny import tiny_checkpoint
-from mahalo_engine.utils.loader import load_decoder
+from mahalo_engine.models.loader import load_decoder
 from training import prm as prm_train
 
 
@@ -199,7 +199,7 @@ def test_multi_objective_value_head_roundtrip_and_weighting(tmp_path):
     from safetensors import safe_open
     from transformers import AutoTokenizer
 
-    from mahalo_engine.prm import objective_weights
+    from mahalo_engine.value_model import objective_weights
 
     model_dir = tiny_checkpoint("qwen2")
     decoder = load_decoder(model_dir, dtype=torch.float32)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from bench.quality import outputs, run_quality
-from bench.quality.config import preset
+from bench.quality.settings import preset
 from bench.quality.task import extract_answer, style_score, verify
 
 

@@ -1,4 +1,4 @@
-"""Data-parallel sampling CLIs (`training.sharded`): 2 gloo processes under torchrun write the
+"""Data-parallel sampling CLIs (`mahalo_engine.sharded`): 2 gloo processes under torchrun write the
 same file as 1 process, byte for byte; an interrupted output resumes to the same file; each chunk
 (search) or trajectory (labels) is the Python call with seed --seed + its index."""
 import json
@@ -6,17 +6,17 @@ import json
 import pytest
 import torch
 
+from mahalo_engine.distributed import DistInfo
 from mahalo_engine.tiny import tiny_checkpoint
 from tiny_prm import save_tiny_prm
 from torchrun import torchrun
-from training.distributed import DistInfo
 
 COMMON = ["--device", "cpu", "--dtype", "float32", "--max-seq-len", "64", "--max-batch", "2"]
 
 
 @pytest.fixture(autouse=True)
 def cpu_sampling_path(monkeypatch):
-    """Sample on the engine's CPU path (`triton_kernels.cpu`), as CPU users run it, here and in the
+    """Sample on the engine's CPU path (`triton_kernels.multihead.cpu`), as CPU users run it, here and in the
     torchrun processes: Triton's interpreter would take about a second per sampled token. The
     kernels' agreement with that path is tested in their own files."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
@@ -54,7 +54,7 @@ def test_search_two_processes_write_what_one_writes(search_setup):
     from mahalo_engine.__main__ import main
     from mahalo_engine.engine import Engine, SearchConfig
     from mahalo_engine.policy import load_policy
-    from mahalo_engine.prm import load_prm
+    from mahalo_engine.value_model import load_prm
 
     tmp, argv = search_setup
     one, two = tmp / "one.jsonl", tmp / "two.jsonl"
@@ -152,7 +152,7 @@ def one_rank_group(tmp_path):
     """A real gloo process group of one rank: the collectives' code paths, in this process."""
     import torch.distributed as dist
 
-    from training.distributed import cleanup
+    from mahalo_engine.distributed import cleanup
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rdv'}", rank=0,
                             world_size=1)
@@ -162,7 +162,7 @@ def one_rank_group(tmp_path):
 
 
 def test_run_sharded_writes_in_order_and_raises_a_units_error_everywhere(one_rank_group):
-    from training.sharded import on_main, run_sharded
+    from mahalo_engine.sharded import on_main, run_sharded
 
     info = one_rank_group
     written = []
@@ -185,7 +185,7 @@ def test_run_sharded_writes_in_order_and_raises_a_units_error_everywhere(one_ran
 
 
 def test_prepare_output_keeps_whole_aligned_items(tmp_path):
-    from training.sharded import prepare_output
+    from mahalo_engine.sharded import prepare_output
 
     out = tmp_path / "o.jsonl"
     rows = [{"i": i // 2} for i in range(10)]  # 5 items of 2 rows
@@ -203,7 +203,7 @@ def test_prepare_output_keeps_whole_aligned_items(tmp_path):
 
 
 def test_local_rank_beyond_the_visible_gpus_is_an_error(monkeypatch):
-    from training.distributed import init_distributed
+    from mahalo_engine.distributed import init_distributed
 
     monkeypatch.setenv("RANK", "3")
     monkeypatch.setenv("WORLD_SIZE", "4")
@@ -216,10 +216,10 @@ def test_local_rank_beyond_the_visible_gpus_is_an_error(monkeypatch):
 
 
 def test_device_index_under_torchrun_is_an_error(monkeypatch):
-    from training.sharded import setup
+    from mahalo_engine.sharded import setup
 
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setattr("training.sharded.resolve_device", lambda name: torch.device(name))
+    monkeypatch.setattr("mahalo_engine.sharded.resolve_device", lambda name: torch.device(name))
     with pytest.raises(ValueError, match="each rank uses cuda:LOCAL_RANK; pass --device cuda"):
         setup("cuda:1")

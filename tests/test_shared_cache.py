@@ -8,7 +8,7 @@ from mahalo_engine.cache import KVCache
 from mahalo_engine.ops import kv_fork, kv_promote
 from mahalo_engine.layouts import SharedPrefixCache
 from mahalo_engine.tiny import tiny_checkpoint
-from mahalo_engine.utils.loader import load_decoder
+from mahalo_engine.models.loader import load_decoder
 
 PROMPTS = [[5, 9, 17, 3, 8, 2, 11], [4, 4, 30, 12]]
 K, MAX_LEN, STEP = 3, 40, 6

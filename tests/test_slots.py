@@ -16,13 +16,13 @@ from tiny_prm import save_tiny_prm
 from mahalo_engine import layouts
 from mahalo_engine.cache import KVCache
 from mahalo_engine.engine import Engine
-from mahalo_engine.engine.config import SearchConfig
+from mahalo_engine.engine.records import SearchConfig
 from mahalo_engine.engine.decode_runner import DecodeRunner
 from mahalo_engine.engine.requests import Requests
 from mahalo_engine.engine.scorers import ValueModelPRM
 from mahalo_engine.layouts import ForkLayout, ForkSlots
 from mahalo_engine.policy import load_policy
-from mahalo_engine.prm import load_prm
+from mahalo_engine.value_model import load_prm
 from mahalo_engine.tiny import tiny_checkpoint
 
 K, GROUPS, MAX_LEN = 3, 5, 40

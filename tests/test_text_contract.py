@@ -6,13 +6,13 @@ import pytest
 import torch
 
 from mahalo_engine.engine import Engine, SearchConfig
-from mahalo_engine.engine.boundary import Boundary, vocab_texts
+from mahalo_engine.boundary import Boundary, vocab_texts
 from mahalo_engine.engine.scorers import Candidates, ValueModelPRM
 from mahalo_engine.policy import load_policy
-from mahalo_engine.prm import ValueHead, load_prm, save_prm
+from mahalo_engine.value_model import ValueHead, load_prm, save_prm
 from mahalo_engine.text import encode_prompt, split_steps
 from mahalo_engine.tiny import tiny_checkpoint
-from mahalo_engine.utils.loader import load_decoder
+from mahalo_engine.models.loader import load_decoder
 from training.collate import collate_pairs, collate_step_pairs, collate_steps
 from training.encode import tokenize_pairs, tokenize_step_pairs, tokenize_steps
 from training.readers import PreferenceData, PreferencePair, StepExample, StepPair

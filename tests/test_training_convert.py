@@ -5,7 +5,7 @@ import torch
 
 from mahalo_engine.policy import load_policy
 from mahalo_engine.tiny import tiny_checkpoint
-from mahalo_engine.utils.loader import load_decoder
+from mahalo_engine.models.loader import load_decoder
 from training.convert import convert, main
 
 

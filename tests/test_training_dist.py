@@ -97,7 +97,7 @@ def test_gradients_are_clipped_and_accumulated_before_the_step(tmp_path):
     optimizer steps; bf16 autocast stays off on the CPU even though --bf16 is the default."""
     import argparse
 
-    from training.distributed import DistInfo
+    from mahalo_engine.distributed import DistInfo
     from training.trainer import Micro, Trainer, add_common_args, finish_args
 
     p = argparse.ArgumentParser()

@@ -150,7 +150,7 @@ def test_head_without_rows_gets_zero_gradient():
 
 def test_gradient_checkpointing_gives_the_same_gradients():
     from mahalo_engine.tiny import tiny_checkpoint
-    from mahalo_engine.utils.loader import load_decoder
+    from mahalo_engine.models.loader import load_decoder
     from training.logps import PolicyLogps, enable_gradient_checkpointing
 
     g = torch.Generator().manual_seed(0)

@@ -99,8 +99,8 @@ def test_mah_dpo_raises_each_objectives_accuracy_and_saves_loadable_policy(tmp_p
 def test_reference_logps_cached_equal_recomputed(tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from mahalo_engine.utils.loader import load_decoder
-    from training.distributed import DistInfo
+    from mahalo_engine.models.loader import load_decoder
+    from mahalo_engine.distributed import DistInfo
 
     model = tiny_checkpoint("qwen2")
     acc, eng = _pairs(tmp_path, n=5)

@@ -1,8 +1,8 @@
 """Fused multi-head projection and sampling (triton_kernels) against float64 and torch references.
 
 Runs the Triton kernels on CUDA, or in Triton's interpreter on CPU with TRITON_INTERPRET=1; on CPU
-without it the kernel tests skip (the launchers then run triton_kernels.cpu, tested against the
-reference in tests/test_cpu_path.py).
+without it the kernel tests skip (the launchers then run triton_kernels.multihead.cpu, tested against the
+reference in tests/test_triton_multihead_cpu.py).
 """
 import logging
 import math
@@ -15,19 +15,21 @@ import triton
 import triton_kernels
 from triton_kernels import (MergeCache, SamplingPlan, merge_shared_heads, multihead_logits,
                             multihead_sample, plan_heads)
-from triton_kernels import cpu, multihead, reference
+from triton_kernels import reference
+from triton_kernels.multihead import cpu
+from triton_kernels.multihead import launcher as multihead
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 needs_triton = pytest.mark.skipif(
     DEVICE.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1",
     reason="Triton kernels need a CUDA device or TRITON_INTERPRET=1 (CPU interpreter); without "
-    "either the launchers run triton_kernels.cpu")
+    "either the launchers run triton_kernels.multihead.cpu")
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 # The launchers (kernels) and the pure-torch spec the engine runs on CPU: both must sample right.
 SAMPLERS = [pytest.param(multihead_sample, marks=needs_triton, id="kernels"),
             pytest.param(reference.multihead_sample, id="reference"),
             pytest.param(cpu.multihead_sample, id="cpu", marks=pytest.mark.skipif(
-                DEVICE.type != "cpu", reason="triton_kernels.cpu takes CPU tensors"))]
+                DEVICE.type != "cpu", reason="triton_kernels.multihead.cpu takes CPU tensors"))]
 
 
 def make_inputs(B, H, V, d, dtype=torch.float32, *, seed=0, scale=1.0):
@@ -478,7 +480,7 @@ def test_plan_equals_float64_mix(dtype, shared):
 @needs_triton
 def test_calls_without_a_plan_never_merge(monkeypatch):
     """A one-off plan costs one host read, never a merge (H + U head transfers for one call)."""
-    import triton_kernels.heads_plan as heads_plan
+    import triton_kernels.multihead.heads_plan as heads_plan
 
     def no_merge(*args):
         raise AssertionError("a call without a plan merged heads")
@@ -530,7 +532,7 @@ def test_merge_cache_is_bounded_and_warns_over_budget(caplog):
                    logits64(hidden, heads, other)) <= 1e-5
     assert cache.merges == 2 and cache.nbytes <= one_set
     small = MergeCache(one_set - 1)
-    with caplog.at_level(logging.WARNING, logger="triton_kernels.merge"):
+    with caplog.at_level(logging.WARNING, logger="triton_kernels.multihead.merge"):
         plan = plan_heads(heads, weights, cache=small)
     assert "merge cache budget" in caplog.text and small.merges == 0 and not plan.merged
     assert rel_err(multihead.multihead_logits(hidden, heads, weights, plan=plan),

@@ -8,8 +8,8 @@ import torch
 def save_tiny_prm(out: Path, backbone_dir: Path, *, kind: str = "value", seed: int = 0) -> Path:
     from transformers import AutoTokenizer
 
-    from mahalo_engine.prm import ValueHead, save_prm
-    from mahalo_engine.utils.loader import load_decoder
+    from mahalo_engine.value_model import ValueHead, save_prm
+    from mahalo_engine.models.loader import load_decoder
 
     torch.manual_seed(seed)
     backbone = load_decoder(backbone_dir, dtype=torch.float32)

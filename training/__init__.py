@@ -9,9 +9,9 @@ __all__ = ["mah_dpo_loss", "hindsight_targets"]
 
 
 def __getattr__(name: str):
-    # Imported on first use so that `python -m training.labels` does not import its own module
-    # twice (once through this package, once as __main__).
     if name == "hindsight_targets":
+        # Imported on first use so that `python -m training.labels` does not import its own
+        # module twice (once through this package, once as __main__).
         from training.labels import hindsight_targets
 
         return hindsight_targets

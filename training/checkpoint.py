@@ -1,4 +1,4 @@
-"""Atomic file writes and resumable training checkpoints.
+"""Resumable training checkpoints (written with `mahalo_engine.utils.atomic_files`).
 
 A checkpoint is a directory ``<out>/checkpoints/step-<N>/`` holding ``model.safetensors`` (the
 trainable module's full state, float tensors as trained) and ``trainer_state.pt`` (optimizer,
@@ -10,102 +10,17 @@ tensors and plain Python values and is read with ``torch.load(weights_only=True)
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # some filesystems do not allow opening directories
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same directory and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_directory(final: str | Path) -> "_AtomicDir":
-    """Context manager yielding a temporary directory that is renamed to ``final`` on success
-    (replacing an existing ``final``); removed on failure."""
-    return _AtomicDir(Path(final))
-
-
-class _AtomicDir:
-    def __init__(self, final: Path) -> None:
-        self.final = final
-
-    def __enter__(self) -> Path:
-        self.final.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.tmp-", dir=self.final.parent))
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return
-        for f in self.tmp.iterdir():
-            if f.is_file():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-        old = None
-        if self.final.exists():
-            old = self.final.with_name(f".{self.final.name}.old-{os.getpid()}")
-            os.replace(self.final, old)
-        os.replace(self.tmp, self.final)
-        _fsync_dir(self.final.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-
-
-def publish_files(src_dir: Path, dst_dir: str | Path) -> None:
-    """Move every file of ``src_dir`` into ``dst_dir`` with ``os.replace`` (each file appears whole
-    or not at all), then remove ``src_dir``."""
-    dst = Path(dst_dir)
-    dst.mkdir(parents=True, exist_ok=True)
-    for f in sorted(src_dir.iterdir()):
-        if not f.is_file():
-            raise ValueError(f"publish_files: {f} is not a plain file")
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(f, dst / f.name)
-    _fsync_dir(dst)
-    shutil.rmtree(src_dir, ignore_errors=True)
-
-
-def staging_dir(dst_dir: str | Path) -> Path:
-    """A fresh temporary directory beside ``dst_dir`` files (same filesystem, for ``publish_files``)."""
-    dst = Path(dst_dir)
-    dst.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=".staging-", dir=dst))
+from mahalo_engine.utils.atomic_files import atomic_directory, atomic_write_text
+from mahalo_engine.utils.cli import add_debug_flag, run_cli
+from mahalo_engine.utils.safetensors_io import load_safetensors
 
 
 def rng_state() -> dict[str, Any]:
@@ -171,7 +86,6 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
 
 def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """``(model_state, trainer_state)`` of a checkpoint directory (RNG states not yet applied)."""
-    from mahalo_engine.utils.safetensors_io import load_safetensors
 
     path = Path(path)
     model_state = load_safetensors(path / "model.safetensors")
@@ -180,13 +94,11 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mahalo_engine.utils.cli import run_cli
 
     return run_cli(_main, argv)
 
 
 def _main(argv: list[str] | None) -> int:
-    from mahalo_engine.utils.cli import add_debug_flag
 
     p = argparse.ArgumentParser(prog="python -m training.checkpoint",
                                 description="Show the latest resumable checkpoint of a training "

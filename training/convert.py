@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from mahalo_engine.config import ModelConfig
+from mahalo_engine.model_config import ModelConfig
+from mahalo_engine.utils.cli import HelpFormatter, add_debug_flag, run_cli
 from training.model_io import build_decoder, save_policy_dir, untied_config
 
 log = logging.getLogger(__name__)
@@ -109,14 +110,10 @@ def convert(policy_pt: str | Path, base: str | Path, out: str | Path, *,
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mahalo_engine.utils.cli import run_cli
-
     return run_cli(_main, argv)
 
 
 def _main(argv: list[str] | None) -> int:
-    from mahalo_engine.utils.cli import HelpFormatter, add_debug_flag
-
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     p = argparse.ArgumentParser(
         prog="python -m training.convert", formatter_class=HelpFormatter,

@@ -8,19 +8,17 @@ import json
 import sys
 from pathlib import Path
 
+from mahalo_engine.utils.atomic_files import atomic_write_text
+from mahalo_engine.utils.cli import HelpFormatter, add_debug_flag, run_cli
 from training.encode import TRUNCATE_KEEP, tokenize_pairs
 from training.readers import paper_pairs_to_trl, parse_data_spec, read_preferences
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mahalo_engine.utils.cli import run_cli
-
     return run_cli(_main, argv)
 
 
 def _main(argv: list[str] | None) -> int:
-    from mahalo_engine.utils.cli import HelpFormatter, add_debug_flag
-
     p = argparse.ArgumentParser(
         prog="python -m training.data", formatter_class=HelpFormatter,
         description="Data utilities: convert the paper's preference JSON arrays to TRL jsonl, or "
@@ -47,8 +45,6 @@ def _main(argv: list[str] | None) -> int:
     add_debug_flag(s)
     args = p.parse_args(argv)
     if args.cmd == "convert-pairs":
-        from training.checkpoint import atomic_write_text
-
         rows = paper_pairs_to_trl(args.src)[:args.limit]
         if args.objective is not None:
             rows = [{**r, "objective": args.objective} for r in rows]

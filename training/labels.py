@@ -9,7 +9,7 @@ line as ``module:function``. Rollouts are sampled by the engine (``Engine.genera
 The expensive commands (``rollouts``, ``judge-votes``, ``judge-prefix``) append each trajectory's
 rows to ``--out`` as soon as they are done; after Ctrl-C (or a crash) ``--resume`` keeps the
 finished trajectories and continues with the next one, ``--overwrite`` starts afresh. Under
-``torchrun`` they run data-parallel (``training.sharded``): trajectories sharded over ranks, each
+``torchrun`` they run data-parallel (``mahalo_engine.sharded``): trajectories sharded over ranks, each
 rank sampling on its own device, rank 0 writing ``--out`` in input order; trajectory i samples
 with seed ``--seed + i``, so any number of processes writes the same file.
 """
@@ -31,9 +31,10 @@ from tqdm import tqdm
 from mahalo_engine.text import encode_prompt, encode_step, split_steps
 from mahalo_engine.utils.cli import (HelpFormatter, Interrupted, add_boundary_arg, add_debug_flag,
                                      parse_boundaries, run_cli)
-from training.distributed import DistInfo, cleanup, launched_by_torchrun
+from mahalo_engine.distributed import DistInfo, cleanup, launched_by_torchrun
+from mahalo_engine.sharded import append_jsonl, on_main, prepare_output, run_sharded, setup
+from mahalo_engine.utils.atomic_files import atomic_write_text
 from training.readers import DataError, read_preferences, read_rollouts, read_trajectories
-from training.sharded import append_jsonl, on_main, prepare_output, run_sharded, setup
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +153,8 @@ ROLLOUT_BATCH = 32  # continuations sampled at once (one engine call's batch)
 def rollout_engine(policy, max_seq_len: int) -> Any:
     """The `Engine` rollouts sample with: ``ROLLOUT_BATCH`` rows of up to ``max_seq_len`` tokens.
     A labelling run builds one per process and passes it to every `sample_continuations` call."""
+    # Imported here: the engine and Triton take seconds to import, and the labelling commands
+    # without a policy (hindsight, mc, bt-pairs, the judges) never use them.
     from mahalo_engine.engine import Engine
 
     return Engine(policy, max_batch=ROLLOUT_BATCH, max_seq_len=max_seq_len, cuda_graphs=False)
@@ -260,7 +263,7 @@ def _label_incrementally(args: argparse.Namespace, trajectories: list[dict[str, 
                          rows_per_traj: Callable[[dict[str, Any]], int], info: DistInfo) -> int:
     """``label(i, trajectory i)`` for every trajectory not yet in ``--out``, appended in input
     order as each finishes (under torchrun: trajectories sharded over ranks, rank 0 writing after
-    each round, `training.sharded`); an interrupt leaves the finished ones and says how to
+    each round, `mahalo_engine.sharded`); an interrupt leaves the finished ones and says how to
     resume."""
     def first_row(i: int, row: dict[str, Any]) -> bool:
         t = trajectories[i]
@@ -294,8 +297,6 @@ def _label_incrementally(args: argparse.Namespace, trajectories: list[dict[str, 
 
 
 def _write_jsonl(rows: Iterable[dict[str, Any]], path: Path) -> int:
-    from training.checkpoint import atomic_write_text
-
     lines = [json.dumps(r, ensure_ascii=False) for r in rows]
     atomic_write_text(path, "".join(line + "\n" for line in lines))
     return len(lines)
@@ -424,6 +425,7 @@ def _label_trajectories(args: argparse.Namespace, info: DistInfo) -> int:
              "labels": judge_prefix_labels(t["prompt"], t["steps"], judge)}], one_row, info)
         log.info("wrote %d trajectories to %s", n, args.out)
         return 0
+    # Imported here, like the engine in `rollout_engine`: only the rollouts command loads a policy.
     from mahalo_engine.policy import load_policy
 
     if args.m < 1:

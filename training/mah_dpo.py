@@ -29,8 +29,9 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from mahalo_engine.distributed import DistInfo, barrier
+from mahalo_engine.models.loader import load_decoder
 from mahalo_engine.utils import paths
-from training import distributed as D
 from training.batching import BalancedBatches
 from training.collate import collate_pairs, pad_id_of
 from training.encode import TokenizedPair, tokenize_pairs
@@ -111,9 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     return cli_main(build_parser(), train, argv)
 
 
-def train(args: argparse.Namespace, info: D.DistInfo, tokenizer) -> None:
-    from mahalo_engine.utils.loader import load_decoder
-
+def train(args: argparse.Namespace, info: DistInfo, tokenizer) -> None:
     data: PreferenceData = read_preferences(
         [parse_data_spec(s) for s in args.data],
         objectives=args.objectives.split(",") if args.objectives is not None else None)
@@ -179,11 +178,11 @@ def train(args: argparse.Namespace, info: D.DistInfo, tokenizer) -> None:
         final = build_decoder(untied_config(config), strip_prefix(state, "decoder.")
                               | {"lm_head.weight": state["heads"].mean(0)})
         save_policy_dir(args.out, final, tokenizer, state["heads"], names)
-    D.barrier(info)
+    barrier(info)
 
 
 def _micro(trainer: Trainer, items: Sequence[TokenizedPair], ref: torch.Tensor, rows: list[int],
-           counts: torch.Tensor, pad: int, beta: float, alphas: list[float], info: D.DistInfo,
+           counts: torch.Tensor, pad: int, beta: float, alphas: list[float], info: DistInfo,
            desc: str) -> Micro:
     def run() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         batch = collate_pairs([items[g] for g in rows], pad).to(info.device)

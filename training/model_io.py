@@ -10,11 +10,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mahalo_engine.config import ModelConfig
 from mahalo_engine.heads import save_heads
+from mahalo_engine.model_config import ModelConfig
 from mahalo_engine.models.decoder import Decoder
-from mahalo_engine.utils.loader import check_tensor_shapes, save_checkpoint
-from training.checkpoint import publish_files, staging_dir
+from mahalo_engine.models.loader import check_tensor_shapes, save_checkpoint
+from mahalo_engine.utils.atomic_files import publish_files, staging_dir
 
 log = logging.getLogger(__name__)
 

@@ -28,8 +28,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mahalo_engine.prm import ValueHead, save_prm
-from training import distributed as D
+from mahalo_engine.distributed import DistInfo, barrier
+from mahalo_engine.models.loader import load_decoder
+from mahalo_engine.utils.atomic_files import publish_files, staging_dir
+from mahalo_engine.value_model import ValueHead, save_prm
 from training.batching import shuffled_batch
 from training.collate import collate_step_pairs, collate_steps, pad_id_of
 from training.encode import tokenize_step_pairs, tokenize_steps
@@ -98,9 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     return cli_main(build_parser(), train, argv)
 
 
-def train(args: argparse.Namespace, info: D.DistInfo, tokenizer) -> None:
-    from mahalo_engine.utils.loader import load_decoder
-
+def train(args: argparse.Namespace, info: DistInfo, tokenizer) -> None:
     objectives = _objectives(args)
     tok_kw = dict(max_length=args.max_length, max_prompt_length=args.max_prompt_length,
                   chat_template=args.chat_template, step_separator=args.step_separator,
@@ -158,7 +158,7 @@ def train(args: argparse.Namespace, info: D.DistInfo, tokenizer) -> None:
         final_head.load_state_dict(strip_prefix(state, "value_head."))
         _save(args.out, build_decoder(config, strip_prefix(state, "decoder.")), final_head,
               KIND_OF_LOSS[args.loss], tokenizer)
-    D.barrier(info)
+    barrier(info)
 
 
 def _objectives(args: argparse.Namespace) -> list[str] | None:
@@ -173,8 +173,6 @@ def _objectives(args: argparse.Namespace) -> list[str] | None:
 
 
 def _save(out: Path, decoder, head: ValueHead, kind: str, tokenizer) -> None:
-    from training.checkpoint import publish_files, staging_dir
-
     tmp = staging_dir(out)
     save_prm(tmp, decoder, head, kind, tokenizer)
     publish_files(tmp, out)
@@ -182,7 +180,7 @@ def _save(out: Path, decoder, head: ValueHead, kind: str, tokenizer) -> None:
 
 
 def _micro(trainer: Trainer, items, rows: list[int], global_count: int, loss_kind: str, pad: int,
-           info: D.DistInfo, desc: str) -> Micro:
+           info: DistInfo, desc: str) -> Micro:
     dev = info.device
 
     def run() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

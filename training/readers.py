@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence, TypeVar
 
-from triton_kernels.checks import is_int
+from triton_kernels.argcheck import is_int
 
 T = TypeVar("T")
 

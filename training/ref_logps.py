@@ -13,9 +13,11 @@ from typing import Sequence
 
 import torch
 
+from mahalo_engine.distributed import DistInfo, barrier
+from mahalo_engine.utils.atomic_files import atomic_directory
+from mahalo_engine.utils.safetensors_io import load_safetensors
 from training import distributed as D
 from training.batching import micro_batches
-from training.checkpoint import atomic_directory
 from training.collate import collate_pairs
 from training.encode import TokenizedPair
 from training.logps import PolicyLogps
@@ -37,7 +39,7 @@ def tokens_digest(items: Sequence[TokenizedPair]) -> str:
 
 
 def compute_reference_logps(decoder: torch.nn.Module, items: Sequence[TokenizedPair], *, pad_id: int,
-                            batch_size: int, chunk_tokens: int, info: D.DistInfo,
+                            batch_size: int, chunk_tokens: int, info: DistInfo,
                             autocast=None) -> torch.Tensor:
     """``[N, 2]`` float32 (chosen, rejected) summed log-probs under the decoder's own ``lm_head``,
     streamed in length-sorted batches, split over ranks and summed back together."""
@@ -64,12 +66,10 @@ def compute_reference_logps(decoder: torch.nn.Module, items: Sequence[TokenizedP
 
 def reference_logps(decoder: torch.nn.Module, items: Sequence[TokenizedPair], *, model_dir: Path,
                     cache_dir: Path, pad_id: int, batch_size: int, chunk_tokens: int,
-                    info: D.DistInfo, bf16: bool, autocast=None) -> torch.Tensor:
+                    info: DistInfo, bf16: bool, autocast=None) -> torch.Tensor:
     """Cached ``compute_reference_logps``: the key hashes the model files, dtype, device type,
     autocast and every token id; a hit skips the forward passes entirely."""
     from safetensors.torch import save_file
-
-    from mahalo_engine.utils.safetensors_io import load_safetensors
 
     dtype = decoder.dtype
     key_src = json.dumps({"v": REF_CACHE_VERSION, "model": hash_model_dir(model_dir),
@@ -93,5 +93,5 @@ def reference_logps(decoder: torch.nn.Module, items: Sequence[TokenizedPair], *,
         with atomic_directory(path.parent) as tmp:
             save_file({"ref_logps": ref.contiguous()}, str(tmp / path.name), metadata={"key": key_src})
         log.info("reference log-probs: cached to %s", path)
-    D.barrier(info)
+    barrier(info)
     return ref

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from training import distributed as D
+from mahalo_engine.distributed import DistInfo, barrier
+from mahalo_engine.models.loader import load_decoder
 from training.batching import shuffled_batch
 from training.collate import collate, pad_id_of
 from training.encode import tokenize_sft
@@ -44,9 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     return cli_main(build_parser(), train, argv)
 
 
-def train(args: argparse.Namespace, info: D.DistInfo, tokenizer) -> None:
-    from mahalo_engine.utils.loader import load_decoder
-
+def train(args: argparse.Namespace, info: DistInfo, tokenizer) -> None:
     examples = read_sft(args.data)
     items, stats = tokenize_sft(tokenizer, examples, max_length=args.max_length,
                                 max_prompt_length=args.max_prompt_length,
@@ -78,11 +77,11 @@ def train(args: argparse.Namespace, info: D.DistInfo, tokenizer) -> None:
     state = trainer.final_state()
     if state is not None:
         save_policy_dir(args.out, build_decoder(config, strip_prefix(state, "decoder.")), tokenizer)
-    D.barrier(info)
+    barrier(info)
 
 
 def _micro(trainer: Trainer, items, rows: list[int], global_tokens: int, pad: int,
-           info: D.DistInfo, desc: str) -> Micro:
+           info: DistInfo, desc: str) -> Micro:
     def run() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         batch = collate([(items[g].prompt, items[g].completion) for g in rows], [0] * len(rows),
                         pad).to(info.device)

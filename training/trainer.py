@@ -29,10 +29,13 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from mahalo_engine.distributed import DistInfo, barrier, cleanup, init_distributed
+from mahalo_engine.utils.atomic_files import atomic_write_text
 from mahalo_engine.utils.cli import HelpFormatter, Interrupted, add_debug_flag, run_cli
 from training import checkpoint as ckpt
 from training import distributed as D
 from training.batching import micro_batches, shard
+from training.logps import enable_gradient_checkpointing
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +123,7 @@ def finish_args(args: argparse.Namespace) -> argparse.Namespace:
 RUN_FILES = ("log.jsonl", "checkpoints")  # what marks --out as holding a run
 
 
-def check_out_dir(out: Path, resume: bool, info: D.DistInfo, overwrite: bool = False) -> None:
+def check_out_dir(out: Path, resume: bool, info: DistInfo, overwrite: bool = False) -> None:
     """A fresh run refuses an ``--out`` that holds another run's log or checkpoints: it would
     append to that log, and pruning by step number could delete its own newest checkpoint in
     favour of the old run's. ``overwrite`` deletes them first (rank 0). Every rank raises
@@ -144,7 +147,7 @@ def check_out_dir(out: Path, resume: bool, info: D.DistInfo, overwrite: bool = F
 
 
 def cli_main(parser: argparse.ArgumentParser,
-             train: Callable[[argparse.Namespace, D.DistInfo, Any], None],
+             train: Callable[[argparse.Namespace, DistInfo, Any], None],
              argv: list[str] | None) -> int:
     """The trainers' shared entry point: parse the arguments, join the torchrun process group (if
     launched by torchrun), check ``--out``, seed, load ``--model``'s tokenizer, then
@@ -154,22 +157,22 @@ def cli_main(parser: argparse.ArgumentParser,
 
 
 def _cli_main(parser: argparse.ArgumentParser,
-              train: Callable[[argparse.Namespace, D.DistInfo, Any], None],
+              train: Callable[[argparse.Namespace, DistInfo, Any], None],
               argv: list[str] | None) -> int:
     from transformers import AutoTokenizer
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = finish_args(parser.parse_args(argv))
-    info = D.init_distributed(args.device)
+    info = init_distributed(args.device)
     try:
         check_out_dir(Path(args.out), args.resume, info, args.overwrite)
         torch.manual_seed(args.seed)
         train(args, info, AutoTokenizer.from_pretrained(args.model))
         # Every rank reaches this point before any leaves the group: a rank tearing gloo down
         # while its peer is still in a collective can abort the peer.
-        D.barrier(info)
+        barrier(info)
     finally:
-        D.cleanup(info)
+        cleanup(info)
     return 0
 
 
@@ -193,15 +196,13 @@ class Micro:
 
 
 class Trainer:
-    def __init__(self, name: str, module: nn.Module, info: D.DistInfo, args: argparse.Namespace,
+    def __init__(self, name: str, module: nn.Module, info: DistInfo, args: argparse.Namespace,
                  *, config: dict[str, Any]) -> None:
         self.name, self.info, self.args = name, info, args
         self.out = Path(args.out)
         self.config = config
         self.bf16 = info.device.type == "cuda" and args.bf16
         if args.gradient_checkpointing:
-            from training.logps import enable_gradient_checkpointing
-
             enable_gradient_checkpointing(module.decoder)
         self.module = D.wrap_model(module, info, args.strategy, mixed_precision=self.bf16)
         params = [p for p in self.module.parameters() if p.requires_grad]
@@ -236,8 +237,8 @@ class Trainer:
             if self.info.is_main:  # a run stopped before its first checkpoint: start it again
                 log.warning("--resume: no checkpoint under %s; starting from step 0 (log.jsonl "
                             "truncated)", self.out)
-                ckpt.atomic_write_text(log_path, "")
-            D.barrier(self.info)
+                atomic_write_text(log_path, "")
+            barrier(self.info)
             return
         model_state, state = ckpt.load_checkpoint(path)
         if state.get("trainer") != self.name:
@@ -257,7 +258,7 @@ class Trainer:
             if log_path.is_file():  # drop records of steps past the checkpoint (a crashed run's)
                 kept = [line for line in log_path.read_text().splitlines()
                         if line and json.loads(line)["step"] <= self.start_step]
-                ckpt.atomic_write_text(log_path, "".join(line + "\n" for line in kept))
+                atomic_write_text(log_path, "".join(line + "\n" for line in kept))
             log.info("resumed from %s at step %d", path, self.start_step)
 
     def save(self, step: int) -> None:
@@ -268,7 +269,7 @@ class Trainer:
                                  {"trainer": self.name, "config": self.config,
                                   "optimizer": optim_state, "scheduler": self.scheduler.state_dict()},
                                  keep=self.args.keep_checkpoints)
-        D.barrier(self.info)
+        barrier(self.info)
 
     # -- the loop ---------------------------------------------------------------------------------
 
@@ -375,7 +376,7 @@ class GracefulStop:
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self, info: D.DistInfo) -> None:
+    def __init__(self, info: DistInfo) -> None:
         self.info = info
         self.flag = False
         self.previous: dict[int, Any] = {}

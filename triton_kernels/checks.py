@@ -7,30 +7,14 @@ weights) live with the caller, because they need a host read that CUDA-graph cap
 from __future__ import annotations
 
 import math
-import numbers
 
 import torch
+
+from triton_kernels.argcheck import is_int, is_real
 
 MAX_TOP_K = 128  # per-tile top-k keeps at most this many candidates per row (power of two)
 LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _MAX_SEED = 2**63  # Philox key is 64 bits; int64 tensors hold [0, 2**63)
-
-
-def is_int(value: object) -> bool:
-    """An integer that is not a bool (``True`` is an ``int`` to Python, never a count or a seed)."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def is_real(value: object) -> bool:
-    """A real number that is not a bool."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
-def check_int(name: str, value: object, low: int, high: int | None = None) -> None:
-    """ValueError naming ``value`` unless it is an int (not a bool) in ``[low, high]``."""
-    if not is_int(value) or value < low or (high is not None and value > high):
-        bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
-        raise ValueError(f"{name} must be an int {bounds}, got {value!r}")
 
 
 def _require_tensor(name: str, value: object) -> torch.Tensor:

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.quality.config import QualityConfig, preset
+from bench.quality.settings import QualityConfig, preset
 
 
 def outputs(out_json: Path) -> dict[str, Path]:
@@ -30,6 +30,8 @@ def run_quality(cfg: QualityConfig, out_json: Path, *, no_cache: bool = False,
                 cache_root: Path | None = None, header: str = "",
                 log=print) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Train (or load) every artefact, evaluate, write the outputs; returns (metric rows, info)."""
+    # Imported here: the pipeline and the evaluation bring in the engine and the trainers
+    # (seconds), which users of the task alone (`bench.quality.task`) need not load.
     from bench.quality import report
     from bench.quality.evaluate import evaluate
     from bench.quality.pipeline import splits, train_or_load

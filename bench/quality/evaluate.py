@@ -14,10 +14,11 @@ from typing import Any, Callable
 
 import torch
 
-from bench.quality.config import QualityConfig
+from bench.quality.settings import QualityConfig
 from bench.quality.pipeline import SAMPLING_BOUNDARY, Artefacts, prompt_of
 from bench.quality.task import Problem, extract_answer, style_score, verify
-from mahalo_engine import Scorer
+from mahalo_engine import (Engine, Scorer, SearchConfig, ValueModelPRM, boxed_closed, load_policy,
+                           load_prm)
 from mahalo_engine.text import encode_prompt
 
 MAX_SEQ_LEN = 160
@@ -75,8 +76,6 @@ class Evaluator:
     """Loads each policy once (one `Engine` per policy) and the PRM once, then runs `Spec`s."""
 
     def __init__(self, art: Artefacts, cfg: QualityConfig, max_batch: int) -> None:
-        from mahalo_engine import Engine, load_policy, load_prm
-
         self.cfg = cfg
         self.prm = load_prm(art.prm)
         self.engines: dict[str, Any] = {}
@@ -86,8 +85,6 @@ class Evaluator:
                                         max_seq_len=MAX_SEQ_LEN, cuda_graphs=False)
 
     def _search_config(self, scorer: Any, seed: int):
-        from mahalo_engine import SearchConfig, boxed_closed
-
         c = self.cfg
         return SearchConfig(candidates=c.candidates, boundary=SAMPLING_BOUNDARY,
                             max_step_tokens=c.max_new_tokens, max_steps=8,
@@ -96,8 +93,6 @@ class Evaluator:
 
     def run(self, spec: Spec, problems: list[Problem], seed: int) -> tuple[list[dict], float]:
         """(generations rows, wall seconds) of ``spec`` on ``problems``."""
-        from mahalo_engine import ValueModelPRM
-
         engine = self.engines[spec.policy]
         prompts = [prompt_of(p) for p in problems]
         hw = list(spec.head_weights) if spec.head_weights is not None else None

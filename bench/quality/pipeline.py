@@ -29,9 +29,16 @@ from typing import Any, Callable
 
 import torch
 
-from bench.quality.config import QualityConfig
+from bench.quality.settings import QualityConfig
 from bench.quality.task import (STEP_SEP, STYLES, Problem, extract_answer, make_split, style_score,
                                 verify)
+from mahalo_engine import Engine, load_policy
+from mahalo_engine.text import split_steps
+from mahalo_engine.tiny import tiny_checkpoint
+from mahalo_engine.utils.paths import cache_dir
+from training import mah_dpo, sft
+from training import prm as prm_cli
+from training.labels import generate_rollouts, monte_carlo_values
 
 SAMPLING_BOUNDARY = STEP_SEP
 OBJECTIVES = ("acc", "style")
@@ -77,8 +84,6 @@ def _run_cli(main: Callable[[list[str]], int], argv: list[str]) -> None:
 def sample(policy_dir: Path, prompts: list[str], cfg: QualityConfig, *, seed: int,
            head_weights: Any = None) -> list[Any]:
     """``Engine.generate`` with the bench's sampling settings (all prompts in one batch)."""
-    from mahalo_engine import Engine, load_policy
-
     policy = load_policy(policy_dir)
     engine = Engine(policy, max_batch=min(256, max(1, len(prompts))), max_seq_len=160,
                     cuda_graphs=False)
@@ -135,16 +140,12 @@ class Pipeline:
     # -- stages -----------------------------------------------------------------------------------
 
     def _base_model(self) -> Path:
-        from mahalo_engine.tiny import tiny_checkpoint
-
         h = self.cfg.hidden_size
         return tiny_checkpoint("qwen2", seed=self.cfg.data_seed, vocab_size=512, hidden_size=h,
                                intermediate_size=2 * h, num_layers=self.cfg.num_layers, num_heads=4,
                                num_key_value_heads=2)
 
     def _sft(self, d: Path) -> dict[str, Any]:
-        from training import sft
-
         cfg = self.cfg
         rng = random.Random(f"{cfg.data_seed}:styles")
         rows = [{"prompt": prompt_of(p),
@@ -210,8 +211,6 @@ class Pipeline:
                 "artefact": str(d)}
 
     def _dpo(self, d: Path, objectives: list[str]) -> dict[str, Any]:
-        from training import mah_dpo
-
         cfg = self.cfg
         pairs = self.root / "pairs"
         argv = ["--model", self.root / "sft" / "policy", "--out", d / "policy",
@@ -230,10 +229,6 @@ class Pipeline:
                 "artefact": str(d / "policy")}
 
     def _rollouts(self, d: Path) -> dict[str, Any]:
-        from mahalo_engine import load_policy
-        from mahalo_engine.text import split_steps
-        from training.labels import generate_rollouts
-
         cfg = self.cfg
         problems = self.data["prm"]
         gold = {prompt_of(p): p.answer for p in problems}
@@ -262,9 +257,6 @@ class Pipeline:
         return _eos_text_of(self.root / "sft" / "policy")
 
     def _prm(self, d: Path) -> dict[str, Any]:
-        from training import prm as prm_cli
-        from training.labels import monte_carlo_values
-
         cfg = self.cfg
         rollouts = [json.loads(line) for line in
                     (self.root / "rollouts" / "rollouts.jsonl").read_text().splitlines()]
@@ -320,8 +312,6 @@ def _describe(summary: dict[str, Any]) -> str:
 def train_or_load(cfg: QualityConfig, *, no_cache: bool = False, root: Path | None = None,
                   log: Callable[[str], None] = print) -> Artefacts:
     """Every trained artefact of ``cfg``, from the cache when present (``no_cache`` retrains)."""
-    from mahalo_engine.utils.paths import cache_dir
-
     root = root if root is not None else cache_dir("quality", cfg.train_key())
     if no_cache and root.exists():
         shutil.rmtree(root)

@@ -27,7 +27,7 @@ from typing import Callable
 
 import torch
 
-from mahalo_engine.engine.boundary import CompiledBoundary
+from mahalo_engine.boundary import CompiledBoundary
 from mahalo_engine.engine.graphs import GraphCache
 from mahalo_engine.engine.sampler import Sampler
 from mahalo_engine.layouts import LaidOutCache

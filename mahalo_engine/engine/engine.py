@@ -19,9 +19,9 @@ from typing import Any, Sequence
 import torch
 
 from mahalo_engine.cache import available_bytes, kv_budget
-from mahalo_engine.engine.boundary import (Boundary, CompiledBoundary, end_of_turn_id,
-                                           vocab_texts)
-from mahalo_engine.engine.config import (Generation, SearchConfig, SearchResult,
+from mahalo_engine.boundary import (Boundary, CompiledBoundary, end_of_turn_id,
+                                    vocab_texts)
+from mahalo_engine.engine.records import (Generation, SearchConfig, SearchResult,
                                          resolve_max_seq_len)
 from mahalo_engine.engine.decode_runner import BOUNDARY, EOS, FULL, LENGTH, DecodeRunner
 from mahalo_engine.engine.requests import Requests
@@ -30,7 +30,8 @@ from mahalo_engine.engine.scorers import Scorer, WeightedScorer, as_scorer
 from mahalo_engine.layouts import CACHE_LAYOUTS, FORK, LaidOutCache, SlotLayout, slot_layout
 from mahalo_engine.text import Prompt, has_chat_template, tokenize_prompt
 from mahalo_engine.policy import Policy
-from triton_kernels.checks import check_int, check_sampling, is_int
+from triton_kernels.argcheck import check_int, is_int
+from triton_kernels.checks import check_sampling
 
 GENERATE_CHECK_EVERY = 8  # decode steps between the host's "all finished?" checks in generate
 _GEN_REASON = {BOUNDARY: "stop", EOS: "eos", LENGTH: "length", FULL: "max_seq_len"}

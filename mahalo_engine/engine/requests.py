@@ -25,7 +25,7 @@ from typing import Any, Callable, Hashable
 
 import torch
 
-from mahalo_engine.engine.config import SearchConfig, SearchResult, Step
+from mahalo_engine.engine.records import SearchConfig, SearchResult, Step
 from mahalo_engine.engine.decode_runner import BOUNDARY, EOS, FULL, LENGTH, DecodeRunner
 from mahalo_engine.engine.graphs import GraphCache
 from mahalo_engine.engine.sampler import Sampler

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from triton_kernels import HeadsPlan, MergeCache, SamplingPlan, multihead_sample, plan_heads
-from triton_kernels.merge import DEFAULT_MERGE_BUDGET_BYTES
+from triton_kernels.multihead.merge import DEFAULT_MERGE_BUDGET_BYTES
 
 
 class Sampler:

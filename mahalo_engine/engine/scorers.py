@@ -21,10 +21,10 @@ from typing import Any, Callable, Sequence
 import torch
 
 from mahalo_engine.layouts import FORK, LaidOutCache, SlotLayout
-from mahalo_engine.prm import (VALUE_HEAD_FILE, ObjectiveWeights, apply_kind, combine_objectives,
-                               load_value_head, objective_weights)
+from mahalo_engine.value_model import (VALUE_HEAD_FILE, ObjectiveWeights, apply_kind,
+                                       combine_objectives, load_value_head, objective_weights)
 from mahalo_engine.text import Prompt, encode_prompt, encode_step, has_chat_template
-from triton_kernels.checks import is_real
+from triton_kernels.argcheck import is_real
 
 
 log = logging.getLogger(__name__)
@@ -115,7 +115,7 @@ class ValueModelPRM(Scorer):
     (`mahalo_engine.text.encode_step`, as the PRM trainers tokenise step data). A PRM without a
     tokenizer must share the policy's vocabulary.
 
-    ``objectives`` weights a multi-objective PRM's outputs (`mahalo_engine.prm.objective_weights`:
+    ``objectives`` weights a multi-objective PRM's outputs (`mahalo_engine.value_model.objective_weights`:
     None = uniform mean, a name, ``{name: weight}``): one backbone serves every weighting.
     """
 

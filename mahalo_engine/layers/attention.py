@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mahalo_engine.config import ModelConfig
+from mahalo_engine.model_config import ModelConfig
 from mahalo_engine.layers.rmsnorm import RMSNorm
 from mahalo_engine.layers.rotary import apply_rotary
 
@@ -29,6 +29,17 @@ KVUpdate = Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch
 # (layer index, q [B,T,H,hd], k [B,T,n_kv,hd], v [B,T,n_kv,hd]) -> attention output [B,T,H,hd]
 # (q and k after rotary/norm): stores the new K/V and attends in the caller's own way.
 Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     mask: torch.Tensor | None) -> torch.Tensor:
+    """One new token per sequence: ``q [B,1,H,hd]`` over ``k/v [B,n_kv,Tk,hd]`` (any strides with
+    a unit last one: a view of the slot cache), ``mask [B|1,1,1,Tk]`` bool or None →
+    ``[B,n_kv,G,hd]``. The G query heads sharing a KV head (head h = kv * G + g, transformers'
+    repeat_kv order) are folded onto SDPA's query axis, a free view: K/V are read as stored."""
+    b, _, h, hd = q.shape
+    n_kv = k.shape[1]
+    return F.scaled_dot_product_attention(q.view(b, n_kv, h // n_kv, hd), k, v, attn_mask=mask)
 
 
 class Attention(nn.Module):
@@ -70,9 +81,7 @@ class Attention(nn.Module):
         else:
             k, v = kv_update(self.layer_idx, k, v)
         if t == 1:
-            # Head h = kv * G + g (transformers' repeat_kv order): a view [B, n_kv, G, hd].
-            q = q.view(b, self.n_kv, self.groups, self.head_dim)
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            o = decode_attention(q, k, v, mask)
         else:
             if self.groups > 1:
                 k = k.repeat_interleave(self.groups, dim=1)

@@ -11,7 +11,7 @@ import math
 import torch
 from torch import nn
 
-from mahalo_engine.config import ModelConfig
+from mahalo_engine.model_config import ModelConfig
 
 
 def inverse_frequencies(config: ModelConfig) -> torch.Tensor:

@@ -8,8 +8,8 @@
 - ``decode``: one token per chosen slot, each at its own position, attending over a host-given
   prefix ``[0, kv_len)`` of the cache; a contiguous slot range is read as a view, not gathered.
   On a `SharedPrefixCache` the token enters its candidate's suffix and attention is cascade
-  attention (the group's prefix read once for its K candidates: ``triton_kernels.cascade`` on
-  CUDA, ``layers.cascade_cpu`` on CPU).
+  attention (the group's prefix read once for its K candidates: ``triton_kernels.cascade``, which
+  picks the device's implementation).
   Shapes depend only on the inputs' shapes and ``kv_len``, and indexing is done with index ops,
   so a decode step performs no host sync and can be captured in a CUDA graph.
 
@@ -23,12 +23,10 @@ from torch import nn
 
 from mahalo_engine.cache import KVCache
 from mahalo_engine.layouts import SharedPrefixCache
-from triton_kernels import cascade
-from triton_kernels.checks import is_int
-from mahalo_engine.config import ModelConfig
+from triton_kernels.argcheck import is_int
+from triton_kernels.cascade import cascade_decode_attention, cascade_extend_attention
+from mahalo_engine.model_config import ModelConfig
 from mahalo_engine.layers.attention import Attend, Attention, KVUpdate
-from mahalo_engine.layers.cascade_cpu import (cascade_decode_attention_cpu,
-                                              cascade_extend_attention_cpu)
 from mahalo_engine.layers.mlp import SwiGLU
 from mahalo_engine.layers.rmsnorm import RMSNorm
 from mahalo_engine.layers.rotary import Rotary
@@ -282,9 +280,8 @@ class Decoder(nn.Module):
         ``groups[i]·K + k``) appends ``num_new[i, k]`` tokens of ``input_ids [G', K, T]``
         (right-padded) to its suffix, at absolute positions ``prefix.lens[g] + suffix.lens[slot]
         ...``; they attend the group's whole prefix and, causally, the candidate's suffix
-        (cascade extend attention: ``triton_kernels.cascade`` on CUDA, ``layers.cascade_cpu`` on
-        CPU). Returns hidden ``[G', K, T, d]`` (undefined at padded tokens) and advances the
-        suffix lengths.
+        (cascade extend attention, ``triton_kernels.cascade``). Returns hidden ``[G', K, T, d]``
+        (undefined at padded tokens) and advances the suffix lengths.
 
         Validates on the host (one sync): groups distinct and in range, ``0 <= num_new <= T``,
         suffixes within ``step_len`` and totals within ``max_len``.
@@ -334,15 +331,14 @@ class Decoder(nn.Module):
             p_reads, s_reads = groups, slots
         kv_len = max(1, max(plen_list))  # a host bound on the prefix the kernel scans
         n_kv, hd, ts = self.config.num_key_value_heads, self.config.head_dim, cache.step_len
-        attention = cascade.cascade_extend_attention if dev.type == "cuda" \
-            else cascade_extend_attention_cpu
 
         def attend(layer: int, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor):
             cache.suffix.write(layer, w_slots, w_pos, k_new[rows, cols], v_new[rows, cols])
             pk, pv = cache.prefix.read(layer, p_reads, kv_len)
             sk, sv = cache.suffix.read(layer, s_reads)
-            o = attention(q.view(g, k, t, -1, hd), pk, pv, plen, sk.view(g, k, n_kv, ts, hd),
-                          sv.view(g, k, n_kv, ts, hd), seen, num_new)
+            o = cascade_extend_attention(q.view(g, k, t, -1, hd), pk, pv, plen,
+                                         sk.view(g, k, n_kv, ts, hd), sv.view(g, k, n_kv, ts, hd),
+                                         seen, num_new)
             return o.view(n, t, -1, hd)
 
         hidden = self._run(input_ids.reshape(n, t).to(dev), q_pos, {False: None, True: None}, None,
@@ -385,11 +381,6 @@ class Decoder(nn.Module):
         seen = (slen + 1).view(groups, k)  # the new token included
         n_kv, hd = self.config.num_key_value_heads, self.config.head_dim
         ts = cache.step_len
-        # The Triton kernel on CUDA; on CPU torch's fused CPU attention per part, even under
-        # TRITON_INTERPRET=1 (the interpreter would take seconds per step). tests/test_triton_cascade.py
-        # checks both against the reference.
-        cascade_decode_attention = cascade.cascade_decode_attention if dev.type == "cuda" \
-            else cascade_decode_attention_cpu
 
         def attend(layer: int, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor):
             cache.suffix.write(layer, ids, slen, k_new[:, 0], v_new[:, 0])

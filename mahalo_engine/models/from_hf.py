@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mahalo_engine.config import ModelConfig
+from mahalo_engine.model_config import ModelConfig
 from mahalo_engine.models.decoder import Decoder
 
 

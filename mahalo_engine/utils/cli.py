@@ -143,7 +143,8 @@ def parse_boundaries(values: Sequence[str] | None) -> Any:
     are literal. ValueError for an empty string or a plain word that names no preset."""
     if not values:
         return DEFAULT_BOUNDARY
-    from mahalo_engine.engine.boundary import PRESETS, Boundary
+    # Imported here: Boundary brings in Triton (via triton_kernels), which no --help needs.
+    from mahalo_engine.boundary import PRESETS, Boundary
 
     out: list[Any] = []
     for b in values:

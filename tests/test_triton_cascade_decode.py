@@ -2,19 +2,25 @@
 attention over the concatenated prefix + suffix K/V, computed per (request, candidate, head) with
 plain loops. The kernel runs on CUDA, or in Triton's interpreter on CPU with TRITON_INTERPRET=1
 (small shapes: the interpreter pays per program and per op)."""
+import functools
 import math
 import os
 
 import pytest
 import torch
 
+from far_views import far_suffix
 from triton_kernels import cascade
+from triton_kernels.cascade import cpu as cascade_cpu
 from triton_kernels.reference import attend_partial, cascade_decode_attention, merge_partials
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 needs_triton = pytest.mark.skipif(
     DEVICE.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1",
     reason="Triton kernels need a CUDA device or TRITON_INTERPRET=1 (CPU interpreter)")
+
+# The Triton kernels by name: the op's own dispatch runs the CPU path on CPU tensors.
+kernel_decode = functools.partial(cascade.cascade_decode_attention, backend="triton")
 
 TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
 
@@ -152,7 +158,7 @@ def test_kernel_matches_float64_over_concatenation(name, dtype):
     r, k, n_kv, g, hd, tp, ts, plens, slens = KERNEL_CASES[name]
     args = make_case(r, k, n_kv, g, hd, tp, ts, plens, slens, dtype, seed=len(name) + 7,
                      device=DEVICE)
-    out = cascade.cascade_decode_attention(*args)
+    out = kernel_decode(*args)
     assert out.dtype == dtype
     assert_close(out, attention64(*args), dtype)
     # Same function as the reference (fp32: up to summation order).
@@ -176,7 +182,7 @@ def test_kernel_reads_strided_cache_views_and_writes_out():
     sv = scache[1, 1, :r * k].view(r, k, n_kv, 8, hd)
     out = torch.full_like(q, float("nan"))
     args = (q, pk, pv, plen, sk, sv, slen.view(r, k))
-    assert cascade.cascade_decode_attention(*args, out=out) is out
+    assert kernel_decode(*args, out=out) is out
     assert_close(out, attention64(*args), torch.float32)
 
 
@@ -186,8 +192,22 @@ def test_kernel_matches_reference_with_one_side_empty():
     other side through."""
     for plens, slens in (([12], [0, 0]), ([0], [3, 1])):
         args = make_case(1, 2, 1, 2, 64, 12, 3, plens, slens, device=DEVICE)
-        torch.testing.assert_close(cascade.cascade_decode_attention(*args),
+        torch.testing.assert_close(kernel_decode(*args),
                                    cascade_decode_attention(*args), rtol=1e-5, atol=1e-5)
+
+
+# Candidates 2**30 + 2**20 elements apart (a stride that fits int32): candidate 2's suffix starts
+# past 2**31, as in a slot cache of K = 64 candidates · 32 KV heads · 8192 positions · 128 dims.
+FAR_STRIDE = 2**30 + 2**20
+
+
+@needs_triton
+def test_kernel_candidate_offsets_past_int32():
+    args = list(make_case(1, 3, 1, 2, 64, 8, 4, [5], [2, 3, 4], torch.float16, seed=5,
+                          poison=0.0, device=DEVICE))
+    args[4], args[5] = far_suffix(args[4], args[5], FAR_STRIDE)
+    assert FAR_STRIDE < 2**31 <= 2 * args[4].stride(1)
+    assert_close(kernel_decode(*args), attention64(*args), torch.float16)
 
 
 def test_launch_config_splits_long_prefixes_on_gpu():
@@ -207,13 +227,32 @@ def test_launch_config_splits_long_prefixes_on_gpu():
 @pytest.mark.parametrize("name", list(CASES))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cpu_fast_path_matches_float64(name, dtype):
-    from mahalo_engine.layers.cascade_cpu import cascade_decode_attention_cpu
-
     r, k, n_kv, g, hd, tp, ts, plens, slens = CASES[name]
     # Finite stale values (the cache's contract: positions past a length hold stale K/V).
     args = make_case(r, k, n_kv, g, hd, tp, ts, plens, slens, dtype, seed=len(name) + 3,
                      poison=1e4)
-    assert_close(cascade_decode_attention_cpu(*args), attention64(*args), dtype)
+    assert_close(cascade_cpu.cascade_decode_attention(*args), attention64(*args), dtype)
+
+
+@pytest.mark.parametrize("op", ["decode", "extend"])
+def test_op_dispatch_runs_the_cpu_path_on_cpu_tensors(op, monkeypatch):
+    """The op decides its dispatch in its launcher: CPU tensors run the CPU path (also under
+    TRITON_INTERPRET=1, where the Triton kernels run only when asked for by name)."""
+    if op == "decode":
+        args = make_case(1, 3, 2, 2, 16, 40, 4, [33], [1, 4, 2], poison=1e4)
+        launch, cpu_path = cascade.cascade_decode_attention, cascade_cpu.cascade_decode_attention
+    else:
+        q, *rest = make_case(1, 3, 2, 2, 16, 40, 4, [33], [2, 4, 2], poison=1e4)
+        args = (q[:, :, None].expand(1, 3, 2, 4, 16).contiguous(), *rest,
+                torch.tensor([[2, 1, 2]], dtype=torch.int32))
+        launch, cpu_path = cascade.cascade_extend_attention, cascade_cpu.cascade_extend_attention
+    assert torch.equal(launch(*args), cpu_path(*args))
+    assert torch.equal(launch(*args, backend="cpu"), cpu_path(*args))
+    with pytest.raises(ValueError, match="backend must be None or one of"):
+        launch(*args, backend="cuda")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        launch(*args, backend="triton")
 
 
 def capture_launch(launch, args: list, out: torch.Tensor) -> "torch.cuda.CUDAGraph":
@@ -234,7 +273,7 @@ def test_kernel_replays_in_a_cuda_graph_with_new_lengths():
     args = list(make_case(r, k, n_kv, g, hd, tp, ts, [300, 17], [1, 2, 3, 4, 5, 6, 7, 8],
                           torch.bfloat16, poison=0.0, device="cuda"))
     out = torch.empty_like(args[0])
-    graph = capture_launch(cascade.cascade_decode_attention, args, out)
+    graph = capture_launch(kernel_decode, args, out)
     args[3].copy_(torch.tensor([599, 1], dtype=torch.int32))
     args[6].copy_(torch.tensor([[16, 1, 9, 2], [3, 3, 3, 0]], dtype=torch.int32))
     graph.replay()

@@ -24,11 +24,12 @@ from typing import Mapping, Sequence, Union
 import torch
 from torch import nn
 
-from mahalo_engine.config import ModelConfig
+from mahalo_engine.model_config import ModelConfig
 from mahalo_engine.models.from_hf import as_decoder
 from mahalo_engine.utils.padding import pad_right
-from mahalo_engine.utils.loader import check_tensor_shapes, load_decoder, save_checkpoint
-from triton_kernels.checks import is_real
+from mahalo_engine.utils.safetensors_io import open_safetensors
+from mahalo_engine.models.loader import check_tensor_shapes, load_decoder, save_checkpoint
+from triton_kernels.argcheck import is_real
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 VALUE_HEAD_FORMAT = "mahalo-value-head-v1"
@@ -161,7 +162,6 @@ def _meta_int(meta: dict[str, str], key: str, path: Path) -> int:
 
 def load_value_head(path: str | Path) -> tuple[ValueHead, str]:
     """``(value_head (float32, CPU), kind)`` from a ``value_head.safetensors``, strictly."""
-    from mahalo_engine.utils.safetensors_io import open_safetensors
 
     path = Path(path)
     if not path.is_file():

@@ -18,13 +18,19 @@ from typing import Collection, Mapping, Sequence
 import torch
 from safetensors.torch import save_file
 
-from mahalo_engine.config import ModelConfig
+from mahalo_engine.model_config import ModelConfig
 from mahalo_engine.models.decoder import Decoder
 from mahalo_engine.utils.safetensors_io import open_safetensors
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 _IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
+
+
+def is_ignored_tensor(name: str) -> bool:
+    """A checkpoint tensor that is not a parameter (a stored rotary ``inv_freq`` buffer): skipped
+    when loading, never an unexpected tensor."""
+    return _IGNORED.search(name) is not None
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
@@ -57,7 +63,7 @@ def _disk_shapes(files: dict[str, Path]) -> tuple[dict[str, tuple[int, ...]], di
     for f, names in by_file.items():
         with open_safetensors(f) as h:
             present = set(h.keys())
-            unlisted = sorted(n for n in present - set(names) if not _IGNORED.search(n))
+            unlisted = sorted(n for n in present - set(names) if not is_ignored_tensor(n))
             if unlisted:  # a sharded checkpoint's tensor that the index forgot
                 raise ValueError(f"{f} stores tensors that {INDEX_FILE} does not list for it: "
                                  f"{unlisted}")
@@ -115,7 +121,7 @@ def load_decoder(path: str | Path, *, dtype: torch.dtype | None = None,
     config = config or ModelConfig.from_pretrained(root)
     device = torch.device(device or "cpu")
     files = checkpoint_files(root)
-    files = {n: f for n, f in files.items() if not _IGNORED.search(n)}
+    files = {n: f for n, f in files.items() if not is_ignored_tensor(n)}
     shapes, dtypes = _disk_shapes(files)
 
     with torch.device("meta"):

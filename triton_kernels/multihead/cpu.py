@@ -1,10 +1,10 @@
 """The engine's CPU path for the multi-head projection and sampling: the reference's results, cheaply.
 
-``triton_kernels.reference`` is the readable spec; this module returns the same tokens (bit for
+``triton_kernels.multihead.reference`` is the readable spec; this module returns the same tokens (bit for
 bit: same logits, same mask, same softmax, same generator draw) at a fraction of its cost on a
 real vocabulary (V = 151936):
 
-- a shared-weights plan applies on CPU too (``triton_kernels.heads_plan``): with a merged plan
+- a shared-weights plan applies on CPU too (``triton_kernels.multihead.heads_plan``): with a merged plan
   (the engine's sampler keeps one), rows sharing U < H weight vectors read U merged heads
   instead of H; a call without a plan builds a one-off plan, which does not merge;
 - greedy calls (float T = 0, every row of a temperature tensor 0, or ``top_k = 1``, which keeps
@@ -21,13 +21,13 @@ from __future__ import annotations
 import torch
 
 from triton_kernels.checks import check_out, check_projection, check_sampling
-from triton_kernels.heads_plan import HeadsPlan, checked_plan
-from triton_kernels.reference import _generator
+from triton_kernels.multihead.heads_plan import HeadsPlan, checked_plan
+from triton_kernels.multihead.reference import sampling_generator
 
 
 def _check_cpu(hidden: torch.Tensor) -> None:
     if hidden.device.type != "cpu":
-        raise ValueError(f"triton_kernels.cpu runs on CPU tensors, got hidden on {hidden.device}")
+        raise ValueError(f"triton_kernels.multihead.cpu runs on CPU tensors, got hidden on {hidden.device}")
 
 
 def project(hidden: torch.Tensor, heads: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -110,7 +110,7 @@ def sample_logits(z: torch.Tensor, *, temperature: float | torch.Tensor, top_k: 
         if 0 < top_k < scaled.shape[1]:
             masked = scaled.masked_fill(~top_k_mask(scaled, top_k), float("-inf"))
         probs = torch.softmax(masked, dim=-1)
-        drawn = torch.multinomial(probs, 1, generator=_generator(seed, offset, z.device))
+        drawn = torch.multinomial(probs, 1, generator=sampling_generator(seed, offset, z.device))
         tokens = torch.where(greedy, tokens, drawn.squeeze(1))
     logprobs = scaled.gather(1, tokens[:, None]).squeeze(1) - torch.logsumexp(scaled, dim=-1)
     return tokens, logprobs

@@ -8,7 +8,7 @@ the floor: 8 bytes per bf16 element for H = 3, U = 1, against ~64 for the chunke
 (per head an fp32 upcast and a scaled add into an fp32 scratch, then a cast and a copy).
 
 Numerics: fp32 accumulation over i = 0..H-1 in order, one rounding to the heads' dtype at the end,
-like the torch merge (``triton_kernels.merge.merge_heads_torch``); on a GPU the multiply-add may
+like the torch merge (``triton_kernels.multihead.merge.merge_heads_torch``); on a GPU the multiply-add may
 be fused (one rounding fewer), so the two agree to fp32 rounding before the final cast.
 """
 from __future__ import annotations
@@ -28,8 +28,11 @@ def _merge_kernel(heads_ptr, rows_ptr, out_ptr, N, U, stride_hh, stride_ou,
     us = tl.arange(0, U_PAD)
     u_ok = us < U
     acc = tl.zeros((U_PAD, BLOCK), dtype=tl.float32)
+    # int64: head i starts i·V·d elements in, past 2**31 from a 7B model's fifth head on, while
+    # the stride itself fits int32 (so Triton passes it as i32 and i·stride would wrap).
+    stride_h = stride_hh.to(tl.int64)
     for i in tl.static_range(H):
-        x = tl.load(heads_ptr + i * stride_hh + offs, mask=ok, other=0.0).to(tl.float32)
+        x = tl.load(heads_ptr + i * stride_h + offs, mask=ok, other=0.0).to(tl.float32)
         r = tl.load(rows_ptr + us * H + i, mask=u_ok, other=0.0)
         acc += r[:, None] * x[None, :]
     ptrs = out_ptr + us.to(tl.int64)[:, None] * stride_ou + offs[None, :]

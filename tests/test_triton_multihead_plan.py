@@ -3,7 +3,7 @@ policy and the engine's sampler, plans and merged heads held by the sampler (reb
 change), and no plan state at module level.
 
 Runs the kernels in Triton's interpreter with TRITON_INTERPRET=1 (or on CUDA); without either the
-sampler runs ``triton_kernels.cpu``, with the same plans.
+sampler runs ``triton_kernels.multihead.cpu``, with the same plans.
 """
 import importlib
 
@@ -12,7 +12,7 @@ import torch
 
 import mahalo_engine.engine.sampler as sampler_module
 import mahalo_engine.policy as policy_module
-import triton_kernels.heads_plan as heads_plan
+import triton_kernels.multihead.heads_plan as heads_plan
 from mahalo_engine.engine.sampler import Sampler
 from mahalo_engine.policy import Policy, load_policy
 from mahalo_engine.tiny import tiny_checkpoint
@@ -107,8 +107,10 @@ def test_sampler_general_path_for_distinct_rows():
 def test_no_plan_state_at_module_level():
     """Plans and merged heads live with their owners: no module of triton_kernels holds a dict,
     cache, plan or tensor (an ``id()``-keyed cache or an import-time, environment-sized one)."""
-    names = ["triton_kernels", "triton_kernels.merge", "triton_kernels.heads_plan",
-             "triton_kernels.multihead", "triton_kernels.cpu", "triton_kernels.ops",
+    names = ["triton_kernels", "triton_kernels.device", "triton_kernels.multihead",
+             "triton_kernels.multihead.merge", "triton_kernels.multihead.heads_plan",
+             "triton_kernels.multihead.launcher", "triton_kernels.multihead.cpu",
+             "triton_kernels.multihead.custom_ops", "triton_kernels.cascade.launcher",
              "mahalo_engine.engine.sampler", "mahalo_engine.policy"]
     for name in names:
         for attr, value in vars(importlib.import_module(name)).items():

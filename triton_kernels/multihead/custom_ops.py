@@ -5,10 +5,10 @@ functions ``triton_kernels.multihead_logits`` / ``multihead_sample``, which chec
 and call the ops. With the ops, the fused kernels run inside ``torch.compile(fullgraph=True)``
 (one opaque node, no graph break), ``torch.export`` and CUDA graphs.
 
-Device kernels: both devices run the launchers of ``triton_kernels.multihead``, so the dispatch
+Device kernels: both devices run the launchers of ``triton_kernels.multihead.launcher``, so the dispatch
 rule stays the launchers' one: CUDA → Triton; CPU → Triton's interpreter when
-``TRITON_INTERPRET=1``, else ``triton_kernels.cpu``. An op takes tensors, not plans: its launcher
-builds a one-off shared-weights plan (``triton_kernels.heads_plan``: one host read of the
+``TRITON_INTERPRET=1``, else ``triton_kernels.multihead.cpu``. An op takes tensors, not plans: its launcher
+builds a one-off shared-weights plan (``triton_kernels.multihead.heads_plan``: one host read of the
 weights, the general H-head path; under CUDA-graph capture no host read). For merged heads, pass
 a plan's operands (``merge_shared_heads``, built once) in place of ``(heads, weights)``.
 
@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from triton_kernels import multihead
+from triton_kernels.multihead import launcher
 from triton_kernels.checks import check_out, check_projection, check_sampling
 
 _DEVICES = ("cpu", "cuda")
@@ -34,7 +34,7 @@ _DEVICES = ("cpu", "cuda")
 
 @torch.library.custom_op("mahalo::multihead_logits", mutates_args=(), device_types=_DEVICES)
 def _logits_op(hidden: torch.Tensor, heads: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    return multihead.multihead_logits(hidden, heads, weights)
+    return launcher.multihead_logits(hidden, heads, weights)
 
 
 @_logits_op.register_fake
@@ -47,7 +47,7 @@ def _sample_op(hidden: torch.Tensor, heads: torch.Tensor, weights: torch.Tensor,
                temperature: float, temperature_tensor: torch.Tensor | None, top_k: int,
                seed: int, seed_tensor: torch.Tensor | None, offset: int,
                offset_tensor: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    return multihead.multihead_sample(
+    return launcher.multihead_sample(
         hidden, heads, weights,
         temperature=temperature if temperature_tensor is None else temperature_tensor,
         top_k=top_k, seed=seed if seed_tensor is None else seed_tensor,
@@ -72,7 +72,7 @@ def _split(value: float | int | torch.Tensor | None, default: float | int
 def multihead_logits(hidden: torch.Tensor, heads: torch.Tensor, weights: torch.Tensor, *,
                      out: torch.Tensor | None = None) -> torch.Tensor:
     """``Σ_i weights[b,i] · heads[i] @ hidden[b]`` → float32 ``[B,V]`` via
-    ``torch.ops.mahalo.multihead_logits`` (contract: ``triton_kernels.multihead.multihead_logits``).
+    ``torch.ops.mahalo.multihead_logits`` (contract: ``triton_kernels.multihead.launcher.multihead_logits``).
 
     ``out``: copied into when given (an op output cannot alias an input).
     """

@@ -1,4 +1,5 @@
-"""Every Triton kernel of triton_kernels compiles ahead of time for sm_90 (H100), on any machine.
+"""Every Triton kernel of the multi-head op (triton_kernels.multihead) compiles ahead of time for sm_90
+(H100), on any machine.
 
 The interpreter never lowers a kernel, so a GPU-only compile error (a non-constexpr global, a
 shape the backend rejects, too much shared memory) would otherwise first show up on a GPU. The
@@ -13,8 +14,9 @@ import pytest
 import torch
 
 from aot_subprocess import compiled_fixture
-from triton_kernels.merge_kernel import merge_config
-from triton_kernels.multihead import DOT_PRECISION, launch_config, sampling_mode
+from triton_kernels.device import DOT_PRECISION
+from triton_kernels.multihead.launcher import launch_config, sampling_mode
+from triton_kernels.multihead.merge_kernel import merge_config
 
 H100_SMEM_PER_BLOCK = 227 * 1024  # opt-in maximum of dynamic shared memory per block on sm_90
 
@@ -28,7 +30,7 @@ _PROJ = dict(V=V, D=D, H=H, stride_xb=D, stride_xd=1, stride_wh=1, stride_hh=V *
              stride_hd=1)
 _PARTS = dict(part_max_ptr="*fp32", part_sumexp_ptr="*fp32", part_best_ptr="*fp32",
               part_token_ptr="*i32", part_scaled_ptr="*fp32")
-_NOT_SPECIALISED = {"seed", "offset"}  # do_not_specialize in triton_kernels.kernels
+_NOT_SPECIALISED = {"seed", "offset"}  # do_not_specialize in triton_kernels.multihead.kernels
 
 
 def _logits(B, dtype):
@@ -151,7 +153,7 @@ def compile_all() -> dict:
     import triton
     from triton.backends.compiler import GPUTarget
 
-    from triton_kernels import kernels, merge_kernel
+    from triton_kernels.multihead import kernels, merge_kernel
 
     target = GPUTarget("cuda", 90, 32)
     results = {}

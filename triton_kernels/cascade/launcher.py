@@ -4,10 +4,12 @@
 a ragged run of new tokens per candidate (a PRM scoring the candidates' steps), causal over the
 candidate's own suffix; its kernels cut the K·T·G query rows of a KV head into blocks.
 
-``cascade_decode_attention`` has the signature and semantics of
-``triton_kernels.reference.cascade_decode_attention`` and dispatches the same way as the
-multi-head launchers (CUDA → Triton; CPU → Triton's interpreter under ``TRITON_INTERPRET=1``,
-else the reference). The grid and the split of the prefix into chunks (split-K) depend only on
+Both have the signatures and semantics of ``triton_kernels.cascade.reference``. Device dispatch,
+decided here only (`use_triton`): CUDA → the Triton kernels; CPU → the CPU path
+``triton_kernels.cascade.cpu`` (torch's fused CPU attention), also under ``TRITON_INTERPRET=1``,
+because the interpreter takes seconds per decode step of a model. The Triton kernels run on CPU
+tensors, in the interpreter, only when a call asks for them by name (``backend="triton"``: the
+kernel tests). The grid and the split of the prefix into chunks (split-K) depend only on
 shapes: the prefix bound is ``prefix_k.shape[2]`` (pass a view ``[..., :kv_len, :]`` to bound it
 tighter), and the true lengths are read on the device, so a launch never syncs with the host and
 is legal inside CUDA-graph capture. Tile sizes come from ``launch_config`` (one small table,
@@ -20,17 +22,34 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from triton_kernels import reference
-from triton_kernels.cascade_kernels import (_cascade_extend_merge_kernel,
+from triton_kernels.cascade import cpu
+from triton_kernels.cascade.kernels import (_cascade_extend_merge_kernel,
                                            _cascade_extend_partials_kernel, _cascade_merge_kernel,
                                            _cascade_partials_kernel)
 from triton_kernels.checks import check_cascade, check_cascade_extend
-from triton_kernels.multihead import DOT_PRECISION, _num_sms, _use_triton
+from triton_kernels.device import DOT_PRECISION, interpreting, num_sms, upcast_dot
 
 LOG2E = 1.4426950408889634
 # A prefix chunk shorter than this costs more in partials and merging than it gains in programs.
 MIN_CHUNK_GPU = 256
 TARGET_PROGRAMS_PER_SM = 2
+BACKENDS = ("triton", "cpu")
+
+
+def use_triton(device: torch.device, backend: str | None = None) -> bool:
+    """The cascade op's device dispatch: ``backend`` None → the Triton kernels on CUDA, the CPU
+    path on CPU; ``"triton"`` / ``"cpu"`` → that one (Triton on CPU needs ``TRITON_INTERPRET=1``,
+    the CPU path needs CPU tensors)."""
+    if backend is None:
+        return device.type == "cuda"
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be None or one of {BACKENDS}, got {backend!r}")
+    if backend == "triton" and device.type == "cpu" and not interpreting():
+        raise ValueError("backend='triton' on CPU tensors runs Triton's interpreter: set "
+                         "TRITON_INTERPRET=1 before Triton is imported")
+    if backend == "cpu" and device.type != "cpu":
+        raise ValueError(f"backend='cpu' takes CPU tensors, got {device}")
+    return backend == "triton"
 
 
 @dataclass(frozen=True)
@@ -64,7 +83,7 @@ def launch_config(r: int, k: int, n_kv: int, g: int, head_dim: int, max_prefix: 
         num_warps = 4
     else:
         # The [block_q, block_d] fp32 accumulator and the K/V tiles must fit the registers without
-        # spilling (tests/test_cascade_compile.py): at most 64 × 128 elements per K/V tile, a
+        # spilling (tests/test_triton_cascade_compile.py): at most 64 × 128 elements per K/V tile, a
         # quarter of that for fp32 (its IEEE dots run on FMA units and hold operands in registers).
         tile_elems = 64 * 128 if dtype != torch.float32 else 16 * 128
         block_n = max(16, min(64, tile_elems // block_d))
@@ -111,7 +130,8 @@ def cascade_decode_attention(q: torch.Tensor, prefix_k: torch.Tensor, prefix_v: 
                              prefix_lens: torch.Tensor, suffix_k: torch.Tensor,
                              suffix_v: torch.Tensor, suffix_lens: torch.Tensor, *,
                              scale: float | None = None, out: torch.Tensor | None = None,
-                             config: CascadeConfig | None = None) -> torch.Tensor:
+                             config: CascadeConfig | None = None,
+                             backend: str | None = None) -> torch.Tensor:
     """Attention of one new token per candidate over its request's prefix and its own suffix.
 
     ``q [R, K, H, hd]``; ``prefix_k/v [R, n_kv, Tp, hd]`` (any strides with a unit last one, K
@@ -119,10 +139,11 @@ def cascade_decode_attention(q: torch.Tensor, prefix_k: torch.Tensor, prefix_v: 
     ``suffix_k/v [R, K, n_kv, Ts, hd]``, ``suffix_lens`` int ``[R, K]`` (≤ Ts, the current token
     included). Returns ``[R, K, H, hd]`` in q's dtype (into ``out`` if given). Lengths are not
     validated (that would read them on the host): out-of-range values are the caller's bug.
+    ``backend``: see `use_triton`; ``config`` applies to the Triton kernels only.
     """
-    if not _use_triton(q.device):
-        o = reference.cascade_decode_attention(q, prefix_k, prefix_v, prefix_lens, suffix_k,
-                                               suffix_v, suffix_lens, scale=scale)
+    if not use_triton(q.device, backend):
+        o = cpu.cascade_decode_attention(q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix_v,
+                                         suffix_lens, scale=scale)
         return o if out is None else out.copy_(o)
     check_cascade(q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix_v, suffix_lens)
     out = torch.empty_like(q) if out is None else out
@@ -132,12 +153,12 @@ def cascade_decode_attention(q: torch.Tensor, prefix_k: torch.Tensor, prefix_v: 
     g = h // n_kv
     if config is None:
         config = launch_config(r, k, n_kv, g, hd, prefix_k.shape[2], q.dtype,
-                               num_sms=_num_sms(q.device) if q.is_cuda else None)
+                               num_sms=num_sms(q.device) if q.is_cuda else None)
     scale = hd ** -0.5 if scale is None else scale
     n_parts = config.n_splits + 1
     part_o = torch.empty(r * n_kv, n_parts, k * g, hd, dtype=torch.float32, device=q.device)
     part_lse = torch.empty(r * n_kv, n_parts, k * g, dtype=torch.float32, device=q.device)
-    upcast = q.device.type == "cpu" and q.dtype == torch.bfloat16  # see multihead._upcast_dot
+    upcast = upcast_dot(q.device, q.dtype)
     _cascade_partials_kernel[(r * n_kv, n_parts)](
         q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix_v, suffix_lens, part_o, part_lse,
         n_kv, k, config.chunk, config.n_splits, scale * LOG2E,
@@ -210,18 +231,20 @@ def cascade_extend_attention(q: torch.Tensor, prefix_k: torch.Tensor, prefix_v: 
                              suffix_v: torch.Tensor, suffix_lens: torch.Tensor,
                              num_new: torch.Tensor, *, scale: float | None = None,
                              out: torch.Tensor | None = None,
-                             config: ExtendConfig | None = None) -> torch.Tensor:
+                             config: ExtendConfig | None = None,
+                             backend: str | None = None) -> torch.Tensor:
     """Ragged new tokens per candidate over its request's prefix and, causally, its own suffix.
 
     ``q [R, K, T, H, hd]``; ``prefix_k/v [R, n_kv, Tp, hd]`` (K and V views of one cache),
     ``prefix_lens [R]`` (≤ Tp); ``suffix_k/v [R, K, n_kv, Ts, hd]``, ``suffix_lens [R, K]`` (≤ Ts,
     the new tokens included), ``num_new [R, K]`` (≤ T, ≤ suffix_lens). Semantics of
-    ``triton_kernels.reference.cascade_extend_attention`` (0 at padded tokens). Lengths are read
-    on the device, never validated on the host; the grid depends on shapes only.
+    ``triton_kernels.cascade.reference.cascade_extend_attention`` (0 at padded tokens). Lengths
+    are read on the device, never validated on the host; the grid depends on shapes only.
+    ``backend``: see `use_triton`; ``config`` applies to the Triton kernels only.
     """
-    if not _use_triton(q.device):
-        o = reference.cascade_extend_attention(q, prefix_k, prefix_v, prefix_lens, suffix_k,
-                                               suffix_v, suffix_lens, num_new, scale=scale)
+    if not use_triton(q.device, backend):
+        o = cpu.cascade_extend_attention(q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix_v,
+                                         suffix_lens, num_new, scale=scale)
         return o if out is None else out.copy_(o)
     check_cascade_extend(q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix_v, suffix_lens,
                          num_new)
@@ -232,13 +255,13 @@ def cascade_extend_attention(q: torch.Tensor, prefix_k: torch.Tensor, prefix_v: 
     g = h // n_kv
     if config is None:
         config = extend_launch_config(r, k, t, n_kv, g, hd, prefix_k.shape[2], q.dtype,
-                                      num_sms=_num_sms(q.device) if q.is_cuda else None)
+                                      num_sms=num_sms(q.device) if q.is_cuda else None)
     scale = hd ** -0.5 if scale is None else scale
     n_parts = config.n_splits + 1
     blocks = config.row_blocks(k, t, g)
     part_o = torch.empty(r * n_kv, n_parts, k * t * g, hd, dtype=torch.float32, device=q.device)
     part_lse = torch.empty(r * n_kv, n_parts, k * t * g, dtype=torch.float32, device=q.device)
-    upcast = q.device.type == "cpu" and q.dtype == torch.bfloat16  # see multihead._upcast_dot
+    upcast = upcast_dot(q.device, q.dtype)
     _cascade_extend_partials_kernel[(r * n_kv, blocks, n_parts)](
         q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix_v, suffix_lens, num_new, part_o,
         part_lse, n_kv, k, t, config.chunk, config.n_splits, scale * LOG2E,

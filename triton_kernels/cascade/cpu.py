@@ -1,12 +1,12 @@
-"""Cascade decode and extend attention on CPU through torch's fused CPU flash-attention op.
+"""The cascade op's CPU path: decode and extend attention through torch's fused CPU flash attention.
 
-Same contracts as ``triton_kernels.reference.cascade_decode_attention`` /
-``cascade_extend_attention`` (their readable spec), but each part — the K·G queries of a request over its prefix, each candidate's G queries over its own
-suffix — runs in ``aten._scaled_dot_product_flash_attention_for_cpu``, which also returns the
-log-sum-exp the merge needs; the reference's einsums and masked copies of the prefix made the
-shared-prefix layout slower than SDPA over forked copies on CPU. Keys past a length are masked by
-an additive ``-inf`` mask (plus the causal mask over a candidate's suffix in extend); a query
-with no key at all counts as empty (weight 0 in the merge).
+Same contracts as ``triton_kernels.cascade.reference`` (the readable spec), but each part — the K·G
+queries of a request over its prefix, each candidate's G queries over its own suffix — runs in
+``aten._scaled_dot_product_flash_attention_for_cpu``, which also returns the log-sum-exp the merge
+needs; the reference's einsums and masked copies of the prefix made the shared-prefix layout slower
+than SDPA over forked copies on CPU. Keys past a length are masked by an additive ``-inf`` mask
+(plus the causal mask over a candidate's suffix in extend); a query with no key at all counts as
+empty (weight 0 in the merge).
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import math
 import torch
 
 from triton_kernels.checks import check_cascade, check_cascade_extend
-from triton_kernels.reference import merge_partials, suffix_query_mask
+from triton_kernels.cascade.reference import merge_partials, suffix_query_mask
 
 _flash_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 
@@ -35,10 +35,10 @@ def _part(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor,
     return torch.where(empty[..., None], 0.0, o.float()), lse
 
 
-def cascade_decode_attention_cpu(q: torch.Tensor, prefix_k: torch.Tensor, prefix_v: torch.Tensor,
-                                 prefix_lens: torch.Tensor, suffix_k: torch.Tensor,
-                                 suffix_v: torch.Tensor, suffix_lens: torch.Tensor, *,
-                                 scale: float | None = None) -> torch.Tensor:
+def cascade_decode_attention(q: torch.Tensor, prefix_k: torch.Tensor, prefix_v: torch.Tensor,
+                             prefix_lens: torch.Tensor, suffix_k: torch.Tensor,
+                             suffix_v: torch.Tensor, suffix_lens: torch.Tensor, *,
+                             scale: float | None = None) -> torch.Tensor:
     """``q [R,K,H,hd]`` over ``prefix_k/v [R,n_kv,Tp,hd]`` (``prefix_lens [R]``) and
     ``suffix_k/v [R,K,n_kv,Ts,hd]`` (``suffix_lens [R,K]``) → ``[R,K,H,hd]`` in q's dtype."""
     check_cascade(q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix_v, suffix_lens)
@@ -56,11 +56,11 @@ def cascade_decode_attention_cpu(q: torch.Tensor, prefix_k: torch.Tensor, prefix
     return o.reshape(r, k, h, hd).to(q.dtype)
 
 
-def cascade_extend_attention_cpu(q: torch.Tensor, prefix_k: torch.Tensor, prefix_v: torch.Tensor,
-                                 prefix_lens: torch.Tensor, suffix_k: torch.Tensor,
-                                 suffix_v: torch.Tensor, suffix_lens: torch.Tensor,
-                                 num_new: torch.Tensor, *, scale: float | None = None
-                                 ) -> torch.Tensor:
+def cascade_extend_attention(q: torch.Tensor, prefix_k: torch.Tensor, prefix_v: torch.Tensor,
+                             prefix_lens: torch.Tensor, suffix_k: torch.Tensor,
+                             suffix_v: torch.Tensor, suffix_lens: torch.Tensor,
+                             num_new: torch.Tensor, *, scale: float | None = None
+                             ) -> torch.Tensor:
     """``q [R,K,T,H,hd]`` over ``prefix_k/v [R,n_kv,Tp,hd]`` (``prefix_lens [R]``) and, causally,
     ``suffix_k/v [R,K,n_kv,Ts,hd]`` (``suffix_lens [R,K]``, ``num_new [R,K]`` of them new) →
     ``[R,K,T,H,hd]`` in q's dtype, 0 at padded queries."""

@@ -117,8 +117,9 @@ def _suffix_partials(q_base, sk_ptr, sv_ptr, slen_ptr, part_o_ptr, part_lse_ptr,
         m = tl.full((BLOCK_G,), float("-inf"), tl.float32)
         l = tl.zeros((BLOCK_G,), tl.float32)
         acc = tl.zeros((BLOCK_G, BLOCK_D), tl.float32)
-        # c·stride_sk stays small (K·n_kv·Ts·hd); the request offset may exceed 2**31.
-        base = r.to(tl.int64) * stride_sr + c * stride_sk + kvh.to(tl.int64) * stride_sh
+        # int64: c·stride_sk passes 2**31 at K·n_kv·Ts·hd = 64·32·8192·128 (the request's too).
+        base = r.to(tl.int64) * stride_sr + tl.cast(c, tl.int64) * stride_sk \
+            + kvh.to(tl.int64) * stride_sh
         m, l, acc = _attend_tile(q, sk_ptr + base, sv_ptr + base, stride_st, 0, slen, slen,
                                  qk_scale, m, l, acc, dims, d_ok, BLOCK_NS, DOT_PRECISION,
                                  UPCAST_DOT, False)
@@ -270,7 +271,8 @@ def _cascade_extend_partials_kernel(
         for c in range(c_lo, c_hi):
             slen = tl.load(slen_ptr + r * stride_lr + c * stride_lk)
             row_hi = tl.where(real & (cand == c), slen - nnew + tok + 1, 0)
-            base = r.to(tl.int64) * stride_sr + c * stride_sk + kvh.to(tl.int64) * stride_sh
+            base = r.to(tl.int64) * stride_sr + tl.cast(c, tl.int64) * stride_sk \
+                + kvh.to(tl.int64) * stride_sh
             m, l, acc = _attend_tile(q, sk_ptr + base, sv_ptr + base, stride_st, 0, slen,
                                      row_hi, qk_scale, m, l, acc, dims, d_ok, BLOCK_NS,
                                      DOT_PRECISION, UPCAST_DOT, True)

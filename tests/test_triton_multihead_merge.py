@@ -1,4 +1,4 @@
-"""The Triton merge kernel (triton_kernels.merge_kernel) against the torch merge and float64.
+"""The Triton merge kernel (triton_kernels.multihead.merge_kernel) against the torch merge and float64.
 
 Runs in Triton's interpreter on CPU (TRITON_INTERPRET=1) or on CUDA; odd shapes so blocks end
 mid-head, heads at a stride from each other, zero and negative weights, U not a power of two.
@@ -8,8 +8,9 @@ import os
 import pytest
 import torch
 
-from triton_kernels.merge import merge_heads, merge_heads_torch
-from triton_kernels.merge_kernel import merge_heads_triton
+from far_views import far_view
+from triton_kernels.multihead.merge import merge_heads, merge_heads_torch
+from triton_kernels.multihead.merge_kernel import merge_heads_triton
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 pytestmark = pytest.mark.skipif(
@@ -57,3 +58,21 @@ def test_merge_dispatch_uses_the_kernel_and_rejects_bad_rows():
         merge_heads_triton(heads, rows[:, :2])
     with pytest.raises(ValueError, match="needs each head contiguous"):
         merge_heads_triton(heads.transpose(1, 2), rows)
+
+
+def test_merge_kernel_head_offsets_past_int32():
+    # Heads 2**30 + 2**20 elements apart (a stride that still fits int32, so Triton passes it as
+    # i32): head 2 starts past 2**31 elements, as head 4 of a 7B model's [V, d] does
+    # (152064 · 3584 · 4 > 2**31). An int32 `i * stride` wraps and reads the wrong head.
+    H, V, d, U = 3, 24, 8, 2
+    stride = 2**30 + 2**20
+    assert stride < 2**31 <= (H - 1) * stride
+    heads = far_view((H, V, d), (stride, d, 1), torch.float16, device=DEVICE)
+    g = torch.Generator().manual_seed(3)
+    heads.copy_(torch.randn(H, V, d, generator=g).to(heads.dtype))
+    rows = torch.randn(U, H, generator=g)
+    got = merge_heads_triton(heads, rows)
+    want64 = merge64(heads, rows)
+    scale = want64.abs().amax(dim=(1, 2), keepdim=True)
+    err = ((got.double().cpu() - want64).abs() / scale).max().item()
+    assert err <= 2 * ULP[torch.float16], err

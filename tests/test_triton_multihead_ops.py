@@ -8,10 +8,10 @@ import torch
 
 import triton_kernels
 from mahalo_engine.cache import KVCache
-from mahalo_engine.config import ModelConfig
+from mahalo_engine.model_config import ModelConfig
 from mahalo_engine.models.decoder import Decoder
 from mahalo_engine.tiny import tiny_checkpoint
-from triton_kernels import ops  # noqa: F401  (registers torch.ops.mahalo.multihead_*)
+from triton_kernels.multihead import custom_ops  # noqa: F401  (registers torch.ops.mahalo.multihead_*)
 
 B, H, V, D = 3, 2, 37, 16
 

@@ -1,7 +1,7 @@
 """Cascade attention kernels compile ahead of time for sm_90 at the launcher's default tiles, with
 their register and spill counts printed (``pytest -s``) and a failure on any spill.
 
-Same approach as tests/test_triton_compile.py (a subprocess without TRITON_INTERPRET, arguments
+Same approach as tests/test_triton_multihead_compile.py (a subprocess without TRITON_INTERPRET, arguments
 specialised the way Triton's JIT does); the counts come from ``ptxas -v`` (Triton's own ptxas)
 on the generated PTX, so no GPU is needed.
 """
@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from aot_subprocess import compiled_fixture
-from triton_kernels.cascade import DOT_PRECISION, LOG2E, extend_launch_config, launch_config
+from triton_kernels.cascade.launcher import LOG2E, extend_launch_config, launch_config
+from triton_kernels.device import DOT_PRECISION
 
 H100_SMEM_PER_BLOCK = 227 * 1024
 NUM_SMS = 132
@@ -111,9 +112,9 @@ def _ptxas_usage(ptx: str) -> dict:
 def compile_all() -> dict:
     import triton
     from triton.backends.compiler import GPUTarget
-    from test_triton_compile import _specialise
+    from test_triton_multihead_compile import _specialise
 
-    from triton_kernels import cascade_kernels
+    from triton_kernels.cascade import kernels as cascade_kernels
 
     results = {}
     launches = {**{name: _launches(*shape) for name, shape in SHAPES.items()},

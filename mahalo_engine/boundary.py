@@ -25,7 +25,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from triton_kernels.checks import check_int
+from triton_kernels.argcheck import check_int
 
 # Closing quotes/brackets allowed between a sentence's final punctuation and its end.
 _CLOSERS = "\"')]\u201d\u2019\u00bb"

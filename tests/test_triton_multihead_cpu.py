@@ -1,4 +1,4 @@
-"""The engine's CPU sampling path (triton_kernels.cpu) against the readable spec (reference).
+"""The engine's CPU sampling path (triton_kernels.multihead.cpu) against the readable spec (reference).
 
 Tokens must be identical (same logits, mask, softmax and generator draw), log-probs equal to fp32
 rounding; the shared-weights plan must apply on CPU (merged heads) and the top-k mask must break
@@ -9,7 +9,8 @@ import math
 import pytest
 import torch
 
-from triton_kernels import MergeCache, cpu, plan_heads, reference
+from triton_kernels import MergeCache, plan_heads, reference
+from triton_kernels.multihead import cpu
 
 
 def make_inputs(B, H, V, d, *, seed=0, scale=3.0, shared=False):

@@ -3,15 +3,21 @@ per-candidate suffix): the reference, the CPU fast path and the Triton kernel ag
 attention over the concatenated prefix + suffix K/V with the causal mask, computed per (request,
 candidate, token, head) with plain loops. The kernel runs on CUDA, or in Triton's interpreter on
 CPU with TRITON_INTERPRET=1 (small shapes)."""
+import functools
 import math
 
 import pytest
 import torch
 
-from test_triton_cascade import (DEVICE, assert_close, capture_launch, needs_triton,
-                                 poison_unused)
+from far_views import far_suffix
+from test_triton_cascade_decode import (DEVICE, FAR_STRIDE, assert_close, capture_launch,
+                                        needs_triton, poison_unused)
 from triton_kernels import cascade
+from triton_kernels.cascade import cpu as cascade_cpu
 from triton_kernels.reference import cascade_decode_attention, cascade_extend_attention
+
+# The Triton kernels by name: the op's own dispatch runs the CPU path on CPU tensors.
+kernel_extend = functools.partial(cascade.cascade_extend_attention, backend="triton")
 
 
 def make_case(r, k, t, n_kv, g, hd, tp, ts, plens, slens, news, dtype=torch.float32, *, seed=0,
@@ -107,11 +113,9 @@ def test_bad_arguments_are_named(bad, match):
 @pytest.mark.parametrize("name", list(CASES))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cpu_fast_path_matches_float64(name, dtype):
-    from mahalo_engine.layers.cascade_cpu import cascade_extend_attention_cpu
-
     # Finite stale values (the cache's contract: positions past a length hold stale K/V).
     args = make_case(*CASES[name], dtype, seed=len(name) + 3, poison=1e4)
-    assert_close(cascade_extend_attention_cpu(*args), attention64(*args), dtype)
+    assert_close(cascade_cpu.cascade_extend_attention(*args), attention64(*args), dtype)
 
 
 # ---- Triton kernel -----------------------------------------------------------------------------
@@ -129,7 +133,7 @@ KERNEL_CASES["gqa7-hd64-long-split"] = (1, 3, 3, 1, 7, 64, 131, 19, [129], [19, 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_kernel_matches_float64_with_causal_suffix(name, dtype):
     args = make_case(*KERNEL_CASES[name], dtype, seed=len(name) + 7, device=DEVICE)
-    out = cascade.cascade_extend_attention(*args)
+    out = kernel_extend(*args)
     assert out.dtype == dtype
     assert_close(out, attention64(*args), dtype)
     if dtype == torch.float32:  # same function as the reference, up to summation order
@@ -153,8 +157,18 @@ def test_kernel_reads_strided_cache_views_and_writes_out():
     sv = scache[1, 1, :r * k].view(r, k, n_kv, 8, hd)
     out = torch.full_like(q, float("nan"))
     args = (q, pk, pv, plen, sk, sv, slen.view(r, k), new)
-    assert cascade.cascade_extend_attention(*args, out=out) is out
+    assert kernel_extend(*args, out=out) is out
     assert_close(out, attention64(*args), torch.float32)
+
+
+@needs_triton
+def test_kernel_candidate_offsets_past_int32():
+    """Candidate 2's suffix past 2**31 elements (stride as in test_triton_cascade_decode)."""
+    args = list(make_case(1, 3, 2, 1, 2, 64, 8, 4, [5], [2, 3, 4], [1, 2, 2], torch.float16,
+                          seed=5, poison=0.0, device=DEVICE))
+    args[4], args[5] = far_suffix(args[4], args[5], FAR_STRIDE)
+    assert FAR_STRIDE < 2**31 <= 2 * args[4].stride(1)
+    assert_close(kernel_extend(*args), attention64(*args), torch.float16)
 
 
 def test_extend_launch_config_blocks_rows_and_splits_long_prefixes_on_gpu():
@@ -177,7 +191,7 @@ def test_kernel_replays_in_a_cuda_graph_with_new_lengths():
     args = list(make_case(r, k, t, n_kv, g, hd, tp, ts, [300, 17], [1, 2, 3, 4, 5, 6, 7, 8],
                           [1, 2, 3, 4, 5, 0, 1, 2], torch.bfloat16, poison=0.0, device="cuda"))
     out = torch.empty_like(args[0])
-    graph = capture_launch(cascade.cascade_extend_attention, args, out)
+    graph = capture_launch(kernel_extend, args, out)
     args[3].copy_(torch.tensor([599, 1], dtype=torch.int32))
     args[6].copy_(torch.tensor([[16, 1, 9, 5], [3, 3, 3, 0]], dtype=torch.int32))
     args[7].copy_(torch.tensor([[5, 1, 0, 5], [3, 2, 1, 0]], dtype=torch.int32))
@@ -193,7 +207,7 @@ def test_decoder_extend_shared_equals_full_forward():
     already held tokens, non-contiguous groups) equal a full forward over prefix + suffix."""
     from mahalo_engine.layouts import SharedPrefixCache
     from mahalo_engine.tiny import tiny_checkpoint
-    from mahalo_engine.utils.loader import load_decoder
+    from mahalo_engine.models.loader import load_decoder
 
     model = load_decoder(tiny_checkpoint("qwen3"), dtype=torch.float32)
     k, gen = 2, torch.Generator().manual_seed(0)
@@ -221,7 +235,7 @@ def test_decoder_extend_shared_equals_full_forward():
 def test_decoder_extend_shared_names_bad_arguments():
     from mahalo_engine.layouts import SharedPrefixCache
     from mahalo_engine.tiny import tiny_checkpoint
-    from mahalo_engine.utils.loader import load_decoder
+    from mahalo_engine.models.loader import load_decoder
 
     model = load_decoder(tiny_checkpoint("qwen2"), dtype=torch.float32)
     cache = SharedPrefixCache.allocate(model.config, 2, 2, 16, 3, dtype=torch.float32,

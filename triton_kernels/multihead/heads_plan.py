@@ -3,7 +3,7 @@
 ``plan_heads`` is the one place that decides "do the rows of ``weights [B,H]`` share weight
 vectors, so that heads can be merged?". It returns a ``HeadsPlan``: the distinct rows ``[U,H]``,
 each row's index into them, and the kernels' operands — ``(merged [U,V,d], one_hot [B,U])`` when
-U < H and merging is wanted (see ``triton_kernels.merge`` for why that is exact and when it pays),
+U < H and merging is wanted (see ``triton_kernels.multihead.merge`` for why that is exact and when it pays),
 else ``(heads, fp32 weights)``.
 
 A plan is an object its caller owns and passes on explicitly: the engine's ``Sampler`` keeps one
@@ -13,7 +13,7 @@ of the heads and weights it was built from: after either changes, build a new on
 (``is_current`` says whether they changed in place; inference tensors have no version counter,
 so their in-place changes go unseen).
 
-The launchers (``multihead_logits``/``multihead_sample``, their custom ops, ``triton_kernels.cpu``)
+The launchers (``multihead_logits``/``multihead_sample``, their custom ops, ``triton_kernels.multihead.cpu``)
 called without a plan build a one-off plan with ``merge=False``: one device-to-host copy of the
 weights (it checks them for non-finite values; a synchronisation on CUDA) and the general H-head
 path, because a merge read once costs more than it saves (H + U head transfers against H - U).
@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from triton_kernels.checks import check_finite_weights, check_mixture
-from triton_kernels.merge import HeadsKey, MergeCache, merge_heads, row_key, tensor_version
+from triton_kernels.multihead.merge import HeadsKey, MergeCache, merge_heads, row_key, tensor_version
 
 
 @dataclass(eq=False)

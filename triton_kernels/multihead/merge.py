@@ -2,7 +2,7 @@
 
 When the B rows of ``weights [B,H]`` hold only U < H distinct vectors, ``(heads [H,V,d], weights)``
 may be replaced by ``(merged [U,V,d], one_hot [B,U])`` (the decision and the bookkeeping are the
-plan's: ``triton_kernels.heads_plan``), so a step reads U heads instead of H.
+plan's: ``triton_kernels.multihead.heads_plan``), so a step reads U heads instead of H.
 
 When merging is exact (see ``docs/design.md``, "When pre-merging heads is exact"):
 the mixture is linear in logits and every head reads the same hidden state, so
@@ -13,7 +13,7 @@ one rounding (relative 2**-9 / 2**-12 per element), i.e. the two paths agree to 
 bit for bit. It does not apply to per-head outputs (per-head log-probs, probability mixtures) and
 not to training (per-head gradients).
 
-Merging (on CUDA one Triton pass, ``triton_kernels.merge_kernel``) reads the H heads once and
+Merging (on CUDA one Triton pass, ``triton_kernels.multihead.merge_kernel``) reads the H heads once and
 writes U merged ones, H + U head transfers, against H - U saved per step: it pays after about
 (H + U)/(H - U) steps with the same weight vectors (2 for H = 3, U = 1). (The chunked torch merge,
 the CPU path, moves ~8× more bytes.) So merged heads are kept by whoever holds the heads (the
@@ -28,8 +28,8 @@ from typing import NamedTuple
 
 import torch
 
-from triton_kernels.checks import check_int
-from triton_kernels.merge_kernel import MAX_MERGE_HEADS, merge_heads_triton
+from triton_kernels.argcheck import check_int
+from triton_kernels.multihead.merge_kernel import MAX_MERGE_HEADS, merge_heads_triton
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ class MergeCache:
 def merge_heads(heads: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """``[U,V,d]`` in the heads' dtype: ``Σ_i rows[u,i]·heads[i]``, fp32 accumulation. CUDA (and
     the interpreter, ``TRITON_INTERPRET=1``): one Triton pass reading each head once
-    (``triton_kernels.merge_kernel``); CPU: the chunked torch merge."""
+    (``triton_kernels.multihead.merge_kernel``); CPU: the chunked torch merge."""
     contiguous_heads = heads.stride(2) == 1 and heads.stride(1) == heads.shape[2]
     use_triton = heads.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
     if use_triton and contiguous_heads and heads.shape[0] <= MAX_MERGE_HEADS:

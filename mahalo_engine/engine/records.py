@@ -8,18 +8,16 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence, Union
+from typing import Any, Sequence
 
-from triton_kernels.checks import check_int, check_sampling, is_real
+from mahalo_engine.stop_conditions import StopCondition
+
+from triton_kernels.argcheck import check_int, is_real
+from triton_kernels.checks import check_sampling
 
 log = logging.getLogger("mahalo_engine.engine")
 
 DEFAULT_MAX_SEQ_LEN = 4096  # the default cap when the model allows more (the cache grows with it)
-
-# A stop condition of a search: a string that ends the request once the generated text contains it,
-# or a predicate on the generated text (e.g. `boxed_closed`).
-StopCondition = Union[str, Callable[[str], bool]]
-
 
 @dataclass
 class SearchConfig:
@@ -120,16 +118,3 @@ class Generation:
     token_ids: list[int]
     logprobs: list[float]
     finish_reason: str = "length"
-
-
-def boxed_closed(text: str) -> bool:
-    """Stop condition for math: the text holds a ``\\boxed{...}`` whose braces are closed."""
-    start = text.find("\\boxed{")
-    while start != -1:
-        depth = 0
-        for ch in text[start + len("\\boxed"):]:
-            depth += (ch == "{") - (ch == "}")
-            if depth == 0:
-                return True
-        start = text.find("\\boxed{", start + 1)
-    return False

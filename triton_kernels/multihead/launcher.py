@@ -2,12 +2,12 @@
 
 Dispatch, the one rule: CUDA tensors → the Triton kernels; CPU tensors → the same kernels in
 Triton's interpreter when ``TRITON_INTERPRET=1`` (tests; must be set before Triton is imported),
-else ``triton_kernels.cpu`` (the engine's CPU path: the reference's results, computed cheaply).
+else ``triton_kernels.multihead.cpu`` (the engine's CPU path: the reference's results, computed cheaply).
 
 Both launchers validate their arguments (``ValueError`` naming the argument) and read the heads
-through a shared-weights plan (``triton_kernels.heads_plan.HeadsPlan``: U < H distinct weight rows →
+through a shared-weights plan (``triton_kernels.multihead.heads_plan.HeadsPlan``: U < H distinct weight rows →
 U merged heads), given by the caller (``plan=``) or built one-off for the call (no merge, one host
-read of the weights: see ``triton_kernels.heads_plan``). A decode loop prepares a ``SamplingPlan``
+read of the weights: see ``triton_kernels.multihead.heads_plan``). A decode loop prepares a ``SamplingPlan``
 (checks, plan, config, scratch) once and then only launches. With a plan's operands
 (``merge_shared_heads``) both are capturable in a CUDA graph: ``seed``/``offset`` may be
 1-element int64 device tensors and ``temperature`` a float32 device tensor (one value, or one per
@@ -16,24 +16,24 @@ row), all read by the kernels on the device.
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass
 
 import torch
 import triton
 
-from triton_kernels import cpu
 from triton_kernels.checks import check_mixture, check_out, check_projection, check_sampling
-from triton_kernels.kernels import (MODE_GREEDY, MODE_GUMBEL, MODE_TOPK, _logits_kernel,
+from triton_kernels.device import DOT_PRECISION, interpreting, num_sms, upcast_dot
+from triton_kernels.multihead import cpu
+from triton_kernels.multihead.kernels import (MODE_GREEDY, MODE_GUMBEL, MODE_TOPK, _logits_kernel,
                                     _sample_finish_kernel, _sample_partials_kernel)
-from triton_kernels.heads_plan import HeadsPlan, checked_plan
-
-# fp32 heads get true fp32 products (TF32 would miss the 1e-5 contract); bf16/fp16 dots ignore it.
-DOT_PRECISION = "ieee"
+from triton_kernels.multihead.heads_plan import HeadsPlan, checked_plan
 
 
-def _use_triton(device: torch.device) -> bool:
-    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+def use_triton(device: torch.device) -> bool:
+    """The multi-head op's device dispatch, decided here only: CUDA → the Triton kernels; CPU →
+    the same kernels in Triton's interpreter under ``TRITON_INTERPRET=1`` (the tests), else the
+    CPU path ``triton_kernels.multihead.cpu``."""
+    return device.type == "cuda" or interpreting()
 
 
 @dataclass(frozen=True)
@@ -55,11 +55,6 @@ class LaunchConfig:
     finish_warps: int = 4  # finish kernel: 8 where a program holds 4096 partials (4 spill 8 B)
 
 
-@functools.lru_cache(maxsize=None)
-def _num_sms(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 # GPU tiles per shape, picked from this table (no autotuning: a captured CUDA graph must not
 # benchmark configs). Rows: (largest B, top-k?) -> GpuTiles. Untuned estimates for sm_90 decoding,
 # which is bound by how many bytes of the heads each SM keeps in flight: 32-64 KB of the heads per
@@ -73,7 +68,7 @@ def _num_sms(device: torch.device) -> int:
 # temperatures: 288 B), so they wait for a measurement that says they pay. Top-k keeps kpad int64
 # keys per row in registers beside the fp32 tile: at most 32 rows per tile there (B > 32 runs two
 # row tiles, adjacent in the grid, so the second reads the heads from L2).
-# tests/test_triton_compile.py builds every row for sm_90, prints registers and stack, and
+# tests/test_triton_multihead_compile.py builds every row for sm_90, prints registers and stack, and
 # requires no spills, under every Triton it is given (tests/aot_subprocess.py).
 @dataclass(frozen=True)
 class GpuTiles:
@@ -147,7 +142,7 @@ def sampling_mode(temperature: float | torch.Tensor, top_k: int, V: int) -> tupl
     """``(mode, kpad)``: greedy, Gumbel sampling, or top-k (``kpad``: power of 2 ≥ top_k).
 
     A temperature tensor is not read on the host: its mode depends on ``top_k`` only, and its
-    T = 0 rows are greedy inside the sampling modes (see triton_kernels.kernels)."""
+    T = 0 rows are greedy inside the sampling modes (see triton_kernels.multihead.kernels)."""
     greedy = not isinstance(temperature, torch.Tensor) and temperature == 0
     if greedy or top_k == 1:
         return MODE_GREEDY, 1  # top-1 of z/T is the argmax, at any T > 0
@@ -158,14 +153,8 @@ def sampling_mode(temperature: float | torch.Tensor, top_k: int, V: int) -> tupl
 
 def _config(B: int, V: int, d: int, dtype: torch.dtype, device: torch.device,
             kpad: int = 1) -> LaunchConfig:
-    num_sms = _num_sms(device) if device.type == "cuda" else None
-    return launch_config(B, V, d, dtype, num_sms=num_sms, kpad=kpad)
-
-
-def _upcast_dot(hidden: torch.Tensor) -> bool:
-    # Triton's interpreter multiplies the raw bits of bf16 dot operands (triton-lang/triton#11584):
-    # there, and only there, the kernels upcast them to fp32 (exact) before the dot.
-    return hidden.device.type == "cpu" and hidden.dtype == torch.bfloat16
+    sms = num_sms(device) if device.type == "cuda" else None
+    return launch_config(B, V, d, dtype, num_sms=sms, kpad=kpad)
 
 
 def _projection_args(hidden: torch.Tensor, heads: torch.Tensor, weights: torch.Tensor) -> tuple:
@@ -183,7 +172,7 @@ def multihead_logits(hidden: torch.Tensor, heads: torch.Tensor, weights: torch.T
     float dtype (used in fp32, must be finite); fp32 accumulation. ``plan``: the caller's
     ``plan_heads(heads, weights)`` (merged heads when rows share weights); None = a one-off plan.
     """
-    if not _use_triton(hidden.device):
+    if not use_triton(hidden.device):
         return cpu.multihead_logits(hidden, heads, weights, out=out, plan=plan)
     check_projection(hidden, heads, weights)
     check_out(out, hidden, heads.shape[1])
@@ -197,7 +186,7 @@ def multihead_logits(hidden: torch.Tensor, heads: torch.Tensor, weights: torch.T
     _logits_kernel[grid](hidden, weights, heads, out, *_projection_args(hidden, heads, weights),
                          out.stride(0), BLOCK_B=cfg.block_b, BLOCK_V=cfg.block_v,
                          BLOCK_K=cfg.block_k, DOT_PRECISION=DOT_PRECISION,
-                         UPCAST_DOT=_upcast_dot(hidden), num_warps=cfg.num_warps,
+                         UPCAST_DOT=upcast_dot(hidden.device, hidden.dtype), num_warps=cfg.num_warps,
                          num_stages=cfg.num_stages)
     return out
 
@@ -261,7 +250,7 @@ class SamplingPlan:
         self.heads, self.weights = plan.heads, plan.weights
         self.temperature, self.top_k, self.seed = temperature, top_k, seed
         self.offset = 0 if offset is None else offset
-        self.triton = _use_triton(dev)
+        self.triton = use_triton(dev)
         if not self.triton:
             return
         self.mode, kpad = sampling_mode(temperature, top_k, V)
@@ -294,7 +283,7 @@ class SamplingPlan:
         self._partials_kw = dict(MODE=self.mode, LOG_KPAD=kpad.bit_length() - 1,
                                  SORT_ROWS=cfg.sort_rows or cfg.block_b, BLOCK_B=cfg.block_b, LOG_BLOCK_V=cfg.block_v.bit_length() - 1,
                                  BLOCK_K=cfg.block_k, DOT_PRECISION=DOT_PRECISION,
-                                 UPCAST_DOT=dev.type == "cpu" and heads.dtype == torch.bfloat16,
+                                 UPCAST_DOT=upcast_dot(dev, heads.dtype),
                                  num_warps=cfg.num_warps, num_stages=cfg.num_stages, **rng)
         self._finish_grid = (triton.cdiv(B, cfg.finish_rows),)
         self._finish_head = (part_max, part_sumexp, part_best, part_token, part_scaled,

@@ -19,9 +19,10 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Sequence, TypeVar
 
+from mahalo_engine.distributed import (DistInfo, broadcast_from_main, gather_to_main,
+                                       init_distributed, launched_by_torchrun)
+from mahalo_engine.utils.atomic_files import atomic_write_text
 from mahalo_engine.utils.cli import USER_ERRORS, resolve_device
-from training.distributed import (DistInfo, broadcast_from_main, gather_to_main, init_distributed,
-                                  launched_by_torchrun)
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -112,8 +113,6 @@ def prepare_output(path: Path, sizes: Sequence[int], is_first_row: Callable[[int
     item's first row is ``is_first_row(i, row)`` (else the file came from other data).
     ``item``/``items`` name an item in messages, ``afresh`` how to start over.
     """
-    from training.checkpoint import atomic_write_text
-
     if resume and overwrite:
         raise ValueError("--resume and --overwrite exclude each other")
     if not resume:
