@@ -7,7 +7,9 @@ Per (H, B, d), V = 151936, bf16 on GPU, side by side:
 - (b) ``stacked``: one GEMM over the heads stacked along K (``[w_1 h, …, w_H h] @ W_cat.T``), then
   softmax + ``torch.multinomial``;
 - ``fused``: ``triton_kernels.multihead_sample`` (Gumbel sampling) without a plan, so every call
-  reads all H heads (the general path); ``fused top-k``: the same at top-k 50;
+  reads all H heads (the general path); ``fused top-k``: the same at top-k 50; ``fused top-p`` /
+  ``fused min-p``: the same at top-p 0.9 / min-p 0.05 (MODE_FILTER: z/T written, then the filter
+  kernel's passes over it, one program per row);
 - ``merged``: one weight vector for every row (U = 1: one merged head read, merged before timing).
 
 The fused columns are timed as the engine runs them: captured once in a CUDA graph and replayed
@@ -17,7 +19,9 @@ plan, config, allocations, launches) and ``plan_host_us`` (a prepared ``Sampling
 engine's eager step; target ≤ 10 µs).
 
 Reported: % of the measured copy bandwidth reached (general path: H heads read; merged: U = 1),
-merged / H=1 (a merged head should cost one head), top-k / Gumbel (target ≤ 1.15), eager / fused
+merged / H=1 (a merged head should cost one head), top-k / Gumbel (target ≤ 1.15), top-p /
+Gumbel and min-p / Gumbel (the filter kernel's cost; its docstring gives the expected ratios),
+eager / fused
 per B. What is physical: at H = 3, B ≤ 8 eager is three cuBLAS GEMMs over the same bytes near
 full bandwidth, so fused can gain at most ~1.15× there; the real gains are fewer bytes (the
 merged path) and no ``[B,V]`` logits at large B. On CPU only (a), (b) and the launchers' host
@@ -33,6 +37,8 @@ from triton_kernels import SamplingPlan, merge_shared_heads, multihead_sample
 
 TEMPERATURE = 0.8
 TOP_K = 50
+TOP_P = 0.9
+MIN_P = 0.05
 GPU_VOCAB = 151936  # Qwen2.5
 GPU_GRID = [(H, d, [1, 8, 64]) for d in (896, 1536) for H in (1, 2, 3, 5)]  # (H, d, batches)
 
@@ -91,13 +97,15 @@ def _fused_columns(hidden: torch.Tensor, heads: torch.Tensor, weights: torch.Ten
     device, (B, H) = hidden.device, weights.shape
     offset = torch.zeros(1, dtype=torch.int64, device=device)
 
-    def call(h=heads, w=weights, top_k=0):
+    def call(h=heads, w=weights, top_k=0, **filters):
         return multihead_sample(hidden, h, w, temperature=TEMPERATURE, top_k=top_k, seed=1,
-                                offset=offset)
+                                offset=offset, **filters)
 
     # The general path (a call without a plan never merges): every call reads all H heads.
     t_f = time_graph(call, device, iters=iters)
     t_k = time_graph(lambda: call(top_k=TOP_K), device, iters=iters)
+    t_p = time_graph(lambda: call(top_p=TOP_P), device, iters=iters)
+    t_mp = time_graph(lambda: call(min_p=MIN_P), device, iters=iters)
     fused_peak = _extra_peak_mb(call, device)
     host_launcher = host_time(call, device)
     plan = SamplingPlan(heads, weights, temperature=TEMPERATURE, seed=1, offset=offset)
@@ -107,9 +115,11 @@ def _fused_columns(hidden: torch.Tensor, heads: torch.Tensor, weights: torch.Ten
         raise RuntimeError(f"the merge gave {merged.shape[0]} heads for one weight vector")
     t_m = time_graph(lambda: call(merged, one_hot), device, iters=iters)
     bw = lambda nbytes, t: 100 * nbytes / t / floor_bw
-    return {"fused_us": t_f * 1e6, "fused_topk_us": t_k * 1e6, "merged_us": t_m * 1e6,
+    return {"fused_us": t_f * 1e6, "fused_topk_us": t_k * 1e6, "fused_topp_us": t_p * 1e6,
+            "fused_minp_us": t_mp * 1e6, "merged_us": t_m * 1e6,
             "fused_%bw": bw(H * head_bytes, t_f), "merged_%bw": bw(head_bytes, t_m),
-            "topk/gumbel": t_k / t_f, "eager/fused": t_eager / t_f,
+            "topk/gumbel": t_k / t_f, "topp/gumbel": t_p / t_f, "minp/gumbel": t_mp / t_f,
+            "eager/fused": t_eager / t_f,
             "stacked/fused": t_stacked / t_f,
             "launcher_host_us": host_launcher * 1e6, "plan_host_us": host_plan * 1e6,
             "eager_peak_MB": _extra_peak_mb(lambda: eager_sample(hidden, heads, weights), device),
@@ -145,7 +155,8 @@ def run(ctx: BenchContext) -> list[dict]:
                 r["merged/H1"] = r["merged_us"] / h1[(r["B"], r["d"])]
         ctx.note(f"Card: {ctx.device_name}. %bw = bytes of heads read per call / time, as a "
                  f"percentage of the measured device copy bandwidth {bw / 1e9:.0f} GB/s (general "
-                 "path: H heads; merged: one). fused/merged/top-k columns: CUDA-graph replay; "
+                 "path: H heads; merged: one). fused/merged/top-k/top-p/min-p columns: CUDA-graph "
+                 "replay; "
                  "launcher_host_us / plan_host_us: host time of one eager call (target plan "
                  "≤ 10 µs). Targets: merged/H1 ≤ 1.05, topk/gumbel ≤ 1.15.")
         ctx.note("eager/stacked run eagerly (torch.multinomial over a materialised softmax); fused "

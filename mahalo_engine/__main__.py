@@ -55,6 +55,12 @@ def _parser() -> argparse.ArgumentParser:
                         help="render --prompt / 'prompt' strings as a user turn with the chat "
                              "template ('messages' always are)")
         sp.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+        sp.add_argument("--top-p", type=float, default=1.0,
+                        help="nucleus: keep the smallest top set of tokens whose probability "
+                             "reaches P (after --top-k), in (0, 1]; 1 = off")
+        sp.add_argument("--min-p", type=float, default=0.0,
+                        help="keep tokens with probability >= P times the top token's, in "
+                             "[0, 1]; 0 = off")
         sp.add_argument("--seed", type=int, default=0, help="sampling seed")
         sp.add_argument("--max-new-tokens", type=int, default=None,
                         help="cap on generated tokens per request (default: 256 for generate, "
@@ -157,6 +163,11 @@ def _check_args(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    # Imported here: triton_kernels imports Triton (seconds), which --help need not wait for.
+    from triton_kernels.checks import check_probability
+
+    check_probability("--top-p", args.top_p, 0.0, 1.0, True, 1, None)
+    check_probability("--min-p", args.min_p, 0.0, 1.0, False, 1, None)
     for s in args.stop or ():
         if not s:
             raise ValueError("--stop: the stop string is empty; give a non-empty string such as "
@@ -272,7 +283,8 @@ def _results(args: argparse.Namespace, engine: Any, prompts: list[Any], head_wei
     if args.command == "generate":
         max_new = 256 if args.max_new_tokens is None else args.max_new_tokens
         results = engine.generate(prompts, head_weights=head_weights, max_new_tokens=max_new,
-                                  temperature=args.temperature, top_k=args.top_k, seed=seed,
+                                  temperature=args.temperature, top_k=args.top_k,
+                                  top_p=args.top_p, min_p=args.min_p, seed=seed,
                                   stop=args.stop, chat=args.chat)
         return [{"text": r.text, "token_ids": r.token_ids, "logprobs": r.logprobs,
                  "finish_reason": r.finish_reason} for r in results]
@@ -282,8 +294,8 @@ def _results(args: argparse.Namespace, engine: Any, prompts: list[Any], head_wei
         boundary=parse_boundaries(args.boundary),
         max_step_tokens=args.max_step_tokens, max_steps=args.max_steps,
         max_new_tokens=4096 if args.max_new_tokens is None else args.max_new_tokens,
-        temperature=args.temperature, top_k=args.top_k, seed=seed,
-        selection_temperature=args.selection_temperature, stop=stop,
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+        seed=seed, selection_temperature=args.selection_temperature, stop=stop,
         check_every=args.check_every)
     results = engine.search(prompts, head_weights=head_weights, config=cfg, chat=args.chat)
     return [{"text": r.text, "token_ids": r.token_ids, "finish_reason": r.finish_reason,

@@ -46,9 +46,11 @@ def test_bools_are_not_counts_in_engine_options(make):
         make()
 
 
-@pytest.mark.parametrize("option, value", [("top_k", 200), ("top_k", True), ("seed", -1),
+@pytest.mark.parametrize("option, value", [("top_k", -1), ("top_k", True), ("seed", -1),
                                            ("seed", True), ("temperature", float("nan")),
-                                           ("temperature", True)])
+                                           ("temperature", True), ("top_p", 0.0),
+                                           ("top_p", float("inf")), ("min_p", 1.5),
+                                           ("min_p", True)])
 def test_engine_and_kernels_reject_sampling_options_alike(option, value):
     """One rule: a search config and the fused sampler refuse the same value with one message."""
     with pytest.raises(ValueError) as by_config:

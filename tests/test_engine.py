@@ -90,6 +90,25 @@ def test_greedy_generate_matches_transformers(engine, policy, ckpt):
                               atol=1e-4)
 
 
+def test_generate_and_search_pass_top_p_and_min_p(engine, policy):
+    """A tiny top_p (or min_p = 1) keeps the top token only: sampling then gives the greedy
+    tokens, through generate and through a search config; a real nucleus differs from greedy
+    somewhere, and a repeated call (same seed) gives the same tokens."""
+    greedy = [g.token_ids for g in engine.generate(PROMPTS, temperature=0, max_new_tokens=8)]
+    for kw in (dict(top_p=1e-6), dict(min_p=1.0), dict(top_k=300, top_p=1e-6)):
+        sampled = engine.generate(PROMPTS, temperature=1.3, seed=5, max_new_tokens=8, **kw)
+        assert [g.token_ids for g in sampled] == greedy, kw  # (log-probs: at T = 1.3)
+    cfg = dict(candidates=1, boundary=" ", max_steps=2, max_step_tokens=4, top_k=0)
+    assert ([r.token_ids for r in engine.search(PROMPTS, config=SearchConfig(temperature=0, **cfg))]
+            == [r.token_ids for r in engine.search(PROMPTS, config=SearchConfig(
+                temperature=1.3, seed=5, min_p=1.0, **cfg))])
+    nucleus = engine.generate(PROMPTS, temperature=1.5, seed=2, max_new_tokens=8, top_p=0.9,
+                              min_p=0.01)
+    assert nucleus == engine.generate(PROMPTS, temperature=1.5, seed=2, max_new_tokens=8,
+                                      top_p=0.9, min_p=0.01)
+    assert [g.token_ids for g in nucleus] != greedy
+
+
 def test_generate_stop_strings(engine):
     full = engine.generate(PROMPTS, temperature=0, max_new_tokens=16)
     tok = engine.tokenizer
@@ -357,8 +376,12 @@ def test_errors(engine, policy, prms):
         Engine(policy, max_seq_len=6).generate(["ab", PROMPTS[1]])
     with pytest.raises(ValueError, match="temperature"):
         engine.generate(PROMPTS, temperature=-1.0)
-    with pytest.raises(ValueError, match=r"top_k must be an int in \[0, 128\].*got 200"):
-        SearchConfig(top_k=200)
+    with pytest.raises(ValueError, match=r"top_k must be an int >= 0 .*got -1"):
+        SearchConfig(top_k=-1)
+    with pytest.raises(ValueError, match=r"top_p must be a finite number in \(0, 1\], got 1.5"):
+        SearchConfig(top_p=1.5)
+    with pytest.raises(ValueError, match=r"min_p must be a finite number in \[0, 1\], got nan"):
+        engine.generate(PROMPTS, min_p=float("nan"))
     with pytest.raises(TypeError, match="prompts must be"):
         engine.generate("a bare string")
     # The caches do not fit: an error with the bytes, raised before anything is allocated.

@@ -70,6 +70,30 @@ def test_generate_cli_matches_python(dirs, capsys):
     assert row["token_ids"] == ref[0].token_ids and row["finish_reason"] == ref[0].finish_reason
 
 
+def test_generate_cli_top_p_and_min_p(dirs, capsys):
+    """--top-p/--min-p reach the sampler: a tiny nucleus (or min-p 1) draws the greedy tokens;
+    a bad value is one line naming it and exit 2, before any model loads."""
+    model, _, tmp = dirs
+    greedy = Engine(load_policy(model, dtype=torch.float32), max_seq_len=96).generate(
+        ["The quick"], temperature=0, max_new_tokens=6)[0].token_ids
+    for i, flags in enumerate((["--top-p", "1e-6"], ["--min-p", "1"])):
+        out = tmp / f"nucleus{i}.jsonl"
+        assert main(["generate", "--model", str(model), "--prompt", "The quick", "--seed", "3",
+                     "--max-new-tokens", "6", "--out", str(out), *flags, *COMMON]) == 0
+        assert json.loads(out.read_text())["token_ids"] == greedy, flags
+    out = tmp / "nucleus.jsonl"
+    assert main(["generate", "--model", str(model), "--prompt", "The quick", "--top-p", "0.9",
+                 "--min-p", "0.05", "--max-new-tokens", "6", "--out", str(out), *COMMON]) == 0
+    assert len(json.loads(out.read_text())["token_ids"]) > 0
+    for command, flag, value in (("generate", "--top-p", "0"), ("search", "--min-p", "1.5"),
+                                 ("generate", "--top-p", "nan")):
+        capsys.readouterr()
+        assert main([command, "--model", "/nonexistent", "--prompt", "a", flag, value]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"error: {flag} must be a finite number in") and value in err
+        assert len(err.splitlines()) == 1
+
+
 def test_cli_errors_and_help(dirs, capsys):
     model, _, tmp = dirs
     with pytest.raises(SystemExit) as e:

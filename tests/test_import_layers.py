@@ -54,7 +54,7 @@ LAYERS: list[list[str]] = [
     ["training.logps", "training.model_io"],
     ["training.ref_logps", "training.trainer"],
     ["training.sft", "training.mah_dpo", "training.prm", "training.labels", "training.convert",
-     "training.data"],
+     "training.data", "training.soup"],
     ["training"],
     # bench: plumbing, sections, the runner.
     ["bench.common"],

@@ -69,6 +69,25 @@ def test_two_gloo_processes_equal_one_process(tmp_path, strategy):
     assert [r["grad_norm"] for r in la] == pytest.approx([r["grad_norm"] for r in lb], rel=1e-4)
 
 
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_parameter_groups_and_a_frozen_backbone_under_two_ranks(tmp_path, strategy):
+    """Head and backbone groups at their own lrs (the backbone frozen) give the same heads on two
+    gloo ranks as in one process, and the backbone stays bit-unchanged under DDP and FSDP2."""
+    groups = ["--max-steps", "2", "--head-lr", "1e-2", "--backbone-lr", "0"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    mah_dpo.main(_args(tmp_path, one, groups + ["--micro-batch-size", "2"]))
+    proc = torchrun(2, "training.mah_dpo", _args(tmp_path, two, groups + ["--device", "cpu",
+                                                                          "--strategy", strategy]))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    base = load_file(str(tiny_checkpoint("qwen2") / "model.safetensors"))
+    a, b = _tensors(one), _tensors(two)
+    for k in base:
+        if k != "lm_head.weight":
+            assert torch.equal(b[k], base[k].float()), k
+    assert (a["heads"] - base["lm_head.weight"].float()).abs().max() > 100 * DDP_ATOL
+    torch.testing.assert_close(a["heads"], b["heads"], rtol=0, atol=DDP_ATOL)
+
+
 def test_resume_continues_bit_identically(tmp_path, monkeypatch):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     mah_dpo.main(_args(tmp_path, straight, ["--max-steps", "4", "--micro-batch-size", "4"]))

@@ -115,3 +115,12 @@ def test_rollouts_and_judge_votes_sampled_by_the_engine(tmp_path, monkeypatch):
     (row,) = [json.loads(line) for line in (tmp_path / "votes.jsonl").read_text().splitlines()]
     # prefix 1: the judge's votes over the same 3 samples (same seed); prefix 2: the judge on itself
     assert row["labels"] == pytest.approx([sum(float(len(r["steps"]) == 2) for r in rows[1:]) / 3, 1.0])
+
+    # --top-p reaches the engine: a nucleus of one token makes the M rollouts one greedy rollout;
+    # an out-of-range value is refused before the policy loads.
+    assert main(["rollouts", *common, "--verifier", "rules:verifier", "--top-p", "1e-6",
+                 "--out", "greedy.jsonl"]) == 0
+    greedy = [json.loads(line) for line in (tmp_path / "greedy.jsonl").read_text().splitlines()]
+    assert len({json.dumps(r["steps"]) for r in greedy[1:]}) == 1
+    assert main(["rollouts", *common, "--verifier", "rules:verifier", "--top-p", "0",
+                 "--out", "bad.jsonl"]) == 2

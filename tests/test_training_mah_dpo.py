@@ -162,8 +162,8 @@ def test_tied_checkpoint_is_untied_and_embedding_untouched(tmp_path):
     acc, eng = _pairs(tmp_path, n=2)
     out = tmp_path / "out"
     mah_dpo.main(["--model", str(model), "--data", f"acc={acc}", "--data", f"eng={eng}", "--out",
-                  str(out), "--ref-cache", str(tmp_path / "c"), "--batch-size", "2", "--lr", "0",
-                  "--max-steps", "1"])
+                  str(out), "--ref-cache", str(tmp_path / "c"), "--batch-size", "2",
+                  "--backbone-lr", "0", "--head-lr", "1e-9", "--max-steps", "1"])
     embed = load_file(str(model / "model.safetensors"))["model.embed_tokens.weight"]
     saved = load_file(str(out / "model.safetensors"))
     assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
@@ -205,7 +205,7 @@ def test_real_tutoring_pairs_run_through_mah_dpo(tmp_path, caplog):
     assert load_policy(out).objectives == ["acc"]
 
 
-@pytest.mark.parametrize("name", ["sft", "mah_dpo", "prm", "labels", "convert", "data", "checkpoint"])
+@pytest.mark.parametrize("name", ["sft", "mah_dpo", "prm", "labels", "convert", "data", "checkpoint", "soup"])
 def test_every_cli_has_help(name, capsys):
     mod = importlib.import_module(f"training.{name}")
     with pytest.raises(SystemExit) as e:

@@ -87,6 +87,19 @@ def top_k_key(z: torch.Tensor, k: int) -> torch.Tensor:
     return keep.to(z.device)
 
 
+def capture(call):
+    """``(graph, outputs)`` of ``call`` captured in a CUDA graph (warmed up on a side stream
+    first: compile and plan outside the capture)."""
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        call()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = call()
+    return graph, outputs
+
+
 # ----------------------------------------------------------------------------------- logits
 
 
@@ -189,25 +202,28 @@ def test_sampled_logprobs_are_untruncated(top_k):
 
 
 @needs_triton
-@pytest.mark.parametrize("temperature,top_k", [(0.9, 0), (0.9, 5)])  # greedy shares the finish path
-def test_sampling_does_not_depend_on_the_launch_config(monkeypatch, temperature, top_k):
+@pytest.mark.parametrize("temperature,top_k,filters", [  # greedy shares the finish path
+    (0.9, 0, {}), (0.9, 5, {}), (0.9, 5, dict(top_p=0.8, min_p=0.02)),
+    (0.9, 0, dict(top_p=0.8, min_p=0.02))])  # the last: MODE_FILTER, several parts and chunks
+def test_sampling_does_not_depend_on_the_launch_config(monkeypatch, temperature, top_k, filters):
     """GPU configs take paths the interpreter's defaults skip: many partials per row (the finish
     kernel loops over several BLOCK_P chunks, the last partly masked), several V tiles per top-k
     partial, several finish programs. Philox numbers are per (row, token), so the tokens must not
     change with the tiling."""
     hidden, heads, weights = make_inputs(20, 2, 300, 40, scale=3.0)
     draw = lambda: multihead_sample(hidden, heads, weights, temperature=temperature, top_k=top_k,
-                                    seed=3, offset=1)
+                                    seed=3, offset=1, **filters)
     tokens = draw()[0]
 
-    def gpu_like(B, V, d, dtype, device, kpad=1):
+    def gpu_like(B, V, d, dtype, device, kpad=1, filtered=False):
         block_v = max(16, kpad)
         n_tiles = triton.cdiv(V, block_v)
         per_part = 3 if kpad > 1 else 1  # as launch_config does on a GPU
         # Top-k: the finish merges 2 parts' candidates per step over several steps, 1 row each.
+        # The filter kernel: 4 partials per step, 64 z/T entries per step of a pass.
         return multihead.LaunchConfig(16, block_v, 16, 4, 1, n_tiles, per_part,
                                       triton.cdiv(n_tiles, per_part), 1 if kpad > 1 else 4, 4,
-                                      16, 2 if kpad > 1 else 1)
+                                      16, 2 if kpad > 1 else 1, filter_block=64)
 
     monkeypatch.setattr(multihead, "_config", gpu_like)
     tokens_gpu, logprobs_gpu = draw()
@@ -306,6 +322,195 @@ def test_reference_sampling_matches_distribution():
     assert tv_distance(tokens, p) <= tv_bound(p, N_DRAWS)
 
 
+# ------------------------------------------------------------------ top-p / min-p / any top-k
+
+
+def filtered_key(z: torch.Tensor, T: float, top_k: int = 0, top_p: float = 1.0,
+                 min_p: float = 0.0) -> torch.Tensor:
+    """Answer key, independent of the code under test: the float64 distribution ``[V]`` left by
+    top-k, then top-p over the renormalised remainder, then min-p relative to the top token
+    (transformers' order), ties to the lower index — by an explicit Python sort."""
+    s = (z.double().cpu() / T).tolist()
+    order = sorted(range(len(s)), key=lambda j: (-s[j], j))
+    if 0 < top_k < len(s):
+        order = order[:top_k]
+    w = {j: math.exp(s[j] - s[order[0]]) for j in order}
+    total, above, kept = sum(w.values()), 0.0, []
+    for j in order:
+        if top_p >= 1 or above < top_p:
+            kept.append(j)
+        above += w[j] / total
+    p = torch.zeros(len(s), dtype=torch.float64)
+    for j in kept:
+        if w[j] >= min_p:  # w[j] = p_j / p_max
+            p[j] = w[j]
+    return p / p.sum()
+
+
+def draws_for(sample) -> int:
+    """Draws per distribution test: the interpreter runs the filter kernel's programs one by one."""
+    return 300 if sample is multihead_sample and DEVICE.type == "cpu" else 4000
+
+
+# Cutoffs chosen away from rounding: no cumulative mass within 1e-3 of top_p, no probability
+# ratio within 1e-3 of min_p (asserted below, so a change of inputs cannot make them flaky).
+FILTERS = [dict(top_p=0.8), dict(min_p=0.05), dict(top_p=0.5, min_p=0.55),
+           dict(top_k=20, top_p=0.7, min_p=0.02), dict(top_k=150, top_p=0.85)]
+
+
+def _clear_of_cutoffs(z, T, top_k=0, top_p=1.0, min_p=0.0):
+    s = torch.sort(z.double().cpu() / T, descending=True).values
+    if 0 < top_k < len(s):
+        s = s[:top_k]
+    p = torch.softmax(s, 0)
+    assert ((p.cumsum(0) - p) - top_p).abs().min() > 1e-3 or top_p == 1
+    assert ((p / p[0]) - min_p).abs().min() > 1e-3 or min_p == 0
+
+
+@pytest.mark.parametrize("sample", SAMPLERS)
+@pytest.mark.parametrize("options", FILTERS,
+                         ids=lambda o: "-".join(f"{k}{v}" for k, v in o.items()))
+def test_filters_match_the_exact_filtered_distribution(sample, options):
+    T, n, V = 1.5, draws_for(sample), 48
+    if options.get("top_k", 0) > 128:  # the bisection path: ~40 passes per row
+        V, n = 300, (24 if n < 4000 else n)  # the interpreter: a membership check, mostly
+    hidden, heads, weights, z = identical_rows(n, V, 16, seed=1)
+    _clear_of_cutoffs(z, T, **options)
+    tokens, _ = sample(hidden, heads, weights, temperature=T, seed=3, **options)
+    p = filtered_key(z, T, **options)
+    assert bool((p[tokens.cpu()] > 0).all()), "drew a token the filters remove"
+    assert 1 < int((p > 0).sum()) < V  # the case filters, and leaves a choice
+    assert tv_distance(tokens, p) <= tv_bound(p, n)
+
+
+@pytest.mark.parametrize("sample", SAMPLERS)
+def test_filter_distribution_check_fails_for_the_unfiltered_distribution(sample):
+    """The TV check above can fail: filtered draws are far from the full softmax."""
+    T, n = 1.5, draws_for(sample)
+    hidden, heads, weights, z = identical_rows(n, 48, 16, seed=1)
+    tokens, _ = sample(hidden, heads, weights, temperature=T, seed=3, min_p=0.55)  # keeps 1/3
+    full = filtered_key(z, T)
+    assert tv_distance(tokens, full) > tv_bound(full, n)
+
+
+@pytest.mark.parametrize("sample", SAMPLERS)
+@pytest.mark.parametrize("top_k", [0, 6])
+def test_top_p_one_and_min_p_zero_filter_nothing_bit_for_bit(sample, top_k):
+    hidden, heads, weights = make_inputs(12, 2, 200, 16, scale=2.0)
+    plain = sample(hidden, heads, weights, temperature=0.9, top_k=top_k, seed=4, offset=2)
+    for kw in (dict(top_p=1.0, min_p=0.0), dict(top_p=torch.ones(12, device=DEVICE)),
+               dict(min_p=torch.zeros((), device=DEVICE))):
+        tokens, logprobs = sample(hidden, heads, weights, temperature=0.9, top_k=top_k, seed=4,
+                                  offset=2, **kw)
+        assert torch.equal(tokens, plain[0]), kw
+        if sample is multihead_sample and top_k == 0 and len(kw) == 1:
+            # A tensor runs MODE_FILTER, whose filter kernel sums the log-sum-exp partials in
+            # its own order: the same draw (same noise), log-probs equal to fp32 rounding.
+            torch.testing.assert_close(logprobs, plain[1], atol=1e-6, rtol=0)
+        else:
+            assert torch.equal(logprobs, plain[1]), kw
+
+
+@pytest.mark.parametrize("sample", SAMPLERS)
+@pytest.mark.parametrize("options", [dict(top_p=1e-3), dict(min_p=1.0), dict(top_k=8, top_p=1e-3),
+                                     dict(top_k=8, min_p=1.0)])
+def test_tiny_top_p_and_min_p_one_are_greedy(sample, options):
+    hidden, heads, weights = make_inputs(16, 2, 200, 16, scale=2.0)  # no ties at the top
+    greedy, greedy_lp = sample(hidden, heads, weights, temperature=0.0)
+    tokens, logprobs = sample(hidden, heads, weights, temperature=1.3, seed=1, **options)
+    assert torch.equal(tokens, greedy)
+    expected = torch.log_softmax(logits64(hidden, heads, weights) / 1.3, -1)
+    torch.testing.assert_close(logprobs.double(), expected.gather(1, tokens[:, None])[:, 0],
+                               atol=1e-4, rtol=0)  # untruncated log-softmax at T
+
+
+@pytest.mark.parametrize("sample", SAMPLERS)
+@pytest.mark.parametrize("options", [dict(top_p=0.505), dict(min_p=1.0), dict(top_k=4, top_p=0.9)])
+def test_filters_on_tied_rows(sample, options):
+    """160 equal logits: top-p 0.505 keeps the 81 lowest indices (exclusive mass j/160 < 0.505:
+    j <= 80), min-p 1 keeps them all, top-k 4 then top-p 0.9 keeps 0..3."""
+    hidden, heads, weights = tied_inputs(128, 160, 16)
+    tokens, logprobs = sample(hidden, heads, weights, temperature=1.0, seed=2, **options)
+    kept = {"top_p": 81, "min_p": 160}.get(next(iter(options)), 4)
+    assert tokens.lt(kept).all()
+    # Spread over the kept set: 128 uniform draws from 81 (160) tokens hit ~64 (~88) of them.
+    assert len(set(tokens.tolist())) > min(kept, 128) // 3
+    torch.testing.assert_close(logprobs, torch.full_like(logprobs, -math.log(160)))
+
+
+@pytest.mark.parametrize("sample", SAMPLERS)
+@pytest.mark.parametrize("top_k", [0, 5])
+def test_per_row_top_p_and_min_p_equal_per_row_float_calls(sample, top_k):
+    hidden, heads, weights = make_inputs(12, 2, 150, 16, scale=4.0)
+    top_p = torch.tensor([1.0, 0.6, 0.3], device=DEVICE).repeat(4)
+    min_p = torch.tensor([0.0, 0.0, 0.1, 0.4], device=DEVICE).repeat(3)
+    temps = torch.tensor([0.8, 0.0, 1.1, 0.8], device=DEVICE).repeat(3)
+    tokens, logprobs = sample(hidden, heads, weights, temperature=temps, top_k=top_k, top_p=top_p,
+                              min_p=min_p, seed=6, offset=1)
+    for b in range(12):
+        t, p, m = temps[b].item(), top_p[b].item(), min_p[b].item()
+        ref = sample(hidden, heads, weights, temperature=t, top_k=top_k, top_p=p, min_p=m,
+                     seed=6, offset=1)
+        assert tokens[b] == ref[0][b], b
+        torch.testing.assert_close(logprobs[b], ref[1][b], atol=1e-5, rtol=0)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("options", [dict(top_p=0.7), dict(top_k=6, min_p=0.2)])
+def test_filters_stay_in_the_kept_set_for_every_dtype(dtype, options):
+    hidden, heads, weights = make_inputs(16, 2, 200, 32, dtype, scale=3.0)
+    tokens, _ = multihead_sample(hidden, heads, weights, temperature=1.0, seed=8, **options)
+    z = multihead_logits(hidden, heads, weights)  # the kernels' own fp32 logits of these inputs
+    for b in range(16):
+        assert filtered_key(z[b], 1.0, **options)[tokens[b].item()] > 0, b
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("top_k", [0, 8])
+def test_cuda_graph_replay_reads_the_top_p_and_min_p_buffers(top_k):
+    """A captured call samples with whatever the top_p/min_p tensors hold at replay."""
+    hidden, heads, weights = make_inputs(8, 2, 1000, 64, torch.bfloat16, scale=0.5)
+    top_p = torch.ones(8, device=DEVICE)
+    min_p = torch.zeros((), device=DEVICE)
+    call = lambda: multihead_sample(hidden, heads, weights, temperature=1.0, top_k=top_k,
+                                    top_p=top_p, min_p=min_p, seed=5, offset=3)
+    graph, (tokens, logprobs) = capture(call)
+    for p, m in ((1.0, 0.0), (0.5, 0.0), (1.0, 0.3), (1e-6, 0.0)):
+        top_p.fill_(p)
+        min_p.fill_(m)
+        graph.replay()
+        expected = multihead_sample(hidden, heads, weights, temperature=1.0, top_k=top_k,
+                                    top_p=p, min_p=m, seed=5, offset=3)
+        assert torch.equal(tokens, expected[0]), (p, m)
+        torch.testing.assert_close(logprobs, expected[1], atol=1e-6, rtol=0)
+
+
+@needs_triton
+def test_top_k_above_128_takes_the_exact_threshold_path():
+    """k > 128 (the threshold bisection), rows with ties across the cut: exactly the k lowest
+    indices among the tied logits, never a token outside the top k."""
+    hidden, heads, weights = tied_inputs(6, 200, 8)
+    tokens, _ = multihead_sample(hidden, heads, weights, temperature=1.0, top_k=150, seed=1)
+    assert tokens.lt(150).all()
+    hidden, heads, weights = make_inputs(6, 2, 200, 16, scale=0.3)
+    tokens, _ = multihead_sample(hidden, heads, weights, temperature=1.0, top_k=140, seed=2)
+    keep = top_k_key(logits64(hidden, heads, weights), 140)
+    assert bool(keep.gather(1, tokens[:, None]).all())
+    assert multihead.sampling_mode(1.0, 140, 200)[0] == multihead.MODE_FILTER
+
+
+def test_sampling_modes_for_the_filters():
+    mode = lambda *a, **k: multihead.sampling_mode(*a, **k)[0]
+    assert mode(1.0, 0, 100) == mode(1.0, 0, 100, top_p=1.0, min_p=0.0) == multihead.MODE_GUMBEL
+    assert mode(1.0, 0, 100, top_p=0.9) == mode(1.0, 0, 100, min_p=0.1) == multihead.MODE_FILTER
+    assert mode(1.0, 0, 100, top_p=torch.ones(())) == multihead.MODE_FILTER
+    assert mode(1.0, 50, 100, top_p=0.9) == multihead.MODE_TOPK  # filtered in the finish kernel
+    assert mode(1.0, 200, 1000) == multihead.MODE_FILTER  # any top-k: the threshold path
+    assert mode(1.0, 200, 200) == multihead.MODE_GUMBEL  # top_k >= V keeps every token
+    assert mode(0.0, 0, 100, top_p=0.5) == mode(1.0, 1, 100, min_p=0.5) == multihead.MODE_GREEDY
+
+
 # ----------------------------------------------------------------------------------- seeds
 
 
@@ -344,13 +549,7 @@ def test_cuda_graph_replay_draws_fresh_numbers(top_k):
     offset = torch.tensor([0], dtype=torch.int64, device=DEVICE)
     call = lambda: multihead_sample(hidden, heads, weights, temperature=1.0, top_k=top_k,
                                     seed=seed, offset=offset)
-    stream = torch.cuda.Stream()
-    with torch.cuda.stream(stream):
-        call()  # compile and plan outside the capture
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        tokens, logprobs = call()
+    graph, (tokens, logprobs) = capture(call)
     for step in range(3):
         offset.fill_(step)
         graph.replay()
@@ -416,13 +615,7 @@ def test_cuda_graph_replay_reads_the_temperature_buffer():
     offset = torch.tensor([4], dtype=torch.int64, device=DEVICE)
     call = lambda: multihead_sample(hidden, heads, weights, temperature=temperature, top_k=8,
                                     seed=5, offset=offset)
-    stream = torch.cuda.Stream()
-    with torch.cuda.stream(stream):
-        call()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        tokens, logprobs = call()
+    graph, (tokens, logprobs) = capture(call)
     for values in ([0.0] * 8, [1.5] * 8, [0.0, 0.75] * 4):  # fp32 numbers: as the float calls
         temperature.copy_(torch.tensor(values))
         graph.replay()
@@ -583,7 +776,13 @@ def test_bad_inputs_raise_value_error(name, match):
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(top_k=129), r"top_k must be an int in \[0, 128\].*129"), (dict(top_k=-1), "top_k"),
+    (dict(top_k=-1), r"top_k must be an int >= 0 .*-1"), (dict(top_k=2.5), "top_k.*2.5"),
+    (dict(top_p=0.0), r"top_p must be a finite number in \(0, 1\], got 0.0"),
+    (dict(top_p=1.5), r"top_p .*1.5"), (dict(top_p=float("nan")), "top_p .*nan"),
+    (dict(min_p=-0.1), r"min_p must be a finite number in \[0, 1\], got -0.1"),
+    (dict(min_p=float("inf")), "min_p .*inf"), (dict(min_p="0.1"), "min_p must be a real number"),
+    (dict(top_p=torch.ones(4)), r"top_p tensor must be float32 of shape \[\], \[1\] or \[3\]"),
+    (dict(min_p=torch.ones(3, dtype=torch.float64)), "min_p tensor must be float32"),
     (dict(temperature=-0.5), "temperature must be finite and >= 0"),
     (dict(temperature=float("nan")), "temperature"), (dict(seed=-3), r"seed must be in \[0, 2\*\*63\)"),
     (dict(offset=torch.zeros(2, dtype=torch.int64)), "offset tensor must be int64 with one element"),

@@ -14,8 +14,10 @@ import pytest
 import torch
 
 from aot_subprocess import compiled_fixture
+from triton_kernels.checks import MAX_TOP_K
 from triton_kernels.device import DOT_PRECISION
-from triton_kernels.multihead.launcher import launch_config, sampling_mode
+from triton_kernels.multihead.kernels import MODE_FILTER, MODE_TOPK
+from triton_kernels.multihead.launcher import filters, launch_config, sampling_mode
 from triton_kernels.multihead.merge_kernel import merge_config
 
 H100_SMEM_PER_BLOCK = 227 * 1024  # opt-in maximum of dynamic shared memory per block on sm_90
@@ -42,29 +44,47 @@ def _logits(B, dtype):
     return [("_logits_kernel", args, consts, cfg.num_warps, cfg.num_stages)]
 
 
-def _sample(B, dtype, temperature, top_k, rng_ptr, temp_stride=None):
-    """The two kernels of one multihead_sample call; ``temp_stride`` not None: the temperature is
-    a float32 device tensor (stride 1: one per row, 0: one for all rows), ``temperature`` unused."""
+def _sample(B, dtype, temperature, top_k, rng_ptr, temp_stride=None, top_p=1.0, min_p=0.0):
+    """The kernels of one multihead_sample call; ``temp_stride`` not None: the temperature is
+    a float32 device tensor (stride 1: one per row, 0: one for all rows), ``temperature`` unused.
+    ``top_p``/``min_p``: what sampling_mode sees (a tensor: per-row values on the device)."""
     temp_ptr = temp_stride is not None
-    mode, kpad = sampling_mode(torch.zeros(()) if temp_ptr else temperature, top_k, V)
-    cfg = launch_config(B, V, D, dtype, num_sms=NUM_SMS, kpad=kpad)
+    mode, kpad = sampling_mode(torch.zeros(()) if temp_ptr else temperature, top_k, V, top_p,
+                               min_p)
+    filtered = filters(top_p, min_p)
+    cfg = launch_config(B, V, D, dtype, num_sms=NUM_SMS, kpad=kpad, filtered=mode == MODE_FILTER)
     rng = dict(seed="*i64", offset="*i64") if rng_ptr else dict(seed=12345, offset=7)
     temp = dict(temp_ptr="*fp32", stride_t=temp_stride if temp_ptr else 0)
     flags = dict(MODE=mode, SEED_IS_PTR=rng_ptr, OFFSET_IS_PTR=rng_ptr, TEMP_IS_PTR=temp_ptr)
     args = dict(hidden_ptr="*" + _TYPES[dtype], weights_ptr="*fp32", heads_ptr="*" + _TYPES[dtype],
-                part_keys_ptr="*i64", B=B, stride_wb=H, inv_temp=1.0 if temp_ptr else 1.25,
+                part_keys_ptr="*i64", scaled_ptr="*fp32", stride_sb=V if mode == MODE_FILTER else 0,
+                B=B, stride_wb=H, inv_temp=1.0 if temp_ptr else 1.25,
                 n_tiles=cfg.n_tiles, tiles_per_part=cfg.tiles_per_part, n_parts=cfg.n_parts,
                 **rng, **temp, **_PARTS, **_PROJ)
     consts = dict(LOG_KPAD=kpad.bit_length() - 1, SORT_ROWS=cfg.sort_rows, BLOCK_B=cfg.block_b,
                   LOG_BLOCK_V=cfg.block_v.bit_length() - 1, BLOCK_K=cfg.block_k,
                   DOT_PRECISION=DOT_PRECISION, UPCAST_DOT=False, **flags)
+    stride = lambda v: 1 if isinstance(v, torch.Tensor) and v.numel() > 1 else 0  # noqa: E731
+    probs = dict(top_p_ptr="*fp32", stride_p=stride(top_p), min_p_ptr="*fp32",
+                 stride_mp=stride(min_p))
     finish_args = dict(part_keys_ptr="*i64", tokens_ptr="*i64", logprobs_ptr="*fp32", B=B,
-                       n_parts=cfg.n_parts, top_k=top_k, **rng, **temp, **_PARTS)
+                       n_parts=cfg.n_parts, top_k=top_k, **rng, **temp, **_PARTS, **probs)
     finish_consts = dict(BLOCK_R=cfg.finish_rows, BLOCK_P=cfg.finish_parts, TOPK_PAD=kpad,
                          LOG_KPAD=kpad.bit_length() - 1,
-                         LOG_CAND_PARTS=cfg.cand_parts.bit_length() - 1, **flags)
-    return [("_sample_partials_kernel", args, consts, cfg.num_warps, cfg.num_stages),
-            ("_sample_finish_kernel", finish_args, finish_consts, cfg.finish_warps, 3)]
+                         LOG_CAND_PARTS=cfg.cand_parts.bit_length() - 1,
+                         FILTER=mode == MODE_TOPK and filtered, **flags)
+    launches = [("_sample_partials_kernel", args, consts, cfg.num_warps, cfg.num_stages)]
+    if mode != MODE_FILTER:
+        launches.append(("_sample_finish_kernel", finish_args, finish_consts, cfg.finish_warps, 3))
+    else:
+        filter_args = dict(scaled_ptr="*fp32", stride_sb=V, part_max_ptr="*fp32",
+                           part_sumexp_ptr="*fp32", tokens_ptr="*i64", logprobs_ptr="*fp32",
+                           V=V, n_parts=cfg.n_parts, top_k=top_k, **rng, **temp, **probs)
+        filter_consts = dict(SEED_IS_PTR=rng_ptr, OFFSET_IS_PTR=rng_ptr, TEMP_IS_PTR=temp_ptr,
+                             KTH=MAX_TOP_K < top_k < V, BLOCK_P=cfg.finish_parts,
+                             BLOCK=cfg.filter_block)
+        launches.append(("_sample_filter_kernel", filter_args, filter_consts, cfg.filter_warps, 3))
+    return launches
 
 
 def _merge(U, dtype, d=D):
@@ -98,6 +118,20 @@ CALLS = {
     "topk20-fp32-b8-device-temps": _sample(8, torch.float32, None, 20, True, temp_stride=1),
     "topk64-fp32-b32-device-temps": _sample(32, torch.float32, None, 64, True, temp_stride=1),
     "topk64-bf16-b32-device-temps": _sample(32, torch.bfloat16, None, 64, True, temp_stride=1),
+    # top-p / min-p: MODE_FILTER (z/T written, then the filter kernel), top-k candidates filtered
+    # in the finish kernel, and a top-k above 128 (the bisection).
+    "topp-bf16-b1-device-rng": _sample(1, torch.bfloat16, 0.8, 0, True, top_p=0.9),
+    "minp-bf16-b8": _sample(8, torch.bfloat16, 1.0, 0, False, min_p=0.05),
+    "minp-fp16-b32": _sample(32, torch.float16, 1.0, 0, False, min_p=0.05),
+    "topp-fp32-b8": _sample(8, torch.float32, 0.9, 0, False, top_p=0.9),
+    "topp-fp32-b64-device-temps": _sample(64, torch.float32, None, 0, True, temp_stride=1,
+                                          top_p=torch.ones(64), min_p=torch.zeros(())),
+    "topp-bf16-b64-device-rows": _sample(64, torch.bfloat16, 0.8, 0, True,
+                                         top_p=torch.ones(64), min_p=torch.zeros(64)),
+    "topk50-topp-bf16-b8": _sample(8, torch.bfloat16, 0.7, 50, False, top_p=0.9, min_p=0.02),
+    "topk128-topp-fp16-b64-device-temps": _sample(64, torch.float16, None, 128, True,
+                                                  temp_stride=1, top_p=torch.ones(64)),
+    "topk1000-topp-bf16-b8": _sample(8, torch.bfloat16, 1.0, 1000, True, top_p=0.95),
     "merge-bf16-u1": _merge(1, torch.bfloat16),
     "merge-bf16-u2-d1536": _merge(2, torch.bfloat16, d=1536),
     "merge-fp32-u2": _merge(2, torch.float32),

@@ -40,6 +40,38 @@ def test_general_path_equals_reference(temperature, top_k):
                     reference.multihead_sample(hidden, heads, weights, **kw))
 
 
+@pytest.mark.parametrize("filters", [dict(top_p=0.8), dict(min_p=0.1), dict(top_p=0.6, min_p=0.2),
+                                     dict(top_p=torch.tensor([1.0, 0.3, 0.9, 0.5, 0.7]),
+                                          min_p=torch.tensor([0.0, 0.0, 0.3, 0.05, 0.5]))])
+@pytest.mark.parametrize("top_k", [0, 7, 119])  # 119 < V = 120: a top-k that keeps almost all
+@pytest.mark.parametrize("temperature", [0.7, "mixed"])
+def test_top_p_and_min_p_equal_reference(temperature, top_k, filters):
+    B, V = 5, 120
+    hidden, heads, weights = make_inputs(B, 3, V, 24, seed=top_k)
+    temp = torch.tensor([0.0, 1.0, 0.6, 0.8, 1.3]) if temperature == "mixed" else temperature
+    for offset in range(12):
+        kw = dict(temperature=temp, top_k=top_k, seed=3, offset=offset, **filters)
+        assert_same(cpu.multihead_sample(hidden, heads, weights, **kw),
+                    reference.multihead_sample(hidden, heads, weights, **kw))
+
+
+def test_filters_on_minus_inf_logits_equal_reference():
+    """-inf logits (a masked vocabulary) are never drawn, with or without filters, and the
+    masks agree with the reference's."""
+    z = torch.randn(4, 50)
+    z[:, 10:] = float("-inf")
+    z[1, :9] = float("-inf")  # one finite token left in row 1
+    for kw in (dict(), dict(top_p=0.7), dict(min_p=0.2), dict(top_k=20, top_p=0.9, min_p=0.01)):
+        for offset in range(6):
+            tokens, logprobs = cpu.sample_logits(z, temperature=1.0, top_k=kw.get("top_k", 0),
+                                                 top_p=kw.get("top_p", 1.0),
+                                                 min_p=kw.get("min_p", 0.0), seed=1, offset=offset)
+            assert tokens.lt(10).all() and tokens[1] == 9 and torch.isfinite(logprobs).all()
+            keep = reference.filter_mask(z, kw.get("top_k", 0), kw.get("top_p", 1.0),
+                                         kw.get("min_p", 0.0))
+            assert keep.gather(1, tokens[:, None]).all()
+
+
 @pytest.mark.parametrize("top_k", [0, 4])
 def test_shared_weights_use_merged_heads(top_k):
     hidden, heads, weights = make_inputs(6, 3, 131, 16, shared=True, seed=1)

@@ -38,15 +38,23 @@ def test_opcheck_logits():
     torch.library.opcheck(torch.ops.mahalo.multihead_logits.default, _inputs())
 
 
-@pytest.mark.parametrize("form", ["float", "greedy", "tensors", "topk"])
+@pytest.mark.parametrize("form", ["float", "greedy", "tensors", "topk", "filters",
+                                  "filter-tensors", "topk-filters", "large-topk"])
 def test_opcheck_sample(form):
     hidden, heads, weights = _inputs()
-    args = {  # (temperature, temperature_tensor, top_k, seed, seed_tensor, offset, offset_tensor)
+    args = {  # (temperature, temperature_tensor, top_k, seed, seed_tensor, offset, offset_tensor,
+        #        [top_p, top_p_tensor, min_p, min_p_tensor])
         "float": (0.7, None, 0, 5, None, 2, None),
         "greedy": (0.0, None, 0, 0, None, 0, None),
         "tensors": (1.0, torch.tensor([0.5, 0.0, 2.0]), 0, 0, torch.tensor([9]), 0,
                     torch.tensor([4])),
         "topk": (1.3, None, 4, 11, None, 0, None),
+        "filters": (0.9, None, 0, 3, None, 1, None, 0.8, None, 0.05, None),
+        "filter-tensors": (1.0, torch.tensor([0.5, 0.0, 2.0]), 0, 0, torch.tensor([9]), 0,
+                           torch.tensor([4]), 1.0, torch.tensor([0.9, 0.5, 1.0]), 0.0,
+                           torch.tensor(0.1)),
+        "topk-filters": (1.3, None, 6, 11, None, 0, None, 0.7, None, 0.1, None),
+        "large-topk": (1.0, None, 30, 2, None, 0, None, 0.9, None, 0.0, None),
     }[form]
     torch.library.opcheck(torch.ops.mahalo.multihead_sample.default, (hidden, heads, weights, *args))
 
@@ -85,10 +93,15 @@ def test_compiled_decode_step_equals_eager():
     model, cache, heads, weights = _decode_setup()
     slots = torch.tensor([0, 1, 2])
 
+    top_p, min_p = torch.tensor([1.0, 0.9, 0.6]), torch.tensor(0.05)
+
     def step(c: KVCache, ids: torch.Tensor, seed: torch.Tensor, temperature: torch.Tensor):
         hidden = model.decode(c, ids, slots)
-        return triton_kernels.multihead_sample(hidden, heads, weights, temperature=temperature,
-                                               top_k=5, seed=seed, offset=c.lens[:1].long())
+        first = triton_kernels.multihead_sample(hidden, heads, weights, temperature=temperature,
+                                                top_k=5, seed=seed, offset=c.lens[:1].long())
+        nucleus = triton_kernels.multihead_sample(hidden, heads, weights, temperature=temperature,
+                                                  top_p=top_p, min_p=min_p, seed=seed)
+        return torch.cat([first[0], nucleus[0]]), torch.cat([first[1], nucleus[1]])
 
     eager_cache = KVCache(cache.data.clone(), cache.lens.clone())
     compiled_cache = KVCache(cache.data.clone(), cache.lens.clone())
@@ -100,10 +113,26 @@ def test_compiled_decode_step_equals_eager():
         got = compiled(compiled_cache, ids, seed, temp)
         assert torch.equal(got[0], eager[0])
         torch.testing.assert_close(got[1], eager[1], atol=1e-5, rtol=1e-5)
-        ids = eager[0]
+        ids = eager[0][:3]  # the top-k draw feeds back; the nucleus draw is checked alongside
     torch.testing.assert_close(compiled_cache.data, eager_cache.data, atol=1e-5, rtol=1e-5)
     assert torch.equal(compiled_cache.lens, eager_cache.lens)
     assert compiled_cache.lens.tolist() == [5, 4, 6, 0]
+
+
+def test_sample_wrapper_passes_top_p_and_min_p():
+    """The op's top_p/min_p (numbers or tensors) reach the sampler: a tiny top_p or min_p = 1 is
+    the greedy token; the tensor and number forms draw alike."""
+    hidden, heads, weights = _inputs()
+    greedy = triton_kernels.multihead_sample(hidden, heads, weights, temperature=0.0)[0]
+    for kw in (dict(top_p=1e-4), dict(min_p=1.0), dict(top_p=torch.tensor([1e-4] * B))):
+        assert torch.equal(triton_kernels.multihead_sample(hidden, heads, weights, seed=4,
+                                                           **kw)[0], greedy), kw
+    a = triton_kernels.multihead_sample(hidden, heads, weights, top_p=0.8, min_p=0.1, seed=2)
+    b = triton_kernels.multihead_sample(hidden, heads, weights, top_p=torch.tensor(0.8),
+                                        min_p=torch.tensor([0.1]), seed=2)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    with pytest.raises(ValueError, match="top_p must be a finite number in"):
+        triton_kernels.multihead_sample(hidden, heads, weights, top_p=0.0)
 
 
 class _Sampler(torch.nn.Module):

@@ -1,9 +1,11 @@
 """Resumable training checkpoints (written with `mahalo_engine.utils.atomic_files`).
 
-A checkpoint is a directory ``<out>/checkpoints/step-<N>/`` holding ``model.safetensors`` (the
-trainable module's full state, float tensors as trained) and ``trainer_state.pt`` (optimizer,
-scheduler, RNG states, step, and the trainer's own arguments), written into a temporary directory
-and renamed into place; ``<out>/checkpoints/latest`` (itself replaced atomically) names the newest
+A checkpoint is a directory ``<out>/checkpoints/step-<N>/`` holding ``trainer_model.safetensors``
+(the trainable module's full state, float tensors as trained), ``trainer_state.pt`` (optimizer,
+scheduler, RNG states, step, and the trainer's own arguments) and, beside them, whatever the
+trainer's ``extra`` writes (the trainers export their artefact there: a checkpoint of
+``training.mah_dpo`` is a policy directory ``load_policy`` reads, so a run can be evaluated while
+it trains). It is written into a temporary directory and renamed into place; ``<out>/checkpoints/latest`` (itself replaced atomically) names the newest
 one. A crash at any point leaves the previous checkpoint intact. ``trainer_state.pt`` holds only
 tensors and plain Python values and is read with ``torch.load(weights_only=True)``.
 """
@@ -14,7 +16,7 @@ import random
 import shutil
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -41,18 +43,25 @@ def _as_tuple(x: Any) -> Any:
     return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
+MODEL_STATE = "trainer_model.safetensors"  # not model.safetensors: that name is the exported model's
+TRAINER_STATE = "trainer_state.pt"
+
+
 def save_checkpoint(out_dir: str | Path, step: int, model_state: dict[str, torch.Tensor],
-                    trainer_state: dict[str, Any], *, keep: int = 1) -> Path:
+                    trainer_state: dict[str, Any], *, keep: int = 1,
+                    extra: Callable[[Path], None] | None = None) -> Path:
     """Write ``<out_dir>/checkpoints/step-<step>`` atomically, point ``latest`` at it, and keep only
-    the newest ``keep`` checkpoints. ``trainer_state`` must hold tensors and plain values only."""
+    the newest ``keep`` checkpoints. ``trainer_state`` must hold tensors and plain values only.
+    ``extra(dir)`` writes more files into the checkpoint before it is published."""
     from safetensors.torch import save_file
 
     root = Path(out_dir) / "checkpoints"
     final = root / f"step-{step}"
     with atomic_directory(final) as tmp:
-        save_file(_unaliased(model_state), str(tmp / "model.safetensors"),
-                  metadata={"step": str(step)})
-        torch.save({**trainer_state, "step": step, "rng": rng_state()}, tmp / "trainer_state.pt")
+        save_file(_unaliased(model_state), str(tmp / MODEL_STATE), metadata={"step": str(step)})
+        torch.save({**trainer_state, "step": step, "rng": rng_state()}, tmp / TRAINER_STATE)
+        if extra is not None:
+            extra(tmp)
     atomic_write_text(root / "latest", final.name + "\n")
     steps = sorted((int(p.name.split("-", 1)[1]) for p in root.glob("step-*")
                     if p.is_dir() and p.name.split("-", 1)[1].isdigit()), reverse=True)
@@ -79,7 +88,7 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
     if not marker.is_file():
         return None
     path = root / marker.read_text().strip()
-    if not (path / "model.safetensors").is_file() or not (path / "trainer_state.pt").is_file():
+    if not (path / MODEL_STATE).is_file() or not (path / TRAINER_STATE).is_file():
         raise FileNotFoundError(f"{marker} names {path.name}, which is missing or incomplete")
     return path
 
@@ -88,8 +97,8 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     """``(model_state, trainer_state)`` of a checkpoint directory (RNG states not yet applied)."""
 
     path = Path(path)
-    model_state = load_safetensors(path / "model.safetensors")
-    trainer_state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=True)
+    model_state = load_safetensors(path / MODEL_STATE)
+    trainer_state = torch.load(path / TRAINER_STATE, map_location="cpu", weights_only=True)
     return model_state, trainer_state
 
 

@@ -42,6 +42,12 @@ def wrap_model(module: nn.Module, info: DistInfo, strategy: str = "ddp", *,
     return module
 
 
+def unwrapped_name(name: str) -> str:
+    """A parameter's name in the module the trainer built: DDP prefixes ``module.``; FSDP2 keeps
+    names as they are."""
+    return name.removeprefix("module.")
+
+
 def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     """The full (unsharded) state dict on CPU for DDP, FSDP2 or a plain module. Complete on rank
     0 (the only rank that writes); under FSDP2 other ranks get an empty dict. Collective: every

@@ -176,6 +176,7 @@ def rollout_context_len(policy, trajectories: Sequence[dict[str, Any]], *, max_n
 def sample_continuations(policy, prompt: str, prefixes: Sequence[Sequence[str]], m: int, *,
                          boundary: Any, max_new_tokens: int, temperature: float,
                          top_k: int, seed: int, chat_template: bool,
+                         top_p: float = 1.0, min_p: float = 0.0,
                          engine: Any = None) -> list[list[list[str]]]:
     """M continuations sampled by the engine (batched, KV-cached) after each prefix, each split
     into steps at ``boundary`` (`mahalo_engine.text.split_steps` with the policy's tokenizer: a
@@ -193,7 +194,7 @@ def sample_continuations(policy, prompt: str, prefixes: Sequence[Sequence[str]],
     if engine is None or engine.max_seq_len < need:
         engine = rollout_engine(policy, need)
     gens = engine.generate(flat, max_new_tokens=max_new_tokens, temperature=temperature,
-                           top_k=top_k, seed=seed)
+                           top_k=top_k, top_p=top_p, min_p=min_p, seed=seed)
     steps = [split_steps(g.text, boundary, tok) if g.text else [] for g in gens]
     return [steps[j * m:(j + 1) * m] for j in range(len(prefixes))]
 
@@ -341,6 +342,10 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                        help="tokens per sampled continuation")
         q.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
         q.add_argument("--top-k", type=int, default=0, help="0 = no truncation")
+        q.add_argument("--top-p", type=float, default=1.0,
+                       help="nucleus sampling (after --top-k), in (0, 1]; 1 = off")
+        q.add_argument("--min-p", type=float, default=0.0,
+                       help="keep tokens with probability >= P times the top token's; 0 = off")
         q.add_argument("--seed", type=int, default=0,
                        help="sampling seed: trajectory i (from 0) samples with seed + i")
         q.add_argument("--chat-template", action="store_true",
@@ -430,13 +435,19 @@ def _label_trajectories(args: argparse.Namespace, info: DistInfo) -> int:
 
     if args.m < 1:
         raise ValueError(f"--m must be >= 1, got {args.m}")
+    # Imported here with the policy: triton_kernels imports Triton (seconds), which the labelling
+    # commands without a policy need not wait for. Checked before the policy loads.
+    from triton_kernels.checks import check_sampling
+
+    check_sampling(args.temperature, args.top_k, args.seed, top_p=args.top_p, min_p=args.min_p)
     policy = load_policy(args.policy, device=info.device)
     # One engine per process, sized for every trajectory here: its caches are allocated once.
     engine = rollout_engine(policy, rollout_context_len(
         policy, trajectories, max_new_tokens=args.max_new_tokens,
         chat_template=args.chat_template))
     sampling = dict(boundary=parse_boundaries(args.boundary), max_new_tokens=args.max_new_tokens,
-                    temperature=args.temperature, top_k=args.top_k,
+                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                    min_p=args.min_p,
                     chat_template=args.chat_template, engine=engine)
     if args.cmd == "rollouts":
         step_reward = load_callable(args.step_reward) if args.step_reward is not None else None

@@ -62,6 +62,39 @@ def sequence_logps(hidden: torch.Tensor, heads: torch.Tensor, head_ids: torch.Te
     return out.index_add(0, torch.cat(where), torch.cat(parts))
 
 
+def head_diagnostics(hidden: torch.Tensor, heads: torch.Tensor, labels: torch.Tensor, *,
+                     chunk_tokens: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """What every head says about every row, from hidden states already computed (no gradient):
+
+    - ``all_logps [H,N]``: each row's summed response log-prob under each head (``sequence_logps``
+      with every row on head k, for each k);
+    - ``first_kl [N]``: the mean over ordered head pairs (i, j), i != j, of
+      KL(p_i || p_j) between the heads' next-token distributions at the row's first response
+      position (0 for one head or a row without labels).
+    """
+    with torch.no_grad():
+        hidden = hidden.detach().float()
+        heads = heads.detach().float()
+        n, h = hidden.shape[0], heads.shape[0]
+        all_logps = torch.stack([
+            sequence_logps(hidden, heads, torch.full((n,), k, dtype=torch.long, device=hidden.device),
+                           labels, chunk_tokens=chunk_tokens) for k in range(h)])
+        labelled = labels[:, 1:] != IGNORE  # position t predicts labels[:, t + 1]
+        has = labelled.any(1)
+        first = labelled.float().argmax(1)
+        x = hidden[torch.arange(n, device=hidden.device), first]  # [N,d]
+        logp = torch.einsum("nd,hvd->hnv", x, heads).log_softmax(-1)  # [H,N,V]
+        kl = torch.zeros(n, device=hidden.device)
+        if h > 1:
+            p = logp.exp()
+            for i in range(h):
+                for j in range(h):
+                    if i != j:
+                        kl += (p[i] * (logp[i] - logp[j])).sum(-1)
+            kl = torch.where(has, kl / (h * (h - 1)), torch.zeros_like(kl))
+        return all_logps, kl
+
+
 def enable_gradient_checkpointing(decoder: nn.Module) -> None:
     """Recompute each decoder layer's activations in the backward instead of storing them."""
     for layer in decoder.model.layers:
@@ -96,7 +129,14 @@ class PolicyLogps(nn.Module):
         return self.heads if self.heads is not None else self.decoder.lm_head.weight.unsqueeze(0)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-                head_ids: torch.Tensor) -> torch.Tensor:
+                head_ids: torch.Tensor, diagnostics: bool = False
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Summed log-probs ``[N]`` of each row under its head; with ``diagnostics`` also
+        `head_diagnostics` of the same hidden states (inside the forward, where FSDP2 has the
+        heads gathered)."""
         hidden = self.decoder(input_ids, attention_mask)
-        return sequence_logps(hidden, self.head_weights(), head_ids, labels,
-                              chunk_tokens=self.chunk_tokens)
+        heads = self.head_weights()
+        logps = sequence_logps(hidden, heads, head_ids, labels, chunk_tokens=self.chunk_tokens)
+        if not diagnostics:
+            return logps
+        return (logps, *head_diagnostics(hidden, heads, labels, chunk_tokens=self.chunk_tokens))

@@ -10,12 +10,19 @@ contributes nothing (its entry in ``per_objective_losses`` is 0). The ``objectiv
 lets distributed / accumulated trainers divide each objective's sum by its count over the *global*
 batch, so that a local slice contributes exactly its share.
 
+``rpo_alpha`` A adds, per objective, A × the chosen answers' negative log-likelihood under their
+own head, normalised by their token count (TRL's ``rpo_alpha``: a cross-entropy mean over the
+chosen tokens of the objective's rows; ``objective_chosen_tokens`` gives the global counts). It
+keeps the chosen answer's likelihood from falling with the rejected one's (the collapse plain DPO
+allows); A = 0 is the paper's loss.
+
 ``value_mse_loss`` with ``example_steps`` is the paper's value-PRM loss: each example's mean
 squared error over its own steps, then the mean over examples (a flat mean over all steps
 weights long examples more).
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -70,6 +77,9 @@ def mah_dpo_loss(
     alphas: Sequence[float] | torch.Tensor | None = None,
     num_objectives: int | None = None,
     objective_counts: torch.Tensor | None = None,
+    rpo_alpha: float = 0.0,
+    chosen_tokens: torch.Tensor | None = None,
+    objective_chosen_tokens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """MAH-DPO loss over a batch of preference pairs, each row belonging to one objective.
 
@@ -81,11 +91,19 @@ def mah_dpo_loss(
     ``objective_counts`` (``[H]``): divide objective i's summed loss by this count instead of its
     count in this batch (the trainers pass global-batch counts).
 
+    ``rpo_alpha`` (>= 0) with ``chosen_tokens [N]`` (response tokens of each chosen answer) adds
+    ``rpo_alpha · Σ_{rows of i} -π_c / Σ_{rows of i} tokens`` to objective i's loss; the token
+    sum is ``objective_chosen_tokens[i]`` when given (global counts, like ``objective_counts``).
+
     Returns ``(loss, per_objective_losses[H])``: the scalar ``Σ_i α_i · mean_i(L_i)`` and the
     unweighted per-objective means (0 for an objective absent from the batch).
     """
     if not isinstance(beta, (int, float)) or not beta > 0:
         raise ValueError(f"beta must be a positive number, got {beta!r}")
+    if not isinstance(rpo_alpha, (int, float)) or not (math.isfinite(rpo_alpha) and rpo_alpha >= 0):
+        raise ValueError(f"rpo_alpha must be a finite number >= 0, got {rpo_alpha!r}")
+    if rpo_alpha > 0 and chosen_tokens is None:
+        raise ValueError("rpo_alpha > 0 needs chosen_tokens (response tokens per chosen row)")
     n = _check_logps("policy_chosen_logps", policy_chosen_logps, None)
     _check_logps("policy_rejected_logps", policy_rejected_logps, n)
     _check_logps("ref_chosen_logps", ref_chosen_logps, n)
@@ -120,7 +138,27 @@ def mah_dpo_loss(
             raise ValueError(f"objective_counts {counts.tolist()} is smaller than the rows present "
                              f"in the batch {present.tolist()}")
     per_objective = torch.where(present > 0, sums / counts.clamp(min=1), torch.zeros_like(sums))
+    if rpo_alpha > 0:
+        per_objective = per_objective + rpo_alpha * _chosen_nll(
+            policy_chosen_logps, ids, h, chosen_tokens, objective_chosen_tokens, present)
     return (a * per_objective).sum(), per_objective
+
+
+def _chosen_nll(chosen_logps: torch.Tensor, ids: torch.Tensor, h: int, chosen_tokens: torch.Tensor,
+                objective_tokens: torch.Tensor | None, present: torch.Tensor) -> torch.Tensor:
+    """Per objective: the chosen answers' summed NLL over their token count ``[H]``."""
+    device = chosen_logps.device
+    tokens = torch.as_tensor(chosen_tokens, device=device).float().flatten()
+    if tokens.shape != ids.shape:
+        raise ValueError(f"chosen_tokens must have shape {tuple(ids.shape)}, got {tuple(tokens.shape)}")
+    nll = torch.zeros(h, device=device).index_add(0, ids, -chosen_logps.float())
+    if objective_tokens is None:
+        denom = torch.zeros(h, device=device).index_add(0, ids, tokens)
+    else:
+        denom = torch.as_tensor(objective_tokens, device=device).float().flatten()
+        if denom.numel() != h:
+            raise ValueError(f"objective_chosen_tokens has {denom.numel()} entries, expected {h}")
+    return torch.where(present > 0, nll / denom.clamp(min=1), torch.zeros_like(nll))
 
 
 def _reduce(x: torch.Tensor, reduction: str) -> torch.Tensor:

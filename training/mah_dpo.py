@@ -15,14 +15,26 @@ Steps (docs/design.md, with the reference implementation's costs removed):
    balanced global batches (``training.batching.BalancedBatches``), normalised by global counts so
    that any world size or micro-batching gives the same step.
 
+Optimisation knobs for heads that specialise (the paper's claim is that separation lives in the
+light heads, sharing in the backbone): ``--head-lr`` and ``--backbone-lr`` (two parameter groups;
+``--backbone-lr 0`` freezes the backbone), ``--lr-schedule``, and ``--rpo-alpha`` (an SFT term on
+each chosen answer under its own head, TRL's ``rpo_alpha``, against likelihood collapse). Every
+``--log-every`` steps the log also holds, per head, the reward accuracy and margin on every
+objective's pairs in the batch (``<head>_head_on_<objective>/...``: the cross terms show whether
+heads diverge), the chosen and rejected log-prob drift from the reference on its own pairs
+(collapse shows as both falling), and ``first_token_kl``: the mean KL between the heads'
+next-token distributions at the response's first position, all from the same forward.
+
 Output: the backbone as a Hugging Face directory (its ``lm_head`` is the heads' mean) plus
-``mahalo_heads.safetensors`` with the objective names; ``load_policy(out)`` loads it.
+``mahalo_heads.safetensors`` with the objective names; ``load_policy(out)`` loads it, and so does
+``load_policy(out/checkpoints/step-N)`` for a checkpoint written mid-run.
 """
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -37,10 +49,12 @@ from training.collate import collate_pairs, pad_id_of
 from training.encode import TokenizedPair, tokenize_pairs
 from training.logps import PolicyLogps
 from training.losses import dpo_margins, mah_dpo_loss
-from training.model_io import build_decoder, save_policy_dir, strip_prefix, untied_config
+from training.model_io import (build_decoder, save_policy_dir, strip_prefix, untied_config,
+                               write_policy_files)
 from training.readers import PreferenceData, parse_data_spec, read_preferences
 from training.ref_logps import reference_logps
-from training.trainer import Micro, Trainer, add_common_args, cli_main, describe, total_steps
+from training.trainer import (Micro, ParamGroup, Trainer, add_common_args, check_lr, cli_main,
+                              describe, total_steps)
 
 log = logging.getLogger(__name__)
 
@@ -104,8 +118,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-tokens", type=int, default=1024,
                    help="positions per log-prob chunk (bounds the float32 logits to CHUNK x V; "
                    "default 1024)")
+    p.add_argument("--rpo-alpha", type=float, default=0.0,
+                   help="add A x the chosen answer's token-mean NLL under its own head to each "
+                   "objective's loss (TRL's rpo_alpha; default 0: the paper's loss)")
     add_common_args(p, lr=5e-6, batch_size=8)
+    g = next(a for a in p._action_groups if a.title == "optimisation")
+    g.add_argument("--head-lr", type=float, default=None,
+                   help="learning rate of the heads (default --lr)")
+    g.add_argument("--backbone-lr", type=float, default=None,
+                   help="learning rate of the shared backbone (default --lr; 0 freezes it: no "
+                   "gradients, no optimizer state, the saved backbone is the input's)")
     return p
+
+
+def param_groups(args: argparse.Namespace) -> list[ParamGroup]:
+    """The heads and the backbone, each at its own learning rate (default ``--lr``); an explicit
+    0 freezes its group."""
+    out = []
+    for name, prefix, value in (("heads", "heads", args.head_lr), ("backbone", "decoder.", args.backbone_lr)):
+        if value is not None:
+            check_lr(f"--{name.rstrip('s')}-lr", value)
+        out.append(ParamGroup(name, (prefix,), args.lr if value is None else value,
+                              freeze=value == 0.0))
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,6 +148,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def train(args: argparse.Namespace, info: DistInfo, tokenizer) -> None:
+    if not (args.rpo_alpha >= 0 and args.rpo_alpha < float("inf")):
+        raise ValueError(f"--rpo-alpha must be a finite number >= 0, got {args.rpo_alpha}")
+    groups_lr = param_groups(args)
     data: PreferenceData = read_preferences(
         [parse_data_spec(s) for s in args.data],
         objectives=args.objectives.split(",") if args.objectives is not None else None)
@@ -148,8 +186,17 @@ def train(args: argparse.Namespace, info: DistInfo, tokenizer) -> None:
     run_config = {"data": sorted(args.data), "objectives": names, "batch_size": args.batch_size,
                   "seed": args.seed, "balance": args.balance, "max_length": args.max_length,
                   "max_prompt_length": args.max_prompt_length, "chat_template": args.chat_template,
-                  "truncate": args.truncate, "beta": args.beta, "alphas": alphas, "model": str(args.model)}
-    trainer = Trainer("mah_dpo", module, info, args, config=run_config)
+                  "truncate": args.truncate, "beta": args.beta, "alphas": alphas, "model": str(args.model),
+                  "rpo_alpha": args.rpo_alpha}
+    out_config = untied_config(config)
+
+    def policy_of(state: dict[str, torch.Tensor]):
+        decoder = build_decoder(out_config, strip_prefix(state, "decoder.")
+                                | {"lm_head.weight": state["heads"].mean(0)})
+        return decoder, tokenizer, state["heads"], names
+
+    trainer = Trainer("mah_dpo", module, info, args, config=run_config, groups=groups_lr,
+                      export=lambda state, d: write_policy_files(d, *policy_of(state)))
     sampler = BalancedBatches([len(g) for g in groups], args.batch_size, mode=args.balance,
                               seed=args.seed)
     steps = total_steps(args, sampler.steps_per_epoch)
@@ -157,54 +204,115 @@ def train(args: argparse.Namespace, info: DistInfo, tokenizer) -> None:
 
     def make_step(step: int) -> list[Micro]:
         rows = [groups[o][i] for o, i in sampler.batch(step)]
-        counts = torch.bincount(torch.tensor([items[g].objective for g in rows]), minlength=h)
-        return [_micro(trainer, items, ref, chunk, counts.to(info.device), pad, args.beta, alphas,
-                       info, describe([data.pairs[g].source for g in chunk]))
+        obj = torch.tensor([items[g].objective for g in rows])
+        counts = torch.bincount(obj, minlength=h)
+        # the rpo term's global normaliser: chosen tokens per objective over the global batch
+        tokens = torch.zeros(h).index_add(0, obj, torch.tensor([float(len(items[g].chosen)) for g in rows]))
+        loss = LossSpec(args.beta, alphas, counts.to(info.device), args.rpo_alpha, tokens.to(info.device))
+        return [_micro(trainer, items, ref, chunk, loss, pad, info, trainer.logs_at(step),
+                       describe([data.pairs[g].source for g in chunk]))
                 for chunk in trainer.micro_rows(rows)]
 
-    def summarize(m: dict[str, torch.Tensor]) -> dict[str, float]:
-        out = {}
-        for i, name in enumerate(names):
-            n = float(m["count"][i])
-            if n:
-                out[f"{name}/loss"] = float(m["loss_sum"][i]) / n
-                out[f"{name}/margin"] = float(m["margin_sum"][i]) / n
-                out[f"{name}/acc"] = float(m["correct"][i]) / n
-        return out
-
-    trainer.run(steps, make_step, summarize)
+    trainer.run(steps, make_step, lambda m: summarize(m, names))
     state = trainer.final_state()
     if state is not None:
-        final = build_decoder(untied_config(config), strip_prefix(state, "decoder.")
-                              | {"lm_head.weight": state["heads"].mean(0)})
-        save_policy_dir(args.out, final, tokenizer, state["heads"], names)
+        save_policy_dir(args.out, *policy_of(state))
     barrier(info)
 
 
+@dataclass(frozen=True)
+class LossSpec:
+    """The loss settings of one global batch, and its global counts."""
+
+    beta: float
+    alphas: list[float]
+    counts: torch.Tensor  # [H] pairs per objective
+    rpo_alpha: float
+    chosen_tokens: torch.Tensor  # [H] chosen-answer tokens per objective
+
+
+def summarize(m: dict[str, torch.Tensor], names: Sequence[str]) -> dict[str, float]:
+    """Globally summed metrics -> the logged means (diagnostics only on steps that have them)."""
+    out = {}
+    for i, name in enumerate(names):
+        n = float(m["count"][i])
+        if not n:
+            continue
+        out[f"{name}/loss"] = float(m["loss_sum"][i]) / n
+        out[f"{name}/margin"] = float(m["margin_sum"][i]) / n
+        out[f"{name}/acc"] = float(m["correct"][i]) / n
+        out[f"{name}/chosen_nll"] = float(m["chosen_nll_sum"][i]) / max(1.0, float(m["chosen_tokens"][i]))
+        if "cross_margin_sum" in m:
+            out[f"{name}/chosen_drift"] = float(m["chosen_drift_sum"][i]) / n
+            out[f"{name}/rejected_drift"] = float(m["rejected_drift_sum"][i]) / n
+    if "cross_margin_sum" in m:
+        for k, head in enumerate(names):
+            for j, pairs in enumerate(names):
+                n = float(m["count"][j])
+                if n:
+                    out[f"{head}_head_on_{pairs}/reward_acc"] = float(m["cross_correct"][k, j]) / n
+                    out[f"{head}_head_on_{pairs}/margin"] = float(m["cross_margin_sum"][k, j]) / n
+        out["first_token_kl"] = float(m["first_kl_sum"]) / max(1.0, float(m["count"].sum()))
+    return out
+
+
 def _micro(trainer: Trainer, items: Sequence[TokenizedPair], ref: torch.Tensor, rows: list[int],
-           counts: torch.Tensor, pad: int, beta: float, alphas: list[float], info: DistInfo,
-           desc: str) -> Micro:
+           spec: LossSpec, pad: int, info: DistInfo, diagnostics: bool, desc: str) -> Micro:
     def run() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         batch = collate_pairs([items[g] for g in rows], pad).to(info.device)
         n = len(rows)
-        logps = trainer.module(batch.input_ids, batch.attention_mask, batch.labels, batch.head_ids)
+        out = trainer.module(batch.input_ids, batch.attention_mask, batch.labels, batch.head_ids,
+                             diagnostics=diagnostics)
+        logps = out[0] if diagnostics else out
         idx = torch.tensor(rows, device=info.device)
         obj = batch.head_ids[:n]
         ref_c, ref_r = ref[idx, 0], ref[idx, 1]
-        loss, _ = mah_dpo_loss(logps[:n], logps[n:], ref_c, ref_r, obj, beta=beta, alphas=alphas,
-                               objective_counts=counts)
+        tokens = torch.tensor([float(len(items[g].chosen)) for g in rows], device=info.device)
+        loss, _ = mah_dpo_loss(logps[:n], logps[n:], ref_c, ref_r, obj, beta=spec.beta,
+                               alphas=spec.alphas, objective_counts=spec.counts,
+                               rpo_alpha=spec.rpo_alpha, chosen_tokens=tokens,
+                               objective_chosen_tokens=spec.chosen_tokens)
         with torch.no_grad():
-            margins = dpo_margins(logps[:n], logps[n:], ref_c, ref_r)
-            h = len(alphas)
-            metrics = {
-                "loss_sum": torch.zeros(h, device=info.device).index_add(0, obj, -F.logsigmoid(beta * margins)),
-                "margin_sum": torch.zeros(h, device=info.device).index_add(0, obj, beta * margins),
-                "correct": torch.zeros(h, device=info.device).index_add(0, obj, (margins > 0).float()),
-                "count": torch.bincount(obj, minlength=h).float(),
-            }
+            metrics = pair_metrics(logps[:n], logps[n:], ref_c, ref_r, obj, tokens, spec.beta,
+                                   len(spec.alphas))
+            if diagnostics:
+                metrics |= cross_head_metrics(out[1], out[2], ref_c, ref_r, obj, spec.beta)
         return loss * info.world_size, metrics
 
     return Micro(run, desc)
+
+
+def pair_metrics(chosen: torch.Tensor, rejected: torch.Tensor, ref_c: torch.Tensor,
+                 ref_r: torch.Tensor, obj: torch.Tensor, tokens: torch.Tensor, beta: float,
+                 h: int) -> dict[str, torch.Tensor]:
+    """Per-objective sums over a micro-batch's pairs, each on its own head."""
+    margins = dpo_margins(chosen, rejected, ref_c, ref_r)
+    z = torch.zeros(h, device=chosen.device)
+    return {"loss_sum": z.index_add(0, obj, -F.logsigmoid(beta * margins)),
+            "margin_sum": z.index_add(0, obj, beta * margins),
+            "correct": z.index_add(0, obj, (margins > 0).float()),
+            "count": torch.bincount(obj, minlength=h).float(),
+            "chosen_nll_sum": z.index_add(0, obj, -chosen.float()),
+            "chosen_tokens": z.index_add(0, obj, tokens.float())}
+
+
+def cross_head_metrics(all_logps: torch.Tensor, first_kl: torch.Tensor, ref_c: torch.Tensor,
+                       ref_r: torch.Tensor, obj: torch.Tensor, beta: float) -> dict[str, torch.Tensor]:
+    """Sums for the specialisation diagnostics: ``cross_*[k, j]`` is head k on objective j's pairs
+    (reward accuracy count, β-margin sum); drifts are each head's ``π - ref`` on its own pairs;
+    ``first_kl_sum`` sums `head_diagnostics`' first-position KL over the pairs (a pair's two rows
+    share the prompt, so its chosen row stands for it)."""
+    h, n = all_logps.shape[0], obj.shape[0]
+    chosen, rejected = all_logps[:, :n], all_logps[:, n:]
+    margins = (chosen - ref_c) - (rejected - ref_r)  # [H, n]
+    z = torch.zeros(h, h, device=all_logps.device)
+    own = chosen.gather(0, obj[None])[0], rejected.gather(0, obj[None])[0]
+    zh = torch.zeros(h, device=all_logps.device)
+    return {"cross_correct": z.index_add(1, obj, (margins > 0).float()),
+            "cross_margin_sum": z.index_add(1, obj, beta * margins),
+            "chosen_drift_sum": zh.index_add(0, obj, own[0] - ref_c),
+            "rejected_drift_sum": zh.index_add(0, obj, own[1] - ref_r),
+            "first_kl_sum": first_kl[:n].sum()}
 
 
 if __name__ == "__main__":

@@ -65,14 +65,14 @@ def build_decoder(config: ModelConfig, state: dict[str, torch.Tensor]) -> Decode
     return model
 
 
-def save_policy_dir(out_dir: str | Path, model: Decoder, tokenizer, heads: torch.Tensor | None = None,
-                    objectives: list[str] | None = None) -> Path:
-    """Publish ``model`` (+ ``mahalo_heads.safetensors`` when ``heads`` is given) into ``out_dir``.
+def write_policy_files(out_dir: str | Path, model: Decoder, tokenizer, heads: torch.Tensor | None = None,
+                       objectives: list[str] | None = None) -> None:
+    """Write ``model`` (+ ``mahalo_heads.safetensors`` when ``heads`` is given) into ``out_dir``
+    as the Hugging Face directory ``load_policy`` reads (not atomic: see `save_policy_dir`).
 
     With heads the saved ``lm_head`` is their mean (the untied model's uniform mix, which is what
     ``load_policy`` gives with ``head_weights=None``), so plain transformers loads the default
-    mixed policy. Files are staged and moved in one by one with ``os.replace``.
-    """
+    mixed policy."""
     if heads is not None:
         if objectives is None:
             raise ValueError("objectives are required with heads")
@@ -80,11 +80,18 @@ def save_policy_dir(out_dir: str | Path, model: Decoder, tokenizer, heads: torch
             raise ValueError("a multi-head policy needs an untied backbone (untied_config)")
         with torch.no_grad():
             model.lm_head.weight.copy_(heads.float().mean(0))
+    save_checkpoint(out_dir, model, tokenizer)
+    if heads is not None:
+        save_heads(Path(out_dir) / "mahalo_heads.safetensors", heads.float(), objectives)
+
+
+def save_policy_dir(out_dir: str | Path, model: Decoder, tokenizer, heads: torch.Tensor | None = None,
+                    objectives: list[str] | None = None) -> Path:
+    """`write_policy_files` into a staging directory, then move the files into ``out_dir`` one by
+    one with ``os.replace`` (each appears whole or not at all)."""
     tmp = staging_dir(out_dir)
     try:
-        save_checkpoint(tmp, model, tokenizer)
-        if heads is not None:
-            save_heads(tmp / "mahalo_heads.safetensors", heads.float(), objectives)
+        write_policy_files(tmp, model, tokenizer, heads, objectives)
     except BaseException:
         import shutil
 

@@ -124,7 +124,14 @@ def train(args: argparse.Namespace, info: DistInfo, tokenizer) -> None:
     torch.manual_seed(args.seed)  # the head's init
     head = ValueHead(config.hidden_size, args.head, args.mlp_hidden, objectives).to(info.device)
     module = ValueTraining(decoder, head, args.train_backbone)
-    trainer = Trainer("prm", module, info, args,
+
+    def write_prm(state: dict[str, torch.Tensor], d: Path) -> None:
+        final_head = ValueHead(config.hidden_size, args.head, args.mlp_hidden, objectives)
+        final_head.load_state_dict(strip_prefix(state, "value_head."))
+        save_prm(d, build_decoder(config, strip_prefix(state, "decoder.")), final_head,
+                 KIND_OF_LOSS[args.loss], tokenizer)
+
+    trainer = Trainer("prm", module, info, args, export=write_prm,
                       config={"data": str(args.data), "loss": args.loss, "batch_size": args.batch_size,
                               "seed": args.seed, "max_length": args.max_length,
                               "max_prompt_length": args.max_prompt_length,
@@ -154,10 +161,10 @@ def train(args: argparse.Namespace, info: DistInfo, tokenizer) -> None:
     trainer.run(steps, make_step, summarize)
     state = trainer.final_state()
     if state is not None:
-        final_head = ValueHead(config.hidden_size, args.head, args.mlp_hidden, objectives)
-        final_head.load_state_dict(strip_prefix(state, "value_head."))
-        _save(args.out, build_decoder(config, strip_prefix(state, "decoder.")), final_head,
-              KIND_OF_LOSS[args.loss], tokenizer)
+        tmp = staging_dir(args.out)
+        write_prm(state, tmp)
+        publish_files(tmp, args.out)
+        log.info("saved PRM (%s) to %s", KIND_OF_LOSS[args.loss], args.out)
     barrier(info)
 
 
@@ -170,13 +177,6 @@ def _objectives(args: argparse.Namespace) -> list[str] | None:
     if not all(names) or len(set(names)) != len(names):
         raise ValueError(f"--objectives must be distinct comma-separated names, got {args.objectives!r}")
     return names
-
-
-def _save(out: Path, decoder, head: ValueHead, kind: str, tokenizer) -> None:
-    tmp = staging_dir(out)
-    save_prm(tmp, decoder, head, kind, tokenizer)
-    publish_files(tmp, out)
-    log.info("saved PRM (%s) to %s", kind, out)
 
 
 def _micro(trainer: Trainer, items, rows: list[int], global_count: int, loss_kind: str, pad: int,

@@ -21,7 +21,7 @@ from training.collate import collate, pad_id_of
 from training.encode import tokenize_sft
 from training.readers import read_sft
 from training.logps import PolicyLogps
-from training.model_io import build_decoder, save_policy_dir, strip_prefix
+from training.model_io import build_decoder, save_policy_dir, strip_prefix, write_policy_files
 from training.trainer import Micro, Trainer, add_common_args, cli_main, describe, total_steps
 
 log = logging.getLogger(__name__)
@@ -55,11 +55,15 @@ def train(args: argparse.Namespace, info: DistInfo, tokenizer) -> None:
     decoder = load_decoder(args.model, dtype=torch.float32, device=info.device)
     config = decoder.config
     pad = pad_id_of(tokenizer, config.pad_token_id)
+    def policy_of(state: dict[str, torch.Tensor]):
+        return build_decoder(config, strip_prefix(state, "decoder."))
+
     trainer = Trainer("sft", PolicyLogps(decoder, chunk_tokens=args.chunk_tokens), info, args,
                       config={"data": str(args.data), "batch_size": args.batch_size, "seed": args.seed,
                               "max_length": args.max_length, "chat_template": args.chat_template,
                               "max_prompt_length": args.max_prompt_length, "truncate": args.truncate,
-                              "model": str(args.model)})
+                              "model": str(args.model)},
+                      export=lambda state, d: write_policy_files(d, policy_of(state), tokenizer))
     steps_per_epoch = len(items) // args.batch_size
     steps = total_steps(args, steps_per_epoch)
 
@@ -76,7 +80,7 @@ def train(args: argparse.Namespace, info: DistInfo, tokenizer) -> None:
     trainer.run(steps, make_step, summarize)
     state = trainer.final_state()
     if state is not None:
-        save_policy_dir(args.out, build_decoder(config, strip_prefix(state, "decoder.")), tokenizer)
+        save_policy_dir(args.out, policy_of(state), tokenizer)
     barrier(info)
 
 

@@ -3,11 +3,15 @@
 A trainer supplies, for each global step, one ``Micro`` per micro-batch of this rank: a closure
 returning ``(loss, metric sums)`` where ``loss`` is already normalised by *global* counts and
 multiplied by the world size (DDP/FSDP2 average gradients over ranks). This module owns the rest:
-optimizer (RMSprop, the paper's choice, or AdamW) and linear warmup, gradient accumulation
+optimizer (RMSprop, the paper's choice, or AdamW) with named parameter groups (a group at lr 0 is
+frozen: no gradients, no optimizer state), linear warmup then a constant, linear or cosine
+schedule, gradient accumulation
 (``no_sync`` until the last micro-batch), bf16 autocast on CUDA, gradient clipping, the
 non-finite-loss stop, metric reduction and logging (a tqdm bar on rank 0 plus ``log.jsonl``),
-periodic atomic checkpoints, ``--resume`` / ``--overwrite``, and the graceful stop: on SIGINT or
-SIGTERM the current optimizer step finishes, a checkpoint is written and the run ends with
+periodic atomic checkpoints (each also holding the trainer's exported artefact, e.g. a policy
+directory ``load_policy`` reads, when the trainer gives an ``export``), ``--resume`` /
+``--overwrite``, and the graceful stop: on SIGINT or SIGTERM, or once ``--max-minutes`` have
+passed, the current optimizer step finishes, a checkpoint is written and the run ends with
 ``interrupted at step N; resume with --resume`` (exit code 130; a second signal stops at once).
 ``cli_main`` is the trainers' common entry point (process group, ``--out`` check, seeding,
 tokenizer), run under the project's CLI error policy (``mahalo_engine.utils.cli``).
@@ -18,6 +22,7 @@ import argparse
 import contextlib
 import json
 import logging
+import math
 import shutil
 import signal
 import time
@@ -42,6 +47,38 @@ log = logging.getLogger(__name__)
 # Arguments that must not change between a run and its --resume (they define the batches).
 RESUME_KEYS = ("data", "batch_size", "seed", "balance", "max_length", "max_prompt_length",
                "chat_template", "objectives", "loss", "step_separator", "truncate")
+# Arguments that fix the learning-rate path: the optimizer and scheduler states restored on
+# --resume hold the old values, so a change would be silently ignored; it is refused instead.
+LR_KEYS = ("lr_groups", "lr_schedule", "min_lr_ratio", "warmup_steps")
+SCHEDULES = ("constant", "linear", "cosine")
+
+
+def lr_factor(step: int, *, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
+    """The multiple of the peak learning rate used by optimizer step ``step`` (0-based): linear
+    warmup over ``warmup`` steps, then ``schedule`` from 1 down to ``min_ratio`` at step ``total``
+    (``constant`` stays at 1: the paper's schedule)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if schedule == "linear":
+        return 1.0 - (1.0 - min_ratio) * progress
+    if schedule == "cosine":
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    raise ValueError(f"lr schedule must be one of {SCHEDULES}, got {schedule!r}")
+
+
+@dataclass(frozen=True)
+class ParamGroup:
+    """Parameters whose (unwrapped) names start with one of ``prefixes`` train at ``lr``.
+    ``freeze`` (a user's explicit lr 0) turns ``requires_grad`` off before wrapping: no gradients,
+    no optimizer state. (``--lr 0`` alone runs steps that change nothing: the loss at the start.)"""
+
+    name: str
+    prefixes: tuple[str, ...]
+    lr: float
+    freeze: bool = False
 
 
 def add_common_args(p: argparse.ArgumentParser, *, lr: float, batch_size: int,
@@ -53,7 +90,12 @@ def add_common_args(p: argparse.ArgumentParser, *, lr: float, batch_size: int,
                    help=f"default {optimizer}")
     g.add_argument("--weight-decay", type=float, default=0.0, help="default 0")
     g.add_argument("--warmup-steps", type=int, default=0,
-                   help="linear warmup steps, then constant lr (the paper: 150)")
+                   help="linear warmup steps, then --lr-schedule (the paper: 150, then constant)")
+    g.add_argument("--lr-schedule", choices=SCHEDULES, default="constant",
+                   help="after the warmup: constant (default, the paper's), or linear / cosine "
+                   "decay to --min-lr-ratio x the peak at the last step")
+    g.add_argument("--min-lr-ratio", type=float, default=0.0,
+                   help="final lr / peak lr of the linear and cosine schedules (default 0)")
     g.add_argument("--max-grad-norm", type=float, default=10.0,
                    help="gradient clipping norm (default 10, the paper's); 0 disables")
     g.add_argument("--batch-size", type=int, default=batch_size,
@@ -100,6 +142,9 @@ def add_common_args(p: argparse.ArgumentParser, *, lr: float, batch_size: int,
                    "start afresh")
     r.add_argument("--log-every", type=int, default=1,
                    help="log every N-th step's metrics to log.jsonl and the progress bar")
+    r.add_argument("--max-minutes", type=float, default=None,
+                   help="wall-clock limit: after the step that passes it, write a checkpoint and "
+                   "stop as on Ctrl-C (exit 130; continue with --resume)")
     add_debug_flag(p)
 
 
@@ -117,7 +162,19 @@ def finish_args(args: argparse.Namespace) -> argparse.Namespace:
             raise ValueError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
     if not args.epochs > 0:
         raise ValueError(f"--epochs must be positive, got {args.epochs}")
+    check_lr("--lr", args.lr)
+    if not 0.0 <= args.min_lr_ratio <= 1.0:
+        raise ValueError(f"--min-lr-ratio must lie in [0, 1], got {args.min_lr_ratio}")
+    if args.max_minutes is not None and not (math.isfinite(args.max_minutes) and args.max_minutes > 0):
+        raise ValueError(f"--max-minutes must be a positive number, got {args.max_minutes}")
     return args
+
+
+def check_lr(flag: str, value: float) -> float:
+    """A learning rate must be finite and >= 0 (0 freezes its parameters)."""
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"{flag} must be a finite number >= 0, got {value}")
+    return value
 
 
 RUN_FILES = ("log.jsonl", "checkpoints")  # what marks --out as holding a run
@@ -196,25 +253,45 @@ class Micro:
 
 
 class Trainer:
+    """``groups``: named parameter groups with their own learning rates (default: every parameter
+    at ``--lr``); a parameter no group names trains at ``--lr``. ``export(state, dir)`` writes the
+    trained artefact (e.g. a policy directory) from the module's full state dict into ``dir``:
+    each checkpoint holds one, so mid-run checkpoints load like the final output."""
+
     def __init__(self, name: str, module: nn.Module, info: DistInfo, args: argparse.Namespace,
-                 *, config: dict[str, Any]) -> None:
+                 *, config: dict[str, Any], groups: Sequence[ParamGroup] = (),
+                 export: Callable[[dict[str, torch.Tensor], Path], None] | None = None) -> None:
         self.name, self.info, self.args = name, info, args
         self.out = Path(args.out)
-        self.config = config
+        self.export = export
+        self.num_steps: int | None = None
         self.bf16 = info.device.type == "cuda" and args.bf16
+        for g in groups:
+            check_lr(f"the {g.name} group's lr", g.lr)
+        self.config = {**config, "lr_groups": {g.name: g.lr for g in groups} or {"all": args.lr},
+                       **{k: getattr(args, k) for k in LR_KEYS if k != "lr_groups"}}
+        frozen = tuple(pre for g in groups if g.freeze for pre in g.prefixes)
+        for n, p in module.named_parameters():  # frozen before wrapping: DDP/FSDP2 then skip them
+            if frozen and n.startswith(frozen):
+                p.requires_grad_(False)
         if args.gradient_checkpointing:
             enable_gradient_checkpointing(module.decoder)
         self.module = D.wrap_model(module, info, args.strategy, mixed_precision=self.bf16)
-        params = [p for p in self.module.parameters() if p.requires_grad]
-        if not params:
+        by_group: dict[str, tuple[float, list[nn.Parameter]]] = {}
+        for n, p in self.module.named_parameters():
+            if p.requires_grad:
+                gname, lr = _group_of(D.unwrapped_name(n), groups, args.lr)
+                by_group.setdefault(gname, (lr, []))[1].append(p)
+        if not by_group:
             raise ValueError("nothing to train: every parameter is frozen")
+        param_groups = [{"params": ps, "lr": lr, "name": g} for g, (lr, ps) in by_group.items()]
         if args.optimizer == "rmsprop":
-            self.optimizer = torch.optim.RMSprop(params, lr=args.lr, weight_decay=args.weight_decay)
+            self.optimizer = torch.optim.RMSprop(param_groups, lr=args.lr, weight_decay=args.weight_decay)
         else:
-            self.optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-        warm = args.warmup_steps
+            self.optimizer = torch.optim.AdamW(param_groups, lr=args.lr, weight_decay=args.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: min(1.0, (s + 1) / warm) if warm > 0 else 1.0)
+            self.optimizer, lambda s: lr_factor(s, warmup=args.warmup_steps, total=self.num_steps or 1,
+                                                schedule=args.lr_schedule, min_ratio=args.min_lr_ratio))
         self.start_step = 0
         if args.resume:
             self._resume()
@@ -245,8 +322,10 @@ class Trainer:
             raise ValueError(f"{path} was written by {state.get('trainer')!r}, not {self.name!r}")
         saved = state.get("config", {})
         changed = [k for k in RESUME_KEYS if saved.get(k) != self.config.get(k)]
+        # (a checkpoint from before the learning-rate keys were stored has none to compare)
+        changed += [k for k in LR_KEYS if k in saved and saved[k] != self.config.get(k)]
         if changed:
-            diffs = ", ".join(f"{k} was {saved.get(k)!r}, now {self.config.get(k)!r}" for k in changed)
+            diffs = ", ".join(_describe_change(k, saved.get(k), self.config.get(k)) for k in changed)
             raise ValueError(f"--resume from {path}: {diffs}")
         D.load_full_state_dict(self.module, model_state)
         D.load_optimizer_state(self.module, self.optimizer, state["optimizer"])
@@ -265,10 +344,11 @@ class Trainer:
         model_state = D.full_state_dict(self.module)
         optim_state = D.full_optimizer_state(self.module, self.optimizer)
         if self.info.is_main:
+            extra = None if self.export is None else (lambda d: self.export(model_state, d))
             ckpt.save_checkpoint(self.out, step, model_state,
                                  {"trainer": self.name, "config": self.config,
                                   "optimizer": optim_state, "scheduler": self.scheduler.state_dict()},
-                                 keep=self.args.keep_checkpoints)
+                                 keep=self.args.keep_checkpoints, extra=extra)
         barrier(self.info)
 
     # -- the loop ---------------------------------------------------------------------------------
@@ -305,8 +385,14 @@ class Trainer:
             summarize: Callable[[dict[str, torch.Tensor]], dict[str, float]]) -> None:
         """Steps ``start_step .. num_steps-1``; ``summarize`` turns globally summed metrics into
         the logged numbers."""
-        with GracefulStop(self.info) as stop:
+        self.num_steps = num_steps
+        with GracefulStop(self.info, self.args.max_minutes) as stop:
             self._run(num_steps, make_step, summarize, stop)
+
+    def logs_at(self, step: int) -> bool:
+        """Whether step ``step`` (0-based) is logged: every ``--log-every``-th and the last one
+        (micro-batches compute their diagnostics only then)."""
+        return (step + 1) % self.args.log_every == 0 or step + 1 == self.num_steps
 
     def _run(self, num_steps: int, make_step: Callable[[int], Sequence[Micro]],
              summarize: Callable[[dict[str, torch.Tensor]], dict[str, float]],
@@ -333,12 +419,12 @@ class Trainer:
             if self.args.max_grad_norm > 0:
                 grad_norm = torch.nn.utils.clip_grad_norm_(
                     [p for p in self.module.parameters() if p.requires_grad], self.args.max_grad_norm)
-            lr = self.scheduler.get_last_lr()[0]  # the rate this step used
+            lrs = self.scheduler.get_last_lr()  # the rates this step used
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
 
-            if (step + 1) % self.args.log_every == 0 or step + 1 == num_steps:
+            if self.logs_at(step):
                 packed = torch.cat([total.reshape(1)] + [sums[k].float().reshape(-1) for k in sorted(sums)])
                 D.all_reduce_sum(packed, self.info)
                 out, i = {}, 1
@@ -346,7 +432,9 @@ class Trainer:
                     n = sums[k].numel()
                     out[k] = packed[i:i + n].reshape(sums[k].shape)
                     i += n
-                record = {"step": step + 1, "loss": float(packed[0]), "lr": lr,
+                record = {"step": step + 1, "loss": float(packed[0]), "lr": lrs[0],
+                          **({f"lr/{g['name']}": r for g, r in zip(self.optimizer.param_groups, lrs)}
+                             if len(lrs) > 1 else {}),
                           **summarize(out), "step_time_s": time.perf_counter() - t0}
                 if grad_norm is not None:
                     record["grad_norm"] = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor")
@@ -361,7 +449,7 @@ class Trainer:
             if stop.requested() and step + 1 < num_steps:
                 bar.close()
                 self.save(step + 1)
-                raise Interrupted(f"interrupted at step {step + 1}; resume with --resume")
+                raise Interrupted(f"{stop.reason()} at step {step + 1}; resume with --resume")
             if self.args.save_every and (step + 1) % self.args.save_every == 0 and step + 1 < num_steps:
                 self.save(step + 1)
         bar.close()
@@ -372,14 +460,18 @@ class Trainer:
 class GracefulStop:
     """While active, SIGINT/SIGTERM only set a flag that ``requested()`` reports (summed over
     ranks, so every rank stops after the same step); the first signal restores the previous
-    handlers, so a second one stops the process at once."""
+    handlers, so a second one stops the process at once. ``max_minutes`` sets the flag too once
+    that much wall time has passed since ``__enter__``."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self, info: DistInfo) -> None:
+    def __init__(self, info: DistInfo, max_minutes: float | None = None) -> None:
         self.info = info
         self.flag = False
         self.previous: dict[int, Any] = {}
+        self.max_minutes = max_minutes
+        self.deadline: float | None = None
+        self.timed_out = False
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.flag = True
@@ -394,6 +486,8 @@ class GracefulStop:
         self.previous = {}
 
     def __enter__(self) -> "GracefulStop":
+        if self.max_minutes is not None:
+            self.deadline = time.monotonic() + 60.0 * self.max_minutes
         try:
             for s in self.SIGNALS:
                 self.previous[s] = signal.signal(s, self._handle)
@@ -405,10 +499,29 @@ class GracefulStop:
         self._restore()
 
     def requested(self) -> bool:
+        if self.deadline is not None and not self.flag and time.monotonic() >= self.deadline:
+            self.flag = self.timed_out = True
         if not self.info.distributed:
             return self.flag
         flag = torch.tensor([float(self.flag)], device=self.info.device)
         return D.all_reduce_sum(flag, self.info).item() > 0
+
+    def reason(self) -> str:
+        return f"stopped by --max-minutes {self.max_minutes:g}" if self.timed_out else "interrupted"
+
+
+def _group_of(name: str, groups: Sequence[ParamGroup], default_lr: float) -> tuple[str, float]:
+    for g in groups:
+        if name.startswith(g.prefixes):
+            return g.name, g.lr
+    return "default", default_lr
+
+
+def _describe_change(key: str, was: Any, now: Any) -> str:
+    if key == "lr_groups" and isinstance(was, dict) and isinstance(now, dict):
+        return ", ".join(f"{g} lr was {was.get(g)!r}, now {now.get(g)!r}"
+                         for g in sorted(set(was) | set(now)) if was.get(g) != now.get(g))
+    return f"{key} was {was!r}, now {now!r}"
 
 
 def describe(sources: Sequence[str], limit: int = 6) -> str:

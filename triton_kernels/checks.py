@@ -12,7 +12,8 @@ import torch
 
 from triton_kernels.argcheck import is_int, is_real
 
-MAX_TOP_K = 128  # per-tile top-k keeps at most this many candidates per row (power of two)
+MAX_TOP_K = 128  # the fused top-k candidates path keeps at most this many per row (power of two);
+# a larger top_k takes the exact threshold path (triton_kernels.multihead.kernels, MODE_FILTER)
 LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _MAX_SEED = 2**63  # Philox key is 64 bits; int64 tensors hold [0, 2**63)
 
@@ -114,17 +115,43 @@ def check_temperature(temperature: float | torch.Tensor, batch: int,
         raise ValueError(f"temperature must be finite and >= 0 (0 = greedy), got {temperature!r}")
 
 
+def check_probability(name: str, value: float | torch.Tensor, low: float, high: float,
+                      low_open: bool, batch: int, device: torch.device | None) -> None:
+    """``top_p``/``min_p``: a finite real number in ``(low, high]`` (``[low, high]`` unless
+    ``low_open``), or (``device`` given) a float32 tensor on ``device`` of shape ``[]``/``[1]``
+    (every row) or ``[batch]`` (per row), whose values are read on the device only (like a
+    temperature tensor's: out-of-range entries are the caller's bug)."""
+    if isinstance(value, torch.Tensor) and device is not None:
+        if (value.dtype != torch.float32 or value.device != device
+                or tuple(value.shape) not in ((), (1,), (batch,))):
+            raise ValueError(f"{name} tensor must be float32 of shape [], [1] or [{batch}] on "
+                             f"{device}, got {value.dtype} shape {list(value.shape)} on "
+                             f"{value.device}")
+        return
+    bounds = f"{'(' if low_open else '['}{low:g}, {high:g}]"
+    if not is_real(value):
+        kinds = "a real number" if device is None else "a real number or a float32 tensor"
+        raise ValueError(f"{name} must be {kinds} in {bounds}, got {value!r}")
+    if (not math.isfinite(float(value)) or value > high or value < low
+            or (low_open and value == low)):
+        raise ValueError(f"{name} must be a finite number in {bounds}, got {value!r}")
+
+
 def check_sampling(temperature: float | torch.Tensor, top_k: int, seed: int | torch.Tensor,
                    offset: int | torch.Tensor | None = None, device: torch.device | None = None,
-                   batch: int = 1) -> None:
+                   batch: int = 1, top_p: float | torch.Tensor = 1.0,
+                   min_p: float | torch.Tensor = 0.0) -> None:
     """The sampling options of every layer (kernels, engine, search config): ``check_temperature``;
-    0 <= top_k <= MAX_TOP_K; seed/offset ints in [0, 2**63) or 1-element int64 tensors on
-    ``device`` (read on the device, so a CUDA graph replay sees their new values). ``device`` None
-    accepts numbers only."""
+    top_k an int >= 0 (0 = no truncation; any k, k >= V keeps every token); top_p in (0, 1]
+    (1 = no nucleus filter) and min_p in [0, 1] (0 = none), numbers or float32 device tensors like
+    the temperature; seed/offset ints in [0, 2**63) or 1-element int64 tensors on ``device`` (read
+    on the device, so a CUDA graph replay sees their new values). ``device`` None accepts numbers
+    only."""
     check_temperature(temperature, batch, device)
-    if not is_int(top_k) or not 0 <= top_k <= MAX_TOP_K:
-        raise ValueError(f"top_k must be an int in [0, {MAX_TOP_K}] (0 = no truncation; the fused "
-                         f"sampler keeps at most {MAX_TOP_K} candidates per row), got {top_k!r}")
+    if not is_int(top_k) or top_k < 0:
+        raise ValueError(f"top_k must be an int >= 0 (0 = no truncation), got {top_k!r}")
+    check_probability("top_p", top_p, 0.0, 1.0, True, batch, device)
+    check_probability("min_p", min_p, 0.0, 1.0, False, batch, device)
     for name, value in (("seed", seed), ("offset", offset)):
         if value is None and name == "offset":
             continue

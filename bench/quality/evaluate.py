@@ -1,5 +1,7 @@
 """Evaluation of the trained artefacts on held-out (``test``) problems: plain sampling, PRM-guided
-step search and best-of-K, every configuration with the same sampling settings, for each seed.
+step search and best-of-K, every configuration with the same sampling settings, for each seed;
+the baselines' fronts beside MAH-DPO's: DPO Soups (one policy per λ) and the logit ensemble of the
+two single-head DPO models (`bench.quality.ensemble`).
 
 Each answer becomes one generations row (``config, seed, problem_id, question, gold, text, pred,
 correct, style_score, tokens``); a configuration's metrics are means over its rows, so they can be
@@ -14,6 +16,7 @@ from typing import Any, Callable
 
 import torch
 
+from bench.quality.ensemble import LogitEnsemble
 from bench.quality.settings import QualityConfig
 from bench.quality.pipeline import SAMPLING_BOUNDARY, Artefacts, prompt_of
 from bench.quality.task import Problem, extract_answer, style_score, verify
@@ -30,12 +33,13 @@ class Spec:
 
     mode: ``sample`` (``Engine.generate``), ``search`` (``Engine.search`` with K candidates scored by
     the PRM weighted by ``prm``), ``best_of_k`` (K samples, the PRM's score of each whole answer
-    picks one) or ``search_reencode`` (``search`` with a scorer that re-encodes every candidate's
-    whole sequence: the cost baseline).
+    picks one), ``search_reencode`` (``search`` with a scorer that re-encodes every candidate's
+    whole sequence: the cost baseline) or ``ensemble`` (the logit ensemble of DPO[acc] and
+    DPO[style], weights ``head_weights``).
     """
 
     config: str
-    policy: str  # sft | dpo_acc | dpo_style | mah_dpo
+    policy: str  # sft | dpo_acc | dpo_style | mah_dpo | soup:<λ> | ensemble
     head_weights: tuple[float, ...] | None = None
     mode: str = "sample"
     prm: Any = None  # objective weights of the multi-objective PRM: a name or {name: weight}
@@ -56,6 +60,13 @@ def specs(cfg: QualityConfig) -> list[Spec]:
         tag = ("C",) if w in (0.0, 0.5, 1.0) else ()
         out.append(Spec(f"mah w_acc={w:.1f} +prm", "mah_dpo", (w, 1.0 - w), "search",
                         {"acc": w, "style": 1.0 - w}, table=("sweep",) + tag))
+    for w in cfg.sweep:
+        tag = ("A",) if w in (0.0, 0.5, 1.0) else ()
+        out.append(Spec(f"soup λ={w:.1f}", f"soup:{w}", table=("soup",) + tag))
+    for w in cfg.sweep:
+        tag = ("A",) if w in (0.0, 0.5, 1.0) else ()
+        out.append(Spec(f"ensemble w_acc={w:.1f}", "ensemble", (w, 1.0 - w), "ensemble",
+                        table=("ensemble",) + tag))
     out += [
         Spec("sft +search prm[acc]", "sft", mode="search", prm="acc", table=("B",)),
         Spec("sft +search prm[style]", "sft", mode="search", prm="style", table=("B",)),
@@ -79,10 +90,12 @@ class Evaluator:
         self.cfg = cfg
         self.prm = load_prm(art.prm)
         self.engines: dict[str, Any] = {}
-        for name, path in (("sft", art.sft), ("dpo_acc", art.dpo_acc),
-                           ("dpo_style", art.dpo_style), ("mah_dpo", art.mah_dpo)):
+        paths = {"sft": art.sft, "dpo_acc": art.dpo_acc, "dpo_style": art.dpo_style,
+                 "mah_dpo": art.mah_dpo, **{f"soup:{lam}": p for lam, p in art.soups.items()}}
+        for name, path in paths.items():
             self.engines[name] = Engine(load_policy(path), max_batch=max_batch,
                                         max_seq_len=MAX_SEQ_LEN, cuda_graphs=False)
+        self.ensemble = LogitEnsemble(self.engines["dpo_acc"].policy, self.engines["dpo_style"].policy)
 
     def _search_config(self, scorer: Any, seed: int):
         c = self.cfg
@@ -93,11 +106,16 @@ class Evaluator:
 
     def run(self, spec: Spec, problems: list[Problem], seed: int) -> tuple[list[dict], float]:
         """(generations rows, wall seconds) of ``spec`` on ``problems``."""
-        engine = self.engines[spec.policy]
         prompts = [prompt_of(p) for p in problems]
         hw = list(spec.head_weights) if spec.head_weights is not None else None
         c = self.cfg
         t0 = time.perf_counter()
+        if spec.mode == "ensemble":
+            answers = self.ensemble.generate(prompts, hw[0], max_new_tokens=c.max_new_tokens,
+                                             temperature=c.temperature, top_k=c.top_k, seed=seed)
+            return ([generation_row(spec.config, seed, p, text, len(ids))
+                     for p, (text, ids) in zip(problems, answers)], time.perf_counter() - t0)
+        engine = self.engines[spec.policy]
         if spec.mode == "sample":
             gens = engine.generate(prompts, head_weights=hw, max_new_tokens=c.max_new_tokens,
                                    temperature=c.temperature, top_k=c.top_k, seed=seed)

@@ -6,8 +6,12 @@
    accuracy reaches the target (else the best one) is kept.
 2. ``pairs``: the SFT policy's own samples on the preference split, scored by the verifier (acc)
    and the noisy style judge, turned into per-objective TRL pairs.
-3. ``dpo_acc`` / ``dpo_style`` / ``mah_dpo``: ``python -m training.mah_dpo`` with one objective
-   (single-head DPO) or both (MAH-DPO, 2 heads, equal α), same pairs, steps and settings.
+3. ``runs/<name>``: ``python -m training.mah_dpo`` with one objective (single-head DPO, per lr of
+   the DPO grid) or both (MAH-DPO, 2 heads, equal α, per point of the recipe grid), same pairs,
+   steps and settings; each run's validation front is stored beside it (``val.json``), and the
+   rule of ``bench.quality.settings`` picks the runs the test split sees (``recipe.json``; the quick
+   form trains only the recorded recipe). ``soups``: DPO Soups of the chosen DPO[acc] and
+   DPO[style] (``python -m training.soup``) for every λ of the sweep.
 4. ``rollouts``: the SFT policy's samples on the PRM split, plus M Monte-Carlo continuations from
    every proper prefix (``training.labels.generate_rollouts``: the engine samples them).
 5. ``prm``: hindsight Monte-Carlo values per objective (``training.labels.monte_carlo_values``,
@@ -29,6 +33,7 @@ from typing import Any, Callable
 
 import torch
 
+from bench.quality import grid
 from bench.quality.settings import QualityConfig
 from bench.quality.task import (STEP_SEP, STYLES, Problem, extract_answer, make_split, style_score,
                                 verify)
@@ -36,7 +41,7 @@ from mahalo_engine import Engine, load_policy
 from mahalo_engine.text import split_steps
 from mahalo_engine.tiny import tiny_checkpoint
 from mahalo_engine.utils.paths import cache_dir
-from training import mah_dpo, sft
+from training import mah_dpo, sft, soup
 from training import prm as prm_cli
 from training.labels import generate_rollouts, monte_carlo_values
 
@@ -48,11 +53,13 @@ OBJECTIVES = ("acc", "style")
 class Artefacts:
     root: Path
     sft: Path
-    dpo_acc: Path
+    dpo_acc: Path  # the chosen runs
     dpo_style: Path
     mah_dpo: Path
     prm: Path
+    soups: dict[float, Path]  # λ -> the DPO Soup λ·DPO[acc] + (1-λ)·DPO[style]
     summaries: dict[str, dict[str, Any]]
+    selection: dict[str, Any]  # the recipe, how it was chosen, every run's validation front
 
 
 def prompt_of(p: Problem) -> str:
@@ -111,14 +118,67 @@ class Pipeline:
         self.root.mkdir(parents=True, exist_ok=True)
         self._stage("sft", self._sft)
         self._stage("pairs", self._pairs)
-        self._stage("dpo_acc", lambda d: self._dpo(d, ["acc"]))
-        self._stage("dpo_style", lambda d: self._dpo(d, ["style"]))
-        self._stage("mah_dpo", lambda d: self._dpo(d, list(OBJECTIVES)))
+        selection = grid.choose(self)
+        recipe = selection["recipe"]
+        dpo_acc = self.dpo_run(["acc"], lr=recipe["dpo_lr"]["acc"])
+        dpo_style = self.dpo_run(["style"], lr=recipe["dpo_lr"]["style"])
+        mah = self.mah_run(grid.mah_recipe(recipe))
+        soups = self._soups(dpo_acc, dpo_style)
         self._stage("rollouts", self._rollouts)
         self._stage("prm", self._prm)
         r = self.root
-        return Artefacts(r, r / "sft" / "policy", r / "dpo_acc" / "policy", r / "dpo_style" / "policy",
-                         r / "mah_dpo" / "policy", r / "prm" / "prm", self.summaries)
+        return Artefacts(r, r / "sft" / "policy", dpo_acc, dpo_style, mah, r / "prm" / "prm", soups,
+                         self.summaries, selection)
+
+    # -- DPO / MAH-DPO runs (cached one by one under runs/) ---------------------------------------
+
+    def dpo_run(self, objectives: list[str], *, lr: float) -> Path:
+        """Single-head DPO on ``objectives`` (one) at ``lr``: the policy directory."""
+        name = f"runs/dpo-{'+'.join(objectives)}-lr{lr:g}"
+        self._stage(name, lambda d: self._dpo(d, objectives, ["--lr", lr]))
+        return self.root / name / "policy"
+
+    def mah_run(self, recipe) -> Path:
+        """MAH-DPO (both objectives) at a grid point: the policy directory."""
+        name = f"runs/mah-{recipe.name}"
+        self._stage(name, lambda d: self._dpo(d, list(OBJECTIVES), [
+            "--lr", recipe.head_lr, "--head-lr", recipe.head_lr, "--backbone-lr", recipe.backbone_lr,
+            "--rpo-alpha", recipe.rpo_alpha]))
+        return self.root / name / "policy"
+
+    def validation_front(self, policy_dir: Path, weights: list[Any]) -> list[dict[str, float]]:
+        """(acc, style) on the validation problems at each head weight vector, cached beside the
+        run (``val.json``, keyed by the weights and the seed)."""
+        cfg = self.cfg
+        path = policy_dir.parent / "val.json"
+        key = json.dumps({"weights": weights, "seed": cfg.grid_seed, "n": len(self.data["val"])})
+        if path.is_file() and json.loads(path.read_text()).get("key") == key:
+            return json.loads(path.read_text())["front"]
+        problems = self.data["val"]
+        engine = Engine(load_policy(policy_dir), max_batch=max(1, len(problems)), max_seq_len=160,
+                        cuda_graphs=False)
+        front = []
+        for w in weights:
+            gens = engine.generate([prompt_of(p) for p in problems], head_weights=w,
+                                   max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                                   top_k=cfg.top_k, seed=cfg.grid_seed)
+            n = max(1, len(problems))
+            front.append({"w": w, "acc": sum(verify(g.text, p.answer) for g, p in zip(gens, problems)) / n,
+                          "style": sum(style_score(g.text) for g in gens) / n})
+        path.write_text(json.dumps({"key": key, "front": front}, indent=1))
+        return front
+
+    def _soups(self, dpo_acc: Path, dpo_style: Path) -> dict[float, Path]:
+        name = f"soups/{dpo_acc.parent.name}+{dpo_style.parent.name}"
+
+        def make(d: Path) -> dict[str, Any]:
+            for lam in self.cfg.sweep:
+                _run_cli(soup.main, ["--models", dpo_acc, dpo_style, "--weights", lam,
+                                     round(1.0 - lam, 12), "--out", d / f"lambda{lam:g}"])
+            return {"lambdas": list(self.cfg.sweep), "artefact": str(d)}
+
+        self._stage(name, make)
+        return {lam: self.root / name / f"lambda{lam:g}" for lam in self.cfg.sweep}
 
     def _stage(self, name: str, fn: Callable[[Path], dict[str, Any]]) -> None:
         d = self.root / name
@@ -210,12 +270,12 @@ class Pipeline:
                 "sample_acc": round(stats["correct"] / max(1, stats["samples"]), 3),
                 "artefact": str(d)}
 
-    def _dpo(self, d: Path, objectives: list[str]) -> dict[str, Any]:
+    def _dpo(self, d: Path, objectives: list[str], lrs: list[Any]) -> dict[str, Any]:
         cfg = self.cfg
         pairs = self.root / "pairs"
         argv = ["--model", self.root / "sft" / "policy", "--out", d / "policy",
                 "--objectives", ",".join(objectives), "--beta", cfg.dpo_beta,
-                "--optimizer", "adamw", "--lr", cfg.dpo_lr, "--warmup-steps", 10,
+                "--optimizer", "adamw", *lrs, "--warmup-steps", 10,
                 "--batch-size", cfg.dpo_batch * len(objectives), "--max-steps", cfg.dpo_steps,
                 "--max-length", 128, "--seed", cfg.data_seed, "--log-every", 10,
                 "--ref-cache", self.root / "ref_logps", "--balance", "replacement"]
@@ -224,8 +284,9 @@ class Pipeline:
             argv += ["--alpha", f"{o}={1.0 / len(objectives)}"]
         _run_cli(mah_dpo.main, argv)
         last = _last_log(d / "policy" / "log.jsonl")
-        return {"objectives": objectives, "steps": cfg.dpo_steps,
-                **{k: round(v, 3) for k, v in last.items() if k.endswith(("/acc", "/margin"))},
+        return {"objectives": objectives, "steps": cfg.dpo_steps, "args": [str(a) for a in lrs],
+                **{k: round(v, 3) for k, v in last.items()
+                   if k.endswith(("/acc", "/margin", "_drift", "/reward_acc")) or k == "first_token_kl"},
                 "artefact": str(d / "policy")}
 
     def _rollouts(self, d: Path) -> dict[str, Any]:

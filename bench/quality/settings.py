@@ -1,15 +1,37 @@
-"""Sizes and settings of the quality bench (`QualityConfig`), its presets, and the cache key.
+"""Sizes and settings of the quality bench (`QualityConfig`), its presets, the cache key, and the
+MAH-DPO recipe grid with the rule that picks from it.
 
-Training settings (``TRAIN_FIELDS``) are shared by the quick and full presets, so a full run after a
-quick one reuses the trained artefacts and only evaluates more problems with more seeds; the
-``micro`` preset (tests) shrinks everything. The cache key hashes the training fields only.
+Training settings are shared by the quick and full presets, so a full run after a quick one reuses
+the trained artefacts and only evaluates more; the ``micro`` preset (tests) shrinks everything. The
+cache key hashes the settings of the shared stages (SFT, pairs, rollouts, PRM); each DPO / MAH-DPO
+run has its own cache directory named by its hyperparameters, so the grid never retrains the SFT.
+
+The recipe grid (written down before any test-split number was seen; issue 21)
+------------------------------------------------------------------------------
+MAH-DPO is trained at every point of ``backbone lr × head lr × rpo_alpha`` (``grid_*`` below:
+backbone frozen / a small lr / the single-head DPO lr; heads from the DPO lr up to 50× it; without
+and with TRL's SFT term), each its own `training.mah_dpo` run with the same pairs, steps, batch and
+seed. Single-head DPO is trained per objective at every ``dpo_lrs`` value. Every run is evaluated
+on the **validation** problems only (``n_val``, sampling seed ``grid_seed``): the MAH-DPO runs at
+head weights w_acc ∈ ``grid_sweep`` (0, 0.5, 1), the DPO runs as they are.
+
+Selection rule (`SELECTION_RULE`): the MAH-DPO recipe with the largest hypervolume of its
+validation front {(acc, style) at each w_acc} with reference point (0, 0); ties go to the earlier
+grid point (smaller backbone lr, then smaller head lr, then smaller rpo_alpha). DPO[o]'s lr is the
+one with the highest validation score on objective o (ties: the smaller lr). The test split is
+evaluated only with the chosen runs. The full form runs the grid; the quick form (and the default
+``python -m bench``) trains only ``RECORDED_RECIPE``, the full form's last choice, and says so.
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+
+SELECTION_RULE = ("MAH-DPO: the largest hypervolume of the validation (acc, style) front over "
+                  "w_acc in {0, 0.5, 1}, reference point (0, 0), ties to the earlier grid point; "
+                  "DPO[o]: the lr with the highest validation score on o, ties to the smaller lr")
 
 # Bump when the pipeline's recipe changes in a way the fields below do not capture.
 RECIPE_VERSION = 2
@@ -38,11 +60,17 @@ class QualityConfig:
     sft_min_steps: int = 300
     sft_max_steps: int = 1200
     sft_target_acc: float = 0.45  # first checkpoint whose validation acc reaches this is kept
-    # -- DPO / MAH-DPO ----------------------------------------------------------------------------
-    dpo_lr: float = 2e-5  # chosen on the validation split (1e-4 lowered validation acc)
+    # -- DPO / MAH-DPO (every run: AdamW, 10 warmup steps, constant lr, β, batch per objective) ----
     dpo_beta: float = 0.1
     dpo_batch: int = 16
     dpo_steps: int = 80
+    dpo_lrs: tuple[float, ...] = (2e-5, 1e-4)  # single-head DPO lr grid (2e-5: the old choice)
+    grid_backbone_lrs: tuple[float, ...] = (0.0, 2e-6, 2e-5)  # frozen, small, the DPO lr
+    grid_head_lrs: tuple[float, ...] = (1e-4, 3e-4, 1e-3)
+    grid_rpo_alphas: tuple[float, ...] = (0.0, 1.0)
+    grid_sweep: tuple[float, ...] = (0.0, 0.5, 1.0)  # w_acc values of a grid point's front
+    grid_seed: int = 100  # sampling seed of the validation evaluation
+    search_grid: bool = True  # False: train RECORDED_RECIPE only (the quick form)
     # -- PRM ----------------------------------------------------------------------------------
     mc_rollouts: int = 4  # M continuations per prefix
     gamma: float = 0.9
@@ -62,12 +90,49 @@ class QualityConfig:
     n_cost: int = 40  # problems for the search-vs-re-encode timing
 
     EVAL_FIELDS = ("n_test", "seeds", "candidates", "sweep", "n_cost")
+    # DPO runs are cached per run (named by their hyperparameters), not under the key
+    RUN_FIELDS = ("dpo_lrs", "grid_backbone_lrs", "grid_head_lrs", "grid_rpo_alphas", "grid_sweep",
+                  "grid_seed", "search_grid")
 
     def train_key(self) -> str:
-        """sha256 (hex, 16 chars) of the training fields: the artefact cache directory name."""
-        src = {k: v for k, v in dataclasses.asdict(self).items() if k not in self.EVAL_FIELDS}
+        """sha256 (hex, 16 chars) of the shared stages' settings: the cache directory name."""
+        skip = self.EVAL_FIELDS + self.RUN_FIELDS
+        src = {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
         src["recipe"] = RECIPE_VERSION
         return hashlib.sha256(json.dumps(src, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class MahRecipe:
+    """One MAH-DPO grid point."""
+
+    backbone_lr: float
+    head_lr: float
+    rpo_alpha: float
+
+    @property
+    def name(self) -> str:
+        return f"bb{self.backbone_lr:g}-head{self.head_lr:g}-rpo{self.rpo_alpha:g}"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """The runs the test split is evaluated with: MAH-DPO's grid point and DPO[o]'s lr."""
+
+    mah: MahRecipe
+    dpo_lr: dict[str, float]
+
+
+def mah_grid(cfg: QualityConfig) -> list[MahRecipe]:
+    """Every MAH-DPO grid point in the tie-break order of the selection rule."""
+    return [MahRecipe(b, h, a) for b in cfg.grid_backbone_lrs for h in cfg.grid_head_lrs
+            for a in cfg.grid_rpo_alphas]
+
+
+# The full form's last choice (bench/results/quality-20261207-cpu-2cores-nogpu-quality.md, its
+# ablation), trained alone by the quick form.
+RECORDED_RECIPE = Recipe(MahRecipe(backbone_lr=2e-6, head_lr=3e-4, rpo_alpha=0.0),
+                         {"acc": 2e-5, "style": 2e-5})
 
 
 def preset(name: str) -> QualityConfig:
@@ -75,12 +140,15 @@ def preset(name: str) -> QualityConfig:
     if name == "full":
         return QualityConfig()
     if name == "quick":
-        return dataclasses.replace(QualityConfig(), n_test=40, seeds=(0,), n_cost=16)
+        return dataclasses.replace(QualityConfig(), n_test=40, seeds=(0,), n_cost=16,
+                                   search_grid=False)
     if name == "micro":
         return QualityConfig(
             n_train=64, n_val=4, n_pref=6, pref_samples=2, n_prm=3, hidden_size=32, num_layers=1,
             sft_batch=16, sft_segment=2, sft_min_steps=2, sft_max_steps=2, sft_target_acc=1.1,
-            dpo_batch=4, dpo_steps=2, mc_rollouts=2, pairs_with_reference=True, prm_batch=4,
+            dpo_batch=4, dpo_steps=2, dpo_lrs=(2e-5, 1e-4), grid_backbone_lrs=(0.0,),
+            grid_head_lrs=(1e-3,), grid_rpo_alphas=(0.0, 1.0), mc_rollouts=2,
+            pairs_with_reference=True, prm_batch=4,
             prm_steps=2, max_new_tokens=16,
             n_test=3, seeds=(0,), candidates=2, sweep=(0.5,), n_cost=2)
     raise ValueError(f"preset must be full, quick or micro, got {name!r}")

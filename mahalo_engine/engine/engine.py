@@ -129,12 +129,14 @@ class Engine:
     @torch.no_grad()
     def generate(self, prompts: Sequence[Any], *, head_weights: Any = None,
                  max_new_tokens: int = 256, temperature: float = 1.0, top_k: int = 0,
+                 top_p: float = 1.0, min_p: float = 0.0,
                  seed: int = 0, stop: str | Sequence[str] | None = None,
                  chat: bool = False, progress: bool = False) -> list[Generation]:
         """Sample a continuation of each prompt (greedy at ``temperature=0``) until EOS, a
-        ``stop`` string, ``max_new_tokens`` or ``max_seq_len``. ``chat=True`` renders string
-        prompts as a user turn with the chat template (message lists always are)."""
-        check_sampling(temperature, top_k, seed)
+        ``stop`` string, ``max_new_tokens`` or ``max_seq_len``. ``top_k``/``top_p``/``min_p``
+        filter each draw in transformers' order (docs/design.md, multihead_sample). ``chat=True``
+        renders string prompts as a user turn with the chat template (message lists always are)."""
+        check_sampling(temperature, top_k, seed, top_p=top_p, min_p=min_p)
         check_int("max_new_tokens", max_new_tokens, 1)
         stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
         if any(not (isinstance(x, str) and x) for x in stops):
@@ -145,7 +147,7 @@ class Engine:
         batch = self._batch_size(FORK, None)
         runner = self._prepare(batch, None)
         runner.set_boundary(boundary)
-        self._sampler.configure(temperature, top_k, seed)
+        self._sampler.configure(temperature, top_k, seed, top_p, min_p)
         out: list[Generation] = []
         bar = _progress(len(reqs), progress, "generate")
         for first in range(0, len(reqs), batch):
@@ -206,7 +208,7 @@ class Engine:
         if scorer is not None:  # e.g. a prompt too long for a PRM's own tokenizer: fail up front
             scorer.check_prompts(reqs)
         runner.set_boundary(boundary)
-        self._sampler.configure(cfg.temperature, cfg.top_k, cfg.seed)
+        self._sampler.configure(cfg.temperature, cfg.top_k, cfg.seed, cfg.top_p, cfg.min_p)
         return Requests(reqs, weights, cfg, layout=layout, cache=self._slots,
                         model=self.policy.model, runner=runner, sampler=self._sampler,
                         scorer=scorer, num_groups=batch, max_seq_len=self.max_seq_len,

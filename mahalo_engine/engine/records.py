@@ -28,8 +28,9 @@ class SearchConfig:
         ``"sentence"``, ``"paragraph"``, ``"turn"``), a list of those, or a `Boundary`.
     max_step_tokens / max_steps / max_new_tokens: caps per step, per request and on the total of
         generated tokens per request.
-    temperature / top_k / seed: sampling of every candidate token (0 = greedy); each candidate slot
-        draws from its own random stream.
+    temperature / top_k / top_p / min_p / seed: sampling of every candidate token (temperature 0 =
+        greedy; top_k 0, top_p 1 and min_p 0 = no filter; applied in transformers' order, see
+        docs/design.md, multihead_sample); each candidate slot draws from its own random stream.
     scorer: None (the engine's PRM), a loaded PRM, a `Scorer`, a list of ``(scorer, weight)`` pairs
         (multi-objective guidance), or a callable ``f(prompts, responses) -> scores`` on texts.
     selection_temperature: 0 picks the highest-scoring candidate (ties: lowest index); τ > 0
@@ -47,6 +48,8 @@ class SearchConfig:
     max_new_tokens: int = 4096
     temperature: float = 1.0
     top_k: int = 50
+    top_p: float = 1.0
+    min_p: float = 0.0
     seed: int = 0
     scorer: Any = None
     selection_temperature: float = 0.0
@@ -56,7 +59,8 @@ class SearchConfig:
     def __post_init__(self) -> None:
         for name in ("candidates", "max_step_tokens", "max_steps", "max_new_tokens", "check_every"):
             check_int(name, getattr(self, name), 1)
-        check_sampling(self.temperature, self.top_k, self.seed)
+        check_sampling(self.temperature, self.top_k, self.seed, top_p=self.top_p,
+                       min_p=self.min_p)
         if not (is_real(self.selection_temperature)
                 and math.isfinite(self.selection_temperature) and self.selection_temperature >= 0):
             raise ValueError(f"selection_temperature must be a finite float >= 0, got "

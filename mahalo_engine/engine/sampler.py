@@ -4,9 +4,10 @@ around the kernels, and the owner of the heads' shared-weights plans.
 Row n of a sampling call is slot n, so each slot draws from its own random stream
 ``(seed, offset, slot)``; the offset is a device tensor advanced in place after every draw, so
 a replayed CUDA graph draws fresh numbers and a run is reproducible from its seed. The kernels
-read the temperatures on the device too (0 = that slot greedy), so a captured step serves every
-temperature: only ``top_k`` (the kernels' mode and tile shapes; 1 for a greedy call) is part of
-a graph's key.
+read the temperatures on the device too (0 = that slot greedy), and top-p/min-p likewise, so a
+captured step serves every value: only ``top_k`` (the kernels' mode and tile shapes; 1 for a
+greedy call) and whether top-p/min-p filter at all (``filtered``: they cost the kernels an extra
+pass, so an unfiltered call does not pay for them) are part of a graph's key.
 
 The sampler owns each slot's head weights and the plans derived from them: per row count, the
 shared-weights plan (``triton_kernels.plan_heads``: U distinct weight vectors < H heads → U merged
@@ -35,17 +36,24 @@ class Sampler:
         self.seed = torch.zeros(1, dtype=torch.int64, device=dev)
         self.offset = torch.zeros(1, dtype=torch.int64, device=dev)
         self.temperature = torch.ones(num_slots, dtype=torch.float32, device=dev)
+        self.top_p = torch.ones(num_slots, dtype=torch.float32, device=dev)
+        self.min_p = torch.zeros(num_slots, dtype=torch.float32, device=dev)
         self.top_k = 0
+        self.filtered = False  # top-p/min-p buffers passed to the kernels (else 1.0 / 0.0)
         self.merged = MergeCache(merge_budget_bytes)  # merged heads of self.heads, by weight rows
         # Per row count: the shared-weights plan and the eager steps' sampling plan over it (None
         # until an eager step needs it).
         self._plans: dict[int, tuple[HeadsPlan, SamplingPlan | None]] = {}
         self._epoch = 0  # bumped by invalidate(): merged-heads graphs key on it
 
-    def configure(self, temperature: float, top_k: int, seed: int) -> None:
-        """Sampling options of one call (one temperature for every slot); restarts the random
+    def configure(self, temperature: float, top_k: int, seed: int, top_p: float = 1.0,
+                  min_p: float = 0.0) -> None:
+        """Sampling options of one call (one value of each for every slot); restarts the random
         streams at (seed, offset 0)."""
         self.temperature.fill_(temperature)
+        self.top_p.fill_(top_p)
+        self.min_p.fill_(min_p)
+        self.filtered = temperature != 0 and (top_p < 1 or min_p > 0)
         # Greedy ignores top_k, and top_k = 1 selects the kernels' greedy mode at any temperature
         # (no noise, no top-k merge): a greedy call gets the cheapest step. Slots then stay greedy
         # whatever the buffer holds; after a sampling configure, writing 0 (or T > 0) into a
@@ -105,7 +113,14 @@ class Sampler:
         heads' storage) and the epoch — a graph is valid only while they stay the same."""
         plan = self.plan(n)
         weights = plan.weights if plan.merged else self.weights[:n]
-        return plan.heads, weights, plan.key() + (self._epoch,)
+        return plan.heads, weights, plan.key() + (self._epoch, self.filtered)
+
+    def _filters(self, n: int) -> dict:
+        """top_p/min_p of rows ``[0, n)``: the device buffers when a filter is on, else numbers
+        that select the kernels' unfiltered modes."""
+        if not self.filtered:
+            return dict(top_p=1.0, min_p=0.0)
+        return dict(top_p=self.top_p[:n], min_p=self.min_p[:n])
 
     def sample(self, hidden: torch.Tensor, heads: torch.Tensor | None = None,
                weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -118,13 +133,14 @@ class Sampler:
             if sampling is None:
                 sampling = SamplingPlan(self.heads, self.weights[:n],
                                         temperature=self.temperature[:n], top_k=self.top_k,
-                                        seed=self.seed, offset=self.offset, plan=plan)
+                                        seed=self.seed, offset=self.offset, plan=plan,
+                                        **self._filters(n))
                 self._plans[n] = (plan, sampling)
             out = sampling(hidden)
         else:
             out = multihead_sample(hidden, self.heads if heads is None else heads,
                                    self.weights[:n] if weights is None else weights,
                                    temperature=self.temperature[:n], top_k=self.top_k,
-                                   seed=self.seed, offset=self.offset)
+                                   seed=self.seed, offset=self.offset, **self._filters(n))
         self.offset.add_(1)
         return out

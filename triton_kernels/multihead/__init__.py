@@ -1,6 +1,6 @@
 """The multi-head op: ``Σ_i w[b,i] · W_i h[b]`` for H LM heads, fused with sampling.
 
-One folder, one op: ``kernels.py`` (Triton: projection, sampling partials and finish),
+One folder, one op: ``kernels.py`` (Triton: projection, sampling partials, finish and filter),
 ``launcher.py`` (launch configs, `SamplingPlan`, the device dispatch), ``custom_ops.py``
 (``torch.ops.mahalo.multihead_*`` and the public functions that call them), ``cpu.py`` (the CPU
 path), ``reference.py`` (the pure-torch spec), ``heads_plan.py`` / ``merge.py`` /

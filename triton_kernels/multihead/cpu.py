@@ -9,8 +9,11 @@ real vocabulary (V = 151936):
   instead of H; a call without a plan builds a one-off plan, which does not merge;
 - greedy calls (float T = 0, every row of a temperature tensor 0, or ``top_k = 1``, which keeps
   only the argmax) take ``argmax``: no softmax, no mask, no draw;
-- top-k truncation finds the k-th largest value with ``torch.topk`` (k ≤ 128) instead of a stable
-  sort of the whole vocabulary; ties at the threshold go to the lower index, as in the reference;
+- top-k truncation finds the k-th largest value with ``torch.topk`` instead of a stable sort of
+  the whole vocabulary; ties at the threshold go to the lower index, as in the reference;
+- top-p and min-p run only when they filter (a tensor, ``top_p < 1``, ``min_p > 0``), with the
+  reference's own masks (``reference.top_p_mask``/``min_p_mask``: top-p ranks the row with one
+  sort, so its cumulative sums, and so the mask, are the reference's bit for bit);
 - the log-probability is ``s[token] - logsumexp(s)`` (no ``[B,V]`` log-softmax); it agrees with
   the reference's ``log_softmax`` to fp32 rounding, not bit for bit.
 
@@ -22,7 +25,7 @@ import torch
 
 from triton_kernels.checks import check_out, check_projection, check_sampling
 from triton_kernels.multihead.heads_plan import HeadsPlan, checked_plan
-from triton_kernels.multihead.reference import sampling_generator
+from triton_kernels.multihead.reference import min_p_mask, sampling_generator, top_p_mask
 
 
 def _check_cpu(hidden: torch.Tensor) -> None:
@@ -76,20 +79,22 @@ def top_k_mask(scaled: torch.Tensor, top_k: int) -> torch.Tensor:
 
 def multihead_sample(hidden: torch.Tensor, heads: torch.Tensor, weights: torch.Tensor, *,
                      temperature: float | torch.Tensor = 1.0, top_k: int = 0,
+                     top_p: float | torch.Tensor = 1.0, min_p: float | torch.Tensor = 0.0,
                      seed: int | torch.Tensor = 0,
                      offset: int | torch.Tensor | None = None,
                      plan: HeadsPlan | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``reference.multihead_sample``'s tokens and log-probs (see the module docstring), through
     ``plan`` as in ``multihead_logits``."""
     check_projection(hidden, heads, weights)
-    check_sampling(temperature, top_k, seed, offset, hidden.device, hidden.shape[0])
+    check_sampling(temperature, top_k, seed, offset, hidden.device, hidden.shape[0], top_p, min_p)
     _check_cpu(hidden)
     return sample_logits(project(hidden, *_planned(heads, weights, plan)), temperature=temperature,
-                         top_k=top_k, seed=seed, offset=offset)
+                         top_k=top_k, top_p=top_p, min_p=min_p, seed=seed, offset=offset)
 
 
 def sample_logits(z: torch.Tensor, *, temperature: float | torch.Tensor, top_k: int,
-                  seed: int | torch.Tensor, offset: int | torch.Tensor | None
+                  seed: int | torch.Tensor, offset: int | torch.Tensor | None,
+                  top_p: float | torch.Tensor = 1.0, min_p: float | torch.Tensor = 0.0
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """The sampling half of ``multihead_sample`` on fp32 logits ``z [B,V]`` (arguments checked by
     the caller)."""
@@ -106,9 +111,16 @@ def sample_logits(z: torch.Tensor, *, temperature: float | torch.Tensor, top_k: 
     # top_k = 1 keeps the argmax alone, so its draw is the argmax: no draw needed.
     if any_sampled and top_k != 1:
         # Every row draws, as in the reference, so each row sees the reference's random numbers.
-        masked = scaled
+        keep = None
         if 0 < top_k < scaled.shape[1]:
-            masked = scaled.masked_fill(~top_k_mask(scaled, top_k), float("-inf"))
+            keep = top_k_mask(scaled, top_k)
+        if isinstance(top_p, torch.Tensor) or top_p < 1:
+            keep = top_p_mask(scaled, torch.ones_like(scaled, dtype=torch.bool) if keep is None
+                              else keep, top_p)
+        if isinstance(min_p, torch.Tensor) or min_p > 0:
+            above = min_p_mask(scaled, min_p)
+            keep = above if keep is None else keep & above
+        masked = scaled if keep is None else scaled.masked_fill(~keep, float("-inf"))
         probs = torch.softmax(masked, dim=-1)
         drawn = torch.multinomial(probs, 1, generator=sampling_generator(seed, offset, z.device))
         tokens = torch.where(greedy, tokens, drawn.squeeze(1))

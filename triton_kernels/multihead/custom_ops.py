@@ -46,17 +46,22 @@ def _logits_fake(hidden: torch.Tensor, heads: torch.Tensor, weights: torch.Tenso
 def _sample_op(hidden: torch.Tensor, heads: torch.Tensor, weights: torch.Tensor,
                temperature: float, temperature_tensor: torch.Tensor | None, top_k: int,
                seed: int, seed_tensor: torch.Tensor | None, offset: int,
-               offset_tensor: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+               offset_tensor: torch.Tensor | None, top_p: float = 1.0,
+               top_p_tensor: torch.Tensor | None = None, min_p: float = 0.0,
+               min_p_tensor: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     return launcher.multihead_sample(
         hidden, heads, weights,
         temperature=temperature if temperature_tensor is None else temperature_tensor,
-        top_k=top_k, seed=seed if seed_tensor is None else seed_tensor,
+        top_k=top_k, top_p=top_p if top_p_tensor is None else top_p_tensor,
+        min_p=min_p if min_p_tensor is None else min_p_tensor,
+        seed=seed if seed_tensor is None else seed_tensor,
         offset=offset if offset_tensor is None else offset_tensor)
 
 
 @_sample_op.register_fake
 def _sample_fake(hidden, heads, weights, temperature, temperature_tensor, top_k, seed,
-                 seed_tensor, offset, offset_tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                 seed_tensor, offset, offset_tensor, top_p=1.0, top_p_tensor=None, min_p=0.0,
+                 min_p_tensor=None) -> tuple[torch.Tensor, torch.Tensor]:
     batch = hidden.shape[0]
     return (hidden.new_empty(batch, dtype=torch.int64), hidden.new_empty(batch, dtype=torch.float32))
 
@@ -84,15 +89,19 @@ def multihead_logits(hidden: torch.Tensor, heads: torch.Tensor, weights: torch.T
 
 def multihead_sample(hidden: torch.Tensor, heads: torch.Tensor, weights: torch.Tensor, *,
                      temperature: float | torch.Tensor = 1.0, top_k: int = 0,
+                     top_p: float | torch.Tensor = 1.0, min_p: float | torch.Tensor = 0.0,
                      seed: int | torch.Tensor = 0,
                      offset: int | torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused projection + sampling via ``torch.ops.mahalo.multihead_sample``:
     ``(tokens int64 [B], logprobs float32 [B])`` (contract:
     ``triton_kernels.multihead.multihead_sample``)."""
     check_projection(hidden, heads, weights)
-    check_sampling(temperature, top_k, seed, offset, hidden.device, hidden.shape[0])
+    check_sampling(temperature, top_k, seed, offset, hidden.device, hidden.shape[0], top_p, min_p)
     temp, temp_t = _split(temperature, 1.0)
+    top_p_f, top_p_t = _split(top_p, 1.0)
+    min_p_f, min_p_t = _split(min_p, 0.0)
     seed_i, seed_t = _split(seed, 0)
     offset_i, offset_t = _split(offset, 0)
     return torch.ops.mahalo.multihead_sample(hidden, heads, weights, float(temp), temp_t, top_k,
-                                             seed_i, seed_t, offset_i, offset_t)
+                                             seed_i, seed_t, offset_i, offset_t, float(top_p_f),
+                                             top_p_t, float(min_p_f), min_p_t)

@@ -28,6 +28,36 @@ with ``TEMP_IS_PTR``, float32 temperatures read on the device, one per row (``st
 for all rows (``stride_t`` 0), so a replay samples at whatever the buffer holds. The mode then
 comes from ``top_k`` alone, and a row whose T is 0 is greedy inside the sampling modes: scale 1 and
 no Gumbel noise (top-k: its largest candidate key), the same token and log-prob as MODE_GREEDY.
+
+Top-p / min-p / any top-k (semantics: ``triton_kernels.reference``), without sorting the vocabulary:
+
+- with a top-k of at most 128, the finish kernel filters the merged candidates (sorted keys in
+  registers): an exclusive ``cumsum`` of ``exp(s - s_top)`` against ``top_p`` times their sum, and
+  ``s >= s_top + log(min_p)``; then the Gumbel-max over what is left. No extra bytes.
+- otherwise (MODE_FILTER) the partials kernel also writes ``s = z/T`` to a ``[B,V]`` fp32 scratch,
+  and ``_sample_filter_kernel`` (one program per row) draws from it by rejection sampling over
+  rising pivots (the idea of FlashInfer's sorting-free samplers, here with Gumbel-max draws): the
+  min-p bound ``max + log(min_p)`` comes from the row's log-sum-exp partials; round 0 draws over the
+  keys above it; each further pass computes the mass ranked above the current draw and, in the same
+  read, the next round's draw over the keys above it; the draw is accepted once that mass is below
+  ``top_p`` times the kept mass. A top_k above 128 first finds the k-th largest key by bisection on
+  counts (~32 passes on the value word, ~log2 V more only when the value is tied across the cut).
+
+Bandwidth (the floor is the heads: ``H·V·d·2`` bytes per step, shared by all rows; V = 151936,
+d = 896: 272 MB per head, ~85 µs at 3.2 TB/s). MODE_FILTER adds per row a 4V = 608 KB write and
+1 (min-p alone) or 1 + 1/top_p (top-p: round 0 is in the nucleus with probability ≥ top_p; 2.1 at
+0.9) reads of it: ≈ 1.2 MB (min-p) / 1.9 MB (top-p 0.9) per row, where a radix sort of
+(value, index) pairs moves ≥ 8 passes of 8 B per entry (≥ 10 MB). The scratch is read back right
+after it is written, from L2 (50 MB on H100: the whole buffer up to B ≈ 64). Expected, per step,
+against the Gumbel kernel at H = 1 (H = 3 divides the overhead by ~3):
+- B = 1: 1.9 MB, < 1 % of the bytes, but read by one SM: ~1.3 MB at ~100-200 GB/s from L2
+  ≈ 7-13 µs, so top-p/Gumbel ≈ 1.1-1.15 (≈ 90 % → ≈ 80 % of the copy bandwidth);
+- B = 8: eight rows on eight SMs, the same latency: ≈ 1.1-1.15;
+- B = 64: 122 MB of L2 traffic on 64 SMs (≈ 10-20 µs) plus the 39 MB write: top-p/Gumbel
+  ≈ 1.2-1.3 (≈ 70 % of the copy bandwidth).
+These are estimates until bench/heads.py's top-p/min-p rows are measured; splitting a row's passes
+over several programs is the next step if B = 1 falls short. A top_k above 128 costs ~40 passes
+(24 MB per row): the exact path for a rare option, not a fast one.
 """
 import triton
 import triton.language as tl
@@ -35,9 +65,14 @@ import triton.language as tl
 MODE_GREEDY = 0  # argmax of z/T; T = 0 is passed as inv_temp = 1 (log-probs under T = 1)
 MODE_GUMBEL = 1  # argmax of z/T + Gumbel noise = an exact draw from softmax(z/T)
 MODE_TOPK = 2  # Gumbel-max restricted to the top_k largest z/T
+MODE_FILTER = 3  # z/T written; _sample_filter_kernel draws: top-p / min-p / top_k > 128
 # Kernels may only read globals that are constexpr.
 _GUMBEL = tl.constexpr(MODE_GUMBEL)
 _TOPK = tl.constexpr(MODE_TOPK)
+_FILTER = tl.constexpr(MODE_FILTER)
+_MAX_ROUNDS = tl.constexpr(64)  # rejection rounds: a guard (each round raises the pivot; only
+# NaN logits could keep rejecting)
+_ROUND_KEY = tl.constexpr(0x5851F42D)  # round r of a filtered draw keys Philox by seed + r·this
 _MIN_KEY = tl.constexpr(-(2**63))
 
 
@@ -183,7 +218,7 @@ def _top_keys(x, R: tl.constexpr, N: tl.constexpr, LOG_N: tl.constexpr, LOG_K: t
 @triton.jit(do_not_specialize=["seed", "offset"])
 def _sample_partials_kernel(hidden_ptr, weights_ptr, heads_ptr, seed, offset,
                             part_max_ptr, part_sumexp_ptr, part_best_ptr, part_token_ptr,
-                            part_scaled_ptr, part_keys_ptr,
+                            part_scaled_ptr, part_keys_ptr, scaled_ptr, stride_sb,
                             B, V, D, H,
                             stride_xb, stride_xd, stride_wb, stride_wh, stride_hh, stride_hv,
                             stride_hd, inv_temp, temp_ptr, stride_t, n_tiles, tiles_per_part,
@@ -225,6 +260,9 @@ def _sample_partials_kernel(hidden_ptr, weights_ptr, heads_ptr, seed, offset,
         else:
             z = z * inv_temp
         s = tl.where((cols < V)[None, :], z, float("-inf"))
+        if MODE == _FILTER:  # the filter kernel's passes read z/T back from here
+            tl.store(scaled_ptr + rows.to(tl.int64)[:, None] * stride_sb + cols[None, :], s,
+                     mask=row_ok[:, None] & (cols < V)[None, :])
         # Online log-sum-exp; the first tile of a part always holds a valid column, so new_max is
         # finite and exp(-inf - new_max) = 0 never meets -inf - -inf.
         new_max = tl.maximum(run_max, tl.max(s, axis=1))
@@ -248,7 +286,7 @@ def _sample_partials_kernel(hidden_ptr, weights_ptr, heads_ptr, seed, offset,
             run_keys = tl.maximum(run_keys, tile_top)
             for t in tl.static_range(LOG_KPAD):
                 run_keys = _bitonic_step(run_keys, SORT_ROWS, KPAD, KPAD >> (t + 1), LOG_KPAD, 0)
-        else:
+        elif MODE != _FILTER:  # MODE_FILTER draws in _sample_filter_kernel
             if MODE == _GUMBEL:
                 rows2 = tl.broadcast_to(rows[:, None], (BLOCK_B, BLOCK_V))
                 cols2 = tl.broadcast_to(cols[None, :], (BLOCK_B, BLOCK_V))
@@ -275,7 +313,7 @@ def _sample_partials_kernel(hidden_ptr, weights_ptr, heads_ptr, seed, offset,
         sort_slot = sort_rows.to(tl.int64) * n_parts + part
         tl.store(part_keys_ptr + sort_slot[:, None] * KPAD + k[None, :], run_keys,
                  mask=(sort_rows < B)[:, None])
-    else:
+    elif MODE != _FILTER:
         tl.store(part_best_ptr + slot, best, mask=row_ok)
         tl.store(part_token_ptr + slot, best_token, mask=row_ok)
         tl.store(part_scaled_ptr + slot, best_scaled, mask=row_ok)
@@ -284,12 +322,14 @@ def _sample_partials_kernel(hidden_ptr, weights_ptr, heads_ptr, seed, offset,
 @triton.jit(do_not_specialize=["seed", "offset"])
 def _sample_finish_kernel(part_max_ptr, part_sumexp_ptr, part_best_ptr, part_token_ptr,
                           part_scaled_ptr, part_keys_ptr, seed, offset, temp_ptr, stride_t,
+                          top_p_ptr, stride_p, min_p_ptr, stride_mp,
                           tokens_ptr, logprobs_ptr, B, n_parts, top_k,
                           MODE: tl.constexpr, SEED_IS_PTR: tl.constexpr,
                           OFFSET_IS_PTR: tl.constexpr, TEMP_IS_PTR: tl.constexpr,
                           BLOCK_R: tl.constexpr,
                           BLOCK_P: tl.constexpr, TOPK_PAD: tl.constexpr,
-                          LOG_KPAD: tl.constexpr = 0, LOG_CAND_PARTS: tl.constexpr = 0):
+                          LOG_KPAD: tl.constexpr = 0, LOG_CAND_PARTS: tl.constexpr = 0,
+                          FILTER: tl.constexpr = False):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < B
     base = rows.to(tl.int64) * n_parts
@@ -342,6 +382,18 @@ def _sample_finish_kernel(part_max_ptr, part_sumexp_ptr, part_best_ptr, part_tok
         keys = tl.where(ok, keys, _MIN_KEY)  # sorted descending: the first top_k are the top k
         s, cols = _unpack_keys(keys)
         cols = tl.where(ok, cols, 0)
+        if FILTER:
+            # Top-p and min-p on the sorted top-k candidates: all in registers, no extra pass.
+            # Exclusive prefix mass in the candidates' order (s descending, ties to the lower
+            # index) against top_p times the top-k mass; min-p against the top candidate.
+            p = tl.load(top_p_ptr + rows.to(tl.int64) * stride_p, mask=row_ok, other=1.0)
+            min_p = tl.load(min_p_ptr + rows.to(tl.int64) * stride_mp, mask=row_ok, other=0.0)
+            top = tl.max(tl.where(ok, s, float("-inf")), axis=1)
+            top = tl.where(row_ok, top, 0.0)  # padded rows: no -inf - -inf
+            e = tl.where(ok, tl.exp(s - top[:, None]), 0.0)
+            above = tl.cumsum(e, axis=1) - e
+            nucleus = (above < (p * tl.sum(e, axis=1))[:, None]) | (p >= 1.0)[:, None]
+            ok = ok & nucleus & (s >= (top + tl.log(min_p))[:, None])
         rows2 = tl.broadcast_to(rows[:, None], (BLOCK_R, TOPK_PAD))
         noise = _gumbel(_scalar_arg(seed, SEED_IS_PTR), _scalar_arg(offset, OFFSET_IS_PTR), rows2,
                         cols)
@@ -357,3 +409,152 @@ def _sample_finish_kernel(part_max_ptr, part_sumexp_ptr, part_best_ptr, part_tok
     tl.store(tokens_ptr + rows, token.to(tl.int64), mask=row_ok)
     lse = run_max + tl.log(tl.where(row_ok, run_sumexp, 1.0))  # padded rows: no log(0)
     tl.store(logprobs_ptr + rows, scaled - lse, mask=row_ok)
+
+
+
+@triton.jit
+def _count_mass(base, V, m, threshold, BY_VALUE: tl.constexpr, BLOCK: tl.constexpr):
+    """One pass over a row of z/T: ``(count, mass)`` of the entries at or above ``threshold`` —
+    an int64 key (``BY_VALUE`` False: keys >= threshold) or an order-preserving value word
+    (True: ordered value >= threshold) — mass as ``Σ exp(s - m)``."""
+    count = tl.zeros((), tl.int64)
+    mass = tl.zeros((), tl.float32)
+    for c0 in range(0, V, BLOCK):
+        cols = c0 + tl.arange(0, BLOCK)
+        ok = cols < V
+        s = tl.load(base + cols, mask=ok, other=float("-inf"))
+        keys = _pack_keys(s, cols)
+        if BY_VALUE:
+            keep = ok & ((keys >> 32) >= threshold)
+        else:
+            keep = ok & (keys >= threshold)
+        count += tl.sum(keep.to(tl.int64), axis=0)
+        mass += tl.sum(tl.where(keep, tl.exp(s - m), 0.0), axis=0)
+    return count, mass
+
+
+@triton.jit
+def _kth_key(base, V, m, top_k, BLOCK: tl.constexpr):
+    """The ``top_k``-th largest key of a row (0 < top_k < V): keys >= it are exactly the top_k
+    largest z/T, ties to the lower index. Bisection without a sort: the value word first (32
+    counting passes), then, only when the value is tied across the cut, the column (⌈log2 V⌉)."""
+    top = _pack_keys(m, tl.zeros((), tl.int32)) >> 32
+    lo = tl.full((), -(2**31), tl.int64)  # count(value >= lo) = V >= top_k
+    hi = top.to(tl.int64)  # nothing lies above the max
+    while lo < hi:
+        mid = (lo + hi + 1) >> 1
+        n, _ = _count_mass(base, V, m, mid, True, BLOCK)
+        take = n >= top_k
+        lo = tl.where(take, mid, lo)
+        hi = tl.where(take, hi, mid - 1)
+    # lo: the k-th largest value word. Keep the `need` lowest columns tied at it.
+    above, _ = _count_mass(base, V, m, lo + 1, True, BLOCK)
+    at_or_above, _ = _count_mass(base, V, m, lo, True, BLOCK)
+    need = top_k - above
+    # Keys at value lo: low word 0x7FFFFFFF - col, so the smallest kept key has the need-th
+    # smallest tied column. All ties kept when there are just `need` of them.
+    c_lo = tl.zeros((), tl.int64)
+    c_hi = tl.where(at_or_above == top_k, 0, V - 1).to(tl.int64)
+    c_lo = tl.where(at_or_above == top_k, 0, c_lo)
+    while c_lo < c_hi:  # the smallest column c with need ties at columns <= c
+        mid = (c_lo + c_hi) >> 1
+        n, _ = _count_mass(base, V, m, (lo << 32) | (0x7FFFFFFF - mid), False, BLOCK)
+        take = n - above >= need
+        c_hi = tl.where(take, mid, c_hi)
+        c_lo = tl.where(take, c_lo, mid + 1)
+    return tl.where(at_or_above == top_k, lo << 32, (lo << 32) | (0x7FFFFFFF - c_lo))
+
+
+@triton.jit
+def _draw_pass(base, V, m, seed, offset, row, key, pivot, noisy, BLOCK: tl.constexpr):
+    """One pass over a row of z/T: the mass ``Σ exp(s - m)`` of the keys above ``key``, and a
+    Gumbel-max draw among the keys above ``pivot`` (``noisy`` False: their argmax) →
+    ``(mass, token, s[token])``; ties to the lower index."""
+    mass = tl.zeros((), tl.float32)
+    best = tl.full((), float("-inf"), tl.float32)
+    best_col = tl.zeros((), tl.int32)
+    best_s = tl.zeros((), tl.float32)
+    for c0 in range(0, V, BLOCK):
+        cols = c0 + tl.arange(0, BLOCK)
+        ok = cols < V
+        s = tl.load(base + cols, mask=ok, other=float("-inf"))
+        keys = _pack_keys(s, cols)
+        mass += tl.sum(tl.where(ok & (keys > key), tl.exp(s - m), 0.0), axis=0)
+        noise = tl.where(noisy, _gumbel(seed, offset, row + cols * 0, cols), 0.0)
+        score = tl.where(ok & (keys > pivot), s + noise, float("-inf"))
+        chunk_best = tl.max(score, axis=0)
+        lane = tl.argmax(score, axis=0)  # lowest index among ties
+        take = chunk_best > best  # strict: an earlier chunk (lower index) wins ties
+        best = tl.where(take, chunk_best, best)
+        best_col = tl.where(take, c0 + lane, best_col)
+        best_s = tl.where(take, tl.sum(tl.where(cols == c0 + lane, s, 0.0), axis=0), best_s)
+    return mass, best_col, best_s
+
+
+@triton.jit(do_not_specialize=["seed", "offset"])
+def _sample_filter_kernel(scaled_ptr, stride_sb, part_max_ptr, part_sumexp_ptr, seed, offset,
+                          temp_ptr, stride_t, top_p_ptr, stride_p, min_p_ptr, stride_mp,
+                          tokens_ptr, logprobs_ptr, V, n_parts, top_k,
+                          SEED_IS_PTR: tl.constexpr, OFFSET_IS_PTR: tl.constexpr,
+                          TEMP_IS_PTR: tl.constexpr, KTH: tl.constexpr, BLOCK_P: tl.constexpr,
+                          BLOCK: tl.constexpr):
+    """MODE_FILTER's second kernel, one program per row, on the row's z/T written by the
+    partials kernel (with its log-sum-exp partials): a draw by rejection sampling over rising
+    pivots, without sorting the row.
+
+    Kept set (triton_kernels.reference): the keys (z/T, then lower index) at or above ``floor``
+    = max(the top_k-th largest key if ``KTH``, the min-p bound ``max + log(min_p)``), and among
+    them the nucleus: a token is in it iff the mass ranked strictly above it is below top_p
+    times the kept top-k mass ``z_k``. Round 0 draws x by Gumbel-max over the keys at or above
+    the floor (the same noise as MODE_GUMBEL, so top_p = 1 and min_p = 0 give its token); without
+    top-p that is the answer. Else each further pass computes the mass above x together with the
+    next round's draw over the keys above x (it needs only x's key): x is accepted when that mass
+    is below top_p · z_k, else its key becomes the pivot. A rejected x lies below the whole
+    nucleus, so each round draws from a superset of it and, conditioned on acceptance, from it
+    exactly; the top key is always accepted, so the loop ends. Round 0 lands in the nucleus with
+    probability >= top_p: expected passes 1 + 1/top_p with top-p, 1 without, plus ~32-50
+    counting passes for ``KTH`` (a top_k above the fused candidates' 128).
+    """
+    row = tl.program_id(0)
+    row64 = row.to(tl.int64)
+    base = scaled_ptr + row64 * stride_sb
+    # The row's untruncated log-sum-exp, from the partials.
+    run_max = tl.full((), float("-inf"), tl.float32)
+    run_sumexp = tl.zeros((), tl.float32)
+    for p0 in range(0, n_parts, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        ok = p < n_parts
+        pm = tl.load(part_max_ptr + row64 * n_parts + p, mask=ok, other=float("-inf"))
+        se = tl.load(part_sumexp_ptr + row64 * n_parts + p, mask=ok, other=0.0)
+        new_max = tl.maximum(run_max, tl.max(pm, axis=0))
+        run_sumexp = (run_sumexp * tl.exp(run_max - new_max)
+                      + tl.sum(se * tl.exp(pm - new_max), axis=0))
+        run_max = new_max
+    m = run_max
+    top_p = tl.load(top_p_ptr + row64 * stride_p)
+    min_p = tl.load(min_p_ptr + row64 * stride_mp)
+    floor = _pack_keys(m + tl.log(min_p), tl.full((), 0x7FFFFFFF, tl.int32))  # smallest such key
+    z_k = run_sumexp
+    if KTH:
+        kth = _kth_key(base, V, m, top_k, BLOCK)
+        floor = tl.maximum(floor, kth)
+        _, z_k = _count_mass(base, V, m, kth, False, BLOCK)
+    noisy = tl.full((), 1, tl.int1)
+    if TEMP_IS_PTR:  # a T = 0 row takes its argmax, which every filter keeps
+        noisy = tl.load(temp_ptr + row64 * stride_t) > 0
+    seed_v = _scalar_arg(seed, SEED_IS_PTR)
+    offset_v = _scalar_arg(offset, OFFSET_IS_PTR)
+    _, token, s_x = _draw_pass(base, V, m, seed_v, offset_v, row, floor, floor - 1, noisy, BLOCK)
+    key = _pack_keys(s_x, token)
+    done = (top_p >= 1.0) | ~noisy
+    rnd = tl.zeros((), tl.int32)
+    while (~done) & (rnd < _MAX_ROUNDS):
+        rnd += 1
+        mass, best_col, best_s = _draw_pass(base, V, m, seed_v + rnd.to(tl.int64) * _ROUND_KEY,
+                                            offset_v, row, key, key, noisy, BLOCK)
+        done = mass < top_p * z_k
+        token = tl.where(done, token, best_col)
+        s_x = tl.where(done, s_x, best_s)
+        key = _pack_keys(s_x, token)
+    tl.store(tokens_ptr + row64, token.to(tl.int64))
+    tl.store(logprobs_ptr + row64, s_x - (m + tl.log(run_sumexp)))

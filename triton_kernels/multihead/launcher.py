@@ -21,11 +21,13 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from triton_kernels.checks import check_mixture, check_out, check_projection, check_sampling
+from triton_kernels.checks import (MAX_TOP_K, check_mixture, check_out, check_projection,
+                                   check_sampling)
 from triton_kernels.device import DOT_PRECISION, interpreting, num_sms, upcast_dot
 from triton_kernels.multihead import cpu
-from triton_kernels.multihead.kernels import (MODE_GREEDY, MODE_GUMBEL, MODE_TOPK, _logits_kernel,
-                                    _sample_finish_kernel, _sample_partials_kernel)
+from triton_kernels.multihead.kernels import (MODE_FILTER, MODE_GREEDY, MODE_GUMBEL, MODE_TOPK,
+                                              _logits_kernel, _sample_filter_kernel,
+                                              _sample_finish_kernel, _sample_partials_kernel)
 from triton_kernels.multihead.heads_plan import HeadsPlan, checked_plan
 
 
@@ -53,6 +55,8 @@ class LaunchConfig:
     sort_rows: int = 0  # top-k: rows the bitonic network sorts (the live ones; 0 = block_b)
     cand_parts: int = 1  # top-k finish: parts' candidate runs merged per step (power of two)
     finish_warps: int = 4  # finish kernel: 8 where a program holds 4096 partials (4 spill 8 B)
+    filter_block: int = 1024  # MODE_FILTER: z/T entries per step of a pass over a row
+    filter_warps: int = 8  # MODE_FILTER: one program per row
 
 
 # GPU tiles per shape, picked from this table (no autotuning: a captured CUDA graph must not
@@ -98,7 +102,7 @@ def gpu_tiles(B: int, kpad: int) -> GpuTiles:
 
 @functools.lru_cache(maxsize=1024)
 def launch_config(B: int, V: int, d: int, dtype: torch.dtype, *, num_sms: int | None,
-                  kpad: int = 1) -> LaunchConfig:
+                  kpad: int = 1, filtered: bool = False) -> LaunchConfig:
     """Tiles for a GPU with ``num_sms`` SMs (``GPU_TILES``), or for the interpreter
     (``num_sms=None``), which pays per program and per op, not per element: it gets wide row
     tiles, and two V chunks so that tests still cross tile and chunk boundaries.
@@ -114,6 +118,8 @@ def launch_config(B: int, V: int, d: int, dtype: torch.dtype, *, num_sms: int | 
         block_b = tiles.block_b
         num_warps, block_k, num_stages = ((tiles.warps32, 32, tiles.stages32) if wide else
                                           (tiles.warps16, tiles.block_k16, tiles.stages16))
+        if filtered and not wide:  # MODE_FILTER's z/T store: 5-6 stages spill 8-16 B (3.9)
+            num_stages = min(num_stages, 4)
         block_v = max(kpad, min(tiles.block_v, max(16, triton.next_power_of_2(V))))
         finish_elems = 4096
     block_k = min(block_k, max(16, triton.next_power_of_2(d)))
@@ -133,28 +139,53 @@ def launch_config(B: int, V: int, d: int, dtype: torch.dtype, *, num_sms: int | 
     finish_rows = min(triton.next_power_of_2(B),
                       max(1, finish_elems // max(finish_parts, kpad * cand_parts)))
     finish_warps = 8 if num_sms is not None and finish_rows * finish_parts >= 4096 else 4
+    # 2048+ entries per step leave 8-16 B of stack in the filter kernel under one Triton or the
+    # other (a 64-bit key per entry); 1024 with 8 warps does not.
+    filter_block, filter_warps = (128, 4) if num_sms is None else (1024, 8)
     return LaunchConfig(block_b, block_v, block_k, num_warps, num_stages, n_tiles,
                         tiles_per_part, n_parts, finish_rows, finish_parts, sort_rows, cand_parts,
-                        finish_warps)
+                        finish_warps, filter_block, filter_warps)
 
 
-def sampling_mode(temperature: float | torch.Tensor, top_k: int, V: int) -> tuple[int, int]:
-    """``(mode, kpad)``: greedy, Gumbel sampling, or top-k (``kpad``: power of 2 ≥ top_k).
+def filters(top_p: float | torch.Tensor, min_p: float | torch.Tensor) -> bool:
+    """Whether top-p or min-p may filter: a tensor (its values stay on the device), top_p < 1 or
+    min_p > 0. Without them the kernels run exactly the unfiltered modes."""
+    return (isinstance(top_p, torch.Tensor) or isinstance(min_p, torch.Tensor) or top_p < 1
+            or min_p > 0)
 
-    A temperature tensor is not read on the host: its mode depends on ``top_k`` only, and its
-    T = 0 rows are greedy inside the sampling modes (see triton_kernels.multihead.kernels)."""
+
+def sampling_mode(temperature: float | torch.Tensor, top_k: int, V: int,
+                  top_p: float | torch.Tensor = 1.0,
+                  min_p: float | torch.Tensor = 0.0) -> tuple[int, int]:
+    """``(mode, kpad)``: greedy, Gumbel sampling, top-k (``kpad``: power of 2 ≥ top_k; top-p and
+    min-p then filter its candidates in the finish kernel), or MODE_FILTER (top-p/min-p without
+    a top-k of at most ``MAX_TOP_K``, or a larger top-k: the filter kernel's passes over z/T).
+
+    A temperature tensor is not read on the host: its mode depends on the other options only,
+    and its T = 0 rows are greedy inside the sampling modes (see triton_kernels.multihead.kernels)."""
     greedy = not isinstance(temperature, torch.Tensor) and temperature == 0
     if greedy or top_k == 1:
-        return MODE_GREEDY, 1  # top-1 of z/T is the argmax, at any T > 0
-    if 0 < top_k < V:
+        return MODE_GREEDY, 1  # top-1 of z/T is the argmax, at any T > 0; every filter keeps it
+    if 0 < top_k < V and top_k <= MAX_TOP_K:
         return MODE_TOPK, triton.next_power_of_2(top_k)
+    if filters(top_p, min_p) or MAX_TOP_K < top_k < V:
+        return MODE_FILTER, 1
     return MODE_GUMBEL, 1  # top_k = 0, or top_k ≥ V keeps every token
 
 
+def _device_option(value: float | torch.Tensor, device: torch.device
+                   ) -> tuple[torch.Tensor, int]:
+    """``(float32 tensor, stride)`` the kernels read a top_p/min_p from: the caller's tensor
+    (stride 0 when it holds one value for every row), or a number put on the device once."""
+    if isinstance(value, torch.Tensor):
+        return value, (value.stride(0) if value.numel() > 1 else 0)
+    return torch.full((1,), float(value), dtype=torch.float32, device=device), 0
+
+
 def _config(B: int, V: int, d: int, dtype: torch.dtype, device: torch.device,
-            kpad: int = 1) -> LaunchConfig:
+            kpad: int = 1, filtered: bool = False) -> LaunchConfig:
     sms = num_sms(device) if device.type == "cuda" else None
-    return launch_config(B, V, d, dtype, num_sms=sms, kpad=kpad)
+    return launch_config(B, V, d, dtype, num_sms=sms, kpad=kpad, filtered=filtered)
 
 
 def _projection_args(hidden: torch.Tensor, heads: torch.Tensor, weights: torch.Tensor) -> tuple:
@@ -193,28 +224,34 @@ def multihead_logits(hidden: torch.Tensor, heads: torch.Tensor, weights: torch.T
 
 def multihead_sample(hidden: torch.Tensor, heads: torch.Tensor, weights: torch.Tensor, *,
                      temperature: float | torch.Tensor = 1.0, top_k: int = 0,
+                     top_p: float | torch.Tensor = 1.0, min_p: float | torch.Tensor = 0.0,
                      seed: int | torch.Tensor = 0,
                      offset: int | torch.Tensor | None = None,
                      plan: HeadsPlan | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused projection + sampling: ``(tokens int64 [B], logprobs float32 [B])``.
 
     ``temperature`` 0 = greedy (ties → lowest index); else an exact draw from ``softmax(z/T)`` by
-    Gumbel-max, restricted to the ``top_k`` largest ``z/T`` when ``0 < top_k ≤ 128`` (ties → lower
-    index). ``logprobs`` = ``log_softmax(z/T)`` at the token, untruncated (T = 0 → T = 1). ``seed``
+    Gumbel-max, restricted to what top-k (any ``top_k``; ``≥ V`` keeps every token), then top-p
+    over the renormalised remainder, then min-p relative to the top probability leave (ties →
+    lower index; the semantics: ``triton_kernels.reference``). ``logprobs`` =
+    ``log_softmax(z/T)`` at the token, untruncated by any filter (T = 0 → T = 1). ``seed``
     and ``offset`` (None = 0) are ints or 1-element int64 tensors on the inputs' device; the same
     (seed, offset) gives the same tokens, and every row draws independent numbers.
     ``temperature`` may also be a float32 tensor on the inputs' device, ``[]``/``[1]`` (every row)
     or ``[B]`` (per row; 0 = that row greedy), read on the device like ``seed``/``offset``: a
     captured CUDA graph samples at whatever it holds at replay. Its values are not validated
     (that would read them on the host): negative or non-finite entries are the caller's bug.
+    ``top_p`` (in (0, 1], 1 = off) and ``min_p`` (in [0, 1], 0 = off) are numbers or float32
+    tensors of the same shapes, read on the device the same way.
 
     ``plan``: the caller's ``plan_heads(heads, weights)``; None = a one-off plan (no merge, one
     host read of the weights). Every call validates and allocates its scratch afresh; a decode
     loop builds a `SamplingPlan` once instead.
     """
     check_projection(hidden, heads, weights)
-    sampling = SamplingPlan(heads, weights, temperature=temperature, top_k=top_k, seed=seed,
-                            offset=offset, plan=checked_plan(heads, weights, plan, merge=False))
+    sampling = SamplingPlan(heads, weights, temperature=temperature, top_k=top_k, top_p=top_p,
+                            min_p=min_p, seed=seed, offset=offset,
+                            plan=checked_plan(heads, weights, plan, merge=False))
     return sampling(hidden)
 
 
@@ -227,8 +264,9 @@ class SamplingPlan:
     scratch. A call ``plan(hidden)`` then checks ``hidden``'s shape, dtype and device, allocates
     the two outputs and launches: no host reads, and the top-k candidates are merged on the device.
 
-    ``temperature``/``seed``/``offset`` tensors are bound by reference and read on the device at
-    every call (advance ``offset`` in place between calls); ints and floats are fixed. The weights'
+    ``temperature``/``top_p``/``min_p``/``seed``/``offset`` tensors are bound by reference and
+    read on the device at every call (advance ``offset`` in place between calls); ints and floats
+    are fixed. The weights'
     *values* and the heads' are bound when the plan is built (they decide the merge): after
     changing them, build a new plan (a call on a plan whose heads or weights changed in place
     raises ``ValueError``; inference tensors carry no version, so that goes unseen). The scratch
@@ -237,33 +275,44 @@ class SamplingPlan:
 
     def __init__(self, heads: torch.Tensor, weights: torch.Tensor, *,
                  temperature: float | torch.Tensor = 1.0, top_k: int = 0,
+                 top_p: float | torch.Tensor = 1.0, min_p: float | torch.Tensor = 0.0,
                  seed: int | torch.Tensor = 0, offset: int | torch.Tensor | None = None,
                  plan: HeadsPlan | None = None) -> None:
         check_mixture(heads, weights)
         B, V, d = weights.shape[0], heads.shape[1], heads.shape[2]
         dev = heads.device
-        check_sampling(temperature, top_k, seed, offset, dev, B)
+        check_sampling(temperature, top_k, seed, offset, dev, B, top_p, min_p)
         plan = checked_plan(heads, weights, plan, merge=True)
         self.shape = (B, d)
         self.dtype, self.device = heads.dtype, dev
         self.heads_plan = plan
         self.heads, self.weights = plan.heads, plan.weights
         self.temperature, self.top_k, self.seed = temperature, top_k, seed
+        self.top_p, self.min_p = top_p, min_p
         self.offset = 0 if offset is None else offset
         self.triton = use_triton(dev)
         if not self.triton:
             return
-        self.mode, kpad = sampling_mode(temperature, top_k, V)
-        cfg = _config(B, V, d, heads.dtype, dev, kpad)
+        self.mode, kpad = sampling_mode(temperature, top_k, V, top_p, min_p)
+        cfg = _config(B, V, d, heads.dtype, dev, kpad, filtered=self.mode == MODE_FILTER)
         part_max = torch.empty(B, cfg.n_parts, dtype=torch.float32, device=dev)
         part_sumexp = torch.empty_like(part_max)
-        if self.mode == MODE_TOPK:
-            part_best = part_token = part_scaled = part_max  # unused by the top-k kernels
-            part_keys = torch.empty(B, cfg.n_parts, kpad, dtype=torch.int64, device=dev)
+        if self.mode in (MODE_TOPK, MODE_FILTER):
+            part_best = part_token = part_scaled = part_max  # unused by these modes' kernels
+            part_keys = (torch.empty(B, cfg.n_parts, kpad, dtype=torch.int64, device=dev)
+                         if self.mode == MODE_TOPK else part_max)
         else:
             part_best, part_scaled = torch.empty_like(part_max), torch.empty_like(part_max)
             part_token = torch.empty(B, cfg.n_parts, dtype=torch.int32, device=dev)
             part_keys = part_max  # unused
+        # MODE_FILTER: z/T of every row, for the filter kernel's passes (else a placeholder).
+        scaled = (torch.empty(B, V, dtype=torch.float32, device=dev) if self.mode == MODE_FILTER
+                  else part_max)
+        if filters(top_p, min_p):
+            top_p_t, stride_p = _device_option(top_p, dev)
+            min_p_t, stride_mp = _device_option(min_p, dev)
+        else:  # never read (no filter): placeholder pointers, nothing allocated
+            top_p_t, stride_p, min_p_t, stride_mp = part_max, 0, part_max, 0
         rng = dict(SEED_IS_PTR=isinstance(seed, torch.Tensor),
                    OFFSET_IS_PTR=isinstance(self.offset, torch.Tensor),
                    TEMP_IS_PTR=isinstance(temperature, torch.Tensor))
@@ -276,7 +325,8 @@ class SamplingPlan:
         # Kernel arguments after ``hidden`` (and its strides), fixed for the plan's lifetime.
         self._partials_grid = (triton.cdiv(B, cfg.block_b), cfg.n_parts)
         self._partials_head = (w, h, seed, self.offset, part_max, part_sumexp, part_best,
-                               part_token, part_scaled, part_keys, B, V, d, h.shape[0])
+                               part_token, part_scaled, part_keys, scaled, scaled.stride(0),
+                               B, V, d, h.shape[0])
         self._partials_tail = (w.stride(0), w.stride(1), h.stride(0), h.stride(1), h.stride(2),
                                inv_temp, temp, stride_t, cfg.n_tiles, cfg.tiles_per_part,
                                cfg.n_parts)
@@ -287,13 +337,20 @@ class SamplingPlan:
                                  num_warps=cfg.num_warps, num_stages=cfg.num_stages, **rng)
         self._finish_grid = (triton.cdiv(B, cfg.finish_rows),)
         self._finish_head = (part_max, part_sumexp, part_best, part_token, part_scaled,
-                             part_keys, seed, self.offset, temp, stride_t)
+                             part_keys, seed, self.offset, temp, stride_t, top_p_t, stride_p,
+                             min_p_t, stride_mp)
         self._finish_tail = (B, cfg.n_parts, top_k)
         self._finish_kw = dict(MODE=self.mode, BLOCK_R=cfg.finish_rows,
                                BLOCK_P=cfg.finish_parts, TOPK_PAD=kpad,
                                LOG_KPAD=kpad.bit_length() - 1,
                                LOG_CAND_PARTS=cfg.cand_parts.bit_length() - 1,
+                               FILTER=self.mode == MODE_TOPK and filters(top_p, min_p),
                                num_warps=cfg.finish_warps, **rng)
+        self._filter_head = (scaled, scaled.stride(0), part_max, part_sumexp, seed, self.offset,
+                             temp, stride_t, top_p_t, stride_p, min_p_t, stride_mp)
+        self._filter_tail = (V, cfg.n_parts, top_k)
+        self._filter_kw = dict(KTH=MAX_TOP_K < top_k < V, BLOCK_P=cfg.finish_parts,
+                               BLOCK=cfg.filter_block, num_warps=cfg.filter_warps, **rng)
         self.config = cfg
 
     def __call__(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -309,12 +366,17 @@ class SamplingPlan:
         if not self.triton:
             return cpu.sample_logits(cpu.project(hidden, self.heads, self.weights),
                                      temperature=self.temperature, top_k=self.top_k,
-                                     seed=self.seed, offset=self.offset)
+                                     top_p=self.top_p, min_p=self.min_p, seed=self.seed,
+                                     offset=self.offset)
         _sample_partials_kernel[self._partials_grid](
             hidden, *self._partials_head, hidden.stride(0), hidden.stride(1),
             *self._partials_tail, **self._partials_kw)
         tokens = torch.empty(self.shape[0], dtype=torch.int64, device=self.device)
         logprobs = torch.empty(self.shape[0], dtype=torch.float32, device=self.device)
-        _sample_finish_kernel[self._finish_grid](*self._finish_head, tokens, logprobs,
-                                                 *self._finish_tail, **self._finish_kw)
+        if self.mode == MODE_FILTER:
+            _sample_filter_kernel[(self.shape[0],)](*self._filter_head, tokens, logprobs,
+                                                    *self._filter_tail, **self._filter_kw)
+        else:
+            _sample_finish_kernel[self._finish_grid](*self._finish_head, tokens, logprobs,
+                                                     *self._finish_tail, **self._finish_kw)
         return tokens, logprobs
