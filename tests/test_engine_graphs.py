@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mahalo_engine.engine import Engine
-from mahalo_engine.engine import decode_runner
+from mahalo_engine.engine import graphs as graphs_module
 from mahalo_engine.policy import Policy, load_policy
 from mahalo_engine.tiny import tiny_checkpoint
 
@@ -75,7 +75,7 @@ def test_slot_bucket_wider_than_live_slots_changes_nothing():
 
 
 def test_graph_eviction_past_the_cache_limit(monkeypatch):
-    monkeypatch.setattr(decode_runner, "MAX_GRAPHS", 2)
+    monkeypatch.setattr(graphs_module, "MAX_GRAPHS", 2)
     policy = load_policy(tiny_checkpoint("qwen2"), dtype=torch.float32, device="cuda")
     graphs, eager = _pair(policy, max_batch=8, max_seq_len=200)
     # Slot buckets 1, 2, 4, 8 and kv buckets 64, 128: far more keys than the LRU holds.

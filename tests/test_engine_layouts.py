@@ -11,10 +11,9 @@ import torch
 from transformers import AutoTokenizer
 
 from mahalo_engine.engine import Engine, SearchConfig
-from mahalo_engine.engine.scorers import SlotLayout
+from mahalo_engine.layouts import SharedPrefixCache, slot_layout
 from mahalo_engine.policy import load_policy
 from mahalo_engine.value_model import ValueHead, ValueModel, load_prm, save_prm
-from mahalo_engine.shared_cache import SharedPrefixCache
 from mahalo_engine.tiny import FAMILIES, tiny_checkpoint
 from mahalo_engine.models.loader import load_decoder
 
@@ -160,7 +159,7 @@ def test_prm_step_scores_equal_full_rescoring_in_shared_layout(eager_cpu):
     c = prm.config
     per_pos = c.num_hidden_layers * 2 * c.num_key_value_heads * c.head_dim * 4
     assert cache.prefix.data.nbytes + cache.suffix.data.nbytes == 2 * (80 + K * (7 + 1)) * per_pos
-    prepared = engine.prm.cache_nbytes(2 * K, 80, policy, SlotLayout("shared_prefix", K, 8))
+    prepared = engine.prm.cache_nbytes(2 * K, 80, policy, slot_layout("shared_prefix", K, 8))
     assert prepared == 0  # nothing new to allocate
 
 

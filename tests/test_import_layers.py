@@ -39,7 +39,7 @@ LAYERS: list[list[str]] = [
     ["mahalo_engine.text", "mahalo_engine.ops", "mahalo_engine.heads", "mahalo_engine.tiny",
      "mahalo_engine.sharded"],
     ["mahalo_engine.cache", "mahalo_engine.paged"],
-    ["mahalo_engine.shared_cache"],
+    ["mahalo_engine.layouts"],
     ["mahalo_engine.layers.*"],
     ["mahalo_engine.models.*"],
     ["mahalo_engine.policy", "mahalo_engine.value_model"],

@@ -6,7 +6,7 @@ import torch
 
 from mahalo_engine.cache import KVCache
 from mahalo_engine.ops import kv_fork, kv_promote
-from mahalo_engine.shared_cache import SharedPrefixCache
+from mahalo_engine.layouts import SharedPrefixCache
 from mahalo_engine.tiny import tiny_checkpoint
 from mahalo_engine.models.loader import load_decoder
 
@@ -39,7 +39,7 @@ def _decode_both(model, fork, shared, steps, seed):
     for _ in range(steps):
         tok = torch.randint(0, model.config.vocab_size, (n,), generator=gen)
         h_fork = model.decode(fork, tok, slice(0, n))
-        h_shared = model.decode(shared, tok, slice(0, n))
+        h_shared = model.decode_shared(shared, tok, slice(0, n))
         torch.testing.assert_close(h_shared, h_fork, rtol=1e-5, atol=1e-5)
         assert torch.equal(shared.lens, fork.lens)
 
@@ -62,7 +62,7 @@ def test_committed_prefix_equals_a_fresh_prefill(model):
     steps = torch.tensor([[7, 8, 9, 10, 11, 12], [13, 14, 15, 16, 17, 18], [1, 2, 3, 4, 5, 6],
                           [19, 20, 21, 22, 23, 24], [25, 26, 27, 28, 29, 30], [31, 1, 2, 3, 4, 5]])
     for j in range(3):  # a partial range: groups run whole, the padded candidates stay put
-        model.decode(shared, steps[:5, j], slice(0, 5))
+        model.decode_shared(shared, steps[:5, j], slice(0, 5))
     assert shared.suffix.lens.tolist() == [3, 3, 3, 3, 3, 0]
     shared.commit(torch.tensor([2, 4]), torch.tensor([0, 1]))
     committed = [PROMPTS[0] + steps[2, :3].tolist(), PROMPTS[1] + steps[4, :3].tolist()]
@@ -76,7 +76,7 @@ def test_committed_prefix_equals_a_fresh_prefill(model):
 
 def test_move_and_memory_formula(model):
     fork, shared = _layouts(model)
-    model.decode(shared, torch.tensor([3] * (2 * K)), slice(0, 2 * K))
+    model.decode_shared(shared, torch.tensor([3] * (2 * K)), slice(0, 2 * K))
     shared.move(torch.tensor([1]), torch.tensor([0]))
     assert shared.prefix.lens.tolist() == [len(PROMPTS[1])] * 2
     assert shared.suffix.lens[:K].tolist() == [0] * K
@@ -92,6 +92,14 @@ def test_move_and_memory_formula(model):
 def test_decode_rejects_ranges_off_group_boundaries(model):
     _, shared = _layouts(model)
     with pytest.raises(ValueError, match="multiple of K=3"):
-        model.decode(shared, torch.tensor([1, 2]), slice(1, 3))
+        model.decode_shared(shared, torch.tensor([1, 2]), slice(1, 3))
     with pytest.raises(ValueError, match="slot range"):
-        model.decode(shared, torch.tensor([1, 2]), torch.tensor([0, 1]))
+        model.decode_shared(shared, torch.tensor([1, 2]), torch.tensor([0, 1]))
+
+
+def test_plain_decode_and_extend_name_the_shared_calls(model):
+    _, shared = _layouts(model)
+    with pytest.raises(ValueError, match="use decode_shared"):
+        model.decode(shared, torch.tensor([1] * K), slice(0, K))
+    with pytest.raises(ValueError, match="use extend_shared"):
+        model.extend(shared, torch.tensor([[1]]), torch.tensor([1]), torch.tensor([0]))

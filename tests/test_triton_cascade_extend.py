@@ -205,7 +205,7 @@ def test_kernel_replays_in_a_cuda_graph_with_new_lengths():
 def test_decoder_extend_shared_equals_full_forward():
     """Hidden states of every real new token (ragged steps, a candidate with none, a suffix that
     already held tokens, non-contiguous groups) equal a full forward over prefix + suffix."""
-    from mahalo_engine.shared_cache import SharedPrefixCache
+    from mahalo_engine.layouts import SharedPrefixCache
     from mahalo_engine.tiny import tiny_checkpoint
     from mahalo_engine.models.loader import load_decoder
 
@@ -233,7 +233,7 @@ def test_decoder_extend_shared_equals_full_forward():
 
 
 def test_decoder_extend_shared_names_bad_arguments():
-    from mahalo_engine.shared_cache import SharedPrefixCache
+    from mahalo_engine.layouts import SharedPrefixCache
     from mahalo_engine.tiny import tiny_checkpoint
     from mahalo_engine.models.loader import load_decoder
 

@@ -15,30 +15,27 @@ a power-of-two bucket (`kv_bucket`). So a step costs what the live lengths need,
 
 On CUDA the step is captured once per (slot-count bucket, kv_len bucket, top_k (1 when greedy),
 boundary, the sampler's operands: the heads' storage and, for merged heads, every row's weights
-and the heads' version) in a `torch.cuda.CUDAGraph` and replayed; the random offset and the
-temperatures live on the device, so replays draw fresh numbers at the current temperatures. On
-CPU, or with ``cuda_graphs=False``, the same step runs eagerly.
+and the heads' version) in a `torch.cuda.CUDAGraph` (kept by `engine.graphs.GraphCache`) and
+replayed; the random offset and the temperatures live on the device, so replays draw fresh numbers
+at the current temperatures. On CPU, or with ``cuda_graphs=False``, the same step runs eagerly.
 """
 from __future__ import annotations
 
 import time
-from collections import OrderedDict
 from functools import partial
 from typing import Callable
 
 import torch
 
-from mahalo_engine.cache import KVCache
 from mahalo_engine.boundary import CompiledBoundary
+from mahalo_engine.engine.graphs import GraphCache
 from mahalo_engine.engine.sampler import Sampler
+from mahalo_engine.layouts import LaidOutCache
 
 # Why a slot stopped (``DecodeRunner.reason``); PENDING = a boundary the host must still confirm.
 RUNNING, EOS, BOUNDARY, PENDING, LENGTH, FULL = 0, 1, 2, 3, 4, 5
 MAX_AUTOMATA = 3  # strings, sentence, paragraph
 KV_BUCKET_MIN = 64  # smallest attended prefix
-# Captured graphs kept (LRU). A call walks up at most log2(max_len / KV_BUCKET_MIN) + 1 kv buckets
-# (8 for max_seq_len 4096) per slot bucket, and all graphs share one memory pool.
-MAX_GRAPHS = 32
 
 
 def kv_bucket(need: int, max_len: int) -> int:
@@ -51,7 +48,7 @@ def kv_bucket(need: int, max_len: int) -> int:
 
 
 class DecodeRunner:
-    def __init__(self, model: torch.nn.Module, cache: KVCache, sampler: Sampler, *,
+    def __init__(self, model: torch.nn.Module, cache: LaidOutCache, sampler: Sampler, *,
                  max_seq_len: int, eos_ids: list[int], cuda_graphs: bool) -> None:
         if cache.max_len < max_seq_len + 1:
             raise ValueError(f"the cache holds {cache.max_len} positions; the runner needs "
@@ -77,8 +74,7 @@ class DecodeRunner:
                 self.eos[t] = True
         self.boundary: CompiledBoundary | None = None
         self.use_graphs = cuda_graphs and dev.type == "cuda"
-        self._graphs: OrderedDict[tuple, tuple] = OrderedDict()
-        self._pool = None
+        self._graphs = GraphCache()  # the captured steps
         self.capture_seconds: list[float] = []  # wall time of each graph capture (warm-up included)
 
     # -- setup of a call / a step -----------------------------------------------------------
@@ -124,7 +120,7 @@ class DecodeRunner:
         self.logprobs[:n].scatter_(1, pos[:, None], logprob[:, None])
         step_len = pos + act.long()
         self.step_len[:n] = step_len
-        h = self.model.decode(self.cache, tok, slice(0, n), advance=act, kv_len=kv_len)
+        h = self.cache.decode(self.model, tok, slice(0, n), act, kv_len)
         self.hidden[:n] = torch.where(act[:, None], h.to(hidden.dtype), hidden)
 
         d = self.boundary.num_automata
@@ -223,16 +219,11 @@ class DecodeRunner:
         heads, weights, plan = self.sampler.graph_operands(n)
         key = (n, kv_len, self.sampler.top_k, id(self.boundary), plan)
         entry = self._graphs.get(key)
-        if entry is None:
-            entry = self._capture(n, kv_len, heads, weights)
-            self._graphs[key] = entry
-            while len(self._graphs) > MAX_GRAPHS:
-                self._graphs.popitem(last=False)
-        else:
-            self._graphs.move_to_end(key)
-        return entry[0].replay
+        graph = self._capture(key, n, kv_len, heads, weights) if entry is None else entry[0]
+        return graph.replay
 
-    def _capture(self, n: int, kv_len: int, heads: torch.Tensor, weights: torch.Tensor) -> tuple:
+    def _capture(self, key: tuple, n: int, kv_len: int, heads: torch.Tensor,
+                 weights: torch.Tensor) -> torch.cuda.CUDAGraph:
         """Capture one step for slots ``[0, n)`` attending over ``[0, kv_len)``. Warm-up and
         capture run with every slot paused (no slot advances, writes land past each slot's valid
         length) and the random offset is restored afterwards, so capturing does not change what a
@@ -246,14 +237,11 @@ class DecodeRunner:
             for _ in range(2):  # compiles the Triton kernels, settles the allocator
                 self._step(n, kv_len, heads, weights)
         torch.cuda.current_stream().wait_stream(side)
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            self._step(n, kv_len, heads, weights)
+        # The graph reads these tensors on replay: kept alive with it.
+        graph = self._graphs.capture(key, partial(self._step, n, kv_len, heads, weights),
+                                     keep=(heads, weights, self.boundary))
         self.active.copy_(active)
         self.sampler.offset.copy_(offset)
         torch.cuda.synchronize(self.slots.device)
         self.capture_seconds.append(time.perf_counter() - started)
-        # The graph reads these tensors on replay: keep them alive with it.
-        return graph, heads, weights, self.boundary
+        return graph

@@ -1,55 +1,40 @@
 """`Engine`: batched generation and PRM-guided step search over one slot KV cache.
 
-Slot layout: with K candidates, request group g owns slots ``g*K .. g*K+K-1`` of the policy's
-cache (and of each scorer's cache); `engine.slots` owns that mapping and applies every slot event
-(admit, step start, promote, move) to the cache, the runner and the scorer. Every step decodes all
-candidate slots of all live requests in lockstep (`DecodeRunner`), scores them in one batch, and
-commits each winner. ``cache_layout="fork"``: each slot holds a copy of the committed text
-(prefill + fork once; a promote copies only a step's new tokens). ``"shared_prefix"``: one
-prefix slot per request plus K short candidate slots, read by cascade attention; a commit
-appends the winner's step to the prefix (a value-model PRM's cache follows the same layout).
-Finished requests free their group for the next prompt;
-once none is queued, the last live groups move down into the free ones, so the lockstep decode
-covers only live slots. Nothing is re-encoded, by the policy or the PRM. `generate` always runs
-on a plain slot cache.
+With K candidates, each running request owns a group of K candidate slots of the policy's cache
+(and of each scorer's cache), laid out by ``cache_layout`` (`mahalo_engine.layouts`: ``"fork"``,
+each slot a copy of the committed text; ``"shared_prefix"``, one prefix slot per request plus K
+short candidate slots read by cascade attention; a value-model PRM's cache follows the same
+layout). A search is one loop over the owners (`Engine.search`): `engine.requests.Requests`
+admits queued requests into free groups, decodes every live candidate slot in lockstep
+(`DecodeRunner`), scores them in one batch, and, once the engine has selected the winners,
+commits them (promote) and retires finished requests. Nothing is re-encoded, by the policy or the
+PRM. `generate` always runs on the fork layout with one slot per request.
 """
 from __future__ import annotations
 
 import gc
 import math
-from collections import deque
-from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
 
-from mahalo_engine.cache import KVCache, available_bytes, kv_budget
+from mahalo_engine.cache import available_bytes, kv_budget
 from mahalo_engine.boundary import (Boundary, CompiledBoundary, end_of_turn_id,
-                                           vocab_texts)
-from mahalo_engine.engine.records import (Generation, SearchConfig, SearchResult, Step,
+                                    vocab_texts)
+from mahalo_engine.engine.records import (Generation, SearchConfig, SearchResult,
                                          resolve_max_seq_len)
-from mahalo_engine.engine.decode_runner import (BOUNDARY, EOS, FULL, LENGTH, DecodeRunner)
-from mahalo_engine.engine import slots as slot_layouts
+from mahalo_engine.engine.decode_runner import BOUNDARY, EOS, FULL, LENGTH, DecodeRunner
+from mahalo_engine.engine.requests import Requests
 from mahalo_engine.engine.sampler import Sampler
-from mahalo_engine.engine.scorers import Candidates, Scorer, SlotLayout, WeightedScorer, as_scorer
+from mahalo_engine.engine.scorers import Scorer, WeightedScorer, as_scorer
+from mahalo_engine.layouts import CACHE_LAYOUTS, FORK, LaidOutCache, SlotLayout, slot_layout
 from mahalo_engine.text import Prompt, has_chat_template, tokenize_prompt
 from mahalo_engine.policy import Policy
 from triton_kernels.argcheck import check_int, is_int
 from triton_kernels.checks import check_sampling
 
 GENERATE_CHECK_EVERY = 8  # decode steps between the host's "all finished?" checks in generate
-_STEP_REASON = {BOUNDARY: "boundary", EOS: "eos", LENGTH: "length", FULL: "max_seq_len"}
 _GEN_REASON = {BOUNDARY: "stop", EOS: "eos", LENGTH: "length", FULL: "max_seq_len"}
-
-
-@dataclass
-class _Live:
-    """A request being searched in a group of slots."""
-
-    index: int  # position in the caller's prompt list
-    committed: int  # tokens in the committed prefix (prompt + steps) before the current step
-    token_ids: list[int] = field(default_factory=list)
-    steps: list[Step] = field(default_factory=list)
 
 
 class Engine:
@@ -84,9 +69,8 @@ class Engine:
         if max_batch is not None:  # None: only with a KV budget (checked below)
             check_int("max_batch", max_batch, 1)
         max_seq_len = resolve_max_seq_len(max_seq_len, policy.config.max_position_embeddings)
-        if cache_layout not in slot_layouts.CACHE_LAYOUTS:
-            raise ValueError(f"cache_layout must be one of {slot_layouts.CACHE_LAYOUTS}, got "
-                             f"{cache_layout!r}")
+        if cache_layout not in CACHE_LAYOUTS:
+            raise ValueError(f"cache_layout must be one of {CACHE_LAYOUTS}, got {cache_layout!r}")
         self.cache_layout = cache_layout
         self.policy = policy
         self.tokenizer = policy.tokenizer
@@ -96,8 +80,7 @@ class Engine:
         self.max_seq_len = max_seq_len
         self.cuda_graphs = cuda_graphs
         self.device = policy.heads.device
-        self.cache: Any = None  # KVCache, or SharedPrefixCache while searching in that layout
-        self._slots: slot_layouts.Slots | None = None
+        self._slots: LaidOutCache | None = None  # the policy's cache, in its layout
         self._runner: DecodeRunner | None = None
         self._sampler: Sampler | None = None
         self._texts: list[str] | None = None
@@ -110,7 +93,7 @@ class Engine:
         self._budget_plan: tuple | None = None  # the cache sizes the budget last allocated
         self._held_scorers: list[Scorer] = []  # scorers whose caches that allocation holds
         if self.kv_cache_bytes is not None:
-            self._batch_size("fork", 1, 1, None)  # fail now if not even one request fits
+            self._batch_size(FORK, None)  # fail now if not even one request fits
 
     @classmethod
     def from_models(cls, model: Any, tokenizer: Any, heads: torch.Tensor | None = None, *,
@@ -121,6 +104,12 @@ class Engine:
         `Engine` (``prm=`` a `ValueModel` built in memory, a `Scorer`, ...). See
         `Policy.from_model`."""
         return cls(Policy.from_model(model, tokenizer, heads, objectives), **kwargs)
+
+    @property
+    def cache(self) -> Any:
+        """The policy's KV cache (a `KVCache`, or a `SharedPrefixCache` after a search in that
+        layout); None before the first call."""
+        return None if self._slots is None else self._slots.storage
 
     # -- public API ----------------------------------------------------------------------------
 
@@ -155,7 +144,7 @@ class Engine:
         boundary = self._compile(Boundary(strings=stops))
         reqs = self._prompts(prompts, chat)
         weights = self.policy.weight_matrix(head_weights, len(reqs)).cpu()
-        batch = self._batch_size("fork", 1, 1, None)
+        batch = self._batch_size(FORK, None)
         runner = self._prepare(batch, None)
         runner.set_boundary(boundary)
         self._sampler.configure(temperature, top_k, seed, top_p, min_p)
@@ -165,9 +154,9 @@ class Engine:
             wave = reqs[first:first + batch]
             n = len(wave)
             slots = runner.slots[:n]
-            runner.set_hidden(slots, self.policy.model.prefill(self.cache, [r.ids for r in wave],
-                                                               slots))
-            self._set_weights({i: weights[first + i] for i in range(n)})
+            runner.set_hidden(slots, self._slots.admit(self.policy.model, slots[:, None],
+                                                       [r.ids for r in wave]))
+            self._sampler.set_slot_weights({i: weights[first + i] for i in range(n)})
             runner.begin(slots, torch.full((n,), max_new_tokens))
             runner.run(runner.bucket(n), GENERATE_CHECK_EVERY, self._confirmer(boundary),
                        longest=max(len(r.ids) for r in wave))
@@ -187,175 +176,69 @@ class Engine:
         cfg = SearchConfig() if config is None else config
         if not isinstance(cfg, SearchConfig):
             raise TypeError(f"config must be a SearchConfig, got {type(cfg).__name__}")
-        k = cfg.candidates
         scorer = self.prm if cfg.scorer is None else as_scorer(cfg.scorer, self._scorers)
-        if scorer is None and k > 1:
-            raise ValueError(f"search with candidates={k} needs a scorer to pick the winner: pass "
-                             f"prm= to Engine or scorer= to SearchConfig (or use candidates=1)")
+        if scorer is None and cfg.candidates > 1:
+            raise ValueError(f"search with candidates={cfg.candidates} needs a scorer to pick the "
+                             f"winner: pass prm= to Engine or scorer= to SearchConfig (or use "
+                             f"candidates=1)")
         boundary = self._compile(Boundary.parse(cfg.boundary))
-        reqs = self._prompts(prompts, chat)
+        requests = self._requests(self._prompts(prompts, chat), head_weights, cfg, scorer,
+                                  boundary)
+        selector = torch.Generator().manual_seed(cfg.seed)
+        bar = _progress(len(requests.results), progress, "search")
+        while requests.pending():
+            requests.admit()
+            step = requests.decode()
+            scores = requests.score(step)
+            winners = _select(scores.view(len(step.groups), cfg.candidates),
+                              cfg.selection_temperature, selector)
+            bar.update(requests.commit(step, scores, winners))
+        bar.close()
+        return requests.results
+
+    def _requests(self, reqs: list[Prompt], head_weights: Any, cfg: SearchConfig,
+                  scorer: Scorer | None, boundary: CompiledBoundary) -> Requests:
+        """A search's requests over caches sized for it (the policy's and the scorer's), with
+        the runner and sampler configured for ``cfg``."""
         weights = self.policy.weight_matrix(head_weights, len(reqs)).cpu()
-        step_len = cfg.max_step_tokens + 1  # + a paused slot's scratch
-        batch = self._batch_size(self.cache_layout, k, step_len, scorer)
-        runner = self._prepare(batch * k, scorer, layout=self.cache_layout, k=k,
-                               step_len=step_len)
-        self._slots = slot_layouts.owner(self.cache_layout, self.policy.model, self.cache, runner,
-                                         k, scorer)
+        # One step's positions: max_step_tokens + a paused slot's scratch.
+        layout = slot_layout(self.cache_layout, cfg.candidates, cfg.max_step_tokens + 1)
+        batch = self._batch_size(layout, scorer)
+        runner = self._prepare(batch, scorer, layout)
         if scorer is not None:  # e.g. a prompt too long for a PRM's own tokenizer: fail up front
             scorer.check_prompts(reqs)
         runner.set_boundary(boundary)
         self._sampler.configure(cfg.temperature, cfg.top_k, cfg.seed, cfg.top_p, cfg.min_p)
-        confirm = self._confirmer(boundary)
-        selector = torch.Generator().manual_seed(cfg.seed)
-
-        results: list[SearchResult | None] = [None] * len(reqs)
-        live: list[_Live | None] = [None] * batch
-        queue = deque(range(len(reqs)))
-        bar = _progress(len(reqs), progress, "search")
-        while queue or any(live):
-            free = [g for g, x in enumerate(live) if x is None][: len(queue)]
-            if free:
-                self._admit([(g, queue.popleft()) for g in free], reqs, live, scorer, weights)
-            self._compact(live, scorer, weights)
-            groups = [g for g, x in enumerate(live) if x is not None]
-            slots = self._slots.slots(groups)
-            flat = slots.reshape(-1).to(self.device)
-            caps = torch.tensor([min(cfg.max_step_tokens,
-                                     cfg.max_new_tokens - len(live[g].token_ids))
-                                 for g in groups]).repeat_interleave(k)
-            self._slots.begin_step(flat, caps)
-            # Every slot of a live group holds its committed prefix (prefill + fork, or promote).
-            runner.run(runner.bucket(self._slots.span(groups)), cfg.check_every, confirm,
-                       longest=max(live[g].committed for g in groups))
-            toks, _, reasons = runner.read(flat)
-            texts = [self._text(t) for t in toks]
-            scores = self._score(scorer, slots, toks, texts, flat, [live[g] for g in groups], reqs)
-            winners = _select(scores.view(len(groups), k), cfg.selection_temperature, selector)
-
-            keep_w, keep_g, keep_start = [], [], []  # winner slot, group, committed length
-            for i, g in enumerate(groups):
-                req, row = live[g], i * k + winners[i]
-                req.steps.append(Step(texts[row], toks[row], float(scores[row]),
-                                      scores[i * k:(i + 1) * k].tolist(),
-                                      _STEP_REASON[reasons[row]]))
-                req.token_ids += toks[row]
-                end = self._finished(req, reasons[row], float(scores[row]), scorer, cfg)
-                if end is None:
-                    keep_w.append(int(slots[i, winners[i]]))
-                    keep_g.append(g)
-                    keep_start.append(req.committed)
-                    req.committed += len(toks[row])
-                    continue
-                results[req.index] = SearchResult(self._text(req.token_ids), req.token_ids,
-                                                  req.steps, end)
-                live[g] = None
-                bar.update(1)
-            if keep_w:
-                self._slots.promote(keep_w, keep_g, keep_start)
-        bar.close()
-        return results
-
-    # -- search internals ---------------------------------------------------------------------
-
-    def _admit(self, admit: list[tuple[int, int]], reqs: list[Prompt],
-               live: list[_Live | None], scorer: Scorer | None, weights: torch.Tensor) -> None:
-        """Prefill new requests into their groups (every candidate slot starts from the prompt)."""
-        self._slots.admit([g for g, _ in admit], [reqs[r] for _, r in admit])
-        for g, r in admit:
-            live[g] = _Live(r, len(reqs[r].ids))
-        self._set_live_weights(live, weights)
-
-    def _compact(self, live: list[_Live | None], scorer: Scorer | None,
-                 weights: torch.Tensor) -> None:
-        """Move the last live groups down into free groups (once no queued request will fill
-        them): the decode loop runs slots ``[0, (last live group + 1) * K)``, so it would otherwise
-        keep computing finished requests' slots."""
-        free = [g for g, x in enumerate(live) if x is None]
-        used = [g for g, x in enumerate(live) if x is not None]
-        moves = []
-        while free and used and free[0] < used[-1]:
-            moves.append((used.pop(), free.pop(0)))
-        if not moves:
-            return
-        self._slots.move(moves)
-        for h, f in moves:
-            live[f], live[h] = live[h], None
-        self._set_live_weights(live, weights)
-
-    def _set_live_weights(self, live: list[_Live | None], weights: torch.Tensor) -> None:
-        self._set_weights(self._slots.per_slot({g: weights[x.index] for g, x in enumerate(live)
-                                                if x is not None}))
-
-    def _score(self, scorer: Scorer | None, slots: torch.Tensor, toks: list[list[int]],
-               texts: list[str], flat: torch.Tensor, reqs_live: list[_Live],
-               reqs: list[Prompt]) -> torch.Tensor:
-        if scorer is None:
-            return torch.full((len(toks),), math.nan)
-        cands = Candidates(slots, toks, texts, self._runner.hidden.index_select(0, flat),
-                           [reqs[x.index] for x in reqs_live],
-                           [self._text(x.token_ids) for x in reqs_live])
-        scores = scorer.score(cands).float().cpu()
-        if scores.shape != (len(toks),) or torch.isnan(scores).any():
-            bad = torch.isnan(scores).nonzero().flatten().tolist() \
-                if scores.shape == (len(toks),) else scores.shape
-            raise ValueError(f"the scorer returned NaN or a wrong shape for candidates {bad} "
-                             f"(expected {len(toks)} scores)")
-        return scores
-
-    def _finished(self, req: _Live, reason: int, score: float, scorer: Scorer | None,
-                  cfg: SearchConfig) -> str | None:
-        """Why the request ends after its latest step, or None to go on."""
-        if reason == EOS:
-            return "eos"
-        # The cache is full (a step may also end at a boundary on the very last position), or no
-        # candidate fit the PRM's cache (score -inf).
-        if reason == FULL or req.committed + len(req.steps[-1].token_ids) >= self.max_seq_len \
-                or (scorer is not None and score == -math.inf):
-            return "max_seq_len"
-        if cfg.stop:
-            text = self._text(req.token_ids)
-            if any((s in text) if isinstance(s, str) else s(text) for s in cfg.stop):
-                return "stop"
-        if len(req.token_ids) >= cfg.max_new_tokens:
-            return "max_new_tokens"
-        if len(req.steps) >= cfg.max_steps:
-            return "max_steps"
-        return None
+        return Requests(reqs, weights, cfg, layout=layout, cache=self._slots,
+                        model=self.policy.model, runner=runner, sampler=self._sampler,
+                        scorer=scorer, num_groups=batch, max_seq_len=self.max_seq_len,
+                        text=self._text, confirm=self._confirmer(boundary))
 
     # -- shared internals ---------------------------------------------------------------------
 
-    def _prepare(self, num_slots: int, scorer: Scorer | None, *, layout: str = "fork",
-                 k: int = 1, step_len: int = 1) -> DecodeRunner:
-        """The runner over a policy cache of at least ``num_slots`` slots (``layout``; for
-        shared_prefix: groups of ``k`` candidate slots of ``step_len`` positions), and the
-        scorer's caches; checks that everything new fits before allocating any of it."""
+    def _prepare(self, num_groups: int, scorer: Scorer | None, layout: SlotLayout = FORK
+                 ) -> DecodeRunner:
+        """The runner over a policy cache of at least ``num_groups`` groups of ``layout``, and
+        the scorer's caches; checks that everything new fits before allocating any of it."""
         max_len = self.max_seq_len + 1  # one scratch position for paused slots
         config, dtype = self.policy.config, self.policy.heads.dtype
-        groups = num_slots // k
-        if layout == "shared_prefix":
-            fits = isinstance(self.cache, slot_layouts.SharedPrefixCache) \
-                and self.cache.k == k and self.cache.num_groups >= groups \
-                and self.cache.step_len >= step_len
-        else:
-            fits = isinstance(self.cache, KVCache) and self.cache.num_slots >= num_slots
-        grow = not fits
+        num_slots = layout.num_slots(num_groups)
+        grow = not layout.holds(self._slots, num_groups, max_len)
         if self.kv_cache_bytes is not None:
-            grow = self._budget_reallocates((layout, num_slots, k, step_len), scorer) or grow
+            grow = self._budget_reallocates((layout, num_groups), scorer) or grow
         if grow:
-            self.cache = self._runner = self._sampler = None
+            self._slots = self._runner = self._sampler = None
             gc.collect()
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
-        policy_bytes = slot_layouts.nbytes(layout, config, groups, k, max_len, step_len,
-                                           dtype) if grow else 0
-        slot_layout = SlotLayout(layout, k, step_len)  # a scorer's cache may follow it
+        policy_bytes = layout.nbytes(config, num_groups, max_len, dtype) if grow else 0
         scorer_bytes = scorer.cache_nbytes(num_slots, self.max_seq_len, self.policy,
-                                           slot_layout) if scorer else 0
+                                           layout) if scorer else 0  # it may follow the layout
         available = available_bytes(self.device)
         if available is not None and policy_bytes + scorer_bytes > available:
             raise ValueError(
-                f"{num_slots} slots ({groups} requests x candidates={k}, {layout} layout) x "
-                f"max_seq_len={self.max_seq_len} need "
+                f"{num_slots} slots ({num_groups} requests x candidates={layout.k}, "
+                f"{layout.name} layout) x max_seq_len={self.max_seq_len} need "
                 f"{policy_bytes:,} bytes of policy KV cache + {scorer_bytes:,} bytes of PRM cache "
                 f"= {policy_bytes + scorer_bytes:,} bytes, but only {available:,} bytes are "
                 f"available on {self.device}; lower max_batch, candidates or max_seq_len, or set "
@@ -364,32 +247,32 @@ class Engine:
         # state in place on later calls, which inference tensors forbid outside that mode.
         with torch.inference_mode(False):
             if grow:
-                self.cache = slot_layouts.allocate(layout, config, groups, k, max_len, step_len,
-                                                   dtype=dtype, device=self.device)
+                self._slots = layout.allocate(config, num_groups, max_len, dtype=dtype,
+                                              device=self.device)
                 self._sampler = Sampler(self.policy.heads, num_slots)
-                self._runner = DecodeRunner(self.policy.model, self.cache, self._sampler,
+                self._runner = DecodeRunner(self.policy.model, self._slots, self._sampler,
                                             max_seq_len=self.max_seq_len, eos_ids=self.eos_ids,
                                             cuda_graphs=self.cuda_graphs)
             if scorer is not None:
-                scorer.prepare(num_slots, self.max_seq_len, self.policy, slot_layout)
+                scorer.prepare(num_slots, self.max_seq_len, self.policy, layout)
         return self._runner
 
-    def _batch_size(self, layout: str, k: int, step_len: int, scorer: Scorer | None) -> int:
+    def _batch_size(self, layout: SlotLayout, scorer: Scorer | None) -> int:
         """Requests a call runs at once: ``max_batch``; under a KV budget, as many as the budget
         holds (at most ``max_batch``), ValueError if it cannot hold one."""
         if self.kv_cache_bytes is None:
             return self.max_batch
-        policy_one = slot_layouts.nbytes(layout, self.policy.config, 1, k, self.max_seq_len + 1,
-                                         step_len, self.policy.heads.dtype)
-        scorer_one = 0 if scorer is None else scorer.request_nbytes(
-            self.max_seq_len, self.policy, SlotLayout(layout, k, step_len))
+        policy_one = layout.nbytes(self.policy.config, 1, self.max_seq_len + 1,
+                                   self.policy.heads.dtype)
+        scorer_one = 0 if scorer is None else scorer.request_nbytes(self.max_seq_len,
+                                                                    self.policy, layout)
         one = policy_one + scorer_one
         if one > self.kv_cache_bytes:
             raise ValueError(
                 f"kv_cache_bytes={self.kv_cache_bytes:,} cannot hold one request, which needs "
-                f"{one:,} bytes: {policy_one:,} of policy KV cache ({layout} layout, candidates="
-                f"{k}, max_seq_len={self.max_seq_len}) + {scorer_one:,} of PRM cache; raise the "
-                f"budget or lower max_seq_len, candidates or max_step_tokens")
+                f"{one:,} bytes: {policy_one:,} of policy KV cache ({layout.name} layout, "
+                f"candidates={layout.k}, max_seq_len={self.max_seq_len}) + {scorer_one:,} of PRM "
+                f"cache; raise the budget or lower max_seq_len, candidates or max_step_tokens")
         fit = self.kv_cache_bytes // one  # both caches' sizes are linear in the request count
         return fit if self.max_batch is None else min(fit, self.max_batch)
 
@@ -409,15 +292,6 @@ class Engine:
                 s.release()
         self._budget_plan, self._held_scorers = plan, leaves
         return not same
-
-    def _set_weights(self, rows: dict[int, torch.Tensor]) -> None:
-        """Head weights per slot; unused slots repeat a used slot's weights, so that padding never
-        adds a distinct weight vector (which would defeat the shared-weights fast path)."""
-        filler = next(iter(rows.values()))
-        full = filler.expand(self.cache.num_slots, -1).clone()
-        for slot, w in rows.items():
-            full[slot] = w
-        self._sampler.set_weights(full)
 
     def _compile(self, boundary: Boundary) -> CompiledBoundary:
         if boundary not in self._compiled:

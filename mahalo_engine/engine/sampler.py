@@ -9,13 +9,14 @@ captured step serves every value: only ``top_k`` (the kernels' mode and tile sha
 greedy call) and whether top-p/min-p filter at all (``filtered``: they cost the kernels an extra
 pass, so an unfiltered call does not pay for them) are part of a graph's key.
 
-The sampler owns the shared-weights plans (``triton_kernels.plan_heads``: U distinct weight
-vectors < H heads → U merged heads), one per row count, and the merged heads themselves in its
-own ``MergeCache`` (``merge_budget_bytes``). The weights buffer is written only when a slot's
-weights change (from the host, where they are known), so a plan is built once per change, not per
-token. A plan is rebuilt when the heads were changed in place (their version counter moved);
-``invalidate()`` is the one hook to call after changing the heads any other way (inference
-tensors, which carry no version, or a new heads tensor).
+The sampler owns each slot's head weights and the plans derived from them: per row count, the
+shared-weights plan (``triton_kernels.plan_heads``: U distinct weight vectors < H heads → U merged
+heads) and the eager steps' ``SamplingPlan`` over it, in one table; the merged heads themselves
+live in its ``MergeCache`` (``merge_budget_bytes``), by weight rows. The weights buffer is written
+only when a slot's weights change (from the host, where they are known), so a plan is built once
+per change, not per token. A plan is rebuilt when the heads were changed in place (their version
+counter moved); ``invalidate()`` is the one hook to call after changing the heads any other way
+(inference tensors, which carry no version, or a new heads tensor).
 """
 from __future__ import annotations
 
@@ -40,8 +41,9 @@ class Sampler:
         self.top_k = 0
         self.filtered = False  # top-p/min-p buffers passed to the kernels (else 1.0 / 0.0)
         self.merged = MergeCache(merge_budget_bytes)  # merged heads of self.heads, by weight rows
-        self._plans: dict[int, HeadsPlan] = {}  # shared-weights plan per row count
-        self._sampling: dict[int, SamplingPlan] = {}  # eager steps, per row count
+        # Per row count: the shared-weights plan and the eager steps' sampling plan over it (None
+        # until an eager step needs it).
+        self._plans: dict[int, tuple[HeadsPlan, SamplingPlan | None]] = {}
         self._epoch = 0  # bumped by invalidate(): merged-heads graphs key on it
 
     def configure(self, temperature: float, top_k: int, seed: int, top_p: float = 1.0,
@@ -57,7 +59,7 @@ class Sampler:
         # whatever the buffer holds; after a sampling configure, writing 0 (or T > 0) into a
         # slot's entry makes it greedy (or sample at T) from the next draw on.
         self.top_k = 1 if temperature == 0 else int(top_k)
-        self._sampling.clear()
+        self._plans = {n: (plan, None) for n, (plan, _) in self._plans.items()}
         self.seed.fill_(seed)
         self.offset.zero_()
 
@@ -68,7 +70,15 @@ class Sampler:
             self.weights_host.copy_(rows)
             self.weights.copy_(rows)
             self._plans.clear()  # a plan binds the weights' values (its merge)
-            self._sampling.clear()
+
+    def set_slot_weights(self, rows: dict[int, torch.Tensor]) -> None:
+        """`set_weights` from the rows of the used slots: unused slots repeat a used slot's
+        weights, so that padding never adds a distinct weight vector (which would defeat the
+        shared-weights fast path)."""
+        full = next(iter(rows.values())).expand(self.weights_host.shape[0], -1).clone()
+        for slot, w in rows.items():
+            full[slot] = w
+        self.set_weights(full)
 
     def invalidate(self, heads: torch.Tensor | None = None) -> None:
         """The heads changed: in place (needed only for inference tensors — a normal tensor's
@@ -84,18 +94,16 @@ class Sampler:
             self.heads = heads
         self.merged.clear()
         self._plans.clear()
-        self._sampling.clear()
         self._epoch += 1
 
     def plan(self, n: int) -> HeadsPlan:
         """The shared-weights plan of rows ``[0, n)``: built once per change of the weights or
         the heads."""
-        plan = self._plans.get(n)
-        if plan is None or not plan.is_current():
-            plan = self._plans[n] = plan_heads(self.heads, self.weights[:n], cache=self.merged,
-                                               host_weights=self.weights_host[:n])
-            self._sampling.pop(n, None)
-        return plan
+        entry = self._plans.get(n)
+        if entry is None or not entry[0].is_current():
+            entry = self._plans[n] = (plan_heads(self.heads, self.weights[:n], cache=self.merged,
+                                                 host_weights=self.weights_host[:n]), None)
+        return entry[0]
 
     def graph_operands(self, n: int) -> tuple[torch.Tensor, torch.Tensor, tuple]:
         """``(heads, weights, key)`` to capture for rows ``[0, n)``: a merged plan's heads and
@@ -121,12 +129,13 @@ class Sampler:
         n = hidden.shape[0]
         if heads is None and weights is None:
             plan = self.plan(n)
-            sampling = self._sampling.get(n)
+            sampling = self._plans[n][1]
             if sampling is None:
-                sampling = self._sampling[n] = SamplingPlan(
-                    self.heads, self.weights[:n], temperature=self.temperature[:n],
-                    top_k=self.top_k, seed=self.seed, offset=self.offset, plan=plan,
-                    **self._filters(n))
+                sampling = SamplingPlan(self.heads, self.weights[:n],
+                                        temperature=self.temperature[:n], top_k=self.top_k,
+                                        seed=self.seed, offset=self.offset, plan=plan,
+                                        **self._filters(n))
+                self._plans[n] = (plan, sampling)
             out = sampling(hidden)
         else:
             out = multihead_sample(hidden, self.heads if heads is None else heads,

@@ -2,12 +2,13 @@
 policy's own hidden states, weighted combinations, and any callable on texts.
 
 The engine drives a scorer through calls that mirror its policy cache:
-``prepare`` (allocate, once per cache size and `SlotLayout`), ``start`` (new requests: their prompts enter the
-groups' slots), ``score`` (the K candidates of every live request, one batch), ``promote``
-(each group's winner becomes its siblings' committed text) and ``move`` (requests change groups).
-Slot ``g*K + k`` is candidate k of group g in the policy's cache and in every scorer's cache
-alike; a scorer's cache may follow the policy's layout (`SlotLayout`: ``fork`` or
-``shared_prefix``), as `ValueModelPRM`'s does.
+``prepare`` (allocate, once per cache size and layout), ``start`` (new requests: their prompts
+enter the groups' slots), ``score`` (the K candidates of every live request, one batch),
+``promote`` (each group's winner becomes its siblings' committed text) and ``move`` (requests
+change groups). Candidate slots are numbered alike in the policy's cache and in every scorer's.
+A scorer with a cache keeps it through the layout given at ``prepare`` (`mahalo_engine.layouts`:
+`SlotLayout.allocate` returns a cache whose events take these calls' arguments as they are), as
+`ValueModelPRM` does: no layout logic of its own.
 """
 from __future__ import annotations
 
@@ -19,30 +20,14 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from mahalo_engine.cache import KVCache
-from mahalo_engine.shared_cache import SharedPrefixCache
-from mahalo_engine.value_model import (VALUE_HEAD_FILE, ObjectiveWeights, apply_kind, combine_objectives,
-                               load_value_head, objective_weights)
+from mahalo_engine.layouts import FORK, LaidOutCache, SlotLayout
+from mahalo_engine.value_model import (VALUE_HEAD_FILE, ObjectiveWeights, apply_kind,
+                                       combine_objectives, load_value_head, objective_weights)
 from mahalo_engine.text import Prompt, encode_prompt, encode_step, has_chat_template
-from mahalo_engine.utils.padding import pad_right
 from triton_kernels.argcheck import is_real
 
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class SlotLayout:
-    """The policy cache's layout, which a scorer's own cache may follow: ``name`` ``"fork"`` (K
-    full slots per group) or ``"shared_prefix"`` (one prefix slot per group plus K candidate
-    slots of ``step_len`` positions, `SharedPrefixCache`); ``k`` candidates per group."""
-
-    name: str = "fork"
-    k: int = 1
-    step_len: int = 1
-
-
-FORK = SlotLayout()
 
 
 @dataclass
@@ -117,16 +102,18 @@ class ValueModelPRM(Scorer):
     score is read at each candidate's last token, and `promote` copies the winner's new tokens into
     its siblings with `KVCache.promote`. Nothing is ever re-encoded.
 
-    In the policy's ``shared_prefix`` layout (with K > 1 and the policy's tokens) the PRM's cache
-    is a `SharedPrefixCache` too: one prefix slot per request plus K candidate slots of
-    ``step_len`` positions; the candidates' steps go in with ``extend_shared`` (cascade extend
-    attention: the prefix read once for all candidates), and `promote` appends the winner's step
-    to the prefix (``kv_append``, one launch). A PRM that re-tokenises step texts keeps the fork
-    layout: its step may take more tokens than a candidate slot holds.
+    The cache follows the policy's layout (`SlotLayout.for_scorer`): in ``shared_prefix`` (with
+    K > 1 and the policy's tokens) it is a `SharedPrefixCache` too: one prefix slot per request
+    plus K candidate slots of ``step_len`` positions; the candidates' steps go in with
+    ``extend_shared`` (cascade extend attention: the prefix read once for all candidates), and
+    `promote` appends the winner's step to the prefix (``kv_append``, one launch). A PRM that
+    re-tokenises step texts keeps the fork layout: its step may take more tokens than a candidate
+    slot holds.
 
     With the policy's tokenizer (same vocabulary) the candidate's token ids are fed as they are;
     with another tokenizer each step's text is tokenised on its own and appended
-    (`mahalo_engine.text.encode_step`, as the PRM trainers tokenise step data). A PRM without a tokenizer must share the policy's vocabulary.
+    (`mahalo_engine.text.encode_step`, as the PRM trainers tokenise step data). A PRM without a
+    tokenizer must share the policy's vocabulary.
 
     ``objectives`` weights a multi-objective PRM's outputs (`mahalo_engine.value_model.objective_weights`:
     None = uniform mean, a name, ``{name: weight}``): one backbone serves every weighting.
@@ -136,9 +123,13 @@ class ValueModelPRM(Scorer):
         self.prm = prm
         self.objectives = objectives
         objective_weights(getattr(prm, "objectives", None), objectives)  # fail now, not mid-search
-        self.cache: KVCache | SharedPrefixCache | None = None
+        self.slots: LaidOutCache | None = None  # the cache, in its layout
         self.same_tokens = True
-        self._committed: torch.Tensor | None = None  # lens before the last scoring extend
+
+    @property
+    def cache(self) -> Any:
+        """The cache's storage (a `KVCache` or a `SharedPrefixCache`), None before `prepare`."""
+        return None if self.slots is None else self.slots.storage
 
     @property
     def _dtype(self) -> torch.dtype:
@@ -148,63 +139,40 @@ class ValueModelPRM(Scorer):
     def _device(self) -> torch.device:
         return self.prm.model.device
 
-    @property
-    def shared(self) -> bool:
-        """Whether the cache is in the shared-prefix layout."""
-        return isinstance(self.cache, SharedPrefixCache)
-
-    def _shared_layout(self, layout: SlotLayout, same_tokens: bool) -> bool:
-        return layout.name == "shared_prefix" and layout.k > 1 and same_tokens
-
-    def _allocated(self, num_slots: int, max_len: int, shared: bool, layout: SlotLayout) -> bool:
-        # More slots than needed is fine (like the policy's cache: a search with fewer candidates
-        # after one with more reuses it instead of reallocating).
-        c = self.cache
-        if shared:
-            return isinstance(c, SharedPrefixCache) and c.k == layout.k \
-                and c.num_groups >= num_slots // layout.k and c.max_len == max_len \
-                and c.step_len >= layout.step_len
-        return isinstance(c, KVCache) and c.num_slots >= num_slots and c.max_len == max_len
+    def _layout(self, layout: SlotLayout, policy: Any) -> SlotLayout:
+        return layout.for_scorer(_shares_vocabulary(self.prm, policy))
 
     def cache_nbytes(self, num_slots: int, max_len: int, policy: Any = None,
                      layout: SlotLayout = FORK) -> int:
-        shared = policy is not None and self._shared_layout(
-            layout, _shares_vocabulary(self.prm, policy))
-        if self._allocated(num_slots, max_len, shared, layout):
+        # Without the policy the vocabularies are unknown: sized as a re-tokenising PRM's.
+        mine = layout.for_scorer(False) if policy is None else self._layout(layout, policy)
+        groups = layout.num_groups(num_slots)
+        # More slots than needed is fine (like the policy's cache: a search with fewer candidates
+        # after one with more reuses it instead of reallocating).
+        if mine.holds(self.slots, groups, max_len):
             return 0
-        if shared:  # both layouts' sizes are linear in the request count
-            return num_slots // layout.k * self.request_nbytes(max_len, policy, layout)
-        return KVCache.nbytes(self.prm.config, num_slots, max_len, self._dtype)
+        return mine.nbytes(self.prm.config, groups, max_len, self._dtype)
 
     def request_nbytes(self, max_len: int, policy: Any, layout: SlotLayout = FORK) -> int:
-        if self._shared_layout(layout, _shares_vocabulary(self.prm, policy)):
-            return SharedPrefixCache.nbytes(self.prm.config, 1, layout.k, max_len,
-                                            layout.step_len, self._dtype)
-        return KVCache.nbytes(self.prm.config, layout.k, max_len, self._dtype)
+        return self._layout(layout, policy).nbytes(self.prm.config, 1, max_len, self._dtype)
 
     def release(self) -> None:
-        self.cache = None
+        self.slots = None
 
     def prepare(self, num_slots: int, max_len: int, policy: Any,
                 layout: SlotLayout = FORK) -> None:
         self.same_tokens = _shares_vocabulary(self.prm, policy)
-        shared = self._shared_layout(layout, self.same_tokens)
-        if layout.name == "shared_prefix" and layout.k > 1 and not shared:
+        mine = layout.for_scorer(self.same_tokens)
+        if layout.k > 1 and mine.name != layout.name:
             log.warning("the PRM re-tokenises step texts, so its cache keeps the fork layout "
                         "(a step may take more PRM tokens than a shared_prefix candidate slot "
                         "holds)")
-        if self._allocated(num_slots, max_len, shared, layout):
+        groups = layout.num_groups(num_slots)
+        if mine.holds(self.slots, groups, max_len):
             return
-        self.cache = None  # free the old cache before allocating the new one
-        if shared:
-            self.cache = SharedPrefixCache.allocate(
-                self.prm.config, num_slots // layout.k, layout.k, max_len, layout.step_len,
-                dtype=self._dtype, device=self._device)
-        else:
-            self.cache = KVCache.allocate(self.prm.config, num_slots, max_len, dtype=self._dtype,
-                                          device=self._device)
-            # One buffer for the cache's life: a promote captured in a CUDA graph reads it there.
-            self._committed = torch.zeros_like(self.cache.lens)
+        self.slots = None  # free the old cache before allocating the new one
+        self.slots = mine.allocate(self.prm.config, groups, max_len, dtype=self._dtype,
+                                   device=self._device)
 
     def _prompt_ids(self, prompt: Prompt) -> list[int]:
         if self.same_tokens:
@@ -218,76 +186,24 @@ class ValueModelPRM(Scorer):
         if self.same_tokens:
             return  # the policy's ids, which the engine checked against max_seq_len
         lens = [len(self._prompt_ids(p)) for p in prompts]
-        too_long = [(i, n) for i, n in enumerate(lens) if n >= self.cache.max_len]
+        too_long = [(i, n) for i, n in enumerate(lens) if n >= self.slots.max_len]
         if too_long:
             raise ValueError(f"prompts (index, PRM tokens) {too_long} do not fit the PRM's cache "
-                             f"of max_seq_len={self.cache.max_len}: the PRM's tokenizer needs "
+                             f"of max_seq_len={self.slots.max_len}: the PRM's tokenizer needs "
                              f"fewer than that, to leave room for steps")
 
     def start(self, slots: torch.Tensor, prompts: list[Prompt]) -> None:
-        ids = [self._prompt_ids(p) for p in prompts]
-        slots = slots.to(self._device)
-        if self.shared:
-            self.prm.model.prefill(self.cache.prefix, ids, slots[:, 0] // self.cache.k)
-            self.cache.begin_step(slots.reshape(-1))
-            return
-        self.prm.model.prefill(self.cache, ids, slots[:, 0])
-        if slots.shape[1] > 1:
-            k = slots.shape[1]
-            self.cache.fork(slots[:, :1].expand(-1, k - 1).reshape(-1), slots[:, 1:].reshape(-1))
+        self.slots.admit(self.prm.model, slots.to(self._device),
+                         [self._prompt_ids(p) for p in prompts])
 
     @torch.no_grad()
     def score(self, cands: Candidates) -> torch.Tensor:
-        if self.shared:
-            return self._score_shared(cands)
         tok = self.prm.tokenizer
         rows = cands.token_ids if self.same_tokens else [encode_step(tok, t) for t in cands.texts]
-        slots = cands.slots.reshape(-1).to(self._device)
-        self._committed.copy_(self.cache.lens)
-        start = self._committed.index_select(0, slots).cpu()
         scores = torch.full((len(rows),), -math.inf, dtype=torch.float32)
         # A candidate whose PRM tokens do not fit the PRM cache, or that has none, is unscorable.
-        ok = [i for i, r in enumerate(rows) if r and int(start[i]) + len(r) <= self.cache.max_len]
+        ok, last = self.slots.extend_steps(self.prm.model, rows, cands.slots.to(self._device))
         if ok:
-            ids, num_new = pad_right([rows[i] for i in ok])
-            num_new = num_new.to(self._device)
-            sel = torch.tensor(ok, device=self._device)
-            hidden = self.prm.model.extend(self.cache, ids.to(self._device), num_new, slots[sel])
-            last = hidden[torch.arange(len(ok), device=self._device), num_new - 1]
-            scores[ok] = self._scores(last)
-        return scores
-
-    def _score_shared(self, cands: Candidates) -> torch.Tensor:
-        """`score` in the shared-prefix layout: the candidates' suffixes restart empty, every
-        candidate's step goes into its own suffix in one ``extend_shared`` over the live groups."""
-        cache, rows = self.cache, cands.token_ids
-        k = cache.k
-        slots = cands.slots.to(self._device)
-        if slots.shape[1] != k:
-            raise ValueError(f"{slots.shape[1]} candidates per request, but the PRM's "
-                             f"shared-prefix cache was prepared for K={k}")
-        groups = slots[:, 0] // k
-        cache.begin_step(slots.reshape(-1))
-        start = cache.prefix.lens.index_select(0, groups).cpu()
-        long = [i for i, r in enumerate(rows) if len(r) > cache.step_len]
-        if long:  # the policy's steps are capped below step_len: this is a caller's bug
-            raise ValueError(f"candidates {long} have more than step_len={cache.step_len} tokens")
-        scores = torch.full((len(rows),), -math.inf, dtype=torch.float32)
-        # As in the fork layout: a candidate that does not fit max_len, or is empty, is unscorable.
-        ok = [i for i, r in enumerate(rows) if r and int(start[i // k]) + len(r) <= cache.max_len]
-        if ok:
-            width = max(len(rows[i]) for i in ok)
-            ids = torch.zeros(len(rows), width, dtype=torch.long)
-            num_new = torch.zeros(len(rows), dtype=torch.long)
-            for i in ok:
-                ids[i, : len(rows[i])] = torch.as_tensor(rows[i])
-                num_new[i] = len(rows[i])
-            g = slots.shape[0]
-            hidden = self.prm.model.extend_shared(cache, ids.view(g, k, width).to(self._device),
-                                                  num_new.view(g, k), groups)
-            sel = torch.tensor(ok)
-            last = hidden.reshape(len(rows), width, -1)[sel.to(self._device),
-                                                         (num_new[sel] - 1).to(self._device)]
             scores[ok] = self._scores(last)
         return scores
 
@@ -299,25 +215,13 @@ class ValueModelPRM(Scorer):
     def promote(self, src: torch.Tensor, dst: torch.Tensor, winners: torch.Tensor,
                 groups: torch.Tensor) -> None:
         dev = self._device
-        if self.shared:  # each winner's step joins its group's prefix (one append for all)
-            self.cache.commit(winners.to(dev), groups[:, 0].to(dev) // self.cache.k)
-            return
-        if src.numel() == 0:
-            return  # K = 1: the one candidate's extend already committed it
-        # A winner's committed length before its step is its group's (all slots shared it).
-        src, dst = src.to(dev), dst.to(dev)
-        self.cache.promote(src, dst, self._committed.index_select(0, src).long())
+        self.slots.promote(src.to(dev), dst.to(dev), winners.to(dev), groups.to(dev))
 
     def graph_safe(self) -> bool:
         return True
 
     def move(self, src: torch.Tensor, dst: torch.Tensor) -> None:
-        dev = self._device
-        if self.shared:  # whole groups move: src/dst list each group's K candidate slots
-            k = self.cache.k
-            self.cache.move(src.to(dev)[::k] // k, dst.to(dev)[::k] // k)
-            return
-        self.cache.move(src.to(dev), dst.to(dev))
+        self.slots.move(src.to(self._device), dst.to(self._device))
 
 
 def _shares_vocabulary(prm: Any, policy: Any) -> bool:
@@ -458,7 +362,8 @@ class CallableScorer(Scorer):
     def score(self, cands: Candidates) -> torch.Tensor:
         k = cands.num_candidates
         prompts = [p.text for p in cands.prompts for _ in range(k)]
-        responses = [cands.responses[i // k] + t for i, t in enumerate(cands.texts)]
+        responses = [r + t for r, t in zip((r for r in cands.responses for _ in range(k)),
+                                           cands.texts)]
         out = self.fn(prompts, responses)
         try:
             scores = torch.as_tensor([float(x) for x in out], dtype=torch.float32)

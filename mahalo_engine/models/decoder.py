@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from mahalo_engine.cache import KVCache
-from mahalo_engine.shared_cache import SharedPrefixCache
+from mahalo_engine.layouts import SharedPrefixCache
 from triton_kernels.argcheck import is_int
 from triton_kernels.cascade import cascade_decode_attention, cascade_extend_attention
 from mahalo_engine.model_config import ModelConfig
@@ -133,7 +133,10 @@ class Decoder(nn.Module):
 
     # -- slot cache ------------------------------------------------------------------------------
 
-    def _check_cache(self, cache: KVCache) -> None:
+    def _check_cache(self, cache: KVCache, op: str = "") -> None:
+        if op and not isinstance(cache, KVCache):  # the shared-prefix storage has its own calls
+            raise ValueError(f"{op} takes a KVCache; use {op}_shared for a "
+                             f"{type(cache).__name__}")
         expected = KVCache.shape(self.config, cache.num_slots, cache.max_len)
         if tuple(cache.data.shape) != expected:
             raise ValueError(f"cache shape {tuple(cache.data.shape)} does not fit this model: "
@@ -152,9 +155,7 @@ class Decoder(nn.Module):
         Validates on the host (one sync): slots distinct and in range, 0 <= num_new <= T, and the
         new lengths within max_len. Padded tokens are not written to the cache.
         """
-        if isinstance(cache, SharedPrefixCache):
-            raise ValueError("extend takes a KVCache; use extend_shared for a SharedPrefixCache")
-        self._check_cache(cache)
+        self._check_cache(cache, "extend")
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [N, T], got shape {tuple(input_ids.shape)}")
         n, t = input_ids.shape
@@ -219,7 +220,7 @@ class Decoder(nn.Module):
         return hidden[torch.arange(len(prompts), device=dev), num_new - 1]
 
     @torch.no_grad()
-    def decode(self, cache: KVCache | SharedPrefixCache, input_ids: torch.Tensor,
+    def decode(self, cache: KVCache, input_ids: torch.Tensor,
                slots: torch.Tensor | slice, advance: torch.Tensor | None = None, *,
                kv_len: int | None = None, check: bool = False) -> torch.Tensor:
         """One token per slot: ``input_ids [N]`` enters slot ``slots[n]`` at position
@@ -235,12 +236,10 @@ class Decoder(nn.Module):
         Graph-safe: no host sync, shapes fixed by ``(N, kv_len)``; so the contract is not checked
         unless ``check=True`` (host syncs: for eager debugging, never under graph capture).
 
-        A `SharedPrefixCache` takes a slot range starting at a group's first candidate (see
-        `decode_shared`).
+        A `SharedPrefixCache` goes through `decode_shared` (the layout's cache picks the call:
+        `mahalo_engine.layouts`).
         """
-        if isinstance(cache, SharedPrefixCache):
-            return self.decode_shared(cache, input_ids, slots, advance, kv_len=kv_len)
-        self._check_cache(cache)
+        self._check_cache(cache, "decode")
         n = input_ids.shape[0]
         kv_len = _kv_len(kv_len, cache.max_len)
         if isinstance(slots, slice):
@@ -300,26 +299,25 @@ class Decoder(nn.Module):
             raise ValueError(f"groups {tuple(groups.shape)} and num_new {tuple(num_new.shape)} "
                              f"must be [{g}] and [{g}, {k}] for input_ids {tuple(input_ids.shape)}")
         safe = groups.clamp(0, cache.num_groups - 1)  # a bad group is reported below, not faulted
-        slots = (safe[:, None] * k + torch.arange(k, device=dev)).reshape(-1)
+        slots = cache.candidate_slots(safe).reshape(-1)
         plen = cache.prefix.lens.index_select(0, safe)
         slen = cache.suffix.lens.index_select(0, slots).long()
-        group_list, new_list, plen_list, slen_list = (
-            groups.tolist(), num_new.reshape(-1).tolist(), plen.tolist(), slen.tolist())  # sync
+        group_list, slot_list, new_list, plen_list, slen_list = (
+            groups.tolist(), slots.tolist(), num_new.reshape(-1).tolist(),
+            cache.per_candidate(plen).tolist(), slen.tolist())  # sync
         if len(set(group_list)) != g or not all(0 <= x < cache.num_groups for x in group_list):
             raise ValueError(f"groups must be distinct and in [0, {cache.num_groups}), got "
                              f"{group_list}")
-        bad = [(s, plen_list[i // k], a, m) for i, (s, a, m)
-               in enumerate(zip(slots.tolist(), slen_list, new_list))
-               if not 0 <= m <= t or a + m > cache.step_len
-               or plen_list[i // k] + a + m > cache.max_len]
+        bad = [(s, p, a, m) for s, p, a, m in zip(slot_list, plen_list, slen_list, new_list)
+               if not 0 <= m <= t or a + m > cache.step_len or p + a + m > cache.max_len]
         if bad:
             raise ValueError(f"extend_shared: (slot, prefix len, suffix len, num_new) {bad} need "
                              f"0 <= num_new <= {t}, suffix len + num_new <= step_len="
                              f"{cache.step_len} and the total <= max_len={cache.max_len}")
-        n = g * k
+        n = len(slot_list)
         offs = torch.arange(t, device=dev)
         s_pos = slen[:, None] + offs[None, :]  # suffix positions [N, T]
-        q_pos = plen.long().repeat_interleave(k)[:, None] + s_pos  # absolute (rotary)
+        q_pos = cache.per_candidate(plen.long())[:, None] + s_pos  # absolute (rotary)
         rows = torch.tensor([r for r, m in enumerate(new_list) for _ in range(m)], device=dev,
                             dtype=torch.long)
         cols = torch.tensor([c for m in new_list for c in range(m)], device=dev, dtype=torch.long)
@@ -328,7 +326,7 @@ class Decoder(nn.Module):
         # Contiguous ascending groups (the engine's usual case) are read as views, not gathered.
         first = group_list[0]
         if group_list == list(range(first, first + g)):
-            p_reads, s_reads = slice(first, first + g), slice(first * k, (first + g) * k)
+            p_reads, s_reads = slice(first, first + g), slice(slot_list[0], slot_list[0] + n)
         else:
             p_reads, s_reads = groups, slots
         kv_len = max(1, max(plen_list))  # a host bound on the prefix the kernel scans
@@ -367,11 +365,7 @@ class Decoder(nn.Module):
                              f"start + N), got {type(slots).__name__}")
         start, _ = _slot_range(slots, n, cache.num_slots)
         kv_len = _kv_len(kv_len, cache.max_len)
-        if start % k:
-            raise ValueError(f"slot range must start at a group's first candidate (a multiple of "
-                             f"K={k}), got start={start}")
-        first, groups = start // k, -(-n // k)
-        m = groups * k
+        first, groups, m = cache.group_range(start, n)
         if start + m > cache.num_slots:
             raise ValueError(f"slots [{start}, {start + n}) end in a partial group past the "
                              f"cache's {cache.num_slots} candidate slots")
@@ -383,7 +377,7 @@ class Decoder(nn.Module):
         tokens[:n] = input_ids
         plen = cache.prefix.lens[first:first + groups]
         slen = cache.suffix.lens[start:start + m].long()
-        pos = plen.long().repeat_interleave(k) + slen  # absolute positions [m]
+        pos = cache.per_candidate(plen.long()) + slen  # absolute positions [m]
         seen = (slen + 1).view(groups, k)  # the new token included
         n_kv, hd = self.config.num_key_value_heads, self.config.head_dim
         ts = cache.step_len

@@ -1,0 +1,478 @@
+"""Slot layouts of step search: the one home of the group → slot arithmetic and of every event on
+a cache laid out for K candidates per request, whichever model the cache serves (the policy's or a
+scorer's).
+
+Request group g runs its K candidates in candidate slots ``g*K .. g*K+K-1``. A `SlotLayout`
+(`ForkLayout`, `SharedPrefixLayout`) maps groups to slots on the host, sizes a cache of its layout
+and allocates it; the cache it returns (`ForkSlots` over a `KVCache`, `SharedPrefixSlots` over a
+`SharedPrefixCache`) applies the slot events to its storage and makes the model's attention call
+for its layout:
+
+- ``admit``: prefill new requests' prompts; every candidate slot starts from the prompt;
+- ``begin_step``: candidate slots start a new step from the committed text;
+- ``decode`` / ``extend_steps``: one token per candidate slot (the policy's decode) / each
+  candidate's step appended at once (a scorer's scoring pass);
+- ``promote``: each continuing group's winner becomes the group's committed text;
+- ``move``: a live group's committed text moves to a lower, free group (compaction).
+
+``fork`` keeps a full copy of the committed text in each of the K slots (promote copies only the
+step's new tokens, `KVCache.promote`); ``shared_prefix`` keeps it once per group in a prefix slot
+plus K step-sized candidate slots (cascade attention reads the prefix once for all K; a promote
+appends the winner's step to the prefix, ``kv_append``). A promote is given both as
+``(src, dst)`` slot pairs and per group (``winners``, ``groups``), so a layout in which one source
+slot feeds several destinations (beams) is one more subclass of the same interface.
+
+Every event is index ops on device tensors of fixed shapes (graph-safe, no host sync), except
+``admit`` and ``extend_steps``, which encode ragged token lists.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, TypeVar
+
+import torch
+
+from mahalo_engine.cache import KVCache, available_bytes
+from mahalo_engine.model_config import ModelConfig
+from mahalo_engine.utils.padding import pad_right
+from triton_kernels.argcheck import check_int
+
+T = TypeVar("T")
+
+
+# -- the shared-prefix storage -------------------------------------------------------------------
+
+
+@dataclass
+class SharedPrefixCache:
+    """The ``shared_prefix`` storage: request group g owns slot g of ``prefix`` (a `KVCache` of
+    ``max_len`` positions: the committed text) and slots ``g*K .. g*K+K-1`` of ``suffix`` (a
+    `KVCache` of ``step_len`` positions: each candidate's tokens of the current step). KV memory
+    per request is ``max_len + K * step_len`` positions instead of the fork layout's
+    ``K * max_len``. Candidate slot s = g*K + k has total length ``prefix.lens[g] +
+    suffix.lens[s]`` (``lens``) and its tokens sit at those absolute positions (rotary)."""
+
+    prefix: KVCache  # [L, 2, G, n_kv, max_len, hd]
+    suffix: KVCache  # [L, 2, G*K, n_kv, step_len, hd]
+    k: int  # candidates per group
+
+    @property
+    def num_groups(self) -> int:
+        return self.prefix.num_slots
+
+    @property
+    def num_slots(self) -> int:
+        """Candidate slots (``G * K``): what a decode step runs over."""
+        return self.suffix.num_slots
+
+    @property
+    def max_len(self) -> int:
+        """Total positions a candidate may reach (prefix + step)."""
+        return self.prefix.max_len
+
+    @property
+    def step_len(self) -> int:
+        return self.suffix.max_len
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.prefix.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.prefix.device
+
+    @property
+    def lens(self) -> torch.Tensor:
+        """Total length of every candidate slot, int32 ``[G*K]`` (a new tensor: read-only)."""
+        return self.per_candidate(self.prefix.lens) + self.suffix.lens
+
+    @staticmethod
+    def nbytes(config: ModelConfig, num_groups: int, k: int, max_len: int, step_len: int,
+               dtype: torch.dtype) -> int:
+        """Bytes of both caches: ``num_groups * (max_len + k * step_len)`` positions."""
+        return KVCache.nbytes(config, num_groups, max_len, dtype) \
+            + KVCache.nbytes(config, num_groups * k, step_len, dtype)
+
+    @classmethod
+    def allocate(cls, config: ModelConfig, num_groups: int, k: int, max_len: int, step_len: int,
+                 *, dtype: torch.dtype, device: torch.device | str) -> "SharedPrefixCache":
+        """Zeroed caches; ValueError (bytes needed/available) if both together cannot fit."""
+        for name, value in (("num_groups", num_groups), ("k", k), ("step_len", step_len)):
+            check_int(name, value, 1)
+        need = cls.nbytes(config, num_groups, k, max_len, step_len, dtype)
+        available = available_bytes(torch.device(device))
+        if available is not None and need > available:
+            raise ValueError(
+                f"shared-prefix KV cache ({num_groups} groups x (max_len={max_len} + {k} x "
+                f"step_len={step_len}) positions, {dtype}) needs {need:,} bytes but only "
+                f"{available:,} bytes are free on {device}")
+        prefix = KVCache.allocate(config, num_groups, max_len, dtype=dtype, device=device)
+        suffix = KVCache.allocate(config, num_groups * k, step_len, dtype=dtype, device=device)
+        return cls(prefix, suffix, k)
+
+    # -- its slot arithmetic (used by the decoder's cascade calls too) --------------------------
+
+    def candidate_slots(self, groups: torch.Tensor) -> torch.Tensor:
+        """``[G', K]`` candidate slots of ``groups [G']``."""
+        return groups.long()[:, None] * self.k + torch.arange(self.k, device=groups.device)
+
+    def group_of(self, slots: torch.Tensor) -> torch.Tensor:
+        """The group of each candidate slot."""
+        return slots // self.k
+
+    def per_candidate(self, per_group: torch.Tensor) -> torch.Tensor:
+        """A per-group tensor ``[G', ...]`` repeated for each of its K candidates."""
+        return per_group.repeat_interleave(self.k, dim=0)
+
+    def group_range(self, start: int, n: int) -> tuple[int, int, int]:
+        """``(first group, group count, their slot count)`` covering candidate slots ``[start,
+        start + n)``, which must start at a group's first candidate; a partial last group counts
+        whole."""
+        if start % self.k:
+            raise ValueError(f"slot range must start at a group's first candidate (a multiple of "
+                             f"K={self.k}), got start={start}")
+        groups = -(-n // self.k)
+        return start // self.k, groups, groups * self.k
+
+    # -- storage events (index tensors on the device; no host sync) ----------------------------
+
+    def begin_step(self, slots: torch.Tensor) -> None:
+        """Empty the suffixes of candidate ``slots`` (their stale K/V is overwritten later)."""
+        self.suffix.reset(slots)
+
+    def commit(self, winners: torch.Tensor, groups: torch.Tensor) -> None:
+        """Append each winner candidate slot's step to its group's prefix (one launch), then empty
+        the groups' suffixes. ``winners [G']`` candidate slots, ``groups [G']`` distinct."""
+        self.prefix.append(self.suffix, winners.long(), groups.long())
+        self.suffix.reset(self.candidate_slots(groups).reshape(-1))
+
+    def move(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Group ``dst[i]`` takes over group ``src[i]``'s committed prefix (suffixes emptied)."""
+        self.prefix.move(src.long(), dst.long())
+        self.suffix.reset(self.candidate_slots(dst).reshape(-1))
+
+
+# -- layouts: host-side arithmetic and sizing ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SlotLayout:
+    """How a cache holds K candidates per request group (``k``; ``step_len``: the positions one
+    step may take, for layouts that keep steps apart). Subclasses: `ForkLayout`,
+    `SharedPrefixLayout`; `slot_layout` builds one by name."""
+
+    k: int = 1
+    step_len: int = 1
+    name: ClassVar[str] = ""
+
+    def slots(self, groups: list[int]) -> torch.Tensor:
+        """``[len(groups), K]`` candidate slots (on the host)."""
+        return torch.tensor(groups, dtype=torch.long)[:, None] * self.k + torch.arange(self.k)
+
+    def span(self, groups: list[int]) -> int:
+        """Slots ``[0, span)`` hold every candidate slot of ``groups``."""
+        return (max(groups) + 1) * self.k
+
+    def per_slot(self, by_group: dict[int, T]) -> dict[int, T]:
+        """A value per group spread to each of its K candidate slots."""
+        return {g * self.k + j: v for g, v in by_group.items() for j in range(self.k)}
+
+    def rows(self, picks: list[int]) -> list[int]:
+        """Row of candidate ``picks[i]`` of the i-th group, in group-major ``[G'*K]`` rows."""
+        return [i * self.k + j for i, j in enumerate(picks)]
+
+    def repeat(self, per_group: list[T]) -> torch.Tensor:
+        """Host values per group ``[G']`` as a tensor per candidate slot ``[G'*K]``."""
+        return torch.tensor(per_group).repeat_interleave(self.k)
+
+    def num_groups(self, num_slots: int) -> int:
+        return num_slots // self.k
+
+    def num_slots(self, num_groups: int) -> int:
+        return num_groups * self.k
+
+    def move_pairs(self, moves: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Host ``(src, dst)`` slot pairs of ``(from group, to group)`` moves: every candidate
+        slot of the destination takes the source group's committed text (from its first slot)."""
+        src = self.slots([h for h, _ in moves])[:, :1].expand(-1, self.k).reshape(-1)
+        return src, self.slots([f for _, f in moves]).reshape(-1)
+
+    def promote_index(self, winners: list[int], groups: list[int]) -> tuple[torch.Tensor, int]:
+        """One host index for a promote: ``src`` (each group's winner, once per other slot),
+        ``dst`` (the other slots), ``winners`` and the groups' slots, concatenated; and P, the pair
+        count (`split_promote` takes it apart). ValueError if a winner is not of its group."""
+        g, k = len(groups), self.k
+        slots = self.slots(groups)
+        w = torch.tensor(winners, dtype=torch.long)
+        losers = slots[slots != w[:, None]]  # [G*(K-1)], group by group
+        if losers.numel() != g * (k - 1):
+            raise ValueError(f"winners {winners} must be one candidate slot of each group {groups}")
+        return torch.cat((w.repeat_interleave(k - 1), losers, w, slots.reshape(-1))), g * (k - 1)
+
+    def split_promote(self, index: torch.Tensor, pairs: int
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(src, dst, winners [G'], groups [G', K])`` views of a `promote_index`."""
+        p = pairs
+        rest = index[2 * p:]
+        g = rest.numel() // (self.k + 1)
+        return index[:p], index[p:2 * p], rest[:g], rest[g:].view(g, self.k)
+
+    def nbytes(self, config: ModelConfig, num_groups: int, max_len: int,
+               dtype: torch.dtype) -> int:
+        """Bytes `allocate` would take."""
+        raise NotImplementedError
+
+    def allocate(self, config: ModelConfig, num_groups: int, max_len: int, *,
+                 dtype: torch.dtype, device: torch.device | str) -> "LaidOutCache":
+        raise NotImplementedError
+
+    def holds(self, cache: "LaidOutCache | None", num_groups: int, max_len: int) -> bool:
+        """Whether ``cache`` serves ``num_groups`` groups of this layout as it is (a larger cache
+        does: a search with fewer requests or candidates after a bigger one reuses it)."""
+        raise NotImplementedError
+
+    def for_scorer(self, same_tokens: bool) -> "SlotLayout":
+        """The layout a scorer's own cache takes when the policy's is this one; ``same_tokens``:
+        whether the scorer is fed the policy's token ids."""
+        return self
+
+
+@dataclass(frozen=True)
+class ForkLayout(SlotLayout):
+    """Each of a group's K slots holds its own copy of the committed text (`KVCache`)."""
+
+    name: ClassVar[str] = "fork"
+
+    def nbytes(self, config: ModelConfig, num_groups: int, max_len: int,
+               dtype: torch.dtype) -> int:
+        return KVCache.nbytes(config, self.num_slots(num_groups), max_len, dtype)
+
+    def allocate(self, config: ModelConfig, num_groups: int, max_len: int, *,
+                 dtype: torch.dtype, device: torch.device | str) -> "ForkSlots":
+        return ForkSlots(KVCache.allocate(config, self.num_slots(num_groups), max_len,
+                                          dtype=dtype, device=device))
+
+    def holds(self, cache: "LaidOutCache | None", num_groups: int, max_len: int) -> bool:
+        return isinstance(cache, ForkSlots) and cache.num_slots >= self.num_slots(num_groups) \
+            and cache.max_len == max_len
+
+
+@dataclass(frozen=True)
+class SharedPrefixLayout(SlotLayout):
+    """One prefix slot per group plus K candidate slots of ``step_len`` positions
+    (`SharedPrefixCache`)."""
+
+    name: ClassVar[str] = "shared_prefix"
+
+    def nbytes(self, config: ModelConfig, num_groups: int, max_len: int,
+               dtype: torch.dtype) -> int:
+        return SharedPrefixCache.nbytes(config, num_groups, self.k, max_len, self.step_len, dtype)
+
+    def allocate(self, config: ModelConfig, num_groups: int, max_len: int, *,
+                 dtype: torch.dtype, device: torch.device | str) -> "SharedPrefixSlots":
+        return SharedPrefixSlots(SharedPrefixCache.allocate(
+            config, num_groups, self.k, max_len, self.step_len, dtype=dtype, device=device))
+
+    def holds(self, cache: "LaidOutCache | None", num_groups: int, max_len: int) -> bool:
+        return isinstance(cache, SharedPrefixSlots) and cache.storage.k == self.k \
+            and cache.storage.num_groups >= num_groups and cache.max_len == max_len \
+            and cache.storage.step_len >= self.step_len
+
+    def for_scorer(self, same_tokens: bool) -> SlotLayout:
+        # A scorer that re-tokenises step texts may take more tokens for a step than a candidate
+        # slot holds, so it forks; with one candidate there is no prefix to share.
+        if self.k > 1 and same_tokens:
+            return self
+        return ForkLayout(self.k, self.step_len)
+
+
+FORK = ForkLayout()
+LAYOUTS: dict[str, type[SlotLayout]] = {"fork": ForkLayout, "shared_prefix": SharedPrefixLayout}
+CACHE_LAYOUTS = tuple(LAYOUTS)
+
+
+def slot_layout(name: str, k: int = 1, step_len: int = 1) -> SlotLayout:
+    """The layout called ``name`` (one of `CACHE_LAYOUTS`)."""
+    if name not in LAYOUTS:
+        raise ValueError(f"cache_layout must be one of {CACHE_LAYOUTS}, got {name!r}")
+    return LAYOUTS[name](k, step_len)
+
+
+# -- caches in a layout: the slot events and the attention call ------------------------------------
+
+
+class LaidOutCache:
+    """A cache's storage in a slot layout, with the events every cache of that layout goes
+    through. ``slots`` arguments are int64 device tensors: ``[G', K]`` (each group's candidate
+    slots) or flat."""
+
+    storage: Any
+
+    @property
+    def num_slots(self) -> int:
+        return self.storage.num_slots
+
+    @property
+    def max_len(self) -> int:
+        return self.storage.max_len
+
+    @property
+    def lens(self) -> torch.Tensor:
+        """Each candidate slot's total length, int32 (read-only)."""
+        return self.storage.lens
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.storage.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.storage.device
+
+    def admit(self, model: Any, slots: torch.Tensor, ids: list[list[int]]) -> torch.Tensor:
+        """Encode prompt ``ids[i]`` as the committed text of every slot of ``slots[i]``; returns
+        ``model``'s hidden state at the prompt's last token, per candidate slot ``[G'*K, d]``."""
+        raise NotImplementedError
+
+    def begin_step(self, slots: torch.Tensor) -> None:
+        """Candidate ``slots`` (flat) start a step from their committed text."""
+        raise NotImplementedError
+
+    def decode(self, model: Any, tokens: torch.Tensor, slots: slice,
+               advance: torch.Tensor | None, kv_len: int) -> torch.Tensor:
+        """``model``'s decode of one token per candidate slot of the range ``slots``."""
+        raise NotImplementedError
+
+    def extend_steps(self, model: Any, rows: list[list[int]], slots: torch.Tensor
+                     ) -> tuple[list[int], torch.Tensor | None]:
+        """Start a step on ``slots [G', K]`` and append candidate i's ``rows[i]`` (row-major) to
+        its slot in one ``model`` pass. Returns the candidates that went in (those that are
+        non-empty and fit ``max_len``) and ``model``'s hidden state at each one's last token."""
+        self.begin_step(slots.reshape(-1))
+        start = self._committed(slots)
+        ok = [i for i, r in enumerate(rows) if r and int(start[i]) + len(r) <= self.max_len]
+        return ok, (self._extend(model, rows, ok, slots) if ok else None)
+
+    def promote(self, src: torch.Tensor, dst: torch.Tensor, winners: torch.Tensor,
+                groups: torch.Tensor) -> None:
+        """Non-winning slot ``dst[p]`` takes the committed text of ``src[p]``, its group's winner;
+        equally: group ``groups[i] [K]`` commits ``winners[i]`` (`Scorer.promote`'s event)."""
+        raise NotImplementedError
+
+    def move(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Slot ``dst[p]`` takes the committed text of slot ``src[p]`` (`SlotLayout.move_pairs`:
+        whole groups, between steps)."""
+        raise NotImplementedError
+
+    def _committed(self, slots: torch.Tensor) -> torch.Tensor:
+        """Host lengths of the committed text of each slot of ``slots [G', K]``, flat."""
+        raise NotImplementedError
+
+    def _extend(self, model: Any, rows: list[list[int]], ok: list[int],
+                slots: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class ForkSlots(LaidOutCache):
+    """The fork layout over a `KVCache`: every candidate slot holds its own copy of the committed
+    text. ``committed``: each slot's length when its step began (one buffer for the cache's life:
+    a promote captured in a CUDA graph reads it there)."""
+
+    def __init__(self, storage: KVCache) -> None:
+        self.storage = storage
+        self.committed = torch.zeros_like(storage.lens)
+
+    def admit(self, model: Any, slots: torch.Tensor, ids: list[list[int]]) -> torch.Tensor:
+        first = slots[:, 0]
+        hidden = model.prefill(self.storage, ids, first)
+        k = slots.shape[1]
+        if k > 1:
+            self.storage.fork(first.repeat_interleave(k - 1), slots[:, 1:].reshape(-1))
+        return hidden.repeat_interleave(k, dim=0)
+
+    def begin_step(self, slots: torch.Tensor) -> None:
+        self.committed.copy_(self.storage.lens)
+
+    def decode(self, model: Any, tokens: torch.Tensor, slots: slice,
+               advance: torch.Tensor | None, kv_len: int) -> torch.Tensor:
+        return model.decode(self.storage, tokens, slots, advance=advance, kv_len=kv_len)
+
+    def promote(self, src: torch.Tensor, dst: torch.Tensor, winners: torch.Tensor,
+                groups: torch.Tensor) -> None:
+        if src.numel():  # with one candidate the slot already is its own winner
+            # Every slot of a group held the same text when the step began: only the winner's
+            # step is copied.
+            self.storage.promote(src, dst, self.committed.index_select(0, src).long())
+
+    def move(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        self.storage.move(src, dst)
+
+    def _committed(self, slots: torch.Tensor) -> torch.Tensor:
+        return self.committed.index_select(0, slots.reshape(-1)).cpu()
+
+    def _extend(self, model: Any, rows: list[list[int]], ok: list[int],
+                slots: torch.Tensor) -> torch.Tensor:
+        dev = self.device
+        ids, num_new = pad_right([rows[i] for i in ok])
+        num_new = num_new.to(dev)
+        sel = torch.tensor(ok, device=dev)
+        hidden = model.extend(self.storage, ids.to(dev), num_new, slots.reshape(-1)[sel])
+        return hidden[torch.arange(len(ok), device=dev), num_new - 1]
+
+
+class SharedPrefixSlots(LaidOutCache):
+    """The shared-prefix layout over a `SharedPrefixCache`: a group's committed text once, its K
+    candidates' steps apart; cascade attention reads the prefix once per group."""
+
+    def __init__(self, storage: SharedPrefixCache) -> None:
+        self.storage = storage
+
+    def admit(self, model: Any, slots: torch.Tensor, ids: list[list[int]]) -> torch.Tensor:
+        hidden = model.prefill(self.storage.prefix, ids, self.storage.group_of(slots[:, 0]))
+        self.storage.begin_step(slots.reshape(-1))
+        return self.storage.per_candidate(hidden)
+
+    def begin_step(self, slots: torch.Tensor) -> None:
+        self.storage.begin_step(slots)
+
+    def decode(self, model: Any, tokens: torch.Tensor, slots: slice,
+               advance: torch.Tensor | None, kv_len: int) -> torch.Tensor:
+        return model.decode_shared(self.storage, tokens, slots, advance, kv_len=kv_len)
+
+    def extend_steps(self, model: Any, rows: list[list[int]], slots: torch.Tensor
+                     ) -> tuple[list[int], torch.Tensor | None]:
+        if slots.shape[1] != self.storage.k:
+            raise ValueError(f"{slots.shape[1]} candidates per request, but the shared-prefix "
+                             f"cache was allocated for K={self.storage.k}")
+        long = [i for i, r in enumerate(rows) if len(r) > self.storage.step_len]
+        if long:  # the policy's steps are capped below step_len: this is a caller's bug
+            raise ValueError(f"candidates {long} have more than step_len="
+                             f"{self.storage.step_len} tokens")
+        return super().extend_steps(model, rows, slots)
+
+    def promote(self, src: torch.Tensor, dst: torch.Tensor, winners: torch.Tensor,
+                groups: torch.Tensor) -> None:
+        self.storage.commit(winners, self.storage.group_of(groups[:, 0]))
+
+    def move(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        k = self.storage.k
+        self.storage.move(self.storage.group_of(src[::k]), self.storage.group_of(dst[::k]))
+
+    def _committed(self, slots: torch.Tensor) -> torch.Tensor:
+        groups = self.storage.group_of(slots[:, 0])
+        return self.storage.per_candidate(self.storage.prefix.lens.index_select(0, groups).cpu())
+
+    def _extend(self, model: Any, rows: list[list[int]], ok: list[int],
+                slots: torch.Tensor) -> torch.Tensor:
+        dev, (g, k) = self.device, slots.shape
+        width = max(len(rows[i]) for i in ok)
+        ids = torch.zeros(len(rows), width, dtype=torch.long)
+        num_new = torch.zeros(len(rows), dtype=torch.long)
+        for i in ok:
+            ids[i, : len(rows[i])] = torch.as_tensor(rows[i])
+            num_new[i] = len(rows[i])
+        hidden = model.extend_shared(self.storage, ids.view(g, k, width).to(dev),
+                                     num_new.view(g, k), self.storage.group_of(slots[:, 0]))
+        sel = torch.tensor(ok)
+        return hidden.reshape(len(rows), width, -1)[sel.to(dev), (num_new[sel] - 1).to(dev)]
