@@ -92,6 +92,16 @@ def check_out(out: torch.Tensor | None, hidden: torch.Tensor, V: int) -> None:
         raise ValueError(f"out must be contiguous, got strides {out.stride()}")
 
 
+def _check_row_tensor(name: str, value: torch.Tensor, batch: int, device: torch.device) -> None:
+    """A per-row sampling option given as a tensor: float32 on ``device``, shape ``[]``/``[1]``
+    (every row) or ``[batch]`` (one per row)."""
+    if (value.dtype != torch.float32 or value.device != device
+            or tuple(value.shape) not in ((), (1,), (batch,))):
+        raise ValueError(f"{name} tensor must be float32 of shape [], [1] or [{batch}] on "
+                         f"{device}, got {value.dtype} shape {list(value.shape)} on "
+                         f"{value.device}")
+
+
 def check_temperature(temperature: float | torch.Tensor, batch: int,
                       device: torch.device | None) -> None:
     """A real number >= 0 and finite (0 = greedy), or a float32 tensor on ``device`` of shape
@@ -102,11 +112,7 @@ def check_temperature(temperature: float | torch.Tensor, batch: int,
     and replay it with new values): a negative or non-finite entry is the caller's responsibility.
     """
     if isinstance(temperature, torch.Tensor) and device is not None:
-        if (temperature.dtype != torch.float32 or temperature.device != device
-                or tuple(temperature.shape) not in ((), (1,), (batch,))):
-            raise ValueError(f"temperature tensor must be float32 of shape [], [1] or [{batch}] "
-                             f"on {device}, got {temperature.dtype} shape "
-                             f"{list(temperature.shape)} on {temperature.device}")
+        _check_row_tensor("temperature", temperature, batch, device)
         return
     if not is_real(temperature):
         kinds = "a real number" if device is None else "a real number or a float32 tensor"
@@ -122,11 +128,7 @@ def check_probability(name: str, value: float | torch.Tensor, low: float, high: 
     (every row) or ``[batch]`` (per row), whose values are read on the device only (like a
     temperature tensor's: out-of-range entries are the caller's bug)."""
     if isinstance(value, torch.Tensor) and device is not None:
-        if (value.dtype != torch.float32 or value.device != device
-                or tuple(value.shape) not in ((), (1,), (batch,))):
-            raise ValueError(f"{name} tensor must be float32 of shape [], [1] or [{batch}] on "
-                             f"{device}, got {value.dtype} shape {list(value.shape)} on "
-                             f"{value.device}")
+        _check_row_tensor(name, value, batch, device)
         return
     bounds = f"{'(' if low_open else '['}{low:g}, {high:g}]"
     if not is_real(value):
