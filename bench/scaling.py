@@ -66,22 +66,19 @@ def run_scaling(cfg: QualityConfig, sc: ScalingConfig, out_json: Path, *,
         complete = True
     finally:
         if rows:
-            files = outputs(out_json)
             title = (f"Scaling curves: {len(problems)} held-out problems x {len(sc.seeds)} seed(s)"
                      f"{'' if complete else ' (PARTIAL: stopped early)'}")
-            header = (f"## {title}\n\nDate {stamp:%Y-%m-%d %H:%M} UTC; machine: {machine()}; "
-                      f"artefacts: {art.root}. Sampling: temperature {cfg.temperature}, top-k "
-                      f"{cfg.top_k}, at most {cfg.max_new_tokens} new tokens; pool of "
-                      f"{sc.samples} samples per problem; head-weights request mix "
-                      f"(w_acc, w_style) = {tuple(sc.head_mix)}.")
-            files["markdown"].parent.mkdir(parents=True, exist_ok=True)
-            files["markdown"].write_text(report.markdown(rows, header) + "\n")
-            report.curves_png(rows, files["png"], title)
-            report.head_weights_png(rows, files["head_weights_png"],
-                                    title + ": per-candidate head weights vs the fixed mix",
-                                    sc.head_mix)
+            header = (f"Date {stamp:%Y-%m-%d %H:%M} UTC; machine: {machine()}; artefacts: "
+                      f"{art.root}. Sampling: temperature {cfg.temperature}, top-k {cfg.top_k}, "
+                      f"at most {cfg.max_new_tokens} new tokens; pool of {sc.samples} samples per "
+                      f"problem; head-weights request mix (w_acc, w_style) = {tuple(sc.head_mix)}.")
+            minutes = (_dt.datetime.now(_dt.timezone.utc) - stamp).total_seconds() / 60
+            header += f" Measured in {minutes:.1f} min (training or loading excluded)."
+            files = outputs(out_json)
+            report.write_outputs(rows, files, title, header, sc.head_mix)
             for name, path in files.items():
-                log(f"[scaling] wrote {name}: {path}")
+                if path.exists():
+                    log(f"[scaling] wrote {name}: {path}")
 
 
 def run(ctx) -> Iterator[dict[str, Any]]:
@@ -90,4 +87,4 @@ def run(ctx) -> Iterator[dict[str, Any]]:
     cfg = preset(QUALITY_PRESET)
     ctx.note(f"machine: {machine()}; {len(sc.seeds)} seed(s) x {sc.n_test} held-out problems")
     yield from run_scaling(cfg, sc, ctx.out, no_cache=ctx.no_cache)
-    ctx.files += list(outputs(ctx.out).values())
+    ctx.files += [p for p in outputs(ctx.out).values() if p.exists()]

@@ -87,6 +87,7 @@ def test_presets():
 @pytest.fixture(scope="module")
 def micro_run(tmp_path_factory):
     """A micro run of the section with every engine and PRM call it makes recorded."""
+    from bench.quality.pipeline import train_or_load
     from bench.quality.settings import preset
     from bench.scaling import outputs, run_scaling
     from mahalo_engine import Engine
@@ -123,6 +124,7 @@ def micro_run(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         # The engine's CPU path, as the bench runs it (the interpreter would take minutes).
         mp.setenv("TRITON_INTERPRET", "0")
+        train_or_load(preset("micro"), root=tmp / "cache", log=lambda _: None)  # not recorded
         for cls, name, fn in ((Engine, "generate", rec_generate), (Engine, "search", rec_search),
                               (ValueModelPRM, "score", rec_score),
                               (ValueModelPRM, "start", rec_start),

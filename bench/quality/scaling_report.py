@@ -95,14 +95,13 @@ def _plot_series(ax, agg: list[dict[str, Any]], series: str, label: str, color: 
 
 
 def _log_x(ax) -> None:
-    """Log x axis with plain numbers at the ticks (30, 100, 300 rather than 3x10^1)."""
-    from matplotlib.ticker import ScalarFormatter
+    """Log x axis with plain numbers at 1, 2 and 5 times each power of ten (not 3x10^1)."""
+    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 
     ax.set_xscale("log")
-    for axis in (ax.xaxis.set_major_formatter, ax.xaxis.set_minor_formatter):
-        fmt = ScalarFormatter()
-        fmt.set_scientific(False)
-        axis(fmt)
+    ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_formatter(NullFormatter())
 
 
 def _finish(fig, ax, path: Path, title: str, ylabel: str) -> None:
@@ -163,3 +162,15 @@ def head_weights_png(rows: list[dict[str, Any]], path: Path, title: str, mix: Se
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
+
+
+def write_outputs(rows: list[dict[str, Any]], files: dict[str, Path], title: str, header: str,
+                  mix: Sequence[float], extra: str = "") -> None:
+    """The markdown (``files["markdown"]``), the curves PNG (``png``) and the head-weights PNG
+    (``head_weights_png``, only when those series were measured)."""
+    files["markdown"].parent.mkdir(parents=True, exist_ok=True)
+    files["markdown"].write_text(markdown(rows, f"## {title}\n\n{header}", extra) + "\n")
+    curves_png(rows, files["png"], title)
+    if any(r["series"] in {s for s, _, _ in HEAD_SERIES} for r in rows):
+        head_weights_png(rows, files["head_weights_png"],
+                         title + ": per-candidate head weights vs the fixed mix", mix)
