@@ -153,8 +153,10 @@ def _parser() -> argparse.ArgumentParser:
                         "weight per head, e.g. 0.8,0.2;0.2,0.8 (candidate k takes row k), or a "
                         "spread S in [0, 1] around each request's weights (candidate 0: the "
                         "request's; the others move toward each head in turn, the farthest by "
-                        "S; see SearchConfig). The PRM still judges by the request's objectives; "
-                        "each step row records the winner's head_weights")
+                        "S; see SearchConfig). The PRM scores every candidate alike (never by "
+                        "its mix); each step records the winner's head_weights. Every row "
+                        "carries generated_tokens (discarded candidates included) and "
+                        "scored_tokens (the PRMs' prompt + candidate tokens)")
     return p
 
 

@@ -189,7 +189,8 @@ def weight_rows(head_weights: HeadWeights, rows: int, num_heads: int | None, *,
         per = "per row" if broadcast else f"in each of {rows} rows"
         raise ValueError(f"{name} {_show(head_weights)} must hold {h} weights {per}{heads}")
     if w.shape[0] != rows:
-        also = "give one list for all rows or one per row" if broadcast else "give one per row"
+        also = "give one list for all rows or one per row" if broadcast \
+            else f"give exactly {rows} rows"
         raise ValueError(f"{name} has {w.shape[0]} rows {_show(head_weights)} for {rows_for} "
                          f"{rows}; {also}")
     if not torch.isfinite(w).all():
