@@ -166,7 +166,8 @@ def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def weight_rows(head_weights: HeadWeights, rows: int, num_heads: int | None, *,
                 name: str = "head_weights", broadcast: bool = True,
-                objectives: Sequence[str] | None = None, rows_for: str = "a batch of") -> torch.Tensor:
+                objectives: Sequence[str] | None = None,
+                rows_for: str = "a batch of") -> torch.Tensor:
     """float64 ``[rows, H]`` on the CPU, each row normalised to sum 1: the one check of head
     weights. ``head_weights``: one list per row, or (``broadcast``) one list for every row;
     ``num_heads`` None accepts any H the rows share. Finite, non-negative, not all zero per row;
@@ -178,9 +179,9 @@ def weight_rows(head_weights: HeadWeights, rows: int, num_heads: int | None, *,
             w = torch.as_tensor(head_weights, dtype=torch.float64)
         except (TypeError, ValueError, RuntimeError) as e:  # ragged rows, strings, ...
             h = "H" if num_heads is None else num_heads
-            one = f"one list of {h} numbers or " if broadcast else ""
-            raise ValueError(f"{name} {_show(head_weights)} must be {one}one list of {h} numbers "
-                             f"per row ({e})") from e
+            form = f"one list of {h} numbers or one such list per row" if broadcast \
+                else f"one list of {h} numbers per row"
+            raise ValueError(f"{name} {_show(head_weights)} must be {form} ({e})") from e
     if w.dim() == 1 and broadcast:
         w = w.expand(rows, -1)
     if w.dim() != 2 or w.shape[1] == 0 or (num_heads is not None and w.shape[1] != num_heads):

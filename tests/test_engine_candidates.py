@@ -165,7 +165,8 @@ def test_request_weights_not_candidates_weight_a_multi_objective_prm(two, prms):
     weights = [[0.9, 0.1], [0.2, 0.8]]
     for objectives in ("request", {"acc": 0.7, "eng": 0.3}):
         cfg = SearchConfig(candidates=2, temperature=0, boundary=" ", max_steps=2,
-                           max_step_tokens=5, check_every=2, candidate_head_weights=[[1, 0], [0, 1]],
+                           max_step_tokens=5, check_every=2,
+                           candidate_head_weights=[[1, 0], [0, 1]],
                            scorer=ValueModelPRM(prm, objectives=objectives))
         for prompt, w, res in zip(PROMPTS, weights, eng.search(PROMPTS, head_weights=weights,
                                                                config=cfg)):
