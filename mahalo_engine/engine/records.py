@@ -44,7 +44,7 @@ class SearchConfig:
         device never waits on the host in between.
     candidate_head_weights: None (every candidate samples with its request's head weights), K
         rows of H head weights (candidate k of every request samples with row k, normalised to sum
-        1 like ``head_weights``), or a spread ``s`` in [0, 1] around each request's weights w:
+        1 like ``head_weights``; kept as a tuple of float tuples), or a spread ``s`` in [0, 1] around each request's weights w:
         candidate 0 samples with w, candidates 1, 2, ... take the heads in turn (candidate k moves
         toward head ``(k - 1) % H``), and the j-th of the m candidates that move toward head h
         samples with ``(1 - a) w + a e_h``, ``a = s * j / m`` (so the last one moves by s: s = 1
@@ -103,6 +103,9 @@ class SearchConfig:
                             f"candidates={self.candidates} rows of head weights, got {w!r}")
         weight_rows(w, self.candidates, None, name="candidate_head_weights", broadcast=False,
                     rows_for="candidates =")
+        # Plain rows as given (a tensor would make configs incomparable and unhashable).
+        rows = w.tolist() if isinstance(w, torch.Tensor) else w
+        self.candidate_head_weights = tuple(tuple(float(x) for x in row) for row in rows)
 
     def candidate_weights(self, request_weights: torch.Tensor) -> torch.Tensor:
         """float32 ``[R, K, H]``: the head weights candidate k of request r samples with, from the

@@ -2,9 +2,9 @@
 
 It holds each request's state (its place in the queue or its group of K candidate slots, the
 committed token count, the steps so far, its candidates' head weights, the tokens sampled and
-scored for it) and applies every event to everything
-a slot has at once: the policy's cache (through its layout, `mahalo_engine.layouts`), the decode
-runner's per-slot state, the sampler's per-slot weights and the scorer's cache.
+scored for it) and applies every event to everything a slot has at once: the policy's cache
+(through its layout, `mahalo_engine.layouts`), the decode runner's per-slot state, the sampler's
+per-slot weights and the scorer's cache.
 
 - `admit`: queued requests enter free groups (prefill; every candidate slot starts from the
   prompt); once none is queued, the last live groups move down into the free ones (a finished
