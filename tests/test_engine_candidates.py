@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from mahalo_engine.__main__ import main
-from mahalo_engine.engine import Engine, SearchConfig, Scorer, ValueModelPRM
+from mahalo_engine.engine import (Engine, SearchConfig, Scorer, SharedBackbonePRM,
+                                  ValueModelPRM)
 from mahalo_engine.models.loader import load_decoder
 from mahalo_engine.policy import Policy, load_policy
 from mahalo_engine.tiny import tiny_checkpoint
@@ -45,7 +46,12 @@ def prms(tmp_path_factory, ckpt):
     save_prm(tmp / "multi", backbone,
              ValueHead(backbone.config.hidden_size, objectives=["acc", "eng"]), "value",
              AutoTokenizer.from_pretrained(ckpt))
-    return {n: load_prm(tmp / n, dtype=torch.float32) for n in ("other", "bridge", "multi")}
+    # The policy's own backbone: its value head serves as a shared-backbone scorer.
+    own = load_decoder(ckpt, dtype=torch.float32)
+    save_prm(tmp / "own_multi", own, ValueHead(own.config.hidden_size, objectives=["eng", "acc"]),
+             "binary", AutoTokenizer.from_pretrained(ckpt))
+    return {n: load_prm(tmp / n, dtype=torch.float32)
+            for n in ("other", "bridge", "multi", "own_multi")}
 
 
 class Recording(Scorer):
@@ -160,21 +166,24 @@ def test_spread_search_records_a_spread_mix(two):
 
 
 def test_request_weights_not_candidates_weight_a_multi_objective_prm(two, prms):
-    prm = prms["multi"]
     eng = Engine(two, max_batch=2, max_seq_len=96)
     weights = [[0.9, 0.1], [0.2, 0.8]]
-    for objectives in ("request", {"acc": 0.7, "eng": 0.3}):
+    own = prms["own_multi"]  # objectives in the other order: matched to the heads by name
+    for scorer, prm in ((ValueModelPRM(prms["multi"], objectives="request"), prms["multi"]),
+                        (ValueModelPRM(prms["multi"], objectives={"acc": 0.7, "eng": 0.3}),
+                         prms["multi"]),
+                        (SharedBackbonePRM.from_prm(own, two, objectives="request"), own)):
+        fixed = getattr(scorer, "objectives", "request")
         cfg = SearchConfig(candidates=2, temperature=0, boundary=" ", max_steps=2,
                            max_step_tokens=5, check_every=2,
-                           candidate_head_weights=[[1, 0], [0, 1]],
-                           scorer=ValueModelPRM(prm, objectives=objectives))
+                           candidate_head_weights=[[1, 0], [0, 1]], scorer=scorer)
         for prompt, w, res in zip(PROMPTS, weights, eng.search(PROMPTS, head_weights=weights,
                                                                config=cfg)):
             ids = two.tokenizer.encode(prompt)
             for step in res.steps:
                 ids += step.token_ids
                 acc, eng_ = (prm.score_full([ids], objectives=o).item() for o in ("acc", "eng"))
-                want = dict(zip(("acc", "eng"), w)) if objectives == "request" else objectives
+                want = dict(zip(("acc", "eng"), w)) if fixed == "request" else fixed
                 assert step.score == pytest.approx(want["acc"] * acc + want["eng"] * eng_,
                                                    abs=1e-4)
                 # The winner's own mix would give another score: it is not what weighted it.
