@@ -52,11 +52,11 @@ OBJECTIVES = ("acc", "style")
 class Artefacts:
     root: Path
     sft: Path
-    dpo_acc: Path  # the chosen runs
-    dpo_style: Path
+    dpo_acc: Path | None  # the chosen runs (None: trained without baselines)
+    dpo_style: Path | None
     mah_dpo: Path
     prm: Path
-    soups: dict[float, Path]  # λ -> the DPO Soup λ·DPO[acc] + (1-λ)·DPO[style]
+    soups: dict[float, Path]  # λ -> the DPO Soup λ·DPO[acc] + (1-λ)·DPO[style] (empty: none)
     summaries: dict[str, dict[str, Any]]
     selection: dict[str, Any]  # the recipe, how it was chosen, every run's validation front
 
@@ -121,16 +121,18 @@ class Pipeline:
 
     def run(self) -> Artefacts:
         self.root.mkdir(parents=True, exist_ok=True)
-        self._stage("sft", self._sft)
-        self._stage("pairs", self._pairs)
+        self.stage("sft", self._sft)
+        self.stage("pairs", self._pairs)
         selection = grid.choose(self)
         recipe = selection["recipe"]
-        dpo_acc = self.dpo_run(["acc"], lr=recipe["dpo_lr"]["acc"])
-        dpo_style = self.dpo_run(["style"], lr=recipe["dpo_lr"]["style"])
+        dpo_acc = dpo_style = None
+        if self.cfg.baselines:
+            dpo_acc = self.dpo_run(["acc"], lr=recipe["dpo_lr"]["acc"])
+            dpo_style = self.dpo_run(["style"], lr=recipe["dpo_lr"]["style"])
         mah = self.mah_run(grid.mah_recipe(recipe))
-        soups = self._soups(dpo_acc, dpo_style)
-        self._stage("rollouts", self._rollouts)
-        self._stage("prm", self._prm)
+        soups = self._soups(dpo_acc, dpo_style) if self.cfg.baselines else {}
+        self.stage("rollouts", self._rollouts)
+        self.stage("prm", self._prm)
         r = self.root
         return Artefacts(r, r / "sft" / "policy", dpo_acc, dpo_style, mah, r / "prm" / "prm", soups,
                          self.summaries, selection)
@@ -140,13 +142,13 @@ class Pipeline:
     def dpo_run(self, objectives: list[str], *, lr: float) -> Path:
         """Single-head DPO on ``objectives`` (one) at ``lr``: the policy directory."""
         name = f"runs/dpo-{'+'.join(objectives)}-lr{lr:g}"
-        self._stage(name, lambda d: self._dpo(d, objectives, ["--lr", lr]))
+        self.stage(name, lambda d: self._dpo(d, objectives, ["--lr", lr]))
         return self.root / name / "policy"
 
     def mah_run(self, recipe) -> Path:
         """MAH-DPO (both objectives) at a grid point: the policy directory."""
         name = f"runs/mah-{recipe.name}"
-        self._stage(name, lambda d: self._dpo(d, list(OBJECTIVES), [
+        self.stage(name, lambda d: self._dpo(d, list(OBJECTIVES), [
             "--lr", recipe.head_lr, "--head-lr", recipe.head_lr, "--backbone-lr", recipe.backbone_lr,
             "--rpo-alpha", recipe.rpo_alpha]))
         return self.root / name / "policy"
@@ -183,10 +185,12 @@ class Pipeline:
                                      round(1.0 - lam, 12), "--out", d / f"lambda{lam:g}"])
             return {"lambdas": list(self.cfg.sweep), "artefact": str(d)}
 
-        self._stage(name, make)
+        self.stage(name, make)
         return {lam: self.root / name / f"lambda{lam:g}" for lam in self.cfg.sweep}
 
-    def _stage(self, name: str, fn: Callable[[Path], dict[str, Any]]) -> None:
+    def stage(self, name: str, fn: Callable[[Path], dict[str, Any]]) -> None:
+        """Run ``fn(directory)`` once: its summary is written to ``<root>/<name>/stage.json``, and
+        a later call with that file present only loads the summary (``self.summaries[name]``)."""
         d = self.root / name
         marker = d / "stage.json"
         if marker.is_file():
@@ -210,9 +214,11 @@ class Pipeline:
         cache directory), else a fresh seeded tiny model."""
         if self.cfg.sft_init:
             init = preset(self.cfg.sft_init)
-            pl = Pipeline(init, self.root.parent / init.train_key(), log=self.log)
+            note = f" (the SFT's initial policy: preset {self.cfg.sft_init!r})"
+            pl = Pipeline(init, self.root.parent / init.train_key(),
+                          log=lambda line: self.log(line + note))
             pl.root.mkdir(parents=True, exist_ok=True)
-            pl._stage("sft", pl._sft)
+            pl.stage("sft", pl._sft)
             return pl.root / "sft" / "policy"
         h = self.cfg.hidden_size
         return tiny_checkpoint("qwen2", seed=self.cfg.data_seed, vocab_size=512, hidden_size=h,
@@ -392,7 +398,7 @@ def _last_log(path: Path) -> dict[str, float]:
 
 
 def _describe(summary: dict[str, Any]) -> str:
-    return ", ".join(f"{k} {v}" for k, v in summary.items() if k not in ("history",))
+    return ", ".join(f"{k} {v}" for k, v in summary.items() if k not in ("history", "calibration"))
 
 
 def train_or_load(cfg: QualityConfig, *, no_cache: bool = False, root: Path | None = None,

@@ -80,6 +80,9 @@ class QualityConfig:
     grid_sweep: tuple[float, ...] = (0.0, 0.5, 1.0)  # w_acc values of a grid point's front
     grid_seed: int = 100  # sampling seed of the validation evaluation
     search_grid: bool = True  # False: train RECORDED_RECIPE only (the quick form)
+    # False: train the MAH-DPO run only, no single-head DPO runs nor soups (the long task, whose
+    # curves compare search methods on one policy; the quality tables need the baselines)
+    baselines: bool = True
     # -- PRM ----------------------------------------------------------------------------------
     mc_rollouts: int = 4  # M continuations per prefix
     gamma: float = 0.9
@@ -102,7 +105,7 @@ class QualityConfig:
     EVAL_FIELDS = ("n_test", "seeds", "candidates", "sweep", "n_cost")
     # DPO runs are cached per run (named by their hyperparameters), not under the key
     RUN_FIELDS = ("dpo_lrs", "grid_backbone_lrs", "grid_head_lrs", "grid_rpo_alphas", "grid_sweep",
-                  "grid_seed", "search_grid")
+                  "grid_seed", "search_grid", "baselines")
 
     # Fields added after the short task's artefacts were cached: in the key only when they differ
     # from these values, so the short task's cache directory keeps its name.
@@ -178,7 +181,7 @@ _LONG = dict(task="long", n_train=24000, p_terse=0.2, n_val=100, n_pref=300, pre
              n_prm=150, n_prmq=60, sft_init="full", sft_segment=150, sft_min_steps=300,
              sft_max_steps=1500,
              sft_target_acc=0.40, max_length=208, max_new_tokens=96, max_seq_len=224, gamma=1.0,
-             prm_steps=300, search_grid=False, n_test=100, seeds=(0,), n_cost=16)
+             prm_steps=300, search_grid=False, baselines=False, n_test=100, seeds=(0,), n_cost=16)
 
 
 PRESETS = ("full", "quick", "micro", "long", "long-micro")
@@ -191,6 +194,7 @@ def preset(name: str) -> QualityConfig:
         return QualityConfig(**_LONG)
     if name == "long-micro":
         return dataclasses.replace(preset("micro"), task="long", n_prmq=3, sft_init="micro",
+                                   search_grid=False, baselines=False,
                                    max_new_tokens=24,
                                    max_length=160, max_seq_len=192, gamma=1.0)
     if name == "full":
