@@ -31,8 +31,10 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from bench.quality.pipeline import Artefacts, Pipeline, _eos_text_of, policy_rollouts
-from bench.quality.settings import QualityConfig, task_module
+from bench.quality import answers
+from bench.quality.pipeline import (Artefacts, Pipeline, _eos_text_of, policy_rollouts,
+                                    train_or_load)
+from bench.quality.settings import PRESETS, QualityConfig, preset, task_module
 from mahalo_engine import load_prm
 from mahalo_engine.text import encode_prompt, encode_step
 
@@ -205,3 +207,38 @@ def calibration_png(stats: dict[str, Any], path: Path, title: str = "") -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m bench.quality.prm_quality --preset long --out DIR``: train (or load) the
+    preset's artefacts, measure the PRM on held-out rollouts, write ``DIR/<name>.json`` (the
+    stats, the answer cross-check tally) and ``DIR/<name>.png`` (the calibration plot)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m bench.quality.prm_quality",
+                                 description=main.__doc__.split("\n\n")[0].replace("``", ""))
+    ap.add_argument("--preset", default="long", help=f"one of {', '.join(PRESETS)} (default long)")
+    ap.add_argument("--out", type=Path, required=True, help="directory for the JSON and PNG")
+    ap.add_argument("--name", default="prm-quality", help="file stem (default prm-quality)")
+    args = ap.parse_args(argv)
+    if args.preset not in PRESETS:
+        ap.error(f"--preset must be one of {', '.join(PRESETS)}, got {args.preset!r}")
+    cfg = preset(args.preset)
+    if not cfg.n_prmq:
+        ap.error(f"--preset {args.preset!r} has no held-out PRM-quality problems (n_prmq = 0)")
+    answers.reset_cross_check()
+    art = train_or_load(cfg)
+    stats = prm_quality(art, cfg)
+    args.out.mkdir(parents=True, exist_ok=True)
+    tally = answers.cross_check()
+    (args.out / f"{args.name}.json").write_text(json.dumps(
+        {"preset": args.preset, "artefacts": str(art.root), **stats,
+         "answer_cross_check": tally}, indent=1) + "\n")
+    calibration_png(stats, args.out / f"{args.name}.png")
+    print(f"[quality] PRM quality: step AUC {stats['auc']}, final-answer AUC {stats['auc_final']}, "
+          f"ECE {stats['calibration']['ece']}; wrote {args.out / (args.name + '.json')} and .png")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,7 +1,10 @@
 """Sizes and settings of the quality bench (`QualityConfig`), its presets, the cache key, and the
 MAH-DPO recipe grid with the rule that picks from it.
 
-Training settings are shared by the quick and full presets, so a full run after a quick one reuses
+``task`` picks the task module (`TASKS`: ``short``, `bench.quality.task`; ``long``,
+`bench.quality.chain_task`); the ``long`` preset trains the long task's artefacts (SFT from the
+short task's SFT policy, pairs, the MAH-DPO run, rollouts, PRM; no single-head DPO baselines),
+``long-micro`` is its test size. Training settings are shared by the quick and full presets, so a full run after a quick one reuses
 the trained artefacts and only evaluates more; the ``micro`` preset (tests) shrinks everything. The
 cache key hashes the settings of the shared stages (SFT, pairs, rollouts, PRM); each DPO / MAH-DPO
 run has its own cache directory named by its hyperparameters, so the grid never retrains the SFT.
