@@ -23,17 +23,18 @@ import torch
 
 from bench.quality.settings import QualityConfig, preset
 from bench.quality.scaling import ScalingConfig, measure, scaling_preset
-from bench.quality.task import verify
 
-# The quality preset whose task and trained artefacts the curves use.
-QUALITY_PRESET = "quick"
+# The quality preset whose task and trained artefacts the curves use: the long task (5-8 steps),
+# where per-step choices can matter.
+QUALITY_PRESET = "long"
 
 
 def outputs(out_json: Path) -> dict[str, Path]:
     """The section's files named from the bench JSON path."""
     stem = out_json.with_suffix("")
     return {"markdown": stem.with_suffix(".md"), "png": stem.with_suffix(".png"),
-            "head_weights_png": stem.with_name(stem.name + "-head-weights.png")}
+            "head_weights_png": stem.with_name(stem.name + "-head-weights.png"),
+            "calibration_png": stem.with_name(stem.name + "-calibration.png")}
 
 
 def machine() -> str:
@@ -53,14 +54,19 @@ def run_scaling(cfg: QualityConfig, sc: ScalingConfig, out_json: Path, *,
     # Imported here: the pipeline brings in the engine and the trainers (seconds).
     from bench.quality import scaling_report as report
     from bench.quality.pipeline import splits, train_or_load
+    from bench.quality.prm_quality import calibration_png, prm_quality
 
     art = train_or_load(cfg, no_cache=no_cache, root=cache_root, log=log)
+    files = outputs(out_json)
+    # The PRM's quality on held-out rollouts (cached beside the artefacts once measured); a
+    # config without held-out PRM problems (the short task's) has none to report.
+    prm_stats = prm_quality(art, cfg, log=log) if cfg.n_prmq else None
     problems = splits(dataclasses.replace(cfg, n_test=sc.n_test))["test"]
     rows: list[dict[str, Any]] = []
     stamp = _dt.datetime.now(_dt.timezone.utc)
     complete = False
     try:
-        for row in measure(art, cfg, sc, problems, verify, log=log):
+        for row in measure(art, cfg, sc, problems, log=log):
             rows.append(row)
             yield row
         complete = True
@@ -74,8 +80,10 @@ def run_scaling(cfg: QualityConfig, sc: ScalingConfig, out_json: Path, *,
                       f"problem; head-weights request mix (w_acc, w_style) = {tuple(sc.head_mix)}.")
             minutes = (_dt.datetime.now(_dt.timezone.utc) - stamp).total_seconds() / 60
             header += f" Measured in {minutes:.1f} min (training or loading excluded)."
-            files = outputs(out_json)
-            report.write_outputs(rows, files, title, header, sc.head_mix)
+            extra = report.prm_markdown(prm_stats, files["calibration_png"].name)
+            report.write_outputs(rows, files, title, header, sc.head_mix, extra)
+            if prm_stats is not None:
+                calibration_png(prm_stats, files["calibration_png"])
             for name, path in files.items():
                 if path.exists():
                     log(f"[scaling] wrote {name}: {path}")

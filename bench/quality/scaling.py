@@ -55,10 +55,10 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from bench.quality.evaluate import MAX_SEQ_LEN, search_config
+from bench.quality.answers import math_verify_equal
+from bench.quality.evaluate import search_config
 from bench.quality.pipeline import Artefacts, prompt_of
-from bench.quality.settings import QualityConfig
-from bench.quality.task import Problem, extract_answer, style_score, verify
+from bench.quality.settings import QualityConfig, task_module
 from mahalo_engine import Engine, ValueModelPRM, load_policy, load_prm
 from mahalo_engine.text import encode_prompt
 
@@ -75,7 +75,7 @@ class ScalingConfig:
     samples: int = 16  # pool size per problem (the largest N)
     sample_ns: tuple[int, ...] = (1, 2, 4, 8, 16)
     search_ks: tuple[int, ...] = (2, 4, 8)
-    beam_shapes: tuple[tuple[int, int], ...] = ((2, 2), (2, 4), (4, 2), (4, 4))  # (beams, K)
+    beam_shapes: tuple[tuple[int, int], ...] = ()  # (beams, K)
     head_ks: tuple[int, ...] = (2, 4, 8)
     head_mix: tuple[float, float] = (0.5, 0.5)  # the request's (w_acc, w_style)
 
@@ -98,10 +98,10 @@ def scaling_preset(name: str) -> ScalingConfig:
         return ScalingConfig()
     if name == "quick":
         return ScalingConfig(n_test=30, seeds=(0,), samples=8, sample_ns=(1, 2, 4, 8),
-                             search_ks=(2, 4), beam_shapes=((2, 2),), head_ks=(4,))
+                             search_ks=(2, 4), head_ks=(4,))
     if name == "micro":
         return ScalingConfig(n_test=3, seeds=(0,), samples=4, sample_ns=(1, 2, 4),
-                             search_ks=(2,), beam_shapes=((2, 2),), head_ks=(2,))
+                             search_ks=(2,), head_ks=(2,))
     raise ValueError(f"scaling preset must be full, quick or micro, got {name!r}")
 
 
@@ -191,25 +191,23 @@ def point_row(series: str, point: str, seed: int, answers: list[Answer], generat
 class ScalingRun:
     """Loads the SFT policy, the MAH-DPO policy and the PRM once, then measures each series."""
 
-    def __init__(self, art: Artefacts, cfg: QualityConfig, problems: list[Problem],
-                 check: Callable[[str, Any], bool]) -> None:
+    def __init__(self, art: Artefacts, cfg: QualityConfig, problems: list[Any]) -> None:
         self.cfg = cfg
+        self.task = task_module(cfg)
         self.problems = problems
-        self.check = check
         self.prompts = [prompt_of(p) for p in problems]
         self.prm = load_prm(art.prm)
         n = len(problems)
-        self.sft = Engine(load_policy(art.sft), max_batch=n, max_seq_len=MAX_SEQ_LEN,
+        self.sft = Engine(load_policy(art.sft), max_batch=n, max_seq_len=cfg.max_seq_len,
                           cuda_graphs=False)
-        self.mah = Engine(load_policy(art.mah_dpo), max_batch=n, max_seq_len=MAX_SEQ_LEN,
+        self.mah = Engine(load_policy(art.mah_dpo), max_batch=n, max_seq_len=cfg.max_seq_len,
                           cuda_graphs=False)
         self.prompt_ids = [encode_prompt(self.sft.tokenizer, p) for p in self.prompts]
 
-    def answer(self, text: str, p: Problem) -> Answer:
-        return Answer(text, bool(self.check(text, p.answer)), verify(text, p.answer),
-                      style_score(text))
-
-    # pool-based methods ------------------------------------------------------------------------
+    def answer(self, text: str, p: Any) -> Answer:
+        """``text`` judged: math-verify's verdict, the task's own parser's, the style judge."""
+        return Answer(text, math_verify_equal(text, p.answer),
+                      self.task.extract_answer(text) == p.answer, self.task.style_score(text))
 
     def pool(self, seed: int, samples: int, tick: Callable[[], None]
              ) -> tuple[list[list[PoolSample]], list[float], list[float]]:
@@ -228,7 +226,8 @@ class ScalingRun:
             scores = self.prm.score_full(seqs, batch_size=256, objectives="acc").float().cpu()
             prm_s.append(time.perf_counter() - t0)
             for i, (p, g) in enumerate(zip(self.problems, gens)):
-                per_problem[i].append(PoolSample(self.answer(g.text, p), extract_answer(g.text),
+                per_problem[i].append(PoolSample(self.answer(g.text, p),
+                                                 self.task.extract_answer(g.text),
                                                  len(g.token_ids), len(seqs[i]),
                                                  float(scores[i])))
             tick()
@@ -278,15 +277,14 @@ def pool_rows(seed: int, pool: list[list[PoolSample]], gen_s: list[float],
     return rows
 
 
-def measure(art: Artefacts, cfg: QualityConfig, sc: ScalingConfig, problems: list[Problem],
-            check: Callable[[str, Any], bool], *, log: Callable[[str], None] = print
-            ) -> Iterator[dict[str, Any]]:
+def measure(art: Artefacts, cfg: QualityConfig, sc: ScalingConfig, problems: list[Any], *,
+            log: Callable[[str], None] = print) -> Iterator[dict[str, Any]]:
     """Every point of every series for every seed, each row yielded as soon as it is measured
     (the pool's methods together, once the seed's pool is drawn). An empty ``search_ks``,
     ``beam_shapes`` or ``head_ks`` leaves that series out."""
     from tqdm.auto import tqdm
 
-    run = ScalingRun(art, cfg, problems, check)
+    run = ScalingRun(art, cfg, problems)
     w = list(sc.head_mix)
     mix_objectives = {"acc": w[0], "style": w[1]}
     per_seed = sc.samples + len(sc.search_ks) + len(sc.beam_shapes) + 1 + 2 * len(sc.head_ks)

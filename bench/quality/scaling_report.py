@@ -174,3 +174,30 @@ def write_outputs(rows: list[dict[str, Any]], files: dict[str, Path], title: str
     if any(r["series"] in {s for s, _, _ in HEAD_SERIES} for r in rows):
         head_weights_png(rows, files["head_weights_png"],
                          title + ": per-candidate head weights vs the fixed mix", mix)
+
+
+def prm_markdown(stats: dict[str, Any] | None, calibration_file: str) -> str:
+    """The PRM's quality (`bench.quality.prm_quality`): AUCs, ECE and the calibration bins."""
+    if stats is None:
+        return "### PRM quality\n\nNot measured: this task config has no held-out PRM problems."
+
+    def num(v: Any) -> str:
+        return "n/a" if v is None else f"{v:.3f}"
+
+    cal = stats["calibration"]
+    lines = ["### PRM quality on held-out rollouts (`bench/quality/prm_quality.py`)", "",
+             f"Trained on {stats['prm_labelled_steps']} labelled steps. On {stats['problems']} "
+             f"held-out problems: {stats['prefixes']} proper prefixes x Monte-Carlo continuations "
+             f"= {stats['examples']} step-level examples (positive rate "
+             f"{stats['positive_rate']:.3f}). Step-level AUC of the acc value against the "
+             f"continuation's correctness: **{num(stats['auc'])}**; final-answer AUC "
+             f"({stats['finals']} complete samples, accuracy {stats['final_acc']:.3f}): "
+             f"{num(stats['auc_final'])}; ECE {num(cal['ece'])}. Calibration plot: "
+             f"`{calibration_file}`.", "",
+             "| predicted value bin | prefixes | mean prediction | MC success rate |",
+             "|---|---|---|---|"]
+    for b in cal["bins"]:
+        if b["count"]:
+            lines.append(f"| {b['lo']:.1f}-{b['hi']:.1f} | {b['count']} | {b['mean_pred']:.3f} "
+                         f"| {b['mc_rate']:.3f} |")
+    return "\n".join(lines)
