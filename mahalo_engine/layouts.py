@@ -174,10 +174,6 @@ class SlotLayout:
         """Slots ``[0, span)`` hold every candidate slot of ``groups``."""
         return (max(groups) + 1) * self.k
 
-    def per_slot(self, by_group: dict[int, T]) -> dict[int, T]:
-        """A value per group spread to each of its K candidate slots."""
-        return {g * self.k + j: v for g, v in by_group.items() for j in range(self.k)}
-
     def rows(self, picks: list[int]) -> list[int]:
         """Row of candidate ``picks[i]`` of the i-th group, in group-major ``[G'*K]`` rows."""
         return [i * self.k + j for i, j in enumerate(picks)]

@@ -161,7 +161,7 @@ class Engine:
             runner.run(runner.bucket(n), GENERATE_CHECK_EVERY, self._confirmer(boundary),
                        longest=max(len(r.ids) for r in wave))
             toks, lps, reasons = runner.read(slots)
-            out += [Generation(self._text(t), t, lp, _GEN_REASON[r])
+            out += [Generation(self._text(t), t, lp, _GEN_REASON[r], generated_tokens=len(t))
                     for t, lp, r in zip(toks, lps, reasons)]
             bar.update(n)
         bar.close()
@@ -201,6 +201,7 @@ class Engine:
         """A search's requests over caches sized for it (the policy's and the scorer's), with
         the runner and sampler configured for ``cfg``."""
         weights = self.policy.weight_matrix(head_weights, len(reqs)).cpu()
+        candidate_weights = cfg.candidate_weights(weights)  # checks H before any cache is built
         # One step's positions: max_step_tokens + a paused slot's scratch.
         layout = slot_layout(self.cache_layout, cfg.candidates, cfg.max_step_tokens + 1)
         batch = self._batch_size(layout, scorer)
@@ -209,7 +210,7 @@ class Engine:
             scorer.check_prompts(reqs)
         runner.set_boundary(boundary)
         self._sampler.configure(cfg.temperature, cfg.top_k, cfg.seed, cfg.top_p, cfg.min_p)
-        return Requests(reqs, weights, cfg, layout=layout, cache=self._slots,
+        return Requests(reqs, candidate_weights, weights, cfg, layout=layout, cache=self._slots,
                         model=self.policy.model, runner=runner, sampler=self._sampler,
                         scorer=scorer, num_groups=batch, max_seq_len=self.max_seq_len,
                         text=self._text, confirm=self._confirmer(boundary))

@@ -1,9 +1,10 @@
 """`Requests`: the one owner of a step search's requests and their slots.
 
 It holds each request's state (its place in the queue or its group of K candidate slots, the
-committed token count, the steps so far, its head weights) and applies every event to everything
-a slot has at once: the policy's cache (through its layout, `mahalo_engine.layouts`), the decode
-runner's per-slot state, the sampler's per-slot weights and the scorer's cache.
+committed token count, the steps so far, its candidates' head weights, the tokens sampled and
+scored for it) and applies every event to everything a slot has at once: the policy's cache
+(through its layout, `mahalo_engine.layouts`), the decode runner's per-slot state, the sampler's
+per-slot weights and the scorer's cache.
 
 - `admit`: queued requests enter free groups (prefill; every candidate slot starts from the
   prompt); once none is queued, the last live groups move down into the free ones (a finished
@@ -44,6 +45,8 @@ class _Request:
     committed: int  # tokens in the committed prefix (prompt + steps) before the current step
     token_ids: list[int] = field(default_factory=list)
     steps: list[Step] = field(default_factory=list)
+    generated: int = 0  # tokens sampled for it, every candidate's (SearchResult.generated_tokens)
+    scored: int = 0  # tokens its scorer's models encoded (SearchResult.scored_tokens)
 
 
 @dataclass
@@ -56,23 +59,29 @@ class DecodedStep:
     token_ids: list[list[int]]  # [G*K]
     texts: list[str]  # [G*K]
     reasons: list[int]  # [G*K] why each candidate's step stopped (`decode_runner` codes)
+    scored_tokens: list[int] = field(default_factory=list)  # [G*K] set by `Requests.score`
 
 
 class Requests:
     """The requests of one `Engine.search` call over ``cache`` (laid out as ``layout``: one group
     of ``layout.k`` slots per running request, ``num_groups`` groups), its ``runner`` and
     ``sampler``, and ``scorer`` (whose cache, if any, is prepared for the same layout).
+    ``weights [R, K, H]``: the head weights candidate k of request r samples with
+    (`SearchConfig.candidate_weights`); ``request_weights [R, H]``: each request's own, which the
+    scorer sees (`Candidates.head_weights`).
 
     ``text(ids)`` decodes tokens; ``confirm`` decides the boundaries the device flagged (see
     `DecodeRunner.run`). Lives no longer than the caches, runner and scorer it serves: its CUDA
     graphs hold their addresses."""
 
-    def __init__(self, prompts: list[Prompt], weights: torch.Tensor, cfg: SearchConfig, *,
+    def __init__(self, prompts: list[Prompt], weights: torch.Tensor,
+                 request_weights: torch.Tensor, cfg: SearchConfig, *,
                  layout: SlotLayout, cache: LaidOutCache, model: Any, runner: DecodeRunner,
                  sampler: Sampler, scorer: Scorer | None, num_groups: int, max_seq_len: int,
                  text: Callable[[list[int]], str],
                  confirm: Callable[[list[int]], tuple[bool, str]]) -> None:
         self.prompts, self.weights, self.cfg = prompts, weights, cfg
+        self.request_weights = request_weights
         self.layout, self.cache, self.model = layout, cache, model
         self.runner, self.sampler, self.scorer = runner, sampler, scorer
         self.max_seq_len, self.text, self.confirm = max_seq_len, text, confirm
@@ -101,13 +110,19 @@ class Requests:
             # Every candidate slot of a group starts from the prompt: cache, hidden state, scorer.
             self.runner.set_hidden(slots.reshape(-1),
                                    self.cache.admit(self.model, slots, [p.ids for p in prompts]))
+            scored = [0] * len(prompts)
             if self.scorer is not None:
                 self.scorer.start(slots, prompts)
-            for (g, r), prompt in zip(pairs, prompts):
-                self.live[g] = _Request(r, len(prompt.ids))
+                scored = self.scorer.prompt_tokens(prompts)
+            for (g, r), prompt, n in zip(pairs, prompts, scored):
+                self.live[g] = _Request(r, len(prompt.ids), scored=n)
         self._compact()
-        self.sampler.set_slot_weights(self.layout.per_slot(
-            {g: self.weights[x.index] for g, x in enumerate(self.live) if x is not None}))
+        live = [(g, x) for g, x in enumerate(self.live) if x is not None]
+        slots = self.layout.slots([g for g, _ in live]).tolist()
+        # Candidate k of each request samples with its own row (the request's weights unless
+        # SearchConfig.candidate_head_weights says otherwise).
+        self.sampler.set_slot_weights({s: self.weights[x.index, k] for (_, x), row in
+                                       zip(live, slots) for k, s in enumerate(row)})
 
     def _compact(self) -> None:
         """Move the last live groups down into free groups (once no queued request will fill
@@ -156,8 +171,10 @@ class Requests:
         cands = Candidates(step.slots, step.token_ids, step.texts,
                            self.runner.hidden.index_select(0, step.flat),
                            [self.prompts[x.index] for x in reqs],
-                           [self.text(x.token_ids) for x in reqs])
+                           [self.text(x.token_ids) for x in reqs],
+                           self.request_weights[[x.index for x in reqs]])
         scores = self.scorer.score(cands).float().cpu()
+        step.scored_tokens = cands.scored_tokens
         if scores.shape != (n,) or torch.isnan(scores).any():
             bad = torch.isnan(scores).nonzero().flatten().tolist() \
                 if scores.shape == (n,) else scores.shape
@@ -170,12 +187,17 @@ class Requests:
         its next step; retire the requests that end with it, promote the others' winners.
         Returns the number retired."""
         keep_w, keep_g, retired = [], [], 0
+        k = self.layout.k
         by_group = scores.view(len(step.groups), -1)
         for i, (g, row) in enumerate(zip(step.groups, self.layout.rows(winners))):
             req = self.live[g]
             req.steps.append(Step(step.texts[row], step.token_ids[row], float(scores[row]),
-                                  by_group[i].tolist(), _STEP_REASON[step.reasons[row]]))
+                                  by_group[i].tolist(), _STEP_REASON[step.reasons[row]],
+                                  self.weights[req.index, winners[i]].tolist()))
             req.token_ids += step.token_ids[row]
+            # Every candidate's step counts, the discarded ones too (the group's rows).
+            req.generated += sum(len(t) for t in step.token_ids[i * k:(i + 1) * k])
+            req.scored += sum(step.scored_tokens[i * k:(i + 1) * k])
             end = self._finished(req, step.reasons[row], float(scores[row]))
             if end is None:
                 keep_w.append(int(step.slots[i, winners[i]]))
@@ -183,7 +205,7 @@ class Requests:
                 req.committed += len(step.token_ids[row])
                 continue
             self.results[req.index] = SearchResult(self.text(req.token_ids), req.token_ids,
-                                                   req.steps, end)
+                                                   req.steps, end, req.generated, req.scored)
             self.live[g] = None
             retired += 1
         if keep_w:
