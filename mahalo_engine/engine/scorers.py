@@ -32,7 +32,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Candidates:
-    """The K candidates of G live requests (rows group-major: row ``g*K + k``)."""
+    """The K candidates of G live requests (rows group-major: row ``g*K + k``); with beams, of G
+    live beams (a request's beams one after the other, each with its own committed text)."""
 
     slots: torch.Tensor  # int64 [G, K]: each candidate's slot
     token_ids: list[list[int]]  # [G*K] the candidate step's tokens, as in the policy's cache
@@ -72,18 +73,24 @@ class Scorer:
         """ValueError, before anything is decoded, for prompts this scorer cannot take."""
 
     def start(self, slots: torch.Tensor, prompts: list[Prompt]) -> None:
-        """New requests enter groups ``slots [G,K]`` (every slot of a group holds the prompt)."""
+        """New requests enter groups ``slots [G, beams*K]`` (every slot of a group holds the
+        prompt)."""
 
     def score(self, cands: Candidates) -> torch.Tensor:
         """float32 ``[G*K]`` scores on the CPU; -inf marks a candidate that cannot be scored."""
         raise NotImplementedError
 
     def promote(self, src: torch.Tensor, dst: torch.Tensor, winners: torch.Tensor,
-                groups: torch.Tensor) -> None:
+                groups: torch.Tensor,
+                moves: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> None:
         """Slot ``dst[p]`` takes the committed state of slot ``src[p]``, its group's winner (int64
         ``[P]``: every non-winning candidate slot of every continuing group; the winners keep
         theirs). The same event per group: ``winners [G']`` (each continuing group's winning
-        slot) and ``groups [G', K]`` (its candidate slots), for a cache laid out per group."""
+        slot) and ``groups [G', K]`` (its candidate slots), for a cache laid out per group. With
+        beams a group is a beam, and ``moves`` ``(src, dst, start)`` (int64 ``[M]``) are the
+        slots of beams that go on from another beam's candidate: slot ``dst[m]`` takes slot
+        ``src[m]``'s state; both share only their first ``start[m]`` tokens (the prompt). Moves
+        come first: ``src[m]`` may be a ``dst[p]`` (`mahalo_engine.layouts`)."""
 
     def move(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         """Slot ``dst[p]`` takes the committed state of slot ``src[p]`` (requests moved to other
@@ -213,9 +220,11 @@ class ValueModelPRM(Scorer):
         return self.prm.scores_from_hidden(last, self.objectives).float().cpu()
 
     def promote(self, src: torch.Tensor, dst: torch.Tensor, winners: torch.Tensor,
-                groups: torch.Tensor) -> None:
+                groups: torch.Tensor,
+                moves: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> None:
         dev = self._device
-        self.slots.promote(src.to(dev), dst.to(dev), winners.to(dev), groups.to(dev))
+        self.slots.promote(src.to(dev), dst.to(dev), winners.to(dev), groups.to(dev),
+                           None if moves is None else tuple(m.to(dev) for m in moves))
 
     def graph_safe(self) -> bool:
         return True
@@ -339,9 +348,10 @@ class WeightedScorer(Scorer):
         return total
 
     def promote(self, src: torch.Tensor, dst: torch.Tensor, winners: torch.Tensor,
-                groups: torch.Tensor) -> None:
+                groups: torch.Tensor,
+                moves: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> None:
         for s, _ in self.parts:
-            s.promote(src, dst, winners, groups)
+            s.promote(src, dst, winners, groups, moves)
 
     def graph_safe(self) -> bool:
         return all(s.graph_safe() for s, _ in self.parts)
