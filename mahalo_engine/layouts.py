@@ -28,8 +28,8 @@ appends the winner's step to the prefix, ``kv_append``). A promote is given both
 whose destination beam takes a survivor of another beam (one source slot feeding several beams
 when a survivor is duplicated). A move reads a slot the ``(src, dst)`` pairs overwrite, so it is
 applied first, in a launch of its own (fork: copy from the prompt's end, the text every slot of
-the request shares; shared_prefix: copy the source beam's prefix, before the winners' steps are
-appended); no slot a launch writes is read by it (`place_beams` keeps every source slot in a
+the request shares, each cache knowing its own prompt length; shared_prefix: copy the source
+beam's prefix, before the winners' steps are appended); no slot a launch writes is read by it (`place_beams` keeps every source slot in a
 beam it keeps). Without moves (one beam, or no survivor leaving its beam) a promote is one
 launch per cache.
 
@@ -240,23 +240,23 @@ class SlotLayout:
         free = iter(b for b in range(len(origins)) if b not in kept)
         return [b if b >= 0 else next(free) for b in new]
 
-    def promote_index(self, sources: list[list[int]], groups: list[int], starts: list[int]
+    def promote_index(self, sources: list[list[int]], groups: list[int]
                       ) -> tuple[torch.Tensor, tuple[int, int]]:
         """One host index for a promote: ``sources[i][b]`` is the candidate slot that beam b of
-        group ``groups[i]`` continues from (`place_beams`), ``starts[i]`` the length of the text
-        every slot of that group shares (its prompt). Concatenates ``src`` (a kept beam's
-        source, once per other slot of the beam), ``dst`` (those slots), the moves' ``src``,
-        ``dst`` (every slot of a beam whose source is of another beam) and ``start``, the
-        sources per beam (``winners``) and each beam's slots; returns it with the pair and move
-        counts (`split_promote` takes it apart). ValueError if a source is not of its group."""
+        group ``groups[i]`` continues from (`place_beams`). Concatenates ``src`` (a kept beam's
+        source, once per other slot of the beam), ``dst`` (those slots), the moves' ``src`` and
+        ``dst`` (every slot of a beam whose source is of another beam), the sources per beam
+        (``winners``) and each beam's slots; returns it with the pair and move counts
+        (`split_promote` takes it apart). ValueError if a source is not of its group."""
         k = self.k
-        src, dst, msrc, mdst, mstart = [], [], [], [], []
+        src, dst, msrc, mdst = [], [], [], []
         slots = self.slots(groups)
-        for i, (row, start) in enumerate(zip(sources, starts)):
+        for i, row in enumerate(sources):
             beam_slots = slots[i].view(self.beams, k).tolist()
             if len(row) != self.beams or any(s not in slots[i] for s in row):
-                raise ValueError(f"sources {row} must be {self.beams} candidate slots of group "
-                                 f"{groups[i]}")
+                raise ValueError(f"winners {row} must be one candidate slot of each group per "
+                                 f"beam: {self.beams} of group {groups[i]}'s slots "
+                                 f"{slots[i].tolist()}")
             for s, mine in zip(row, beam_slots):
                 if s in mine:
                     others = [d for d in mine if d != s]
@@ -265,20 +265,18 @@ class SlotLayout:
                 else:
                     msrc += [s] * k
                     mdst += mine
-                    mstart += [start] * k
         winners = [s for row in sources for s in row]
-        index = torch.tensor(src + dst + msrc + mdst + mstart + winners, dtype=torch.long)
+        index = torch.tensor(src + dst + msrc + mdst + winners, dtype=torch.long)
         return torch.cat((index, slots.reshape(-1))), (len(src), len(msrc))
 
     def split_promote(self, index: torch.Tensor, sizes: tuple[int, int]
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                 tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """``(src, dst, winners [B], groups [B, K], moves (src, dst, start))`` views of a
+                                 tuple[torch.Tensor, torch.Tensor]]:
+        """``(src, dst, winners [B], groups [B, K], moves (src, dst))`` views of a
         `promote_index` (B = beams of the continuing groups; ``groups`` each beam's slots)."""
         p, m = sizes
-        moves = (index[2 * p:2 * p + m], index[2 * p + m:2 * p + 2 * m],
-                 index[2 * p + 2 * m:2 * p + 3 * m])
-        rest = index[2 * p + 3 * m:]
+        moves = (index[2 * p:2 * p + m], index[2 * p + m:2 * p + 2 * m])
+        rest = index[2 * p + 2 * m:]
         b = rest.numel() // (self.k + 1)
         return index[:p], index[p:2 * p], rest[:b], rest[b:].view(b, self.k), moves
 
@@ -425,11 +423,11 @@ class LaidOutCache:
 
     def promote(self, src: torch.Tensor, dst: torch.Tensor, winners: torch.Tensor,
                 groups: torch.Tensor,
-                moves: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> None:
+                moves: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         """Non-winning slot ``dst[p]`` takes the committed text of ``src[p]``, its group's winner;
         equally: group ``groups[i] [K]`` commits ``winners[i]`` (`Scorer.promote`'s event).
-        ``moves`` ``(src, dst, start)``: every slot of a group (beam) whose winner is another
-        group's candidate (`SlotLayout.promote_index`); applied first."""
+        ``moves`` ``(src, dst)``: every slot of a group (beam) whose winner is another group's
+        candidate of the same request (`SlotLayout.promote_index`); applied first."""
         raise NotImplementedError
 
     def move(self, src: torch.Tensor, dst: torch.Tensor) -> None:
@@ -448,12 +446,14 @@ class LaidOutCache:
 
 class ForkSlots(LaidOutCache):
     """The fork layout over a `KVCache`: every candidate slot holds its own copy of the committed
-    text. ``committed``: each slot's length when its step began (one buffer for the cache's life:
-    a promote captured in a CUDA graph reads it there)."""
+    text. ``committed``: each slot's length when its step began; ``prompt``: its request's prompt
+    length, the text every slot of a request shares (buffers for the cache's life: a promote
+    captured in a CUDA graph reads them there)."""
 
     def __init__(self, storage: KVCache) -> None:
         self.storage = storage
         self.committed = torch.zeros_like(storage.lens)
+        self.prompt = torch.zeros_like(storage.lens)
 
     def admit(self, model: Any, slots: torch.Tensor, ids: list[list[int]]) -> torch.Tensor:
         first = slots[:, 0]
@@ -461,6 +461,8 @@ class ForkSlots(LaidOutCache):
         k = slots.shape[1]
         if k > 1:
             self.storage.fork(first.repeat_interleave(k - 1), slots[:, 1:].reshape(-1))
+        flat = slots.reshape(-1)
+        self.prompt.index_copy_(0, flat, self.storage.lens.index_select(0, flat))
         return hidden.repeat_interleave(k, dim=0)
 
     def begin_step(self, slots: torch.Tensor) -> None:
@@ -472,12 +474,12 @@ class ForkSlots(LaidOutCache):
 
     def promote(self, src: torch.Tensor, dst: torch.Tensor, winners: torch.Tensor,
                 groups: torch.Tensor,
-                moves: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> None:
+                moves: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         if moves is not None and moves[0].numel():
             # A beam taking another beam's survivor shares only the prompt with it. A launch of
             # its own, before the pairs below: they may overwrite a slot it copies from (a
             # survivor that left its beam), and one launch's pairs must not read what it writes.
-            self.storage.promote(*moves)
+            self.storage.promote(moves[0], moves[1], self.prompt.index_select(0, moves[1]).long())
         if src.numel():  # with one candidate the slot already is its own winner
             # Every slot of a group held the same text when the step began: only the winner's
             # step is copied.
@@ -485,6 +487,7 @@ class ForkSlots(LaidOutCache):
 
     def move(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         self.storage.move(src, dst)
+        self.prompt.index_copy_(0, dst, self.prompt.index_select(0, src))
 
     def _committed(self, slots: torch.Tensor) -> torch.Tensor:
         return self.committed.index_select(0, slots.reshape(-1)).cpu()
@@ -501,10 +504,12 @@ class ForkSlots(LaidOutCache):
 
 class SharedPrefixSlots(LaidOutCache):
     """The shared-prefix layout over a `SharedPrefixCache`: a group's committed text once, its K
-    candidates' steps apart; cascade attention reads the prefix once per group."""
+    candidates' steps apart; cascade attention reads the prefix once per group. ``prompt``: each
+    prefix's prompt length (with beams, what a request's prefixes share)."""
 
     def __init__(self, storage: SharedPrefixCache) -> None:
         self.storage = storage
+        self.prompt = torch.zeros_like(storage.prefix.lens)
 
     def admit(self, model: Any, slots: torch.Tensor, ids: list[list[int]]) -> torch.Tensor:
         k, width = self.storage.k, slots.shape[1]
@@ -513,6 +518,8 @@ class SharedPrefixSlots(LaidOutCache):
         if width > k:  # every beam's prefix holds the prompt: encoded once, then copied
             self.storage.prefix.fork(first.repeat_interleave(width // k - 1),
                                      self.storage.group_of(slots[:, k::k]).reshape(-1))
+        prefixes = self.storage.group_of(slots[:, ::k]).reshape(-1)
+        self.prompt.index_copy_(0, prefixes, self.storage.prefix.lens.index_select(0, prefixes))
         self.storage.begin_step(slots.reshape(-1))
         return hidden.repeat_interleave(width, dim=0)
 
@@ -536,16 +543,18 @@ class SharedPrefixSlots(LaidOutCache):
 
     def promote(self, src: torch.Tensor, dst: torch.Tensor, winners: torch.Tensor,
                 groups: torch.Tensor,
-                moves: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> None:
+                moves: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         k = self.storage.k
         if moves is not None:  # per group (beam): its first slot's pair
-            moves = (self.storage.group_of(moves[0][::k]), self.storage.group_of(moves[1][::k]),
-                     moves[2][::k])
+            to = self.storage.group_of(moves[1][::k])
+            moves = (self.storage.group_of(moves[0][::k]), to, self.prompt.index_select(0, to))
         self.storage.commit(winners, self.storage.group_of(groups[:, 0]), moves)
 
     def move(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         k = self.storage.k
-        self.storage.move(self.storage.group_of(src[::k]), self.storage.group_of(dst[::k]))
+        src, dst = self.storage.group_of(src[::k]), self.storage.group_of(dst[::k])
+        self.storage.move(src, dst)
+        self.prompt.index_copy_(0, dst, self.prompt.index_select(0, src))
 
     def _committed(self, slots: torch.Tensor) -> torch.Tensor:
         groups = self.storage.group_of(slots[:, 0])

@@ -65,7 +65,6 @@ class _Request:
     b-th K slots) and the beams that finished."""
 
     index: int  # position in the caller's prompt list
-    prompt_len: int
     beams: list[_Beam]
     finished: list[Beam] = field(default_factory=list)
 
@@ -129,7 +128,7 @@ class Requests:
                 self.scorer.start(slots, prompts)
             for (g, r), prompt in zip(pairs, prompts):
                 n = len(prompt.ids)
-                self.live[g] = _Request(r, n, [_Beam(n) for _ in range(self.layout.beams)])
+                self.live[g] = _Request(r, [_Beam(n) for _ in range(self.layout.beams)])
         self._compact()
         self.sampler.set_slot_weights(self.layout.per_slot(
             {g: self.weights[x.index] for g, x in enumerate(self.live) if x is not None}))
@@ -197,20 +196,20 @@ class Requests:
         none of its survivors goes on, and otherwise its live survivors (duplicated in rank order
         up to ``beams``) are promoted, for all requests in one call. Returns the number retired."""
         n, k = self.layout.beams, self.layout.k
-        sources, keep_g, starts, retired = [], [], [], 0
+        sources, keep_g, retired = [], [], 0
         for i, g in enumerate(step.groups):
             req = self.live[g]
             base = i * n * k
             live = []  # (origin beam, candidate slot, extended beam)
             for j in picks[i]:
-                row = base + j
-                beam = req.beams[j // k].extended(Step(
-                    step.texts[row], step.token_ids[row], float(scores[row]),
-                    scores[base + j // k * k:base + j // k * k + k].tolist(),
+                row, b = base + j, j // k
+                siblings = scores[base + b * k:base + b * k + k]  # beam b's K candidates
+                beam = req.beams[b].extended(Step(
+                    step.texts[row], step.token_ids[row], float(scores[row]), siblings.tolist(),
                     _STEP_REASON[step.reasons[row]]))
                 end = self._finished(beam, step.reasons[row], float(scores[row]))
                 if end is None:
-                    live.append((j // k, int(step.slots.view(-1)[row]), beam))
+                    live.append((b, int(step.slots.view(-1)[row]), beam))
                 else:
                     req.finished.append(Beam(self.text(beam.token_ids), beam.token_ids,
                                              beam.steps, float(scores[row]), end))
@@ -227,9 +226,8 @@ class Requests:
                 row_sources[b] = slot
             sources.append(row_sources)
             keep_g.append(g)
-            starts.append(req.prompt_len)
         if sources:
-            self._promote(sources, keep_g, starts)
+            self._promote(sources, keep_g)
         return retired
 
     def _finished(self, beam: _Beam, reason: int, score: float) -> str | None:
@@ -252,12 +250,11 @@ class Requests:
             return "max_steps"
         return None
 
-    def _promote(self, sources: list[list[int]], groups: list[int], starts: list[int]) -> None:
+    def _promote(self, sources: list[list[int]], groups: list[int]) -> None:
         """``sources[i][b]``: the candidate slot beam b of continuing group ``groups[i]`` goes on
-        from; ``starts[i]``: that group's prompt length. One host-to-device copy of every index,
-        then (one CUDA graph on CUDA) one launch per cache (two with moves) and the runner's
-        hidden states in one gather/scatter."""
-        host, sizes = self.layout.promote_index(sources, groups, starts)
+        from. One host-to-device copy of every index, then (one CUDA graph on CUDA) one launch
+        per cache (two with moves) and the runner's hidden states in one gather/scatter."""
+        host, sizes = self.layout.promote_index(sources, groups)
 
         def apply(index: torch.Tensor) -> None:
             src, dst, won, slots, moves = self.layout.split_promote(index, sizes)

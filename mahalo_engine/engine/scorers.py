@@ -56,7 +56,7 @@ class Scorer:
         return 0
 
     def request_nbytes(self, max_len: int, policy: Any, layout: SlotLayout = FORK) -> int:
-        """Bytes of `prepare`'s state per request (its ``layout.k`` slots of up to ``max_len``
+        """Bytes of `prepare`'s state per request (its ``layout.width`` slots of up to ``max_len``
         tokens; ``n`` requests: ``n`` times this); an engine under a memory budget sizes its
         batch with it."""
         return 0
@@ -82,15 +82,15 @@ class Scorer:
 
     def promote(self, src: torch.Tensor, dst: torch.Tensor, winners: torch.Tensor,
                 groups: torch.Tensor,
-                moves: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> None:
+                moves: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         """Slot ``dst[p]`` takes the committed state of slot ``src[p]``, its group's winner (int64
         ``[P]``: every non-winning candidate slot of every continuing group; the winners keep
         theirs). The same event per group: ``winners [G']`` (each continuing group's winning
         slot) and ``groups [G', K]`` (its candidate slots), for a cache laid out per group. With
-        beams a group is a beam, and ``moves`` ``(src, dst, start)`` (int64 ``[M]``) are the
-        slots of beams that go on from another beam's candidate: slot ``dst[m]`` takes slot
-        ``src[m]``'s state; both share only their first ``start[m]`` tokens (the prompt). Moves
-        come first: ``src[m]`` may be a ``dst[p]`` (`mahalo_engine.layouts`)."""
+        beams a group is a beam, and ``moves`` ``(src, dst)`` (int64 ``[M]``) are the slots of
+        beams that go on from another beam's candidate of the same request: slot ``dst[m]``
+        takes slot ``src[m]``'s state; both share only the request's prompt. Moves come first:
+        ``src[m]`` may be a ``dst[p]`` (`mahalo_engine.layouts`)."""
 
     def move(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         """Slot ``dst[p]`` takes the committed state of slot ``src[p]`` (requests moved to other
@@ -221,7 +221,7 @@ class ValueModelPRM(Scorer):
 
     def promote(self, src: torch.Tensor, dst: torch.Tensor, winners: torch.Tensor,
                 groups: torch.Tensor,
-                moves: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> None:
+                moves: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         dev = self._device
         self.slots.promote(src.to(dev), dst.to(dev), winners.to(dev), groups.to(dev),
                            None if moves is None else tuple(m.to(dev) for m in moves))
@@ -349,7 +349,7 @@ class WeightedScorer(Scorer):
 
     def promote(self, src: torch.Tensor, dst: torch.Tensor, winners: torch.Tensor,
                 groups: torch.Tensor,
-                moves: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> None:
+                moves: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         for s, _ in self.parts:
             s.promote(src, dst, winners, groups, moves)
 
