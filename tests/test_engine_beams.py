@@ -57,7 +57,7 @@ def _text(tok, ids, special=True):
 
 
 def reference_search(policy, prompt_ids, *, beams, k, seed, max_steps, max_step_tokens,
-                     max_new_tokens, score, stop=None, eos_ids=()):
+                     max_new_tokens, score, stop=None, eos_ids=(), candidates=None):
     """The search tree enumerated step by step from full forwards (no cache): candidate k of beam
     b runs in slot b*k + k of the request's group and draws its j-th token of a step with the
     sampling op (`triton_kernels.multihead_sample`: the kernels' stream under TRITON_INTERPRET,
@@ -66,7 +66,8 @@ def reference_search(policy, prompt_ids, *, beams, k, seed, max_steps, max_step_
     per decode iteration: with check_every=1 and one request, a step's iterations are its longest
     candidate's tokens). A step ends at EOS, at the first token whose text holds the boundary
     " ", or at its cap. Selection, finishing, duplication and the beams' placement follow the
-    rule of `SearchConfig`'s docstring, written out here on plain lists."""
+    rule of `SearchConfig`'s docstring, written out here on plain lists. ``candidates``: a list
+    that gets every step's N*K candidates (token ids, slot order)."""
     tok = policy.tokenizer
     width = beams * k
     weights = policy.weight_matrix(None, width)
@@ -99,6 +100,8 @@ def reference_search(policy, prompt_ids, *, beams, k, seed, max_steps, max_step_
                     why[s] = "length"
             j += 1
         offset += j
+        if candidates is not None:
+            candidates.append(toks)
         texts = [_text(tok, t) for t in toks]
         scores = [float(x) for x in torch.tensor(
             score([_text(tok, live[s // k]) + texts[s] for s in range(width)]),
@@ -138,26 +141,55 @@ SEARCH = dict(candidates=2, boundary=" ", max_steps=3, max_step_tokens=4, max_ne
               check_every=1, temperature=1.0, top_k=0)
 
 
-def _reference(policy, cfg: SearchConfig, stop=None):
+class _Recording(Requests):
+    """Requests that record, after every commit, each live request's beams (token ids) and how
+    many beams went on from another beam's text (a move that copies more than the prompt)."""
+
+    history: list = []
+    moves: list = []
+    candidates: list = []  # every step's candidates (token ids)
+
+    def commit(self, step, scores, picks):
+        type(self).candidates.append(step.token_ids)
+        before = {g: [b.token_ids for b in x.beams] for g, x in enumerate(self.live) if x}
+        retired = super().commit(step, scores, picks)
+        live = {g: x for g, x in enumerate(self.live) if x is not None}
+        type(self).history.append([[list(b.token_ids) for b in x.beams] for x in live.values()])
+        type(self).moves.append(sum(
+            b.token_ids[:len(b.token_ids) - len(b.steps[-1].token_ids)] != before[g][i]
+            for g, x in live.items() for i, b in enumerate(x.beams)))
+        return retired
+
+
+@pytest.fixture
+def recording(monkeypatch):
+    monkeypatch.setattr(engine_module, "Requests", _Recording)
+    _Recording.history, _Recording.moves, _Recording.candidates = [], [], []
+    return _Recording
+
+
+def _reference(policy, cfg: SearchConfig, stop=None, candidates=None):
     return reference_search(policy, policy.tokenizer.encode(PROMPT), beams=cfg.beams,
                             k=cfg.candidates, seed=cfg.seed, max_steps=cfg.max_steps,
                             max_step_tokens=cfg.max_step_tokens,
-                            max_new_tokens=cfg.max_new_tokens, stop=stop,
+                            max_new_tokens=cfg.max_new_tokens, stop=stop, candidates=candidates,
                             score=lambda r: crc_scorer(None, r),
                             eos_ids=Engine(policy, max_batch=1, max_seq_len=48).eos_ids)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_beam_search_equals_brute_force_tree(policy, layout):
-    cfg = SearchConfig(beams=3, seed=4, scorer=crc_scorer, stop=[every_third], **SEARCH)
-    expected = _reference(policy, cfg, stop=every_third)
+def test_beam_search_equals_brute_force_tree(policy, layout, recording):
+    cfg = SearchConfig(beams=3, seed=3, scorer=crc_scorer, stop=[every_third], **SEARCH)
+    candidates = []
+    expected = _reference(policy, cfg, stop=every_third, candidates=candidates)
     (res,) = Engine(policy, max_batch=1, max_seq_len=48, cache_layout=layout).search(
         [PROMPT], config=cfg)
-    # The tree was not trivial: beams finished before the last step, and some step's survivors
-    # came from one beam (a duplicate or a beam that took another's survivor).
-    assert len(expected.beams) >= 3
+    # The tree was not trivial: beams finished before the last step, and a step before the last
+    # sent a beam on from another beam's text (its next step was sampled from the copy).
     assert any(len(b.steps) < cfg.max_steps for b in expected.beams), "precondition"
+    assert any(recording.moves[:-1]), "precondition"
     assert res == expected
+    assert recording.candidates == candidates  # every candidate, survivor or not
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -176,40 +208,27 @@ def test_one_beam_is_greedy_step_search(policy, layout):
 # -- caches after a promote that duplicated survivors --------------------------------------------
 
 
-class _Recording(Requests):
-    """Requests that keep each request's beams (token ids) after every commit."""
-
-    history: list = []
-
-    def commit(self, step, scores, picks):
-        retired = super().commit(step, scores, picks)
-        live = [x for x in self.live if x is not None]
-        type(self).history.append([[list(b.token_ids) for b in x.beams] for x in live])
-        return retired
-
-
 def prefers_stops(prompts, responses):
     return [100.0 * every_third(r) for r in responses]
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_caches_after_duplicating_promote_equal_fresh_encodings(policy, prm, layout, monkeypatch):
+def test_caches_after_duplicating_promote_equal_fresh_encodings(policy, prm, layout, recording):
     """Survivors that meet the stop condition finish; the live ones are duplicated up to N beams
     and promoted. After the search every beam's slots (policy and PRM cache) hold its committed
     text exactly as a fresh prefill encodes it, and each slot drew its last step's first token
     from that text's next-token distribution (the promote moved the hidden states too)."""
-    monkeypatch.setattr(engine_module, "Requests", _Recording)
-    _Recording.history = []
     n, k = 3, 2
     cfg = SearchConfig(beams=n, candidates=k, boundary=" ", max_steps=4, max_step_tokens=4,
-                       check_every=2, seed=1, stop=[every_third],
+                       check_every=2, seed=4, stop=[every_third],
                        scorer=[(prm, 1.0), (prefers_stops, 1.0)])
     eng = Engine(policy, max_batch=1, max_seq_len=48, cache_layout=layout)
     (res,) = eng.search([PROMPT], config=cfg)
-    # The last promote (the beams the final step started from) placed one survivor in two beams,
-    # after a first step: a move copies text past the prompt.
-    (beams,) = [h for h in _Recording.history if h][-1]
-    assert len({tuple(b) for b in beams}) < n and min(map(len, beams)) > 0, "precondition"
+    # The last promote (the beams the final step started from) placed one survivor in two beams
+    # and sent beams on from another beam's text (a move copies text past the prompt).
+    last = max(i for i, h in enumerate(recording.history) if h)
+    (beams,) = recording.history[last]
+    assert len({tuple(b) for b in beams}) < n and recording.moves[last], "precondition"
     assert len(res.beams) >= 1
     prompt = policy.tokenizer.encode(PROMPT)
     for b, ids in enumerate(beams):
@@ -308,7 +327,7 @@ def test_cli_beams(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_step_scores_equal_full_rescoring_across_groups(policy, prm, layout):
+def test_step_scores_equal_full_rescoring_across_groups(policy, prm, layout, recording):
     """Three requests over two groups (a group reused, the last request moved down) with beams
     that finish early and duplicates: every step score of every finished beam equals a full
     re-encode of its text, by the PRM's own model and by a value head on the policy's backbone
@@ -320,11 +339,12 @@ def test_step_scores_equal_full_rescoring_across_groups(policy, prm, layout):
     torch.manual_seed(5)
     head = ValueHead(policy.config.hidden_size)
     prompts = [PROMPT, "Question: How many clips", "Step 1:"]
-    cfg = SearchConfig(beams=2, candidates=2, boundary=" ", max_steps=2, max_step_tokens=4,
-                       check_every=2, seed=6, stop=[every_third],
+    cfg = SearchConfig(beams=2, candidates=2, boundary=" ", max_steps=3, max_step_tokens=4,
+                       check_every=2, seed=1, stop=[every_third],
                        scorer=[(prm, 1.0), (SharedBackbonePRM(head, "value"), 1.0)])
     results = Engine(policy, max_batch=2, max_seq_len=48, cache_layout=layout).search(
         prompts, config=cfg)
+    assert any(recording.moves), "precondition: a beam went on from another beam's text"
     checked = 0
     for prompt, res in zip(prompts, results):
         assert res.beams[0].token_ids == res.token_ids
