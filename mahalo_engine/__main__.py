@@ -24,8 +24,8 @@ from mahalo_engine.utils.outputs import (OutputLock, check_not_input, options_of
                                          read_text_lines)
 
 _DTYPES = ("float32", "bfloat16", "float16")
-_RESULT_KEYS = ("text", "token_ids", "logprobs", "finish_reason", "steps",
-                "beams")  # added to input rows
+_RESULT_KEYS = ("text", "token_ids", "logprobs", "finish_reason", "steps", "generated_tokens",
+                "scored_tokens", "beams")  # added to input rows
 # Options that shape the rows written to --out: stored beside it (<out>.meta.json) and compared on
 # --resume. Not here: where and how fast it runs (--device, --no-cuda-graphs, --check-every,
 # --cache-layout, whose results are identical by design) and --prompts (checked row by row).
@@ -33,7 +33,8 @@ RESULT_OPTIONS = ("command", "model", "heads", "weights", "chat", "temperature",
                   "max_new_tokens", "stop", "dtype", "max_batch", "max_seq_len", "chunk_size",
                   "top_k", "top_p", "min_p")
 SEARCH_RESULT_OPTIONS = ("prm", "prm_weights", "candidates", "beams", "boundary", "max_steps",
-                         "max_step_tokens", "selection_temperature", "stop_boxed")
+                         "max_step_tokens", "selection_temperature", "stop_boxed",
+                         "candidate_head_weights")
 
 
 def _floats(text: str) -> list[float]:
@@ -42,6 +43,17 @@ def _floats(text: str) -> list[float]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") \
             from None
+
+
+def _candidate_weights(text: str) -> float | list[list[float]]:
+    """``--candidate-head-weights``: a bare number is a spread; else rows split by ';'."""
+    if ";" not in text and "," not in text:
+        try:
+            return float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a spread in [0, 1] or rows such as "
+                                             f"0.8,0.2;0.2,0.8, got {text!r}") from None
+    return [_floats(row) for row in text.split(";")]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -142,6 +154,16 @@ def _parser() -> argparse.ArgumentParser:
                    help="end a request once it holds a closed \\boxed{...} (math)")
     s.add_argument("--check-every", type=int, default=8,
                    help="decode steps between the host's all-finished checks")
+    s.add_argument("--candidate-head-weights", type=_candidate_weights, default=None,
+                   metavar="ROWS|SPREAD",
+                   help="each candidate samples with its own head weights: -k rows of one "
+                        "weight per head, e.g. 0.8,0.2;0.2,0.8 (candidate k takes row k), or a "
+                        "spread S in [0, 1] around each request's weights (candidate 0: the "
+                        "request's; the others move toward each head in turn, the farthest by "
+                        "S; see SearchConfig). The PRM scores every candidate alike (never by "
+                        "its mix); each step records the winner's head_weights. Every row "
+                        "carries generated_tokens (discarded candidates included) and "
+                        "scored_tokens (the PRMs' prompt + candidate tokens)")
     return p
 
 
@@ -193,6 +215,25 @@ def _check_weights(w: Any, what: str) -> None:
         raise ValueError(f"{what} must be finite, >= 0 and not all zero, got {json.dumps(w)}")
 
 
+def _check_candidate_weights(w: float | list[list[float]] | None, k: int) -> None:
+    """--candidate-head-weights before any model loads (the head count is checked once the
+    policy is loaded)."""
+    if w is None:
+        return
+    if isinstance(w, float):
+        if not (math.isfinite(w) and 0 <= w <= 1):
+            raise ValueError(f"--candidate-head-weights as a spread must be in [0, 1], got {w}")
+        return
+    if len(w) != k:
+        raise ValueError(f"--candidate-head-weights has {len(w)} rows for -k {k}: give one row "
+                         f"of head weights per candidate (rows separated by ';')")
+    for j, row in enumerate(w):
+        _check_weights(row, f"--candidate-head-weights row {j}")
+    if len({len(row) for row in w}) > 1:
+        raise ValueError(f"--candidate-head-weights rows have {[len(r) for r in w]} weights: "
+                         f"every row needs one weight per head")
+
+
 def _check_args(args: argparse.Namespace) -> None:
     """Option errors worded for the command line, before any model is loaded."""
     if args.resume and args.out is None:
@@ -242,6 +283,7 @@ def _check_args(args: argparse.Namespace) -> None:
     if args.prm_weights is not None and len(args.prm_weights) != len(args.prm or ()):
         raise ValueError(f"--prm-weights has {len(args.prm_weights)} values for "
                          f"{len(args.prm or ())} --prm")
+    _check_candidate_weights(args.candidate_head_weights, args.candidates)
     parse_boundaries(args.boundary)  # a bad --boundary fails before any model loads
 
 
@@ -313,8 +355,10 @@ def _run_rank(args: argparse.Namespace, info: Any) -> int:
     done = output.done if output is not None else 0
     policy = load_policy(args.model, heads=args.heads, dtype=dtype, device=device)
     # Head weights are checked against the loaded heads before any prompt runs.
-    policy.weight_matrix(weights if weights is not None else args.weights,
-                         len(prompts) if weights is not None else 1)
+    request_weights = policy.weight_matrix(weights if weights is not None else args.weights,
+                                           len(prompts) if weights is not None else 1)
+    if args.command == "search":
+        _search_config(args, args.seed).candidate_weights(request_weights.cpu())
     prm = None
     if args.command == "search" and args.prm:
         prms = [load_prm(p, dtype=dtype, device=device) for p in args.prm]
@@ -374,9 +418,6 @@ def _in_file(e: Exception, first: int, where: list[str]) -> Exception:
 def _results(args: argparse.Namespace, engine: Any, prompts: list[Any], head_weights: Any,
              seed: int) -> list[dict[str, Any]]:
     """One chunk's result rows: one engine call."""
-    # Imported here, as in `_run_rank`: the engine package costs seconds to import.
-    from mahalo_engine.engine import SearchConfig
-
     if args.command == "generate":
         max_new = 256 if args.max_new_tokens is None else args.max_new_tokens
         try:
@@ -395,22 +436,16 @@ def _results(args: argparse.Namespace, engine: Any, prompts: list[Any], head_wei
                     f"{r.logprobs[bad]}) at generated token {bad}; check its weights and "
                     f"config.json (or use --dtype float32)")
         return [{"text": r.text, "token_ids": r.token_ids, "logprobs": r.logprobs,
-                 "finish_reason": r.finish_reason} for r in results]
-    stop = list(args.stop or []) + ([boxed_closed] if args.stop_boxed else [])
-    cfg = SearchConfig(
-        candidates=args.candidates, beams=args.beams,
-        boundary=parse_boundaries(args.boundary),
-        max_step_tokens=args.max_step_tokens, max_steps=args.max_steps,
-        max_new_tokens=4096 if args.max_new_tokens is None else args.max_new_tokens,
-        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-        seed=seed, selection_temperature=args.selection_temperature, stop=stop,
-        check_every=args.check_every)
+                 "finish_reason": r.finish_reason, "generated_tokens": r.generated_tokens}
+                for r in results]
+    cfg = _search_config(args, seed)
     try:
         results = engine.search(prompts, head_weights=head_weights, config=cfg, chat=args.chat)
     except FloatingPointError as e:
         raise FloatingPointError(f"model {args.model}: {e}; check its weights and config.json (or "
                                  f"use --dtype float32)") from None
     rows = [{"text": r.text, "token_ids": r.token_ids, "finish_reason": r.finish_reason,
+             "generated_tokens": r.generated_tokens, "scored_tokens": r.scored_tokens,
              "steps": [_step_row(args, i, vars(s)) for s in r.steps]}
             for i, r in enumerate(results)]
     if args.beams > 1:  # (one beam: the row itself; rows stay as they were before beams)
@@ -418,6 +453,22 @@ def _results(args: argparse.Namespace, engine: Any, prompts: list[Any], head_wei
             row["beams"] = [{"text": b.text, "token_ids": b.token_ids, "score": _finite(b.score),
                              "finish_reason": b.finish_reason} for b in r.beams]
     return rows
+
+
+def _search_config(args: argparse.Namespace, seed: int) -> Any:
+    """The `SearchConfig` of the search options (one chunk's ``seed``)."""
+    # Imported here, as in `_run_rank`: the engine package costs seconds to import.
+    from mahalo_engine.engine import SearchConfig
+
+    stop = list(args.stop or []) + ([boxed_closed] if args.stop_boxed else [])
+    return SearchConfig(
+        candidates=args.candidates, beams=args.beams,
+        boundary=parse_boundaries(args.boundary),
+        max_step_tokens=args.max_step_tokens, max_steps=args.max_steps,
+        max_new_tokens=4096 if args.max_new_tokens is None else args.max_new_tokens,
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+        seed=seed, selection_temperature=args.selection_temperature, stop=stop,
+        check_every=args.check_every, candidate_head_weights=args.candidate_head_weights)
 
 
 def _step_row(args: argparse.Namespace, i: int, step: dict[str, Any]) -> dict[str, Any]:
@@ -443,11 +494,14 @@ def _score(x: float | None) -> str:
 
 def _print_rows(rows: list[dict[str, Any]], first: int) -> None:
     for i, row in enumerate(rows, first):
-        print(f"=== request {i} ({row['finish_reason']}, {len(row['token_ids'])} tokens)")
+        spent = f"; generated {row['generated_tokens']}" + (
+            f", scored {row['scored_tokens']}" if "scored_tokens" in row else "")
+        print(f"=== request {i} ({row['finish_reason']}, {len(row['token_ids'])} tokens{spent})")
         for j, step in enumerate(row.get("steps", [])):
             cands = ", ".join(_score(c) for c in step["candidate_scores"])
+            mix = ",".join(f"{w:.3g}" for w in step["head_weights"])
             print(f"--- step {j + 1}: score {_score(step['score'])} (candidates {cands}; "
-                  f"{step['finish_reason']})")
+                  f"{step['finish_reason']}; head weights {mix})")
             print(step["text"])
         if "steps" not in row:
             print(row["text"])

@@ -25,13 +25,13 @@ step's new tokens, `KVCache.promote`); ``shared_prefix`` keeps it once per group
 plus K step-sized candidate slots (cascade attention reads the prefix once for all K; a promote
 appends the winner's step to the prefix, ``kv_append``). A promote is given both as
 ``(src, dst)`` slot pairs and per group (``winners``, ``groups``), plus the ``moves``: slot pairs
-whose destination beam takes a survivor of another beam (one source slot feeding several beams
-when a survivor is duplicated). A move reads a slot the ``(src, dst)`` pairs overwrite, so it is
-applied first, in a launch of its own (fork: copy from the prompt's end, the text every slot of
-the request shares, each cache knowing its own prompt length; shared_prefix: copy the source
-beam's prefix, before the winners' steps are appended); no slot a launch writes is read by it (`place_beams` keeps every source slot in a
-beam it keeps). Without moves (one beam, or no survivor leaving its beam) a promote is one
-launch per cache.
+whose destination beam takes a survivor of another beam (one source slot feeding several beams when
+a survivor is duplicated). A move reads a slot the ``(src, dst)`` pairs overwrite, so it is applied
+first, in a launch of its own (fork: copy from the prompt's end, the text every slot of the request
+shares, each cache knowing its own prompt length; shared_prefix: copy the source beam's prefix,
+before the winners' steps are appended); no slot a launch writes is read by it (`place_beams` keeps
+every source slot in a beam it keeps). Without moves (one beam, or no survivor leaving its beam) a
+promote is one launch per cache.
 
 Every event is index ops on device tensors of fixed shapes (graph-safe, no host sync), except
 ``admit`` and ``extend_steps``, which encode ragged token lists.
@@ -199,11 +199,6 @@ class SlotLayout:
     def span(self, groups: list[int]) -> int:
         """Slots ``[0, span)`` hold every candidate slot of ``groups``."""
         return (max(groups) + 1) * self.width
-
-    def per_slot(self, by_group: dict[int, T]) -> dict[int, T]:
-        """A value per group spread to each of its candidate slots."""
-        w = self.width
-        return {g * w + j: v for g, v in by_group.items() for j in range(w)}
 
     def repeat(self, per_beam: list[T]) -> torch.Tensor:
         """Host values per beam ``[G'*beams]`` as a tensor per candidate slot ``[G'*beams*K]``."""

@@ -124,36 +124,13 @@ class Policy:
         """float32 ``[batch, H]`` on the heads' device, each row normalised to sum 1.
 
         ``head_weights``: None (uniform), one list of H weights for every row, or one list per row
-        (``batch`` lists). Weights must be finite, non-negative and not all zero.
+        (``batch`` lists). Weights must be finite, non-negative and not all zero (`weight_rows`).
         """
         h = self.num_heads
         if head_weights is None:
             return torch.full((batch, h), 1.0 / h, dtype=torch.float32, device=self.heads.device)
-        if isinstance(head_weights, torch.Tensor):
-            w = head_weights.detach().double().cpu()
-        else:
-            try:
-                w = torch.as_tensor(head_weights, dtype=torch.float64)
-            except (TypeError, ValueError) as e:  # ragged rows, strings, ...
-                raise ValueError(f"head_weights {_show(head_weights)} must be one list of {h} "
-                                 f"numbers or one such list per row ({e})") from e
-        if w.dim() == 1:
-            w = w.expand(batch, -1)
-        if w.dim() != 2 or w.shape[1] != h:
-            raise ValueError(f"head_weights {_show(head_weights)} must hold {h} weights per row "
-                             f"(objectives {self.objectives})")
-        if w.shape[0] != batch:
-            raise ValueError(f"head_weights has {w.shape[0]} rows {_show(head_weights)} for a "
-                             f"batch of {batch}; give one list for all rows or one per row")
-        if not torch.isfinite(w).all():
-            raise ValueError(f"head_weights {_show(head_weights)} must be finite")
-        if (w < 0).any():
-            raise ValueError(f"head_weights {_show(head_weights)} must be non-negative")
-        sums = w.sum(dim=1, keepdim=True)
-        if (sums == 0).any():
-            raise ValueError(f"head_weights {_show(head_weights)}: a row is all zero; at least one "
-                             "weight per row must be positive")
-        return (w / sums).to(dtype=torch.float32, device=self.heads.device)
+        w = weight_rows(head_weights, batch, h, objectives=self.objectives)
+        return w.to(dtype=torch.float32, device=self.heads.device)
 
     def logits(self, input_ids: torch.Tensor, head_weights: HeadWeights = None,
                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -185,6 +162,47 @@ class Policy:
 def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.device == b.device and a.data_ptr() == b.data_ptr() and a.dtype == b.dtype \
         and a.shape == b.shape and a.stride() == b.stride()
+
+
+def weight_rows(head_weights: HeadWeights, rows: int, num_heads: int | None, *,
+                name: str = "head_weights", broadcast: bool = True,
+                objectives: Sequence[str] | None = None,
+                rows_for: str = "a batch of") -> torch.Tensor:
+    """float64 ``[rows, H]`` on the CPU, each row normalised to sum 1: the one check of head
+    weights. ``head_weights``: one list per row, or (``broadcast``) one list for every row;
+    ``num_heads`` None accepts any H the rows share. Finite, non-negative, not all zero per row;
+    ValueError naming ``name``, the value and what was expected otherwise."""
+    if isinstance(head_weights, torch.Tensor):
+        w = head_weights.detach().double().cpu()
+    else:
+        try:
+            w = torch.as_tensor(head_weights, dtype=torch.float64)
+        except (TypeError, ValueError, RuntimeError) as e:  # ragged rows, strings, ...
+            h = "H" if num_heads is None else num_heads
+            form = f"one list of {h} numbers or one such list per row" if broadcast \
+                else f"one list of {h} numbers per row"
+            raise ValueError(f"{name} {_show(head_weights)} must be {form} ({e})") from e
+    if w.dim() == 1 and broadcast:
+        w = w.expand(rows, -1)
+    if w.dim() != 2 or w.shape[1] == 0 or (num_heads is not None and w.shape[1] != num_heads):
+        h = "H" if num_heads is None else num_heads
+        heads = "" if objectives is None else f" (objectives {list(objectives)})"
+        per = "per row" if broadcast else f"in each of {rows} rows"
+        raise ValueError(f"{name} {_show(head_weights)} must hold {h} weights {per}{heads}")
+    if w.shape[0] != rows:
+        also = "give one list for all rows or one per row" if broadcast \
+            else f"give exactly {rows} rows"
+        raise ValueError(f"{name} has {w.shape[0]} rows {_show(head_weights)} for {rows_for} "
+                         f"{rows}; {also}")
+    if not torch.isfinite(w).all():
+        raise ValueError(f"{name} {_show(head_weights)} must be finite")
+    if (w < 0).any():
+        raise ValueError(f"{name} {_show(head_weights)} must be non-negative")
+    sums = w.sum(dim=1, keepdim=True)
+    if (sums == 0).any():
+        raise ValueError(f"{name} {_show(head_weights)}: a row is all zero; at least one "
+                         "weight per row must be positive")
+    return w / sums
 
 
 def _show(w: HeadWeights) -> str:

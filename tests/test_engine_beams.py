@@ -57,7 +57,8 @@ def _text(tok, ids, special=True):
 
 
 def reference_search(policy, prompt_ids, *, beams, k, seed, max_steps, max_step_tokens,
-                     max_new_tokens, score, stop=None, eos_ids=(), candidates=None):
+                     max_new_tokens, score, stop=None, eos_ids=(), candidates=None,
+                     candidate_weights=None):
     """The search tree enumerated step by step from full forwards (no cache): candidate k of beam
     b runs in slot b*k + k of the request's group and draws its j-th token of a step with the
     sampling op (`triton_kernels.multihead_sample`: the kernels' stream under TRITON_INTERPRET,
@@ -67,13 +68,18 @@ def reference_search(policy, prompt_ids, *, beams, k, seed, max_steps, max_step_
     candidate's tokens). A step ends at EOS, at the first token whose text holds the boundary
     " ", or at its cap. Selection, finishing, duplication and the beams' placement follow the
     rule of `SearchConfig`'s docstring, written out here on plain lists. ``candidates``: a list
-    that gets every step's N*K candidates (token ids, slot order)."""
+    that gets every step's N*K candidates (token ids, slot order). ``candidate_weights``: K
+    rows of head weights, candidate position k of every beam sampling with row k (normalised to
+    sum 1); None: uniform."""
     tok = policy.tokenizer
     width = beams * k
-    weights = policy.weight_matrix(None, width)
+    weights = torch.full((width, policy.heads.shape[0]), 1.0 / policy.heads.shape[0])
+    if candidate_weights is not None:
+        rows = torch.tensor(candidate_weights, dtype=torch.float32)
+        weights = (rows / rows.sum(dim=1, keepdim=True)).repeat(beams, 1)
     live = [[] for _ in range(beams)]  # each beam's generated tokens and steps
     steps = [[] for _ in range(beams)]
-    finished, offset = [], 0
+    finished, offset, generated = [], 0, 0
     while True:
         toks = [[] for _ in range(width)]
         caps = [min(max_step_tokens, max_new_tokens - len(live[s // k])) for s in range(width)]
@@ -100,6 +106,7 @@ def reference_search(policy, prompt_ids, *, beams, k, seed, max_steps, max_step_
                     why[s] = "length"
             j += 1
         offset += j
+        generated += sum(map(len, toks))
         if candidates is not None:
             candidates.append(toks)
         texts = [_text(tok, t) for t in toks]
@@ -110,7 +117,8 @@ def reference_search(policy, prompt_ids, *, beams, k, seed, max_steps, max_step_
         survivors = []
         for s in ranked:
             b = s // k
-            step = Step(texts[s], toks[s], scores[s], scores[b * k:b * k + k], why[s])
+            step = Step(texts[s], toks[s], scores[s], scores[b * k:b * k + k], why[s],
+                        weights[s].tolist())
             ids, st = live[b] + toks[s], steps[b] + [step]
             end = ("eos" if why[s] == "eos" else
                    "stop" if stop is not None and stop(_text(tok, ids)) else
@@ -122,8 +130,9 @@ def reference_search(policy, prompt_ids, *, beams, k, seed, max_steps, max_step_
                 finished.append(Beam(_text(tok, ids), ids, st, scores[s], end))
         if len(finished) >= beams or not survivors:
             best = sorted(finished, key=lambda x: -x.score)
+            # A text scorer runs no model the engine knows of: 0 scored tokens.
             return SearchResult(best[0].text, best[0].token_ids, best[0].steps,
-                                best[0].finish_reason, best)
+                                best[0].finish_reason, generated_tokens=generated, beams=best)
         survivors = (survivors * beams)[:beams]
         # Placement: a survivor keeps its beam unless a better one did; the rest fill the
         # beams nobody kept, lowest first.
@@ -173,6 +182,7 @@ def _reference(policy, cfg: SearchConfig, stop=None, candidates=None):
                             k=cfg.candidates, seed=cfg.seed, max_steps=cfg.max_steps,
                             max_step_tokens=cfg.max_step_tokens,
                             max_new_tokens=cfg.max_new_tokens, stop=stop, candidates=candidates,
+                            candidate_weights=cfg.candidate_head_weights,
                             score=lambda r: crc_scorer(None, r),
                             eos_ids=Engine(policy, max_batch=1, max_seq_len=48).eos_ids)
 
@@ -190,6 +200,28 @@ def test_beam_search_equals_brute_force_tree(policy, layout, recording):
     assert any(recording.moves[:-1]), "precondition"
     assert res == expected
     assert recording.candidates == candidates  # every candidate, survivor or not
+
+
+def test_beams_with_candidate_head_weights_and_token_counts(policy, recording):
+    """With per-candidate head weights, candidate position k of every beam samples with row k
+    (the reference mixes two heads per slot), each step records the winner's row, and the
+    compute counts equal a hand count over every candidate of every beam."""
+    from mahalo_engine.policy import Policy
+
+    noise = torch.randn(policy.heads.shape[1:], generator=torch.Generator().manual_seed(0))
+    two = Policy(policy.model, policy.tokenizer,
+                 torch.cat([policy.heads, policy.heads + 0.5 * noise]), ["acc", "eng"])
+    rows = [[1.0, 0.0], [0.25, 0.75]]
+    cfg = SearchConfig(beams=3, seed=3, scorer=crc_scorer, stop=[every_third],
+                       candidate_head_weights=rows, **SEARCH)
+    candidates = []
+    expected = _reference(two, cfg, stop=every_third, candidates=candidates)
+    (res,) = Engine(two, max_batch=1, max_seq_len=48).search([PROMPT], config=cfg)
+    assert res == expected
+    assert recording.candidates == candidates
+    assert {tuple(s.head_weights) for b in res.beams for s in b.steps} == {(1.0, 0.0),
+                                                                           (0.25, 0.75)}
+    assert res.generated_tokens == sum(len(t) for step in candidates for t in step) > 0
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -347,6 +379,9 @@ def test_step_scores_equal_full_rescoring_across_groups(policy, prm, layout, rec
     assert any(recording.moves), "precondition: a beam went on from another beam's text"
     checked = 0
     for prompt, res in zip(prompts, results):
+        # The PRM encoded the prompt once and every candidate (all fit its cache); the value head
+        # on the policy's states runs no model of its own.
+        assert res.scored_tokens == len(policy.tokenizer.encode(prompt)) + res.generated_tokens
         assert res.beams[0].token_ids == res.token_ids
         assert [b.score for b in res.beams] == sorted((b.score for b in res.beams), reverse=True)
         for beam in res.beams:
@@ -410,7 +445,7 @@ def _promote_case(layout_name: str, device: str, graphs: bool) -> int:
     prm = ValueModelPRM(SimpleNamespace(model=SimpleNamespace(device=torch.device(device),
                                                               dtype=torch.float32)))
     prm.slots = caches[1]
-    reqs = Requests([], None, SearchConfig(candidates=KB, beams=N), layout=layout,
+    reqs = Requests([], None, None, SearchConfig(candidates=KB, beams=N), layout=layout,
                     cache=caches[0], model=policy.model, runner=runner, sampler=None, scorer=prm,
                     num_groups=GROUPS, max_seq_len=MAX_LEN - 1, text=None, confirm=None)
     width, moved = N * KB, 0

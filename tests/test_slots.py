@@ -52,8 +52,8 @@ def _reference(state: dict, winners, groups, start, prm_committed) -> None:
 
 def _requests(model, cache: ForkSlots, runner, k: int, scorer) -> Requests:
     """The promote's owner over ``cache`` (no prompts: only its promote is driven here)."""
-    return Requests([], None, SearchConfig(candidates=k), layout=ForkLayout(k), cache=cache,
-                    model=model, runner=runner, sampler=None, scorer=scorer,
+    return Requests([], None, None, SearchConfig(candidates=k), layout=ForkLayout(k),
+                    cache=cache, model=model, runner=runner, sampler=None, scorer=scorer,
                     num_groups=cache.num_slots // k, max_seq_len=MAX_LEN - 1, text=None,
                     confirm=None)
 

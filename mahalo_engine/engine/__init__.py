@@ -6,6 +6,6 @@ from mahalo_engine.engine.engine import Engine
 from mahalo_engine.engine.scorers import (CallableScorer, Scorer, SharedBackbonePRM,
                                           ValueModelPRM, WeightedScorer)
 
-__all__ = ["Engine", "SearchConfig", "SearchResult", "Step", "Beam", "Generation", "Boundary", "PRESETS",
-           "boxed_closed", "Scorer", "ValueModelPRM", "SharedBackbonePRM", "WeightedScorer",
-           "CallableScorer"]
+__all__ = ["Engine", "SearchConfig", "SearchResult", "Step", "Beam", "Generation", "Boundary",
+           "PRESETS", "boxed_closed", "Scorer", "ValueModelPRM", "SharedBackbonePRM",
+           "WeightedScorer", "CallableScorer"]

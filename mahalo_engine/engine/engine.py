@@ -161,7 +161,7 @@ class Engine:
             runner.run(runner.bucket(n), GENERATE_CHECK_EVERY, self._confirmer(boundary),
                        longest=max(len(r.ids) for r in wave))
             toks, lps, reasons = runner.read(slots)
-            out += [Generation(self._text(t), t, lp, _GEN_REASON[r])
+            out += [Generation(self._text(t), t, lp, _GEN_REASON[r], generated_tokens=len(t))
                     for t, lp, r in zip(toks, lps, reasons)]
             bar.update(n)
         bar.close()
@@ -201,6 +201,7 @@ class Engine:
         """A search's requests over caches sized for it (the policy's and the scorer's), with
         the runner and sampler configured for ``cfg``."""
         weights = self.policy.weight_matrix(head_weights, len(reqs)).cpu()
+        candidate_weights = cfg.candidate_weights(weights)  # checks H before any cache is built
         # One step's positions: max_step_tokens + a paused slot's scratch.
         layout = slot_layout(self.cache_layout, cfg.candidates, cfg.max_step_tokens + 1, cfg.beams)
         batch = self._batch_size(layout, scorer)
@@ -209,7 +210,7 @@ class Engine:
             scorer.check_prompts(reqs)
         runner.set_boundary(boundary)
         self._sampler.configure(cfg.temperature, cfg.top_k, cfg.seed, cfg.top_p, cfg.min_p)
-        return Requests(reqs, weights, cfg, layout=layout, cache=self._slots,
+        return Requests(reqs, candidate_weights, weights, cfg, layout=layout, cache=self._slots,
                         model=self.policy.model, runner=runner, sampler=self._sampler,
                         scorer=scorer, num_groups=batch, max_seq_len=self.max_seq_len,
                         text=self._text, confirm=self._confirmer(boundary))
@@ -238,11 +239,12 @@ class Engine:
         if available is not None and policy_bytes + scorer_bytes > available:
             raise ValueError(
                 f"{num_slots} slots ({num_groups} requests x beams={layout.beams} x "
-                f"candidates={layout.k}, {layout.name} layout) x max_seq_len={self.max_seq_len} need "
+                f"candidates={layout.k}, {layout.name} layout) x max_seq_len={self.max_seq_len} "
+                f"need "
                 f"{policy_bytes:,} bytes of policy KV cache + {scorer_bytes:,} bytes of PRM cache "
                 f"= {policy_bytes + scorer_bytes:,} bytes, but only {available:,} bytes are "
-                f"available on {self.device}; lower max_batch, beams, candidates or max_seq_len, or set "
-                f"kv_cache_bytes= to size the batch to a budget")
+                f"available on {self.device}; lower max_batch, beams, candidates or max_seq_len, or "
+                f"set kv_cache_bytes= to size the batch to a budget")
         # Normal tensors even when called under torch.inference_mode(): the engine updates its
         # state in place on later calls, which inference tensors forbid outside that mode.
         with torch.inference_mode(False):

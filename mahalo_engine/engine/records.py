@@ -11,6 +11,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+import torch
+
+from mahalo_engine.policy import weight_rows
 from mahalo_engine.stop_conditions import StopCondition
 
 from triton_kernels.argcheck import check_int, is_real
@@ -38,7 +41,8 @@ class SearchConfig:
         finished beam with the best score (ties: the first to finish), and
         `SearchResult.beams` lists every finished beam, best first. The candidates of beam b
         run in slots b*K .. b*K+K-1 of the request's group, so candidate position k of every
-        beam draws from the stream of its slot.
+        beam draws from the stream of its slot (and samples with ``candidate_head_weights``'
+        row k); a step's ``candidate_scores`` are its beam's K candidates'.
     boundary: where a step ends: a literal string (e.g. ``"\\n\\n"``), a preset name (``"math"``,
         ``"sentence"``, ``"paragraph"``, ``"turn"``), a list of those, or a `Boundary`.
     max_step_tokens / max_steps / max_new_tokens: caps per step, per request and on the total of
@@ -54,6 +58,16 @@ class SearchConfig:
         (e.g. ``[boxed_closed]``); a match ends the request.
     check_every: decode iterations between the host's "all candidates finished?" checks; the
         device never waits on the host in between.
+    candidate_head_weights: None (every candidate samples with its request's head weights), K
+        rows of H head weights (candidate k of every request samples with row k, normalised to sum
+        1 like ``head_weights``; kept as a tuple of float tuples), or a spread ``s`` in [0, 1] around each request's weights w:
+        candidate 0 samples with w, candidates 1, 2, ... take the heads in turn (candidate k moves
+        toward head ``(k - 1) % H``), and the j-th of the m candidates that move toward head h
+        samples with ``(1 - a) w + a e_h``, ``a = s * j / m`` (so the last one moves by s: s = 1
+        reaches the head alone). Mixes stay on the simplex (no clipping needed). The scorer still
+        scores every candidate for the request (a multi-objective PRM weighted as configured, or
+        by the request's weights with ``objectives="request"``), never by the candidate's mix;
+        each `Step` records the winner's mix (`Step.head_weights`).
     """
 
     candidates: int = 5
@@ -71,6 +85,7 @@ class SearchConfig:
     selection_temperature: float = 0.0
     stop: Sequence[StopCondition] = ()
     check_every: int = 8
+    candidate_head_weights: float | Sequence[Sequence[float]] | torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         for name in ("candidates", "beams", "max_step_tokens", "max_steps", "max_new_tokens",
@@ -88,6 +103,53 @@ class SearchConfig:
             if not (isinstance(s, str) and s) and not callable(s):
                 raise TypeError(f"stop conditions must be non-empty strings or callables on the "
                                 f"generated text, got {s!r}")
+        self._check_candidate_weights()
+
+    def _check_candidate_weights(self) -> None:
+        """What can be checked before the policy's head count H is known (`candidate_weights`
+        checks H)."""
+        w = self.candidate_head_weights
+        if w is None:
+            return
+        if is_real(w):
+            if not (math.isfinite(w) and 0 <= w <= 1):
+                raise ValueError(f"candidate_head_weights as a spread must be a number in [0, 1], "
+                                 f"got {w!r}")
+            return
+        if isinstance(w, (str, bytes, bool)) or not isinstance(w, (Sequence, torch.Tensor)):
+            raise TypeError(f"candidate_head_weights must be None, a spread in [0, 1] or "
+                            f"candidates={self.candidates} rows of head weights, got {w!r}")
+        weight_rows(w, self.candidates, None, name="candidate_head_weights", broadcast=False,
+                    rows_for="candidates =")
+        # Plain rows as given (a tensor would make configs incomparable and unhashable).
+        rows = w.tolist() if isinstance(w, torch.Tensor) else w
+        self.candidate_head_weights = tuple(tuple(float(x) for x in row) for row in rows)
+
+    def candidate_weights(self, request_weights: torch.Tensor) -> torch.Tensor:
+        """float32 ``[R, K, H]``: the head weights candidate k of request r samples with, from the
+        requests' normalised weights ``request_weights [R, H]`` (see `candidate_head_weights`)."""
+        r, h = request_weights.shape
+        k, w = self.candidates, self.candidate_head_weights
+        base = request_weights.double().cpu()
+        if w is None:
+            out = base[:, None, :].expand(r, k, h)
+        elif is_real(w):
+            out = base[:, None, :].repeat(1, k, 1)
+            moves = [(c - 1) % h for c in range(1, k)]
+            for c, head in enumerate(moves, 1):
+                count = moves.count(head)  # m: the candidates that move toward this head
+                j = moves[:c].count(head)  # this candidate is the j-th of them
+                a = w * j / count
+                out[:, c] = (1 - a) * base
+                out[:, c, head] += a
+            # One normalisation rule for every mix: the policy's (rounding may leave sums off 1).
+            out = weight_rows(out.reshape(r * k, h), r * k, h,
+                              name="candidate_head_weights").view(r, k, h)
+        else:
+            rows = weight_rows(w, k, h, name="candidate_head_weights", broadcast=False,
+                               rows_for="candidates =")
+            out = rows[None].expand(r, k, h)
+        return out.to(torch.float32).contiguous()
 
 
 def resolve_max_seq_len(max_seq_len: int | None, max_position_embeddings: int) -> int:
@@ -107,14 +169,17 @@ def resolve_max_seq_len(max_seq_len: int | None, max_position_embeddings: int) -
 @dataclass
 class Step:
     """One committed step: its text and token ids exactly as fed to the policy's cache, the winner's
-    score, every candidate's score (index = candidate), and why the winning candidate ended
-    (``boundary``, ``eos``, ``length`` = `max_step_tokens` or `max_new_tokens`, ``max_seq_len``)."""
+    score, every candidate's score (index = candidate), why the winning candidate ended
+    (``boundary``, ``eos``, ``length`` = `max_step_tokens` or `max_new_tokens`, ``max_seq_len``),
+    and the head weights the winner sampled with (normalised; the request's own unless
+    `SearchConfig.candidate_head_weights` gives candidates their own)."""
 
     text: str
     token_ids: list[int]
     score: float
     candidate_scores: list[float]
     finish_reason: str = "boundary"
+    head_weights: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -135,12 +200,24 @@ class SearchResult:
     request ended: ``eos``, ``stop`` (a stop condition matched), ``max_steps``, ``max_new_tokens``
     or ``max_seq_len`` (the cache is full: the request ends there instead of failing the batch).
     ``beams``: every finished beam, best score first (the result is ``beams[0]``; one with
-    ``beams=1``)."""
+    ``beams=1``).
+
+    Compute spent on the request, counted on the host from what the search already knows:
+    ``generated_tokens``, every token the policy sampled for it, discarded candidates included
+    (each candidate's step as decoded, every beam's: a paused or finished slot's scratch samples
+    are not part of any step and are not counted); ``scored_tokens``, every token the scorer's
+    model(s) ran through for it: the prompt's prefill plus each candidate step it encoded (in its
+    own tokens: re-tokenised for a PRM with another tokenizer; a candidate that did not fit is not
+    encoded), summed over the models of a weighted scorer. A scorer that runs no model over tokens
+    counts 0: a value head on the policy's hidden states, a text callable (what it runs is unknown
+    to the engine; a `Scorer` subclass reports its own counts through `Candidates.scored_tokens`)."""
 
     text: str
     token_ids: list[int]
     steps: list[Step] = field(default_factory=list)
     finish_reason: str = "max_steps"
+    generated_tokens: int = 0
+    scored_tokens: int = 0
     beams: list[Beam] = field(default_factory=list)
 
 
@@ -148,9 +225,13 @@ class SearchResult:
 class Generation:
     """A generated response (prompt excluded) with each token's log-probability under the sampling
     distribution, and why it ended: ``eos``, ``stop`` (a stop string), ``length``
-    (`max_new_tokens`) or ``max_seq_len``."""
+    (`max_new_tokens`) or ``max_seq_len``. ``generated_tokens``: the tokens the policy sampled for
+    it (``len(token_ids)``); ``scored_tokens``: 0 (no scorer runs), as in `SearchResult`, so that
+    methods compare at equal compute."""
 
     text: str
     token_ids: list[int]
     logprobs: list[float]
     finish_reason: str = "length"
+    generated_tokens: int = 0
+    scored_tokens: int = 0

@@ -2,9 +2,9 @@
 
 It holds each request's state (its place in the queue or its group of candidate slots: K per
 beam, ``beams`` beams; each beam's committed token count and steps so far; the finished beams;
-its head weights) and applies every event to everything
-a slot has at once: the policy's cache (through its layout, `mahalo_engine.layouts`), the decode
-runner's per-slot state, the sampler's per-slot weights and the scorer's cache.
+its candidates' head weights, the tokens sampled and scored for it) and applies every event to
+everything a slot has at once: the policy's cache (through its layout, `mahalo_engine.layouts`),
+the decode runner's per-slot state, the sampler's per-slot weights and the scorer's cache.
 
 - `admit`: queued requests enter free groups (prefill; every candidate slot starts from the
   prompt); once none is queued, the last live groups move down into the free ones (a finished
@@ -53,6 +53,8 @@ class _Beam:
     committed: int
     token_ids: list[int] = field(default_factory=list)
     steps: list[Step] = field(default_factory=list)
+    generated: int = 0  # tokens sampled for it, every candidate's (SearchResult.generated_tokens)
+    scored: int = 0  # tokens its scorer's models encoded (SearchResult.scored_tokens)
 
     def extended(self, step: Step) -> "_Beam":
         return _Beam(self.committed + len(step.token_ids), self.token_ids + step.token_ids,
@@ -67,6 +69,8 @@ class _Request:
     index: int  # position in the caller's prompt list
     beams: list[_Beam]
     finished: list[Beam] = field(default_factory=list)
+    generated: int = 0  # tokens sampled for it, every candidate's (SearchResult.generated_tokens)
+    scored: int = 0  # tokens its scorer's models encoded (SearchResult.scored_tokens)
 
 
 @dataclass
@@ -79,23 +83,29 @@ class DecodedStep:
     token_ids: list[list[int]]  # [G*beams*K]
     texts: list[str]  # [G*beams*K]
     reasons: list[int]  # [G*beams*K] why each candidate's step stopped (`decode_runner` codes)
+    scored_tokens: list[int] = field(default_factory=list)  # [G*beams*K] set by `Requests.score`
 
 
 class Requests:
     """The requests of one `Engine.search` call over ``cache`` (laid out as ``layout``: one group
     of ``layout.width`` slots per running request, ``num_groups`` groups), its ``runner`` and
     ``sampler``, and ``scorer`` (whose cache, if any, is prepared for the same layout).
+    ``weights [R, K, H]``: the head weights candidate k of request r samples with
+    (`SearchConfig.candidate_weights`); ``request_weights [R, H]``: each request's own, which the
+    scorer sees (`Candidates.head_weights`).
 
     ``text(ids)`` decodes tokens; ``confirm`` decides the boundaries the device flagged (see
     `DecodeRunner.run`). Lives no longer than the caches, runner and scorer it serves: its CUDA
     graphs hold their addresses."""
 
-    def __init__(self, prompts: list[Prompt], weights: torch.Tensor, cfg: SearchConfig, *,
+    def __init__(self, prompts: list[Prompt], weights: torch.Tensor,
+                 request_weights: torch.Tensor, cfg: SearchConfig, *,
                  layout: SlotLayout, cache: LaidOutCache, model: Any, runner: DecodeRunner,
                  sampler: Sampler, scorer: Scorer | None, num_groups: int, max_seq_len: int,
                  text: Callable[[list[int]], str],
                  confirm: Callable[[list[int]], tuple[bool, str]]) -> None:
         self.prompts, self.weights, self.cfg = prompts, weights, cfg
+        self.request_weights = request_weights
         self.layout, self.cache, self.model = layout, cache, model
         self.runner, self.sampler, self.scorer = runner, sampler, scorer
         self.max_seq_len, self.text, self.confirm = max_seq_len, text, confirm
@@ -124,14 +134,21 @@ class Requests:
             # Every candidate slot of a group starts from the prompt: cache, hidden state, scorer.
             self.runner.set_hidden(slots.reshape(-1),
                                    self.cache.admit(self.model, slots, [p.ids for p in prompts]))
+            scored = [0] * len(prompts)
             if self.scorer is not None:
                 self.scorer.start(slots, prompts)
-            for (g, r), prompt in zip(pairs, prompts):
-                n = len(prompt.ids)
-                self.live[g] = _Request(r, [_Beam(n) for _ in range(self.layout.beams)])
+                scored = self.scorer.prompt_tokens(prompts)
+            for (g, r), prompt, n in zip(pairs, prompts, scored):
+                beams = [_Beam(len(prompt.ids)) for _ in range(self.layout.beams)]
+                self.live[g] = _Request(r, beams, scored=n)
         self._compact()
-        self.sampler.set_slot_weights(self.layout.per_slot(
-            {g: self.weights[x.index] for g, x in enumerate(self.live) if x is not None}))
+        live = [(g, x) for g, x in enumerate(self.live) if x is not None]
+        slots = self.layout.slots([g for g, _ in live]).tolist()
+        # Candidate k of each beam of each request samples with its own row (the request's
+        # weights unless SearchConfig.candidate_head_weights says otherwise).
+        k = self.layout.k
+        self.sampler.set_slot_weights({s: self.weights[x.index, j % k] for (_, x), row in
+                                       zip(live, slots) for j, s in enumerate(row)})
 
     def _compact(self) -> None:
         """Move the last live groups down into free groups (once no queued request will fill
@@ -180,8 +197,10 @@ class Requests:
         cands = Candidates(step.slots, step.token_ids, step.texts,
                            self.runner.hidden.index_select(0, step.flat),
                            [self.prompts[x.index] for x in reqs for _ in x.beams],
-                           [self.text(b.token_ids) for x in reqs for b in x.beams])
+                           [self.text(b.token_ids) for x in reqs for b in x.beams],
+                           self.request_weights[[x.index for x in reqs for _ in x.beams]])
         scores = self.scorer.score(cands).float().cpu()
+        step.scored_tokens = cands.scored_tokens
         if scores.shape != (n,) or torch.isnan(scores).any():
             bad = torch.isnan(scores).nonzero().flatten().tolist() \
                 if scores.shape == (n,) else scores.shape
@@ -200,13 +219,16 @@ class Requests:
         for i, g in enumerate(step.groups):
             req = self.live[g]
             base = i * n * k
+            # Every candidate's step counts, the discarded ones too (all the group's rows).
+            req.generated += sum(len(t) for t in step.token_ids[base:base + n * k])
+            req.scored += sum(step.scored_tokens[base:base + n * k])
             live = []  # (origin beam, candidate slot, extended beam)
             for j in picks[i]:
                 row, b = base + j, j // k
                 siblings = scores[base + b * k:base + b * k + k]  # beam b's K candidates
                 beam = req.beams[b].extended(Step(
                     step.texts[row], step.token_ids[row], float(scores[row]), siblings.tolist(),
-                    _STEP_REASON[step.reasons[row]]))
+                    _STEP_REASON[step.reasons[row]], self.weights[req.index, j % k].tolist()))
                 end = self._finished(beam, step.reasons[row], float(scores[row]))
                 if end is None:
                     live.append((b, int(step.slots.view(-1)[row]), beam))
@@ -214,7 +236,7 @@ class Requests:
                     req.finished.append(Beam(self.text(beam.token_ids), beam.token_ids,
                                              beam.steps, float(scores[row]), end))
             if len(req.finished) >= n or not live:
-                self.results[req.index] = _result(req.finished)
+                self.results[req.index] = _result(req)
                 self.live[g] = None
                 retired += 1
                 continue
@@ -294,9 +316,10 @@ class Requests:
         return static
 
 
-def _result(finished: list[Beam]) -> SearchResult:
-    """The best finished beam (ties: the first to finish) as the request's result, with every
-    finished beam, best first."""
-    ranked = sorted(finished, key=lambda b: -b.score if not math.isnan(b.score) else math.inf)
+def _result(req: _Request) -> SearchResult:
+    """The request's best finished beam (ties: the first to finish) as its result, with every
+    finished beam, best first, and the compute it spent."""
+    ranked = sorted(req.finished, key=lambda b: -b.score if not math.isnan(b.score) else math.inf)
     best = ranked[0]
-    return SearchResult(best.text, best.token_ids, best.steps, best.finish_reason, ranked)
+    return SearchResult(best.text, best.token_ids, best.steps, best.finish_reason,
+                        generated_tokens=req.generated, scored_tokens=req.scored, beams=ranked)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -29,11 +29,20 @@ from triton_kernels.argcheck import is_real
 
 log = logging.getLogger(__name__)
 
+# ``objectives=REQUEST``: a multi-objective PRM's outputs weighted by each request's head weights
+# (by objective name), never by the mix a candidate sampled with.
+REQUEST = "request"
+
 
 @dataclass
 class Candidates:
     """The K candidates of G live requests (rows group-major: row ``g*K + k``); with beams, of G
-    live beams (a request's beams one after the other, each with its own committed text)."""
+    live beams (a request's beams one after the other, each with its own committed text).
+
+    ``head_weights``: each request's own normalised head weights (not its candidates' mixes: a
+    scorer judges every candidate of a request by the same standard), one row per group (with
+    beams: per beam, its request's). ``scored_tokens``: what a scorer's `score` adds per row: the
+    tokens its model encoded for that candidate (`SearchResult.scored_tokens`)."""
 
     slots: torch.Tensor  # int64 [G, K]: each candidate's slot
     token_ids: list[list[int]]  # [G*K] the candidate step's tokens, as in the policy's cache
@@ -41,6 +50,19 @@ class Candidates:
     hidden: torch.Tensor  # [G*K, d] the policy's hidden state at each candidate's last token
     prompts: list[Prompt]  # [G]
     responses: list[str]  # [G] the text committed so far (steps before this one)
+    head_weights: torch.Tensor | None = None  # float32 [G, H] on the host: each request's own
+    scored_tokens: list[int] = field(default_factory=list)  # [G*K]; zeros by default
+
+    def __post_init__(self) -> None:
+        if not self.scored_tokens:
+            self.scored_tokens = [0] * len(self.token_ids)
+
+    def row_weights(self, heads: list[int]) -> torch.Tensor:
+        """float32 ``[G*K, len(heads)]``: the request weights of ``heads`` for every row."""
+        if self.head_weights is None:
+            raise ValueError("objectives='request' needs the requests' head weights, which these "
+                             "candidates do not carry")
+        return self.head_weights[:, heads].float().repeat_interleave(self.num_candidates, dim=0)
 
     @property
     def num_candidates(self) -> int:
@@ -76,8 +98,15 @@ class Scorer:
         """New requests enter groups ``slots [G, beams*K]`` (every slot of a group holds the
         prompt)."""
 
+    def prompt_tokens(self, prompts: list[Prompt]) -> list[int]:
+        """Tokens `start` runs through this scorer's model(s) per prompt (compute accounting,
+        `SearchResult.scored_tokens`); 0 for a scorer that encodes no prompt."""
+        return [0] * len(prompts)
+
     def score(self, cands: Candidates) -> torch.Tensor:
-        """float32 ``[G*K]`` scores on the CPU; -inf marks a candidate that cannot be scored."""
+        """float32 ``[G*K]`` scores on the CPU; -inf marks a candidate that cannot be scored. A
+        scorer that runs a model over the candidates adds the tokens it encoded per row to
+        ``cands.scored_tokens``."""
         raise NotImplementedError
 
     def promote(self, src: torch.Tensor, dst: torch.Tensor, winners: torch.Tensor,
@@ -124,12 +153,20 @@ class ValueModelPRM(Scorer):
 
     ``objectives`` weights a multi-objective PRM's outputs (`mahalo_engine.value_model.objective_weights`:
     None = uniform mean, a name, ``{name: weight}``): one backbone serves every weighting.
+    ``objectives="request"``: each request's head weights, matched to the PRM's objectives by
+    name (every PRM objective must be one of the policy's), so requests of one batch are judged
+    by their own mix; the candidates' own mixes (`SearchConfig.candidate_head_weights`) never
+    weight the score.
     """
 
     def __init__(self, prm: Any, objectives: ObjectiveWeights = None) -> None:
         self.prm = prm
         self.objectives = objectives
-        objective_weights(getattr(prm, "objectives", None), objectives)  # fail now, not mid-search
+        if objectives == REQUEST:
+            _check_request_objectives(getattr(prm, "objectives", None))
+        else:  # fail now, not mid-search
+            objective_weights(getattr(prm, "objectives", None), objectives)
+        self._heads: list[int] = []  # objectives="request": the policy head of each objective
         self.slots: LaidOutCache | None = None  # the cache, in its layout
         self.same_tokens = True
 
@@ -168,6 +205,8 @@ class ValueModelPRM(Scorer):
 
     def prepare(self, num_slots: int, max_len: int, policy: Any,
                 layout: SlotLayout = FORK) -> None:
+        if self.objectives == REQUEST:
+            self._heads = _request_heads(self.prm.objectives, policy)
         self.same_tokens = _shares_vocabulary(self.prm, policy)
         mine = layout.for_scorer(self.same_tokens)
         if layout.k > 1 and mine.name != layout.name:
@@ -203,6 +242,10 @@ class ValueModelPRM(Scorer):
         self.slots.admit(self.prm.model, slots.to(self._device),
                          [self._prompt_ids(p) for p in prompts])
 
+    def prompt_tokens(self, prompts: list[Prompt]) -> list[int]:
+        # Another tokenizer encodes the prompt again here (host only, once per request).
+        return [len(self._prompt_ids(p)) for p in prompts]
+
     @torch.no_grad()
     def score(self, cands: Candidates) -> torch.Tensor:
         tok = self.prm.tokenizer
@@ -210,11 +253,17 @@ class ValueModelPRM(Scorer):
         scores = torch.full((len(rows),), -math.inf, dtype=torch.float32)
         # A candidate whose PRM tokens do not fit the PRM cache, or that has none, is unscorable.
         ok, last = self.slots.extend_steps(self.prm.model, rows, cands.slots.to(self._device))
+        for i in ok:  # what went in (extend_steps encodes exactly these rows)
+            cands.scored_tokens[i] += len(rows[i])
         if ok:
-            scores[ok] = self._scores(last)
+            scores[ok] = self._scores(last, cands, ok)
         return scores
 
-    def _scores(self, last: torch.Tensor) -> torch.Tensor:
+    def _scores(self, last: torch.Tensor, cands: Candidates, ok: list[int]) -> torch.Tensor:
+        if self.objectives == REQUEST:  # each objective alone, weighted per row by its request
+            per = torch.stack([self.prm.scores_from_hidden(last, o).float().cpu()
+                               for o in self.prm.objectives], dim=-1)
+            return (per * cands.row_weights(self._heads)[ok]).sum(-1)
         if self.objectives is None:  # a plain PRM object (e.g. a user's) needs no objectives argument
             return self.prm.scores_from_hidden(last).float().cpu()
         return self.prm.scores_from_hidden(last, self.objectives).float().cpu()
@@ -233,6 +282,23 @@ class ValueModelPRM(Scorer):
         self.slots.move(src.to(self._device), dst.to(self._device))
 
 
+def _check_request_objectives(objectives: Sequence[str] | None) -> None:
+    if objectives is None:
+        raise ValueError("objectives='request' weights a multi-objective PRM's outputs by each "
+                         "request's head weights, but this PRM has a single output")
+
+
+def _request_heads(objectives: Sequence[str], policy: Any) -> list[int]:
+    """The policy head of each PRM objective, by name (objectives='request')."""
+    heads = list(getattr(policy, "objectives", None) or ())
+    missing = [o for o in objectives if o not in heads]
+    if missing:
+        raise ValueError(f"objectives='request': PRM objectives {missing} are not among the "
+                         f"policy's head objectives {heads}; each PRM objective takes the weight "
+                         f"of the policy head of the same name")
+    return [heads.index(o) for o in objectives]
+
+
 def _shares_vocabulary(prm: Any, policy: Any) -> bool:
     """True when candidate token ids can be fed to the PRM as they are; False when step texts
     must be re-tokenised by the PRM's tokenizer; ValueError when neither is possible."""
@@ -248,15 +314,23 @@ def _shares_vocabulary(prm: Any, policy: Any) -> bool:
 
 class SharedBackbonePRM(Scorer):
     """A value head trained on the policy's frozen backbone: it scores each candidate from the
-    policy's own hidden state at the candidate's last token. No second model, no second cache.
-    ``objectives`` weights a multi-objective head's outputs, as in `ValueModelPRM`."""
+    policy's own hidden state at the candidate's last token. No second model, no second cache
+    (it encodes no tokens: `SearchResult.scored_tokens` counts 0 for it).
+    ``objectives`` weights a multi-objective head's outputs, as in `ValueModelPRM` (``"request"``
+    included)."""
 
     def __init__(self, value_head: torch.nn.Module, kind: str,
                  objectives: ObjectiveWeights = None) -> None:
         apply_kind(torch.zeros(1), kind)  # validates kind
         self.value_head = value_head
         self.kind = kind
-        self.weights = objective_weights(getattr(value_head, "objectives", None), objectives)
+        self.by_request = objectives == REQUEST
+        if self.by_request:
+            _check_request_objectives(getattr(value_head, "objectives", None))
+            self.weights = None
+        else:
+            self.weights = objective_weights(getattr(value_head, "objectives", None), objectives)
+        self._heads: list[int] = []  # objectives="request": the policy head of each objective
 
     @classmethod
     def load(cls, path: str | Path, policy: Any,
@@ -283,15 +357,24 @@ class SharedBackbonePRM(Scorer):
                              f"{differ[:3]}): a shared-backbone scorer needs the same weights")
         return cls(prm.value_head, prm.kind, objectives)
 
+    def prepare(self, num_slots: int, max_len: int, policy: Any,
+                layout: SlotLayout = FORK) -> None:
+        if self.by_request:
+            self._heads = _request_heads(self.value_head.objectives, policy)
+
     @torch.no_grad()
     def score(self, cands: Candidates) -> torch.Tensor:
         param = next(self.value_head.parameters())
-        raw = self.value_head(cands.hidden.to(device=param.device, dtype=param.dtype))
-        return combine_objectives(apply_kind(raw, self.kind), self.weights).float().cpu()
+        raw = apply_kind(self.value_head(cands.hidden.to(device=param.device, dtype=param.dtype)),
+                         self.kind)
+        if self.by_request:
+            return (raw.float().cpu() * cands.row_weights(self._heads)).sum(-1)
+        return combine_objectives(raw, self.weights).float().cpu()
 
 
 class WeightedScorer(Scorer):
-    """``Σ_i w_i · score_i``: several PRMs guiding one search (multi-objective guidance)."""
+    """``Σ_i w_i · score_i``: several PRMs guiding one search (multi-objective guidance). Each
+    part adds its own model's tokens to ``Candidates.scored_tokens`` (a sum over the models)."""
 
     def __init__(self, parts: Sequence[tuple[Scorer, float]]) -> None:
         if not parts:
@@ -341,6 +424,10 @@ class WeightedScorer(Scorer):
         for s, _ in self.parts:
             s.start(slots, prompts)
 
+    def prompt_tokens(self, prompts: list[Prompt]) -> list[int]:
+        counts = [s.prompt_tokens(prompts) for s, _ in self.parts]  # summed over the models
+        return [sum(c) for c in zip(*counts)]
+
     def score(self, cands: Candidates) -> torch.Tensor:
         total = torch.zeros(len(cands.token_ids), dtype=torch.float32)
         for s, w in self.parts:
@@ -364,7 +451,8 @@ class WeightedScorer(Scorer):
 class CallableScorer(Scorer):
     """Any Python callable ``fn(prompts, responses) -> scores`` on texts (a judge, a rule): one call
     per step with every candidate, ``responses[i]`` = the committed text + candidate i's step.
-    Re-encoding, if any, is the callable's business."""
+    Re-encoding, if any, is the callable's business: what it runs is unknown to the engine, so it
+    counts 0 scored tokens (a `Scorer` subclass can count its own in `Candidates.scored_tokens`)."""
 
     def __init__(self, fn: Callable[[list[str], list[str]], Sequence[float]]) -> None:
         self.fn = fn
