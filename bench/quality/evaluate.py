@@ -12,19 +12,18 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from types import ModuleType
 from typing import Any, Callable
 
 import torch
 
 from bench.quality.ensemble import LogitEnsemble
-from bench.quality.settings import QualityConfig
+from bench.quality.settings import QualityConfig, task_module
 from bench.quality.pipeline import SAMPLING_BOUNDARY, Artefacts, prompt_of
-from bench.quality.task import Problem, extract_answer, style_score, verify
+from bench.quality.task import Problem
 from mahalo_engine import (Engine, Scorer, SearchConfig, ValueModelPRM, boxed_closed, load_policy,
                            load_prm)
 from mahalo_engine.text import encode_prompt
-
-MAX_SEQ_LEN = 160
 
 
 @dataclass(frozen=True)
@@ -87,14 +86,18 @@ class Evaluator:
     """Loads each policy once (one `Engine` per policy) and the PRM once, then runs `Spec`s."""
 
     def __init__(self, art: Artefacts, cfg: QualityConfig, max_batch: int) -> None:
+        if art.dpo_acc is None or art.dpo_style is None or not art.soups:
+            raise ValueError(f"the quality tables need the single-head DPO baselines and soups, but "
+                             f"{art.root} was trained with baselines=False (task {cfg.task!r})")
         self.cfg = cfg
+        self.task = task_module(cfg)
         self.prm = load_prm(art.prm)
         self.engines: dict[str, Any] = {}
         paths = {"sft": art.sft, "dpo_acc": art.dpo_acc, "dpo_style": art.dpo_style,
                  "mah_dpo": art.mah_dpo, **{f"soup:{lam}": p for lam, p in art.soups.items()}}
         for name, path in paths.items():
             self.engines[name] = Engine(load_policy(path), max_batch=max_batch,
-                                        max_seq_len=MAX_SEQ_LEN, cuda_graphs=False)
+                                        max_seq_len=cfg.max_seq_len, cuda_graphs=False)
         self.ensemble = LogitEnsemble(self.engines["dpo_acc"].policy, self.engines["dpo_style"].policy)
 
     def _search_config(self, scorer: Any, seed: int):
@@ -113,7 +116,7 @@ class Evaluator:
         if spec.mode == "ensemble":
             answers = self.ensemble.generate(prompts, hw[0], max_new_tokens=c.max_new_tokens,
                                              temperature=c.temperature, top_k=c.top_k, seed=seed)
-            return ([generation_row(spec.config, seed, p, text, len(ids))
+            return ([generation_row(spec.config, seed, p, text, len(ids), self.task)
                      for p, (text, ids) in zip(problems, answers)], time.perf_counter() - t0)
         engine = self.engines[spec.policy]
         if spec.mode == "sample":
@@ -130,7 +133,7 @@ class Evaluator:
         else:
             raise ValueError(f"unknown evaluation mode {spec.mode!r}")
         seconds = time.perf_counter() - t0
-        rows = [generation_row(spec.config, seed, p, text, len(ids))
+        rows = [generation_row(spec.config, seed, p, text, len(ids), self.task)
                 for p, (text, ids) in zip(problems, answers)]
         return rows, seconds
 
@@ -186,10 +189,12 @@ class ReencodePRM(Scorer):
             self.committed[d] = list(self.committed[s])
 
 
-def generation_row(config: str, seed: int, p: Problem, text: str, tokens: int) -> dict[str, Any]:
+def generation_row(config: str, seed: int, p: Problem, text: str, tokens: int,
+                   task: ModuleType) -> dict[str, Any]:
+    """One answer's row, judged by ``task`` (the config's task module, `task_module`)."""
     return {"config": config, "seed": seed, "problem_id": p.problem_id, "question": p.question,
-            "gold": p.answer, "text": text, "pred": extract_answer(text),
-            "correct": verify(text, p.answer), "style_score": round(style_score(text), 6),
+            "gold": p.answer, "text": text, "pred": task.extract_answer(text),
+            "correct": task.verify(text, p.answer), "style_score": round(task.style_score(text), 6),
             "tokens": tokens}
 
 

@@ -34,9 +34,8 @@ from typing import Any, Callable
 import torch
 
 from bench.quality import grid
-from bench.quality.settings import QualityConfig
-from bench.quality.task import (STEP_SEP, STYLES, Problem, extract_answer, make_split, style_score,
-                                verify)
+from bench.quality.settings import QualityConfig, preset, task_module
+from bench.quality.task import STEP_SEP, Problem
 from mahalo_engine import Engine, load_policy
 from mahalo_engine.text import split_steps
 from mahalo_engine.tiny import tiny_checkpoint
@@ -45,7 +44,7 @@ from training import mah_dpo, sft, soup
 from training import prm as prm_cli
 from training.labels import generate_rollouts, monte_carlo_values
 
-SAMPLING_BOUNDARY = STEP_SEP
+SAMPLING_BOUNDARY = STEP_SEP  # every task separates its steps with "\n\n"
 OBJECTIVES = ("acc", "style")
 
 
@@ -53,11 +52,11 @@ OBJECTIVES = ("acc", "style")
 class Artefacts:
     root: Path
     sft: Path
-    dpo_acc: Path  # the chosen runs
-    dpo_style: Path
+    dpo_acc: Path | None  # the chosen runs (None: trained without baselines)
+    dpo_style: Path | None
     mah_dpo: Path
     prm: Path
-    soups: dict[float, Path]  # λ -> the DPO Soup λ·DPO[acc] + (1-λ)·DPO[style]
+    soups: dict[float, Path]  # λ -> the DPO Soup λ·DPO[acc] + (1-λ)·DPO[style] (empty: none)
     summaries: dict[str, dict[str, Any]]
     selection: dict[str, Any]  # the recipe, how it was chosen, every run's validation front
 
@@ -69,11 +68,15 @@ def prompt_of(p: Problem) -> str:
 
 
 def splits(cfg: QualityConfig) -> dict[str, list[Problem]]:
-    return {"train": make_split("train", cfg.n_train, cfg.data_seed),
-            "val": make_split("val", cfg.n_val, cfg.data_seed),
-            "pref": make_split("pref", cfg.n_pref, cfg.data_seed),
-            "prm": make_split("prm", cfg.n_prm, cfg.data_seed),
-            "test": make_split("test", cfg.n_test, cfg.data_seed)}
+    """The problems of every split ``cfg`` uses, from its task (``prmq``: only with ``n_prmq``)."""
+    task = task_module(cfg)
+    sizes = {"train": cfg.n_train, "val": cfg.n_val, "pref": cfg.n_pref, "prm": cfg.n_prm,
+             "test": cfg.n_test}
+    if cfg.n_prmq:
+        if "prmq" not in task.SPLITS:
+            raise ValueError(f"n_prmq = {cfg.n_prmq} but task {cfg.task!r} has no 'prmq' split")
+        sizes["prmq"] = cfg.n_prmq
+    return {name: task.make_split(name, n, cfg.data_seed) for name, n in sizes.items()}
 
 
 def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -92,7 +95,7 @@ def sample(policy_dir: Path, prompts: list[str], cfg: QualityConfig, *, seed: in
            head_weights: Any = None) -> list[Any]:
     """``Engine.generate`` with the bench's sampling settings (all prompts in one batch)."""
     policy = load_policy(policy_dir)
-    engine = Engine(policy, max_batch=min(256, max(1, len(prompts))), max_seq_len=160,
+    engine = Engine(policy, max_batch=min(256, max(1, len(prompts))), max_seq_len=cfg.max_seq_len,
                     cuda_graphs=False)
     return engine.generate(prompts, head_weights=head_weights, max_new_tokens=cfg.max_new_tokens,
                            temperature=cfg.temperature, top_k=cfg.top_k, seed=seed,
@@ -100,6 +103,7 @@ def sample(policy_dir: Path, prompts: list[str], cfg: QualityConfig, *, seed: in
 
 
 def _accuracy(policy_dir: Path, problems: list[Problem], cfg: QualityConfig, seed: int) -> float:
+    verify = task_module(cfg).verify
     gens = sample(policy_dir, [prompt_of(p) for p in problems], cfg, seed=seed)
     return sum(verify(g.text, p.answer) for g, p in zip(gens, problems)) / max(1, len(problems))
 
@@ -109,6 +113,7 @@ class Pipeline:
 
     def __init__(self, cfg: QualityConfig, root: Path, *, log: Callable[[str], None] = print) -> None:
         self.cfg = cfg
+        self.task = task_module(cfg)
         self.root = root
         self.log = log
         self.data = splits(cfg)
@@ -116,16 +121,18 @@ class Pipeline:
 
     def run(self) -> Artefacts:
         self.root.mkdir(parents=True, exist_ok=True)
-        self._stage("sft", self._sft)
-        self._stage("pairs", self._pairs)
+        self.stage("sft", self._sft)
+        self.stage("pairs", self._pairs)
         selection = grid.choose(self)
         recipe = selection["recipe"]
-        dpo_acc = self.dpo_run(["acc"], lr=recipe["dpo_lr"]["acc"])
-        dpo_style = self.dpo_run(["style"], lr=recipe["dpo_lr"]["style"])
+        dpo_acc = dpo_style = None
+        if self.cfg.baselines:
+            dpo_acc = self.dpo_run(["acc"], lr=recipe["dpo_lr"]["acc"])
+            dpo_style = self.dpo_run(["style"], lr=recipe["dpo_lr"]["style"])
         mah = self.mah_run(grid.mah_recipe(recipe))
-        soups = self._soups(dpo_acc, dpo_style)
-        self._stage("rollouts", self._rollouts)
-        self._stage("prm", self._prm)
+        soups = self._soups(dpo_acc, dpo_style) if self.cfg.baselines else {}
+        self.stage("rollouts", self._rollouts)
+        self.stage("prm", self._prm)
         r = self.root
         return Artefacts(r, r / "sft" / "policy", dpo_acc, dpo_style, mah, r / "prm" / "prm", soups,
                          self.summaries, selection)
@@ -135,13 +142,13 @@ class Pipeline:
     def dpo_run(self, objectives: list[str], *, lr: float) -> Path:
         """Single-head DPO on ``objectives`` (one) at ``lr``: the policy directory."""
         name = f"runs/dpo-{'+'.join(objectives)}-lr{lr:g}"
-        self._stage(name, lambda d: self._dpo(d, objectives, ["--lr", lr]))
+        self.stage(name, lambda d: self._dpo(d, objectives, ["--lr", lr]))
         return self.root / name / "policy"
 
     def mah_run(self, recipe) -> Path:
         """MAH-DPO (both objectives) at a grid point: the policy directory."""
         name = f"runs/mah-{recipe.name}"
-        self._stage(name, lambda d: self._dpo(d, list(OBJECTIVES), [
+        self.stage(name, lambda d: self._dpo(d, list(OBJECTIVES), [
             "--lr", recipe.head_lr, "--head-lr", recipe.head_lr, "--backbone-lr", recipe.backbone_lr,
             "--rpo-alpha", recipe.rpo_alpha]))
         return self.root / name / "policy"
@@ -155,8 +162,9 @@ class Pipeline:
         if path.is_file() and json.loads(path.read_text()).get("key") == key:
             return json.loads(path.read_text())["front"]
         problems = self.data["val"]
-        engine = Engine(load_policy(policy_dir), max_batch=max(1, len(problems)), max_seq_len=160,
-                        cuda_graphs=False)
+        verify, style_score = self.task.verify, self.task.style_score
+        engine = Engine(load_policy(policy_dir), max_batch=max(1, len(problems)),
+                        max_seq_len=cfg.max_seq_len, cuda_graphs=False)
         front = []
         for w in weights:
             gens = engine.generate([prompt_of(p) for p in problems], head_weights=w,
@@ -177,10 +185,12 @@ class Pipeline:
                                      round(1.0 - lam, 12), "--out", d / f"lambda{lam:g}"])
             return {"lambdas": list(self.cfg.sweep), "artefact": str(d)}
 
-        self._stage(name, make)
+        self.stage(name, make)
         return {lam: self.root / name / f"lambda{lam:g}" for lam in self.cfg.sweep}
 
-    def _stage(self, name: str, fn: Callable[[Path], dict[str, Any]]) -> None:
+    def stage(self, name: str, fn: Callable[[Path], dict[str, Any]]) -> None:
+        """Run ``fn(directory)`` once: its summary is written to ``<root>/<name>/stage.json``, and
+        a later call with that file present only loads the summary (``self.summaries[name]``)."""
         d = self.root / name
         marker = d / "stage.json"
         if marker.is_file():
@@ -200,6 +210,16 @@ class Pipeline:
     # -- stages -----------------------------------------------------------------------------------
 
     def _base_model(self) -> Path:
+        """The SFT's initial model: ``cfg.sft_init``'s SFT policy (trained or loaded from its own
+        cache directory), else a fresh seeded tiny model."""
+        if self.cfg.sft_init:
+            init = preset(self.cfg.sft_init)
+            note = f" (the SFT's initial policy: preset {self.cfg.sft_init!r})"
+            pl = Pipeline(init, self.root.parent / init.train_key(),
+                          log=lambda line: self.log(line + note))
+            pl.root.mkdir(parents=True, exist_ok=True)
+            pl.stage("sft", pl._sft)
+            return pl.root / "sft" / "policy"
         h = self.cfg.hidden_size
         return tiny_checkpoint("qwen2", seed=self.cfg.data_seed, vocab_size=512, hidden_size=h,
                                intermediate_size=2 * h, num_layers=self.cfg.num_layers, num_heads=4,
@@ -213,12 +233,13 @@ class Pipeline:
                 for p in self.data["train"]]
         _write_jsonl(d / "sft.jsonl", rows)
         work, keep = d / "run", d / "policy"
+        base = self._base_model()
         history, best = [], None
         steps = cfg.sft_min_steps
         while True:
-            argv = ["--model", self._base_model(), "--data", d / "sft.jsonl", "--out", work,
+            argv = ["--model", base, "--data", d / "sft.jsonl", "--out", work,
                     "--optimizer", "adamw", "--lr", cfg.sft_lr, "--warmup-steps", 50,
-                    "--batch-size", cfg.sft_batch, "--max-steps", steps, "--max-length", 128,
+                    "--batch-size", cfg.sft_batch, "--max-steps", steps, "--max-length", cfg.max_length,
                     "--seed", cfg.data_seed, "--log-every", 25]
             _run_cli(sft.main, argv + (["--resume"] if history else []))
             acc = _accuracy(work, self.data["val"], cfg, seed=0)
@@ -241,6 +262,7 @@ class Pipeline:
 
     def _pairs(self, d: Path) -> dict[str, Any]:
         cfg = self.cfg
+        verify, style_score = self.task.verify, self.task.style_score
         problems = self.data["pref"]
         n = cfg.pref_samples
         prompts = [prompt_of(p) for p in problems for _ in range(n)]
@@ -250,7 +272,7 @@ class Pipeline:
         for i, p in enumerate(problems):
             texts = [g.text for g in gens[i * n:(i + 1) * n]]
             if cfg.pairs_with_reference:
-                texts += [p.solution(s) for s in STYLES]
+                texts += [p.solution(s) for s in self.task.STYLES]
             correct = [t for t in texts if verify(t, p.answer)]
             wrong = [t for t in texts if not verify(t, p.answer)]
             stats["correct"] += sum(verify(g.text, p.answer) for g in gens[i * n:(i + 1) * n])
@@ -277,7 +299,7 @@ class Pipeline:
                 "--objectives", ",".join(objectives), "--beta", cfg.dpo_beta,
                 "--optimizer", "adamw", *lrs, "--warmup-steps", 10,
                 "--batch-size", cfg.dpo_batch * len(objectives), "--max-steps", cfg.dpo_steps,
-                "--max-length", 128, "--seed", cfg.data_seed, "--log-every", 10,
+                "--max-length", cfg.max_length, "--seed", cfg.data_seed, "--log-every", 10,
                 "--ref-cache", self.root / "ref_logps", "--balance", "replacement"]
         for o in objectives:
             argv += ["--data", f"{o}={pairs / (o + '.jsonl')}"]
@@ -291,26 +313,9 @@ class Pipeline:
 
     def _rollouts(self, d: Path) -> dict[str, Any]:
         cfg = self.cfg
-        problems = self.data["prm"]
-        gold = {prompt_of(p): p.answer for p in problems}
-        gens = sample(self.root / "sft" / "policy", [prompt_of(p) for p in problems], cfg,
-                      seed=2000)
-        trajectories = [{"prompt": prompt_of(p), "steps": split_steps(g.text, SAMPLING_BOUNDARY)}
-                        for p, g in zip(problems, gens) if g.text]
-
-        def verifier(prompt: str, steps: list[str]) -> float:
-            return float(verify("".join(steps), gold[prompt]))
-
-        policy = load_policy(self.root / "sft" / "policy")
-        rows = generate_rollouts(policy, trajectories, verifier, cfg.mc_rollouts,
-                                 boundary=SAMPLING_BOUNDARY, max_new_tokens=cfg.max_new_tokens,
-                                 temperature=cfg.temperature, top_k=cfg.top_k, seed=3000,
-                                 chat_template=False)
-        for r in rows:  # the style objective's final reward, on the same rollouts
-            r["style_reward"] = style_score("".join(r["steps"]), noise=cfg.judge_noise,
-                                            noise_seed=cfg.data_seed)
+        n, rows = policy_rollouts(self.root / "sft" / "policy", self.data["prm"], cfg, seed=2000)
         _write_jsonl(d / "rollouts.jsonl", rows)
-        return {"trajectories": len(trajectories), "rollouts": len(rows),
+        return {"trajectories": n, "rollouts": len(rows),
                 "rollout_acc": round(sum(r["final_reward"] for r in rows) / max(1, len(rows)), 3),
                 "artefact": str(d / "rollouts.jsonl")}
 
@@ -326,7 +331,7 @@ class Pipeline:
             # A finished answer's last step reaches the PRM during search as the engine fed it:
             # "\boxed{N}" plus the EOS token (the policy stops there), so it is labelled there too;
             # with the trainer's default separator it would be read at an appended "\n\n" instead.
-            if r["steps"] and extract_answer(r["steps"][-1]) is not None:
+            if r["steps"] and self.task.extract_answer(r["steps"][-1]) is not None:
                 r["steps"] = r["steps"][:-1] + [r["steps"][-1] + eos]
         acc = monte_carlo_values(rollouts, cfg.gamma)
         style = monte_carlo_values([{**r, "final_reward": r["style_reward"]} for r in rollouts],
@@ -341,7 +346,8 @@ class Pipeline:
                 "--out", d / "prm", "--loss", "mse", "--objectives", ",".join(OBJECTIVES),
                 "--step-separator", "",  # steps keep their own "\n\n" (split_steps) or EOS
                 "--optimizer", "adamw", "--lr", cfg.prm_lr, "--warmup-steps", 10,
-                "--batch-size", cfg.prm_batch, "--max-steps", cfg.prm_steps, "--max-length", 160,
+                "--batch-size", cfg.prm_batch, "--max-steps", cfg.prm_steps,
+                "--max-length", cfg.max_seq_len,
                 "--seed", cfg.data_seed, "--log-every", 10]
         if cfg.prm_train_backbone:
             argv.append("--train-backbone")
@@ -350,6 +356,31 @@ class Pipeline:
         n_steps = sum(len(r["completions"]) for r in rows)
         return {"trajectories": len(rows), "labelled_steps": n_steps,
                 "final_mse": round(last.get("mse", float("nan")), 4), "artefact": str(d / "prm")}
+
+
+def policy_rollouts(policy_dir: Path, problems: list[Problem], cfg: QualityConfig, *,
+                    seed: int) -> tuple[int, list[dict[str, Any]]]:
+    """(trajectories, rows): the policy's sample on each problem (seed ``seed``) plus ``cfg.mc_rollouts`` Monte-Carlo
+    continuations from every proper prefix (``training.labels.generate_rollouts``, seeds from
+    ``seed + 1000``), each with ``final_reward`` (the task's verifier) and ``style_reward`` (its
+    noisy judge)."""
+    task = task_module(cfg)
+    gold = {prompt_of(p): p.answer for p in problems}
+    gens = sample(policy_dir, [prompt_of(p) for p in problems], cfg, seed=seed)
+    trajectories = [{"prompt": prompt_of(p), "steps": split_steps(g.text, SAMPLING_BOUNDARY)}
+                    for p, g in zip(problems, gens) if g.text]
+
+    def verifier(prompt: str, steps: list[str]) -> float:
+        return float(task.verify("".join(steps), gold[prompt]))
+
+    rows = generate_rollouts(load_policy(policy_dir), trajectories, verifier, cfg.mc_rollouts,
+                             boundary=SAMPLING_BOUNDARY, max_new_tokens=cfg.max_new_tokens,
+                             temperature=cfg.temperature, top_k=cfg.top_k, seed=seed + 1000,
+                             chat_template=False)
+    for r in rows:  # the style objective's final reward, on the same rollouts
+        r["style_reward"] = task.style_score("".join(r["steps"]), noise=cfg.judge_noise,
+                                             noise_seed=cfg.data_seed)
+    return len(trajectories), rows
 
 
 def _eos_text_of(policy_dir: Path) -> str:
@@ -367,7 +398,7 @@ def _last_log(path: Path) -> dict[str, float]:
 
 
 def _describe(summary: dict[str, Any]) -> str:
-    return ", ".join(f"{k} {v}" for k, v in summary.items() if k not in ("history",))
+    return ", ".join(f"{k} {v}" for k, v in summary.items() if k not in ("history", "calibration"))
 
 
 def train_or_load(cfg: QualityConfig, *, no_cache: bool = False, root: Path | None = None,

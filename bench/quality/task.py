@@ -17,11 +17,11 @@ has the count asked for, so the same question never lands in two splits.
 """
 from __future__ import annotations
 
-import hashlib
-import math
 import random
 import re
 from dataclasses import dataclass
+
+from bench.quality.problem_kit import brevity_score, draw_split, hash_split, problem_hash
 
 SPLITS = ("train", "pref", "prm", "val", "test")
 # Share of the hash space per split: most problems train the SFT model; the rest are small pools.
@@ -63,19 +63,9 @@ class Problem:
         return STEP_SEP.join(steps + [f"\\boxed{{{value}}}"])
 
 
-def problem_hash(question: str) -> str:
-    return hashlib.sha256(question.encode("utf-8")).hexdigest()
-
-
 def split_of(question: str) -> str:
     """The split a question belongs to: a fixed function of its hash."""
-    u = int(problem_hash(question)[:12], 16) / 16 ** 12
-    edge = 0.0
-    for name in SPLITS:
-        edge += _SPLIT_SHARE[name]
-        if u < edge:
-            return name
-    return SPLITS[-1]
+    return hash_split(question, SPLITS, _SPLIT_SHARE)
 
 
 def random_problem(rng: random.Random) -> Problem:
@@ -95,22 +85,7 @@ def random_problem(rng: random.Random) -> Problem:
 
 def make_split(split: str, n: int, seed: int) -> list[Problem]:
     """``n`` distinct problems of ``split``, drawn deterministically from ``seed``."""
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    if n < 0:
-        raise ValueError(f"n must be >= 0, got {n}")
-    rng = random.Random(f"{seed}:{split}")
-    out: dict[str, Problem] = {}
-    tries = 0
-    while len(out) < n:
-        tries += 1
-        if tries > 200 * n + 1000:
-            raise ValueError(f"could not draw {n} distinct {split!r} problems (the problem space "
-                             f"is too small for this count)")
-        p = random_problem(rng)
-        if p.question not in out and split_of(p.question) == split:
-            out[p.question] = p
-    return list(out.values())
+    return draw_split(split, n, seed, SPLITS, random_problem, split_of)
 
 
 _BOXED = re.compile(r"\\boxed\{\s*(-?\d+)\s*\}")
@@ -135,19 +110,6 @@ STYLE_WORST_CHARS = 80
 def style_score(text: str, *, noise: float = 0.0, noise_seed: int = 0) -> float:
     """style in [0, 1]: brevity of the answer, linear in its length in characters between
     ``STYLE_BEST_CHARS`` (1.0) and ``STYLE_WORST_CHARS`` (0.0); a text without a boxed answer
-    scores 0 (rambling that never answers is not "concise").
-
-    ``noise > 0`` imitates an LLM judge's inconsistency: Gaussian noise of that std, a deterministic
-    function of (text, noise_seed), added before clipping to [0, 1].
-    """
-    if noise < 0 or not math.isfinite(noise):
-        raise ValueError(f"noise must be a finite float >= 0, got {noise!r}")
-    if extract_answer(text) is None:
-        base = 0.0
-    else:
-        n = len(text.strip())
-        base = (STYLE_WORST_CHARS - n) / (STYLE_WORST_CHARS - STYLE_BEST_CHARS)
-    if noise > 0:
-        h = int(hashlib.sha256(f"{noise_seed}\0{text}".encode()).hexdigest()[:16], 16)
-        base += noise * random.Random(h).gauss(0.0, 1.0)
-    return min(1.0, max(0.0, base))
+    scores 0; ``noise``: the judge's inconsistency (`bench.quality.problem_kit.brevity_score`)."""
+    return brevity_score(text, extract_answer(text) is not None, STYLE_BEST_CHARS,
+                         STYLE_WORST_CHARS, noise=noise, noise_seed=noise_seed)
