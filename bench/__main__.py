@@ -50,7 +50,13 @@ SECTIONS = {
     "attention": "the cascade op (triton_kernels.cascade): K-candidate decode attention vs prefix "
                  "length, cascade (shared prefix) vs SDPA on the forked layout, with the bandwidth "
                  "floor",
+    "scaling": "accuracy vs generated tokens of every test-time method (sampling, majority vote, "
+               "best-of-N, step search, beam search, per-candidate head weights) on the quality "
+               "task; runs only when named",
 }
+# Sections left out of the default list: they run only when --sections names them (scaling trains
+# the quality pipeline's artefacts from an empty cache and measures for many minutes).
+ON_REQUEST = ("scaling",)
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -63,8 +69,10 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="cpu or cuda (default: cuda when available)")
     p.add_argument("--quick", action="store_true", help="small sizes and few repeats (CPU: < 2 minutes)")
     p.add_argument("--sections", default=None,
-                   help=f"comma-separated subset of: {','.join(SECTIONS)} (default: all; quality "
-                   "then runs its quick form, its full 3-seed form when named here without --quick)")
+                   help=f"comma-separated subset of: {','.join(SECTIONS)} (default: all but "
+                   f"{','.join(ON_REQUEST)}, which run only when named; quality then runs its "
+                   "quick form, its full 3-seed form when named here without --quick; scaling "
+                   "runs its full 3-seed form unless --quick)")
     p.add_argument("--model", type=Path, default=None,
                    help="Hugging Face model directory for the model-level sections "
                    "(default: the built-in tiny Qwen2-shaped checkpoint, built locally)")
@@ -84,9 +92,10 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=None,
                    help="JSON output path (default: bench/results/local/bench-<device>-<date>.json, "
                    "ignored by git); the quality section writes its markdown, PNG and generations "
-                   "beside it")
+                   "beside it, the scaling section its .md and PNGs")
     p.add_argument("--no-cache", action="store_true",
-                   help="quality section: retrain its cached artefacts instead of reusing them")
+                   help="quality and scaling sections: retrain their cached artefacts instead of "
+                   "reusing them")
     add_debug_flag(p)
     return p.parse_args(argv)
 
@@ -115,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str] | None) -> int:
     args = _parse_args(argv)
     device = resolve_device(args.device)
-    names = [s.strip() for s in (args.sections or ",".join(SECTIONS)).split(",") if s.strip()]
+    default = ",".join(s for s in SECTIONS if s not in ON_REQUEST)
+    names = [s.strip() for s in (args.sections or default).split(",") if s.strip()]
     unknown = [s for s in names if s not in SECTIONS]
     if unknown:
         raise ValueError(f"unknown section(s) {unknown}; choose from {list(SECTIONS)}")

@@ -59,7 +59,7 @@ LAYERS: list[list[str]] = [
     # bench: plumbing, sections, the runner.
     ["bench.common"],
     ["bench.decode", "bench.heads", "bench.kv", "bench.attention", "bench.quality.*"],
-    ["bench.search", "bench.train", "bench.graph_check", "bench.device_report"],
+    ["bench.search", "bench.train", "bench.graph_check", "bench.device_report", "bench.scaling"],
     ["bench.__main__"],
     ["bench"],
 ]

@@ -82,6 +82,16 @@ def cost_specs() -> list[Spec]:
             for m, mode in (("ours", "search"), ("re-encode", "search_reencode"))]
 
 
+def search_config(cfg: QualityConfig, scorer: Any, seed: int, **options: Any) -> SearchConfig:
+    """The bench's step-search settings: ``"\\n\\n"`` steps, stop at a closed box, the pipeline's
+    sampling, ``cfg.candidates`` candidates; ``options`` override or add `SearchConfig` fields."""
+    base = dict(candidates=cfg.candidates, boundary=SAMPLING_BOUNDARY,
+                max_step_tokens=cfg.max_new_tokens, max_steps=8, max_new_tokens=cfg.max_new_tokens,
+                temperature=cfg.temperature, top_k=cfg.top_k, seed=seed, scorer=scorer,
+                stop=[boxed_closed])
+    return SearchConfig(**{**base, **options})
+
+
 class Evaluator:
     """Loads each policy once (one `Engine` per policy) and the PRM once, then runs `Spec`s."""
 
@@ -99,13 +109,6 @@ class Evaluator:
             self.engines[name] = Engine(load_policy(path), max_batch=max_batch,
                                         max_seq_len=cfg.max_seq_len, cuda_graphs=False)
         self.ensemble = LogitEnsemble(self.engines["dpo_acc"].policy, self.engines["dpo_style"].policy)
-
-    def _search_config(self, scorer: Any, seed: int):
-        c = self.cfg
-        return SearchConfig(candidates=c.candidates, boundary=SAMPLING_BOUNDARY,
-                            max_step_tokens=c.max_new_tokens, max_steps=8,
-                            max_new_tokens=c.max_new_tokens, temperature=c.temperature,
-                            top_k=c.top_k, seed=seed, scorer=scorer, stop=[boxed_closed])
 
     def run(self, spec: Spec, problems: list[Problem], seed: int) -> tuple[list[dict], float]:
         """(generations rows, wall seconds) of ``spec`` on ``problems``."""
@@ -126,7 +129,7 @@ class Evaluator:
         elif spec.mode in ("search", "search_reencode"):
             scorer = ValueModelPRM(self.prm, objectives=spec.prm) if spec.mode == "search" \
                 else ReencodePRM(self.prm, spec.prm)
-            res = engine.search(prompts, head_weights=hw, config=self._search_config(scorer, seed))
+            res = engine.search(prompts, head_weights=hw, config=search_config(c, scorer, seed))
             answers = [(r.text, r.token_ids) for r in res]
         elif spec.mode == "best_of_k":
             answers = self._best_of_k(engine, prompts, hw, spec.prm, seed)
