@@ -25,14 +25,14 @@ from mahalo_engine.utils.outputs import (OutputLock, check_not_input, options_of
 
 _DTYPES = ("float32", "bfloat16", "float16")
 _RESULT_KEYS = ("text", "token_ids", "logprobs", "finish_reason", "steps", "generated_tokens",
-                "scored_tokens")  # added to input rows
+                "scored_tokens", "beams")  # added to input rows
 # Options that shape the rows written to --out: stored beside it (<out>.meta.json) and compared on
 # --resume. Not here: where and how fast it runs (--device, --no-cuda-graphs, --check-every,
 # --cache-layout, whose results are identical by design) and --prompts (checked row by row).
 RESULT_OPTIONS = ("command", "model", "heads", "weights", "chat", "temperature", "seed",
                   "max_new_tokens", "stop", "dtype", "max_batch", "max_seq_len", "chunk_size",
                   "top_k", "top_p", "min_p")
-SEARCH_RESULT_OPTIONS = ("prm", "prm_weights", "candidates", "boundary", "max_steps",
+SEARCH_RESULT_OPTIONS = ("prm", "prm_weights", "candidates", "beams", "boundary", "max_steps",
                          "max_step_tokens", "selection_temperature", "stop_boxed",
                          "candidate_head_weights")
 
@@ -136,7 +136,14 @@ def _parser() -> argparse.ArgumentParser:
                    help="PRM directory (repeatable: several PRMs guide together)")
     s.add_argument("--prm-weights", type=_floats, default=None,
                    help="one weight per --prm, e.g. 0.7,0.3 (default: 1 each)")
-    s.add_argument("-k", "--candidates", type=int, default=5, help="candidates per step")
+    s.add_argument("-k", "--candidates", type=int, default=5,
+                   help="candidates per step (per beam)")
+    s.add_argument("--beams", type=int, default=1,
+                   help="beam search: N partial solutions per request, each expanding -k "
+                        "candidates per step; the N best of the N*K survive, finished ones are "
+                        "set aside, the best finished one is the result (1 = greedy step "
+                        "search). With N > 1 each row also gets \"beams\": every finished beam "
+                        "{text, token_ids, score, finish_reason}, best first")
     add_boundary_arg(s)
     s.add_argument("--max-steps", type=int, default=20, help="steps per request")
     s.add_argument("--max-step-tokens", type=int, default=512, help="tokens per step")
@@ -258,7 +265,7 @@ def _check_args(args: argparse.Namespace) -> None:
                                    "--heads": args.heads})
     if args.command != "search":
         return
-    for name in ("candidates", "max_steps", "max_step_tokens", "check_every"):
+    for name in ("candidates", "beams", "max_steps", "max_step_tokens", "check_every"):
         if getattr(args, name) < 1:
             flag = "-k" if name == "candidates" else f"--{name.replace('_', '-')}"
             raise ValueError(f"{flag} must be >= 1, got {getattr(args, name)}")
@@ -270,6 +277,9 @@ def _check_args(args: argparse.Namespace) -> None:
     if args.candidates > 1 and not args.prm:
         raise ValueError(f"search with -k {args.candidates} needs a PRM to pick the winner among "
                          f"the candidates: pass --prm DIR (or -k 1 for plain step-wise decoding)")
+    if args.beams > 1 and not args.prm:
+        raise ValueError(f"search with --beams {args.beams} needs a PRM to rank the beams: pass "
+                         f"--prm DIR")
     if args.prm_weights is not None and len(args.prm_weights) != len(args.prm or ()):
         raise ValueError(f"--prm-weights has {len(args.prm_weights)} values for "
                          f"{len(args.prm or ())} --prm")
@@ -434,10 +444,15 @@ def _results(args: argparse.Namespace, engine: Any, prompts: list[Any], head_wei
     except FloatingPointError as e:
         raise FloatingPointError(f"model {args.model}: {e}; check its weights and config.json (or "
                                  f"use --dtype float32)") from None
-    return [{"text": r.text, "token_ids": r.token_ids, "finish_reason": r.finish_reason,
+    rows = [{"text": r.text, "token_ids": r.token_ids, "finish_reason": r.finish_reason,
              "generated_tokens": r.generated_tokens, "scored_tokens": r.scored_tokens,
              "steps": [_step_row(args, i, vars(s)) for s in r.steps]}
             for i, r in enumerate(results)]
+    if args.beams > 1:  # (one beam: the row itself; rows stay as they were before beams)
+        for row, r in zip(rows, results):
+            row["beams"] = [{"text": b.text, "token_ids": b.token_ids, "score": _finite(b.score),
+                             "finish_reason": b.finish_reason} for b in r.beams]
+    return rows
 
 
 def _search_config(args: argparse.Namespace, seed: int) -> Any:
@@ -447,7 +462,7 @@ def _search_config(args: argparse.Namespace, seed: int) -> Any:
 
     stop = list(args.stop or []) + ([boxed_closed] if args.stop_boxed else [])
     return SearchConfig(
-        candidates=args.candidates,
+        candidates=args.candidates, beams=args.beams,
         boundary=parse_boundaries(args.boundary),
         max_step_tokens=args.max_step_tokens, max_steps=args.max_steps,
         max_new_tokens=4096 if args.max_new_tokens is None else args.max_new_tokens,
@@ -464,9 +479,13 @@ def _step_row(args: argparse.Namespace, i: int, step: dict[str, Any]) -> dict[st
     if args.prm and any(isinstance(x, float) and math.isnan(x) for x in scores):
         raise FloatingPointError(f"prompt {i}: the PRM ({', '.join(map(str, args.prm))}) gave a "
                                  f"NaN score; check its weights")
-    fix = lambda x: x if not isinstance(x, float) or math.isfinite(x) else None  # noqa: E731
-    return {**step, "score": fix(step["score"]),
-            "candidate_scores": [fix(x) for x in step["candidate_scores"]]}
+    return {**step, "score": _finite(step["score"]),
+            "candidate_scores": [_finite(x) for x in step["candidate_scores"]]}
+
+
+def _finite(x: Any) -> Any:
+    """A score for JSON: a non-finite float (no score, or unscorable) is null."""
+    return x if not isinstance(x, float) or math.isfinite(x) else None
 
 
 def _score(x: float | None) -> str:
@@ -486,6 +505,9 @@ def _print_rows(rows: list[dict[str, Any]], first: int) -> None:
             print(step["text"])
         if "steps" not in row:
             print(row["text"])
+        for j, beam in enumerate(row.get("beams", [])):
+            print(f"--- finished beam {j + 1}: score {_score(beam['score'])} "
+                  f"({beam['finish_reason']}, {len(beam['token_ids'])} tokens)")
 
 
 if __name__ == "__main__":

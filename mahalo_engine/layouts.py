@@ -2,7 +2,10 @@
 a cache laid out for K candidates per request, whichever model the cache serves (the policy's or a
 scorer's).
 
-Request group g runs its K candidates in candidate slots ``g*K .. g*K+K-1``. A `SlotLayout`
+Request group g runs its K candidates in candidate slots ``g*K .. g*K+K-1``; with ``beams=N``
+(beam search) it keeps N partial solutions, beam b's K candidates in slots ``g*N*K + b*K ..
+g*N*K + b*K + K-1`` (N*K = the layout's ``width``), and every per-group event below applies to
+each beam of the group (a cache call sees each beam as one group of K slots). A `SlotLayout`
 (`ForkLayout`, `SharedPrefixLayout`) maps groups to slots on the host, sizes a cache of its layout
 and allocates it; the cache it returns (`ForkSlots` over a `KVCache`, `SharedPrefixSlots` over a
 `SharedPrefixCache`) applies the slot events to its storage and makes the model's attention call
@@ -12,15 +15,23 @@ for its layout:
 - ``begin_step``: candidate slots start a new step from the committed text;
 - ``decode`` / ``extend_steps``: one token per candidate slot (the policy's decode) / each
   candidate's step appended at once (a scorer's scoring pass);
-- ``promote``: each continuing group's winner becomes the group's committed text;
+- ``promote``: each continuing group's winner becomes the group's committed text; with beams,
+  each new beam's source candidate (`SlotLayout.place_beams`: a survivor stays in its beam's
+  slots where it can, the others, duplicates included, take the beams no survivor came from);
 - ``move``: a live group's committed text moves to a lower, free group (compaction).
 
 ``fork`` keeps a full copy of the committed text in each of the K slots (promote copies only the
 step's new tokens, `KVCache.promote`); ``shared_prefix`` keeps it once per group in a prefix slot
 plus K step-sized candidate slots (cascade attention reads the prefix once for all K; a promote
 appends the winner's step to the prefix, ``kv_append``). A promote is given both as
-``(src, dst)`` slot pairs and per group (``winners``, ``groups``), so a layout in which one source
-slot feeds several destinations (beams) is one more subclass of the same interface.
+``(src, dst)`` slot pairs and per group (``winners``, ``groups``), plus the ``moves``: slot pairs
+whose destination beam takes a survivor of another beam (one source slot feeding several beams when
+a survivor is duplicated). A move reads a slot the ``(src, dst)`` pairs overwrite, so it is applied
+first, in a launch of its own (fork: copy from the prompt's end, the text every slot of the request
+shares, each cache knowing its own prompt length; shared_prefix: copy the source beam's prefix,
+before the winners' steps are appended); no slot a launch writes is read by it (`place_beams` keeps
+every source slot in a beam it keeps). Without moves (one beam, or no survivor leaving its beam) a
+promote is one launch per cache.
 
 Every event is index ops on device tensors of fixed shapes (graph-safe, no host sync), except
 ``admit`` and ``extend_steps``, which encode ragged token lists.
@@ -141,9 +152,16 @@ class SharedPrefixCache:
         """Empty the suffixes of candidate ``slots`` (their stale K/V is overwritten later)."""
         self.suffix.reset(slots)
 
-    def commit(self, winners: torch.Tensor, groups: torch.Tensor) -> None:
+    def commit(self, winners: torch.Tensor, groups: torch.Tensor,
+               moves: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> None:
         """Append each winner candidate slot's step to its group's prefix (one launch), then empty
-        the groups' suffixes. ``winners [G']`` candidate slots, ``groups [G']`` distinct."""
+        the groups' suffixes. ``winners [G']`` candidate slots, ``groups [G']`` distinct.
+        ``moves``: ``(src, dst, start)`` per group whose winner is of another group (a beam
+        taking another beam's survivor): prefix ``dst`` first takes prefix ``src``'s positions
+        ``[start, len)`` (one more launch: the append below reads the copied prefix, and its
+        source is the suffix cache, not this one); ``dst`` groups are never a ``src``."""
+        if moves is not None and moves[0].numel():
+            self.prefix.promote(moves[0].long(), moves[1].long(), moves[2].long())
         self.prefix.append(self.suffix, winners.long(), groups.long())
         self.suffix.reset(self.candidate_slots(groups).reshape(-1))
 
@@ -158,61 +176,104 @@ class SharedPrefixCache:
 
 @dataclass(frozen=True)
 class SlotLayout:
-    """How a cache holds K candidates per request group (``k``; ``step_len``: the positions one
-    step may take, for layouts that keep steps apart). Subclasses: `ForkLayout`,
-    `SharedPrefixLayout`; `slot_layout` builds one by name."""
+    """How a cache holds K candidates per beam (``k``) and ``beams`` beams per request group
+    (``width`` = beams * K slots; ``step_len``: the positions one step may take, for layouts that
+    keep steps apart). Subclasses: `ForkLayout`, `SharedPrefixLayout`; `slot_layout` builds one
+    by name."""
 
     k: int = 1
     step_len: int = 1
+    beams: int = 1
     name: ClassVar[str] = ""
 
+    @property
+    def width(self) -> int:
+        """Candidate slots per request group: ``beams * k``."""
+        return self.beams * self.k
+
     def slots(self, groups: list[int]) -> torch.Tensor:
-        """``[len(groups), K]`` candidate slots (on the host)."""
-        return torch.tensor(groups, dtype=torch.long)[:, None] * self.k + torch.arange(self.k)
+        """``[len(groups), beams*K]`` candidate slots (on the host), beam by beam."""
+        w = self.width
+        return torch.tensor(groups, dtype=torch.long)[:, None] * w + torch.arange(w)
 
     def span(self, groups: list[int]) -> int:
         """Slots ``[0, span)`` hold every candidate slot of ``groups``."""
-        return (max(groups) + 1) * self.k
+        return (max(groups) + 1) * self.width
 
-    def rows(self, picks: list[int]) -> list[int]:
-        """Row of candidate ``picks[i]`` of the i-th group, in group-major ``[G'*K]`` rows."""
-        return [i * self.k + j for i, j in enumerate(picks)]
-
-    def repeat(self, per_group: list[T]) -> torch.Tensor:
-        """Host values per group ``[G']`` as a tensor per candidate slot ``[G'*K]``."""
-        return torch.tensor(per_group).repeat_interleave(self.k)
+    def repeat(self, per_beam: list[T]) -> torch.Tensor:
+        """Host values per beam ``[G'*beams]`` as a tensor per candidate slot ``[G'*beams*K]``."""
+        return torch.tensor(per_beam).repeat_interleave(self.k)
 
     def num_groups(self, num_slots: int) -> int:
-        return num_slots // self.k
+        return num_slots // self.width
 
     def num_slots(self, num_groups: int) -> int:
-        return num_groups * self.k
+        return num_groups * self.width
 
     def move_pairs(self, moves: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Host ``(src, dst)`` slot pairs of ``(from group, to group)`` moves: every candidate
-        slot of the destination takes the source group's committed text (from its first slot)."""
-        src = self.slots([h for h, _ in moves])[:, :1].expand(-1, self.k).reshape(-1)
-        return src, self.slots([f for _, f in moves]).reshape(-1)
+        slot of each beam of the destination takes that beam's committed text in the source
+        group (from the beam's first slot)."""
+        src = self.slots([h for h, _ in moves])[:, ::self.k]
+        return (src.repeat_interleave(self.k, dim=1).reshape(-1),
+                self.slots([f for _, f in moves]).reshape(-1))
 
-    def promote_index(self, winners: list[int], groups: list[int]) -> tuple[torch.Tensor, int]:
-        """One host index for a promote: ``src`` (each group's winner, once per other slot),
-        ``dst`` (the other slots), ``winners`` and the groups' slots, concatenated; and P, the pair
-        count (`split_promote` takes it apart). ValueError if a winner is not of its group."""
-        g, k = len(groups), self.k
+    @staticmethod
+    def place_beams(origins: list[int]) -> list[int]:
+        """New beam of each survivor of a step, from ``origins[i]``, the beam survivor i (in rank
+        order; a duplicated survivor appears once per copy) was a candidate of: in rank order,
+        each survivor keeps its own beam if no better survivor kept it; the others take the
+        beams no survivor kept, lowest first. So a beam any survivor came from is kept by one
+        of them: a promote never writes a slot (fork) or prefix (shared_prefix) that another
+        survivor is still to be copied from."""
+        new = [-1] * len(origins)
+        kept: set[int] = set()
+        for i, b in enumerate(origins):
+            if b not in kept:
+                kept.add(b)
+                new[i] = b
+        free = iter(b for b in range(len(origins)) if b not in kept)
+        return [b if b >= 0 else next(free) for b in new]
+
+    def promote_index(self, sources: list[list[int]], groups: list[int]
+                      ) -> tuple[torch.Tensor, tuple[int, int]]:
+        """One host index for a promote: ``sources[i][b]`` is the candidate slot that beam b of
+        group ``groups[i]`` continues from (`place_beams`). Concatenates ``src`` (a kept beam's
+        source, once per other slot of the beam), ``dst`` (those slots), the moves' ``src`` and
+        ``dst`` (every slot of a beam whose source is of another beam), the sources per beam
+        (``winners``) and each beam's slots; returns it with the pair and move counts
+        (`split_promote` takes it apart). ValueError if a source is not of its group."""
+        k = self.k
+        src, dst, msrc, mdst = [], [], [], []
         slots = self.slots(groups)
-        w = torch.tensor(winners, dtype=torch.long)
-        losers = slots[slots != w[:, None]]  # [G*(K-1)], group by group
-        if losers.numel() != g * (k - 1):
-            raise ValueError(f"winners {winners} must be one candidate slot of each group {groups}")
-        return torch.cat((w.repeat_interleave(k - 1), losers, w, slots.reshape(-1))), g * (k - 1)
+        for i, row in enumerate(sources):
+            beam_slots = slots[i].view(self.beams, k).tolist()
+            if len(row) != self.beams or any(s not in slots[i] for s in row):
+                raise ValueError(f"winners {row} must be one candidate slot of each group per "
+                                 f"beam: {self.beams} of group {groups[i]}'s slots "
+                                 f"{slots[i].tolist()}")
+            for s, mine in zip(row, beam_slots):
+                if s in mine:
+                    others = [d for d in mine if d != s]
+                    src += [s] * len(others)
+                    dst += others
+                else:
+                    msrc += [s] * k
+                    mdst += mine
+        winners = [s for row in sources for s in row]
+        index = torch.tensor(src + dst + msrc + mdst + winners, dtype=torch.long)
+        return torch.cat((index, slots.reshape(-1))), (len(src), len(msrc))
 
-    def split_promote(self, index: torch.Tensor, pairs: int
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(src, dst, winners [G'], groups [G', K])`` views of a `promote_index`."""
-        p = pairs
-        rest = index[2 * p:]
-        g = rest.numel() // (self.k + 1)
-        return index[:p], index[p:2 * p], rest[:g], rest[g:].view(g, self.k)
+    def split_promote(self, index: torch.Tensor, sizes: tuple[int, int]
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                 tuple[torch.Tensor, torch.Tensor]]:
+        """``(src, dst, winners [B], groups [B, K], moves (src, dst))`` views of a
+        `promote_index` (B = beams of the continuing groups; ``groups`` each beam's slots)."""
+        p, m = sizes
+        moves = (index[2 * p:2 * p + m], index[2 * p + m:2 * p + 2 * m])
+        rest = index[2 * p + 2 * m:]
+        b = rest.numel() // (self.k + 1)
+        return index[:p], index[p:2 * p], rest[:b], rest[b:].view(b, self.k), moves
 
     def nbytes(self, config: ModelConfig, num_groups: int, max_len: int,
                dtype: torch.dtype) -> int:
@@ -261,26 +322,30 @@ class SharedPrefixLayout(SlotLayout):
 
     name: ClassVar[str] = "shared_prefix"
 
+    # The storage's groups are beams: one prefix slot per beam of each request.
+
     def nbytes(self, config: ModelConfig, num_groups: int, max_len: int,
                dtype: torch.dtype) -> int:
-        return SharedPrefixCache.nbytes(config, num_groups, self.k, max_len, self.step_len, dtype)
+        return SharedPrefixCache.nbytes(config, num_groups * self.beams, self.k, max_len,
+                                        self.step_len, dtype)
 
     def allocate(self, config: ModelConfig, num_groups: int, max_len: int, *,
                  dtype: torch.dtype, device: torch.device | str) -> "SharedPrefixSlots":
         return SharedPrefixSlots(SharedPrefixCache.allocate(
-            config, num_groups, self.k, max_len, self.step_len, dtype=dtype, device=device))
+            config, num_groups * self.beams, self.k, max_len, self.step_len, dtype=dtype,
+            device=device))
 
     def holds(self, cache: "LaidOutCache | None", num_groups: int, max_len: int) -> bool:
         return isinstance(cache, SharedPrefixSlots) and cache.storage.k == self.k \
-            and cache.storage.num_groups >= num_groups and cache.max_len == max_len \
-            and cache.storage.step_len >= self.step_len
+            and cache.storage.num_groups >= num_groups * self.beams \
+            and cache.max_len == max_len and cache.storage.step_len >= self.step_len
 
     def for_scorer(self, same_tokens: bool) -> SlotLayout:
         # A scorer that re-tokenises step texts may take more tokens for a step than a candidate
         # slot holds, so it forks; with one candidate there is no prefix to share.
         if self.k > 1 and same_tokens:
             return self
-        return ForkLayout(self.k, self.step_len)
+        return ForkLayout(self.k, self.step_len, self.beams)
 
 
 FORK = ForkLayout()
@@ -288,11 +353,11 @@ LAYOUTS: dict[str, type[SlotLayout]] = {"fork": ForkLayout, "shared_prefix": Sha
 CACHE_LAYOUTS = tuple(LAYOUTS)
 
 
-def slot_layout(name: str, k: int = 1, step_len: int = 1) -> SlotLayout:
+def slot_layout(name: str, k: int = 1, step_len: int = 1, beams: int = 1) -> SlotLayout:
     """The layout called ``name`` (one of `CACHE_LAYOUTS`)."""
     if name not in LAYOUTS:
         raise ValueError(f"cache_layout must be one of {CACHE_LAYOUTS}, got {name!r}")
-    return LAYOUTS[name](k, step_len)
+    return LAYOUTS[name](k, step_len, beams)
 
 
 # -- caches in a layout: the slot events and the attention call ------------------------------------
@@ -301,7 +366,7 @@ def slot_layout(name: str, k: int = 1, step_len: int = 1) -> SlotLayout:
 class LaidOutCache:
     """A cache's storage in a slot layout, with the events every cache of that layout goes
     through. ``slots`` arguments are int64 device tensors: ``[G', K]`` (each group's candidate
-    slots) or flat."""
+    slots; with beams each beam is such a group, except in ``admit``) or flat."""
 
     storage: Any
 
@@ -327,8 +392,9 @@ class LaidOutCache:
         return self.storage.device
 
     def admit(self, model: Any, slots: torch.Tensor, ids: list[list[int]]) -> torch.Tensor:
-        """Encode prompt ``ids[i]`` as the committed text of every slot of ``slots[i]``; returns
-        ``model``'s hidden state at the prompt's last token, per candidate slot ``[G'*K, d]``."""
+        """Encode prompt ``ids[i]`` as the committed text of every slot of ``slots[i]`` (a request
+        group's ``beams * K`` slots, beam by beam); returns ``model``'s hidden state at the
+        prompt's last token, per candidate slot ``[G'*beams*K, d]``."""
         raise NotImplementedError
 
     def begin_step(self, slots: torch.Tensor) -> None:
@@ -351,9 +417,12 @@ class LaidOutCache:
         return ok, (self._extend(model, rows, ok, slots) if ok else None)
 
     def promote(self, src: torch.Tensor, dst: torch.Tensor, winners: torch.Tensor,
-                groups: torch.Tensor) -> None:
+                groups: torch.Tensor,
+                moves: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         """Non-winning slot ``dst[p]`` takes the committed text of ``src[p]``, its group's winner;
-        equally: group ``groups[i] [K]`` commits ``winners[i]`` (`Scorer.promote`'s event)."""
+        equally: group ``groups[i] [K]`` commits ``winners[i]`` (`Scorer.promote`'s event).
+        ``moves`` ``(src, dst)``: every slot of a group (beam) whose winner is another group's
+        candidate of the same request (`SlotLayout.promote_index`); applied first."""
         raise NotImplementedError
 
     def move(self, src: torch.Tensor, dst: torch.Tensor) -> None:
@@ -372,12 +441,14 @@ class LaidOutCache:
 
 class ForkSlots(LaidOutCache):
     """The fork layout over a `KVCache`: every candidate slot holds its own copy of the committed
-    text. ``committed``: each slot's length when its step began (one buffer for the cache's life:
-    a promote captured in a CUDA graph reads it there)."""
+    text. ``committed``: each slot's length when its step began; ``prompt``: its request's prompt
+    length, the text every slot of a request shares (buffers for the cache's life: a promote
+    captured in a CUDA graph reads them there)."""
 
     def __init__(self, storage: KVCache) -> None:
         self.storage = storage
         self.committed = torch.zeros_like(storage.lens)
+        self.prompt = torch.zeros_like(storage.lens)
 
     def admit(self, model: Any, slots: torch.Tensor, ids: list[list[int]]) -> torch.Tensor:
         first = slots[:, 0]
@@ -385,6 +456,8 @@ class ForkSlots(LaidOutCache):
         k = slots.shape[1]
         if k > 1:
             self.storage.fork(first.repeat_interleave(k - 1), slots[:, 1:].reshape(-1))
+        flat = slots.reshape(-1)
+        self.prompt.index_copy_(0, flat, self.storage.lens.index_select(0, flat))
         return hidden.repeat_interleave(k, dim=0)
 
     def begin_step(self, slots: torch.Tensor) -> None:
@@ -395,7 +468,13 @@ class ForkSlots(LaidOutCache):
         return model.decode(self.storage, tokens, slots, advance=advance, kv_len=kv_len)
 
     def promote(self, src: torch.Tensor, dst: torch.Tensor, winners: torch.Tensor,
-                groups: torch.Tensor) -> None:
+                groups: torch.Tensor,
+                moves: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        if moves is not None and moves[0].numel():
+            # A beam taking another beam's survivor shares only the prompt with it. A launch of
+            # its own, before the pairs below: they may overwrite a slot it copies from (a
+            # survivor that left its beam), and one launch's pairs must not read what it writes.
+            self.storage.promote(moves[0], moves[1], self.prompt.index_select(0, moves[1]).long())
         if src.numel():  # with one candidate the slot already is its own winner
             # Every slot of a group held the same text when the step began: only the winner's
             # step is copied.
@@ -403,6 +482,7 @@ class ForkSlots(LaidOutCache):
 
     def move(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         self.storage.move(src, dst)
+        self.prompt.index_copy_(0, dst, self.prompt.index_select(0, src))
 
     def _committed(self, slots: torch.Tensor) -> torch.Tensor:
         return self.committed.index_select(0, slots.reshape(-1)).cpu()
@@ -419,15 +499,24 @@ class ForkSlots(LaidOutCache):
 
 class SharedPrefixSlots(LaidOutCache):
     """The shared-prefix layout over a `SharedPrefixCache`: a group's committed text once, its K
-    candidates' steps apart; cascade attention reads the prefix once per group."""
+    candidates' steps apart; cascade attention reads the prefix once per group. ``prompt``: each
+    prefix's prompt length (with beams, what a request's prefixes share)."""
 
     def __init__(self, storage: SharedPrefixCache) -> None:
         self.storage = storage
+        self.prompt = torch.zeros_like(storage.prefix.lens)
 
     def admit(self, model: Any, slots: torch.Tensor, ids: list[list[int]]) -> torch.Tensor:
-        hidden = model.prefill(self.storage.prefix, ids, self.storage.group_of(slots[:, 0]))
+        k, width = self.storage.k, slots.shape[1]
+        first = self.storage.group_of(slots[:, 0])
+        hidden = model.prefill(self.storage.prefix, ids, first)
+        if width > k:  # every beam's prefix holds the prompt: encoded once, then copied
+            self.storage.prefix.fork(first.repeat_interleave(width // k - 1),
+                                     self.storage.group_of(slots[:, k::k]).reshape(-1))
+        prefixes = self.storage.group_of(slots[:, ::k]).reshape(-1)
+        self.prompt.index_copy_(0, prefixes, self.storage.prefix.lens.index_select(0, prefixes))
         self.storage.begin_step(slots.reshape(-1))
-        return self.storage.per_candidate(hidden)
+        return hidden.repeat_interleave(width, dim=0)
 
     def begin_step(self, slots: torch.Tensor) -> None:
         self.storage.begin_step(slots)
@@ -448,12 +537,19 @@ class SharedPrefixSlots(LaidOutCache):
         return super().extend_steps(model, rows, slots)
 
     def promote(self, src: torch.Tensor, dst: torch.Tensor, winners: torch.Tensor,
-                groups: torch.Tensor) -> None:
-        self.storage.commit(winners, self.storage.group_of(groups[:, 0]))
+                groups: torch.Tensor,
+                moves: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        k = self.storage.k
+        if moves is not None:  # per group (beam): its first slot's pair
+            to = self.storage.group_of(moves[1][::k])
+            moves = (self.storage.group_of(moves[0][::k]), to, self.prompt.index_select(0, to))
+        self.storage.commit(winners, self.storage.group_of(groups[:, 0]), moves)
 
     def move(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         k = self.storage.k
-        self.storage.move(self.storage.group_of(src[::k]), self.storage.group_of(dst[::k]))
+        src, dst = self.storage.group_of(src[::k]), self.storage.group_of(dst[::k])
+        self.storage.move(src, dst)
+        self.prompt.index_copy_(0, dst, self.prompt.index_select(0, src))
 
     def _committed(self, slots: torch.Tensor) -> torch.Tensor:
         groups = self.storage.group_of(slots[:, 0])

@@ -73,3 +73,24 @@ def test_prefix_examples_group_continuations():
     assert [f["label"] for f in finals] == [1.0, 0.0] and finals[1]["steps"] == ["\\boxed{4}"]
     with pytest.raises(ValueError, match="continuations of prefix 2"):
         prefix_examples(rows[:4] + rows[5:], m=2)
+
+
+def test_reference_checks_by_hand():
+    from bench.quality.chain_task import Problem
+    from bench.quality.pipeline import prompt_of
+    from bench.quality.prm_quality import reference_checks
+
+    p = Problem("Ana has 2 cups. Then Ana doubles them and gets 3 more. How many cups now?", 2,
+                (("*", 2), ("+", 3)), 7)
+    q = prompt_of(p)
+    values = [{"prompt": q, "steps": ["2 * 2 = 4\n\n"], "labels": [1, 1, 0, 1], "value": 0.9},
+              {"prompt": q, "steps": ["2 * 2 = 5\n\n"], "labels": [0, 0, 0, 0], "value": 0.2},
+              {"prompt": q, "steps": ["2 * 2 = 4\n\n", "4 + 3 = 7 \n\n"], "labels": [1, 1, 1, 0],
+               "value": 0.1}]  # trailing space: still the reference's step
+    out = reference_checks(values, [p], "\n\n")
+    assert out["right_prefixes"] == 2 and out["wrong_prefixes"] == 1
+    assert out["success_after_right"] == pytest.approx(6 / 8) and out["success_after_wrong"] == 0.0
+    # the checker: 6 positives all scored 1; negatives: 2 scored 1, 4 scored 0 -> (6*4 + 6*2/2) / 36
+    assert out["auc_reference"] == pytest.approx((24 + 6) / 36)
+    # the PRM's value at telling right (0.9, 0.1) from wrong (0.2): pairs 0.9>0.2, 0.1<0.2 -> 1/2
+    assert out["auc_detect_wrong"] == pytest.approx(0.5)

@@ -58,3 +58,12 @@ def test_bad_gold_is_one_clear_error():
         answers.equivalent("\\boxed{6}", 6.0)
     with pytest.raises(TypeError, match="got bool"):
         answers.equivalent("\\boxed{1}", True)
+
+
+def test_unbounded_operators_are_judged_in_a_child_with_a_time_limit(monkeypatch, caplog):
+    # sympy evaluates a power tower in one call no signal interrupts: the check must not hang
+    monkeypatch.setattr(answers, "SLOW_CHECK_SECONDS", 3.0)
+    assert answers.math_verify_equal("\\boxed{9^{9^{9^{9}}}}", 6) is False
+    assert "judged wrong" in caplog.text
+    assert answers.math_verify_equal("\\boxed{2^3}", 8) is True  # bounded: the child's verdict
+    assert answers.math_verify_equal("\\boxed{3!}", 7) is False

@@ -72,6 +72,14 @@ def test_prm_quality_equals_a_recount(micro):
     assert stats["calibration"]["bins"] == cal["bins"]
     assert sum(b["count"] for b in cal["bins"]) == len(prefixes)
     assert stats["prm_labelled_steps"] == art.summaries["prm"]["labelled_steps"] > 0
+    # the reference checker, recounted: a prefix is right when it equals the reference's first steps
+    from bench.quality.pipeline import prompt_of, splits
+
+    ref = {prompt_of(p): p.solution("worked").split("\n\n") for p in splits(cfg)["prmq"]}
+    right = [[s.strip() for s in v["steps"]] == [s.strip() for s in ref[v["prompt"]][:len(v["steps"])]]
+             for v in values]
+    assert stats["right_prefixes"] == sum(right) and stats["wrong_prefixes"] == len(right) - sum(right)
+    assert stats["answer_check"]["checked"] == len(rows)
     png = tmp / "calibration.png"
     assert png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size > 1000
 

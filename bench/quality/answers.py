@@ -9,13 +9,25 @@ a process-wide tally (`cross_check`, `reset_cross_check`) that the reports print
 Extraction is LaTeX only, boxed answers first and no anchor-less fallback: the tasks' answer
 format is ``\\boxed{N}``, so a text without a box is wrong (math-verify's default would take a
 bare trailing number). Two boxes with different values are a set to math-verify, never equal to
-one integer (the own parser takes the last box: a counted disagreement).
+one integer (the own parser takes the last box: a counted disagreement). math-verify's own
+timeouts are off (they are signal alarms: main thread only, and no signal interrupts sympy's one
+big-integer call); a text with ``^``, ``**`` or ``!`` is judged in a child process with a time limit
+instead.
 """
 from __future__ import annotations
 
+import json
+import logging
+import os
+import re
+import subprocess
+import sys
 import threading
 from functools import lru_cache
+from pathlib import Path
 from typing import Any, Callable
+
+log = logging.getLogger(__name__)
 
 # Disagreement examples kept in the tally (the count itself is exact).
 _KEEP_EXAMPLES = 20
@@ -62,15 +74,48 @@ def _parse_gold(gold: str):
 
 
 def math_verify_equal(text: str, gold: int | str) -> bool:
-    """math-verify's verdict alone: the boxed answer of ``text`` equals ``gold``."""
+    """math-verify's verdict alone: the boxed answer of ``text`` equals ``gold``. A text with an
+    operator whose evaluation has no bound (``^``, ``**``, ``!``: sympy evaluates ``9^{9^{9^9}}``
+    in one uninterruptible call) is judged in a child process given ``SLOW_CHECK_SECONDS``; past
+    that it is wrong, with a warning."""
     if isinstance(gold, bool) or not isinstance(gold, (int, str)):
         raise TypeError(f"gold must be an int or a str, got {type(gold).__name__} {gold!r}")
+    if _UNBOUNDED.search(text):
+        return _equal_in_child(text, str(gold))
+    return _equal(text, str(gold))
+
+
+def _equal(text: str, gold: str) -> bool:
     from math_verify import parse, verify  # why local: see _config
 
     pred = parse(text, extraction_config=_config(), parsing_timeout=None)
     if not pred:
         return False
-    return bool(verify(_parse_gold(str(gold)), pred, timeout_seconds=None))
+    return bool(verify(_parse_gold(gold), pred, timeout_seconds=None))
+
+
+_UNBOUNDED = re.compile(r"\^|\*\*|!")
+SLOW_CHECK_SECONDS = 10.0
+
+
+def _equal_in_child(text: str, gold: str) -> bool:
+    code = ("import json, sys; from bench.quality.answers import _equal; "
+            "a = json.load(sys.stdin); print(int(_equal(a['text'], a['gold'])))")
+    root = Path(__file__).resolve().parents[2]  # the repository: the child imports this module
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(root)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}
+    try:
+        out = subprocess.run([sys.executable, "-c", code], input=json.dumps({"text": text, "gold": gold}),
+                             capture_output=True, text=True, timeout=SLOW_CHECK_SECONDS, env=env,
+                             check=True)
+    except subprocess.TimeoutExpired:
+        log.warning("math-verify took over %.0f s on %r (gold %s): judged wrong",
+                    SLOW_CHECK_SECONDS, text[:80], gold)
+        return False
+    except subprocess.CalledProcessError as e:
+        raise RuntimeError(f"math-verify's child process failed on {text[:80]!r}: "
+                           f"{e.stderr.strip()[-400:]}") from e
+    return out.stdout.strip().splitlines()[-1] == "1"
 
 
 def equivalent(text: str, gold: int | str, *,

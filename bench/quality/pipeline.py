@@ -1,7 +1,11 @@
-"""The quality bench's training pipeline, through the project's public API and trainer CLIs only:
+"""The quality bench's training pipeline, through the project's public API and trainer CLIs only.
+Every stage uses the task module ``cfg.task`` names (`bench.quality.settings.task_module`): its
+splits, verifier, judge and styles.
 
-1. ``sft``: a tiny Qwen2-shaped model (``mahalo_engine.tiny``) trained from scratch by
-   ``python -m training.sft`` on a mixture of worked and terse solutions, in segments; after each
+1. ``sft``: a tiny Qwen2-shaped model (``mahalo_engine.tiny``) trained from scratch (or, with
+   ``cfg.sft_init``, from that preset's SFT policy, trained or loaded in its own cache directory
+   beside this one) by ``python -m training.sft`` on a mixture of worked and terse solutions, in
+   segments; after each
    segment the exported policy is scored on the *validation* split, and the first checkpoint whose
    accuracy reaches the target (else the best one) is kept.
 2. ``pairs``: the SFT policy's own samples on the preference split, scored by the verifier (acc)
@@ -11,7 +15,8 @@
    steps and settings; each run's validation front is stored beside it (``val.json``), and the
    rule of ``bench.quality.settings`` picks the runs the test split sees (``recipe.json``; the quick
    form trains only the recorded recipe). ``soups``: DPO Soups of the chosen DPO[acc] and
-   DPO[style] (``python -m training.soup``) for every λ of the sweep.
+   DPO[style] (``python -m training.soup``) for every λ of the sweep. Without ``cfg.baselines``
+   only the MAH-DPO run is trained (no single-head DPO, no soups).
 4. ``rollouts``: the SFT policy's samples on the PRM split, plus M Monte-Carlo continuations from
    every proper prefix (``training.labels.generate_rollouts``: the engine samples them).
 5. ``prm``: hindsight Monte-Carlo values per objective (``training.labels.monte_carlo_values``,

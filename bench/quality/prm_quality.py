@@ -17,6 +17,12 @@ Definitions (``prm_quality``):
 - **Final-answer AUC** (``auc_final``, reported beside it): one example per complete sample
   (k = n, EOS appended as the PRM saw finished answers in training), label = its correctness:
   the PRM as an outcome verifier.
+- **Reference checker** (``reference_checks``, computed from the stage's files): a prefix is
+  *right so far* when its steps equal the first steps of the problem's reference worked solution
+  (whitespace aside). ``auc_reference`` is the AUC of that 0/1 checker against the same step-level
+  labels (what an exact arithmetic checker would reach: a yardstick for ``auc``);
+  ``auc_detect_wrong`` the AUC of the PRM's value at telling right-so-far prefixes from wrong ones;
+  ``success_after_right`` / ``success_after_wrong`` the MC success rates after each kind.
 - **Calibration**: proper prefixes grouped into ``bins`` equal-width bins of predicted value on
   [0, 1] (values clipped); per bin the count of prefixes, their mean prediction and their mean MC
   success rate; ``ece`` = the count-weighted mean |prediction − success rate|. With γ = 1 (the long
@@ -33,7 +39,7 @@ import torch
 
 from bench.quality import answers
 from bench.quality.pipeline import (Artefacts, Pipeline, _eos_text_of, policy_rollouts,
-                                    train_or_load)
+                                    prompt_of, train_or_load)
 from bench.quality.settings import PRESETS, QualityConfig, preset, task_module
 from mahalo_engine import load_prm
 from mahalo_engine.text import encode_prompt, encode_step
@@ -163,7 +169,43 @@ def prm_quality(art: Artefacts, cfg: QualityConfig, *,
         return out
 
     pl.stage("prm_quality", measure)
-    return pl.summaries["prm_quality"]
+    d = art.root / "prm_quality"
+    values = [json.loads(line) for line in (d / "values.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (d / "rollouts.jsonl").read_text().splitlines()]
+    return {**pl.summaries["prm_quality"], **reference_checks(values, pl.data["prmq"], task.STEP_SEP),
+            "answer_check": answer_check(rows, pl.data["prmq"], task)}
+
+
+def answer_check(rows: list[dict[str, Any]], problems: Sequence[Any], task: Any) -> dict[str, int]:
+    """Every rollout's answer checked again by the task's ``verify`` (math-verify, the task's own
+    parser as the cross-check): ``checked`` and ``disagreements`` from the `bench.quality.answers`
+    tally — a recount from the stage's file, the same whether the stage ran now or was cached."""
+    gold = {prompt_of(p): p.answer for p in problems}
+    before = answers.cross_check()
+    for r in rows:
+        task.verify("".join(r["steps"]), gold[r["prompt"]])
+    after = answers.cross_check()
+    return {k: after[k] - before[k] for k in ("checked", "disagreements")}
+
+
+def reference_checks(values: list[dict[str, Any]], problems: Sequence[Any],
+                     step_sep: str) -> dict[str, Any]:
+    """The reference checker's numbers (module docstring) for the prefixes of ``values`` (rows of
+    ``values.jsonl``: ``prompt``, ``steps``, ``labels``, ``value``) of ``problems``."""
+    ref = {prompt_of(p): [s.strip() for s in p.solution("worked").split(step_sep)] for p in problems}
+    right = [int([s.strip() for s in v["steps"]] == ref[v["prompt"]][:len(v["steps"])])
+             for v in values]
+    labels = [int(y) for v in values for y in v["labels"]]
+    per_example = [r for r, v in zip(right, values) for _ in v["labels"]]
+
+    def rate(kind: int) -> float | None:
+        ys = [y for r, v in zip(right, values) if r == kind for y in v["labels"]]
+        return sum(ys) / len(ys) if ys else None
+
+    return {"right_prefixes": sum(right), "wrong_prefixes": len(right) - sum(right),
+            "auc_reference": _auc_or_none(per_example, labels),
+            "auc_detect_wrong": _auc_or_none([v["value"] for v in values], right),
+            "success_after_right": rate(1), "success_after_wrong": rate(0)}
 
 
 def _auc_or_none(scores: Sequence[float], labels: Sequence[int]) -> float | None:
@@ -212,7 +254,7 @@ def calibration_png(stats: dict[str, Any], path: Path, title: str = "") -> None:
 def main(argv: list[str] | None = None) -> int:
     """``python -m bench.quality.prm_quality --preset long --out DIR``: train (or load) the
     preset's artefacts, measure the PRM on held-out rollouts, write ``DIR/<name>.json`` (the
-    stats, the answer cross-check tally) and ``DIR/<name>.png`` (the calibration plot)."""
+    stats) and ``DIR/<name>.png`` (the calibration plot)."""
     import argparse
 
     ap = argparse.ArgumentParser(prog="python -m bench.quality.prm_quality",
@@ -226,14 +268,11 @@ def main(argv: list[str] | None = None) -> int:
     cfg = preset(args.preset)
     if not cfg.n_prmq:
         ap.error(f"--preset {args.preset!r} has no held-out PRM-quality problems (n_prmq = 0)")
-    answers.reset_cross_check()
     art = train_or_load(cfg)
     stats = prm_quality(art, cfg)
     args.out.mkdir(parents=True, exist_ok=True)
-    tally = answers.cross_check()
     (args.out / f"{args.name}.json").write_text(json.dumps(
-        {"preset": args.preset, "artefacts": str(art.root), **stats,
-         "answer_cross_check": tally}, indent=1) + "\n")
+        {"preset": args.preset, "artefacts": str(art.root), **stats}, indent=1) + "\n")
     calibration_png(stats, args.out / f"{args.name}.png")
     print(f"[quality] PRM quality: step AUC {stats['auc']}, final-answer AUC {stats['auc_final']}, "
           f"ECE {stats['calibration']['ece']}; wrote {args.out / (args.name + '.json')} and .png")

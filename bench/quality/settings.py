@@ -180,8 +180,11 @@ RECORDED_RECIPE = Recipe(MahRecipe(backbone_lr=2e-6, head_lr=3e-4, rpo_alpha=0.0
 # makes per-step errors. gamma = 1: the PRM's acc value then estimates
 # P(correct | prefix), the quantity its calibration plot checks. The MAH-DPO recipe is the
 # short task's recorded choice (`RECORDED_RECIPE`; no grid is trained on the long task).
+# PRM data: 300 problems (the first trained PRM, on 150, had a held-out step AUC of 0.565; more
+# labelled steps is the one change made, decided before its result was seen, and kept whatever
+# it gives).
 _LONG = dict(task="long", n_train=24000, p_terse=0.2, n_val=100, n_pref=300, pref_samples=4,
-             n_prm=150, n_prmq=60, sft_init="full", sft_segment=150, sft_min_steps=300,
+             n_prm=300, n_prmq=60, sft_init="full", sft_segment=150, sft_min_steps=300,
              sft_max_steps=1500,
              sft_target_acc=0.40, max_length=208, max_new_tokens=96, max_seq_len=224, gamma=1.0,
              prm_steps=300, search_grid=False, baselines=False, n_test=100, seeds=(0,), n_cost=16)

@@ -172,15 +172,15 @@ class Engine:
                config: SearchConfig | None = None, chat: bool = False,
                progress: bool = False) -> list[SearchResult]:
         """PRM-guided step search (see `SearchConfig`): each step samples K candidates per
-        request until a boundary, scores them, and commits the best."""
+        request (per beam) until a boundary, scores them, and commits the best."""
         cfg = SearchConfig() if config is None else config
         if not isinstance(cfg, SearchConfig):
             raise TypeError(f"config must be a SearchConfig, got {type(cfg).__name__}")
         scorer = self.prm if cfg.scorer is None else as_scorer(cfg.scorer, self._scorers)
-        if scorer is None and cfg.candidates > 1:
-            raise ValueError(f"search with candidates={cfg.candidates} needs a scorer to pick the "
-                             f"winner: pass prm= to Engine or scorer= to SearchConfig (or use "
-                             f"candidates=1)")
+        if scorer is None and cfg.candidates * cfg.beams > 1:
+            raise ValueError(f"search with candidates={cfg.candidates}, beams={cfg.beams} needs a "
+                             f"scorer to pick the winners: pass prm= to Engine or scorer= to "
+                             f"SearchConfig (or use candidates=1, beams=1)")
         boundary = self._compile(Boundary.parse(cfg.boundary))
         requests = self._requests(self._prompts(prompts, chat), head_weights, cfg, scorer,
                                   boundary)
@@ -190,9 +190,9 @@ class Engine:
             requests.admit()
             step = requests.decode()
             scores = requests.score(step)
-            winners = _select(scores.view(len(step.groups), cfg.candidates),
-                              cfg.selection_temperature, selector)
-            bar.update(requests.commit(step, scores, winners))
+            picks = _select(scores.view(len(step.groups), -1), cfg.beams,
+                            cfg.selection_temperature, selector)
+            bar.update(requests.commit(step, scores, picks))
         bar.close()
         return requests.results
 
@@ -203,7 +203,7 @@ class Engine:
         weights = self.policy.weight_matrix(head_weights, len(reqs)).cpu()
         candidate_weights = cfg.candidate_weights(weights)  # checks H before any cache is built
         # One step's positions: max_step_tokens + a paused slot's scratch.
-        layout = slot_layout(self.cache_layout, cfg.candidates, cfg.max_step_tokens + 1)
+        layout = slot_layout(self.cache_layout, cfg.candidates, cfg.max_step_tokens + 1, cfg.beams)
         batch = self._batch_size(layout, scorer)
         runner = self._prepare(batch, scorer, layout)
         if scorer is not None:  # e.g. a prompt too long for a PRM's own tokenizer: fail up front
@@ -238,12 +238,13 @@ class Engine:
         available = available_bytes(self.device)
         if available is not None and policy_bytes + scorer_bytes > available:
             raise ValueError(
-                f"{num_slots} slots ({num_groups} requests x candidates={layout.k}, "
-                f"{layout.name} layout) x max_seq_len={self.max_seq_len} need "
+                f"{num_slots} slots ({num_groups} requests x beams={layout.beams} x "
+                f"candidates={layout.k}, {layout.name} layout) x max_seq_len={self.max_seq_len} "
+                f"need "
                 f"{policy_bytes:,} bytes of policy KV cache + {scorer_bytes:,} bytes of PRM cache "
                 f"= {policy_bytes + scorer_bytes:,} bytes, but only {available:,} bytes are "
-                f"available on {self.device}; lower max_batch, candidates or max_seq_len, or set "
-                f"kv_cache_bytes= to size the batch to a budget")
+                f"available on {self.device}; lower max_batch, beams, candidates or max_seq_len, or "
+                f"set kv_cache_bytes= to size the batch to a budget")
         # Normal tensors even when called under torch.inference_mode(): the engine updates its
         # state in place on later calls, which inference tensors forbid outside that mode.
         with torch.inference_mode(False):
@@ -272,8 +273,9 @@ class Engine:
             raise ValueError(
                 f"kv_cache_bytes={self.kv_cache_bytes:,} cannot hold one request, which needs "
                 f"{one:,} bytes: {policy_one:,} of policy KV cache ({layout.name} layout, "
-                f"candidates={layout.k}, max_seq_len={self.max_seq_len}) + {scorer_one:,} of PRM "
-                f"cache; raise the budget or lower max_seq_len, candidates or max_step_tokens")
+                f"beams={layout.beams} x candidates={layout.k} = {layout.width} slots, "
+                f"max_seq_len={self.max_seq_len}) + {scorer_one:,} of PRM cache; raise the budget "
+                f"or lower max_seq_len, beams, candidates or max_step_tokens")
         fit = self.kv_cache_bytes // one  # both caches' sizes are linear in the request count
         return fit if self.max_batch is None else min(fit, self.max_batch)
 
@@ -352,7 +354,27 @@ class Engine:
         return out
 
 
-def _select(scores: torch.Tensor, tau: float, gen: torch.Generator) -> list[int]:
+def _select(scores: torch.Tensor, n: int, tau: float, gen: torch.Generator) -> list[list[int]]:
+    """``n`` survivors per row of ``scores [G, M]``, best first: the ``n`` highest (ties → lowest
+    index; NaN lowest), or ``n`` draws without replacement from softmax(score / tau) (a row whose
+    probabilities are not finite, every candidate -inf, takes the highest; a row with fewer
+    than ``n`` candidates of probability > 0 completes its draws with the highest others)."""
+    if n == 1:  # greedy step search's winner, as it always was
+        return [[w] for w in _select_one(scores, tau, gen)]
+    ranked = torch.sort(torch.nan_to_num(scores, nan=-math.inf), dim=1, descending=True,
+                        stable=True).indices.tolist()
+    if tau == 0 or scores.isnan().all():
+        return [row[:n] for row in ranked]
+    probs = torch.softmax(scores / tau, dim=1)
+    out = []
+    for row, p in zip(ranked, probs):
+        drawn = [] if not torch.isfinite(p).all() else \
+            torch.multinomial(p, min(n, int((p > 0).sum())), generator=gen).tolist()
+        out.append(drawn + [j for j in row if j not in drawn][:n - len(drawn)])
+    return out
+
+
+def _select_one(scores: torch.Tensor, tau: float, gen: torch.Generator) -> list[int]:
     """Winner per row of ``scores [G, K]``: argmax (ties → lowest index; all NaN → 0), or a draw
     from softmax(score / tau)."""
     if tau == 0 or scores.isnan().all():

@@ -1,4 +1,5 @@
-"""Search options and result records: `SearchConfig`, `Step`, `SearchResult`, `Generation`.
+"""Search options and result records: `SearchConfig`, `Step`, `Beam`, `SearchResult`,
+`Generation`.
 
 Plain dataclasses, validated on construction so that a bad option fails before any cache is
 allocated or any token decoded.
@@ -26,7 +27,22 @@ DEFAULT_MAX_SEQ_LEN = 4096  # the default cap when the model allows more (the ca
 class SearchConfig:
     """Options of `Engine.search` (PRM-guided step search).
 
-    candidates: K candidate steps per request and step (K = 1 is plain step-wise decoding).
+    candidates: K candidate steps per beam and step (K = 1 is plain step-wise decoding).
+    beams: N partial solutions per request (beam search; 1 = greedy step search). Each step every
+        live beam expands K candidates (N*K candidate slots per request, N*K*max_seq_len-sized
+        caches in the fork layout), and the N best of the request's N*K candidates by score
+        survive (``selection_temperature`` > 0: N drawn without replacement from softmax(score /
+        τ), in draw order). A survivor that ends the request (EOS, a ``stop`` condition,
+        ``max_new_tokens``, ``max_steps``, the cache full or an unscorable -inf score) becomes a
+        finished beam, kept aside with its score; the live survivors are the next step's beams,
+        duplicated in rank order (best, second, ..., best, ...) while fewer than N, so N beams
+        are live at every step (as Hugging Face's search-and-learn keeps N active beams). The
+        request ends once N beams have finished or no survivor is live; its result is the
+        finished beam with the best score (ties: the first to finish), and
+        `SearchResult.beams` lists every finished beam, best first. The candidates of beam b
+        run in slots b*K .. b*K+K-1 of the request's group, so candidate position k of every
+        beam draws from the stream of its slot (and samples with ``candidate_head_weights``'
+        row k); a step's ``candidate_scores`` are its beam's K candidates'.
     boundary: where a step ends: a literal string (e.g. ``"\\n\\n"``), a preset name (``"math"``,
         ``"sentence"``, ``"paragraph"``, ``"turn"``), a list of those, or a `Boundary`.
     max_step_tokens / max_steps / max_new_tokens: caps per step, per request and on the total of
@@ -55,6 +71,7 @@ class SearchConfig:
     """
 
     candidates: int = 5
+    beams: int = 1
     boundary: Any = "\n\n"
     max_step_tokens: int = 512
     max_steps: int = 20
@@ -71,7 +88,8 @@ class SearchConfig:
     candidate_head_weights: float | Sequence[Sequence[float]] | torch.Tensor | None = None
 
     def __post_init__(self) -> None:
-        for name in ("candidates", "max_step_tokens", "max_steps", "max_new_tokens", "check_every"):
+        for name in ("candidates", "beams", "max_step_tokens", "max_steps", "max_new_tokens",
+                     "check_every"):
             check_int(name, getattr(self, name), 1)
         check_sampling(self.temperature, self.top_k, self.seed, top_p=self.top_p,
                        min_p=self.min_p)
@@ -165,20 +183,34 @@ class Step:
 
 
 @dataclass
+class Beam:
+    """A finished beam of a search: its text and token ids (prompt excluded), its steps, its final
+    score (its last step's score) and why it ended (as `SearchResult.finish_reason`)."""
+
+    text: str
+    token_ids: list[int]
+    steps: list[Step]
+    score: float
+    finish_reason: str
+
+
+@dataclass
 class SearchResult:
     """A searched response: generated text and token ids (prompt excluded), its steps, and why the
     request ended: ``eos``, ``stop`` (a stop condition matched), ``max_steps``, ``max_new_tokens``
     or ``max_seq_len`` (the cache is full: the request ends there instead of failing the batch).
+    ``beams``: every finished beam, best score first (the result is ``beams[0]``; one with
+    ``beams=1``).
 
     Compute spent on the request, counted on the host from what the search already knows:
     ``generated_tokens``, every token the policy sampled for it, discarded candidates included
-    (each candidate's step as decoded: a paused or finished slot's scratch samples are not part of
-    any step and are not counted); ``scored_tokens``, every token the scorer's model(s) ran
-    through for it: the prompt's prefill plus each candidate step it encoded (in its own tokens:
-    re-tokenised for a PRM with another tokenizer; a candidate that did not fit is not encoded),
-    summed over the models of a weighted scorer. A scorer that runs no model over tokens counts 0:
-    a value head on the policy's hidden states, a text callable (what it runs is unknown to the
-    engine; a `Scorer` subclass reports its own counts through `Candidates.scored_tokens`)."""
+    (each candidate's step as decoded, every beam's: a paused or finished slot's scratch samples
+    are not part of any step and are not counted); ``scored_tokens``, every token the scorer's
+    model(s) ran through for it: the prompt's prefill plus each candidate step it encoded (in its
+    own tokens: re-tokenised for a PRM with another tokenizer; a candidate that did not fit is not
+    encoded), summed over the models of a weighted scorer. A scorer that runs no model over tokens
+    counts 0: a value head on the policy's hidden states, a text callable (what it runs is unknown
+    to the engine; a `Scorer` subclass reports its own counts through `Candidates.scored_tokens`)."""
 
     text: str
     token_ids: list[int]
@@ -186,6 +218,7 @@ class SearchResult:
     finish_reason: str = "max_steps"
     generated_tokens: int = 0
     scored_tokens: int = 0
+    beams: list[Beam] = field(default_factory=list)
 
 
 @dataclass

@@ -1,10 +1,10 @@
 """`Requests`: the one owner of a step search's requests and their slots.
 
-It holds each request's state (its place in the queue or its group of K candidate slots, the
-committed token count, the steps so far, its candidates' head weights, the tokens sampled and
-scored for it) and applies every event to everything a slot has at once: the policy's cache
-(through its layout, `mahalo_engine.layouts`), the decode runner's per-slot state, the sampler's
-per-slot weights and the scorer's cache.
+It holds each request's state (its place in the queue or its group of candidate slots: K per
+beam, ``beams`` beams; each beam's committed token count and steps so far; the finished beams;
+its candidates' head weights, the tokens sampled and scored for it) and applies every event to
+everything a slot has at once: the policy's cache (through its layout, `mahalo_engine.layouts`),
+the decode runner's per-slot state, the sampler's per-slot weights and the scorer's cache.
 
 - `admit`: queued requests enter free groups (prefill; every candidate slot starts from the
   prompt); once none is queued, the last live groups move down into the free ones (a finished
@@ -12,9 +12,17 @@ per-slot weights and the scorer's cache.
 - `decode`: one step of every live candidate slot, each until a boundary, EOS, its token cap or a
   full cache.
 - `score`: every candidate's score, in one batch.
-- `commit`: each request's winning step is recorded; finished requests retire, the others promote
-  their winner in one call for all: one host-to-device copy of the indices, one launch per cache,
-  the runner's hidden states in one gather/scatter; on CUDA, a CUDA graph per group count.
+- `commit`: each request's surviving candidates (the engine's picks, ``beams`` per request)
+  become its beams' next steps, or finished beams when they end the request; finished requests
+  retire, the others promote their survivors in one call for all: one host-to-device copy of the
+  indices, one launch per cache (two when a survivor changes beam, see `mahalo_engine.layouts`),
+  the runner's hidden states in one gather/scatter; on CUDA, a CUDA graph per index shape.
+
+Beam search (``SearchConfig.beams`` = N, see its docstring for the rule): every step, the N best
+of a request's N*K candidates survive; a survivor that ends the request (EOS, a stop condition,
+a cap) is a finished beam, set aside with its score; the live survivors, duplicated in rank order
+when fewer than N, are the next step's N beams; the request ends once N beams finished or no
+survivor is live, with the best finished beam. With N = 1 this is greedy step search.
 """
 from __future__ import annotations
 
@@ -26,7 +34,7 @@ from typing import Any, Callable, Hashable
 
 import torch
 
-from mahalo_engine.engine.records import SearchConfig, SearchResult, Step
+from mahalo_engine.engine.records import Beam, SearchConfig, SearchResult, Step
 from mahalo_engine.engine.decode_runner import BOUNDARY, EOS, FULL, LENGTH, DecodeRunner
 from mahalo_engine.engine.graphs import GraphCache
 from mahalo_engine.engine.sampler import Sampler
@@ -38,13 +46,29 @@ _STEP_REASON = {BOUNDARY: "boundary", EOS: "eos", LENGTH: "length", FULL: "max_s
 
 
 @dataclass
-class _Request:
-    """A request being searched in a group of slots."""
+class _Beam:
+    """A partial solution: its committed prefix's length (prompt + steps) before the current
+    step, its generated tokens and steps."""
 
-    index: int  # position in the caller's prompt list
-    committed: int  # tokens in the committed prefix (prompt + steps) before the current step
+    committed: int
     token_ids: list[int] = field(default_factory=list)
     steps: list[Step] = field(default_factory=list)
+    generated: int = 0  # tokens sampled for it, every candidate's (SearchResult.generated_tokens)
+    scored: int = 0  # tokens its scorer's models encoded (SearchResult.scored_tokens)
+
+    def extended(self, step: Step) -> "_Beam":
+        return _Beam(self.committed + len(step.token_ids), self.token_ids + step.token_ids,
+                     self.steps + [step])
+
+
+@dataclass
+class _Request:
+    """A request being searched in a group of slots: its live beams (beam b in the group's
+    b-th K slots) and the beams that finished."""
+
+    index: int  # position in the caller's prompt list
+    beams: list[_Beam]
+    finished: list[Beam] = field(default_factory=list)
     generated: int = 0  # tokens sampled for it, every candidate's (SearchResult.generated_tokens)
     scored: int = 0  # tokens its scorer's models encoded (SearchResult.scored_tokens)
 
@@ -54,17 +78,17 @@ class DecodedStep:
     """The candidates one `Requests.decode` produced (rows group-major, K per live group)."""
 
     groups: list[int]  # the live groups, ascending
-    slots: torch.Tensor  # int64 [G, K] candidate slots, on the host
+    slots: torch.Tensor  # int64 [G*beams, K] candidate slots, on the host (a row per beam)
     flat: torch.Tensor  # the same, flat, on the cache's device
-    token_ids: list[list[int]]  # [G*K]
-    texts: list[str]  # [G*K]
-    reasons: list[int]  # [G*K] why each candidate's step stopped (`decode_runner` codes)
-    scored_tokens: list[int] = field(default_factory=list)  # [G*K] set by `Requests.score`
+    token_ids: list[list[int]]  # [G*beams*K]
+    texts: list[str]  # [G*beams*K]
+    reasons: list[int]  # [G*beams*K] why each candidate's step stopped (`decode_runner` codes)
+    scored_tokens: list[int] = field(default_factory=list)  # [G*beams*K] set by `Requests.score`
 
 
 class Requests:
     """The requests of one `Engine.search` call over ``cache`` (laid out as ``layout``: one group
-    of ``layout.k`` slots per running request, ``num_groups`` groups), its ``runner`` and
+    of ``layout.width`` slots per running request, ``num_groups`` groups), its ``runner`` and
     ``sampler``, and ``scorer`` (whose cache, if any, is prepared for the same layout).
     ``weights [R, K, H]``: the head weights candidate k of request r samples with
     (`SearchConfig.candidate_weights`); ``request_weights [R, H]``: each request's own, which the
@@ -115,14 +139,16 @@ class Requests:
                 self.scorer.start(slots, prompts)
                 scored = self.scorer.prompt_tokens(prompts)
             for (g, r), prompt, n in zip(pairs, prompts, scored):
-                self.live[g] = _Request(r, len(prompt.ids), scored=n)
+                beams = [_Beam(len(prompt.ids)) for _ in range(self.layout.beams)]
+                self.live[g] = _Request(r, beams, scored=n)
         self._compact()
         live = [(g, x) for g, x in enumerate(self.live) if x is not None]
         slots = self.layout.slots([g for g, _ in live]).tolist()
-        # Candidate k of each request samples with its own row (the request's weights unless
-        # SearchConfig.candidate_head_weights says otherwise).
-        self.sampler.set_slot_weights({s: self.weights[x.index, k] for (_, x), row in
-                                       zip(live, slots) for k, s in enumerate(row)})
+        # Candidate k of each beam of each request samples with its own row (the request's
+        # weights unless SearchConfig.candidate_head_weights says otherwise).
+        k = self.layout.k
+        self.sampler.set_slot_weights({s: self.weights[x.index, j % k] for (_, x), row in
+                                       zip(live, slots) for j, s in enumerate(row)})
 
     def _compact(self) -> None:
         """Move the last live groups down into free groups (once no queued request will fill
@@ -150,15 +176,15 @@ class Requests:
         """Every live candidate slot decodes one step from its group's committed text."""
         cfg = self.cfg
         groups = [g for g, x in enumerate(self.live) if x is not None]
-        slots = self.layout.slots(groups)
+        slots = self.layout.slots(groups).view(-1, self.layout.k)
         flat = slots.reshape(-1).to(self.device)
+        beams = [b for g in groups for b in self.live[g].beams]
         self.cache.begin_step(flat)
         self.runner.begin(flat, self.layout.repeat(
-            [min(cfg.max_step_tokens, cfg.max_new_tokens - len(self.live[g].token_ids))
-             for g in groups]))
-        # Every slot of a live group holds its committed prefix (admit, promote or move).
+            [min(cfg.max_step_tokens, cfg.max_new_tokens - len(b.token_ids)) for b in beams]))
+        # Every slot of a live beam holds its committed prefix (admit, promote or move).
         self.runner.run(self.runner.bucket(self.layout.span(groups)), cfg.check_every,
-                        self.confirm, longest=max(self.live[g].committed for g in groups))
+                        self.confirm, longest=max(b.committed for b in beams))
         toks, _, reasons = self.runner.read(flat)
         return DecodedStep(groups, slots, flat, toks, [self.text(t) for t in toks], reasons)
 
@@ -170,9 +196,9 @@ class Requests:
         reqs = [self.live[g] for g in step.groups]
         cands = Candidates(step.slots, step.token_ids, step.texts,
                            self.runner.hidden.index_select(0, step.flat),
-                           [self.prompts[x.index] for x in reqs],
-                           [self.text(x.token_ids) for x in reqs],
-                           self.request_weights[[x.index for x in reqs]])
+                           [self.prompts[x.index] for x in reqs for _ in x.beams],
+                           [self.text(b.token_ids) for x in reqs for b in x.beams],
+                           self.request_weights[[x.index for x in reqs for _ in x.beams]])
         scores = self.scorer.score(cands).float().cpu()
         step.scored_tokens = cands.scored_tokens
         if scores.shape != (n,) or torch.isnan(scores).any():
@@ -182,75 +208,92 @@ class Requests:
                              f"(expected {n} scores)")
         return scores
 
-    def commit(self, step: DecodedStep, scores: torch.Tensor, winners: list[int]) -> int:
-        """Record each live request's winning candidate (``winners``: its index in the group) as
-        its next step; retire the requests that end with it, promote the others' winners.
-        Returns the number retired."""
-        keep_w, keep_g, retired = [], [], 0
-        k = self.layout.k
-        by_group = scores.view(len(step.groups), -1)
-        for i, (g, row) in enumerate(zip(step.groups, self.layout.rows(winners))):
+    def commit(self, step: DecodedStep, scores: torch.Tensor, picks: list[list[int]]) -> int:
+        """Each live request's survivors (``picks[i]``: ``beams`` candidate indices in the i-th
+        group's ``beams*K`` rows, best first) extend their beams by a step: those that end the
+        request are set aside as finished beams; the request retires once ``beams`` finished or
+        none of its survivors goes on, and otherwise its live survivors (duplicated in rank order
+        up to ``beams``) are promoted, for all requests in one call. Returns the number retired."""
+        n, k = self.layout.beams, self.layout.k
+        sources, keep_g, retired = [], [], 0
+        for i, g in enumerate(step.groups):
             req = self.live[g]
-            req.steps.append(Step(step.texts[row], step.token_ids[row], float(scores[row]),
-                                  by_group[i].tolist(), _STEP_REASON[step.reasons[row]],
-                                  self.weights[req.index, winners[i]].tolist()))
-            req.token_ids += step.token_ids[row]
-            # Every candidate's step counts, the discarded ones too (the group's rows).
-            req.generated += sum(len(t) for t in step.token_ids[i * k:(i + 1) * k])
-            req.scored += sum(step.scored_tokens[i * k:(i + 1) * k])
-            end = self._finished(req, step.reasons[row], float(scores[row]))
-            if end is None:
-                keep_w.append(int(step.slots[i, winners[i]]))
-                keep_g.append(g)
-                req.committed += len(step.token_ids[row])
+            base = i * n * k
+            # Every candidate's step counts, the discarded ones too (all the group's rows).
+            req.generated += sum(len(t) for t in step.token_ids[base:base + n * k])
+            req.scored += sum(step.scored_tokens[base:base + n * k])
+            live = []  # (origin beam, candidate slot, extended beam)
+            for j in picks[i]:
+                row, b = base + j, j // k
+                siblings = scores[base + b * k:base + b * k + k]  # beam b's K candidates
+                beam = req.beams[b].extended(Step(
+                    step.texts[row], step.token_ids[row], float(scores[row]), siblings.tolist(),
+                    _STEP_REASON[step.reasons[row]], self.weights[req.index, j % k].tolist()))
+                end = self._finished(beam, step.reasons[row], float(scores[row]))
+                if end is None:
+                    live.append((b, int(step.slots.view(-1)[row]), beam))
+                else:
+                    req.finished.append(Beam(self.text(beam.token_ids), beam.token_ids,
+                                             beam.steps, float(scores[row]), end))
+            if len(req.finished) >= n or not live:
+                self.results[req.index] = _result(req)
+                self.live[g] = None
+                retired += 1
                 continue
-            self.results[req.index] = SearchResult(self.text(req.token_ids), req.token_ids,
-                                                   req.steps, end, req.generated, req.scored)
-            self.live[g] = None
-            retired += 1
-        if keep_w:
-            self._promote(keep_w, keep_g)
+            live = [live[x % len(live)] for x in range(n)]  # duplicates when fewer than N live
+            places = self.layout.place_beams([b for b, _, _ in live])
+            row_sources = [0] * n
+            for (_, slot, beam), b in zip(live, places):
+                req.beams[b] = beam
+                row_sources[b] = slot
+            sources.append(row_sources)
+            keep_g.append(g)
+        if sources:
+            self._promote(sources, keep_g)
         return retired
 
-    def _finished(self, req: _Request, reason: int, score: float) -> str | None:
-        """Why the request ends after its latest step, or None to go on."""
+    def _finished(self, beam: _Beam, reason: int, score: float) -> str | None:
+        """Why the request ends with ``beam`` (its latest step included), or None to go on."""
         cfg = self.cfg
         if reason == EOS:
             return "eos"
         # The cache is full (a step may also end at a boundary on the very last position), or no
         # candidate fit the PRM's cache (score -inf).
-        if reason == FULL or req.committed + len(req.steps[-1].token_ids) >= self.max_seq_len \
+        if reason == FULL or beam.committed >= self.max_seq_len \
                 or (self.scorer is not None and score == -math.inf):
             return "max_seq_len"
         if cfg.stop:
-            text = self.text(req.token_ids)
+            text = self.text(beam.token_ids)
             if any((s in text) if isinstance(s, str) else s(text) for s in cfg.stop):
                 return "stop"
-        if len(req.token_ids) >= cfg.max_new_tokens:
+        if len(beam.token_ids) >= cfg.max_new_tokens:
             return "max_new_tokens"
-        if len(req.steps) >= cfg.max_steps:
+        if len(beam.steps) >= cfg.max_steps:
             return "max_steps"
         return None
 
-    def _promote(self, winners: list[int], groups: list[int]) -> None:
-        """``winners``: each continuing group's winning candidate slot. One host-to-device copy
-        of every index, then (one CUDA graph on CUDA) one launch per cache and the runner's
-        hidden states in one gather/scatter."""
-        host, pairs = self.layout.promote_index(winners, groups)
+    def _promote(self, sources: list[list[int]], groups: list[int]) -> None:
+        """``sources[i][b]``: the candidate slot beam b of continuing group ``groups[i]`` goes on
+        from. One host-to-device copy of every index, then (one CUDA graph on CUDA) one launch
+        per cache (two with moves) and the runner's hidden states in one gather/scatter."""
+        host, sizes = self.layout.promote_index(sources, groups)
 
         def apply(index: torch.Tensor) -> None:
-            src, dst, won, slots = self.layout.split_promote(index, pairs)
-            self.cache.promote(src, dst, won, slots)
-            if pairs:
+            src, dst, won, slots, moves = self.layout.split_promote(index, sizes)
+            self.cache.promote(src, dst, won, slots, moves)
+            if sizes[1]:
+                # One gather before the scatter: a move's source may be a pair's destination.
+                self.runner.copy_hidden(torch.cat((moves[0], src)), torch.cat((moves[1], dst)))
+            elif sizes[0]:
                 self.runner.copy_hidden(src, dst)
             if self._scorer_in_graph:  # K = 1: no pairs, but a scorer may commit per group
-                self.scorer.promote(src, dst, won, slots)
+                self.scorer.promote(src, dst, won, slots, moves)
 
-        index = self._run_captured("promote", host, apply)
+        index = self._run_captured(("promote", sizes), host, apply)
         if self.scorer is not None and not self._scorer_in_graph:
-            self.scorer.promote(*self.layout.split_promote(index, pairs))
+            self.scorer.promote(*self.layout.split_promote(index, sizes))
 
-    def _run_captured(self, name: str, host: torch.Tensor,
+    def _run_captured(self, name: Hashable, host: torch.Tensor,
                       apply: Callable[[torch.Tensor], None]) -> torch.Tensor:
         """``apply(host copied to the device)``; returns that device tensor (valid until the next
         call). Eager, or on CUDA a graph per (name, shape) captured at the shape's second use (a
@@ -271,3 +314,12 @@ class Requests:
         static.copy_(host, non_blocking=True)
         graph.replay()
         return static
+
+
+def _result(req: _Request) -> SearchResult:
+    """The request's best finished beam (ties: the first to finish) as its result, with every
+    finished beam, best first, and the compute it spent."""
+    ranked = sorted(req.finished, key=lambda b: -b.score if not math.isnan(b.score) else math.inf)
+    best = ranked[0]
+    return SearchResult(best.text, best.token_ids, best.steps, best.finish_reason,
+                        generated_tokens=req.generated, scored_tokens=req.scored, beams=ranked)

@@ -36,12 +36,13 @@ REQUEST = "request"
 
 @dataclass
 class Candidates:
-    """The K candidates of G live requests (rows group-major: row ``g*K + k``).
+    """The K candidates of G live requests (rows group-major: row ``g*K + k``); with beams, of G
+    live beams (a request's beams one after the other, each with its own committed text).
 
     ``head_weights``: each request's own normalised head weights (not its candidates' mixes: a
-    scorer judges every candidate of a request by the same standard). ``scored_tokens``: what a
-    scorer's `score` adds per row: the tokens its model encoded for that candidate
-    (`SearchResult.scored_tokens`)."""
+    scorer judges every candidate of a request by the same standard), one row per group (with
+    beams: per beam, its request's). ``scored_tokens``: what a scorer's `score` adds per row: the
+    tokens its model encoded for that candidate (`SearchResult.scored_tokens`)."""
 
     slots: torch.Tensor  # int64 [G, K]: each candidate's slot
     token_ids: list[list[int]]  # [G*K] the candidate step's tokens, as in the policy's cache
@@ -77,7 +78,7 @@ class Scorer:
         return 0
 
     def request_nbytes(self, max_len: int, policy: Any, layout: SlotLayout = FORK) -> int:
-        """Bytes of `prepare`'s state per request (its ``layout.k`` slots of up to ``max_len``
+        """Bytes of `prepare`'s state per request (its ``layout.width`` slots of up to ``max_len``
         tokens; ``n`` requests: ``n`` times this); an engine under a memory budget sizes its
         batch with it."""
         return 0
@@ -94,7 +95,8 @@ class Scorer:
         """ValueError, before anything is decoded, for prompts this scorer cannot take."""
 
     def start(self, slots: torch.Tensor, prompts: list[Prompt]) -> None:
-        """New requests enter groups ``slots [G,K]`` (every slot of a group holds the prompt)."""
+        """New requests enter groups ``slots [G, beams*K]`` (every slot of a group holds the
+        prompt)."""
 
     def prompt_tokens(self, prompts: list[Prompt]) -> list[int]:
         """Tokens `start` runs through this scorer's model(s) per prompt (compute accounting,
@@ -108,11 +110,16 @@ class Scorer:
         raise NotImplementedError
 
     def promote(self, src: torch.Tensor, dst: torch.Tensor, winners: torch.Tensor,
-                groups: torch.Tensor) -> None:
+                groups: torch.Tensor,
+                moves: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         """Slot ``dst[p]`` takes the committed state of slot ``src[p]``, its group's winner (int64
         ``[P]``: every non-winning candidate slot of every continuing group; the winners keep
         theirs). The same event per group: ``winners [G']`` (each continuing group's winning
-        slot) and ``groups [G', K]`` (its candidate slots), for a cache laid out per group."""
+        slot) and ``groups [G', K]`` (its candidate slots), for a cache laid out per group. With
+        beams a group is a beam, and ``moves`` ``(src, dst)`` (int64 ``[M]``) are the slots of
+        beams that go on from another beam's candidate of the same request: slot ``dst[m]``
+        takes slot ``src[m]``'s state; both share only the request's prompt. Moves come first:
+        ``src[m]`` may be a ``dst[p]`` (`mahalo_engine.layouts`)."""
 
     def move(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         """Slot ``dst[p]`` takes the committed state of slot ``src[p]`` (requests moved to other
@@ -262,9 +269,11 @@ class ValueModelPRM(Scorer):
         return self.prm.scores_from_hidden(last, self.objectives).float().cpu()
 
     def promote(self, src: torch.Tensor, dst: torch.Tensor, winners: torch.Tensor,
-                groups: torch.Tensor) -> None:
+                groups: torch.Tensor,
+                moves: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         dev = self._device
-        self.slots.promote(src.to(dev), dst.to(dev), winners.to(dev), groups.to(dev))
+        self.slots.promote(src.to(dev), dst.to(dev), winners.to(dev), groups.to(dev),
+                           None if moves is None else tuple(m.to(dev) for m in moves))
 
     def graph_safe(self) -> bool:
         return True
@@ -426,9 +435,10 @@ class WeightedScorer(Scorer):
         return total
 
     def promote(self, src: torch.Tensor, dst: torch.Tensor, winners: torch.Tensor,
-                groups: torch.Tensor) -> None:
+                groups: torch.Tensor,
+                moves: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         for s, _ in self.parts:
-            s.promote(src, dst, winners, groups)
+            s.promote(src, dst, winners, groups, moves)
 
     def graph_safe(self) -> bool:
         return all(s.graph_safe() for s, _ in self.parts)
