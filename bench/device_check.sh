@@ -45,11 +45,13 @@ BENCH="$PY -m bench --device cuda --keep-going --out $OUT/bench.json"
 # Graphs vs eager: the tests a first GPU run must settle, before anything else.
 GRAPH_TESTS="tests/test_engine_graphs.py tests/test_engine.py"
 # Every other file with GPU-marked tests, most valuable first: the csrc CUDA kernels just built,
-# the Triton kernels' graph replays, the engine's layouts, then the rest.
+# the Triton kernels' graph replays, the engine's layouts and beam search (graphs vs eager, the
+# promote with moves), then the rest.
 # tests/test_device_check.py checks that the two lists together hold every GPU-marked test.
 GPU_TESTS="tests/test_kv_ops.py tests/test_kv_paged.py tests/test_kv_append.py tests/test_cache.py
   tests/test_slots.py tests/test_triton_multihead.py tests/test_triton_cascade_decode.py
-  tests/test_triton_cascade_extend.py tests/test_engine_layouts.py tests/test_engine_embedding.py
+  tests/test_triton_cascade_extend.py tests/test_engine_layouts.py tests/test_engine_beams.py
+  tests/test_engine_embedding.py
   tests/test_triton_multihead_ops.py tests/test_prm.py tests/test_loader.py
   tests/test_training_mah_dpo.py"
 # The Triton kernels against their references on the card, most valuable first: the fused

@@ -561,3 +561,78 @@ def test_place_beams_keeps_every_source_beam():
         assert sorted(places) == list(range(n))
         for b in set(origins):
             assert places[origins.index(b)] == b
+
+
+# -- CUDA graphs against eager -------------------------------------------------------------------
+
+
+class _Promotes(Requests):
+    """Requests that keep every instance and the key of every captured-or-eager event they run
+    (`_run_captured`), so a test can see which promotes a search captured and replayed."""
+
+    made: list = []
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.calls: list = []
+        type(self).made.append(self)
+
+    def _run_captured(self, name, host, apply):
+        self.calls.append((name, tuple(host.shape)))
+        return super()._run_captured(name, host, apply)
+
+
+GRAPH_BEAMS, GRAPH_K = 3, 2
+
+
+def first_beam(prompts, responses):
+    """+100 for beam 0's candidates (rows are group, beam, candidate; N*K rows per group): the
+    top N survivors are beam 0's K candidates (ranked by the PRM) and the best of the others, so
+    every step sends a beam on from beam 0's text (a promote with moves of one shape, captured
+    at its second use and replayed after)."""
+    n, k = GRAPH_BEAMS, GRAPH_K
+    return [100.0 * (i % (n * k) < k) for i in range(len(responses))]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_beam_search_with_cuda_graphs_equals_eager(layout, tmp_path, monkeypatch):
+    """A beam search with a PRM on CUDA, decode steps and promotes (moves included) replayed from
+    CUDA graphs, equals the same search run eagerly on the same device: same tokens, beams and
+    end reasons, step scores within float32 summation order (as the other graph tests)."""
+    path = tmp_path / "prm"
+    save_tiny_prm(path, tiny_checkpoint("qwen2", seed=1))
+    prm = load_prm(path, dtype=torch.float32, device="cuda")
+    policy = load_policy(tiny_checkpoint("qwen2"), dtype=torch.float32, device="cuda")
+    monkeypatch.setattr(engine_module, "Requests", _Promotes)
+    prompts = ["Question: How many clips", PROMPT, "Step 1:"]
+    for kw in (dict(temperature=0), dict(temperature=1.0, top_k=20, seed=3)):
+        cfg = SearchConfig(beams=GRAPH_BEAMS, candidates=GRAPH_K, boundary=" ", max_steps=6,
+                           max_step_tokens=6, check_every=2,
+                           scorer=[(prm, 1.0), (first_beam, 1.0)], **kw)
+        runs = {}
+        for graphs in (True, False):
+            _Promotes.made = []
+            # max_batch=2 with 3 prompts: the third waits, then groups are compacted (moves).
+            eng = Engine(policy, max_batch=2, max_seq_len=96, cache_layout=layout,
+                         cuda_graphs=graphs)
+            runs[graphs] = eng.search(prompts, config=cfg), _Promotes.made
+        (graphed, (g_reqs,)), (eager, (e_reqs,)) = runs[True], runs[False]
+        assert [r.token_ids for r in graphed] == [r.token_ids for r in eager]
+        # The graphed search captured a promote with moves (at its shape's second use) and
+        # replayed that graph at a later step; the eager one ran the same events uncaptured.
+        moved = [key for key in g_reqs.graphs if key[0][0] == "promote" and key[0][1][1] > 0]
+        assert moved, f"no promote with moves was captured: {list(g_reqs.graphs)}"
+        assert any(g_reqs.calls.count((key[0], key[1])) >= 3 for key in moved), g_reqs.calls
+        assert not e_reqs.graphs and e_reqs.calls == g_reqs.calls
+        for a, b in zip(graphed, eager):
+            assert (a.text, a.finish_reason, a.generated_tokens, a.scored_tokens) == \
+                (b.text, b.finish_reason, b.generated_tokens, b.scored_tokens)
+            assert len(a.beams) == len(b.beams)
+            for x, y in zip(a.beams, b.beams):
+                assert (x.token_ids, x.finish_reason) == (y.token_ids, y.finish_reason)
+                assert x.score == pytest.approx(y.score, abs=1e-4)
+                assert len(x.steps) == len(y.steps)
+                for s, t in zip(x.steps, y.steps):
+                    assert s.token_ids == t.token_ids
+                    assert s.candidate_scores == pytest.approx(t.candidate_scores, abs=1e-4)

@@ -1,7 +1,13 @@
 """Per-candidate head weights (`SearchConfig.candidate_head_weights`) and compute accounting
 (`generated_tokens`, `scored_tokens`) on tiny fp32 checkpoints (CPU), each against an independent
 reference: `Engine.generate` with the candidate's weights (same stream), hand counts of the
-candidates the scorer was given, full re-scoring with the PRM's objectives taken alone."""
+candidates the scorer was given, full re-scoring with the PRM's objectives taken alone.
+
+One search runs in Triton's interpreter (each candidate against `generate`: the per-slot weight
+rows reach the sampling kernel); the others run the engine's CPU path (torch sampling, the CPU
+cascade attention), which takes seconds where the interpreter takes minutes: they check the
+engine's bookkeeping (which weights a step records, what is counted, how a PRM is weighted),
+not the kernels, which have their own tests against references (tests/test_triton_*.py)."""
 import json
 
 import pytest
@@ -18,6 +24,21 @@ from tiny_prm import save_tiny_prm
 
 PROMPTS = ["Question: How many clips", "The quick brown fox jumps over"]
 ROWS = [[1.0, 0.0], [0.0, 1.0], [0.3, 0.7]]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matmuls: more threads only contend (CI runs two test workers)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def eager_cpu(monkeypatch):
+    """The engine's CPU path instead of Triton's interpreter (see the module's docstring)."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +150,7 @@ def test_each_candidate_equals_generate_with_its_weights(two):
     assert res.generated_tokens == sum(len(g.token_ids) for g in ref)
 
 
-def test_no_candidate_weights_records_the_requests_weights(two):
+def test_no_candidate_weights_records_the_requests_weights(two, eager_cpu):
     eng = Engine(two, max_batch=2, max_seq_len=96)
     cfg = SearchConfig(candidates=2, temperature=0, boundary=" ", max_steps=2, max_step_tokens=5,
                        scorer=Recording(), check_every=2)
@@ -154,7 +175,7 @@ def test_spread_form():
     torch.testing.assert_close(zero[0], torch.tensor([[0.25, 0.75]] * 3))
 
 
-def test_spread_search_records_a_spread_mix(two):
+def test_spread_search_records_a_spread_mix(two, eager_cpu):
     eng = Engine(two, max_batch=2, max_seq_len=96)
     cfg = SearchConfig(candidates=3, temperature=0, boundary=" ", max_steps=3, max_step_tokens=5,
                        scorer=Recording(), check_every=2, candidate_head_weights=0.5)
@@ -165,7 +186,7 @@ def test_spread_search_records_a_spread_mix(two):
             assert step.head_weights == pytest.approx(mixes[winner])
 
 
-def test_request_weights_not_candidates_weight_a_multi_objective_prm(two, prms):
+def test_request_weights_not_candidates_weight_a_multi_objective_prm(two, prms, eager_cpu):
     eng = Engine(two, max_batch=2, max_seq_len=96)
     weights = [[0.9, 0.1], [0.2, 0.8]]
     own = prms["own_multi"]  # objectives in the other order: matched to the heads by name
@@ -192,7 +213,7 @@ def test_request_weights_not_candidates_weight_a_multi_objective_prm(two, prms):
                     list(want.values()))
 
 
-def test_candidate_weight_errors(two, prms):
+def test_candidate_weight_errors(two, prms, eager_cpu):
     for bad, match in (([[1.0, 0.0]], "has 1 rows .* candidates = 2"),
                        ([[1.0, -0.5], [0.5, 0.5]], "non-negative"),
                        ([[0.0, 0.0], [0.5, 0.5]], "all zero"),
@@ -224,7 +245,7 @@ def test_candidate_weight_errors(two, prms):
 
 
 @pytest.mark.parametrize("layout", ["fork", "shared_prefix"])
-def test_token_accounting_equals_a_hand_count(two, prms, layout):
+def test_token_accounting_equals_a_hand_count(two, prms, layout, eager_cpu):
     # max_batch=1: the second request waits for the first one's group.
     eng = Engine(two, max_batch=1, max_seq_len=96, cache_layout=layout)
     other, bridge = RecordingPRM(prms["other"]), RecordingPRM(prms["bridge"])
@@ -248,7 +269,7 @@ def test_token_accounting_equals_a_hand_count(two, prms, layout):
         assert res.scored_tokens == want
 
 
-def test_generate_and_unscored_accounting(two):
+def test_generate_and_unscored_accounting(two, eager_cpu):
     eng = Engine(two, max_batch=2, max_seq_len=96)
     for g in eng.generate(PROMPTS, max_new_tokens=7, stop=" "):
         assert g.generated_tokens == len(g.token_ids) and g.scored_tokens == 0
@@ -278,7 +299,7 @@ def heads_dir(tmp_path_factory, two):
     return tmp
 
 
-def test_cli_candidate_head_weights_and_accounting(ckpt, two, heads_dir, capsys):
+def test_cli_candidate_head_weights_and_accounting(ckpt, two, heads_dir, capsys, eager_cpu):
     out = heads_dir / "search.jsonl"
     argv = ["search", "--model", str(ckpt), "--heads", str(heads_dir / "heads.safetensors"),
             "--prm", str(heads_dir / "prm"), "--prompt", PROMPTS[0], "-k", "3", "--boundary",
