@@ -99,6 +99,20 @@ def _add_section(monkeypatch, name, run):
     monkeypatch.setitem(runner.SECTIONS, name, name)
 
 
+def test_an_on_request_section_runs_only_when_named(sections, monkeypatch, tmp_path):
+    # `scaling` trains and measures for minutes: the default list (no --sections) leaves it out.
+    assert "scaling" in runner.ON_REQUEST
+    _add_section(monkeypatch, "lazy", lambda ctx: [{"lazy": 1}])
+    monkeypatch.setattr(runner, "ON_REQUEST", ("lazy",))
+    monkeypatch.setitem(sys.modules, "bench.boom", _section("boom", [{"x": 0}]))
+    out = tmp_path / "r.json"
+    assert runner.main(["--device", "cpu", "--model", str(sections), "--out", str(out)]) == 0
+    assert list(json.loads(out.read_text())["sections"]) == ["alpha", "boom", "omega"]
+    assert runner.main(["--device", "cpu", "--model", str(sections), "--out", str(out),
+                        "--sections", "lazy"]) == 0
+    assert json.loads(out.read_text())["sections"]["lazy"]["rows"] == [{"lazy": 1}]
+
+
 def test_an_interrupted_section_keeps_the_rows_it_yielded(sections, monkeypatch, tmp_path):
     # KeyboardInterrupt is what SIGINT (timeout -s INT in bench/device_check.sh) raises.
     _add_section(monkeypatch, "slow", _yields(2, then=KeyboardInterrupt()))

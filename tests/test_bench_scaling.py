@@ -77,11 +77,15 @@ def test_pool_rows_by_hand():
 
 
 def test_presets():
-    full = scaling_preset("full")
-    assert (len(full.seeds), full.n_test, full.sample_ns, full.search_ks) == \
-        (3, 100, (1, 2, 4, 8, 16), (2, 4, 8))
+    full, quick = scaling_preset("full"), scaling_preset("quick")
+    assert len(full.seeds) == 3 and full.sample_ns == (1, 2, 4, 8, 16) == \
+        tuple(n for n in full.sample_ns if n <= full.samples)
+    assert full.search_ks == (2, 4, 8) and full.beam_shapes == ((2, 2), (2, 4), (4, 2), (4, 4))
+    assert quick.n_test < full.n_test and len(quick.seeds) < len(full.seeds)
     with pytest.raises(ValueError, match="preset"):
         scaling_preset("huge")
+    with pytest.raises(ValueError, match="sample_ns"):
+        type(full)(samples=4, sample_ns=(1, 8))
 
 
 @pytest.fixture(scope="module")
@@ -173,9 +177,9 @@ def test_every_series_token_accounting_equals_a_hand_count(micro_run):
 
 def test_section_writes_its_files(micro_run):
     rows, _, files = micro_run
-    beams = {"beam-search"} if scaling_preset("micro").beam_shapes else set()
     assert {r["series"] for r in rows} == {"sampling", "majority", "best-of-N", "weighted-vote",
-                                           "step-search", "fixed-mix", "per-candidate"} | beams
+                                           "step-search", "beam-search", "fixed-mix",
+                                           "per-candidate"}
     md = files["markdown"].read_text()
     for r in rows:
         assert f"| {r['series']} | {r['point']} |" in md

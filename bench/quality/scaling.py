@@ -70,12 +70,12 @@ SERIES = ("sampling", "majority", "best-of-N", "weighted-vote", "step-search", "
 class ScalingConfig:
     """What the curves measure: problems, seeds and every method's compute levels."""
 
-    n_test: int = 100
+    n_test: int = 200
     seeds: tuple[int, ...] = (0, 1, 2)
     samples: int = 16  # pool size per problem (the largest N)
     sample_ns: tuple[int, ...] = (1, 2, 4, 8, 16)
     search_ks: tuple[int, ...] = (2, 4, 8)
-    beam_shapes: tuple[tuple[int, int], ...] = ()  # (beams, K)
+    beam_shapes: tuple[tuple[int, int], ...] = ((2, 2), (2, 4), (4, 2), (4, 4))  # (beams, K)
     head_ks: tuple[int, ...] = (2, 4, 8)
     head_mix: tuple[float, float] = (0.5, 0.5)  # the request's (w_acc, w_style)
 
@@ -98,10 +98,10 @@ def scaling_preset(name: str) -> ScalingConfig:
         return ScalingConfig()
     if name == "quick":
         return ScalingConfig(n_test=30, seeds=(0,), samples=8, sample_ns=(1, 2, 4, 8),
-                             search_ks=(2, 4), head_ks=(4,))
+                             search_ks=(2, 4), beam_shapes=((2, 2),), head_ks=(4,))
     if name == "micro":
         return ScalingConfig(n_test=3, seeds=(0,), samples=4, sample_ns=(1, 2, 4),
-                             search_ks=(2,), head_ks=(2,))
+                             search_ks=(2,), beam_shapes=((2, 2),), head_ks=(2,))
     raise ValueError(f"scaling preset must be full, quick or micro, got {name!r}")
 
 

@@ -73,8 +73,8 @@ def markdown(rows: list[dict[str, Any]], header: str, extra: str = "") -> str:
                          f"{_pm(e, 'scored_tokens', '{:.1f}')} | {_pm(e, 'seconds', '{:.4f}')} |")
     total = sum(e["disagreements"] for e in agg)
     answers = sum(e["problems"] * e["seeds"] for e in agg)
-    lines += ["", f"Answers checked: {answers}; math-verify and the task's own parser disagree on "
-              f"{total} of them."]
+    lines += ["", f"Answer verdicts behind the table (points x problems x seeds): {answers}; "
+              f"math-verify and the task's own parser disagree on {total} of them."]
     if extra:
         lines += ["", extra]
     return "\n".join(lines)
