@@ -365,7 +365,8 @@ def test_budget_sizes_the_batch_shared_prefix_layout(ckpt):
     ref = Engine(policy, max_batch=3, max_seq_len=seq, cache_layout="shared_prefix")
     assert [r.token_ids for r in got] == [r.token_ids for r in ref.search(PROMPTS * 2, config=cfg)]
     with pytest.raises(ValueError, match=rf"needs {one:,} bytes: {one:,} of policy KV cache "
-                                         r"\(shared_prefix layout, beams=1 x candidates=3 = 3 slots"):
+                                         r"\(shared_prefix layout, beams=1 x "
+                                         r"candidates=3 = 3 slots"):
         Engine(policy, max_seq_len=seq, cache_layout="shared_prefix",
                kv_cache_bytes=one - 1).search(PROMPTS, config=cfg)
 
