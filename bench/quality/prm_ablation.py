@@ -125,8 +125,10 @@ def run_variant(name: str, *, log: Callable[[str], None] = print) -> dict[str, A
     src, dst = cache_dir("quality", preset(BASE).train_key()), variant_root(name)
     dst.mkdir(parents=True, exist_ok=True)
     log(f"[ablation] {name}: copied {seed_cache(src, dst)} from {src} to {dst}")
-    art = train_or_load(cfg, root=dst, log=log)
-    return {"root": str(dst), "prm": art.summaries["prm"], **prm_quality(art, cfg, log=log)}
+    # The preset's held-out rollouts, not sampled again: the same SFT policy and sampling settings
+    # would draw them again (minutes on shared cores), and every PRM is then scored on the same
+    # examples, so the AUC differences are paired (`paired_auc_difference`).
+    return _measure(cfg, dst, log, rollouts=src / "prm_quality" / "rollouts.jsonl")
 
 
 def summary(names: list[str], *, log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -138,8 +140,8 @@ def summary(names: list[str], *, log: Callable[[str], None] = print) -> dict[str
     for n, r in roots.items():  # read-only: never train into the preset's directory from here
         if not (r / "prm_quality" / "stage.json").is_file():
             raise ValueError(f"{n}: {r} has no measured prm_quality stage (run --variant {n} first)")
-    stats = {"preset": run_variant_cached(preset(BASE), base_root, log)}
-    stats.update({n: run_variant_cached(variant_config(n), roots[n], log) for n in names})
+    stats = {"preset": _measure(preset(BASE), base_root, log)}
+    stats.update({n: _measure(variant_config(n), roots[n], log) for n in names})
     values = {n: [json.loads(line) for line in
                   (r / "prm_quality" / "values.jsonl").read_text().splitlines()]
               for n, r in roots.items()}
@@ -160,10 +162,12 @@ def summary(names: list[str], *, log: Callable[[str], None] = print) -> dict[str
             "recommendation": recommend(rows["preset"]["auc"], candidates)}
 
 
-def run_variant_cached(cfg: QualityConfig, root: Path, log: Callable[[str], None]) -> dict[str, Any]:
-    """`run_variant`'s stats for a directory whose every stage is cached (nothing is trained)."""
+def _measure(cfg: QualityConfig, root: Path, log: Callable[[str], None], *,
+             rollouts: Path | None = None) -> dict[str, Any]:
+    """The PRM-quality stats of ``cfg``'s artefacts under ``root`` (stages trained or loaded)."""
     art = train_or_load(cfg, root=root, log=log)
-    return {"root": str(root), "prm": art.summaries["prm"], **prm_quality(art, cfg, log=log)}
+    return {"root": str(root), "prm": art.summaries["prm"],
+            **prm_quality(art, cfg, rollouts=rollouts, log=log)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -178,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--variant", help=f"train and measure one of {', '.join(known)}")
     mode.add_argument("--summary", help="comma-separated measured variants to compare")
     ap.add_argument("--out", type=Path, required=True, help="JSON file for the stats")
+    ap.add_argument("--note", default="", help="free text kept in the JSON (the machine, its load)")
     args = ap.parse_args(argv)
     names = [args.variant] if args.variant else [n for n in args.summary.split(",") if n]
     bad = [n for n in names if n not in known]
@@ -188,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         ap.error(str(e))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"rule": RULE, **out}, indent=1) + "\n")
+    args.out.write_text(json.dumps({"rule": RULE, "note": args.note, **out}, indent=1) + "\n")
     if args.summary:
         for n, r in out["rows"].items():
             print(f"[ablation] {n}: step AUC {r['auc']:.3f}, final AUC {r['auc_final']:.3f}, "
