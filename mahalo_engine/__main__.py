@@ -32,8 +32,8 @@ _RESULT_KEYS = ("text", "token_ids", "logprobs", "finish_reason", "steps", "gene
 RESULT_OPTIONS = ("command", "model", "heads", "weights", "chat", "temperature", "seed",
                   "max_new_tokens", "stop", "dtype", "max_batch", "max_seq_len", "chunk_size",
                   "top_k", "top_p", "min_p")
-SEARCH_RESULT_OPTIONS = ("prm", "prm_weights", "candidates", "beams", "boundary", "max_steps",
-                         "max_step_tokens", "selection_temperature", "stop_boxed",
+SEARCH_RESULT_OPTIONS = ("prm", "prm_weights", "candidates", "beams", "subtrees", "boundary",
+                         "max_steps", "max_step_tokens", "selection_temperature", "stop_boxed",
                          "candidate_head_weights")
 
 
@@ -144,6 +144,11 @@ def _parser() -> argparse.ArgumentParser:
                         "set aside, the best finished one is the result (1 = greedy step "
                         "search). With N > 1 each row also gets \"beams\": every finished beam "
                         "{text, token_ids, score, finish_reason}, best first")
+    s.add_argument("--subtrees", type=int, default=1,
+                   help="diverse verifier tree search: split the --beams N beams into M "
+                        "independent subtrees (M must divide N), each a beam search of N/M beams "
+                        "with its own random streams; the best finished beam over all subtrees "
+                        "is the result (1 = plain beam search)")
     add_boundary_arg(s)
     s.add_argument("--max-steps", type=int, default=20, help="steps per request")
     s.add_argument("--max-step-tokens", type=int, default=512, help="tokens per step")
@@ -265,7 +270,8 @@ def _check_args(args: argparse.Namespace) -> None:
                                    "--heads": args.heads})
     if args.command != "search":
         return
-    for name in ("candidates", "beams", "max_steps", "max_step_tokens", "check_every"):
+    for name in ("candidates", "beams", "subtrees", "max_steps", "max_step_tokens",
+                 "check_every"):
         if getattr(args, name) < 1:
             flag = "-k" if name == "candidates" else f"--{name.replace('_', '-')}"
             raise ValueError(f"{flag} must be >= 1, got {getattr(args, name)}")
@@ -280,6 +286,9 @@ def _check_args(args: argparse.Namespace) -> None:
     if args.beams > 1 and not args.prm:
         raise ValueError(f"search with --beams {args.beams} needs a PRM to rank the beams: pass "
                          f"--prm DIR")
+    if args.beams % args.subtrees:
+        raise ValueError(f"--subtrees {args.subtrees} must divide --beams {args.beams} (each "
+                         f"subtree is a beam search of beams / subtrees beams)")
     if args.prm_weights is not None and len(args.prm_weights) != len(args.prm or ()):
         raise ValueError(f"--prm-weights has {len(args.prm_weights)} values for "
                          f"{len(args.prm or ())} --prm")
@@ -462,7 +471,7 @@ def _search_config(args: argparse.Namespace, seed: int) -> Any:
 
     stop = list(args.stop or []) + ([boxed_closed] if args.stop_boxed else [])
     return SearchConfig(
-        candidates=args.candidates, beams=args.beams,
+        candidates=args.candidates, beams=args.beams, subtrees=args.subtrees,
         boundary=parse_boundaries(args.boundary),
         max_step_tokens=args.max_step_tokens, max_steps=args.max_steps,
         max_new_tokens=4096 if args.max_new_tokens is None else args.max_new_tokens,

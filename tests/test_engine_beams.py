@@ -3,6 +3,7 @@ independent references: a brute-force enumeration of the same tree (every candid
 from full forwards, no cache, by the sampling op at its slot's random stream), fresh encodings of
 every beam's text (policy and PRM caches after a promote that duplicated a survivor), and
 ``beams=1`` against the same reference with one beam (greedy step search)."""
+import dataclasses
 import math
 import zlib
 
@@ -58,7 +59,7 @@ def _text(tok, ids, special=True):
 
 def reference_search(policy, prompt_ids, *, beams, k, seed, max_steps, max_step_tokens,
                      max_new_tokens, score, stop=None, eos_ids=(), candidates=None,
-                     candidate_weights=None):
+                     candidate_weights=None, offset=0):
     """The search tree enumerated step by step from full forwards (no cache): candidate k of beam
     b runs in slot b*k + k of the request's group and draws its j-th token of a step with the
     sampling op (`triton_kernels.multihead_sample`: the kernels' stream under TRITON_INTERPRET,
@@ -70,7 +71,8 @@ def reference_search(policy, prompt_ids, *, beams, k, seed, max_steps, max_step_
     rule of `SearchConfig`'s docstring, written out here on plain lists. ``candidates``: a list
     that gets every step's N*K candidates (token ids, slot order). ``candidate_weights``: K
     rows of head weights, candidate position k of every beam sampling with row k (normalised to
-    sum 1); None: uniform."""
+    sum 1); None: uniform. ``offset``: the draws made before this request began (a request run
+    after another one in the same call, one request at a time)."""
     tok = policy.tokenizer
     width = beams * k
     weights = torch.full((width, policy.heads.shape[0]), 1.0 / policy.heads.shape[0])
@@ -79,7 +81,7 @@ def reference_search(policy, prompt_ids, *, beams, k, seed, max_steps, max_step_
         weights = (rows / rows.sum(dim=1, keepdim=True)).repeat(beams, 1)
     live = [[] for _ in range(beams)]  # each beam's generated tokens and steps
     steps = [[] for _ in range(beams)]
-    finished, offset, generated = [], 0, 0
+    finished, generated = [], 0
     while True:
         toks = [[] for _ in range(width)]
         caps = [min(max_step_tokens, max_new_tokens - len(live[s // k])) for s in range(width)]
@@ -177,12 +179,12 @@ def recording(monkeypatch):
     return _Recording
 
 
-def _reference(policy, cfg: SearchConfig, stop=None, candidates=None):
+def _reference(policy, cfg: SearchConfig, stop=None, candidates=None, offset=0):
     return reference_search(policy, policy.tokenizer.encode(PROMPT), beams=cfg.beams,
                             k=cfg.candidates, seed=cfg.seed, max_steps=cfg.max_steps,
                             max_step_tokens=cfg.max_step_tokens,
                             max_new_tokens=cfg.max_new_tokens, stop=stop, candidates=candidates,
-                            candidate_weights=cfg.candidate_head_weights,
+                            candidate_weights=cfg.candidate_head_weights, offset=offset,
                             score=lambda r: crc_scorer(None, r),
                             eos_ids=Engine(policy, max_batch=1, max_seq_len=48).eos_ids)
 
@@ -200,6 +202,46 @@ def test_beam_search_equals_brute_force_tree(policy, layout, recording):
     assert any(recording.moves[:-1]), "precondition"
     assert res == expected
     assert recording.candidates == candidates  # every candidate, survivor or not
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_subtrees_are_independent_beam_searches_merged(policy, layout):
+    """DVTS (``subtrees=M``): M independent beam searches of N/M beams, one request each (run one
+    after the other here: max_batch=1), the best finished beam over all of them the result. The
+    reference is the brute-force tree per subtree, the second one starting at the draws the
+    first made, and the merge written out by hand."""
+    cfg = SearchConfig(beams=4, subtrees=2, seed=9, scorer=crc_scorer, stop=[every_third],
+                       **SEARCH)
+    one = dataclasses.replace(cfg, beams=2, subtrees=1)
+    first_steps = []
+    first = _reference(policy, one, stop=every_third, candidates=first_steps)
+    # With check_every=1 and one request at a time, a step draws once per token of its longest
+    # candidate.
+    second = _reference(policy, one, stop=every_third,
+                        offset=sum(max(map(len, step)) for step in first_steps))
+    (res,) = Engine(policy, max_batch=1, max_seq_len=48, cache_layout=layout).search(
+        [PROMPT], config=cfg)
+    beams = [(b.score, i, n, b) for i, r in enumerate((first, second))
+             for n, b in enumerate(r.beams)]
+    expected = [b for *_, b in sorted(beams, key=lambda x: (-x[0], x[1], x[2]))]
+    # Preconditions: the subtrees explored different texts, and the merge must interleave them
+    # (the best beam is the second subtree's, the runner-up the first's).
+    assert expected[0] is second.beams[0] and expected[1] is first.beams[0], "precondition"
+    assert res.beams == expected
+    assert (res.text, res.token_ids, res.steps, res.finish_reason) == \
+        (expected[0].text, expected[0].token_ids, expected[0].steps, expected[0].finish_reason)
+    assert res.generated_tokens == first.generated_tokens + second.generated_tokens
+    # Two requests: each gets its own merged result, in order.
+    two = Engine(policy, max_batch=4, max_seq_len=48, cache_layout=layout).search(
+        [PROMPT, PROMPT + " the"], config=cfg)
+    assert len(two) == 2 and all(len(r.beams) >= 2 for r in two)
+
+
+@pytest.mark.parametrize("beams, subtrees", [(4, 3), (2, 4), (3, 0)])
+def test_bad_subtrees_is_named(beams, subtrees):
+    with pytest.raises(ValueError, match=rf"subtrees.*{subtrees}") as e:
+        SearchConfig(beams=beams, subtrees=subtrees)
+    assert "\n" not in str(e.value)
 
 
 def test_beams_with_candidate_head_weights_and_token_counts(policy, recording):
@@ -351,7 +393,9 @@ def test_cli_beams(tmp_path, capsys):
     assert [b["score"] for b in row["beams"]] == pytest.approx([b.score for b in ref.beams],
                                                                rel=1e-5, abs=1e-6)
     for argv, msg in ((["--prm", str(tmp_path / "prm"), "--beams", "0"], "--beams must be >= 1"),
-                      (["--beams", "2", "-k", "1"], "--beams 2 needs a PRM")):
+                      (["--beams", "2", "-k", "1"], "--beams 2 needs a PRM"),
+                      (["--prm", str(tmp_path / "prm"), "--beams", "4", "--subtrees", "3"],
+                       "--subtrees 3 must divide --beams 4")):
         capsys.readouterr()
         assert main(["search", *flags, *argv]) == 2
         err = capsys.readouterr().err.strip()

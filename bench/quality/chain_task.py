@@ -24,57 +24,19 @@ from __future__ import annotations
 
 import random
 import re
-from dataclasses import dataclass
 
 from bench.quality.answers import equivalent
-from bench.quality.problem_kit import brevity_score, draw_split, hash_split, problem_hash
+# STEP_SEP, STYLES, Problem and problem_hash are part of a task module's interface (re-exported).
+from bench.quality.problem_kit import (STEP_SEP, STYLES, Problem, apply,  # noqa: F401
+                                       brevity_score, draw_split, hash_split, problem_hash)
 from bench.quality.task import _GAIN, _ITEMS, _LOSS, _NAMES
 
 SPLITS = ("train", "pref", "prm", "prmq", "val", "test")
 _SPLIT_SHARE = {"train": 0.66, "pref": 0.08, "prm": 0.08, "prmq": 0.04, "val": 0.06, "test": 0.08}
-STYLES = ("worked", "terse")
-STEP_SEP = "\n\n"
 MIN_OPS, MAX_OPS = 4, 7
 MAX_VALUE = 60  # small amounts: the tiny policy's arithmetic is the per-step error source
 _TIMES = {2: "doubles them", 3: "triples them"}
 _P_TIMES = 0.25  # chance of a multiplication when it stays in range
-
-
-@dataclass(frozen=True)
-class Problem:
-    """One chain problem: ``question`` (the prompt), ``ops`` as (operator, operand), ``answer``."""
-
-    question: str
-    start: int
-    ops: tuple[tuple[str, int], ...]
-    answer: int
-
-    @property
-    def problem_id(self) -> str:
-        return problem_hash(self.question)[:12]
-
-    def solution(self, style: str) -> str:
-        """The reference solution in ``style``: steps separated by ``"\\n\\n"``, last ``\\boxed{N}``."""
-        if style == "terse":
-            return f"\\boxed{{{self.answer}}}"
-        if style != "worked":
-            raise ValueError(f"style must be one of {STYLES}, got {style!r}")
-        steps, value = [], self.start
-        for op, b in self.ops:
-            new = apply(value, op, b)
-            steps.append(f"{value} {op} {b} = {new}")
-            value = new
-        return STEP_SEP.join(steps + [f"\\boxed{{{value}}}"])
-
-
-def apply(value: int, op: str, b: int) -> int:
-    if op == "+":
-        return value + b
-    if op == "-":
-        return value - b
-    if op == "*":
-        return value * b
-    raise ValueError(f"op must be '+', '-' or '*', got {op!r}")
 
 
 def split_of(question: str) -> str:

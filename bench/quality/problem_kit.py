@@ -1,14 +1,58 @@
-"""What every quality-bench task shares: disjoint hash splits, drawing distinct problems of one
-split, and the brevity style judge. A task module (`bench.quality.task`, `bench.quality.chain_task`)
+"""What every quality-bench task shares: the `Problem` record and its worked solution, disjoint hash
+splits, drawing distinct problems of one split, and the brevity style judge. A task module (`bench.quality.task`, `bench.quality.chain_task`)
 supplies its split shares, its problem generator and its judge's length scale."""
 from __future__ import annotations
 
 import hashlib
 import math
 import random
+from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence, TypeVar
 
 P = TypeVar("P")
+
+STYLES = ("worked", "terse")
+STEP_SEP = "\n\n"
+
+
+def apply(value: int, op: str, b: int) -> int:
+    """``value op b`` for the tasks' operators."""
+    if op == "+":
+        return value + b
+    if op == "-":
+        return value - b
+    if op == "*":
+        return value * b
+    raise ValueError(f"op must be '+', '-' or '*', got {op!r}")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One word problem: ``question`` (the prompt), a ``start`` amount, the ``ops`` as (operator,
+    operand) applied in turn, and the ``answer``."""
+
+    question: str
+    start: int
+    ops: tuple[tuple[str, int], ...]
+    answer: int
+
+    @property
+    def problem_id(self) -> str:
+        return problem_hash(self.question)[:12]
+
+    def solution(self, style: str) -> str:
+        """The reference solution in ``style``: ``worked`` (one equation per step, steps
+        separated by ``"\\n\\n"``, last ``\\boxed{N}``) or ``terse`` (the box alone)."""
+        if style == "terse":
+            return f"\\boxed{{{self.answer}}}"
+        if style != "worked":
+            raise ValueError(f"style must be one of {STYLES}, got {style!r}")
+        steps, value = [], self.start
+        for op, b in self.ops:
+            new = apply(value, op, b)
+            steps.append(f"{value} {op} {b} = {new}")
+            value = new
+        return STEP_SEP.join(steps + [f"\\boxed{{{value}}}"])
 
 
 def problem_hash(question: str) -> str:

@@ -19,48 +19,20 @@ from __future__ import annotations
 
 import random
 import re
-from dataclasses import dataclass
 
-from bench.quality.problem_kit import brevity_score, draw_split, hash_split, problem_hash
+# STEP_SEP, STYLES, Problem and problem_hash are part of a task module's interface (re-exported).
+from bench.quality.problem_kit import (STEP_SEP, STYLES, Problem, brevity_score,  # noqa: F401
+                                       draw_split, hash_split, problem_hash)
 
 SPLITS = ("train", "pref", "prm", "val", "test")
 # Share of the hash space per split: most problems train the SFT model; the rest are small pools.
 _SPLIT_SHARE = {"train": 0.70, "pref": 0.08, "prm": 0.08, "val": 0.06, "test": 0.08}
-STYLES = ("worked", "terse")
-STEP_SEP = "\n\n"
 
 _NAMES = ("Ana", "Ben", "Cai", "Dev", "Eli", "Fay", "Gus", "Ida", "Jon", "Kim", "Leo", "Mia",
           "Ned", "Oli", "Pia", "Raj", "Sam", "Tia", "Uma", "Zoe")
 _ITEMS = ("apples", "coins", "books", "shells", "stamps", "cards", "pens", "eggs", "rocks", "cups")
 _GAIN = ("gets {b} more", "finds {b} more", "buys {b} more", "is given {b} more")
 _LOSS = ("gives away {b}", "loses {b}", "sells {b}", "uses {b}")
-
-
-@dataclass(frozen=True)
-class Problem:
-    """One word problem: ``question`` (the prompt), the ``ops`` as (sign, operand), ``answer``."""
-
-    question: str
-    start: int
-    ops: tuple[tuple[str, int], ...]
-    answer: int
-
-    @property
-    def problem_id(self) -> str:
-        return problem_hash(self.question)[:12]
-
-    def solution(self, style: str) -> str:
-        """The reference solution in ``style``: steps separated by ``"\\n\\n"``, last ``\\boxed{N}``."""
-        if style == "terse":
-            return f"\\boxed{{{self.answer}}}"
-        if style != "worked":
-            raise ValueError(f"style must be one of {STYLES}, got {style!r}")
-        steps, value = [], self.start
-        for sign, b in self.ops:
-            new = value + b if sign == "+" else value - b
-            steps.append(f"{value} {sign} {b} = {new}")
-            value = new
-        return STEP_SEP.join(steps + [f"\\boxed{{{value}}}"])
 
 
 def split_of(question: str) -> str:

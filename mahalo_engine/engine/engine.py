@@ -12,6 +12,7 @@ PRM. `generate` always runs on the fork layout with one slot per request.
 """
 from __future__ import annotations
 
+import dataclasses
 import gc
 import math
 from typing import Any, Sequence
@@ -22,7 +23,7 @@ from mahalo_engine.cache import available_bytes, kv_budget
 from mahalo_engine.boundary import (Boundary, CompiledBoundary, end_of_turn_id,
                                     vocab_texts)
 from mahalo_engine.engine.records import (Generation, SearchConfig, SearchResult,
-                                         resolve_max_seq_len)
+                                         merge_subtrees, resolve_max_seq_len)
 from mahalo_engine.engine.decode_runner import BOUNDARY, EOS, FULL, LENGTH, DecodeRunner
 from mahalo_engine.engine.requests import Requests
 from mahalo_engine.engine.sampler import Sampler
@@ -182,8 +183,12 @@ class Engine:
                              f"scorer to pick the winners: pass prm= to Engine or scorer= to "
                              f"SearchConfig (or use candidates=1, beams=1)")
         boundary = self._compile(Boundary.parse(cfg.boundary))
-        requests = self._requests(self._prompts(prompts, chat), head_weights, cfg, scorer,
-                                  boundary)
+        reqs, m = self._prompts(prompts, chat), cfg.subtrees
+        weights = self.policy.weight_matrix(head_weights, len(reqs)).cpu()
+        if m > 1:  # DVTS: each subtree is a request of its own (see SearchConfig.subtrees)
+            reqs, weights = [p for p in reqs for _ in range(m)], weights.repeat_interleave(m, 0)
+            cfg = dataclasses.replace(cfg, beams=cfg.beams // m, subtrees=1)
+        requests = self._requests(reqs, weights, cfg, scorer, boundary)
         selector = torch.Generator().manual_seed(cfg.seed)
         bar = _progress(len(requests.results), progress, "search")
         while requests.pending():
@@ -194,13 +199,13 @@ class Engine:
                             cfg.selection_temperature, selector)
             bar.update(requests.commit(step, scores, picks))
         bar.close()
-        return requests.results
+        return merge_subtrees(requests.results, m)
 
-    def _requests(self, reqs: list[Prompt], head_weights: Any, cfg: SearchConfig,
+    def _requests(self, reqs: list[Prompt], weights: torch.Tensor, cfg: SearchConfig,
                   scorer: Scorer | None, boundary: CompiledBoundary) -> Requests:
-        """A search's requests over caches sized for it (the policy's and the scorer's), with
-        the runner and sampler configured for ``cfg``."""
-        weights = self.policy.weight_matrix(head_weights, len(reqs)).cpu()
+        """A search's requests (``weights``: each one's normalised head weights, on the host) over
+        caches sized for it (the policy's and the scorer's), with the runner and sampler
+        configured for ``cfg``."""
         candidate_weights = cfg.candidate_weights(weights)  # checks H before any cache is built
         # One step's positions: max_step_tokens + a paused slot's scratch.
         layout = slot_layout(self.cache_layout, cfg.candidates, cfg.max_step_tokens + 1, cfg.beams)

@@ -43,6 +43,13 @@ class SearchConfig:
         run in slots b*K .. b*K+K-1 of the request's group, so candidate position k of every
         beam draws from the stream of its slot (and samples with ``candidate_head_weights``'
         row k); a step's ``candidate_scores`` are its beam's K candidates'.
+    subtrees: M (a divisor of ``beams``): diverse verifier tree search (DVTS, as in Hugging Face's
+        search-and-learn): the N beams of a request are split into M independent subtrees, each
+        a beam search of N/M beams run as a request of its own (its own slots, so its own random
+        streams; nothing is shared between subtrees, which keeps their solutions diverse). The
+        result is the best finished beam over all M subtrees (ties: the earlier subtree);
+        `SearchResult.beams` lists every subtree's finished beams, best first, and the compute
+        counts add up over the subtrees. M = 1 is plain beam search.
     boundary: where a step ends: a literal string (e.g. ``"\\n\\n"``), a preset name (``"math"``,
         ``"sentence"``, ``"paragraph"``, ``"turn"``), a list of those, or a `Boundary`.
     max_step_tokens / max_steps / max_new_tokens: caps per step, per request and on the total of
@@ -72,6 +79,7 @@ class SearchConfig:
 
     candidates: int = 5
     beams: int = 1
+    subtrees: int = 1
     boundary: Any = "\n\n"
     max_step_tokens: int = 512
     max_steps: int = 20
@@ -88,9 +96,12 @@ class SearchConfig:
     candidate_head_weights: float | Sequence[Sequence[float]] | torch.Tensor | None = None
 
     def __post_init__(self) -> None:
-        for name in ("candidates", "beams", "max_step_tokens", "max_steps", "max_new_tokens",
-                     "check_every"):
+        for name in ("candidates", "beams", "subtrees", "max_step_tokens", "max_steps",
+                     "max_new_tokens", "check_every"):
             check_int(name, getattr(self, name), 1)
+        if self.beams % self.subtrees:
+            raise ValueError(f"subtrees={self.subtrees} must divide beams={self.beams} (each "
+                             f"subtree is a beam search of beams / subtrees beams)")
         check_sampling(self.temperature, self.top_k, self.seed, top_p=self.top_p,
                        min_p=self.min_p)
         if not (is_real(self.selection_temperature)
@@ -235,3 +246,20 @@ class Generation:
     finish_reason: str = "length"
     generated_tokens: int = 0
     scored_tokens: int = 0
+
+
+def merge_subtrees(results: list[SearchResult], m: int) -> list[SearchResult]:
+    """Each request's result from its ``m`` subtrees' (consecutive in ``results``; DVTS,
+    `SearchConfig.subtrees`): every finished beam, best first (ties: the earlier subtree, then
+    each subtree's own order), the best one as the result, the compute counts summed."""
+    if m == 1:
+        return results
+    out = []
+    for first in range(0, len(results), m):
+        parts = results[first:first + m]
+        beams = sorted((b for r in parts for b in r.beams), key=lambda b: -b.score)  # stable
+        best = beams[0]
+        out.append(SearchResult(best.text, best.token_ids, best.steps, best.finish_reason,
+                                generated_tokens=sum(r.generated_tokens for r in parts),
+                                scored_tokens=sum(r.scored_tokens for r in parts), beams=beams))
+    return out
