@@ -100,3 +100,26 @@ def test_prm_quality_needs_held_out_problems(micro):
     _, cfg, art, _, _, _ = micro
     with pytest.raises(ValueError, match="n_prmq is 0"):
         prm_quality(art, dataclasses.replace(cfg, n_prmq=0))
+
+
+def test_prm_quality_reads_given_rollouts(micro, tmp_path):
+    """``rollouts=``: another stage's rows instead of sampling again give the same stats (the PRM
+    scored on the very same examples); a file of other problems is refused."""
+    import dataclasses
+
+    from bench.quality.prm_quality import prm_quality
+
+    _, cfg, art, stats, _, _ = micro
+    given = art.root / "prm_quality" / "rollouts.jsonl"
+    again = prm_quality(dataclasses.replace(art, root=tmp_path / "again"), cfg, rollouts=given,
+                        log=lambda line: None)
+    assert (tmp_path / "again" / "prm_quality" / "rollouts.jsonl").read_text() == given.read_text()
+    assert again["rollouts_from"] == str(given) and stats["rollouts_from"] == "sampled"
+    skip = ("artefact", "rollouts_from", "seconds")
+    assert {k: v for k, v in again.items() if k not in skip} == {
+        k: v for k, v in stats.items() if k not in skip}
+    other = tmp_path / "other.jsonl"
+    rows = [json.loads(x) for x in given.read_text().splitlines()]
+    other.write_text("".join(json.dumps({**r, "prompt": "Question: elsewhere"}) + "\n" for r in rows))
+    with pytest.raises(ValueError, match="not this config's 3 held-out prmq problems"):
+        prm_quality(dataclasses.replace(art, root=tmp_path / "other"), cfg, rollouts=other)

@@ -135,18 +135,29 @@ def prm_values(prm_dir: Path, items: list[tuple[str, list[str]]], *,
         return prm.score_full(seqs, batch_size=batch_size, objectives="acc").float().cpu().tolist()
 
 
-def prm_quality(art: Artefacts, cfg: QualityConfig, *,
+def prm_quality(art: Artefacts, cfg: QualityConfig, *, rollouts: Path | None = None,
                 log: Callable[[str], None] = print) -> dict[str, Any]:
     """The PRM's quality on held-out rollouts (module docstring), cached as the stage
     ``prm_quality`` under the artefacts' root: ``auc``, ``auc_final``, ``calibration`` (bins, ece),
-    the example counts, and ``prm_labelled_steps`` (what the PRM trained on)."""
+    the example counts, and ``prm_labelled_steps`` (what the PRM trained on). ``rollouts``: read
+    the rows from that ``rollouts.jsonl`` of another ``prm_quality`` stage instead of sampling them
+    again — only valid when it was sampled by the same SFT policy and settings (PRM variants of one
+    preset): the PRMs are then compared on the very same examples."""
     if not cfg.n_prmq:
         raise ValueError(f"prm_quality needs held-out problems: cfg.n_prmq is 0 (task {cfg.task!r})")
     pl = Pipeline(cfg, art.root, log=log)
     task = task_module(cfg)
 
     def measure(d: Path) -> dict[str, Any]:
-        _, rows = policy_rollouts(art.sft, pl.data["prmq"], cfg, seed=ROLLOUT_SEED)
+        if rollouts is None:
+            _, rows = policy_rollouts(art.sft, pl.data["prmq"], cfg, seed=ROLLOUT_SEED)
+        else:
+            rows = [json.loads(line) for line in rollouts.read_text().splitlines()]
+            want = {prompt_of(p) for p in pl.data["prmq"]}
+            if {r["prompt"] for r in rows} != want:
+                raise ValueError(f"{rollouts}: its prompts are not this config's {len(want)} "
+                                 f"held-out prmq problems")
+            log(f"[quality] prm_quality: rollouts read from {rollouts} (not sampled again)")
         (d / "rollouts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         prefixes, finals = prefix_examples(rows, cfg.mc_rollouts)
         eos = _eos_text_of(art.sft)
@@ -163,7 +174,8 @@ def prm_quality(art: Artefacts, cfg: QualityConfig, *,
                "auc_final": _auc_or_none(fv, [int(f["label"]) for f in finals]),
                "calibration": calibration(pv, [sum(p["labels"]) / len(p["labels"]) for p in prefixes]),
                "prm_labelled_steps": art.summaries["prm"]["labelled_steps"],
-               "verifier": f"{task.__name__}.verify", "artefact": str(d / "rollouts.jsonl")}
+               "verifier": f"{task.__name__}.verify", "artefact": str(d / "rollouts.jsonl"),
+               "rollouts_from": str(rollouts) if rollouts is not None else "sampled"}
         (d / "values.jsonl").write_text("".join(
             json.dumps({**p, "value": v}) + "\n" for p, v in zip(prefixes, pv)))
         return out
