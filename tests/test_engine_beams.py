@@ -392,6 +392,16 @@ def test_cli_beams(tmp_path, capsys):
         [(b.token_ids, b.finish_reason) for b in ref.beams]
     assert [b["score"] for b in row["beams"]] == pytest.approx([b.score for b in ref.beams],
                                                                rel=1e-5, abs=1e-6)
+    # DVTS through the CLI: the same result as the API's (2 subtrees of one beam each).
+    dvts = tmp_path / "dvts.jsonl"
+    assert main(["search", *flags, "--prm", str(tmp_path / "prm"), "--beams", "2", "--subtrees",
+                 "2", "--out", str(dvts)]) == 0
+    (row,) = [json.loads(line) for line in dvts.read_text().splitlines()]
+    (ref,) = eng.search([PROMPT], config=SearchConfig(
+        candidates=2, beams=2, subtrees=2, boundary=" ", max_steps=2, max_step_tokens=4,
+        check_every=2, seed=3))
+    assert [b["token_ids"] for b in row["beams"]] == [b.token_ids for b in ref.beams]
+    assert row["generated_tokens"] == ref.generated_tokens
     for argv, msg in ((["--prm", str(tmp_path / "prm"), "--beams", "0"], "--beams must be >= 1"),
                       (["--beams", "2", "-k", "1"], "--beams 2 needs a PRM"),
                       (["--prm", str(tmp_path / "prm"), "--beams", "4", "--subtrees", "3"],
