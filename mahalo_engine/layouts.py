@@ -247,11 +247,12 @@ class SlotLayout:
         src, dst, msrc, mdst = [], [], [], []
         slots = self.slots(groups)
         for i, row in enumerate(sources):
-            beam_slots = slots[i].view(self.beams, k).tolist()
-            if len(row) != self.beams or any(s not in slots[i] for s in row):
+            group_slots = slots[i].tolist()
+            beam_slots = [group_slots[b * k:b * k + k] for b in range(self.beams)]
+            if len(row) != self.beams or any(s not in group_slots for s in row):
                 raise ValueError(f"winners {row} must be one candidate slot of each group per "
                                  f"beam: {self.beams} of group {groups[i]}'s slots "
-                                 f"{slots[i].tolist()}")
+                                 f"{group_slots}")
             for s, mine in zip(row, beam_slots):
                 if s in mine:
                     others = [d for d in mine if d != s]

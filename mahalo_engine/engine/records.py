@@ -65,16 +65,16 @@ class SearchConfig:
         (e.g. ``[boxed_closed]``); a match ends the request.
     check_every: decode iterations between the host's "all candidates finished?" checks; the
         device never waits on the host in between.
-    candidate_head_weights: None (every candidate samples with its request's head weights), K
-        rows of H head weights (candidate k of every request samples with row k, normalised to sum
-        1 like ``head_weights``; kept as a tuple of float tuples), or a spread ``s`` in [0, 1] around each request's weights w:
-        candidate 0 samples with w, candidates 1, 2, ... take the heads in turn (candidate k moves
-        toward head ``(k - 1) % H``), and the j-th of the m candidates that move toward head h
-        samples with ``(1 - a) w + a e_h``, ``a = s * j / m`` (so the last one moves by s: s = 1
-        reaches the head alone). Mixes stay on the simplex (no clipping needed). The scorer still
-        scores every candidate for the request (a multi-objective PRM weighted as configured, or
-        by the request's weights with ``objectives="request"``), never by the candidate's mix;
-        each `Step` records the winner's mix (`Step.head_weights`).
+    candidate_head_weights: None (every candidate samples with its request's head weights), K rows
+        of H head weights (candidate k of every request samples with row k, normalised to sum 1 like
+        ``head_weights``; kept as a tuple of float tuples), or a spread ``s`` in [0, 1] around each
+        request's weights w: candidate 0 samples with w, candidates 1, 2, ... take the heads in turn
+        (candidate k moves toward head ``(k - 1) % H``), and the j-th of the m candidates that move
+        toward head h samples with ``(1 - a) w + a e_h``, ``a = s * j / m`` (so the last one moves
+        by s: s = 1 reaches the head alone). Mixes stay on the simplex (no clipping needed). The
+        scorer still scores every candidate for the request (a multi-objective PRM weighted as
+        configured, or by the request's weights with ``objectives="request"``), never by the
+        candidate's mix; each `Step` records the winner's mix (`Step.head_weights`).
     """
 
     candidates: int = 5
@@ -221,7 +221,7 @@ class SearchResult:
     own tokens: re-tokenised for a PRM with another tokenizer; a candidate that did not fit is not
     encoded), summed over the models of a weighted scorer. A scorer that runs no model over tokens
     counts 0: a value head on the policy's hidden states, a text callable (what it runs is unknown
-    to the engine; a `Scorer` subclass reports its own counts through `Candidates.scored_tokens`)."""
+    to the engine; a `Scorer` subclass reports its own counts in `Candidates.scored_tokens`)."""
 
     text: str
     token_ids: list[int]
@@ -248,6 +248,12 @@ class Generation:
     scored_tokens: int = 0
 
 
+def rank_beams(beams: list[Beam]) -> list[Beam]:
+    """``beams`` best score first; a stable sort, so ties keep their order (the first to finish,
+    the earlier subtree); a NaN score (no scorer) ranks last."""
+    return sorted(beams, key=lambda b: math.inf if math.isnan(b.score) else -b.score)
+
+
 def merge_subtrees(results: list[SearchResult], m: int) -> list[SearchResult]:
     """Each request's result from its ``m`` subtrees' (consecutive in ``results``; DVTS,
     `SearchConfig.subtrees`): every finished beam, best first (ties: the earlier subtree, then
@@ -257,7 +263,7 @@ def merge_subtrees(results: list[SearchResult], m: int) -> list[SearchResult]:
     out = []
     for first in range(0, len(results), m):
         parts = results[first:first + m]
-        beams = sorted((b for r in parts for b in r.beams), key=lambda b: -b.score)  # stable
+        beams = rank_beams([b for r in parts for b in r.beams])
         best = beams[0]
         out.append(SearchResult(best.text, best.token_ids, best.steps, best.finish_reason,
                                 generated_tokens=sum(r.generated_tokens for r in parts),

@@ -34,7 +34,7 @@ from typing import Any, Callable, Hashable
 
 import torch
 
-from mahalo_engine.engine.records import Beam, SearchConfig, SearchResult, Step
+from mahalo_engine.engine.records import Beam, SearchConfig, SearchResult, Step, rank_beams
 from mahalo_engine.engine.decode_runner import BOUNDARY, EOS, FULL, LENGTH, DecodeRunner
 from mahalo_engine.engine.graphs import GraphCache
 from mahalo_engine.engine.sampler import Sampler
@@ -53,8 +53,6 @@ class _Beam:
     committed: int
     token_ids: list[int] = field(default_factory=list)
     steps: list[Step] = field(default_factory=list)
-    generated: int = 0  # tokens sampled for it, every candidate's (SearchResult.generated_tokens)
-    scored: int = 0  # tokens its scorer's models encoded (SearchResult.scored_tokens)
 
     def extended(self, step: Step) -> "_Beam":
         return _Beam(self.committed + len(step.token_ids), self.token_ids + step.token_ids,
@@ -319,7 +317,7 @@ class Requests:
 def _result(req: _Request) -> SearchResult:
     """The request's best finished beam (ties: the first to finish) as its result, with every
     finished beam, best first, and the compute it spent."""
-    ranked = sorted(req.finished, key=lambda b: -b.score if not math.isnan(b.score) else math.inf)
+    ranked = rank_beams(req.finished)
     best = ranked[0]
     return SearchResult(best.text, best.token_ids, best.steps, best.finish_reason,
                         generated_tokens=req.generated, scored_tokens=req.scored, beams=ranked)
