@@ -14,12 +14,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from mahalo_engine.distributed import cleanup
+from mahalo_engine.distributed import cleanup, exit_process
 from mahalo_engine.models.loader import check_model_dir
 from mahalo_engine.sharded import on_main, prepare_output, run_sharded, setup
 from mahalo_engine.stop_conditions import boxed_closed
 from mahalo_engine.utils.cli import (HelpFormatter, Interrupted, add_boundary_arg, add_debug_flag,
-                                     parse_boundaries, resolve_device, run_cli, unescape)
+                                     parse_boundaries, run_cli, unescape)
 from mahalo_engine.utils.outputs import (OutputLock, check_not_input, options_of,
                                          read_text_lines)
 
@@ -520,4 +520,4 @@ def _print_rows(rows: list[dict[str, Any]], first: int) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -10,9 +10,12 @@ it runs as one process. The sampling CLIs (`mahalo_engine.sharded`) add two obje
 from __future__ import annotations
 
 import datetime
+import gc
+import logging
 import os
+import sys
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -103,7 +106,33 @@ def barrier(info: DistInfo) -> None:
         dist.barrier()
 
 
+_left_group: list[bool] = []  # set by `cleanup` once this process has left its process group
+
+
 def cleanup(info: DistInfo) -> None:
+    """Leave the process group (a no-op without one). Collective in effect: call it on every rank
+    after a last `barrier`. A CLI that joined a group ends its process with `exit_process`."""
     _object_groups.clear()
     if info.distributed and dist.is_initialized():
         dist.destroy_process_group()
+        # destroy_process_group shuts the backends down, but a gloo group's worker threads stop
+        # only when the group object is freed; one held by a reference cycle (DDP's reducer) is
+        # freed here, while the interpreter is whole.
+        gc.collect()
+        _left_group.append(True)
+
+
+def exit_process(code: int | None) -> NoReturn:
+    """End a CLI process with exit code ``code`` (None: 0). After `cleanup` left a process group,
+    the interpreter's teardown is skipped (``os._exit``, after flushing logging, stdout and
+    stderr): torch's DTensor caches keep FSDP2's device meshes, and with them the gloo group,
+    alive to the end, and a gloo group freed during interpreter finalisation can abort the
+    process (SIGABRT, "terminate called without an active exception") after a run that
+    succeeded. Everything a CLI writes is closed by then (atomic files, ``with`` blocks)."""
+    code = int(code or 0)
+    if not _left_group:
+        sys.exit(code)
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(code)

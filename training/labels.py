@@ -31,7 +31,7 @@ from tqdm import tqdm
 from mahalo_engine.text import encode_prompt, encode_step, split_steps
 from mahalo_engine.utils.cli import (HelpFormatter, Interrupted, add_boundary_arg, add_debug_flag,
                                      parse_boundaries, run_cli)
-from mahalo_engine.distributed import DistInfo, cleanup, launched_by_torchrun
+from mahalo_engine.distributed import DistInfo, cleanup, exit_process, launched_by_torchrun
 from mahalo_engine.sharded import on_main, prepare_output, run_sharded, setup
 from mahalo_engine.utils.atomic_files import atomic_write_text
 from mahalo_engine.utils.outputs import OutputLock, check_not_input, options_of
@@ -497,4 +497,4 @@ def _label_trajectories(args: argparse.Namespace, info: DistInfo) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

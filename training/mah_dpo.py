@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -41,7 +40,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from mahalo_engine.distributed import DistInfo, barrier
+from mahalo_engine.distributed import DistInfo, barrier, exit_process
 from mahalo_engine.models.loader import load_decoder
 from mahalo_engine.utils import paths
 from training.batching import BalancedBatches
@@ -317,4 +316,4 @@ def cross_head_metrics(all_logps: torch.Tensor, first_kl: torch.Tensor, ref_c: t
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

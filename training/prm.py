@@ -22,13 +22,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import sys
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from mahalo_engine.distributed import DistInfo, barrier
+from mahalo_engine.distributed import DistInfo, barrier, exit_process
 from mahalo_engine.models.loader import load_decoder
 from mahalo_engine.utils.atomic_files import publish_files, staging_dir
 from mahalo_engine.value_model import ValueHead, save_prm
@@ -220,4 +219,4 @@ def _micro(trainer: Trainer, items, rows: list[int], global_count: int, loss_kin
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from pathlib import Path
 
 import torch
 
-from mahalo_engine.distributed import DistInfo, barrier
+from mahalo_engine.distributed import DistInfo, barrier, exit_process
 from mahalo_engine.models.loader import load_decoder
 from training.batching import shuffled_batch
 from training.collate import collate, pad_id_of
@@ -98,4 +97,4 @@ def _micro(trainer: Trainer, items, rows: list[int], global_tokens: int, pad: in
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())
