@@ -181,15 +181,27 @@ sys.exit(runner.main(["--device", "cpu", "--model", sys.argv[3], "--sections", "
 """
 
 
-def test_sigint_mid_section_keeps_its_rows(sections, tmp_path):
-    """The device check's cut, for real: SIGINT to a running bench process."""
+def _inherit_sigint_ignored_and_blocked() -> None:
+    """What a shell's background job (ignored) or a child of a thread that blocks it inherits."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+
+
+@pytest.mark.parametrize("inherited", ["default", "ignored_and_blocked"])
+def test_sigint_mid_section_keeps_its_rows(sections, tmp_path, inherited):
+    """The device check's cut, for real: SIGINT to a running bench process, also one that
+    inherited SIGINT ignored and blocked."""
     out, ready = tmp_path / "r.json", tmp_path / "ready"
     driver = tmp_path / "driver.py"
     driver.write_text(textwrap.dedent(_DRIVER))
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    # Explicit either way: a test worker's own disposition is not this test's to assume.
+    setup = (_inherit_sigint_ignored_and_blocked if inherited != "default"
+             else lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     proc = subprocess.Popen([sys.executable, str(driver), str(out), str(ready), str(sections)],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=setup)
     deadline = time.monotonic() + 60
     while not ready.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -197,6 +209,7 @@ def test_sigint_mid_section_keeps_its_rows(sections, tmp_path):
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err[-2000:]
+    assert ("SIGINT was ignored" in err) == (inherited != "default")
     section = json.loads(out.read_text())["sections"]["ticking"]
     assert section["interrupted"] is True
     assert 3 <= len(section["rows"]) < 100

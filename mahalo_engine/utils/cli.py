@@ -4,13 +4,16 @@ that shows defaults, and the ``--device`` check.
 ``run_cli(main, argv)`` runs a CLI's ``main``: a user error (``ValueError`` and its subclasses such
 as ``DataError``, ``TypeError``, ``OSError`` such as a missing file, a corrupt checkpoint reported
 as ``ValueError``, a non-finite loss) becomes ``error: <message>`` on stderr and exit code 2; an
-interrupt (Ctrl-C / SIGTERM) becomes exit code 130 with its message. ``--debug`` on the command
+interrupt (Ctrl-C / SIGINT / SIGTERM) becomes exit code 130 with its message; SIGINT counts even
+when the process inherited it ignored or blocked (a shell's background job does), since it is how
+a time limit cuts a run (``timeout -s INT`` in bench/device_check.sh). ``--debug`` on the command
 line or ``MAHALO_DEBUG=1`` re-raises instead, so the traceback shows. Anything else (a bug) always
 shows its traceback.
 """
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import sys
@@ -22,6 +25,7 @@ import torch
 USER_ERRORS = (ValueError, TypeError, OSError, FloatingPointError)
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+log = logging.getLogger(__name__)
 
 
 class Interrupted(Exception):
@@ -61,6 +65,7 @@ def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | No
     """``main(argv)`` with the shared error policy (module docstring); returns the exit code."""
     debug = debug_enabled(argv)
     previous = _sigterm_as_interrupt()
+    previous_int = _take_sigint()
     try:
         return int(main(argv) or 0)
     except Interrupted as e:
@@ -79,6 +84,27 @@ def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | No
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+        if previous_int is not None:
+            signal.signal(signal.SIGINT, previous_int)
+
+
+def _take_sigint():
+    """SIGINT raises KeyboardInterrupt even if this process inherited it ignored or blocked: both
+    survive ``exec``, so a CLI started as a shell's background job, or by a thread that blocks
+    it, would run past the ``timeout -s INT`` meant to cut it and lose the report of what it did.
+    Returns ``SIG_IGN`` when it was ignored (`run_cli` restores it), else None."""
+    previous = None
+    try:
+        if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            previous = signal.SIG_IGN
+            log.warning("SIGINT was ignored in this process (inherited); it interrupts the run")
+    except ValueError:  # not the main thread: dispositions cannot be set here
+        return None
+    # after the handler, so that a SIGINT already pending is delivered to it
+    if signal.SIGINT in signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT}):
+        log.warning("SIGINT was blocked in this process (inherited); it interrupts the run")
+    return previous
 
 
 def _sigterm_as_interrupt():
