@@ -42,7 +42,8 @@ SECTIONS = {
     "decode": "decode-step latency: our slot-cache decoder vs transformers, same weights and batch",
     "heads": "the multihead op (triton_kernels.multihead): fused H-head projection + sampling vs "
              "torch eager paths",
-    "kv": "KV-cache promote cost vs prefix length: ours vs deepcopy vs whole-slot copies",
+    "kv": "KV-cache promote cost vs prefix length: ours vs deepcopy vs whole-slot copies; a "
+          "beam-search promote with 0, 1 and N-1 beams changing source, in both layouts",
     "train": "MAH-DPO step time/memory: ours vs the reference structure",
     "search": "PRM-guided step search: ours vs re-encode vs the paper's loop",
     "quality": "the paper's results in miniature: SFT, DPO/MAH-DPO, MC-value PRM, guided search "

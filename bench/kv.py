@@ -16,6 +16,14 @@ made the running cache for the next step. Per step, that costs:
 Shapes of Qwen2.5-0.5B (L=24, n_kv=2, head_dim=64) and -1.5B (L=28, n_kv=2, head_dim=128), bf16.
 A second table (case ``copy_ranges``) times many equal ranges of 16..1024 tokens. Bandwidth: bytes
 moved = read + write of the copied tokens, against ``bench.common.copy_bandwidth``.
+
+A third (case ``beam_promote``) times the engine's promote of one beam-search step (N = 4 beams of
+K = 4 candidates, a 128-token prompt) in both cache layouts, as `SlotLayout.promote_index` plans it:
+``kept`` (each beam's survivor is its own candidate: the step is copied to its siblings, one launch),
+``one_move`` (one beam continues from another beam's candidate: it takes that candidate's whole text
+past the prompt, one more launch) and ``all_moved`` (every survivor is of beam 0: N-1 moves). A move
+copies the generated text to all K slots of the beam in the fork layout, once per beam (its
+prefix) in the shared-prefix layout.
 """
 from __future__ import annotations
 
@@ -27,6 +35,7 @@ import torch
 from bench.common import (BenchContext, copy_bandwidth, peak_memory_bytes, reset_peak_memory,
                           time_graph, timeit)
 from mahalo_engine.cache import KVCache
+from mahalo_engine.layouts import ForkSlots, SharedPrefixCache, SharedPrefixSlots, slot_layout
 from mahalo_engine.ops import kv_copy_ranges, kv_promote
 
 MODELS = {  # name -> (layers, kv heads, head_dim)
@@ -128,6 +137,66 @@ def _copy_ranges_rows(ctx: BenchContext, name: str, shape: tuple[int, int, int],
                "copy_us": t * 1e6, **_bandwidth(ctx, moved, t, bandwidth)}
 
 
+BEAMS, BEAM_K, PROMPT = 4, 4, 128
+# survivors' candidate slots per beam (beam b's candidates are slots b*K .. b*K+K-1)
+BEAM_CASES = {
+    "kept": [b * BEAM_K + 1 for b in range(BEAMS)],
+    "one_move": [1, 2, 2 * BEAM_K + 1, 3 * BEAM_K + 1],  # beam 1 continues from beam 0's slot 2
+    "all_moved": list(range(BEAMS)),  # every survivor is a candidate of beam 0
+}
+
+
+def _beam_cache(layout_name: str, shape: tuple[int, int, int], max_len: int, dev: torch.device):
+    """One request's caches in a layout, filled with random values (their lengths are set by
+    `_beam_state`)."""
+    layers, heads, head_dim = shape
+    width = BEAMS * BEAM_K
+
+    def kv(slots: int, length: int) -> KVCache:
+        data = torch.empty(layers, 2, slots, heads, length, head_dim, dtype=DTYPE, device=dev)
+        return KVCache(data.normal_(), torch.zeros(slots, dtype=torch.int32, device=dev))
+
+    if layout_name == "fork":
+        return ForkSlots(kv(width, max_len))
+    return SharedPrefixSlots(SharedPrefixCache(kv(BEAMS, max_len), kv(width, STEP), BEAM_K))
+
+
+def _beam_state(cache, prefix: int) -> None:
+    """Every slot at the end of a step: ``prefix`` committed tokens plus a STEP-token candidate."""
+    if isinstance(cache, ForkSlots):
+        cache.storage.lens.fill_(prefix + STEP)
+        cache.committed.fill_(prefix)
+    else:
+        cache.storage.prefix.lens.fill_(prefix)
+        cache.storage.suffix.lens.fill_(STEP)
+    cache.prompt.fill_(PROMPT)
+
+
+def _beam_promote_rows(ctx: BenchContext, name: str, shape: tuple[int, int, int],
+                       prefixes: tuple[int, ...]) -> Iterator[dict]:
+    dev = ctx.device
+    iters = 5 if ctx.quick else 20
+    for layout_name in ("fork", "shared_prefix"):
+        layout = slot_layout(layout_name, BEAM_K, STEP, beams=BEAMS)
+        cache = _beam_cache(layout_name, shape, max(prefixes) + STEP, dev)
+        for prefix in prefixes:
+            row = {"case": "beam_promote", "model": name, "layout": layout_name,
+                   "tokens": prefix, "beams": BEAMS, "k": BEAM_K}
+            for case, sources in BEAM_CASES.items():
+                index, sizes = layout.promote_index([sources], [0])
+                args = layout.split_promote(index.to(dev), sizes)
+
+                def step() -> None:  # the state reset is two fills, the same in every case
+                    _beam_state(cache, prefix)
+                    cache.promote(*args)
+
+                row[f"{case}_us"] = timeit(step, dev, iters=iters) * 1e6
+                row[f"{case}_moves"] = sizes[1] // BEAM_K
+            row["one_move/kept"] = row["one_move_us"] / row["kept_us"]
+            row["all_moved/kept"] = row["all_moved_us"] / row["kept_us"]
+            yield row
+
+
 def run(ctx: BenchContext) -> Iterator[dict]:
     """Yields each model's promote rows as they are measured, then the copy_ranges rows."""
     if ctx.is_cuda:
@@ -164,3 +233,10 @@ def run(ctx: BenchContext) -> Iterator[dict]:
         ctx.note(f"{name}: ours at {prefixes[-1]} tokens / at {prefixes[0]} = {ours[-1] / ours[0]:.2f} "
                  "(flat = 1); deepcopy and index_copy grow with the prefix.")
     yield from _copy_ranges_rows(ctx, "Qwen2.5-0.5B", MODELS["Qwen2.5-0.5B"], written, bandwidth)
+    beam_prefixes = tuple(p for p in prefixes if p > PROMPT)
+    ctx.note(f"beam_promote: one request of {BEAMS} beams x {BEAM_K} candidates, a {PROMPT}-token "
+             f"prompt, {STEP}-token steps; kept/one_move/all_moved: 0/1/{BEAMS - 1} beams continue "
+             "from another beam's candidate (`*_moves`), each move copying the text generated "
+             "since the prompt (fork: into every slot of the beam; shared_prefix: into its prefix "
+             "once).")
+    yield from _beam_promote_rows(ctx, "Qwen2.5-0.5B", MODELS["Qwen2.5-0.5B"], beam_prefixes)
