@@ -254,18 +254,24 @@ def rank_beams(beams: list[Beam]) -> list[Beam]:
     return sorted(beams, key=lambda b: math.inf if math.isnan(b.score) else -b.score)
 
 
+def best_beam_result(beams: list[Beam], generated_tokens: int,
+                     scored_tokens: int) -> SearchResult:
+    """A request's result from its finished ``beams``: the best (`rank_beams`) as its text, every
+    beam best first, and the compute it spent."""
+    ranked = rank_beams(beams)
+    best = ranked[0]
+    return SearchResult(best.text, best.token_ids, best.steps, best.finish_reason,
+                        generated_tokens=generated_tokens, scored_tokens=scored_tokens,
+                        beams=ranked)
+
+
 def merge_subtrees(results: list[SearchResult], m: int) -> list[SearchResult]:
     """Each request's result from its ``m`` subtrees' (consecutive in ``results``; DVTS,
     `SearchConfig.subtrees`): every finished beam, best first (ties: the earlier subtree, then
     each subtree's own order), the best one as the result, the compute counts summed."""
     if m == 1:
         return results
-    out = []
-    for first in range(0, len(results), m):
-        parts = results[first:first + m]
-        beams = rank_beams([b for r in parts for b in r.beams])
-        best = beams[0]
-        out.append(SearchResult(best.text, best.token_ids, best.steps, best.finish_reason,
-                                generated_tokens=sum(r.generated_tokens for r in parts),
-                                scored_tokens=sum(r.scored_tokens for r in parts), beams=beams))
-    return out
+    return [best_beam_result([b for r in parts for b in r.beams],
+                             sum(r.generated_tokens for r in parts),
+                             sum(r.scored_tokens for r in parts))
+            for parts in (results[i:i + m] for i in range(0, len(results), m))]

@@ -34,7 +34,8 @@ from typing import Any, Callable, Hashable
 
 import torch
 
-from mahalo_engine.engine.records import Beam, SearchConfig, SearchResult, Step, rank_beams
+from mahalo_engine.engine.records import (Beam, SearchConfig, SearchResult, Step,
+                                          best_beam_result)
 from mahalo_engine.engine.decode_runner import BOUNDARY, EOS, FULL, LENGTH, DecodeRunner
 from mahalo_engine.engine.graphs import GraphCache
 from mahalo_engine.engine.sampler import Sampler
@@ -234,7 +235,8 @@ class Requests:
                     req.finished.append(Beam(self.text(beam.token_ids), beam.token_ids,
                                              beam.steps, float(scores[row]), end))
             if len(req.finished) >= n or not live:
-                self.results[req.index] = _result(req)
+                self.results[req.index] = best_beam_result(req.finished, req.generated,
+                                                           req.scored)
                 self.live[g] = None
                 retired += 1
                 continue
@@ -312,12 +314,3 @@ class Requests:
         static.copy_(host, non_blocking=True)
         graph.replay()
         return static
-
-
-def _result(req: _Request) -> SearchResult:
-    """The request's best finished beam (ties: the first to finish) as its result, with every
-    finished beam, best first, and the compute it spent."""
-    ranked = rank_beams(req.finished)
-    best = ranked[0]
-    return SearchResult(best.text, best.token_ids, best.steps, best.finish_reason,
-                        generated_tokens=req.generated, scored_tokens=req.scored, beams=ranked)
