@@ -366,7 +366,7 @@ def _run_rank(args: argparse.Namespace, info: Any) -> int:
     # Head weights are checked against the loaded heads before any prompt runs.
     request_weights = policy.weight_matrix(weights if weights is not None else args.weights,
                                            len(prompts) if weights is not None else 1)
-    if args.command == "search":
+    if args.command == "search" and args.candidate_head_weights is not None:
         _search_config(args, args.seed).candidate_weights(request_weights.cpu())
     prm = None
     if args.command == "search" and args.prm:
