@@ -23,12 +23,13 @@ the PRM's quality (`bench.quality.prm_quality`): the PRM never trains on them.
 from __future__ import annotations
 
 import random
-import re
 
 from bench.quality.answers import equivalent
-# STEP_SEP, STYLES, Problem and problem_hash are part of a task module's interface (re-exported).
+# STEP_SEP, STYLES, Problem, problem_hash and extract_answer (the task's own parser, the counted
+# cross-check of ``verify``) are part of a task module's interface (re-exported).
 from bench.quality.problem_kit import (STEP_SEP, STYLES, Problem, apply,  # noqa: F401
-                                       brevity_score, draw_split, hash_split, problem_hash)
+                                       brevity_score, draw_split, extract_answer, hash_split,
+                                       problem_hash)
 from bench.quality.task import _GAIN, _ITEMS, _LOSS, _NAMES
 
 SPLITS = ("train", "pref", "prm", "prmq", "val", "test")
@@ -72,16 +73,6 @@ def random_problem(rng: random.Random) -> Problem:
 def make_split(split: str, n: int, seed: int) -> list[Problem]:
     """``n`` distinct problems of ``split``, drawn deterministically from ``seed``."""
     return draw_split(split, n, seed, SPLITS, random_problem, split_of)
-
-
-_BOXED = re.compile(r"\\boxed\{\s*(-?\d+)\s*\}")
-
-
-def extract_answer(text: str) -> int | None:
-    """The integer in the last ``\\boxed{...}`` of ``text``; None when there is none: the task's
-    own parser, the cross-check of ``verify``."""
-    found = _BOXED.findall(text)
-    return int(found[-1]) if found else None
 
 
 def verify(text: str, gold: int) -> bool:

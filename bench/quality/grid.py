@@ -44,8 +44,6 @@ def choose(pl, log=None) -> dict[str, Any]:
     rule applied (written to ``<root>/recipe.json``); without it, ``RECORDED_RECIPE`` as is."""
     cfg = pl.cfg
     log = log or pl.log
-    if cfg.search_grid and not cfg.baselines:
-        raise ValueError("search_grid needs baselines: the grid chooses the single-head DPO lr too")
     if not cfg.search_grid:
         out = {"recipe": recipe_dict(RECORDED_RECIPE.mah, RECORDED_RECIPE.dpo_lr), "searched": False,
                "rule": SELECTION_RULE, "mah_grid": [], "dpo_grid": []}

@@ -89,6 +89,11 @@ def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The rows `_write_jsonl` wrote (one JSON object a line; a blank line is an error)."""
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
 def _run_cli(main: Callable[[list[str]], int], argv: list[str]) -> None:
     """Run a trainer's CLI entry point in this process (the same code path as ``python -m``)."""
     rc = main([str(a) for a in argv])
@@ -329,8 +334,7 @@ class Pipeline:
 
     def _prm(self, d: Path) -> dict[str, Any]:
         cfg = self.cfg
-        rollouts = [json.loads(line) for line in
-                    (self.root / "rollouts" / "rollouts.jsonl").read_text().splitlines()]
+        rollouts = _read_jsonl(self.root / "rollouts" / "rollouts.jsonl")
         eos = self._eos_text()
         for r in rollouts:
             # A finished answer's last step reaches the PRM during search as the engine fed it:

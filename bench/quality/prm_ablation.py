@@ -28,7 +28,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable
 
-from bench.quality.pipeline import train_or_load
+from bench.quality.pipeline import _read_jsonl, train_or_load
 from bench.quality.prm_quality import auc, prm_quality
 from bench.quality.settings import QualityConfig, preset
 from mahalo_engine.utils.paths import cache_dir
@@ -135,20 +135,18 @@ def summary(names: list[str], *, log: Callable[[str], None] = print) -> dict[str
     """The preset's and each of ``names``' measured stats side by side (all must be trained and
     measured already: ValueError otherwise), each variant's paired AUC difference to the preset,
     and the `RULE`'s recommendation over the `VARIANTS` among ``names``."""
-    base_root = cache_dir("quality", preset(BASE).train_key())
-    roots = {"preset": base_root, **{n: variant_root(n) for n in names}}
+    cfgs = {"preset": preset(BASE), **{n: variant_config(n) for n in names}}
+    roots = {"preset": cache_dir("quality", cfgs["preset"].train_key()),
+             **{n: variant_root(n) for n in names}}
     for n, r in roots.items():  # read-only: never train into the preset's directory from here
         if not (r / "prm_quality" / "stage.json").is_file():
             raise ValueError(f"{n}: {r} has no measured prm_quality stage (run --variant {n} first)")
-    stats = {"preset": _measure(preset(BASE), base_root, log)}
-    stats.update({n: _measure(variant_config(n), roots[n], log) for n in names})
-    values = {n: [json.loads(line) for line in
-                  (r / "prm_quality" / "values.jsonl").read_text().splitlines()]
-              for n, r in roots.items()}
+    stats = {n: _measure(cfg, roots[n], log) for n, cfg in cfgs.items()}
+    values = {n: _read_jsonl(r / "prm_quality" / "values.jsonl") for n, r in roots.items()}
     rows = {}
     for n, st in stats.items():
-        cfg = preset(BASE) if n in ("preset", CONTROL) else variant_config(n)
-        rows[n] = {"changes": {} if n in ("preset", CONTROL) else VARIANTS[n],
+        cfg = cfgs[n]
+        rows[n] = {"changes": VARIANTS.get(n, {}),  # the preset and CONTROL: none
                    "prm_steps": cfg.prm_steps, "prm_lr": cfg.prm_lr,
                    "auc": st["auc"], "auc_final": st["auc_final"],
                    "ece": st["calibration"]["ece"], "auc_detect_wrong": st["auc_detect_wrong"],

@@ -38,10 +38,10 @@ from typing import Any, Callable, Sequence
 import torch
 
 from bench.quality import answers
-from bench.quality.pipeline import (Artefacts, Pipeline, _eos_text_of, policy_rollouts,
-                                    prompt_of, train_or_load)
+from bench.quality.pipeline import (Artefacts, Pipeline, _eos_text_of, _read_jsonl, _write_jsonl,
+                                    policy_rollouts, prompt_of, train_or_load)
 from bench.quality.settings import PRESETS, QualityConfig, preset, task_module
-from mahalo_engine import load_prm
+from mahalo_engine import ValueModel, load_prm
 from mahalo_engine.text import encode_prompt, encode_step
 
 ROLLOUT_SEED = 5000
@@ -122,17 +122,16 @@ def prefix_examples(rows: list[dict[str, Any]], m: int
     return prefixes, finals
 
 
-def prm_values(prm_dir: Path, items: list[tuple[str, list[str]]], *,
-               batch_size: int = 64) -> list[float]:
-    """The PRM's acc value of each (prompt, steps) read at the last step's last token (the steps
-    tokenised one by one, as the engine and the PRM trainer see them)."""
-    prm = load_prm(prm_dir)
+def prm_values(prm: ValueModel, items: list[tuple[str, list[str]]]) -> list[float]:
+    """The acc value of ``prm`` (a `load_prm` model, loaded once by the caller) of each (prompt,
+    steps) read at the last step's last token (the steps tokenised one by one, as the engine and
+    the PRM trainer see them)."""
     tok = prm.tokenizer
     seqs = []
     for prompt, steps in items:
         seqs.append(encode_prompt(tok, prompt) + [t for s in steps for t in encode_step(tok, s)])
     with torch.inference_mode():
-        return prm.score_full(seqs, batch_size=batch_size, objectives="acc").float().cpu().tolist()
+        return prm.score_full(seqs, batch_size=64, objectives="acc").float().cpu().tolist()
 
 
 def prm_quality(art: Artefacts, cfg: QualityConfig, *, rollouts: Path | None = None,
@@ -152,18 +151,19 @@ def prm_quality(art: Artefacts, cfg: QualityConfig, *, rollouts: Path | None = N
         if rollouts is None:
             _, rows = policy_rollouts(art.sft, pl.data["prmq"], cfg, seed=ROLLOUT_SEED)
         else:
-            rows = [json.loads(line) for line in rollouts.read_text().splitlines()]
+            rows = _read_jsonl(rollouts)
             want = {prompt_of(p) for p in pl.data["prmq"]}
             if {r["prompt"] for r in rows} != want:
                 raise ValueError(f"{rollouts}: its prompts are not this config's {len(want)} "
                                  f"held-out prmq problems")
             log(f"[quality] prm_quality: rollouts read from {rollouts} (not sampled again)")
-        (d / "rollouts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        _write_jsonl(d / "rollouts.jsonl", rows)
         prefixes, finals = prefix_examples(rows, cfg.mc_rollouts)
         eos = _eos_text_of(art.sft)
-        pv = prm_values(art.prm, [(p["prompt"], p["steps"]) for p in prefixes])
+        prm = load_prm(art.prm)
+        pv = prm_values(prm, [(p["prompt"], p["steps"]) for p in prefixes])
         # A boxed (finished) answer is read after its EOS, as the PRM trained on it (`Pipeline._prm`).
-        fv = prm_values(art.prm, [(f["prompt"], f["steps"][:-1] + [f["steps"][-1] + (
+        fv = prm_values(prm, [(f["prompt"], f["steps"][:-1] + [f["steps"][-1] + (
             eos if task.extract_answer(f["steps"][-1]) is not None else "")]) for f in finals])
         scores = [v for v, p in zip(pv, prefixes) for _ in p["labels"]]
         labels = [int(y) for p in prefixes for y in p["labels"]]
@@ -176,14 +176,13 @@ def prm_quality(art: Artefacts, cfg: QualityConfig, *, rollouts: Path | None = N
                "prm_labelled_steps": art.summaries["prm"]["labelled_steps"],
                "verifier": f"{task.__name__}.verify", "artefact": str(d / "rollouts.jsonl"),
                "rollouts_from": str(rollouts) if rollouts is not None else "sampled"}
-        (d / "values.jsonl").write_text("".join(
-            json.dumps({**p, "value": v}) + "\n" for p, v in zip(prefixes, pv)))
+        _write_jsonl(d / "values.jsonl", [{**p, "value": v} for p, v in zip(prefixes, pv)])
         return out
 
     pl.stage("prm_quality", measure)
     d = art.root / "prm_quality"
-    values = [json.loads(line) for line in (d / "values.jsonl").read_text().splitlines()]
-    rows = [json.loads(line) for line in (d / "rollouts.jsonl").read_text().splitlines()]
+    values = _read_jsonl(d / "values.jsonl")
+    rows = _read_jsonl(d / "rollouts.jsonl")
     return {**pl.summaries["prm_quality"], **reference_checks(values, pl.data["prmq"], task.STEP_SEP),
             "answer_check": answer_check(rows, pl.data["prmq"], task)}
 
@@ -225,7 +224,7 @@ def _auc_or_none(scores: Sequence[float], labels: Sequence[int]) -> float | None
     return auc(scores, labels) if 0 < sum(labels) < len(labels) else None
 
 
-def calibration_png(stats: dict[str, Any], path: Path, title: str = "") -> None:
+def calibration_png(stats: dict[str, Any], path: Path) -> None:
     """The calibration plot of ``prm_quality``'s stats: per bin the mean predicted acc value (x)
     against the MC success rate (y), the diagonal, each point labelled with its prefix count, and
     the counts as bars beneath."""
@@ -244,7 +243,7 @@ def calibration_png(stats: dict[str, Any], path: Path, title: str = "") -> None:
         ax.annotate(str(b["count"]), (b["mean_pred"], b["mc_rate"]), textcoords="offset points",
                     xytext=(4, -10), fontsize=7)
     auc_txt = "–" if stats["auc"] is None else f"{stats['auc']:.3f}"
-    ax.set_title(title or f"PRM calibration on held-out prefixes (step AUC {auc_txt}, "
+    ax.set_title(f"PRM calibration on held-out prefixes (step AUC {auc_txt}, "
                  f"ECE {stats['calibration']['ece']:.3f})", fontsize=9)
     ax.set_ylabel("Monte-Carlo success rate")
     ax.set_xlim(0, 1)

@@ -1,11 +1,13 @@
 """What every quality-bench task shares: the `Problem` record and its worked solution, disjoint hash
-splits, drawing distinct problems of one split, and the brevity style judge. A task module (`bench.quality.task`, `bench.quality.chain_task`)
-supplies its split shares, its problem generator and its judge's length scale."""
+splits, drawing distinct problems of one split, the boxed-answer parser (``extract_answer``) and
+the brevity style judge. A task module (`bench.quality.task`, `bench.quality.chain_task`) supplies
+its split shares, its problem generator and its judge's length scale."""
 from __future__ import annotations
 
 import hashlib
 import math
 import random
+import re
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence, TypeVar
 
@@ -91,6 +93,16 @@ def draw_split(split: str, n: int, seed: int, splits: Sequence[str],
         if p.question not in out and split_of(p.question) == split:
             out[p.question] = p
     return list(out.values())
+
+
+_BOXED = re.compile(r"\\boxed\{\s*(-?\d+)\s*\}")
+
+
+def extract_answer(text: str) -> int | None:
+    """The integer in the last ``\\boxed{...}`` of ``text``; None when there is none (a miss). A
+    task's own parser: the short task's ``verify`` itself, the long task's counted cross-check."""
+    found = _BOXED.findall(text)
+    return int(found[-1]) if found else None
 
 
 def brevity_score(text: str, answered: bool, best_chars: int, worst_chars: int, *,

@@ -62,9 +62,6 @@ from bench.quality.settings import QualityConfig, task_module
 from mahalo_engine import Engine, ValueModelPRM, load_policy, load_prm
 from mahalo_engine.text import encode_prompt
 
-SERIES = ("sampling", "majority", "best-of-N", "weighted-vote", "step-search", "beam-search",
-          "fixed-mix", "per-candidate")
-
 
 @dataclass(frozen=True)
 class ScalingConfig:

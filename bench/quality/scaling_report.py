@@ -3,9 +3,10 @@ over seeds), the accuracy-vs-generated-tokens PNG (one line per method, log x, e
 head-weights PNG (per-candidate mixes vs the fixed mix at equal K)."""
 from __future__ import annotations
 
-import statistics
 from pathlib import Path
 from typing import Any, Sequence
+
+from bench.quality.report import _mean_std
 
 # Plot order and colours of the accuracy curves; the head-weights series get their own plot.
 CURVES = (("majority", "majority vote over N", "tab:gray"),
@@ -16,10 +17,6 @@ CURVES = (("majority", "majority vote over N", "tab:gray"),
 HEAD_SERIES = (("fixed-mix", "fixed mix (every candidate at the request's mix)", "tab:purple"),
                ("per-candidate", "per-candidate mixes (w_acc = k/(K-1))", "tab:orange"))
 METRICS = ("acc", "style", "objective", "generated_tokens", "scored_tokens", "seconds")
-
-
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
 def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -120,6 +120,8 @@ class QualityConfig:
             raise ValueError(f"task must be one of {sorted(TASKS)}, got {self.task!r}")
         if self.sft_init and self.sft_init not in PRESETS:
             raise ValueError(f"sft_init must be '' or a preset name {PRESETS}, got {self.sft_init!r}")
+        if self.search_grid and not self.baselines:
+            raise ValueError("search_grid needs baselines: the grid chooses the single-head DPO lr too")
 
     def train_key(self) -> str:
         """sha256 (hex, 16 chars) of the shared stages' settings: the cache directory name."""

@@ -18,11 +18,11 @@ has the count asked for, so the same question never lands in two splits.
 from __future__ import annotations
 
 import random
-import re
 
-# STEP_SEP, STYLES, Problem and problem_hash are part of a task module's interface (re-exported).
+# STEP_SEP, STYLES, Problem, problem_hash and extract_answer are part of a task module's interface
+# (re-exported).
 from bench.quality.problem_kit import (STEP_SEP, STYLES, Problem, brevity_score,  # noqa: F401
-                                       draw_split, hash_split, problem_hash)
+                                       draw_split, extract_answer, hash_split, problem_hash)
 
 SPLITS = ("train", "pref", "prm", "val", "test")
 # Share of the hash space per split: most problems train the SFT model; the rest are small pools.
@@ -58,15 +58,6 @@ def random_problem(rng: random.Random) -> Problem:
 def make_split(split: str, n: int, seed: int) -> list[Problem]:
     """``n`` distinct problems of ``split``, drawn deterministically from ``seed``."""
     return draw_split(split, n, seed, SPLITS, random_problem, split_of)
-
-
-_BOXED = re.compile(r"\\boxed\{\s*(-?\d+)\s*\}")
-
-
-def extract_answer(text: str) -> int | None:
-    """The integer in the last ``\\boxed{...}`` of ``text``; None when there is none (a miss)."""
-    found = _BOXED.findall(text)
-    return int(found[-1]) if found else None
 
 
 def verify(text: str, gold: int) -> bool:
